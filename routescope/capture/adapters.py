@@ -1,0 +1,101 @@
+"""Where each kind of MoE router keeps its decision: model knowledge as data.
+
+Discovery (`discovery.py`) walks a model and matches modules against ADAPTERS in order;
+the first match wins. Each adapter names the hook it needs and an extractor that turns
+the hook's arguments into `(expert ids [tokens, k], combine weights [tokens, k])` on the
+model's device, with no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+Decision = tuple[torch.Tensor, torch.Tensor]
+Extractor = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Decision]
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, names: tuple[str, ...]) -> Any:
+    if len(args) > index:
+        return args[index]
+    for name in names:
+        if name in kwargs:
+            return kwargs[name]
+    raise KeyError(f"argument {index} ({'/'.join(names)}) not passed")
+
+
+def _from_experts_call(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Decision:
+    """transformers 5 fused experts: forward(hidden_states, top_k_index, top_k_weights)."""
+    indices = _arg(args, kwargs, 1, ("top_k_index", "router_indices", "selected_experts"))
+    weights = _arg(args, kwargs, 2, ("top_k_weights", "routing_weights", "router_scores"))
+    if weights.shape != indices.shape and weights.dim() == 2 and weights.shape[-1] > indices.shape[-1]:
+        weights = weights.gather(-1, indices)  # dense [tokens, E] scores: take the chosen ones
+    return indices, weights
+
+
+def _from_topk_router_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Decision:
+    """Routers that return (logits, weights, indices)."""
+    return output[2], output[1]
+
+
+def _from_dense_scores_router(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Decision:
+    """Llama 4: returns (scores [tokens, E], logits); the choice is top-k of the logits and
+    the applied weight is the score at each chosen expert."""
+    scores, logits = output[0], output[1]
+    indices = torch.topk(logits, module.top_k, dim=1).indices
+    return indices, scores.gather(1, indices)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One router kind: how to recognise its module and where its decision is."""
+
+    name: str
+    hook: str  # "pre": forward pre-hook (sees inputs); "post": forward hook (sees outputs)
+    extract: Extractor
+    class_names: tuple[str, ...] = ()  # match on the module's class name ...
+    fused_experts: bool = False  # ... or on transformers' @use_experts_implementation
+    note: str = ""
+
+
+ADAPTERS: tuple[Adapter, ...] = (
+    Adapter(
+        name="llama4",
+        hook="post",
+        extract=_from_dense_scores_router,
+        class_names=("Llama4Router",),
+        note="router returns (scores, logits) with no indices; experts see pre-scaled inputs",
+    ),
+    Adapter(
+        name="fused_experts",
+        hook="pre",
+        extract=_from_experts_call,
+        fused_experts=True,
+        note="the ids and weights the experts module is called with: the model's real choice, "
+        "after any bias, group limit or renormalisation",
+    ),
+    Adapter(
+        name="topk_router",
+        hook="post",
+        extract=_from_topk_router_output,
+        class_names=("FlintTopKRouter", "BeamTopKRouter"),
+        note="router returns (logits, weights, indices) and its experts are not fused",
+    ),
+)
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """True for experts modules decorated with transformers' use_experts_implementation."""
+    return hasattr(type(module), "_apply_gate") and hasattr(module, "is_transposed")
+
+
+def match_adapter(module: nn.Module) -> Adapter | None:
+    name = type(module).__name__
+    for adapter in ADAPTERS:
+        if name in adapter.class_names or (adapter.fused_experts and is_fused_experts(module)):
+            return adapter
+    return None

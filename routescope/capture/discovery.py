@@ -1,0 +1,143 @@
+"""Find the routers of a transformers MoE model: which module, which decoder layer, E and k.
+
+Reads the adapter table (`adapters.py`) and the model's own `_can_record_outputs`
+declaration; the recorder calls `find_routers` once when recording starts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from routescope.capture.adapters import ADAPTERS, Adapter, match_adapter
+from routescope.errors import UnsupportedModelError
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)(?:\.|$)")
+_TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "top_k", "num_experts_per_token", "moe_top_k")
+_NUM_EXPERTS_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+@dataclass
+class RouterSite:
+    """One MoE layer's capture point."""
+
+    layer: int
+    name: str
+    module: nn.Module
+    adapter: Adapter
+    num_experts: int
+    top_k: int
+
+
+@dataclass
+class LogitsSite:
+    """Where a layer's router logits appear (for the optional router statistics)."""
+
+    layer: int
+    name: str
+    module: nn.Module
+    index: int
+
+
+def layer_of(name: str) -> int | None:
+    """Decoder-layer index from a module path such as 'model.layers.3.mlp.experts'."""
+    found = _LAYER_RE.findall(name)
+    return int(found[0]) if found else None
+
+
+def text_config(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def _config_int(config: Any, keys: tuple[str, ...]) -> int | None:
+    for key in keys:
+        value = getattr(config, key, None) if config is not None else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module | None:
+    if "." not in name:
+        return None
+    return model.get_submodule(name.rsplit(".", 1)[0])
+
+
+def _module_int(modules: list[nn.Module | None], attrs: tuple[str, ...]) -> int | None:
+    for module in modules:
+        for attr in attrs:
+            value = getattr(module, attr, None) if module is not None else None
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def _site_sizes(model: nn.Module, name: str, module: nn.Module) -> tuple[int | None, int | None]:
+    parent = _parent(model, name)
+    siblings = [getattr(parent, n, None) for n in ("gate", "router")] if parent is not None else []
+    config = text_config(model)
+    num_experts = _module_int([module, parent, *siblings], ("num_experts", "num_local_experts"))
+    if num_experts is None:
+        weight = getattr(module, "gate_up_proj", None)
+        if weight is None:
+            weight = getattr(module, "down_proj", None)
+        num_experts = int(weight.shape[0]) if getattr(weight, "dim", lambda: 0)() == 3 else None
+    num_experts = num_experts or _config_int(config, _NUM_EXPERTS_KEYS)
+    top_k = _module_int([module, *siblings, parent], ("top_k", "num_experts_per_tok")) or _config_int(
+        config, _TOP_K_KEYS
+    )
+    return num_experts, top_k
+
+
+def find_routers(model: nn.Module) -> list[RouterSite]:
+    """One RouterSite per MoE decoder layer, sorted by layer; UnsupportedModelError if none."""
+    rank = {adapter.name: i for i, adapter in enumerate(ADAPTERS)}
+    best: dict[int, RouterSite] = {}
+    for name, module in model.named_modules():
+        adapter = match_adapter(module)
+        if adapter is None:
+            continue
+        layer = layer_of(name)
+        if layer is None:
+            continue
+        if layer in best and rank[best[layer].adapter.name] <= rank[adapter.name]:
+            continue
+        num_experts, top_k = _site_sizes(model, name, module)
+        if not num_experts or not top_k:
+            raise UnsupportedModelError(
+                f"found a router at {name} ({type(module).__name__}) but could not tell its "
+                f"number of experts ({num_experts}) or top-k ({top_k})"
+            )
+        best[layer] = RouterSite(layer, name, module, adapter, num_experts, top_k)
+    if not best:
+        model_type = getattr(text_config(model), "model_type", type(model).__name__)
+        raise UnsupportedModelError(
+            f"no MoE router found in model type {model_type!r} ({type(model).__name__}); "
+            "routescope supports transformers MoE models, see docs/models.md"
+        )
+    return [best[layer] for layer in sorted(best)]
+
+
+def find_logits_sites(model: nn.Module, layers: list[int]) -> list[LogitsSite]:
+    """Router-logit outputs declared by the model's `_can_record_outputs['router_logits']`."""
+    spec = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+    target = getattr(spec, "target_class", None)
+    if target is None:
+        return []
+    index = getattr(spec, "index", 0) or 0
+    layer_name = getattr(spec, "layer_name", None)
+    sites: dict[int, LogitsSite] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, target) or (layer_name and not name.endswith(layer_name)):
+            continue
+        layer = layer_of(name)
+        if layer in layers and layer not in sites:
+            sites[layer] = LogitsSite(layer, name, module, index)
+    return [sites[layer] for layer in sorted(sites)]

@@ -1,0 +1,144 @@
+"""One recorded forward pass: device tensors gathered by the hooks, turned into table columns.
+
+The recorder fills a StepBuffers while the forward runs, moves it to the host in one go at
+the end (non-blocking into pinned memory on CUDA), and submits a HostStep to the writer;
+`HostStep.to_tables` runs on the writer thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from routescope import schema
+
+
+@dataclass
+class StepBuffers:
+    """Device-side state of the forward in flight (filled by hooks, no host sync)."""
+
+    step: int
+    phase: str
+    seq_ids: np.ndarray  # [B] int64, host
+    labels: dict[str, str | None]
+    token_ids: torch.Tensor  # [B, S]
+    positions: torch.Tensor  # [B, S]
+    valid: torch.Tensor  # [B, S] bool
+    valid_flat: torch.Tensor  # [B*S] float32, for masked sums in the stats hooks
+    routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    stats: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    calls: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def batch_tokens(self) -> int:
+        return int(self.valid.numel())
+
+
+def to_host(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+    """Copy device tensors to the host without blocking; the event marks when they are there."""
+    first = next(iter(tensors.values()))
+    if first.device.type != "cuda":
+        return {k: v.detach().to("cpu") for k, v in tensors.items()}, None
+    host = {}
+    for key, value in tensors.items():
+        buffer = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=True)
+        buffer.copy_(value, non_blocking=True)
+        host[key] = buffer
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+@dataclass
+class HostStep:
+    """A finished step on its way to disk. Layers share k and token count (`uniform`) or not."""
+
+    step: int
+    phase: str
+    seq_ids: np.ndarray
+    labels: dict[str, str | None]
+    layers: list[int]
+    num_experts: dict[int, int]
+    host: dict[str, torch.Tensor]
+    event: torch.cuda.Event | None
+    uniform: bool
+    with_weights: bool
+    with_stats: bool
+
+    def to_tables(self) -> dict[str, dict[str, np.ndarray]]:
+        if self.event is not None:
+            self.event.synchronize()
+        h = {k: v.numpy() for k, v in self.host.items()}
+        batch, seq_len = h["valid"].shape
+        keep = np.flatnonzero(h["valid"].reshape(-1))
+        n = len(keep)
+        seq = np.repeat(self.seq_ids.astype(np.int64), seq_len)[keep]
+        pos = h["positions"].reshape(-1)[keep].astype(np.int32)
+        tokens = {
+            "seq_id": seq,
+            "pos": pos,
+            "token_id": h["token_ids"].reshape(-1)[keep].astype(np.int32),
+            "step": np.full(n, self.step, dtype=np.int32),
+            "phase": np.full(n, self.phase, dtype=object),
+        }
+        for label, value in self.labels.items():
+            tokens[label] = np.full(n, value, dtype=object)
+        per_layer = [self._layer_arrays(h, i, keep) for i in range(len(self.layers))]
+        tables: dict[str, dict[str, np.ndarray]] = {schema.TOKENS: tokens}
+        tables[schema.ROUTING] = self._routing(per_layer, seq, pos)
+        if self.with_stats:
+            tables.update(self._stats(h, per_layer, keep, seq, pos))
+        return tables
+
+    def _layer_arrays(self, h: dict[str, np.ndarray], i: int, keep: np.ndarray) -> tuple[np.ndarray, ...]:
+        if self.uniform:
+            experts, weights = h["experts"][i], h["weights"][i] if self.with_weights else None
+        else:
+            experts, weights = h[f"experts{i}"], h.get(f"weights{i}")
+        return experts[keep], (weights[keep] if weights is not None else None)
+
+    def _routing(self, per_layer: list, seq: np.ndarray, pos: np.ndarray) -> dict[str, np.ndarray]:
+        n = len(seq)
+        ks = [experts.shape[1] for experts, _ in per_layer]
+        row_width = sum(ks)  # routing rows per token, all layers
+        # token-major order (seq_id, pos, layer, slot): the key columns compress to runs
+        experts = np.concatenate([e.astype(np.int16) for e, _ in per_layer], axis=1)
+        columns = {
+            "seq_id": np.repeat(seq, row_width),
+            "pos": np.repeat(pos, row_width),
+            "layer": np.tile(np.repeat(np.array(self.layers, dtype=np.int16), ks), n),
+            "slot": np.tile(np.concatenate([np.arange(k, dtype=np.int8) for k in ks]), n),
+            "expert": experts.reshape(-1),
+        }
+        if self.with_weights:
+            weights = np.concatenate([w.astype(np.float32) for _, w in per_layer], axis=1)
+            columns["weight"] = weights.reshape(-1)
+        return columns
+
+    def _stats(self, h: dict, per_layer: list, keep: np.ndarray, seq: np.ndarray, pos: np.ndarray) -> dict:
+        stats: dict[str, list[np.ndarray]] = {c: [] for c in schema.ROUTER_STATS_COLUMNS}
+        rtok: dict[str, list[np.ndarray]] = {c: [] for c in schema.ROUTER_TOKENS_COLUMNS}
+        for i, layer in enumerate(self.layers):
+            if f"prob_sum{i}" not in h:
+                continue
+            num_experts = self.num_experts[layer]
+            prob_sum = h[f"prob_sum{i}"].astype(np.float64)
+            stats["step"].append(np.full(num_experts, self.step, dtype=np.int32))
+            stats["layer"].append(np.full(num_experts, layer, dtype=np.int16))
+            stats["expert"].append(np.arange(num_experts, dtype=np.int16))
+            stats["prob_sum"].append(prob_sum[:num_experts])
+            counts = np.bincount(per_layer[i][0].reshape(-1).astype(np.int64), minlength=num_experts)
+            stats["tokens"].append(counts[:num_experts].astype(np.int64))
+            rtok["seq_id"].append(seq)
+            rtok["pos"].append(pos)
+            rtok["layer"].append(np.full(len(seq), layer, dtype=np.int16))
+            rtok["entropy"].append(h[f"entropy{i}"][keep].astype(np.float32))
+            rtok["margin"].append(h[f"margin{i}"][keep].astype(np.float32))
+        if not stats["step"]:
+            return {}
+        return {
+            schema.ROUTER_STATS: {c: np.concatenate(v) for c, v in stats.items()},
+            schema.ROUTER_TOKENS: {c: np.concatenate(v) for c, v in rtok.items()},
+        }

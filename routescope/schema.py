@@ -1,0 +1,95 @@
+"""Column names and Arrow types of every run table: the one place they are spelled out.
+
+The capture layer builds tables with these schemas, the store writes them and the
+analysis layer reads them; SPEC section 3 is the contract behind this module.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+
+TOKENS = "tokens"
+ROUTING = "routing"
+ROUTER_STATS = "router_stats"
+ROUTER_TOKENS = "router_tokens"
+EXPERT_ACTIVATIONS = "expert_activations"
+HIDDEN_STATS = "hidden_stats"
+
+TOKEN_COLUMNS: dict[str, pa.DataType] = {
+    "seq_id": pa.int64(),
+    "pos": pa.int32(),
+    "token_id": pa.int32(),
+    "step": pa.int32(),
+    "phase": pa.string(),
+}
+
+ROUTING_COLUMNS: dict[str, pa.DataType] = {
+    "seq_id": pa.int64(),
+    "pos": pa.int32(),
+    "layer": pa.int16(),
+    "slot": pa.int8(),
+    "expert": pa.int16(),
+    "weight": pa.float32(),
+}
+
+ROUTER_STATS_COLUMNS: dict[str, pa.DataType] = {
+    "step": pa.int32(),
+    "layer": pa.int16(),
+    "expert": pa.int16(),
+    "prob_sum": pa.float64(),
+    "tokens": pa.int64(),
+}
+
+ROUTER_TOKENS_COLUMNS: dict[str, pa.DataType] = {
+    "seq_id": pa.int64(),
+    "pos": pa.int32(),
+    "layer": pa.int16(),
+    "entropy": pa.float32(),
+    "margin": pa.float32(),
+}
+
+EXPERT_ACTIVATIONS_COLUMNS: dict[str, pa.DataType] = {
+    "layer": pa.int16(),
+    "expert": pa.int16(),
+    "shared": pa.bool_(),
+    "max_abs_output": pa.float32(),
+    "channel": pa.int32(),
+    "tokens_seen": pa.int64(),
+}
+
+HIDDEN_STATS_COLUMNS: dict[str, pa.DataType] = {
+    "layer": pa.int16(),
+    "max_abs": pa.float32(),
+    "median_abs": pa.float32(),
+    "channel": pa.int32(),
+    "seq_id": pa.int64(),
+    "pos": pa.int32(),
+}
+
+TABLE_COLUMNS: dict[str, dict[str, pa.DataType]] = {
+    TOKENS: TOKEN_COLUMNS,
+    ROUTING: ROUTING_COLUMNS,
+    ROUTER_STATS: ROUTER_STATS_COLUMNS,
+    ROUTER_TOKENS: ROUTER_TOKENS_COLUMNS,
+    EXPERT_ACTIVATIONS: EXPERT_ACTIVATIONS_COLUMNS,
+    HIDDEN_STATS: HIDDEN_STATS_COLUMNS,
+}
+
+# Label columns live in `tokens` beside the fixed columns, so their names must not clash
+# with any column a query joins on or reads.
+RESERVED_LABELS = frozenset(
+    set(TOKEN_COLUMNS) | set(ROUTING_COLUMNS) | set(ROUTER_TOKENS_COLUMNS) | {"rank", "tokens", "share"}
+)
+
+PHASE_PREFILL = "prefill"
+PHASE_DECODE = "decode"
+
+
+def schema_for(table: str, labels: tuple[str, ...] = ()) -> pa.Schema:
+    """The Arrow schema of `table`; `tokens` gets one string column per label."""
+    fields = [pa.field(name, dtype, nullable=False) for name, dtype in TABLE_COLUMNS[table].items()]
+    if table == TOKENS:
+        fields += [pa.field(label, pa.string()) for label in labels]
+    return pa.schema(fields)

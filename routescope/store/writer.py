@@ -1,0 +1,195 @@
+"""Background Parquet writer: the recorder hands it finished steps, it writes parts atomically.
+
+The model thread only enqueues; Arrow conversion, compression and file I/O happen on
+this thread. The queue is bounded, so a slow disk slows the model down (backpressure)
+instead of filling host memory. A failure on this thread is re-raised as WriterError in
+the caller's thread at its next call.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from routescope import schema
+from routescope.errors import WriterError
+from routescope.store.layout import TMP_SUFFIX, next_part_index, part_path
+
+Columns = dict[str, np.ndarray]
+
+
+class StepData(Protocol):
+    """What the recorder submits: turned into table columns on the writer thread."""
+
+    def to_tables(self) -> dict[str, Columns]: ...
+
+
+_CLOSE = object()
+_FLUSH = object()
+
+# Per-column Parquet encodings: exact float32 weights compress best split by byte.
+_BYTE_STREAM_SPLIT = ["weight", "prob_sum", "entropy", "margin"]
+
+
+class PartWriter:
+    """Owns the writer thread and the per-table buffers of one rank of one run."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int = 0,
+        labels: tuple[str, ...] = (),
+        rows_per_part: int = 4_000_000,
+        flush_seconds: float = 10.0,
+        max_pending: int = 8,
+        on_flush: Callable[[int], None] | None = None,
+        compression: str = "zstd",
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.rank = rank
+        self.labels = tuple(labels)
+        self.rows_per_part = rows_per_part
+        self.flush_seconds = flush_seconds
+        self.compression = compression
+        self.on_flush = on_flush
+        self.tokens_written = 0
+        self.parts_written: list[Path] = []
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
+        self._buffers: dict[str, list[pa.Table]] = {}
+        self._buffered_rows = 0
+        self._next_index: dict[str, int] = {}
+        self._error: BaseException | None = None
+        self._flushed = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="routescope-writer", daemon=True)
+        self._thread.start()
+
+    # -- caller side -------------------------------------------------------------------
+    def submit(self, item: StepData) -> None:
+        """Queue one step; blocks while `max_pending` steps wait (backpressure)."""
+        self.raise_if_failed()
+        while True:
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                self.raise_if_failed()
+
+    def flush(self) -> None:
+        """Write everything submitted so far and wait until it is on disk."""
+        self.raise_if_failed()
+        self._flushed.clear()
+        self._queue.put(_FLUSH)
+        while not self._flushed.wait(timeout=0.5):
+            self.raise_if_failed()
+            if not self._thread.is_alive():
+                break
+        self.raise_if_failed()
+
+    def close(self) -> None:
+        """Flush, stop the thread, and re-raise a failure it had."""
+        if self._thread.is_alive():
+            self._queue.put(_CLOSE)
+            self._thread.join()
+        self.raise_if_failed()
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            error = self._error
+            raise WriterError(f"routescope writer failed while writing to {self.run_dir}: {error}") from error
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    # -- writer thread -----------------------------------------------------------------
+    def _loop(self) -> None:
+        last_flush = time.monotonic()
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.05, self.flush_seconds / 4))
+            except queue.Empty:
+                item = None
+            try:
+                if item is _CLOSE:
+                    self._write_parts()
+                    return
+                if item is _FLUSH:
+                    self._write_parts()
+                    last_flush = time.monotonic()
+                    self._flushed.set()
+                    continue
+                if item is not None and self._error is None:
+                    self._add(item.to_tables())
+                due = time.monotonic() - last_flush >= self.flush_seconds and self._buffered_rows
+                if self._buffered_rows >= self.rows_per_part or due:
+                    self._write_parts()
+                    last_flush = time.monotonic()
+            except BaseException as exc:
+                self._error = exc
+                self._buffers.clear()
+                self._buffered_rows = 0
+                if item is _CLOSE:
+                    return
+                if item is _FLUSH:
+                    self._flushed.set()
+
+    def _add(self, tables: dict[str, Columns]) -> None:
+        for name, columns in tables.items():
+            if not columns or len(next(iter(columns.values()))) == 0:
+                continue
+            table = pa.Table.from_pydict(columns, schema=self._schema(name, columns))
+            self._buffers.setdefault(name, []).append(table)
+            if name == schema.ROUTING or name == schema.TOKENS:
+                self._buffered_rows += table.num_rows
+
+    def _schema(self, name: str, columns: Columns) -> pa.Schema:
+        if name == schema.TOKENS:
+            labels = tuple(c for c in columns if c not in schema.TOKEN_COLUMNS)
+            return schema.schema_for(name, labels)
+        return schema.schema_for(name)
+
+    def _write_parts(self) -> None:
+        """Write one part per buffered table; `tokens` goes last, so a reader that joins never sees
+        a token whose routing rows are still missing."""
+        if not self._buffers:
+            return
+        tokens_added = 0
+        order = sorted(self._buffers, key=lambda n: n == schema.TOKENS)
+        for name in order:
+            tables = self._buffers.pop(name)
+            table = pa.concat_tables(tables, promote_options="default")
+            self._write_table(name, table)
+            if name == schema.TOKENS:
+                tokens_added = table.num_rows
+        self._buffered_rows = 0
+        self.tokens_written += tokens_added
+        if self.on_flush is not None:
+            self.on_flush(self.tokens_written)
+
+    def _write_table(self, name: str, table: pa.Table) -> None:
+        if name not in self._next_index:
+            self._next_index[name] = next_part_index(self.run_dir, name, self.rank)
+        path = part_path(self.run_dir, name, self.rank, self._next_index[name])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + TMP_SUFFIX)
+        split = [c for c in _BYTE_STREAM_SPLIT if c in table.column_names]
+        pq.write_table(
+            table,
+            tmp,
+            compression=self.compression,
+            use_dictionary=[c for c in table.column_names if c not in split],
+            use_byte_stream_split=split or False,
+            write_statistics=True,
+        )
+        os.replace(tmp, path)
+        self._next_index[name] += 1
+        self.parts_written.append(path)
