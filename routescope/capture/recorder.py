@@ -396,7 +396,7 @@ class Recorder:
             raise RouteScopeError(f"MoE layers {twice} ran more than once in one forward; cannot record them")
         expected = step.batch_tokens
         pairs = [step.routing[layer] for layer in layers]
-        for layer, (indices, _) in zip(layers, pairs):
+        for layer, (indices, _) in zip(layers, pairs, strict=True):
             if indices.shape[0] != expected:
                 raise RouteScopeError(
                     f"layer {layer} routed {indices.shape[0]} tokens, but the forward had {expected} "

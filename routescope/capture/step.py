@@ -71,7 +71,7 @@ class HostStep:
         if self.event is not None:
             self.event.synchronize()
         h = {k: v.numpy() for k, v in self.host.items()}
-        batch, seq_len = h["valid"].shape
+        seq_len = h["valid"].shape[1]
         keep = np.flatnonzero(h["valid"].reshape(-1))
         n = len(keep)
         seq = np.repeat(self.seq_ids.astype(np.int64), seq_len)[keep]
