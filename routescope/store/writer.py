@@ -155,7 +155,8 @@ class PartWriter:
         if name == schema.TOKENS:
             labels = tuple(c for c in columns if c not in schema.TOKEN_COLUMNS)
             return schema.schema_for(name, labels)
-        return schema.schema_for(name)
+        full = schema.schema_for(name)
+        return pa.schema([f for f in full if f.name in columns])  # e.g. routing without weights
 
     def _write_parts(self) -> None:
         """Write one part per buffered table; `tokens` goes last, so a reader that joins never sees
