@@ -1,0 +1,150 @@
+"""Capture overhead: forward time with recording / without, interleaved in one process.
+
+Compares routescope against a naive hook that calls .tolist() in the hook, and against
+`output_router_logits=True` followed by a top-k. Also reports bytes per routing row on disk.
+
+    python benchmarks/capture_overhead.py [--device cuda] [--layers 8 --experts 64 --top-k 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import routescope as rs
+from routescope.capture.adapters import is_fused_experts
+
+
+def build(args: argparse.Namespace) -> torch.nn.Module:
+    config = AutoConfig.for_model(
+        "qwen3_moe",
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 2,
+        moe_intermediate_size=args.hidden // 2,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=args.hidden // 8,
+        vocab_size=4096,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_config(config).to(args.device, dtype).eval()
+
+
+class NaiveRecorder:
+    """What one-off scripts do: pull every decision to Python lists inside the hook."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.rows: list = []
+        self.handles = [
+            m.register_forward_pre_hook(self.hook) for m in model.modules() if is_fused_experts(m)
+        ]
+
+    def hook(self, module, args) -> None:
+        self.rows.append((args[1].tolist(), args[2].tolist()))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--decode-steps", type=int, default=0, help="also time generate() with this many new tokens")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    model = build(args)
+    ids = torch.randint(1, 4000, (args.batch, args.seq), device=args.device)
+    mask = torch.ones_like(ids)
+    tmp = Path(tempfile.mkdtemp(prefix="rs-bench-"))
+
+    def plain():
+        model(input_ids=ids, attention_mask=mask)
+
+    def logits_topk():
+        out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+        for logits in out.router_logits:
+            torch.topk(logits.softmax(-1), args.top_k, dim=-1)
+
+    for _ in range(2):  # warm-up
+        plain()
+        logits_topk()
+    results: dict[str, list[float]] = {"none": [], "routescope": [], "naive .tolist()": [], "router_logits+topk": []}
+    for i in range(args.rounds):
+        # one round times each variant once, so drift in machine load hits all of them alike
+        with rs.record(model, tmp / "run", mode="append" if i else "create", flush_seconds=1e9):
+            results["routescope"].append(timed(plain, args.device))
+        results["none"].append(timed(plain, args.device))
+        naive = NaiveRecorder(model)
+        results["naive .tolist()"].append(timed(plain, args.device))
+        naive.close()
+        results["router_logits+topk"].append(timed(logits_topk, args.device))
+    run = rs.open_run(tmp / "run")
+    rows = int(run.sql("SELECT count(*) AS n FROM routing").n[0])
+    on_disk = sum(p.stat().st_size for p in (tmp / "run" / "routing").rglob("*.parquet"))
+
+    base = statistics.median(results["none"])
+    print(f"device={args.device} layers={args.layers} experts={args.experts} top_k={args.top_k} "
+          f"hidden={args.hidden} batch={args.batch}x{args.seq} rounds={args.rounds}")
+    print(f"{'variant':<22}{'median s':>10}{'ratio':>8}")
+    for name, times in results.items():
+        med = statistics.median(times)
+        print(f"{name:<22}{med:>10.4f}{med / base:>8.3f}")
+
+    if args.decode_steps:
+        def gen():
+            model.generate(input_ids=ids[:, :32], attention_mask=mask[:, :32], max_new_tokens=args.decode_steps,
+                           do_sample=False, pad_token_id=0, min_new_tokens=args.decode_steps)
+        gen()
+        g_plain, g_rec = [], []
+        for i in range(max(2, args.rounds // 2)):
+            g_plain.append(timed(gen, args.device))
+            with rs.record(model, tmp / f"gen{i}", flush_seconds=1e9):
+                g_rec.append(timed(gen, args.device))
+        print(f"generate {args.decode_steps} tokens: none {statistics.median(g_plain):.4f}s, "
+              f"routescope {statistics.median(g_rec):.4f}s, ratio {statistics.median(g_rec) / statistics.median(g_plain):.3f}")
+    print(f"storage: {rows} routing rows, {on_disk / rows:.3f} bytes/row with float32 weights")
+    with rs.record(model, tmp / "noweights", weights=False):
+        plain()
+    rows2 = int(rs.open_run(tmp / "noweights").sql("SELECT count(*) AS n FROM routing").n[0])
+    on_disk2 = sum(p.stat().st_size for p in (tmp / "noweights" / "routing").rglob("*.parquet"))
+    print(f"storage: {rows2} routing rows, {on_disk2 / rows2:.3f} bytes/row without weights (weights=False)")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
