@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import shutil
+import signal
 import threading
 import time
 import warnings
@@ -70,6 +71,7 @@ class Recorder:
         max_pending: int = 8,
         rank: int | None = None,
         world_size: int | None = None,
+        handle_sigterm: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not allowed; use one of {', '.join(MODES)}")
@@ -82,6 +84,8 @@ class Recorder:
         self.flush_seconds = flush_seconds
         self.max_pending = max_pending
         self.rank, self.world_size = _rank_and_world(rank, world_size)
+        self.handle_sigterm = handle_sigterm
+        self._previous_sigterm: Any = None
         self._labels = check_labels(labels or {})
         self._label_names: list[str] = list(self._labels)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -137,10 +141,12 @@ class Recorder:
             self._remove_hooks()
             self.writer.close()
             raise
+        self._install_sigterm_handler()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         self._remove_hooks()
+        self._restore_sigterm_handler()
         self._step = None
         writer_error: BaseException | None = None
         try:
@@ -158,6 +164,24 @@ class Recorder:
             )
         if writer_error is not None and exc_type is None:
             raise writer_error
+
+    # -- SIGTERM: a job scheduler's stop should still leave a readable run ---------------
+    def _install_sigterm_handler(self) -> None:
+        if not self.handle_sigterm or threading.current_thread() is not threading.main_thread():
+            return
+        self._previous_sigterm = signal.getsignal(signal.SIGTERM)
+        if self._previous_sigterm not in (signal.SIG_DFL, None):
+            return  # the program handles SIGTERM itself; leave it be
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            raise SystemExit(128 + signum)  # unwinds through __exit__: flush, manifest
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _restore_sigterm_handler(self) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
 
     # -- directory and manifest --------------------------------------------------------
     def _prepare_directory(self) -> None:
@@ -453,7 +477,9 @@ def record(
     Options: `mode` ('create' refuses an existing run, 'overwrite', 'append'); `weights`
     (False drops the combine weights, about 3x smaller); `rows_per_part`; `flush_seconds`
     (a part is written at least this often, so a live run is readable); `max_pending`
-    (steps queued before the model waits for the disk); `rank`, `world_size`.
+    (steps queued before the model waits for the disk); `rank`, `world_size`;
+    `handle_sigterm` (default True: SIGTERM ends the block like an exception, so the
+    recorded steps are flushed and the manifest says `complete: false`).
     `router_stats=True` also records the router_stats and router_tokens tables.
     """
     return Recorder(model, out_dir, labels=labels, router_stats=router_stats, **options)
