@@ -1,0 +1,168 @@
+"""`routescope profile` and `routescope demo`: record a model on a corpus, batch by batch.
+
+`profile_corpus` is the library function behind both; the CLI (`routescope/cli.py`)
+registers the argument builders and command functions defined here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from collections.abc import Iterator
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import routescope as rs
+from routescope.commands.inputs import TextRecord, bundled_corpus, bundled_model, read_texts
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(name: str | Path, device: str = "cpu", dtype: str = "auto") -> tuple[Any, Any]:
+    """A causal LM and its tokenizer from a local folder, or a hub id where a hub is reachable."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = str(name)
+    local = Path(text).expanduser()
+    if not local.exists() and (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text):
+        raise FileNotFoundError(f"model path {text} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(text)
+        model = AutoModelForCausalLM.from_pretrained(text, dtype=DTYPES[dtype])
+    except OSError as exc:
+        raise ValueError(f"could not load model {text!r}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return model.to(device).eval(), tokenizer
+
+
+def batches(records: list[TextRecord], batch_size: int) -> Iterator[tuple[dict[str, str], list[str]]]:
+    """Consecutive records with the same labels, batch_size at a time (labels apply per forward)."""
+    for labels, group in groupby(records, key=lambda r: tuple(sorted(r.labels.items()))):
+        texts = [r.text for r in group]
+        for i in range(0, len(texts), batch_size):
+            yield dict(labels), texts[i : i + batch_size]
+
+
+def profile_corpus(
+    model: Any,
+    tokenizer: Any,
+    records: list[TextRecord],
+    out: str | Path,
+    *,
+    batch_size: int = 8,
+    max_length: int = 256,
+    max_tokens: int | None = None,
+    generate: int = 0,
+    overwrite: bool = False,
+    router_stats: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Record `model` on `records` into `out`; returns the run directory."""
+    device = next(model.parameters()).device
+    planned = list(batches(records, batch_size))
+    seen = 0
+    mode = "overwrite" if overwrite else "create"
+    with rs.record(model, out, router_stats=router_stats, mode=mode) as rec, torch.no_grad():
+        bar = tqdm(planned, desc="recording", unit="batch", disable=not progress)
+        for labels, texts in bar:
+            if labels:
+                rec.set_labels(**labels)
+            enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            if generate:
+                model.generate(
+                    **enc, max_new_tokens=generate, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
+            else:
+                model(**enc)
+            seen += int(enc["attention_mask"].sum())
+            bar.set_postfix(tokens=seen)
+            if max_tokens and seen >= max_tokens:
+                break
+    return Path(out)
+
+
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="local model folder or hub id (default: the bundled model)")
+    parser.add_argument(
+        "--data", help="text file, folder, or JSONL with a text field (default: bundled corpus)"
+    )
+    parser.add_argument("--out", required=True, help="run directory to write")
+    _add_common(parser)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    parser.add_argument("--labels", nargs="*", help="JSONL fields to record as labels (default: all others)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per sequence (truncation)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
+    parser.add_argument(
+        "--generate", type=int, default=0, metavar="N", help="generate N new tokens per prompt"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
+    parser.add_argument("--no-router-stats", action="store_true", help="skip router_stats / router_tokens")
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.generate < 0:
+        raise ValueError("--generate must be 0 or more")
+
+
+def profile_command(args: argparse.Namespace) -> int:
+    _check(args)
+    records = read_texts(args.data or bundled_corpus(), args.text_field, args.labels)
+    model, tokenizer = load_model(args.model or bundled_model(), args.device, args.dtype)
+    out = profile_corpus(
+        model,
+        tokenizer,
+        records,
+        args.out,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        max_tokens=args.max_tokens,
+        generate=args.generate,
+        overwrite=args.overwrite,
+        router_stats=not args.no_router_stats,
+    )
+    run = rs.open_run(out)
+    print(f"recorded {run.manifest['tokens']} tokens into {out}")
+    return 0
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="run directory (replaced if present)")
+    parser.add_argument("--max-tokens", type=int, default=60_000)
+    parser.add_argument("--no-dashboard", action="store_true", help="print the report and stop")
+    parser.add_argument("--no-super-experts", action="store_true", help="skip the Super Expert calibration")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8050)
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    """Record the bundled model on the bundled corpus, report, then serve the dashboard."""
+    records = read_texts(bundled_corpus())
+    model, tokenizer = load_model(bundled_model())
+    out = Path(args.out)
+    if out.exists() and (out / "manifest.json").exists():
+        shutil.rmtree(out)
+    profile_corpus(model, tokenizer, records, out, batch_size=8, max_length=128, max_tokens=args.max_tokens)
+    if not args.no_super_experts and hasattr(rs, "find_super_experts"):
+        texts = [r.text for r in records[::10]][:32]
+        rs.find_super_experts(model, texts, tokenizer=tokenizer, out=out)
+    from routescope import cli
+
+    code = cli.main(["report", str(out)])
+    if code or args.no_dashboard:
+        return code
+    return cli.main(["dashboard", str(out), "--host", args.host, "--port", str(args.port)])
