@@ -19,6 +19,14 @@ MANIFEST_FACTS = (
     ("tokens", "tokens"),
 )
 BALANCE_COLUMNS = ("cv", "max_violation", "balancedness", "norm_entropy", "aux_loss")
+ENTANGLEMENT_COLUMNS = (
+    "layer",
+    "next_layer",
+    "mutual_info_bits",
+    "baseline_mutual_info_bits",
+    "norm_mutual_info",
+    "top1_predictability",
+)
 MAX_TABLE_ROWS = 12
 
 
@@ -45,7 +53,9 @@ def _compact(values: Any) -> str:
 
 
 def _row(key: str, value: Any) -> str:
-    return f"<tr><th style='text-align:left'>{_esc(key)}</th><td style='text-align:left'>{_esc(value)}</td></tr>"
+    return (
+        f"<tr><th style='text-align:left'>{_esc(key)}</th><td style='text-align:left'>{_esc(value)}</td></tr>"
+    )
 
 
 def _table(df: pd.DataFrame, columns: tuple[str, ...] | list[str]) -> str:
@@ -103,7 +113,9 @@ def run_html(run: Any) -> str:
     counts = []
     for name, df, why in (("dead experts", dead, why_dead), ("hot experts (≥ 2/E)", hot, why_hot)):
         if df is not None:
-            listed = ", ".join(f"L{int(r.layer)}/e{int(r.expert)}" for r in df.head(MAX_TABLE_ROWS).itertuples())
+            listed = ", ".join(
+                f"L{int(r.layer)}/e{int(r.expert)}" for r in df.head(MAX_TABLE_ROWS).itertuples()
+            )
             extra = f" … (+{len(df) - MAX_TABLE_ROWS})" if len(df) > MAX_TABLE_ROWS else ""
             counts.append(_row(f"{name}: {len(df)}", (listed + extra) or "none"))
         elif why:
@@ -114,13 +126,7 @@ def run_html(run: Any) -> str:
     ent, why = _metric(run, "entanglement")
     if ent is not None and not ent.empty:
         parts.append("<h5 style='margin:0.6em 0 0.2em'>Cross-layer entanglement (top-1 experts)</h5>")
-        parts.append(
-            _table(
-                ent,
-                ("layer", "next_layer", "mutual_info_bits", "baseline_mutual_info_bits", "norm_mutual_info",
-                 "top1_predictability"),
-            )  # fmt: skip
-        )
+        parts.append(_table(ent, ENTANGLEMENT_COLUMNS))
     elif why:
         notes.append(why)
 
