@@ -26,7 +26,7 @@ from routescope import schema
 from routescope.capture.discovery import LogitsSite, RouterSite, find_logits_sites, find_routers, text_config
 from routescope.capture.step import HostStep, StepBuffers, to_host
 from routescope.errors import RouteScopeError
-from routescope.store.layout import list_tables
+from routescope.store.layout import list_tables, table_dir
 from routescope.store.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from routescope.store.writer import PartWriter
 
@@ -72,6 +72,7 @@ class Recorder:
         rank: int | None = None,
         world_size: int | None = None,
         handle_sigterm: bool = True,
+        observers: Any = (),
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not allowed; use one of {', '.join(MODES)}")
@@ -85,6 +86,7 @@ class Recorder:
         self.max_pending = max_pending
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         self.handle_sigterm = handle_sigterm
+        self.observers: list[Any] = list(observers)
         self._previous_sigterm: Any = None
         self._labels = check_labels(labels or {})
         self._label_names: list[str] = list(self._labels)
@@ -134,6 +136,7 @@ class Recorder:
             flush_seconds=self.flush_seconds,
             max_pending=self.max_pending,
             on_flush=self._on_flush,
+            observers=self.observers,
         )
         try:
             self._add_hooks()
@@ -189,7 +192,7 @@ class Recorder:
         self._tokens_before = 0
         self._step_offset = 0
         self._next_seq_id = self.rank << SEQ_ID_RANK_SHIFT
-        if manifest_path.exists() or (self.out_dir.is_dir() and list_tables(self.out_dir)):
+        if manifest_path.exists() or self._own_parts_exist():
             if self.mode == "create":
                 raise RunExistsError(
                     f"{self.out_dir} already holds a routescope run; pass mode='overwrite' to replace it "
@@ -202,6 +205,13 @@ class Recorder:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.manifest = self._base_manifest()
         self._write_manifest(complete=False)
+
+    def _own_parts_exist(self) -> bool:
+        # Only this rank's parts: other ranks of the same run may already have flushed theirs.
+        return self.out_dir.is_dir() and any(
+            any(table_dir(self.out_dir, table, self.rank).glob("part-*.parquet"))
+            for table in list_tables(self.out_dir)
+        )
 
     @property
     def _manifest_name(self) -> str:
@@ -479,7 +489,9 @@ def record(
     (a part is written at least this often, so a live run is readable); `max_pending`
     (steps queued before the model waits for the disk); `rank`, `world_size`;
     `handle_sigterm` (default True: SIGTERM ends the block like an exception, so the
-    recorded steps are flushed and the manifest says `complete: false`).
+    recorded steps are flushed and the manifest says `complete: false`); `observers`
+    (callables given each finished step's tables, dict of table -> column arrays, on the
+    writer thread, never on the model's; e.g. `routescope.export.prometheus.RoutingExporter`).
     `router_stats=True` also records the router_stats and router_tokens tables.
     """
     return Recorder(model, out_dir, labels=labels, router_stats=router_stats, **options)

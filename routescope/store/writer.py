@@ -53,6 +53,7 @@ class PartWriter:
         max_pending: int = 8,
         on_flush: Callable[[int], None] | None = None,
         compression: str = "zstd",
+        observers: list[Callable[[dict[str, Columns]], None]] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.rank = rank
@@ -61,6 +62,11 @@ class PartWriter:
         self.flush_seconds = flush_seconds
         self.compression = compression
         self.on_flush = on_flush
+        # Called on this thread with each step's tables (e.g. a metrics exporter). The list is
+        # kept by reference, so observers added while recording take effect; their errors are
+        # counted in `observer_errors` and never stop the writer.
+        self.observers = observers if observers is not None else []
+        self.observer_errors = 0
         self.tokens_written = 0
         self.parts_written: list[Path] = []
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
@@ -128,7 +134,9 @@ class PartWriter:
                     self._flushed.set()
                     continue
                 if item is not None and self._error is None:
-                    self._add(item.to_tables())
+                    tables = item.to_tables()
+                    self._add(tables)
+                    self._notify(tables)
                 due = time.monotonic() - last_flush >= self.flush_seconds and self._buffered_rows
                 if self._buffered_rows >= self.rows_per_part or due:
                     self._write_parts()
@@ -141,6 +149,13 @@ class PartWriter:
                     return
                 if item is _FLUSH:
                     self._flushed.set()
+
+    def _notify(self, tables: dict[str, Columns]) -> None:
+        for observer in list(self.observers):
+            try:
+                observer(tables)
+            except Exception:
+                self.observer_errors += 1
 
     def _add(self, tables: dict[str, Columns]) -> None:
         for name, columns in tables.items():
