@@ -1,0 +1,824 @@
+"""Build the tutorial notebooks in notebooks/ from the cell sources below, outputs cleared.
+
+The notebooks are authored here as Python so that a review reads plain code; run
+`python scripts/make_notebooks.py` after editing and commit both this file and the .ipynb
+files. tests/test_notebooks.py executes every notebook and checks none is committed with
+outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from pathlib import Path
+
+import nbformat
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "notebooks"
+KERNEL = {"display_name": "Python 3", "language": "python", "name": "python3"}
+
+Cell = tuple[str, str]  # ("md" | "code", source)
+
+
+def md(text: str) -> Cell:
+    return ("md", textwrap.dedent(text).strip())
+
+
+def code(text: str) -> Cell:
+    return ("code", textwrap.dedent(text).strip())
+
+
+# The bundled model and corpus live in data/ beside the (editable) package, so the paths
+# do not depend on the directory the notebook runs in; every run goes into a temp folder.
+SETUP = code(
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import routescope as rs
+    from routescope import plots
+    from routescope.commands.inputs import bundled_corpus, bundled_model
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    pd.set_option("display.precision", 4)
+
+    MODEL_DIR, CORPUS = bundled_model(), bundled_corpus()
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval()
+    records = [json.loads(line) for line in CORPUS.open(encoding="utf-8") if line.strip()]
+    texts_by_domain = {}
+    for r in records:
+        texts_by_domain.setdefault(r["domain"], []).append(r["text"])
+
+    WORK = Path(tempfile.mkdtemp(prefix="routescope-notebook-"))  # runs go here, not into the repo
+    print(f"{model.config.model_type}: {model.config.num_hidden_layers} layers, "
+          f"{model.config.num_experts} experts, top-{model.config.num_experts_per_tok}")
+    print({d: len(t) for d, t in texts_by_domain.items()}, "held-out texts; runs in", WORK)
+    """
+)
+
+RECORD_BY_DOMAIN = code(
+    '''
+    def record_by_domain(model, out_dir, per_domain=12, max_length=128, batch_size=4, **options):
+        """Record `per_domain` held-out texts of every domain, labelled with their domain."""
+        with rs.record(model, out_dir, **options) as rec, torch.no_grad():
+            for domain, texts in sorted(texts_by_domain.items()):
+                rec.set_labels(domain=domain)  # applies to the forwards that follow
+                for i in range(0, per_domain, batch_size):
+                    enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True,
+                                    truncation=True, max_length=max_length)
+                    model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        return rs.open_run(out_dir)
+    '''
+)
+
+
+QUICKSTART: list[Cell] = [
+    md(
+        """
+        # routescope quickstart
+
+        Record every routing decision of a Mixture-of-Experts model, open the run, and check
+        its routing health: how evenly the experts share the load, and which experts are dead
+        (never chosen) or hot (chosen far more than their fair share).
+
+        We use the tiny Qwen3-MoE model bundled with routescope (`data/model`) and its held-out
+        corpus (`data/sample.jsonl`, four domains: code, math, multilingual, prose). Everything
+        runs offline on a CPU in well under a minute.
+        """
+    ),
+    SETUP,
+    md(
+        """
+        ## 1. Record
+
+        `rs.record(model, out_dir, labels=...)` adds hooks to every router, and writes one row
+        per (token, MoE layer, slot) to Parquet while the model runs. `rec.set_labels(...)`
+        changes the labels of the forwards that follow, so each token carries the domain of
+        the text it came from. The hooks are removed when the block ends.
+        """
+    ),
+    code(
+        """
+        run_dir = WORK / "quickstart"
+        with rs.record(model, run_dir, labels={"domain": "unset"}) as rec, torch.no_grad():
+            for domain, texts in sorted(texts_by_domain.items()):
+                rec.set_labels(domain=domain)
+                for i in range(0, 12, 4):  # 12 texts per domain, 4 per batch
+                    enc = tokenizer(texts[i : i + 4], return_tensors="pt", padding=True,
+                                    truncation=True, max_length=128)
+                    model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        print(sorted(p.name for p in run_dir.iterdir()))
+        """
+    ),
+    md(
+        """
+        ## 2. Open the run
+
+        `rs.open_run` returns a `Run`. In a notebook it renders as a summary of its manifest
+        and the headline metrics. `run.sql(...)` queries the `tokens` and `routing` views with
+        DuckDB and returns a DataFrame; padding tokens are never recorded.
+        """
+    ),
+    code(
+        """
+        run = rs.open_run(run_dir)
+        run
+        """
+    ),
+    code(
+        """
+        run.sql(\"\"\"
+            SELECT domain, count(*) AS tokens, count(DISTINCT seq_id) AS sequences
+            FROM tokens GROUP BY domain ORDER BY domain
+        \"\"\")
+        """
+    ),
+    code(
+        """
+        run.sql("SELECT * FROM routing ORDER BY seq_id, pos, layer, slot LIMIT 6")
+        """
+    ),
+    md(
+        """
+        ## 3. Load balance
+
+        `run.balance()` gives one row per MoE layer. `cv` (coefficient of variation of the
+        expert loads) and `max_violation` (how far the busiest expert is above the mean, as a
+        fraction of the mean) are 0 for a perfectly even layer; `balancedness` (mean / max
+        load) and `norm_entropy` (entropy of the load shares over ln E) are 1. A layer whose
+        `max_violation` is 1.0 sends its busiest expert twice the average load.
+        """
+    ),
+    code(
+        """
+        balance = run.balance()
+        balance
+        """
+    ),
+    code(
+        """
+        plots.balance_figure(balance)
+        """
+    ),
+    md(
+        """
+        The heatmap shows every expert of every layer at once, as lift = share × E: white is a
+        fair share, red more, blue less (log scale).
+        """
+    ),
+    code(
+        """
+        load = run.expert_load()
+        plots.load_heatmap(load, value="lift")
+        """
+    ),
+    md(
+        """
+        ## 4. Dead and hot experts
+
+        A dead expert received no token at all (here over a few thousand tokens, so a dead
+        expert is real evidence: a uniform router misses one expert for all T tokens with
+        probability (1 − k/E)^T). A hot expert has at least twice the uniform share 1/E;
+        `ratio` says how many times the uniform share it gets.
+        """
+    ),
+    code(
+        """
+        dead = run.dead_experts()
+        hot = run.hot_experts(factor=2.0)
+        print(f"{len(dead)} dead and {len(hot)} hot experts over {run.manifest['tokens']} tokens")
+        hot.sort_values("ratio", ascending=False).head(10)
+        """
+    ),
+    md(
+        """
+        The bars show one layer, the least balanced one: the dashed line is the uniform share,
+        red bars are hot experts and grey bars dead ones.
+        """
+    ),
+    code(
+        """
+        worst = int(balance.sort_values("cv", ascending=False)["layer"].iloc[0])
+        plots.expert_bars(load, layer=worst)
+        """
+    ),
+    md(
+        """
+        Every metric method takes `where=`, a SQL predicate over the `tokens` view, so the same
+        question can be asked of one slice of the data:
+        """
+    ),
+    code(
+        """
+        by_domain = pd.concat(
+            [run.balance(where=f"domain = '{d}'").assign(domain=d) for d in sorted(texts_by_domain)]
+        )
+        by_domain.pivot(index="layer", columns="domain", values="cv")
+        """
+    ),
+    md(
+        """
+        Next: `02_load_balance` (layers, prefill vs decode, steps), `03_entanglement_and_specialization`,
+        `04_super_experts`, `05_compare_runs`.
+        """
+    ),
+]
+
+
+LOAD_BALANCE: list[Cell] = [
+    md(
+        """
+        # Load balance: over layers, phases and steps
+
+        An MoE layer is only as fast as its busiest expert, and an expert that is never chosen
+        is dead weight. This notebook records the bundled model twice — a forward pass over
+        held-out text, and `generate` on short prompts — and looks at the load per layer, per
+        phase (prefill vs decode) and per forward step.
+        """
+    ),
+    SETUP,
+    md(
+        """
+        ## What the metrics mean
+
+        For one MoE layer with E experts and top-k routing, L_e is the number of routing slots
+        that went to expert e (every one of the k slots of a token counts), N = Σ L_e, the
+        share s_e = L_e / N and the mean load m = N / E.
+
+        | metric | formula | even load | read it as |
+        |---|---|---|---|
+        | `cv` | std(L) / m | 0 | spread of the loads relative to the mean |
+        | `max_violation` | (max L − m) / m | 0 | how overloaded the busiest expert is (MaxVio) |
+        | `balancedness` | m / max L | 1 | the fraction of peak throughput an expert-parallel layer reaches |
+        | `norm_entropy` | −Σ s ln s / ln E | 1 | 1 = all experts used equally, 0 = one expert takes all |
+        | `aux_loss` | E · Σ (L_e / T) · P̄_e | 1 (for k = 1) | the Switch / Mixtral load-balancing loss; needs `router_stats=True` |
+
+        `aux_loss` also uses the router's probabilities P̄_e, so it is recorded only with
+        `router_stats=True`.
+        """
+    ),
+    md("## 1. Prefill: a forward pass over held-out text, with router statistics"),
+    code(
+        """
+        prefill_dir = WORK / "prefill"
+        with rs.record(model, prefill_dir, router_stats=True) as rec, torch.no_grad():
+            for domain, texts in sorted(texts_by_domain.items()):
+                rec.set_labels(domain=domain)
+                for i in range(0, 8, 4):
+                    enc = tokenizer(texts[i : i + 4], return_tensors="pt", padding=True,
+                                    truncation=True, max_length=128)
+                    model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        run = rs.open_run(prefill_dir)
+        balance = run.balance()
+        balance
+        """
+    ),
+    code(
+        """
+        plots.balance_figure(balance)
+        """
+    ),
+    code(
+        """
+        plots.load_heatmap(run.expert_load(), value="share")
+        """
+    ),
+    md(
+        """
+        ## 2. Phases: prefill vs decode with `generate`
+
+        During `generate` the first forward reads the whole prompt (phase `prefill`), then
+        each following forward adds one token per sequence (phase `decode`). Decode tokens are
+        the model's own predictions, so their routing can differ from the prompt's.
+        Generation needs left padding so every prompt ends at the same position.
+        """
+    ),
+    code(
+        """
+        tokenizer.padding_side = "left"
+        prompts = [texts_by_domain[d][i][:200] for d in sorted(texts_by_domain) for i in range(2)]
+        gen_dir = WORK / "generate"
+        with rs.record(model, gen_dir, labels={"source": "generate"}) as rec, torch.no_grad():
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=48)
+            out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                 max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        tokenizer.padding_side = "right"
+        gen = rs.open_run(gen_dir)
+        gen.sql("SELECT phase, count(*) AS tokens, count(DISTINCT step) AS forwards FROM tokens GROUP BY phase")
+        """
+    ),
+    md(
+        """
+        Compare the two phases with the same figures used to compare two runs: prefill is run
+        A (dashed), decode is run B (solid). Decode has far fewer tokens, so part of any
+        difference is sampling noise; the heatmap shows which experts gain or lose load.
+        """
+    ),
+    code(
+        """
+        bal_prefill = gen.balance(where="phase = 'prefill'")
+        bal_decode = gen.balance(where="phase = 'decode'")
+        plots.balance_change_figure(bal_prefill, bal_decode)
+        """
+    ),
+    code(
+        """
+        plots.load_delta_heatmap(gen.expert_load(where="phase = 'prefill'"),
+                                 gen.expert_load(where="phase = 'decode'"))
+        """
+    ),
+    md(
+        """
+        ## 3. Steps: load per forward pass
+
+        Each forward pass is a `step`. The balance of a single step tells whether the load is
+        steady over time or jumps around. With T tokens each choosing k of E experts, even a
+        perfectly uniform router shows cv ≈ √((E − k) / (k · T)) from sampling noise alone, so
+        small decode steps always look unbalanced: compare each step with that line.
+        """
+    ),
+    code(
+        """
+        steps = gen.sql("SELECT step, any_value(phase) AS phase, count(*) AS tokens FROM tokens GROUP BY step ORDER BY step")
+        per_step = pd.concat(
+            [gen.balance(where=f"step = {int(s)}").assign(step=int(s), phase=p)
+             for s, p in zip(steps["step"], steps["phase"])]
+        )
+        first = gen.moe_layers[0]
+        E, k = gen.num_experts(first), gen.top_k(first)
+        per_step = per_step.merge(steps[["step", "tokens"]].rename(columns={"tokens": "step_tokens"}), on="step")
+        per_step["uniform_cv"] = ((E - k) / (k * per_step["step_tokens"])) ** 0.5
+        per_step.groupby("phase")[["cv", "uniform_cv", "norm_entropy"]].mean()
+        """
+    ),
+    code(
+        """
+        import plotly.express as px
+
+        mean_over_layers = per_step.groupby(["step", "phase"], as_index=False)[["cv", "uniform_cv"]].mean()
+        fig = px.line(mean_over_layers.melt(id_vars=["step", "phase"], var_name="series", value_name="value"),
+                      x="step", y="value", color="series", markers=True, template=plots.TEMPLATE,
+                      title="cv per forward step (mean over MoE layers) vs the uniform-router noise level")
+        fig.update_yaxes(title="cv", rangemode="tozero")
+        fig
+        """
+    ),
+    md(
+        """
+        A step whose cv sits close to the uniform line is as balanced as its few tokens allow;
+        a step far above it concentrates its tokens on a few experts. In serving, this is the
+        per-batch imbalance that expert-parallel systems (EPLB) try to smooth by replicating
+        the hot experts.
+        """
+    ),
+]
+
+
+ENTANGLEMENT: list[Cell] = [
+    md(
+        """
+        # Entanglement and specialization
+
+        Two questions about *where* tokens go:
+
+        * **Entanglement** — does the expert a token uses in one layer predict the expert it
+          uses in the next? If routing were independent across layers, the mutual information
+          (MI) between consecutive top-1 experts would be close to the shuffled baseline.
+        * **Specialization** — do experts prefer some domains or some tokens? `lift` = share
+          within a domain × E: 1.0 is a fair share, 4.0 is four times the fair share.
+        """
+    ),
+    SETUP,
+    RECORD_BY_DOMAIN,
+    code(
+        """
+        run = record_by_domain(model, WORK / "by_domain", per_domain=16)
+        run
+        """
+    ),
+    md(
+        """
+        ## 1. Mutual information across layers
+
+        Blue bars: MI (bits) between each token's top-1 expert in a layer and in the next MoE
+        layer. Grey bars: the same after shuffling the second layer's experts across tokens —
+        what the plug-in estimate gives from finite data alone. Only the gap above grey is
+        structure. `top1_predictability` is the accuracy of guessing the next expert from the
+        current one by the most common transition.
+        """
+    ),
+    code(
+        """
+        ent = run.entanglement()
+        ent
+        """
+    ),
+    code(
+        """
+        plots.entanglement_figure(ent)
+        """
+    ),
+    md(
+        """
+        The transition matrix of the most entangled pair of layers: row a, column b is the
+        probability that a token whose top-1 expert is a moves to b. Rows with one bright cell
+        are near-deterministic hand-offs.
+        """
+    ),
+    code(
+        """
+        top = ent.sort_values("mutual_info_bits", ascending=False).iloc[0]
+        a, b = int(top["layer"]), int(top["next_layer"])
+        trans = run.transition(a, b)
+        plots.transition_heatmap(trans, a, b, run.num_experts(a), run.num_experts(b))
+        """
+    ),
+    md(
+        """
+        Within a layer, `coactivation(layer)` counts pairs of experts chosen for the same token
+        (P(b | a)): experts that are nearly always chosen together behave like one wide expert.
+        """
+    ),
+    code(
+        """
+        plots.coactivation_heatmap(run.coactivation(a), run.num_experts(a), layer=a)
+        """
+    ),
+    md(
+        """
+        ## 2. Pathways
+
+        A pathway is the sequence of top-1 experts one token takes through all MoE layers.
+        The Sankey draws the most frequent ones; a few thick bands mean tokens follow a few
+        fixed routes.
+        """
+    ),
+    code(
+        """
+        paths = run.pathways(top=20)
+        paths.head(10)
+        """
+    ),
+    code(
+        """
+        plots.pathway_sankey(paths, run.moe_layers)
+        """
+    ),
+    md(
+        """
+        ## 3. Per-domain lift
+
+        `run.specialization(by="domain")` gives, for every domain, layer and expert, the share
+        of that domain's routing slots the expert receives and its lift. Red cells are experts
+        a domain prefers.
+        """
+    ),
+    code(
+        """
+        spec = run.specialization(by="domain")
+        spec.sort_values("lift", ascending=False).head(10)
+        """
+    ),
+    code(
+        """
+        spread = spec.groupby("layer")["lift"].std().idxmax()  # the layer whose lifts differ most
+        plots.specialization_heatmap(spec, "domain", layer=int(spread))
+        """
+    ),
+    md(
+        """
+        ## 4. Vocabulary specialization and repetition
+
+        Some experts serve particular tokens (punctuation, digits, indentation) rather than a
+        domain. `vocab_specialization()` ranks (token, expert) pairs by how concentrated a
+        token's routing is. `repetition_rate()` is the fraction of consecutive tokens in a
+        sequence whose top-1 expert is the same; a uniform router gives 1/E, and Mixtral's
+        authors found much higher rates in deeper layers (consecutive tokens share experts).
+        """
+    ),
+    code(
+        """
+        vocab = run.vocab_specialization()
+        if "token_id" in vocab.columns:
+            vocab = vocab.assign(token=[repr(tokenizer.decode([int(t)])) for t in vocab["token_id"]])
+        vocab.head(12)
+        """
+    ),
+    code(
+        """
+        rep = run.repetition_rate()
+        plots.repetition_figure(rep)
+        """
+    ),
+]
+
+
+SUPER_EXPERTS: list[Cell] = [
+    md(
+        """
+        # Super Experts
+
+        A *Super Expert* (Su et al. 2025, arXiv 2507.23279) is one of the very few experts whose
+        down-projection produces extreme output values; those outliers create the *massive
+        activations* in the residual stream that attention sinks depend on, so pruning a
+        single Super Expert can wreck a model while pruning an ordinary one barely matters.
+
+        `rs.find_super_experts(model, batches)` runs a short calibration, records for every
+        routed and shared expert the largest |output| of its down-projection, and flags an
+        expert when that value is above the 99.5th percentile of all experts **and** above a
+        tenth of the largest, in the early layers where massive activations are built.
+        """
+    ),
+    SETUP,
+    md(
+        """
+        ## 1. Calibration on the bundled model
+
+        A few held-out texts from every domain as calibration batches (strings are tokenized
+        with the tokenizer we pass). The bundled model is tiny and briefly trained, so it may
+        well have no Super Expert: the scatter shows how far its experts are from the
+        thresholds.
+        """
+    ),
+    code(
+        """
+        calibration = [t[:400] for d in sorted(texts_by_domain) for t in texts_by_domain[d][:4]]
+        found = rs.find_super_experts(model, calibration, tokenizer=tokenizer)
+        found.sort_values("max_abs_output", ascending=False).head(8)
+        """
+    ),
+    code(
+        """
+        import numpy as np
+
+        def thresholds(found, percentile=99.5, ratio=10.0):
+            values = found["max_abs_output"].to_numpy(dtype=float)
+            return float(np.percentile(values, percentile)), float(values.max() / ratio)
+
+        p995, tenth = thresholds(found)
+        print(f"99.5th percentile {p995:.3g}, max / 10 {tenth:.3g}, "
+              f"Super Experts: {found.loc[found['is_super'], ['layer', 'expert']].values.tolist()}")
+        plots.super_expert_scatter(found, p995, tenth)
+        """
+    ),
+    md(
+        """
+        ## 2. A planted Super Expert
+
+        To see the detector fire, build a tiny Qwen3-MoE model from a config (random weights,
+        4 layers, 8 experts) and plant a Super Expert: scale the down-projection of expert 5 in
+        layer 1 by 300. Its outputs become two orders of magnitude larger than any other
+        expert's, exactly the signature the detector looks for.
+        """
+    ),
+    code(
+        """
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        torch.manual_seed(0)
+        config = Qwen3MoeConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+            max_position_embeddings=256, pad_token_id=0,
+        )
+        tiny = Qwen3MoeForCausalLM(config).eval()
+        PLANTED = (1, 5)
+        experts = tiny.model.layers[PLANTED[0]].mlp.experts
+        with torch.no_grad():
+            if isinstance(getattr(experts, "down_proj", None), torch.Tensor):  # fused: [expert, ...]
+                experts.down_proj[PLANTED[1]] *= 300.0
+            else:                                                           # one module per expert
+                experts[PLANTED[1]].down_proj.weight *= 300.0
+
+        gen = torch.Generator().manual_seed(0)
+        tiny_batches = [{"input_ids": torch.randint(1, 256, (4, 32), generator=gen)} for _ in range(3)]
+        tiny_found = rs.find_super_experts(tiny, tiny_batches)
+        flagged = [tuple(int(v) for v in row) for row in tiny_found.loc[tiny_found["is_super"], ["layer", "expert"]].values]
+        print("flagged:", flagged, "planted:", PLANTED)
+        assert PLANTED in flagged
+        """
+    ),
+    code(
+        """
+        p995, tenth = thresholds(tiny_found)
+        plots.super_expert_scatter(tiny_found, p995, tenth)
+        """
+    ),
+    md(
+        """
+        ## 3. The pruning check
+
+        The paper's test of a Super Expert: prune it (its output set to zero) and watch the
+        model's outputs change far more than when pruning an ordinary expert of the same layer.
+        `rs.prune_experts(model, [(layer, expert)])` does the pruning; we measure the mean KL
+        divergence of the next-token distribution from the unpruned model's, on the same
+        inputs.
+        """
+    ),
+    code(
+        """
+        import copy
+
+        def mean_kl(reference, other, batches):
+            total, n = 0.0, 0
+            with torch.no_grad():
+                for batch in batches:
+                    p = torch.log_softmax(reference(**batch).logits.float(), -1)
+                    q = torch.log_softmax(other(**batch).logits.float(), -1)
+                    total += torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum").item()
+                    n += p.shape[0] * p.shape[1]
+            return total / n
+
+        def prune_effect(model, targets, batches):
+            pruned = rs.prune_experts(copy.deepcopy(model), targets)
+            pruned = pruned if isinstance(pruned, torch.nn.Module) else model  # in place or a copy
+            return mean_kl(model, pruned, batches)
+
+        ordinary = (PLANTED[0], (PLANTED[1] + 1) % config.num_experts)
+        effect = pd.DataFrame(
+            [
+                {"pruned": f"Super Expert L{PLANTED[0]}/e{PLANTED[1]}", "mean_kl": prune_effect(tiny, [PLANTED], tiny_batches)},
+                {"pruned": f"ordinary L{ordinary[0]}/e{ordinary[1]}", "mean_kl": prune_effect(tiny, [ordinary], tiny_batches)},
+            ]
+        )
+        effect
+        """
+    ),
+    code(
+        """
+        import plotly.express as px
+
+        fig = px.bar(effect, x="pruned", y="mean_kl", log_y=True, template=plots.TEMPLATE,
+                     title="Output change after pruning one expert (mean KL, log scale)")
+        fig.update_traces(marker_color=[plots.STATE_COLORS["super"], plots.STATE_COLORS["normal"]])
+        fig
+        """
+    ),
+    md(
+        """
+        Pruning the planted Super Expert moves the output distribution orders of magnitude more
+        than pruning its neighbour. On a real model, run the same check on every expert the
+        detector flags before trusting it: a flagged expert whose pruning changes nothing is
+        a false positive of the thresholds, and `find_super_experts` takes the percentile, the
+        ratio and the layer range as parameters.
+        """
+    ),
+]
+
+
+COMPARE: list[Cell] = [
+    md(
+        """
+        # Comparing two runs
+
+        A routing change shows up as load moving between experts, a shift in balance, or a
+        router that becomes more or less decisive (*saturated*). Here run A is the bundled
+        model and run B a perturbed copy whose router weights are sharpened (×2) and
+        perturbed with noise — a stand-in for a fine-tune, a quantization, or a new checkpoint.
+        Both runs see the same texts. A second comparison contrasts two datasets on one model.
+        """
+    ),
+    SETUP,
+    RECORD_BY_DOMAIN,
+    md(
+        """
+        ## 1. The perturbed copy
+
+        In Qwen3-MoE the router is the `gate` of each sparse MLP block: a linear map from the
+        hidden state to one logit per expert. Scaling its weights by 2 halves the softmax
+        temperature (more saturated routing); the noise reshuffles which expert wins.
+        """
+    ),
+    code(
+        """
+        import copy
+
+        perturbed = copy.deepcopy(model)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for layer in perturbed.model.layers:
+                w = layer.mlp.gate.weight
+                w.mul_(2.0).add_(0.5 * w.std() * torch.randn(w.shape, generator=gen))
+
+        run_a = record_by_domain(model, WORK / "original", per_domain=8, router_stats=True)
+        run_b = record_by_domain(perturbed, WORK / "perturbed", per_domain=8, router_stats=True)
+        run_a.manifest["tokens"], run_b.manifest["tokens"]
+        """
+    ),
+    md(
+        """
+        `rs.compare(a, b)` summarizes what changed per layer; the figures below show the same
+        in detail.
+        """
+    ),
+    code(
+        """
+        diff = rs.compare(run_a, run_b)
+        diff
+        """
+    ),
+    code(
+        """
+        plots.load_delta_heatmap(run_a.expert_load(), run_b.expert_load())
+        """
+    ),
+    code(
+        """
+        plots.balance_change_figure(run_a.balance(), run_b.balance())
+        """
+    ),
+    md(
+        """
+        ## 2. Router saturation
+
+        A saturated router puts almost all of a token's weight on its first choice. The mean
+        combine weight of slot 0 measures it from the routing table alone (for top-2 with
+        renormalized weights it lies between 0.5 and 1). With `router_stats=True` the run also
+        holds `router_tokens`: the normalized entropy of the full router distribution (0 = all
+        mass on one expert) and the margin between the first and second choice.
+        """
+    ),
+    code(
+        """
+        SATURATION = "SELECT layer, avg(weight) AS top1_weight FROM routing WHERE slot = 0 GROUP BY layer ORDER BY layer"
+        plots.saturation_figure(run_a.sql(SATURATION), run_b.sql(SATURATION))
+        """
+    ),
+    code(
+        """
+        ROUTER = "SELECT layer, avg(entropy) AS mean_entropy, avg(margin) AS mean_margin FROM router_tokens GROUP BY layer ORDER BY layer"
+        if run_a.has_table("router_tokens") and run_b.has_table("router_tokens"):
+            router = run_a.sql(ROUTER).merge(run_b.sql(ROUTER), on="layer", suffixes=("_a", "_b"))
+        else:
+            router = pd.DataFrame()
+        router
+        """
+    ),
+    md(
+        """
+        ## 3. Two datasets, one model
+
+        The same tools compare data instead of models: run A is the bundled model on code, run
+        B on multilingual text. Here the change in load is the model's own specialization.
+        """
+    ),
+    code(
+        """
+        code_run = rs.open_run(WORK / "original")  # the domain label lets us slice one run
+        load_code = code_run.expert_load(where="domain = 'code'")
+        load_multi = code_run.expert_load(where="domain = 'multilingual'")
+        plots.load_delta_heatmap(load_code, load_multi)
+        """
+    ),
+    code(
+        """
+        plots.balance_change_figure(code_run.balance(where="domain = 'code'"),
+                                    code_run.balance(where="domain = 'multilingual'"))
+        """
+    ),
+]
+
+
+NOTEBOOKS: dict[str, list[Cell]] = {
+    "01_quickstart.ipynb": QUICKSTART,
+    "02_load_balance.ipynb": LOAD_BALANCE,
+    "03_entanglement_and_specialization.ipynb": ENTANGLEMENT,
+    "04_super_experts.ipynb": SUPER_EXPERTS,
+    "05_compare_runs.ipynb": COMPARE,
+}
+
+
+def build_notebook(cells: list[Cell]) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = KERNEL
+    nb.metadata["language_info"] = {"name": "python"}
+    for i, (kind, source) in enumerate(cells):
+        make = nbformat.v4.new_markdown_cell if kind == "md" else nbformat.v4.new_code_cell
+        cell = make(source)
+        cell["id"] = f"cell-{i:02d}"  # stable ids keep the diffs of regenerated notebooks small
+        nb.cells.append(cell)
+    nbformat.validate(nb)
+    return nb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT, help="folder to write the notebooks into")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, cells in NOTEBOOKS.items():
+        nbformat.write(build_notebook(cells), args.out / name)
+        print(f"wrote {args.out / name} ({len(cells)} cells)")
+
+
+if __name__ == "__main__":
+    main()
