@@ -1,0 +1,133 @@
+"""The Dash app: a shell (run picker, page links, live-run refresh) around one page per file.
+
+`create_app(run_paths)` serves exactly the runs it is given: the browser picks one by its
+index from a dropdown and can open nothing else. `serve` runs it on 127.0.0.1 by default.
+Nothing is read from disk until a page asks for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import dash
+from dash import Input, Output, dcc, html
+
+from dashboard.components import message
+from dashboard.pages import PAGES
+from dashboard.queries import QUERIES
+from dashboard.runs import RunRegistry, RunUnavailable, get_registry, set_registry
+
+REFRESH_MS = 3000  # how often a run that is still being written is re-read
+
+
+def create_app(run_paths: Sequence[str | Path], refresh_ms: int = REFRESH_MS) -> dash.Dash:
+    """A Dash app serving the runs at `run_paths` (opened lazily, problems shown on the page)."""
+    if not run_paths:
+        raise ValueError("create_app needs at least one run directory")
+    registry = RunRegistry(run_paths)
+    for name, func in QUERIES.items():
+        registry.register_query(name, func)
+    set_registry(registry)
+
+    app = dash.Dash(
+        __name__,
+        use_pages=True,
+        pages_folder="",
+        title="routescope",
+        suppress_callback_exceptions=True,
+        update_title=None,
+    )
+    app.server.config["ROUTESCOPE_REGISTRY"] = registry
+    for page in PAGES:
+        page.register(app)
+    app.layout = shell(registry, refresh_ms)
+    register_shell_callbacks(app)
+    return app
+
+
+def shell(registry: RunRegistry, refresh_ms: int) -> html.Div:
+    nav = [
+        dcc.Link(page.PAGE["name"], href=page.PAGE["path"], style={"marginRight": "14px"}, id=f"app-nav-{i}")
+        for i, page in enumerate(PAGES)
+    ]
+    return html.Div(
+        [
+            html.Div(
+                [
+                    html.Span(
+                        "routescope", style={"fontWeight": "bold", "fontSize": "20px", "marginRight": "24px"}
+                    ),
+                    html.Div(
+                        dcc.Dropdown(
+                            id="app-run",
+                            options=registry.options(),
+                            value=registry.keys[0],
+                            clearable=False,
+                            searchable=False,
+                        ),
+                        style={"width": "320px", "marginRight": "24px"},
+                    ),
+                    html.Nav(nav),
+                ],
+                style={
+                    "display": "flex",
+                    "alignItems": "center",
+                    "padding": "10px 16px",
+                    "borderBottom": "1px solid #ddd",
+                    "background": "#fafafa",
+                },
+            ),
+            html.Div(id="app-status", style={"padding": "0 16px"}),
+            dcc.Interval(id="app-refresh", interval=refresh_ms, disabled=True),
+            dcc.Store(id="app-version"),
+            html.Div(dash.page_container, style={"padding": "0 16px 32px 16px"}),
+        ],
+        style={"fontFamily": "system-ui, -apple-system, Segoe UI, sans-serif", "background": "#fff"},
+    )
+
+
+def update_run_state(run_key: Any, _n_intervals: Any) -> tuple[Any, Any, bool]:
+    """Shell callback: re-read a live run, publish {run, version}, show its state.
+
+    Returns (app-version data, app-status children, app-refresh disabled).
+    """
+    registry = get_registry()
+    try:
+        registry._slot(run_key)
+    except RunUnavailable as exc:
+        return None, message(str(exc), "error"), True
+    try:
+        version = registry.refresh(run_key)
+        run = registry.run(run_key)
+    except RunUnavailable as exc:
+        return {"run": run_key, "version": None, "error": str(exc)}, message(str(exc), "error"), True
+    state = {"run": run_key, "version": [str(v) for v in version]}
+    if not run.complete:
+        note = (
+            f"{run.path.name}: still recording (or stopped without finishing): "
+            f"{run.manifest.get('tokens', 0):,} tokens so far; this page re-reads it every few seconds."
+        )
+        return state, message(note, "warning"), False
+    if not run.manifest.get("tokens"):
+        return state, message(f"{run.path.name}: this run holds no tokens.", "warning"), True
+    return state, None, True
+
+
+def register_shell_callbacks(app: dash.Dash) -> None:
+    app.callback(
+        Output("app-version", "data"),
+        Output("app-status", "children"),
+        Output("app-refresh", "disabled"),
+        Input("app-run", "value"),
+        Input("app-refresh", "n_intervals"),
+    )(update_run_state)
+
+
+def serve(
+    run_paths: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8050, debug: bool = False
+) -> None:
+    """Serve the dashboard for `run_paths` until interrupted (loopback only by default)."""
+    app = create_app(run_paths)
+    app.run(host=host, port=port, debug=debug)

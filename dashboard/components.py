@@ -1,0 +1,224 @@
+"""Building blocks the pages share: captioned graphs, message boxes, filter bars, and the
+`guarded` decorator that turns any error in a callback into a page message (never a
+traceback in the browser). All text reaches the browser as text components, never HTML.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import plotly.graph_objects as go
+from dash import dcc, html, no_update
+from dash.exceptions import PreventUpdate
+
+from dashboard.filters import FilterError, TokenFilter
+from dashboard.runs import RunRegistry, RunUnavailable, get_registry
+from routescope import plots
+
+log = logging.getLogger("routescope.dashboard")
+
+CARD = {
+    "border": "1px solid #ddd",
+    "borderRadius": "6px",
+    "padding": "8px 12px",
+    "background": "#fff",
+}
+CAPTION = {"color": "#555", "fontSize": "13px", "margin": "2px 0 16px 4px"}
+MESSAGE_STYLES = {
+    "info": {"background": "#eef5fc", "border": "1px solid #9cc3e8", "color": "#1a4a73"},
+    "warning": {"background": "#fff6e5", "border": "1px solid #f0c36d", "color": "#6b4a00"},
+    "error": {"background": "#fdecea", "border": "1px solid #f5a9a0", "color": "#7a1c12"},
+}
+ROW = {"display": "flex", "gap": "12px", "flexWrap": "wrap", "alignItems": "flex-end"}
+FIGURE = "figure"
+MESSAGE = "message"
+CHILDREN = "children"
+OPTIONS = "options"
+KEEP = "keep"
+
+
+def graph(component_id: str, caption_name: str) -> html.Div:
+    """A dcc.Graph with its one-line caption underneath."""
+    return html.Div(
+        [
+            dcc.Graph(id=component_id, config={"displaylogo": False}, figure=plots.empty_figure("loading…")),
+            html.P(plots.caption(caption_name), id=f"{component_id}-caption", style=CAPTION),
+        ]
+    )
+
+
+def message(text: str | None, kind: str = "info") -> html.Div | None:
+    """A coloured box with plain text (rendered as text, never HTML); None for no message."""
+    if not text:
+        return None
+    style = {**MESSAGE_STYLES[kind], "padding": "8px 12px", "borderRadius": "6px", "margin": "8px 0"}
+    return html.Div(str(text), className=f"rs-message rs-{kind}", style=style)
+
+
+def labelled(label: str, component: Any, width: str = "200px") -> html.Div:
+    return html.Div(
+        [html.Label(label, style={"fontSize": "12px", "color": "#555"}), component], style={"width": width}
+    )
+
+
+def filter_bar(prefix: str) -> html.Div:
+    """Phase, label, label value and step-range controls; ids `{prefix}-phase` etc."""
+    return html.Div(
+        [
+            labelled(
+                "phase",
+                dcc.Dropdown(
+                    id=f"{prefix}-phase",
+                    options=[{"label": "all", "value": "all"}],
+                    value="all",
+                    clearable=False,
+                ),
+                "140px",
+            ),
+            labelled("label", dcc.Dropdown(id=f"{prefix}-label", options=[], placeholder="(none)"), "160px"),
+            labelled(
+                "label value", dcc.Dropdown(id=f"{prefix}-value", options=[], placeholder="(any)"), "200px"
+            ),
+            labelled(
+                "steps",
+                dcc.RangeSlider(
+                    id=f"{prefix}-steps",
+                    min=0,
+                    max=1,
+                    value=[0, 1],
+                    allowCross=False,
+                    step=1,
+                    tooltip={"placement": "bottom"},
+                ),
+                "320px",
+            ),
+        ],
+        style={**ROW, "margin": "8px 0"},
+    )
+
+
+def filter_from(registry_key: str, phase: Any, label: Any, value: Any, steps: Any) -> TokenFilter:
+    """The TokenFilter for a page's controls; the full step range means no step filter."""
+    flt = TokenFilter.from_inputs(phase, label, value, steps)
+    if flt.step_min is not None:
+        choices = get_registry().query(registry_key, "filter_choices")
+        if flt.step_min <= (choices["step_min"] or 0) and flt.step_max >= (choices["step_max"] or 0):
+            flt = TokenFilter(flt.phase, flt.label, flt.value)
+    return flt
+
+
+def filter_controls(state: Any, label: Any) -> tuple:
+    """Options for a filter bar: phases, labels, values of the chosen label, step range."""
+    registry, key = current(state)
+    choices = registry.query(key, "filter_choices")
+    phases = [{"label": "all", "value": "all"}] + [{"label": p, "value": p} for p in choices["phases"]]
+    labels = [{"label": name, "value": name} for name in choices["labels"]]
+    values = [{"label": v, "value": v} for v in choices["labels"].get(label, [])] if label else []
+    lo, hi = choices["step_min"] or 0, choices["step_max"] or 0
+    hi = max(hi, lo)
+    marks = {lo: str(lo), hi: str(hi)}
+    return phases, labels, values, lo, hi, [lo, hi], marks
+
+
+def keep_step_range(now: Any, old_max: Any, lo: int, hi: int) -> list[int]:
+    """The slider value after the run's step range became [lo, hi]: full range by default,
+    the user's range otherwise (its end follows the run when it sat at the old last step)."""
+    if not isinstance(now, (list, tuple)) or len(now) != 2 or not isinstance(old_max, (int, float)):
+        return [lo, hi]
+    start, end = int(now[0]), int(now[1])
+    if end >= old_max:
+        end = hi
+    start, end = max(lo, min(start, hi)), max(lo, min(end, hi))
+    return [start, max(start, end)]
+
+
+def current(state: Any, require_tokens: bool = True) -> tuple[RunRegistry, str]:
+    """The registry and the run key a page shows, from the shell's `app-version` store.
+
+    RunUnavailable (shown as the page message) for a key that is not served, a run that
+    cannot be opened, and, with `require_tokens`, a run that holds no tokens yet.
+    """
+    if not isinstance(state, dict) or "run" not in state:
+        raise PreventUpdate
+    registry = get_registry()
+    key = state["run"]
+    registry.run(key)  # RunUnavailable for an unknown key or a run that does not open
+    if require_tokens and registry.query(key, "summary")["tokens"] == 0:
+        name = registry.slots[key].path.name
+        raise RunUnavailable(f"{name} holds no tokens yet: there is nothing to draw.")
+    return registry, key
+
+
+def guarded(outputs: Sequence[str]) -> Callable:
+    """Decorator: on error, return empty figures and a message instead of raising.
+
+    `outputs` names the kind of each output: FIGURE, MESSAGE (gets the message box),
+    CHILDREN (gets None), OPTIONS (gets []), KEEP (no_update). Expected problems (an
+    unknown run, a bad filter, a run that cannot be read) read as they are; anything else
+    is logged on the server and shown as one line.
+    """
+
+    def decorate(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return func(*args, **kwargs)
+            except PreventUpdate:
+                raise
+            except (RunUnavailable, FilterError, ValueError, KeyError) as exc:
+                text, kind = str(exc).strip("'\""), "warning"
+            except Exception as exc:
+                log.exception("dashboard callback %s failed", func.__name__)
+                text, kind = f"could not compute this view: {type(exc).__name__}: {exc}", "error"
+            return error_outputs(outputs, text, kind)
+
+        wrapper.outputs = tuple(outputs)  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
+
+
+def error_outputs(outputs: Sequence[str], text: str, kind: str = "warning") -> Any:
+    values: list[Any] = []
+    for out in outputs:
+        if out == FIGURE:
+            values.append(empty_data_figure(text))
+        elif out == MESSAGE:
+            values.append(message(text, kind))
+        elif out == OPTIONS:
+            values.append([])
+        elif out == CHILDREN:
+            values.append(None)
+        else:
+            values.append(no_update)
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def empty_data_figure(text: str) -> go.Figure:
+    return plots.empty_figure(text if len(text) < 90 else text[:87] + "…")
+
+
+def table(df: Any, columns: Sequence[tuple[str, str]], max_rows: int = 50) -> html.Table:
+    """A plain HTML table of DataFrame rows; every cell is text."""
+    head = html.Tr(
+        [html.Th(title, style={"textAlign": "left", "padding": "2px 8px"}) for _, title in columns]
+    )
+    rows = []
+    for _, rec in df.head(max_rows).iterrows():
+        rows.append(
+            html.Tr([html.Td(format_cell(rec[col]), style={"padding": "2px 8px"}) for col, _ in columns])
+        )
+    return html.Table(
+        [html.Thead(head), html.Tbody(rows)], style={"borderCollapse": "collapse", "fontSize": "13px"}
+    )
+
+
+def format_cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, str):
+        return repr(value)[1:-1] if any(ch in value for ch in "\n\t\r") else value
+    return str(value)

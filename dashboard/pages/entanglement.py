@@ -1,0 +1,123 @@
+"""Entanglement page: mutual information of top-1 experts across consecutive MoE layers
+against the shuffled baseline, the transition matrix of one pair, and a Sankey of the most
+frequent top-1 pathways."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import dash
+from dash import Input, Output, State, dcc, html
+
+from dashboard.components import FIGURE, KEEP, MESSAGE, OPTIONS, ROW, current, graph, guarded, labelled
+from dashboard.queries import PATHWAYS_MAX
+from routescope import plots
+
+PAGE = {"path": "/entanglement", "name": "Entanglement", "order": 2, "title": "routescope · entanglement"}
+
+
+def layout(**_query: Any) -> html.Div:
+    return html.Div(
+        [
+            html.H2("Cross-layer entanglement"),
+            html.Div(id="entanglement-message"),
+            graph("entanglement-mi", "entanglement_figure"),
+            html.Div(
+                [
+                    labelled(
+                        "layer pair",
+                        dcc.Dropdown(id="entanglement-pair", options=[], clearable=False),
+                        "200px",
+                    ),
+                    labelled(
+                        "pathways shown",
+                        dcc.Slider(
+                            id="entanglement-top",
+                            min=5,
+                            max=PATHWAYS_MAX,
+                            step=5,
+                            value=20,
+                            marks={5: "5", 20: "20", 40: "40", PATHWAYS_MAX: str(PATHWAYS_MAX)},
+                        ),
+                        "320px",
+                    ),
+                ],
+                style=ROW,
+            ),
+            graph("entanglement-transition", "transition_heatmap"),
+            graph("entanglement-sankey", "pathway_sankey"),
+        ]
+    )
+
+
+def pair_value(layer: int, next_layer: int) -> str:
+    return f"{layer}-{next_layer}"
+
+
+@guarded([OPTIONS, KEEP])
+def entanglement_controls(state: Any, pair_now: Any = None) -> tuple:
+    """Consecutive MoE layer pairs of the run."""
+    registry, key = current(state)
+    layers = registry.query(key, "summary")["moe_layers"]
+    pairs = list(itertools.pairwise(layers))
+    options = [
+        {"label": f"{plots.layer_name(a)} → {plots.layer_name(b)}", "value": pair_value(a, b)}
+        for a, b in pairs
+    ]
+    values = [o["value"] for o in options]
+    return options, pair_now if pair_now in values else (values[0] if values else None)
+
+
+@guarded([FIGURE, FIGURE, FIGURE, MESSAGE])
+def update_entanglement(state: Any, pair: Any, top: Any) -> tuple:
+    """(MI figure, transition heatmap, Sankey, message)."""
+    registry, key = current(state)
+    run = registry.run(key)
+    layers = run.moe_layers
+    if len(layers) < 2:
+        empty = plots.empty_figure("this model has one MoE layer: no pairs")
+        return empty, empty, empty, None
+    ent = registry.query(key, "entanglement")
+    a, b = parse_pair(pair, layers)
+    trans = registry.query(key, "transition", a, b)
+    paths = registry.query(key, "pathways", int(top or 20))
+    return (
+        plots.entanglement_figure(ent),
+        plots.transition_heatmap(trans, a, b, run.num_experts(a), run.num_experts(b)),
+        plots.pathway_sankey(paths, layers),
+        None,
+    )
+
+
+def parse_pair(pair: Any, layers: list[int]) -> tuple[int, int]:
+    """'a-b' from the dropdown, checked to be consecutive MoE layers of this run."""
+    pairs = list(itertools.pairwise(layers))
+    if pair is None:
+        return pairs[0]
+    try:
+        a, b = (int(v) for v in str(pair).split("-"))
+    except ValueError:
+        raise ValueError(f"layer pair {pair!r} is not of the form 'a-b'") from None
+    if (a, b) not in pairs:
+        raise ValueError(f"layers {a} and {b} are not consecutive MoE layers of this run")
+    return a, b
+
+
+def register(app: dash.Dash) -> None:
+    dash.register_page(__name__, layout=layout, **PAGE)
+    app.callback(
+        Output("entanglement-pair", "options"),
+        Output("entanglement-pair", "value"),
+        Input("app-version", "data"),
+        State("entanglement-pair", "value"),
+    )(entanglement_controls)
+    app.callback(
+        Output("entanglement-mi", "figure"),
+        Output("entanglement-transition", "figure"),
+        Output("entanglement-sankey", "figure"),
+        Output("entanglement-message", "children"),
+        Input("app-version", "data"),
+        Input("entanglement-pair", "value"),
+        Input("entanglement-top", "value"),
+    )(update_entanglement)

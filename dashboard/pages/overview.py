@@ -1,0 +1,137 @@
+"""Overview page: what the run is (from the manifest), per-layer balance cards, the balance
+chart across layers, and alerts for dead and hot experts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dash
+import pandas as pd
+from dash import Input, Output, html
+
+from dashboard.components import CARD, CHILDREN, FIGURE, MESSAGE, ROW, current, graph, guarded, message
+from routescope import plots
+
+PAGE = {"path": "/", "name": "Overview", "order": 0, "title": "routescope · overview"}
+MAX_ALERTS = 40
+
+
+def layout(**_query: Any) -> html.Div:
+    return html.Div(
+        [
+            html.H2("Overview"),
+            html.Div(id="overview-message"),
+            html.Div(id="overview-summary"),
+            html.H3("Per layer"),
+            html.Div(id="overview-kpis", style=ROW),
+            graph("overview-balance", "balance_figure"),
+            html.H3("Alerts"),
+            html.Div(id="overview-alerts"),
+        ]
+    )
+
+
+@guarded([CHILDREN, CHILDREN, FIGURE, CHILDREN, MESSAGE])
+def update_overview(state: Any) -> tuple:
+    """(summary, KPI cards, balance figure, alerts, message) for the selected run."""
+    registry, key = current(state, require_tokens=False)
+    info = registry.query(key, "summary")
+    summary = summary_block(info)
+    if info["tokens"] == 0:
+        note = "This run holds no tokens yet" + ("." if info["complete"] else "; it is still being written.")
+        return summary, None, plots.empty_figure("no tokens"), None, message(note, "warning")
+    bal = registry.query(key, "balance")
+    dead = registry.query(key, "dead_experts")
+    hot = registry.query(key, "hot_experts")
+    cards = kpi_cards(bal, dead, hot)
+    return summary, cards, plots.balance_figure(bal), alerts(info, bal, dead, hot), None
+
+
+def summary_block(info: dict[str, Any]) -> html.Div:
+    state = "complete" if info["complete"] else "still recording (or stopped before finishing)"
+    facts = [
+        ("model", info["model_name"] or "(unknown)"),
+        ("model type", info["model_type"]),
+        ("decoder layers", str(info["num_hidden_layers"])),
+        ("MoE layers", f"{len(info['moe_layers'])}: {', '.join(map(str, info['moe_layers']))}"),
+        ("routed experts per layer", ", ".join(map(str, info["num_experts"]))),
+        ("top-k", ", ".join(map(str, info["top_k"]))),
+        ("shared experts", str(info["num_shared_experts"] or 0)),
+        ("tokens", f"{info['tokens']:,} in {info['sequences']:,} sequences"),
+        ("labels", ", ".join(info["labels"]) or "(none)"),
+        ("state", state),
+        ("tables", ", ".join(info["tables"]) or "(none)"),
+    ]
+    rows = [
+        html.Tr(
+            [html.Th(k, style={"textAlign": "left", "paddingRight": "16px", "color": "#555"}), html.Td(v)]
+        )
+        for k, v in facts
+    ]
+    return html.Table(html.Tbody(rows), id="overview-facts", style={"fontSize": "14px"})
+
+
+def kpi_cards(bal: pd.DataFrame, dead: pd.DataFrame, hot: pd.DataFrame) -> list[html.Div]:
+    cards = []
+    dead_n = dead.groupby("layer").size() if len(dead) else pd.Series(dtype=int)
+    hot_n = hot.groupby("layer").size() if len(hot) else pd.Series(dtype=int)
+    for _, row in bal.iterrows():
+        layer = int(row["layer"])
+        lines = [
+            html.Div(plots.layer_name(layer), style={"fontWeight": "bold"}),
+            html.Div(f"{int(row['tokens']):,} slots · E={int(row['num_experts'])}"),
+            html.Div(f"cv {row['cv']:.3f} · max_vio {row['max_violation']:.2f}"),
+            html.Div(f"balancedness {row['balancedness']:.3f}"),
+            html.Div(f"norm_entropy {row['norm_entropy']:.3f}"),
+            html.Div(f"dead {int(dead_n.get(layer, 0))} · hot {int(hot_n.get(layer, 0))}"),
+        ]
+        if "aux_loss" in row and pd.notna(row["aux_loss"]):
+            lines.append(html.Div(f"aux_loss {row['aux_loss']:.4f}"))
+        cards.append(
+            html.Div(lines, className="overview-kpi", style={**CARD, "fontSize": "12px", "minWidth": "150px"})
+        )
+    return cards
+
+
+def alerts(info: dict[str, Any], bal: pd.DataFrame, dead: pd.DataFrame, hot: pd.DataFrame) -> html.Div:
+    items: list[Any] = []
+    experts_of = dict(zip(bal["layer"], bal["num_experts"]))
+    tokens_of = dict(zip(bal["layer"], bal["tokens"]))
+    for _, row in dead.head(MAX_ALERTS).iterrows():
+        layer, e = int(row["layer"]), int(row["expert"])
+        num = int(experts_of.get(layer, 0)) or 1
+        slots = int(tokens_of.get(layer, 0))
+        # tokens T = slots / k; under a uniform router zero hits has chance (1 - k/E)^T
+        topk = int(info["top_k_by_layer"].get(layer, 0))
+        chance = (1 - topk / num) ** (slots / topk) if topk and num > topk else 0.0
+        items.append(
+            html.Li(
+                f"dead: layer {layer} expert {e}: {int(row['tokens'])} tokens "
+                f"(a uniform router would miss it with probability {chance:.2g})"
+            )
+        )
+    for _, row in hot.head(MAX_ALERTS).iterrows():
+        items.append(
+            html.Li(
+                f"hot: layer {int(row['layer'])} expert {int(row['expert'])}: share {row['share']:.3f}, "
+                f"{row['ratio']:.1f}× uniform"
+            )
+        )
+    more = len(dead) + len(hot) - len(items)
+    if more > 0:
+        items.append(html.Li(f"… and {more} more"))
+    if not items:
+        return message("No dead or hot experts (hot: share ≥ 2/E).", "info")
+    return html.Ul(items, id="overview-alert-list")
+
+
+def register(app: dash.Dash) -> None:
+    dash.register_page(__name__, layout=layout, **PAGE)
+    app.callback(
+        Output("overview-summary", "children"),
+        Output("overview-kpis", "children"),
+        Output("overview-balance", "figure"),
+        Output("overview-alerts", "children"),
+        Output("overview-message", "children"),
+        Input("app-version", "data"),
+    )(update_overview)

@@ -1,0 +1,121 @@
+"""Tokens page: pick a sequence and see, token by token, which expert each MoE layer chose
+("expert lanes"), with all k choices and their weights on hover. A window of positions is
+drawn at a time, so even a very long sequence sends a bounded payload."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dash
+from dash import Input, Output, State, dcc, html
+
+from dashboard.components import (
+    CHILDREN,
+    FIGURE,
+    KEEP,
+    MESSAGE,
+    OPTIONS,
+    ROW,
+    current,
+    graph,
+    guarded,
+    labelled,
+)
+from routescope import plots
+
+PAGE = {"path": "/tokens", "name": "Tokens", "order": 5, "title": "routescope · tokens"}
+
+
+def layout(**_query: Any) -> html.Div:
+    return html.Div(
+        [
+            html.H2("Tokens"),
+            html.Div(
+                [
+                    labelled("sequence", dcc.Dropdown(id="tokens-seq", options=[], clearable=False), "420px"),
+                    labelled(
+                        "first position",
+                        dcc.Input(id="tokens-start", type="number", min=0, step=1, value=0, debounce=True),
+                        "160px",
+                    ),
+                ],
+                style=ROW,
+            ),
+            html.Div(id="tokens-message"),
+            html.Div(id="tokens-window", style={"fontSize": "13px", "color": "#555", "margin": "6px 0"}),
+            graph("tokens-lanes", "expert_lanes"),
+            html.H4("Text of the window"),
+            html.Div(
+                id="tokens-text",
+                style={
+                    "fontFamily": "monospace",
+                    "whiteSpace": "pre-wrap",
+                    "fontSize": "13px",
+                    "lineHeight": "1.8",
+                },
+            ),
+        ]
+    )
+
+
+def sequence_label(row: Any, labels: list[str]) -> str:
+    tags = " ".join(f"{lb}={row[lb]}" for lb in labels if lb in row and row[lb] is not None)
+    return f"seq {int(row['seq_id'])} · {int(row['tokens'])} tokens" + (f" · {tags}" if tags else "")
+
+
+@guarded([OPTIONS, KEEP])
+def tokens_controls(state: Any, seq_now: Any = None) -> tuple:
+    """The first sequences of the run (capped) as dropdown options."""
+    registry, key = current(state)
+    seqs = registry.query(key, "sequences")
+    labels = registry.run(key).labels
+    options = [
+        {"label": sequence_label(row, labels), "value": int(row["seq_id"])} for _, row in seqs.iterrows()
+    ]
+    values = {o["value"] for o in options}
+    return options, seq_now if seq_now in values else (options[0]["value"] if options else None)
+
+
+@guarded([FIGURE, CHILDREN, CHILDREN, MESSAGE])
+def update_tokens(state: Any, seq_id: Any, start: Any) -> tuple:
+    """(expert lanes, window note, token text, message) for one sequence window."""
+    registry, key = current(state)
+    if seq_id is None:
+        return plots.empty_figure("pick a sequence"), None, None, None
+    seq_id, start = int(seq_id), max(0, int(start or 0))
+    run = registry.run(key)
+    length = registry.query(key, "sequence_length", seq_id)
+    if length == 0:
+        raise ValueError(f"sequence {seq_id} has no tokens in this run")
+    lanes = registry.query(key, "lanes", seq_id, start)
+    num_experts = max(run.num_experts(ly) for ly in run.moe_layers)
+    shown = lanes["pos"].nunique() if len(lanes) else 0
+    note = (
+        f"positions {start}–{start + max(shown, 1) - 1} of {length} "
+        f"(at most {registry.query(key, 'lane_window')} tokens at a time; change 'first position' to move)"
+    )
+    tokens = lanes.drop_duplicates("pos")[["pos", "token"]] if len(lanes) else lanes
+    text = [
+        html.Span(str(tok), title=f"pos {int(pos)}", style={"background": "#f0f0f0", "margin": "0 1px"})
+        for pos, tok in zip(tokens["pos"], tokens["token"])
+    ]
+    return plots.expert_lanes(lanes, num_experts), note, text, None
+
+
+def register(app: dash.Dash) -> None:
+    dash.register_page(__name__, layout=layout, **PAGE)
+    app.callback(
+        Output("tokens-seq", "options"),
+        Output("tokens-seq", "value"),
+        Input("app-version", "data"),
+        State("tokens-seq", "value"),
+    )(tokens_controls)
+    app.callback(
+        Output("tokens-lanes", "figure"),
+        Output("tokens-window", "children"),
+        Output("tokens-text", "children"),
+        Output("tokens-message", "children"),
+        Input("app-version", "data"),
+        Input("tokens-seq", "value"),
+        Input("tokens-start", "value"),
+    )(update_tokens)

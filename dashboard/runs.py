@@ -1,0 +1,166 @@
+"""The runs a dashboard may open: the paths named on the command line, nothing else.
+
+`RunRegistry` maps run keys ("0", "1", ...) to those paths, opens each lazily through the
+public API (`routescope.open_run`), serialises access to its DuckDB connection with a lock,
+and caches query results per (run, version, query, arguments). Page callbacks call
+`registry.query(key, name, *args)`; an unknown key raises `RunUnavailable`.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import routescope as rs
+
+
+class RunUnavailable(Exception):
+    """A run key that is not one of the served runs, or a run that cannot be opened."""
+
+
+@dataclass
+class RunSlot:
+    """One served run: its path, the opened Run (or why it could not be opened), a lock."""
+
+    path: Path
+    run: rs.Run | None = None
+    error: str | None = None
+    lock: threading.RLock = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.lock = threading.RLock()
+
+
+def describe_open_error(path: Path, exc: BaseException) -> str:
+    """One line naming what is wrong with a run path, for a page message or the CLI."""
+    if isinstance(exc, FileNotFoundError):
+        return f"{path}: no such directory"
+    if isinstance(exc, rs.RunFormatError):
+        return str(exc)
+    return f"{path}: cannot be opened ({type(exc).__name__}: {exc})"
+
+
+def check_run_path(path: str | Path) -> str | None:
+    """None when `path` opens as a run, else one line saying why not (used by the CLI)."""
+    path = Path(path)
+    if not path.exists():
+        return f"{path}: no such directory"
+    if not path.is_dir():
+        return f"{path}: not a directory"
+    try:
+        rs.open_run(path).close()
+    except Exception as exc:
+        return describe_open_error(path, exc)
+    return None
+
+
+class RunRegistry:
+    """The served runs, keyed by their index on the command line as a string."""
+
+    def __init__(self, paths: Sequence[str | Path], cache_size: int = 512) -> None:
+        self.slots: dict[str, RunSlot] = {str(i): RunSlot(Path(p)) for i, p in enumerate(paths)}
+        self._cached = functools.lru_cache(maxsize=cache_size)(self._compute)
+        self._queries: dict[str, Callable[..., Any]] = {}
+
+    # -- what may be opened ------------------------------------------------------------
+    @property
+    def keys(self) -> list[str]:
+        return list(self.slots)
+
+    def name(self, key: str) -> str:
+        return f"{key}: {self._slot(key).path.name or self._slot(key).path}"
+
+    def options(self) -> list[dict[str, str]]:
+        """Dropdown options: one per served run, labelled by index and directory name."""
+        return [{"label": self.name(key), "value": key} for key in self.slots]
+
+    def _slot(self, key: Any) -> RunSlot:
+        slot = self.slots.get(key) if isinstance(key, str) else None
+        if slot is None:
+            raise RunUnavailable(f"unknown run {key!r}: pick one of the runs in the list")
+        return slot
+
+    # -- opening -----------------------------------------------------------------------
+    def run(self, key: str) -> rs.Run:
+        """The opened Run for `key`; RunUnavailable with a clear message when it cannot open."""
+        slot = self._slot(key)
+        with slot.lock:
+            if slot.run is None:
+                try:
+                    slot.run = rs.open_run(slot.path)
+                    slot.error = None
+                except Exception as exc:
+                    slot.error = describe_open_error(slot.path, exc)
+            if slot.run is None:
+                raise RunUnavailable(slot.error)
+            return slot.run
+
+    def version(self, key: str) -> tuple:
+        """What identifies the data of a run now: changes when a live run grows."""
+        run = self.run(key)
+        m = run.manifest
+        return (m.get("tokens"), m.get("updated_at"), m.get("complete"), len(run.tables))
+
+    def refresh(self, key: str) -> tuple:
+        """Re-read a run that is still being written; returns its new version."""
+        slot = self._slot(key)
+        run = self.run(key)
+        if not run.complete:
+            with slot.lock:
+                try:
+                    run.refresh()
+                except Exception as exc:
+                    raise RunUnavailable(describe_open_error(slot.path, exc)) from exc
+        return self.version(key)
+
+    # -- cached queries ----------------------------------------------------------------
+    def register_query(self, name: str, func: Callable[..., Any]) -> None:
+        """Make `func(run, *args)` callable by name through `query` (and so cached)."""
+        self._queries[name] = func
+
+    def query(self, key: str, name: str, *args: Any) -> Any:
+        """`func(run, *args)` for the named query, cached per (run, version, name, args).
+
+        Arguments must be hashable (filters are frozen dataclasses). Results are shared
+        between callers, so callers must not modify them in place.
+        """
+        if name not in self._queries:
+            raise KeyError(f"unknown dashboard query {name!r}")
+        version = self.version(key)
+        return self._cached(key, version, name, args)
+
+    def _compute(self, key: str, version: tuple, name: str, args: tuple) -> Any:
+        slot = self._slot(key)
+        run = self.run(key)
+        with slot.lock:  # one DuckDB connection per run: one query at a time
+            return self._queries[name](run, *args)
+
+    def clear_cache(self) -> None:
+        self._cached.cache_clear()
+
+    def close(self) -> None:
+        for slot in self.slots.values():
+            with slot.lock:
+                if slot.run is not None:
+                    slot.run.close()
+                    slot.run = None
+        self.clear_cache()
+
+
+_CURRENT: RunRegistry | None = None
+
+
+def set_registry(registry: RunRegistry) -> None:
+    """Install the registry the page callbacks use (create_app calls this)."""
+    global _CURRENT
+    _CURRENT = registry
+
+
+def get_registry() -> RunRegistry:
+    if _CURRENT is None:
+        raise RunUnavailable("no runs are being served: start the dashboard with create_app(run_paths)")
+    return _CURRENT
