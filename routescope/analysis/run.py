@@ -7,6 +7,7 @@ queries of `routescope/analysis/queries/`; the CLI, dashboard and notebooks call
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,12 @@ import duckdb
 import pandas as pd
 
 from routescope.analysis.database import create_views
+from routescope.errors import RunFormatError
 from routescope.store.layout import list_parts, list_tables
 from routescope.store.manifest import read_manifest
+
+# Ranks other than 0 of a multi-process recording write their own manifest fragment.
+RANK_MANIFEST_GLOB = "manifest.rank=*.json"
 
 
 class Run:
@@ -33,7 +38,7 @@ class Run:
 
     def refresh(self) -> Run:
         """Re-read the manifest and pick up parts written since the run was opened."""
-        self.manifest = read_manifest(self.path)
+        self.manifest = merge_rank_manifests(self.path, read_manifest(self.path))
         self.skipped = create_views(self.con, self.path, self.labels, skip_corrupt=self.skip_corrupt)
         return self
 
@@ -85,6 +90,52 @@ class Run:
             f"Run({str(self.path)!r}, model_type={m.get('model_type')!r}, "
             f"moe_layers={len(self.moe_layers)}, tokens={m.get('tokens')}, {state})"
         )
+
+
+def merge_rank_manifests(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Fold the fragments of ranks 1..W-1 (`manifest.rank=R.json`) into rank 0's manifest.
+
+    `tokens` becomes the sum over ranks, `labels` their union, `complete` is true only when
+    every rank of `world_size` left a complete fragment, and `ranks` lists each rank's
+    tokens, steps and completeness (a rank that never wrote a fragment shows as missing).
+    """
+    world_size = int(manifest.get("world_size", 1) or 1)
+    fragments = sorted(Path(run_dir).glob(RANK_MANIFEST_GLOB))
+    if world_size <= 1 and not fragments:
+        return manifest
+    merged = dict(manifest)
+    per_rank = {int(manifest.get("rank", 0)): manifest}
+    for path in fragments:
+        try:
+            fragment = json.loads(path.read_text(encoding="utf-8"))
+            per_rank[int(fragment["rank"])] = fragment
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RunFormatError(f"{path} is not a valid rank manifest: {exc}") from exc
+    expected = range(max(world_size, max(per_rank) + 1))
+    ranks, labels = [], list(manifest.get("labels", []))
+    for rank in expected:
+        part = per_rank.get(rank)
+        if part is None:
+            ranks.append({"rank": rank, "tokens": 0, "steps": 0, "complete": False, "missing": True})
+            continue
+        ranks.append(
+            {
+                "rank": rank,
+                "tokens": int(part.get("tokens", 0)),
+                "steps": int(part.get("steps", 0)),
+                "complete": bool(part.get("complete", False)),
+            }
+        )
+        labels += [name for name in part.get("labels", []) if name not in labels]
+    merged.update(
+        tokens=sum(r["tokens"] for r in ranks),
+        steps=sum(r["steps"] for r in ranks),
+        labels=labels,
+        complete=all(r["complete"] for r in ranks),
+        world_size=len(ranks),
+        ranks=ranks,
+    )
+    return merged
 
 
 def open_run(path: str | Path, skip_corrupt: bool = False) -> Run:
