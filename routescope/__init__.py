@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 
 from routescope.analysis import Run, open_run
 from routescope.capture import Recorder, RunExistsError, find_routers, record
+from routescope.capture.activations import classify_super_experts, find_super_experts
+from routescope.capture.pruning import prune_experts
 
 __all__ = [
     "Recorder",
@@ -22,7 +24,10 @@ __all__ = [
     "UnsupportedModelError",
     "WriterError",
     "__version__",
+    "classify_super_experts",
     "find_routers",
+    "find_super_experts",
     "open_run",
+    "prune_experts",
     "record",
 ]
