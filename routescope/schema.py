@@ -16,6 +16,7 @@ ROUTER_STATS = "router_stats"
 ROUTER_TOKENS = "router_tokens"
 EXPERT_ACTIVATIONS = "expert_activations"
 HIDDEN_STATS = "hidden_stats"
+EXPERT_COUNTS = "expert_counts"
 
 TOKEN_COLUMNS: dict[str, pa.DataType] = {
     "seq_id": pa.int64(),
@@ -68,6 +69,15 @@ HIDDEN_STATS_COLUMNS: dict[str, pa.DataType] = {
     "pos": pa.int32(),
 }
 
+# Counts-only runs (imported from serving engines that keep per-expert counters, manifest
+# `counts_only: true`): routing rows per (step, layer, expert), no per-token rows.
+EXPERT_COUNTS_COLUMNS: dict[str, pa.DataType] = {
+    "step": pa.int32(),
+    "layer": pa.int16(),
+    "expert": pa.int16(),
+    "tokens": pa.int64(),
+}
+
 TABLE_COLUMNS: dict[str, dict[str, pa.DataType]] = {
     TOKENS: TOKEN_COLUMNS,
     ROUTING: ROUTING_COLUMNS,
@@ -75,6 +85,7 @@ TABLE_COLUMNS: dict[str, dict[str, pa.DataType]] = {
     ROUTER_TOKENS: ROUTER_TOKENS_COLUMNS,
     EXPERT_ACTIVATIONS: EXPERT_ACTIVATIONS_COLUMNS,
     HIDDEN_STATS: HIDDEN_STATS_COLUMNS,
+    EXPERT_COUNTS: EXPERT_COUNTS_COLUMNS,
 }
 
 # Label columns live in `tokens` beside the fixed columns, so their names must not clash
