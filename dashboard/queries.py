@@ -11,11 +11,9 @@ every one of them is bounded (LIMIT / window) so no callback ships more than it 
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 import routescope as rs
@@ -222,33 +220,23 @@ def saturation(run: rs.Run) -> pd.DataFrame:
 
 # -- Super Experts -----------------------------------------------------------------------
 def super_experts(run: rs.Run) -> dict[str, Any]:
-    """Calibration rows with `is_super` and the two thresholds (SPEC 4.6), or has_data False."""
+    """Calibration rows classified by `rs.classify_super_experts` (SPEC 4.6) and its thresholds."""
     if not run.has_table("expert_activations"):
         return {"has_data": False}
     acts = run.sql(
-        "SELECT layer, expert, shared, max(max_abs_output) AS max_abs_output, any_value(channel) AS channel, "
-        "sum(tokens_seen) AS tokens_seen FROM expert_activations GROUP BY layer, expert, shared "
-        "ORDER BY layer, shared, expert"
+        "SELECT layer, expert, shared, max(max_abs_output) AS max_abs_output, "
+        "arg_max(channel, max_abs_output) AS channel, sum(tokens_seen) AS tokens_seen "
+        "FROM expert_activations GROUP BY layer, expert, shared ORDER BY layer, shared, expert"
     )
-    return {"has_data": True, **classify_super_experts(acts, int(run.manifest.get("num_hidden_layers", 0)))}
-
-
-def classify_super_experts(acts: pd.DataFrame, num_hidden_layers: int) -> dict[str, Any]:
-    """is_super per row and the thresholds, using routescope's own classifier when present."""
-    try:  # one source of truth: the Super Experts module's classifier
-        from routescope.superexperts import classify  # type: ignore[import-not-found]
-    except ImportError:
-        classify = None
-    values = acts["max_abs_output"].to_numpy(dtype=float)
-    p995 = float(np.percentile(values, 99.5)) if len(values) else math.nan
-    top = float(values.max()) / 10.0 if len(values) else math.nan
-    if classify is not None:
-        out = classify(acts, num_hidden_layers=num_hidden_layers)
-        acts = out if isinstance(out, pd.DataFrame) else acts
-    if "is_super" not in acts.columns:
-        massive = round(0.75 * num_hidden_layers) if num_hidden_layers else acts["layer"].max() + 1
-        acts = acts.assign(is_super=(values > p995) & (values > top) & (acts["layer"] < massive))
-    return {"experts": acts, "percentile_threshold": p995, "max_threshold": top}
+    experts = rs.classify_super_experts(acts, num_hidden_layers=int(run.manifest.get("num_hidden_layers", 0)))
+    thresholds = experts.attrs.get("thresholds", {})
+    return {
+        "has_data": True,
+        "experts": experts,
+        "percentile_threshold": thresholds.get("percentile_threshold"),
+        "max_threshold": thresholds.get("max_threshold"),
+        "layers": thresholds.get("layers"),
+    }
 
 
 def hidden_stats(run: rs.Run) -> pd.DataFrame:

@@ -70,9 +70,9 @@ CAPTIONS = {
     "specialization_heatmap": "Lift of each expert for each label value (share within that value × E): "
     "white = uniform, red = the expert prefers this value, blue = it avoids it (log scale).",
     "repetition_figure": "Fraction of consecutive token pairs in a sequence whose top-1 expert is the same; "
-    "the grey marker is what a uniform router gives (1/E).",
+    "the grey bar is what a uniform router gives (1/E).",
     "super_expert_scatter": "Largest |down-projection output| of every expert per layer (log scale); points "
-    "above both dashed thresholds in the massive-activation layers are Super Experts (red).",
+    "above both grey threshold lines in the massive-activation layers are Super Experts (red stars).",
     "massive_activation_figure": "Largest |hidden state| after each decoder layer against its median, log "
     "scale; a massive activation is > 100 and > 1000 × the median.",
     "expert_lanes": "One row per MoE layer, one column per token: the colour is the token's top-1 expert "
@@ -460,15 +460,15 @@ def repetition_figure(rep: pd.DataFrame) -> go.Figure:
     )
     if base_col is not None:
         fig.add_trace(
-            go.Scatter(
+            go.Bar(
                 x=x,
                 y=rep[base_col],
                 name="uniform baseline (1/E)",
-                mode="markers",
-                marker={"symbol": "line-ew-open", "size": 28, "color": BASELINE_COLOR, "line": {"width": 3}},
+                marker_color=BASELINE_COLOR,
                 hovertemplate="%{x}<br>baseline %{y:.3f}<extra></extra>",
             )
         )
+    fig.update_layout(barmode="group")
     fig.update_xaxes(title="MoE layer", type="category")
     fig.update_yaxes(title="fraction of consecutive pairs", rangemode="tozero")
     return _base(fig, "Repetition rate", height=320)
@@ -509,12 +509,27 @@ def super_expert_scatter(
                 "<extra>" + name + "</extra>",
             )
         )
-    for value, text in ((percentile_threshold, "99.5th percentile"), (max_threshold, "max / 10")):
+    lo, hi = float(df["x"].min()) - 0.5, float(df["x"].max()) + 0.5
+    for value, text, dash in (
+        (percentile_threshold, "99.5th percentile", "dash"),
+        (max_threshold, "max / 10", "dot"),
+    ):
         if value is not None and value > 0:
-            fig.add_hline(y=value, line_dash="dash", line_color=BASELINE_COLOR, annotation_text=text)
+            fig.add_trace(_threshold_line(lo, hi, value, text, dash))
     fig.update_xaxes(title="decoder layer", dtick=1)
     fig.update_yaxes(title="max |down_proj output|", type="log")
     return _base(fig, title, height=420)
+
+
+def _threshold_line(x0: float, x1: float, y: float, name: str, dash: str) -> go.Scatter:
+    return go.Scatter(
+        x=[x0, x1],
+        y=[y, y],
+        mode="lines",
+        name=f"{name} ({y:.3g})",
+        line={"color": BASELINE_COLOR, "dash": dash},
+        hovertemplate=f"{name}: {y:.4g}<extra></extra>",
+    )
 
 
 def massive_activation_figure(hidden: pd.DataFrame, abs_threshold: float = 100.0) -> go.Figure:
@@ -545,7 +560,17 @@ def massive_activation_figure(hidden: pd.DataFrame, abs_threshold: float = 100.0
             hovertemplate="%{x}<br>median |h| %{y:.4g}<extra></extra>",
         )
     )
-    fig.add_hline(y=abs_threshold, line_dash="dash", line_color=BASELINE_COLOR, annotation_text="100")
+    # a threshold trace, not add_hline: hline annotations misplace themselves on log axes
+    fig.add_trace(
+        go.Scatter(
+            x=[x[0], x[-1]],
+            y=[abs_threshold, abs_threshold],
+            mode="lines",
+            name=f"|h| = {abs_threshold:g}",
+            line={"color": BASELINE_COLOR, "dash": "dash"},
+            hoverinfo="skip",
+        )
+    )
     fig.update_layout(barmode="group")
     fig.update_xaxes(title="decoder layer", type="category")
     fig.update_yaxes(title="|hidden state|", type="log")

@@ -62,10 +62,12 @@ def update_super_experts(state: Any) -> tuple:
         return empty, None, plots.massive_activation_figure(hidden), note
     experts = found["experts"]
     supers = experts[experts["is_super"].astype(bool)]
+    layers = found.get("layers") or []
+    searched = f"layers {min(layers)}–{max(layers)}" if layers else "no layer"
     listing = (
         html.Div(
             [
-                html.H4(f"{len(supers)} Super Expert(s)"),
+                html.H4(f"{len(supers)} Super Expert(s) (searched {searched})"),
                 table(
                     supers,
                     [
@@ -79,7 +81,9 @@ def update_super_experts(state: Any) -> tuple:
             ]
         )
         if len(supers)
-        else message("No expert passes both thresholds in the massive-activation layers.", "info")
+        else message(
+            f"No expert passes both thresholds in the massive-activation layers ({searched}).", "info"
+        )
     )
     scatter = plots.super_expert_scatter(experts, found["percentile_threshold"], found["max_threshold"])
     return scatter, listing, plots.massive_activation_figure(hidden), None

@@ -1,0 +1,182 @@
+"""End to end: the dashboard in a real headless Chromium (Debian's /usr/bin/chromium, driven
+by Playwright; never a browser download). Every page renders figures with data and the
+console stays clean; screenshots go to artifacts/ for a person to look at."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.test_dashboard import REPO, record_demo_run
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO / "artifacts"
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+# path -> number of figures that must render with data
+PAGES = {
+    "/": 1,
+    "/load": 3,
+    "/entanglement": 3,
+    "/specialization": 2,
+    "/super-experts": 2,
+    "/tokens": 1,
+    "/compare": 3,
+}
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium missing: apt-get install chromium"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The dashboard on a free loopback port serving two recorded runs (B calibrated)."""
+    from werkzeug.serving import make_server
+
+    from dashboard.app import create_app
+
+    root = tmp_path_factory.mktemp("browser")
+    run_a = record_demo_run(root / "run_a", seed=0)
+    run_b = record_demo_run(root / "run_b", seed=1, calibrate=True)
+    missing = root / "gone"
+    app = create_app([run_b, run_a, missing])
+    port = free_port()
+    httpd = make_server("127.0.0.1", port, app.server, threaded=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}"
+    httpd.shutdown()
+    thread.join(timeout=10)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.console_errors = []
+    page.on("console", lambda m: page.console_errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: page.console_errors.append(str(e)))
+    yield page
+    context.close()
+
+
+TRACE_HAS_DATA = """(p, i) => {
+    const t = (p._fullData || [])[i], c = (p.calcdata || [])[i];
+    if (!t || t.visible === false) return false;
+    if (t.type === 'sankey') return !!(t.link && t.link.value && t.link.value.length);
+    if (t.type === 'heatmap') return !!(c && c[0] && c[0].z && c[0].z.length);
+    return t._length > 0;
+}"""
+
+
+def wait_for_figures(page, count: int) -> None:
+    """Until `count` plotly figures have drawn at least one trace with data."""
+    page.wait_for_function(
+        f"""n => {{
+            const hasData = {TRACE_HAS_DATA};
+            const plots = [...document.querySelectorAll('.js-plotly-plot')];
+            return plots.filter(p => p.querySelector('.main-svg') &&
+                (p._fullData || []).some((t, i) => hasData(p, i))).length >= n;
+        }}""",
+        arg=count,
+        timeout=30_000,
+    )
+
+
+def figure_summary(page) -> list[dict]:
+    """Per figure: its Graph id, traces with data, SVG roots and drawn marks."""
+    return page.evaluate(
+        f"""() => {{
+            const hasData = {TRACE_HAS_DATA};
+            return [...document.querySelectorAll('.js-plotly-plot')].map(p => ({{
+                id: p.parentElement && p.parentElement.id,
+                traces: (p._fullData || []).filter((t, i) => hasData(p, i)).length,
+                svg: p.querySelectorAll('.main-svg').length,
+                marks: p.querySelectorAll('.trace, .hm, .sankey, .point, .bars path').length,
+            }}));
+        }}"""
+    )
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"dashboard_{name}.png"), full_page=True)
+
+
+@pytest.mark.parametrize("path", list(PAGES))
+def test_every_page_renders_figures_with_data(server, page, path):
+    page.goto(server + path)
+    wait_for_figures(page, PAGES[path])
+    page.wait_for_load_state("networkidle")
+    figures = figure_summary(page)
+    assert len(figures) == PAGES[path], figures
+    for fig in figures:
+        assert fig["svg"] >= 1 and fig["traces"] >= 1 and fig["marks"] >= 1, figures
+    assert not page.locator(".rs-error").count(), page.locator(".rs-error").all_inner_texts()
+    shot(page, path.strip("/").replace("-", "_") or "overview")
+    assert page.console_errors == []
+
+
+def test_heatmap_click_shows_expert_details(server, page):
+    page.goto(server + "/load")
+    wait_for_figures(page, 3)
+    box = page.locator("#load-heatmap .nsewdrag").first.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.1, box["y"] + box["height"] * 0.1)
+    page.wait_for_function("() => document.querySelector('#load-detail-title') !== null", timeout=15_000)
+    detail = page.locator("#load-detail").inner_text()
+    assert "Most frequent tokens" in detail and "Chosen together with" in detail
+    shot(page, "load_expert_details")
+    assert page.console_errors == []
+
+
+def test_filters_and_run_switch(server, page):
+    page.goto(server + "/load")
+    wait_for_figures(page, 3)
+    page.locator("#load-phase").click()
+    page.get_by_role("option", name="decode", exact=True).click()
+    page.wait_for_function(
+        "() => document.querySelector('#load-filter-note').innerText.includes('phase decode')", timeout=15_000
+    )
+    wait_for_figures(page, 3)
+    # the missing run: a clear message, no traceback, no console error
+    page.locator("#app-run").click()
+    page.get_by_role("option", name="2: gone").click()
+    page.wait_for_function(
+        "() => document.querySelector('#app-status').innerText.includes('no such directory')", timeout=15_000
+    )
+    page.wait_for_function(
+        "() => document.querySelector('#load-message').innerText.includes('no such directory')",
+        timeout=15_000,
+    )
+    body = page.locator("body").inner_text()
+    assert "Traceback" not in body
+    shot(page, "missing_run")
+    assert page.console_errors == []
