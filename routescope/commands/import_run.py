@@ -1,0 +1,72 @@
+"""`routescope import {sglang,vllm} FILE --out RUN`: convert serving-engine routing dumps into a run.
+
+The CLI (`routescope/cli.py`) registers `add_import_arguments` and `import_command`; the
+parsing lives in `routescope/importers/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from routescope.importers import parse_layers, write_imported_run
+
+
+def add_import_arguments(parser: argparse.ArgumentParser) -> None:
+    engines = parser.add_subparsers(dest="engine", metavar="{sglang,vllm}", required=True)
+    sglang = engines.add_parser(
+        "sglang",
+        help="SGLang expert-distribution-recorder dumps (per_token, per_pass, stat, stat_approx)",
+        description="Convert SGLang ExpertDistributionRecorder .pt dumps; per_token mode gives tokens + "
+        "routing, the count modes a counts-only run (table expert_counts).",
+    )
+    sglang.add_argument("files", nargs="+", metavar="FILE", help=".pt dump(s), e.g. one per rank")
+    sglang.add_argument("--top-k", type=int, help="experts per token (required for the count modes)")
+    vllm = engines.add_parser(
+        "vllm",
+        help="vLLM routed_experts arrays [tokens, MoE layers, k]",
+        description="Convert vLLM routed_experts arrays (.npy, .npz, .pt, .json, .jsonl) into a run.",
+    )
+    vllm.add_argument("files", nargs=1, metavar="FILE", help=".npy / .npz / .pt / .json / .jsonl")
+    vllm.add_argument(
+        "--moe-layers", help="decoder-layer index of each MoE layer, e.g. '1-26' (default: 0..L-1)"
+    )
+    for sub in (sglang, vllm):
+        sub.add_argument("--out", required=True, help="run directory to write")
+        sub.add_argument("--num-experts", type=int, help="routed experts per layer (default: from the dump)")
+        sub.add_argument("--model-type", default="", help="model_type to put in the manifest")
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
+
+
+def import_command(args: argparse.Namespace) -> int:
+    try:
+        if args.engine == "sglang":
+            from routescope.importers.sglang import import_sglang
+
+            imported = import_sglang(args.files, top_k=args.top_k, num_experts=args.num_experts)
+        else:
+            from routescope.importers.vllm import import_vllm
+
+            imported = import_vllm(
+                args.files[0], moe_layers=parse_layers(args.moe_layers), num_experts=args.num_experts
+            )
+        out = write_imported_run(
+            imported, args.out, model_type=args.model_type, overwrite=args.overwrite, sources=args.files
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"routescope import {args.engine}: {exc}", file=sys.stderr)
+        return 2
+    kind = "expert counts" if imported.counts_only else f"{imported.token_count()} tokens"
+    print(f"imported {kind} ({imported.engine} {imported.mode}, MoE layers {imported.moe_layers}) into {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (until the CLI registers the command): python -m routescope.commands.import_run."""
+    parser = argparse.ArgumentParser(prog="routescope import")
+    add_import_arguments(parser)
+    return import_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
