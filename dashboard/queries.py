@@ -22,7 +22,7 @@ from dashboard.filters import TokenFilter, quote_identifier
 ALL = TokenFilter()
 MAX_LABEL_VALUES = 200  # per label in a filter dropdown
 MAX_SEQUENCES = 500  # in the Tokens page's sequence list
-MAX_LANE_CELLS = 8192  # tokens × MoE layers drawn by the Tokens page at once
+MAX_LANE_CELLS = 6144  # tokens × MoE layers drawn by the Tokens page at once
 MAX_LANE_TOKENS = 256
 TOP_TOKENS = 15  # tokens listed in an expert's details
 PATHWAYS_MAX = 60

@@ -76,7 +76,7 @@ CAPTIONS = {
     "massive_activation_figure": "Largest |hidden state| after each decoder layer against its median, log "
     "scale; a massive activation is > 100 and > 1000 × the median.",
     "expert_lanes": "One row per MoE layer, one column per token: the colour is the token's top-1 expert "
-    "there; hover for all k experts with their weights.",
+    "there; hover for all k experts with their weights (e5:0.41 = expert 5, weight 0.41).",
     "load_delta_heatmap": "Share of each expert in run B minus run A, per layer: red = more load in B, "
     "blue = less, white = unchanged.",
     "balance_change_figure": "Balance metrics per layer in run A (dashed) and run B (solid): cv and "
@@ -136,6 +136,20 @@ def _log2_lift(lift: pd.Series | np.ndarray) -> np.ndarray:
     return np.clip(out, -LIFT_LOG2_RANGE, LIFT_LOG2_RANGE)
 
 
+def _grid(values: np.ndarray) -> np.ndarray:
+    """A float32 grid: Plotly ships 2-D numeric arrays base64-encoded, float32 halves them."""
+    return np.asarray(values, dtype=np.float32)
+
+
+def _counts(values: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(np.asarray(values, dtype=np.float64)).astype(np.int64)
+
+
+def _stack(*grids: np.ndarray, digits: int = 5) -> np.ndarray:
+    """Per-cell hover values (3-D customdata goes as JSON lists: round them to stay small)."""
+    return np.round(np.dstack([np.asarray(g, dtype=np.float64) for g in grids]), digits)
+
+
 def with_lift(load: pd.DataFrame) -> pd.DataFrame:
     """expert_load rows plus `lift` = share × E, E = experts listed for that layer."""
     out = load.copy()
@@ -181,12 +195,12 @@ def load_heatmap(load: pd.DataFrame, value: str = "lift") -> go.Figure:
         index=layers, columns=pd.MultiIndex.from_product([["share", "lift", "tokens"], experts])
     )
     share, lift, tokens = grid["share"].to_numpy(), grid["lift"].to_numpy(), grid["tokens"].to_numpy()
-    custom = np.dstack([share, lift, tokens])
+    custom = _stack(share, lift, tokens)
     y = [layer_name(v) for v in layers]
     hover = "%{y} expert %{x}<br>share %{customdata[0]:.4f}<br>lift %{customdata[1]:.2f}<br>tokens %{customdata[2]:,}<extra></extra>"
     if value == "share":
         trace = go.Heatmap(
-            z=share,
+            z=_grid(share),
             x=experts,
             y=y,
             customdata=custom,
@@ -197,7 +211,7 @@ def load_heatmap(load: pd.DataFrame, value: str = "lift") -> go.Figure:
         )
     else:
         trace = go.Heatmap(
-            z=_log2_lift(lift),
+            z=_grid(_log2_lift(lift)),
             x=experts,
             y=y,
             customdata=custom,
@@ -254,10 +268,10 @@ def coactivation_heatmap(co: pd.DataFrame, num_experts: int, layer: int | None =
     )
     fig = go.Figure(
         go.Heatmap(
-            z=grid.to_numpy(dtype=float),
+            z=_grid(grid.to_numpy(dtype=float)),
             x=experts,
             y=experts,
-            customdata=counts.fillna(0).to_numpy(),
+            customdata=_counts(counts.to_numpy()),
             colorscale=MAGNITUDE_SCALE,
             zmin=0,
             zmax=1,
@@ -327,10 +341,10 @@ def transition_heatmap(
     counts = df.pivot(index=a_col, columns=b_col, values="count").reindex(index=ea, columns=eb)
     fig = go.Figure(
         go.Heatmap(
-            z=grid.fillna(0).to_numpy(dtype=float),
+            z=_grid(grid.fillna(0).to_numpy(dtype=float)),
             x=eb,
             y=ea,
-            customdata=counts.fillna(0).to_numpy(),
+            customdata=_counts(counts.to_numpy()),
             colorscale=MAGNITUDE_SCALE,
             zmin=0,
             zmax=1,
@@ -424,10 +438,10 @@ def specialization_heatmap(spec: pd.DataFrame, label: str, layer: int, max_value
     share = df.pivot(index=label, columns="expert", values="share").reindex(index=values, columns=experts)
     fig = go.Figure(
         go.Heatmap(
-            z=_log2_lift(lift.to_numpy(dtype=float)),
+            z=_grid(_log2_lift(lift.to_numpy(dtype=float))),
             x=experts,
             y=values,
-            customdata=np.dstack([lift.to_numpy(dtype=float), share.to_numpy(dtype=float)]),
+            customdata=_stack(lift.to_numpy(dtype=float), share.to_numpy(dtype=float)),
             colorscale=DIVERGING_SCALE,
             zmid=0,
             zmin=-LIFT_LOG2_RANGE,
@@ -587,25 +601,24 @@ def expert_lanes(lanes: pd.DataFrame, num_experts: int) -> go.Figure:
     title = "Expert lanes"
     if lanes.empty:
         return empty_figure("no tokens in this window", title)
-    positions = sorted(lanes["pos"].unique())
-    layers = sorted(lanes["layer"].unique())
-    lanes = lanes.set_index(["layer", "pos"]).sort_index()
+    positions = np.sort(lanes["pos"].unique())
+    layers = np.sort(lanes["layer"].unique())
+    rows = np.searchsorted(layers, lanes["layer"].to_numpy())
+    cols = np.searchsorted(positions, lanes["pos"].to_numpy())
     z = np.full((len(layers), len(positions)), np.nan)
     hover = np.full((len(layers), len(positions)), "", dtype=object)
-    col = {p: i for i, p in enumerate(positions)}
-    row = {ly: i for i, ly in enumerate(layers)}
-    for (layer, pos), rec in lanes.iterrows():
-        experts = list(rec["experts"])
-        weights = rec.get("weights")
-        z[row[layer], col[pos]] = experts[0]
-        if weights is not None and len(weights) == len(experts) and not _all_nan(weights):
-            choice = ", ".join(f"e{e} ({w:.3f})" for e, w in zip(experts, weights))
+    weights = lanes["weights"] if "weights" in lanes.columns else [None] * len(lanes)
+    for r, c, pos, layer, token, experts, w in zip(
+        rows, cols, lanes["pos"], lanes["layer"], lanes["token"], lanes["experts"], weights
+    ):
+        z[r, c] = experts[0]
+        if w is not None and len(w) == len(experts) and not _all_nan(w):
+            choice = " ".join(f"e{e}:{x:.2f}" for e, x in zip(experts, w))
         else:
-            choice = ", ".join(f"e{e}" for e in experts)
-        hover[row[layer], col[pos]] = (
-            f"pos {pos} {_hover_text(rec['token'])}<br>{layer_name(layer)}: {choice}"
-        )
-    tokens = lanes.reset_index().drop_duplicates("pos").set_index("pos")["token"]
+            choice = " ".join(f"e{e}" for e in experts)
+        hover[r, c] = f"{pos} {_hover_text(token)}<br>{layer_name(layer)} {choice}"
+    first = lanes.drop_duplicates("pos").set_index("pos")["token"]
+    tokens = first.reindex(positions)
     # discrete colours: expert e takes EXPERT_PALETTE[e % 16] for the whole cell
     n = max(1, num_experts)
     scale = []
@@ -614,7 +627,7 @@ def expert_lanes(lanes: pd.DataFrame, num_experts: int) -> go.Figure:
         scale += [[lo, expert_color(e)], [hi, expert_color(e)]]
     fig = go.Figure(
         go.Heatmap(
-            z=z,
+            z=_grid(z),
             x=list(range(len(positions))),
             y=[layer_name(v) for v in layers],
             text=hover,
@@ -630,7 +643,7 @@ def expert_lanes(lanes: pd.DataFrame, num_experts: int) -> go.Figure:
     fig.update_xaxes(
         tickmode="array",
         tickvals=list(range(len(positions))),
-        ticktext=[_tick_text(tokens[p]) for p in positions],
+        ticktext=[_tick_text(t) for t in tokens],
         tickangle=-60,
         title="token",
     )
@@ -669,17 +682,16 @@ def load_delta_heatmap(load_a: pd.DataFrame, load_b: pd.DataFrame) -> go.Figure:
     experts = sorted(df["expert"].unique())
     grid = df.pivot(index="layer", columns="expert", values=["delta", "share_a", "share_b"])
     delta = grid["delta"].reindex(index=layers, columns=experts).to_numpy(dtype=float)
-    custom = np.dstack(
-        [
-            grid["share_a"].reindex(index=layers, columns=experts).to_numpy(dtype=float),
-            grid["share_b"].reindex(index=layers, columns=experts).to_numpy(dtype=float),
-        ]
+    custom = _stack(
+        grid["share_a"].reindex(index=layers, columns=experts).to_numpy(dtype=float),
+        grid["share_b"].reindex(index=layers, columns=experts).to_numpy(dtype=float),
+        digits=6,
     )
     bound = float(np.nanmax(np.abs(delta))) if np.isfinite(delta).any() else 0.0
     bound = bound or 1e-6
     fig = go.Figure(
         go.Heatmap(
-            z=delta,
+            z=_grid(delta),
             x=experts,
             y=[layer_name(v) for v in layers],
             customdata=custom,

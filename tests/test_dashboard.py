@@ -275,7 +275,7 @@ def test_entanglement_specialization_tokens(app, runs):
     run = rs.open_run(runs["a"])
     assert msg is None and traces_with_data(lanes) == 1
     assert len(lanes.data[0].z) == len(run.moe_layers)
-    assert "(0." in lanes.data[0].text[0][0]  # weights on hover
+    assert ":0." in lanes.data[0].text[0][0]  # weights on hover
     assert len(text) == run.sql("SELECT count(*) AS n FROM tokens WHERE seq_id = ?", [seq])["n"][0]
 
 

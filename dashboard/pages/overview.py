@@ -44,7 +44,7 @@ def update_overview(state: Any) -> tuple:
     dead = registry.query(key, "dead_experts")
     hot = registry.query(key, "hot_experts")
     cards = kpi_cards(bal, dead, hot)
-    return summary, cards, plots.balance_figure(bal), alerts(info, bal, dead, hot), None
+    return summary, cards, plots.balance_figure(bal), alerts(dead, hot), None
 
 
 def summary_block(info: dict[str, Any]) -> html.Div:
@@ -93,23 +93,14 @@ def kpi_cards(bal: pd.DataFrame, dead: pd.DataFrame, hot: pd.DataFrame) -> list[
     return cards
 
 
-def alerts(info: dict[str, Any], bal: pd.DataFrame, dead: pd.DataFrame, hot: pd.DataFrame) -> html.Div:
+def alerts(dead: pd.DataFrame, hot: pd.DataFrame) -> html.Div:
     items: list[Any] = []
-    experts_of = dict(zip(bal["layer"], bal["num_experts"]))
-    tokens_of = dict(zip(bal["layer"], bal["tokens"]))
     for _, row in dead.head(MAX_ALERTS).iterrows():
         layer, e = int(row["layer"]), int(row["expert"])
-        num = int(experts_of.get(layer, 0)) or 1
-        slots = int(tokens_of.get(layer, 0))
-        # tokens T = slots / k; under a uniform router zero hits has chance (1 - k/E)^T
-        topk = int(info["top_k_by_layer"].get(layer, 0))
-        chance = (1 - topk / num) ** (slots / topk) if topk and num > topk else 0.0
-        items.append(
-            html.Li(
-                f"dead: layer {layer} expert {e}: {int(row['tokens'])} tokens "
-                f"(a uniform router would miss it with probability {chance:.2g})"
-            )
-        )
+        evidence = ""
+        if "p_uniform_miss" in row and pd.notna(row["p_uniform_miss"]):
+            evidence = f" (a uniform router would miss it with probability {row['p_uniform_miss']:.2g})"
+        items.append(html.Li(f"dead: layer {layer} expert {e}: {int(row['tokens'])} tokens{evidence}"))
     for _, row in hot.head(MAX_ALERTS).iterrows():
         items.append(
             html.Li(

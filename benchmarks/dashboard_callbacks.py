@@ -1,0 +1,256 @@
+"""Dashboard callbacks at scale: time every page's data callbacks and measure what they send.
+
+Generates (or reuses) a synthetic run in SPEC format with `benchmarks/analysis_scale.py`'s
+generator (48 MoE layers, 128 experts, top-8, Zipf-skewed loads, entangled layers; a
+small generator of its own when that file is absent), builds the app with the run served
+twice (so Compare has two runs), calls each callback function directly as Dash would, and
+records the cold time (empty cache), the warm time (cached) and the payload: the length of
+the JSON Dash would send for the callback's outputs.
+
+    python benchmarks/dashboard_callbacks.py                      # 10M routing rows
+    python benchmarks/dashboard_callbacks.py --rows 1e8           # 100M
+    python benchmarks/dashboard_callbacks.py --write-results      # update benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from plotly.io.json import to_json_plotly
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+from routescope import schema  # noqa: E402
+
+SECTION = "## Dashboard callbacks"
+PAYLOAD_LIMIT = 2_000_000
+
+
+# -- data --------------------------------------------------------------------------------
+def generate_run(out: Path, rows: int, layers: int, experts: int, k: int, seq_len: int, seed: int) -> None:
+    """The analysis benchmark's generator when present, else a plain Zipf-skewed one."""
+    try:
+        sys.path.insert(0, str(ROOT))
+        from analysis_scale import generate  # type: ignore[import-not-found]
+    except ImportError:
+        generate = None
+    if generate is not None:
+        generate(out, rows, layers, experts, k, seq_len, zipf=0.8, coupling=2.0, seed=seed)
+        return
+    simple_generate(out, rows, layers, experts, k, seq_len, seed)
+
+
+def simple_generate(out: Path, rows: int, layers: int, experts: int, k: int, seq_len: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    tokens = max(1, rows // (layers * k))
+    prefs = -0.8 * np.log(np.arange(1, experts + 1))
+    ids = np.arange(tokens)
+    seq_id, pos = ids // seq_len, (ids % seq_len).astype(np.int32)
+    scores = prefs[None, None, :] - np.log(-np.log(rng.random((tokens, layers, experts))))
+    chosen = np.argsort(-scores, axis=-1)[..., :k].astype(np.int16)
+    weights = rng.random((tokens, layers, k), dtype=np.float32)
+    weights = -np.sort(-(weights / weights.sum(-1, keepdims=True)), axis=-1)
+    per_token = layers * k
+    routing = pa.table(
+        {
+            "seq_id": pa.array(np.repeat(seq_id, per_token), pa.int64()),
+            "pos": pa.array(np.repeat(pos, per_token), pa.int32()),
+            "layer": pa.array(np.tile(np.repeat(np.arange(layers, dtype=np.int16), k), tokens), pa.int16()),
+            "slot": pa.array(np.tile(np.arange(k, dtype=np.int8), tokens * layers), pa.int8()),
+            "expert": pa.array(chosen.reshape(-1), pa.int16()),
+            "weight": pa.array(weights.reshape(-1), pa.float32()),
+        }
+    )
+    domains = np.array(["code", "math", "prose", "multilingual"], dtype=object)
+    token_table = pa.table(
+        {
+            "seq_id": pa.array(seq_id, pa.int64()),
+            "pos": pa.array(pos, pa.int32()),
+            "token_id": pa.array(rng.integers(0, 50_000, tokens), pa.int32()),
+            "step": pa.array(seq_id // 8, pa.int32()),
+            "phase": pa.array(np.full(tokens, "prefill", dtype=object), pa.string()),
+            "domain": pa.array(domains[seq_id % 4], pa.string()),
+        }
+    )
+    for name, table in ((schema.ROUTING, routing), (schema.TOKENS, token_table)):
+        path = out / name / "rank=0" / "part-00000.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path, compression="zstd")
+    manifest = {
+        "format_version": schema.FORMAT_VERSION,
+        "model_type": "synthetic",
+        "num_hidden_layers": layers,
+        "moe_layers": list(range(layers)),
+        "num_experts": {str(x): experts for x in range(layers)},
+        "top_k": {str(x): k for x in range(layers)},
+        "labels": ["domain"],
+        "tokens": int(tokens),
+        "complete": True,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+
+
+# -- measuring ---------------------------------------------------------------------------
+def payload_bytes(outputs: Any) -> int:
+    """Bytes of the JSON Dash sends for these outputs (figures and components alike)."""
+    values = list(outputs) if isinstance(outputs, tuple) else [outputs]
+    return len(to_json_plotly(values).encode("utf-8"))
+
+
+def measure(name: str, call: Callable[[], Any], registry: Any) -> dict[str, Any]:
+    registry.clear_cache()
+    t0 = time.perf_counter()
+    out = call()
+    cold = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    call()
+    warm = time.perf_counter() - t1
+    errors = [
+        o
+        for o in (out if isinstance(out, tuple) else (out,))
+        if "rs-warning" in str(o) or "rs-error" in str(o)
+    ]
+    return {
+        "callback": name,
+        "cold_s": cold,
+        "warm_s": warm,
+        "payload": payload_bytes(out),
+        "problem": bool(errors),
+    }
+
+
+def callbacks(registry: Any) -> list[tuple[str, Callable[[], Any]]]:
+    from dashboard.app import update_run_state
+    from dashboard.pages import compare, entanglement, load, overview, specialization, super_experts, tokens
+
+    st = {"run": "0", "version": None}
+    layer = registry.run("0").moe_layers[len(registry.run("0").moe_layers) // 2]
+    steps = registry.query("0", "filter_choices")
+    mid = (steps["step_min"] + steps["step_max"]) // 2
+    seq = tokens.tokens_controls(st)[1]
+    return [
+        ("shell: update_run_state", lambda: update_run_state("0", 0)),
+        ("overview: update_overview", lambda: overview.update_overview(st)),
+        ("load: load_controls", lambda: load.load_controls(st)),
+        ("load: load_label_values", lambda: load.load_label_values(st, "domain")),
+        (
+            "load: update_load (all tokens)",
+            lambda: load.update_load(st, "all", None, None, None, "lift", layer),
+        ),
+        (
+            "load: update_load (phase+label+steps)",
+            lambda: load.update_load(
+                st, "prefill", "domain", "code", [steps["step_min"], mid], "share", layer
+            ),
+        ),
+        (
+            "load: show_expert (click)",
+            lambda: load.show_expert(st, {"points": [{"x": 3, "y": f"L{layer}"}]}, "all", None, None, None),
+        ),
+        ("entanglement: controls", lambda: entanglement.entanglement_controls(st)),
+        ("entanglement: update (pair, top 20)", lambda: entanglement.update_entanglement(st, None, 20)),
+        ("specialization: controls", lambda: specialization.specialization_controls(st)),
+        ("specialization: update", lambda: specialization.update_specialization(st, "domain", layer)),
+        ("super experts: update", lambda: super_experts.update_super_experts(st)),
+        ("tokens: controls", lambda: tokens.tokens_controls(st)),
+        ("tokens: update_tokens", lambda: tokens.update_tokens(st, seq, 0)),
+        ("compare: update_compare (2 runs)", lambda: compare.update_compare(st, "0", "1")),
+    ]
+
+
+def run_benchmark(path: Path) -> list[dict[str, Any]]:
+    from dashboard.app import create_app
+    from dashboard.runs import get_registry
+
+    create_app([path, path])
+    registry = get_registry()
+    return [measure(name, call, registry) for name, call in callbacks(registry)]
+
+
+# -- report ------------------------------------------------------------------------------
+def format_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| callback | cold (s) | cached (s) | payload (KB) |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in results:
+        flag = " (message)" if r["problem"] else ""
+        lines.append(
+            f"| {r['callback']}{flag} | {r['cold_s']:.2f} | {r['warm_s']:.3f} | {r['payload'] / 1024:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_section(results_md: Path, body: str) -> None:
+    """Replace this benchmark's section of RESULTS.md (other sections stay as they are)."""
+    text = results_md.read_text(encoding="utf-8") if results_md.exists() else "# Benchmark results\n"
+    section = f"{SECTION}\n\n{body.strip()}\n"
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + ("" if end < 0 else text[end:])
+    results_md.write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=float, default=10e6, help="routing rows (default 1e7)")
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", type=Path, default=ROOT / "data", help="folder for generated runs")
+    ap.add_argument("--run", type=Path, help="use this run instead of generating one")
+    ap.add_argument("--regenerate", action="store_true")
+    ap.add_argument("--write-results", action="store_true", help=f"write the table under '{SECTION}'")
+    args = ap.parse_args(argv)
+
+    rows = int(args.rows)
+    path = args.run or args.data / f"dashboard_{rows}_{args.layers}x{args.experts}k{args.top_k}"
+    if args.run is None and (args.regenerate or not (path / "manifest.json").exists()):
+        t0 = time.perf_counter()
+        generate_run(path, rows, args.layers, args.experts, args.top_k, args.seq_len, args.seed)
+        print(f"generated {path} in {time.perf_counter() - t0:.1f} s")
+    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    routing_rows = int(
+        pq.ParquetDataset(sorted((path / "routing").glob("rank=*/*.parquet"))).read(["layer"]).num_rows
+    )
+    results = run_benchmark(path)
+    table = format_table(results)
+    worst = max(results, key=lambda r: r["payload"])
+    shape = (
+        f"{routing_rows:,} routing rows ({manifest['tokens']:,} tokens, {len(manifest['moe_layers'])} MoE layers, "
+        f"{next(iter(manifest['num_experts'].values()))} experts, top-{next(iter(manifest['top_k'].values()))})"
+    )
+    summary = (
+        f"Run: {shape}. Machine: {platform.machine()}, {platform.python_version()}, "
+        f"DuckDB threads = cores. Cold = first call with an empty cache; cached = the same call again. "
+        f"Payload = JSON bytes of the callback's outputs. Largest payload: {worst['callback']} "
+        f"{worst['payload'] / 1024:.0f} KB (limit {PAYLOAD_LIMIT / 1e6:.0f} MB)."
+    )
+    print(summary)
+    print(table)
+    if args.write_results:
+        write_section(
+            ROOT / "RESULTS.md",
+            f"`python benchmarks/dashboard_callbacks.py --rows {args.rows:g}`\n\n{summary}\n\n{table}",
+        )
+    return 0 if worst["payload"] <= PAYLOAD_LIMIT else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
