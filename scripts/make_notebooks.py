@@ -35,12 +35,14 @@ SETUP = code(
     """
     import json
     import tempfile
+    import warnings
     from pathlib import Path
 
     import pandas as pd
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
     import routescope as rs
     from routescope import plots
     from routescope.commands.inputs import bundled_corpus, bundled_model
@@ -72,7 +74,7 @@ RECORD_BY_DOMAIN = code(
             for domain, texts in sorted(texts_by_domain.items()):
                 rec.set_labels(domain=domain)  # applies to the forwards that follow
                 for i in range(0, per_domain, batch_size):
-                    enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True,
+                    enc = tokenizer(texts[i : min(i + batch_size, per_domain)], return_tensors="pt", padding=True,
                                     truncation=True, max_length=max_length)
                     model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
         return rs.open_run(out_dir)
@@ -400,7 +402,7 @@ ENTANGLEMENT: list[Cell] = [
     RECORD_BY_DOMAIN,
     code(
         """
-        run = record_by_domain(model, WORK / "by_domain", per_domain=16)
+        run = record_by_domain(model, WORK / "by_domain", per_domain=12)
         run
         """
     ),
@@ -534,7 +536,8 @@ SUPER_EXPERTS: list[Cell] = [
         `rs.find_super_experts(model, batches)` runs a short calibration, records for every
         routed and shared expert the largest |output| of its down-projection, and flags an
         expert when that value is above the 99.5th percentile of all experts **and** above a
-        tenth of the largest, in the early layers where massive activations are built.
+        tenth of the largest, in the early layers where massive activations are built (the
+        first 75 % of the decoder layers).
         """
     ),
     SETUP,
@@ -542,31 +545,41 @@ SUPER_EXPERTS: list[Cell] = [
         """
         ## 1. Calibration on the bundled model
 
-        A few held-out texts from every domain as calibration batches (strings are tokenized
-        with the tokenizer we pass). The bundled model is tiny and briefly trained, so it may
-        well have no Super Expert: the scatter shows how far its experts are from the
-        thresholds.
+        Two batches of held-out texts, two per domain, as calibration data: each batch is a
+        dict of model inputs (a list of strings works too, with `tokenizer=`). The bundled model is tiny and briefly trained, so it may
+        well have no Super Expert: the scatter shows how far its experts are from the two
+        dashed thresholds. `attrs["thresholds"]` holds the thresholds that were applied.
         """
     ),
     code(
         """
-        calibration = [t[:400] for d in sorted(texts_by_domain) for t in texts_by_domain[d][:4]]
-        found = rs.find_super_experts(model, calibration, tokenizer=tokenizer)
-        found.sort_values("max_abs_output", ascending=False).head(8)
+        calibration = [t[:400] for d in sorted(texts_by_domain) for t in texts_by_domain[d][:2]]
+        batches = []
+        for i in range(0, len(calibration), 4):
+            enc = tokenizer(calibration[i : i + 4], return_tensors="pt", padding=True, truncation=True, max_length=96)
+            batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        found = rs.find_super_experts(model, batches, progress=False)
+        th = found.attrs["thresholds"]
+        print({k: th[k] for k in ("percentile_threshold", "max_threshold", "layers")})
+        found.head(8)
         """
     ),
     code(
         """
-        import numpy as np
-
-        def thresholds(found, percentile=99.5, ratio=10.0):
-            values = found["max_abs_output"].to_numpy(dtype=float)
-            return float(np.percentile(values, percentile)), float(values.max() / ratio)
-
-        p995, tenth = thresholds(found)
-        print(f"99.5th percentile {p995:.3g}, max / 10 {tenth:.3g}, "
-              f"Super Experts: {found.loc[found['is_super'], ['layer', 'expert']].values.tolist()}")
-        plots.super_expert_scatter(found, p995, tenth)
+        plots.super_expert_scatter(found, th["percentile_threshold"], th["max_threshold"])
+        """
+    ),
+    md(
+        """
+        The same pass measures the residual stream after every decoder layer. A *massive
+        activation* (Sun et al. 2024) is a value above 100 and above 1000 × the median |h|;
+        in large models they appear right after the layer that holds a Super Expert.
+        """
+    ),
+    code(
+        """
+        hidden = pd.DataFrame(found.attrs["hidden_stats"])
+        plots.massive_activation_figure(hidden)
         """
     ),
     md(
@@ -576,7 +589,7 @@ SUPER_EXPERTS: list[Cell] = [
         To see the detector fire, build a tiny Qwen3-MoE model from a config (random weights,
         4 layers, 8 experts) and plant a Super Expert: scale the down-projection of expert 5 in
         layer 1 by 300. Its outputs become two orders of magnitude larger than any other
-        expert's, exactly the signature the detector looks for.
+        expert's — the signature the detector looks for.
         """
     ),
     code(
@@ -592,62 +605,57 @@ SUPER_EXPERTS: list[Cell] = [
         )
         tiny = Qwen3MoeForCausalLM(config).eval()
         PLANTED = (1, 5)
-        experts = tiny.model.layers[PLANTED[0]].mlp.experts
-        with torch.no_grad():
-            if isinstance(getattr(experts, "down_proj", None), torch.Tensor):  # fused: [expert, ...]
-                experts.down_proj[PLANTED[1]] *= 300.0
-            else:                                                           # one module per expert
-                experts[PLANTED[1]].down_proj.weight *= 300.0
+        with torch.no_grad():  # fused experts: down_proj is one tensor indexed by expert
+            tiny.model.layers[PLANTED[0]].mlp.experts.down_proj[PLANTED[1]] *= 300.0
 
         gen = torch.Generator().manual_seed(0)
         tiny_batches = [{"input_ids": torch.randint(1, 256, (4, 32), generator=gen)} for _ in range(3)]
-        tiny_found = rs.find_super_experts(tiny, tiny_batches)
-        flagged = [tuple(int(v) for v in row) for row in tiny_found.loc[tiny_found["is_super"], ["layer", "expert"]].values]
+        tiny_found = rs.find_super_experts(tiny, tiny_batches, progress=False)
+        flagged = [(int(r.layer), int(r.expert)) for r in tiny_found[tiny_found["is_super"]].itertuples()]
         print("flagged:", flagged, "planted:", PLANTED)
         assert PLANTED in flagged
+        tiny_found.head(5)
         """
     ),
     code(
         """
-        p995, tenth = thresholds(tiny_found)
-        plots.super_expert_scatter(tiny_found, p995, tenth)
+        t = tiny_found.attrs["thresholds"]
+        plots.super_expert_scatter(tiny_found, t["percentile_threshold"], t["max_threshold"])
         """
     ),
     md(
         """
         ## 3. The pruning check
 
-        The paper's test of a Super Expert: prune it (its output set to zero) and watch the
+        The paper's test of a Super Expert: prune it (zero its down-projection) and watch the
         model's outputs change far more than when pruning an ordinary expert of the same layer.
-        `rs.prune_experts(model, [(layer, expert)])` does the pruning; we measure the mean KL
-        divergence of the next-token distribution from the unpruned model's, on the same
-        inputs.
+        `rs.prune_experts(model, [(layer, expert)])` is a context manager: the experts are
+        pruned inside the block and restored exactly on exit. We measure the mean KL divergence
+        of the next-token distribution from the unpruned model's, on the same inputs.
         """
     ),
     code(
         """
-        import copy
-
-        def mean_kl(reference, other, batches):
-            total, n = 0.0, 0
+        def next_token_logprobs(model, batches):
             with torch.no_grad():
-                for batch in batches:
-                    p = torch.log_softmax(reference(**batch).logits.float(), -1)
-                    q = torch.log_softmax(other(**batch).logits.float(), -1)
-                    total += torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum").item()
-                    n += p.shape[0] * p.shape[1]
-            return total / n
+                return [torch.log_softmax(model(**b).logits.float(), -1) for b in batches]
 
-        def prune_effect(model, targets, batches):
-            pruned = rs.prune_experts(copy.deepcopy(model), targets)
-            pruned = pruned if isinstance(pruned, torch.nn.Module) else model  # in place or a copy
-            return mean_kl(model, pruned, batches)
+        def prune_effect(model, experts, batches):
+            \"\"\"Mean KL(unpruned || pruned) per token when `experts` are pruned.\"\"\"
+            reference = next_token_logprobs(model, batches)
+            with rs.prune_experts(model, experts):
+                pruned = next_token_logprobs(model, batches)
+            kl = [torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1)
+                  for p, q in zip(reference, pruned)]
+            return float(torch.cat([k.flatten() for k in kl]).mean())
 
         ordinary = (PLANTED[0], (PLANTED[1] + 1) % config.num_experts)
         effect = pd.DataFrame(
             [
-                {"pruned": f"Super Expert L{PLANTED[0]}/e{PLANTED[1]}", "mean_kl": prune_effect(tiny, [PLANTED], tiny_batches)},
-                {"pruned": f"ordinary L{ordinary[0]}/e{ordinary[1]}", "mean_kl": prune_effect(tiny, [ordinary], tiny_batches)},
+                {"pruned": f"Super Expert L{PLANTED[0]}/e{PLANTED[1]}",
+                 "mean_kl": prune_effect(tiny, [PLANTED], tiny_batches)},
+                {"pruned": f"ordinary L{ordinary[0]}/e{ordinary[1]}",
+                 "mean_kl": prune_effect(tiny, [ordinary], tiny_batches)},
             ]
         )
         effect
@@ -658,18 +666,39 @@ SUPER_EXPERTS: list[Cell] = [
         import plotly.express as px
 
         fig = px.bar(effect, x="pruned", y="mean_kl", log_y=True, template=plots.TEMPLATE,
-                     title="Output change after pruning one expert (mean KL, log scale)")
+                     title="Output change after pruning one expert (mean KL per token, log scale)")
         fig.update_traces(marker_color=[plots.STATE_COLORS["super"], plots.STATE_COLORS["normal"]])
         fig
         """
     ),
     md(
         """
-        Pruning the planted Super Expert moves the output distribution orders of magnitude more
-        than pruning its neighbour. On a real model, run the same check on every expert the
-        detector flags before trusting it: a flagged expert whose pruning changes nothing is
-        a false positive of the thresholds, and `find_super_experts` takes the percentile, the
-        ratio and the layer range as parameters.
+        The same check on the bundled model: prune the expert with the largest output (flagged
+        or not) and, for comparison, the median one of the same layer.
+        """
+    ),
+    code(
+        """
+        routed = found[~found["shared"]]
+        top = routed.iloc[0]
+        same_layer = routed[routed["layer"] == top["layer"]].sort_values("max_abs_output")
+        median = same_layer.iloc[len(same_layer) // 2]
+        pd.DataFrame(
+            [
+                {"pruned": f"largest output L{int(e.layer)}/e{int(e.expert)}", "is_super": bool(e.is_super),
+                 "max_abs_output": e.max_abs_output,
+                 "mean_kl": prune_effect(model, [(int(e.layer), int(e.expert))], batches)}
+                for e in (top, median)
+            ]
+        )
+        """
+    ),
+    md(
+        """
+        Run this check on every expert the detector flags before trusting it: a flagged expert
+        whose pruning changes nothing is a false positive of the thresholds.
+        `find_super_experts` takes the percentile (`quantile`), the `ratio` and the `layers`
+        searched as parameters.
         """
     ),
 ]
@@ -709,8 +738,8 @@ COMPARE: list[Cell] = [
                 w = layer.mlp.gate.weight
                 w.mul_(2.0).add_(0.5 * w.std() * torch.randn(w.shape, generator=gen))
 
-        run_a = record_by_domain(model, WORK / "original", per_domain=8, router_stats=True)
-        run_b = record_by_domain(perturbed, WORK / "perturbed", per_domain=8, router_stats=True)
+        run_a = record_by_domain(model, WORK / "original", per_domain=6, router_stats=True)
+        run_b = record_by_domain(perturbed, WORK / "perturbed", per_domain=6, router_stats=True)
         run_a.manifest["tokens"], run_b.manifest["tokens"]
         """
     ),
