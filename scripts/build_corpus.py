@@ -93,20 +93,47 @@ def code_records() -> Iterator[dict]:
 
 
 def prose_records() -> Iterator[dict]:
+    """Topic texts cut at paragraph boundaries; topics are held out whole.
+
+    Topics overlap (e.g. "augassign" repeats paragraphs of "assignment"), so a paragraph of a
+    held-out topic is dropped wherever else it appears, and repeated paragraphs are kept once.
+    """
     from pydoc_data.topics import topics
 
-    for name in sorted(topics):
-        held = is_held_out("prose:" + name)
-        paragraphs = [p.strip() for p in topics[name].split("\n\n") if p.strip()]
-        buf = ""
-        for para in paragraphs:
-            if buf and len(buf) + len(para) + 2 > CHUNK_CHARS:
-                yield {"text": buf, "domain": "prose", "source": f"pydoc_data:{name}", "held_out": held}
-                buf = ""
-            for piece in chunk_lines(para) if len(para) > CHUNK_CHARS else [para]:
-                buf = f"{buf}\n\n{piece}" if buf else piece
+    def paragraphs(name: str) -> list[str]:
+        pieces = []
+        for para in topics[name].split("\n\n"):
+            if para.strip():
+                pieces.extend(chunk_lines(para.strip()) if len(para) > CHUNK_CHARS else [para.strip()])
+        return pieces
+
+    names = sorted(topics)
+    held_topics = {name for name in names if is_held_out("prose:" + name)}
+    held_paragraphs = {p for name in held_topics for p in paragraphs(name)}
+    seen: set[str] = set()
+    for name in names:
+        held = name in held_topics
+        buf: list[str] = []
+        for para in paragraphs(name):
+            if para in seen or (not held and para in held_paragraphs):
+                continue
+            seen.add(para)
+            if buf and sum(len(p) + 2 for p in buf) + len(para) > CHUNK_CHARS:
+                yield {
+                    "text": "\n\n".join(buf),
+                    "domain": "prose",
+                    "source": f"pydoc_data:{name}",
+                    "held_out": held,
+                }
+                buf = []
+            buf.append(para)
         if buf:
-            yield {"text": buf, "domain": "prose", "source": f"pydoc_data:{name}", "held_out": held}
+            yield {
+                "text": "\n\n".join(buf),
+                "domain": "prose",
+                "source": f"pydoc_data:{name}",
+                "held_out": held,
+            }
 
 
 # --- math: seeded arithmetic -----------------------------------------------------------------
@@ -320,10 +347,12 @@ def build_corpus(
         counts[domain] = {
             "train_records": len(dom_train),
             "train_chars": sum(len(r["text"]) for r in dom_train),
-            "sample_records": len(dom_sample),
         }
+    # Safety net: no sample record may repeat a training record verbatim.
     train_texts = {r["text"] for r in train}
     sample = [r for r in sample if r["text"] not in train_texts]
+    for domain in DOMAINS:
+        counts[domain]["sample_records"] = sum(r["domain"] == domain for r in sample)
     rng.shuffle(train)
 
     for path, rows in ((train_path, train), (sample_path, sample)):
