@@ -11,6 +11,7 @@ from routescope.errors import RouteScopeError, RunFormatError, UnsupportedModelE
 __version__ = "0.1.0"
 
 from routescope.analysis import Run, open_run
+from routescope.analysis.compare import compare as compare
 from routescope.capture import Recorder, RunExistsError, find_routers, record
 from routescope.capture.activations import classify_super_experts, find_super_experts
 from routescope.capture.pruning import prune_experts

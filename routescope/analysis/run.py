@@ -14,6 +14,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from routescope.analysis import metrics
 from routescope.analysis.database import create_views
 from routescope.errors import RunFormatError
 from routescope.store.layout import list_parts, list_tables
@@ -73,6 +74,56 @@ class Run:
     def sql(self, query: str, params: dict[str, Any] | list[Any] | None = None) -> pd.DataFrame:
         """Run SQL over the run's views and return a DataFrame; values go in `params`."""
         return self.con.execute(query, params).df()
+
+    # -- metrics (SPEC 4; each delegates to routescope.analysis.metrics) ----------------
+    # `where` is a SQL predicate over the tokens view, e.g. "phase = 'prefill'".
+    def expert_load(self, where: str | None = None) -> pd.DataFrame:
+        """layer, expert, tokens, share: routing rows per expert, zero-load experts included."""
+        return metrics.expert_load(self, where=where)
+
+    def balance(self, where: str | None = None, aux_loss: bool | None = None) -> pd.DataFrame:
+        """Per MoE layer: num_experts, tokens, cv, max_violation, balancedness, norm_entropy (+ aux_loss)."""
+        return metrics.balance(self, where=where, aux_loss=aux_loss)
+
+    def dead_experts(self, max_share: float = 0.0, where: str | None = None) -> pd.DataFrame:
+        """layer, expert, tokens, share, tokens_seen, p_uniform_miss for experts with share <= max_share."""
+        return metrics.dead_experts(self, max_share=max_share, where=where)
+
+    def hot_experts(self, factor: float = 2.0, where: str | None = None) -> pd.DataFrame:
+        """layer, expert, tokens, share, ratio for experts with share >= factor / E."""
+        return metrics.hot_experts(self, factor=factor, where=where)
+
+    def coactivation(self, layer: int, where: str | None = None) -> pd.DataFrame:
+        """expert_a, expert_b, count, p_b_given_a for experts chosen together in `layer`."""
+        return metrics.coactivation(self, layer, where=where)
+
+    def entanglement(self, where: str | None = None, seed: int = 0) -> pd.DataFrame:
+        """Per consecutive MoE layer pair: mutual information of slot-0 experts and its baseline."""
+        return metrics.entanglement(self, where=where, seed=seed)
+
+    def transition(self, layer: int, next_layer: int, where: str | None = None) -> pd.DataFrame:
+        """expert_a, expert_b, count, p_b_given_a: slot-0 co-routing between two MoE layers."""
+        return metrics.transition(self, layer, next_layer, where=where)
+
+    def pathways(self, top: int = 20, where: str | None = None) -> pd.DataFrame:
+        """path, count, share: the most frequent slot-0 expert paths through all MoE layers."""
+        return metrics.pathways(self, top=top, where=where)
+
+    def specialization(self, by: str, where: str | None = None) -> pd.DataFrame:
+        """<by>, layer, expert, tokens, share, lift per value of the label `by`."""
+        return metrics.specialization(self, by, where=where)
+
+    def vocab_specialization(self, where: str | None = None, min_occurrences: int = 1) -> pd.DataFrame:
+        """layer, token_id, occurrences, top_expert, top_share, baseline, lift."""
+        return metrics.vocab_specialization(self, where=where, min_occurrences=min_occurrences)
+
+    def repetition_rate(self, where: str | None = None) -> pd.DataFrame:
+        """layer, pairs, repeats, repetition_rate, baseline (1/E), marginal_baseline."""
+        return metrics.repetition_rate(self, where=where)
+
+    def expert_activations(self) -> pd.DataFrame:
+        """layer, expert, shared, max_abs_output, channel, tokens_seen from the Super Experts calibration."""
+        return metrics.expert_activations(self)
 
     def close(self) -> None:
         self.con.close()

@@ -1,0 +1,216 @@
+"""`routescope.compare(run_a, run_b)`: what changed in routing between two runs.
+
+Per layer and expert the load and share deltas, per layer the balance metrics of both runs
+and their change, the experts that died or became hot, and router saturation (OLMoE): how
+many of a token's top-k experts stay the same for the same token in both runs. Run B's
+Parquet parts are read inside run A's DuckDB connection, so no table is copied.
+Used by the `compare` command of the CLI and by notebooks.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from routescope.analysis import metrics
+from routescope.analysis.run import Run, open_run
+from routescope.store.layout import list_parts
+
+BALANCE_METRICS = ("cv", "max_violation", "balancedness", "norm_entropy", "aux_loss")
+CHANGES = ("died", "revived", "became_hot", "cooled")
+
+
+@dataclass
+class Comparison:
+    """The result of `compare`: DataFrames keyed by layer (and expert), B minus A in `*_delta`."""
+
+    run_a: str
+    run_b: str
+    load: pd.DataFrame  # layer, expert, tokens_a, tokens_b, tokens_delta, share_a, share_b, share_delta
+    balance: pd.DataFrame  # layer, then <metric>_a, <metric>_b, <metric>_delta per balance metric
+    expert_changes: pd.DataFrame  # layer, expert, change, share_a, share_b
+    saturation: pd.DataFrame  # layer, top_k, tokens_matched, saturation, top1_agreement
+    notes: list[str] = field(default_factory=list)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {
+            "balance": self.balance,
+            "expert_changes": self.expert_changes,
+            "saturation": self.saturation,
+            "load": self.load,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready document (NaN becomes None)."""
+        return {
+            "run_a": self.run_a,
+            "run_b": self.run_b,
+            "notes": list(self.notes),
+            **{name: records(df) for name, df in self.tables().items()},
+        }
+
+    def __repr__(self) -> str:
+        changes = self.expert_changes["change"].value_counts().to_dict() if len(self.expert_changes) else {}
+        sat = self.saturation["saturation"].mean() if len(self.saturation) else math.nan
+        return (
+            f"Comparison({self.run_a!r} -> {self.run_b!r}: {len(self.balance)} layers, "
+            f"expert changes {changes or 'none'}, mean saturation {sat:.3f})"
+        )
+
+    def _repr_html_(self) -> str:
+        parts = [f"<h4>routescope compare: {html.escape(self.run_a)} → {html.escape(self.run_b)}</h4>"]
+        parts += [f"<p>{html.escape(note)}</p>" for note in self.notes]
+        for name, df in self.tables().items():
+            if name == "load":
+                continue
+            parts.append(f"<h5>{html.escape(name.replace('_', ' '))}</h5>")
+            parts.append(df.to_html(index=False, max_rows=24, float_format=lambda v: f"{v:.4g}"))
+        return "\n".join(parts)
+
+
+def records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """DataFrame rows as plain Python values, NaN as None (for JSON)."""
+    out = []
+    for row in df.to_dict(orient="records"):
+        clean = {}
+        for key, value in row.items():
+            if hasattr(value, "tolist"):
+                value = value.tolist()
+            if isinstance(value, float) and math.isnan(value):
+                value = None
+            clean[str(key)] = value
+        out.append(clean)
+    return out
+
+
+def _open(run: Run | str | Path) -> tuple[Run, bool]:
+    if isinstance(run, Run):
+        return run, False
+    return open_run(run), True
+
+
+def load_delta(load_a: pd.DataFrame, load_b: pd.DataFrame) -> pd.DataFrame:
+    df = load_a.merge(load_b, on=["layer", "expert"], how="outer", suffixes=("_a", "_b"))
+    df = df.fillna({"tokens_a": 0, "tokens_b": 0}).astype({"tokens_a": "int64", "tokens_b": "int64"})
+    df["tokens_delta"] = df["tokens_b"] - df["tokens_a"]
+    df["share_delta"] = df["share_b"] - df["share_a"]
+    cols = ["layer", "expert", "tokens_a", "tokens_b", "tokens_delta", "share_a", "share_b", "share_delta"]
+    return df[cols].sort_values(["layer", "expert"], ignore_index=True)
+
+
+def balance_delta(bal_a: pd.DataFrame, bal_b: pd.DataFrame) -> pd.DataFrame:
+    names = [m for m in BALANCE_METRICS if m in bal_a.columns and m in bal_b.columns]
+    df = bal_a[["layer", "tokens", *names]].merge(
+        bal_b[["layer", "tokens", *names]], on="layer", how="outer", suffixes=("_a", "_b")
+    )
+    cols = ["layer", "tokens_a", "tokens_b"]
+    for name in names:
+        df[f"{name}_delta"] = df[f"{name}_b"] - df[f"{name}_a"]
+        cols += [f"{name}_a", f"{name}_b", f"{name}_delta"]
+    return df[cols].sort_values("layer", ignore_index=True)
+
+
+def expert_changes(
+    load: pd.DataFrame, dead_a: pd.DataFrame, dead_b: pd.DataFrame, hot_a: pd.DataFrame, hot_b: pd.DataFrame
+) -> pd.DataFrame:
+    """Experts dead or hot in exactly one of the runs, named by what happened from A to B."""
+
+    def keys(df: pd.DataFrame) -> set[tuple[int, int]]:
+        return {(int(r.layer), int(r.expert)) for r in df.itertuples()}
+
+    sets = {
+        "died": keys(dead_b) - keys(dead_a),
+        "revived": keys(dead_a) - keys(dead_b),
+        "became_hot": keys(hot_b) - keys(hot_a),
+        "cooled": keys(hot_a) - keys(hot_b),
+    }
+    rows = [(layer, expert, change) for change in CHANGES for layer, expert in sets[change]]
+    changes = pd.DataFrame(rows, columns=["layer", "expert", "change"])
+    shares = load[["layer", "expert", "share_a", "share_b"]].astype({"layer": "int64", "expert": "int64"})
+    out = changes.astype({"layer": "int64", "expert": "int64"}).merge(
+        shares, on=["layer", "expert"], how="left"
+    )
+    return out.sort_values(["layer", "expert", "change"], ignore_index=True)
+
+
+def router_saturation(run_a: Run, run_b: Run, where: str | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Per common MoE layer: mean |topk_A ∩ topk_B| / k over tokens with equal (seq_id, pos, token_id)."""
+    notes = []
+    layers = [layer for layer in run_a.moe_layers if layer in set(run_b.moe_layers)]
+    skipped = set(run_b.skipped)
+    files = {
+        t: [str(p) for p in list_parts(run_b.path, t) if p not in skipped] for t in ("tokens", "routing")
+    }
+    empty = pd.DataFrame(columns=["layer", "top_k", "tokens_matched", "saturation", "top1_agreement"])
+    if not layers:
+        return empty, ["the runs share no MoE layer: no router saturation"]
+    if not files["tokens"] or not files["routing"]:
+        return empty, [f"{run_b.path} has no tokens or routing parts yet: no router saturation"]
+    top_k = [min(run_a.top_k(layer), run_b.top_k(layer)) for layer in layers]
+    if any(run_a.top_k(layer) != run_b.top_k(layer) for layer in layers):
+        notes.append("top-k differs between the runs: saturation divides by the smaller k")
+    layer_values = {
+        "layers": layers,
+        "num_experts": [run_a.num_experts(layer) for layer in layers],
+        "top_k": top_k,
+    }
+    df = metrics.query(
+        run_a,
+        "router_saturation",
+        where=where,
+        layers=layer_values,
+        b_tokens=files["tokens"],
+        b_routing=files["routing"],
+    )
+    if len(df) and int(df["tokens_matched"].iloc[0]) == 0:
+        notes.append(
+            "no token appears in both runs with the same (seq_id, pos, token_id): saturation is undefined"
+        )
+    return df, notes
+
+
+def compare(
+    run_a: Run | str | Path,
+    run_b: Run | str | Path,
+    where: str | None = None,
+    hot_factor: float = 2.0,
+    max_share: float = 0.0,
+) -> Comparison:
+    """Compare run B against run A (paths or open Runs); `where` filters the tokens of both."""
+    a, close_a = _open(run_a)
+    try:
+        b, close_b = _open(run_b)
+        try:
+            notes = []
+            if a.moe_layers != b.moe_layers:
+                notes.append(f"MoE layers differ: A {a.moe_layers}, B {b.moe_layers}")
+            for layer in set(a.moe_layers) & set(b.moe_layers):
+                if a.num_experts(layer) != b.num_experts(layer):
+                    notes.append(
+                        f"layer {layer}: A has {a.num_experts(layer)} experts, B {b.num_experts(layer)}"
+                    )
+            for run, name in ((a, "A"), (b, "B")):
+                if not run.complete:
+                    notes.append(f"run {name} ({run.path}) is INCOMPLETE: still recording or crashed")
+            load = load_delta(a.expert_load(where=where), b.expert_load(where=where))
+            balance = balance_delta(a.balance(where=where), b.balance(where=where))
+            changes = expert_changes(
+                load,
+                a.dead_experts(max_share=max_share, where=where),
+                b.dead_experts(max_share=max_share, where=where),
+                a.hot_experts(factor=hot_factor, where=where),
+                b.hot_experts(factor=hot_factor, where=where),
+            )
+            saturation, more = router_saturation(a, b, where=where)
+            return Comparison(str(a.path), str(b.path), load, balance, changes, saturation, notes + more)
+        finally:
+            if close_b:
+                b.close()
+    finally:
+        if close_a:
+            a.close()

@@ -1,0 +1,365 @@
+"""Routing-health metrics (SPEC section 4): each takes a Run plus parameters, returns a DataFrame.
+
+The SQL lives in `queries/*.sql`; this module checks arguments, binds parameters and stacks
+the named queries as CTEs. `Run`'s metric methods delegate here; `METRICS` lists them so
+they can be looped over (tests, reports). The one piece of user text that enters SQL is
+the `where=` predicate, composed as `SELECT * FROM tokens WHERE (<where>)`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from routescope.analysis.sqlfiles import Cte, compose, get_query
+
+if TYPE_CHECKING:
+    from routescope.analysis.run import Run
+
+# The only place user text enters SQL: a notebook-style filter over the tokens view.
+WHERE_TEMPLATE = "SELECT * FROM tokens WHERE ({where})"
+ROUTER_STATS_HINT = "record the run with rs.record(..., router_stats=True)"
+# DuckDB errors that a bad `where=` can raise while the query runs (after it bound).
+_RUNTIME_WHERE_ERRORS = (duckdb.ConversionException, duckdb.InvalidInputException, duckdb.OutOfRangeException)
+
+
+# -- arguments --------------------------------------------------------------------------
+def check_layer(run: Run, layer: Any) -> int:
+    """`layer` as an int when it is one of the run's MoE layers, else ValueError listing them."""
+    layers = run.moe_layers
+    try:
+        value = int(layer)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value != layer or value not in layers:
+        raise ValueError(f"layer {layer!r} is not a MoE layer of this run; MoE layers: {layers}")
+    return value
+
+
+def check_label(run: Run, label: Any) -> str:
+    if label not in run.labels:
+        allowed = ", ".join(run.labels) or "none: the run was recorded without labels"
+        raise ValueError(f"{label!r} is not a label of this run; labels: {allowed}")
+    return str(label)
+
+
+def _duckdb_message(exc: BaseException) -> str:
+    """DuckDB's message on one line, without the caret lines that point into the composed SQL."""
+    lines = [ln.strip() for ln in str(exc).splitlines()]
+    keep = []
+    for ln in lines:
+        if ln.startswith("LINE ") or (ln and set(ln) <= {"^", " "}):
+            break
+        if ln:
+            keep.append(ln)
+    return " ".join(keep)
+
+
+def check_where(run: Run, where: str | None) -> str | None:
+    """None for no filter; the predicate when DuckDB can parse and bind it over `tokens`."""
+    if where is None:
+        return None
+    if not isinstance(where, str):
+        raise ValueError(
+            f"where must be a SQL predicate string over the tokens view, not {type(where).__name__}"
+        )
+    if not where.strip():
+        return None
+    selection = WHERE_TEMPLATE.format(where=where)
+    try:
+        if len(duckdb.extract_statements(selection)) != 1:
+            raise ValueError(
+                f"invalid where clause {where!r}: it must be one predicate, not several statements"
+            )
+        run.con.execute(f"SELECT seq_id, pos FROM ({selection}) LIMIT 0").fetchall()
+    except duckdb.Error as exc:
+        raise ValueError(f"invalid where clause {where!r}: {_duckdb_message(exc)}") from None
+    return where
+
+
+# -- composition ------------------------------------------------------------------------
+def layer_params(
+    run: Run, layers: Sequence[int] | Mapping[str, list[int]] | None = None
+) -> dict[str, list[int]]:
+    """The `layer_info` parameters: MoE layers with their E and k, from the manifest.
+
+    A mapping with keys layers, num_experts and top_k is taken as given (compare uses it).
+    """
+    if isinstance(layers, Mapping):
+        return {key: list(layers[key]) for key in ("layers", "num_experts", "top_k")}
+    layers = list(run.moe_layers if layers is None else layers)
+    return {
+        "layers": layers,
+        "num_experts": [run.num_experts(layer) for layer in layers],
+        "top_k": [run.top_k(layer) for layer in layers],
+    }
+
+
+def build_query(
+    name: str, where: str | None, uses: Sequence[str] = (), tables: Mapping[str, str] | None = None
+) -> tuple[str, frozenset[str]]:
+    """The SQL of query `name` behind the selection CTEs and the named CTEs in `uses` (in that
+    order), and the parameters it reads. `tables` maps a CTE name to a cached table that replaces it."""
+    tables = tables or {}
+    selection = get_query("all_tokens").sql if where is None else WHERE_TEMPLATE.format(where=where)
+    routing = get_query("all_routing" if where is None else "filtered_routing")
+    named = [get_query(u) for u in uses if u not in tables]
+    ctes = [
+        Cte("layer_info", get_query("layer_info").sql),
+        Cte("selected_tokens", selection, materialized=False),
+        Cte("selected_routing", routing.sql, materialized=False),
+        *(Cte(u, f"SELECT * FROM {tables[u]}" if u in tables else get_query(u).sql) for u in uses),
+    ]
+    body = get_query(name)
+    params = frozenset().union(
+        get_query("layer_info").params, routing.params, body.params, *(q.params for q in named)
+    )
+    return compose(body.sql, ctes), params
+
+
+def _bind(name: str, needed: frozenset[str], values: Mapping[str, Any]) -> dict[str, Any]:
+    missing = needed - set(values)
+    if missing:
+        raise KeyError(f"query {name!r} needs parameters {sorted(missing)}")
+    return {k: values[k] for k in needed}
+
+
+# Per Run: derived tables that several metrics share (the per-(layer, expert) counts), kept
+# as DuckDB temp tables while the run's views, the session variables a `where=` may read
+# (the dashboard binds filter values that way) and the manifest's layers stay the same.
+CACHED = ("expert_counts",)
+_CACHE: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+_TABLE_IDS = itertools.count()
+
+
+def _snapshot(run: Run, layers: Mapping[str, list[int]]) -> tuple:
+    views = run.con.execute(
+        "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal ORDER BY view_name"
+    ).fetchall()
+    variables = run.con.execute(
+        "SELECT name, value::VARCHAR FROM duckdb_variables() ORDER BY name"
+    ).fetchall()
+    return tuple(views), tuple(variables), tuple((k, tuple(v)) for k, v in sorted(layers.items()))
+
+
+def cached_table(run: Run, name: str, where: str | None, layers: Mapping[str, list[int]]) -> str:
+    """A temp table holding named query `name` over the selection, computed once per snapshot."""
+    snapshot = _snapshot(run, layers)
+    state = _CACHE.get(run)
+    if state is None or state["snapshot"] != snapshot:
+        for table in (state or {}).get("tables", {}).values():
+            run.con.execute(f"DROP TABLE IF EXISTS {table}")
+        state = {"snapshot": snapshot, "tables": {}}
+        _CACHE[run] = state
+    key = (name, where)
+    if key not in state["tables"]:
+        table = f"routescope_cache_{next(_TABLE_IDS)}"
+        sql, needed = build_query(name, where)
+        run.con.execute(f"CREATE TEMP TABLE {table} AS {sql}", _bind(name, needed, layers))
+        state["tables"][key] = table
+    return state["tables"][key]
+
+
+def query(
+    run: Run,
+    name: str,
+    *,
+    where: str | None = None,
+    uses: Sequence[str] = (),
+    layers: Sequence[int] | Mapping[str, list[int]] | None = None,
+    **params: Any,
+) -> pd.DataFrame:
+    """Run named query `name` over the tokens selected by `where`, binding `params` by name."""
+    where = check_where(run, where)
+    layer_values = layer_params(run, layers)
+    try:
+        tables = {u: cached_table(run, u, where, layer_values) for u in uses if u in CACHED}
+        sql, needed = build_query(name, where, uses, tables)
+        return run.con.execute(sql, _bind(name, needed, {**layer_values, **params})).df()
+    except _RUNTIME_WHERE_ERRORS as exc:
+        if where is None:
+            raise
+        raise ValueError(f"invalid where clause {where!r}: {_duckdb_message(exc)}") from None
+
+
+# -- load and balance (SPEC 4.1, 4.2) ---------------------------------------------------
+def expert_load(run: Run, where: str | None = None) -> pd.DataFrame:
+    """layer, expert, tokens, share: every expert of every MoE layer, zero-load ones included."""
+    return query(run, "expert_load", where=where, uses=("expert_counts",))
+
+
+def balance(run: Run, where: str | None = None, aux_loss: bool | None = None) -> pd.DataFrame:
+    """Per MoE layer: tokens, cv, max_violation, balancedness, norm_entropy (+ aux_loss).
+
+    aux_loss=None adds the column when the run has `router_stats`; True demands it. The
+    statistics are per forward step, so a `where=` that splits a step leaves aux_loss NaN
+    (True then raises).
+    """
+    df = query(run, "balance", where=where, uses=("expert_counts",))
+    recorded = run.has_table("router_stats")
+    if aux_loss is None:
+        aux_loss, demanded = recorded, False
+    else:
+        demanded = bool(aux_loss)
+    if not aux_loss:
+        return df
+    if not recorded:
+        raise ValueError(f"aux_loss needs the router_stats table, which this run lacks: {ROUTER_STATS_HINT}")
+    where = check_where(run, where)
+    partial = 0 if where is None else int(query(run, "step_coverage", where=where)["partial_steps"].iloc[0])
+    if partial:
+        if demanded:
+            raise ValueError(
+                f"aux_loss cannot follow where={where!r}: it selects part of {partial} forward step(s), "
+                "and router_stats are summed per step (filter whole steps, e.g. by phase, step or a label)"
+            )
+        return df.assign(aux_loss=math.nan)
+    aux = query(run, "aux_loss", where=where)
+    return df.merge(aux, on="layer", how="left")
+
+
+def dead_experts(run: Run, max_share: float = 0.0, where: str | None = None) -> pd.DataFrame:
+    """Experts with share <= max_share, with tokens_seen T and p_uniform_miss = (1 − k/E)^T."""
+    if not 0.0 <= float(max_share) <= 1.0:
+        raise ValueError(f"max_share must lie in [0, 1], got {max_share}")
+    return query(run, "dead_experts", where=where, uses=("expert_counts",), max_share=float(max_share))
+
+
+def hot_experts(run: Run, factor: float = 2.0, where: str | None = None) -> pd.DataFrame:
+    """Experts with share >= factor / E; ratio = share · E."""
+    if not float(factor) > 0:
+        raise ValueError(f"factor must be positive (a multiple of the uniform share 1/E), got {factor}")
+    return query(run, "hot_experts", where=where, uses=("expert_counts",), factor=float(factor))
+
+
+# -- co-activation and entanglement (SPEC 4.3, 4.4) ------------------------------------
+def coactivation(run: Run, layer: int, where: str | None = None) -> pd.DataFrame:
+    """expert_a, expert_b, count, p_b_given_a over every ordered pair of distinct experts of `layer`."""
+    return query(run, "coactivation", where=where, layer=check_layer(run, layer))
+
+
+def permute_pairs(counts: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The pair counts after a seeded random permutation of B across the tokens of each layer pair.
+
+    Tokens are expanded from the counts in their sorted order, so the result depends only on
+    the counts and the seed.
+    """
+    frames = []
+    for (layer, next_layer), grp in counts.groupby(["layer", "next_layer"], sort=True):
+        grp = grp.sort_values(["expert_a", "expert_b"])
+        n = grp["count"].to_numpy(dtype=np.int64)
+        a = np.repeat(grp["expert_a"].to_numpy(dtype=np.int64), n)
+        b = np.repeat(grp["expert_b"].to_numpy(dtype=np.int64), n)
+        rng = np.random.default_rng([int(seed), int(layer), int(next_layer)])
+        b = b[rng.permutation(len(b))]
+        width = int(b.max()) + 1 if len(b) else 1
+        joint = np.bincount(a * width + b, minlength=width)
+        keys = np.flatnonzero(joint)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "layer": layer,
+                    "next_layer": next_layer,
+                    "expert_a": keys // width,
+                    "expert_b": keys % width,
+                    "count": joint[keys],
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True) if frames else counts.iloc[:0]
+
+
+def pair_counts_table(observed: pd.DataFrame, permuted: pd.DataFrame) -> pa.Table:
+    cols = ["layer", "next_layer", "expert_a", "expert_b", "count"]
+    both = pd.concat(
+        [observed[cols].assign(sample=0), permuted[cols].assign(sample=1)], ignore_index=True
+    ).astype(
+        {"layer": "int64", "next_layer": "int64", "expert_a": "int64", "expert_b": "int64", "count": "int64"}
+    )
+    return pa.Table.from_pandas(both, preserve_index=False)
+
+
+def entanglement(run: Run, where: str | None = None, seed: int = 0) -> pd.DataFrame:
+    """Per consecutive pair of MoE layers: MI of the slot-0 experts, normalized, H(B|A),
+    top-1 predictability and the MI of a seeded permutation of B (`baseline_mutual_info_bits`)."""
+    observed = query(run, "top1_pair_counts", where=where, uses=("top1_paths",))
+    table = pair_counts_table(observed, permute_pairs(observed, seed))
+    info = get_query("pair_information")
+    df = run.con.from_arrow(table).query("pair_counts", info.sql).df()
+    layers = sorted(run.moe_layers)
+    pairs = pd.DataFrame({"layer": layers[:-1], "next_layer": layers[1:]}, dtype="int16")
+    out = pairs.merge(
+        df.astype({"layer": "int16", "next_layer": "int16"}), on=["layer", "next_layer"], how="left"
+    )
+    return out.astype({"tokens": "float64"}).fillna({"tokens": 0}).astype({"tokens": "int64"})
+
+
+def transition(run: Run, layer: int, next_layer: int, where: str | None = None) -> pd.DataFrame:
+    """Full co-routing matrix of slot-0 experts between two MoE layers: expert_a, expert_b, count, p_b_given_a."""
+    layer, next_layer = check_layer(run, layer), check_layer(run, next_layer)
+    return query(run, "transition", where=where, layer=layer, next_layer=next_layer)
+
+
+def pathways(run: Run, top: int = 20, where: str | None = None) -> pd.DataFrame:
+    """The `top` most frequent slot-0 expert paths through all MoE layers: path, count, share."""
+    if int(top) != top or int(top) < 1:
+        raise ValueError(f"top must be a positive integer, got {top!r}")
+    df = query(run, "pathways", where=where, uses=("top1_paths",), top=int(top))
+    df["path"] = [[int(e) for e in p] for p in df["path"]]
+    return df
+
+
+# -- specialization (SPEC 4.5) ----------------------------------------------------------
+def specialization(run: Run, by: str, where: str | None = None) -> pd.DataFrame:
+    """<by>, layer, expert, tokens, share, lift: each label value's load and its lift over 1/E."""
+    label = check_label(run, by)
+    df = query(run, "specialization", where=where, label=label)
+    return df.rename(columns={"label_value": label})
+
+
+def vocab_specialization(run: Run, where: str | None = None, min_occurrences: int = 1) -> pd.DataFrame:
+    """Per layer and token id: occurrences, top_expert, top_share (OLMoE), baseline k/E, lift."""
+    if int(min_occurrences) < 1:
+        raise ValueError(f"min_occurrences must be >= 1, got {min_occurrences}")
+    return query(run, "vocab_specialization", where=where, min_occurrences=int(min_occurrences))
+
+
+def repetition_rate(run: Run, where: str | None = None) -> pd.DataFrame:
+    """Per layer: consecutive token pairs, repeats of the slot-0 expert, rate, baseline 1/E, Σ p_e²."""
+    return query(run, "repetition_rate", where=where, uses=("top1_paths",))
+
+
+# -- Super Experts (SPEC 4.6) -----------------------------------------------------------
+def expert_activations(run: Run) -> pd.DataFrame:
+    """The calibration table per (layer, expert, shared): max_abs_output, channel, tokens_seen.
+
+    `rs.classify_super_experts(df, num_hidden_layers)` adds `is_super`.
+    """
+    if not run.has_table("expert_activations"):
+        raise ValueError("this run has no expert_activations table: calibrate with rs.find_super_experts(...)")
+    return query(run, "expert_activations")
+
+
+Metric = Callable[..., pd.DataFrame]
+
+METRICS: dict[str, Metric] = {
+    "expert_load": expert_load,
+    "balance": balance,
+    "dead_experts": dead_experts,
+    "hot_experts": hot_experts,
+    "coactivation": coactivation,
+    "entanglement": entanglement,
+    "transition": transition,
+    "pathways": pathways,
+    "specialization": specialization,
+    "vocab_specialization": vocab_specialization,
+    "repetition_rate": repetition_rate,
+}

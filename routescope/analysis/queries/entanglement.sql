@@ -1,0 +1,167 @@
+-- Co-activation within a layer (SPEC 4.3) and top-1 routing across layers (SPEC 4.4).
+
+-- name: coactivation
+-- Ordered pairs of distinct experts chosen for the same token in layer $layer: count(a, b) and P(b | a) = count / L_a.
+WITH chosen AS (
+    SELECT seq_id, pos, slot, expert FROM selected_routing WHERE layer = $layer
+),
+pairs AS (
+    SELECT a.expert AS expert_a, b.expert AS expert_b, count(*) AS n
+    FROM chosen a
+    JOIN chosen b ON b.seq_id = a.seq_id AND b.pos = a.pos AND b.slot <> a.slot
+    GROUP BY a.expert, b.expert
+),
+loads AS (
+    SELECT expert, count(*) AS n FROM chosen GROUP BY expert
+),
+experts AS (
+    SELECT unnest(range(num_experts))::SMALLINT AS expert FROM layer_info WHERE layer = $layer
+)
+SELECT
+    a.expert AS expert_a,
+    b.expert AS expert_b,
+    coalesce(p.n, 0)::BIGINT AS count,
+    coalesce(p.n, 0) / nullif(l.n, 0) AS p_b_given_a
+FROM experts a
+JOIN experts b ON b.expert <> a.expert
+LEFT JOIN pairs p ON p.expert_a = a.expert AND p.expert_b = b.expert
+LEFT JOIN loads l ON l.expert = a.expert
+ORDER BY expert_a, expert_b
+
+-- name: top1_paths
+-- Per selected token with a slot-0 row in every MoE layer: seq_id, pos and its slot-0 experts in MoE-layer order.
+SELECT seq_id, pos, path
+FROM (
+    -- sorting packed (layer, expert) values is cheaper than an ordered list aggregate
+    SELECT
+        seq_id,
+        pos,
+        list_transform(list_sort(list(layer::INTEGER * 65536 + expert)), lambda x: (x % 65536)::SMALLINT) AS path
+    FROM selected_routing
+    WHERE slot = 0 AND layer IN (SELECT layer FROM layer_info)
+    GROUP BY seq_id, pos
+)
+WHERE len(path) = (SELECT count(*) FROM layer_info)
+
+-- name: top1_pair_counts
+-- Tokens per (slot-0 expert A at a MoE layer, slot-0 expert B at the next MoE layer), all consecutive pairs.
+WITH ordered AS (
+    SELECT layer, lead(layer) OVER (ORDER BY layer) AS next_layer, row_number() OVER (ORDER BY layer) AS idx
+    FROM layer_info
+),
+steps AS (
+    SELECT
+        unnest(range(1, len(path))) AS idx,
+        unnest(path[1:len(path) - 1]) AS expert_a,
+        unnest(path[2:len(path)]) AS expert_b
+    FROM top1_paths
+),
+pairs AS (
+    SELECT idx, expert_a, expert_b, count(*) AS count FROM steps GROUP BY idx, expert_a, expert_b
+)
+SELECT o.layer, o.next_layer, p.expert_a, p.expert_b, p.count
+FROM pairs p
+JOIN ordered o USING (idx)
+ORDER BY o.layer, p.expert_a, p.expert_b
+
+-- name: pair_information
+-- Per layer pair of `pair_counts` (sample 0 observed, 1 permuted): plug-in MI, H(A), H(B), H(B|A), top-1 predictability.
+WITH counts AS (
+    SELECT sample, layer, next_layer, expert_a, expert_b, count::DOUBLE AS n
+    FROM pair_counts
+    WHERE count > 0
+),
+totals AS (
+    SELECT sample, layer, next_layer, sum(n) AS n FROM counts GROUP BY ALL
+),
+margin_a AS (
+    SELECT sample, layer, next_layer, expert_a, sum(n) AS n, max(n) AS best FROM counts GROUP BY ALL
+),
+margin_b AS (
+    SELECT sample, layer, next_layer, expert_b, sum(n) AS n FROM counts GROUP BY ALL
+),
+mutual AS (
+    SELECT c.sample, c.layer, c.next_layer, sum(c.n / t.n * log2(c.n * t.n / (a.n * b.n))) AS mi
+    FROM counts c
+    JOIN totals t USING (sample, layer, next_layer)
+    JOIN margin_a a USING (sample, layer, next_layer, expert_a)
+    JOIN margin_b b USING (sample, layer, next_layer, expert_b)
+    GROUP BY ALL
+),
+entropy_a AS (
+    SELECT a.sample, a.layer, a.next_layer, 0.0 - sum(a.n / t.n * log2(a.n / t.n)) AS h, sum(a.best) / any_value(t.n) AS predictability
+    FROM margin_a a JOIN totals t USING (sample, layer, next_layer)
+    GROUP BY ALL
+),
+entropy_b AS (
+    SELECT b.sample, b.layer, b.next_layer, 0.0 - sum(b.n / t.n * log2(b.n / t.n)) AS h
+    FROM margin_b b JOIN totals t USING (sample, layer, next_layer)
+    GROUP BY ALL
+),
+info AS (
+    SELECT
+        t.sample,
+        t.layer,
+        t.next_layer,
+        t.n::BIGINT AS tokens,
+        greatest(m.mi, 0.0) AS mutual_info_bits,
+        ha.h AS entropy_a_bits,
+        hb.h AS entropy_b_bits,
+        ha.predictability AS top1_predictability
+    FROM totals t
+    JOIN mutual m USING (sample, layer, next_layer)
+    JOIN entropy_a ha USING (sample, layer, next_layer)
+    JOIN entropy_b hb USING (sample, layer, next_layer)
+)
+SELECT
+    o.layer,
+    o.next_layer,
+    o.tokens,
+    o.mutual_info_bits,
+    CASE WHEN o.entropy_b_bits > 0 THEN o.mutual_info_bits / o.entropy_b_bits ELSE 0.0 END AS norm_mutual_info,
+    greatest(o.entropy_b_bits - o.mutual_info_bits, 0.0) AS cond_entropy_bits,
+    o.top1_predictability,
+    p.mutual_info_bits AS baseline_mutual_info_bits,
+    o.entropy_a_bits,
+    o.entropy_b_bits
+FROM info o
+LEFT JOIN info p ON p.sample = 1 AND p.layer = o.layer AND p.next_layer = o.next_layer
+WHERE o.sample = 0
+ORDER BY o.layer, o.next_layer
+
+-- name: transition
+-- Every (slot-0 expert a at $layer, slot-0 expert b at $next_layer) with its token count and P(b | a).
+WITH a AS (
+    SELECT seq_id, pos, expert FROM selected_routing WHERE layer = $layer AND slot = 0
+),
+b AS (
+    SELECT seq_id, pos, expert FROM selected_routing WHERE layer = $next_layer AND slot = 0
+),
+counts AS (
+    SELECT a.expert AS expert_a, b.expert AS expert_b, count(*) AS n
+    FROM a JOIN b ON b.seq_id = a.seq_id AND b.pos = a.pos
+    GROUP BY a.expert, b.expert
+),
+experts_a AS (
+    SELECT unnest(range(num_experts))::SMALLINT AS expert FROM layer_info WHERE layer = $layer
+),
+experts_b AS (
+    SELECT unnest(range(num_experts))::SMALLINT AS expert FROM layer_info WHERE layer = $next_layer
+),
+grid AS (
+    SELECT ea.expert AS expert_a, eb.expert AS expert_b, coalesce(c.n, 0)::BIGINT AS count
+    FROM experts_a ea
+    CROSS JOIN experts_b eb
+    LEFT JOIN counts c ON c.expert_a = ea.expert AND c.expert_b = eb.expert
+)
+SELECT expert_a, expert_b, count, count / nullif(sum(count) OVER (PARTITION BY expert_a), 0) AS p_b_given_a
+FROM grid
+ORDER BY expert_a, expert_b
+
+-- name: pathways
+-- The $top most frequent paths of slot-0 experts through all MoE layers, with token counts and shares.
+SELECT path, count(*) AS count, count(*) / sum(count(*)) OVER () AS share
+FROM top1_paths
+GROUP BY path
+ORDER BY count DESC, path
+LIMIT $top

@@ -1,0 +1,102 @@
+-- Specialization (SPEC 4.5): by label value, by token id (OLMoE), and the Mixtral repetition rate.
+
+-- name: specialization
+-- Per value of the label $label, layer and expert: L_e(D), share = L_e(D) / N(D) and lift = share · E.
+WITH labelled AS (
+    SELECT seq_id, pos, label_value
+    FROM (SELECT seq_id, pos, COLUMNS(lambda c: c = $label) AS label_value FROM selected_tokens)
+    WHERE label_value IS NOT NULL
+),
+counts AS (
+    SELECT t.label_value, r.layer, r.expert, count(*) AS n
+    FROM selected_routing r
+    JOIN labelled t USING (seq_id, pos)
+    GROUP BY ALL
+),
+label_values AS (
+    SELECT DISTINCT label_value FROM labelled
+),
+grid AS (
+    SELECT v.label_value, l.layer, l.num_experts, unnest(range(l.num_experts))::SMALLINT AS expert
+    FROM label_values v
+    CROSS JOIN layer_info l
+),
+loads AS (
+    SELECT g.label_value, g.layer, g.expert, g.num_experts, coalesce(c.n, 0)::BIGINT AS tokens
+    FROM grid g
+    LEFT JOIN counts c ON c.label_value = g.label_value AND c.layer = g.layer AND c.expert = g.expert
+),
+shares AS (
+    SELECT *, tokens / nullif(sum(tokens) OVER (PARTITION BY label_value, layer), 0) AS share FROM loads
+)
+SELECT label_value, layer, expert, tokens, share, share * num_experts AS lift
+FROM shares
+ORDER BY label_value, layer, expert
+
+-- name: vocab_specialization
+-- Per layer and token id with >= $min_occurrences: occurrences, top expert, its share of them, uniform k/E beside it.
+WITH counts AS (
+    SELECT r.layer, t.token_id, r.expert, count(*) AS n
+    FROM selected_routing r
+    JOIN selected_tokens t USING (seq_id, pos)
+    GROUP BY ALL
+),
+per_token AS (
+    SELECT
+        c.layer,
+        c.token_id,
+        sum(c.n) // any_value(l.top_k) AS occurrences,
+        first(c.expert ORDER BY c.n DESC, c.expert) AS top_expert,
+        max(c.n) AS top_count,
+        any_value(l.top_k) / any_value(l.num_experts) AS baseline
+    FROM counts c
+    JOIN layer_info l USING (layer)
+    GROUP BY c.layer, c.token_id
+)
+SELECT
+    layer,
+    token_id,
+    occurrences::BIGINT AS occurrences,
+    top_expert,
+    top_count / occurrences AS top_share,
+    baseline,
+    top_count / occurrences / baseline AS lift
+FROM per_token
+WHERE occurrences >= $min_occurrences
+ORDER BY layer, token_id
+
+-- name: repetition_rate
+-- Per MoE layer: consecutive token pairs of a sequence, how many share their slot-0 expert, rate, 1/E and Σ p_e² baselines.
+WITH ordered AS (
+    SELECT layer, num_experts, row_number() OVER (ORDER BY layer) AS idx FROM layer_info
+),
+neighbours AS (
+    SELECT unnest(range(1, len(a.path) + 1)) AS idx, unnest(a.path) AS expert_a, unnest(b.path) AS expert_b
+    FROM top1_paths a
+    JOIN top1_paths b ON b.seq_id = a.seq_id AND b.pos = a.pos + 1
+),
+pairs AS (
+    SELECT idx, count(*) AS pairs, count(*) FILTER (WHERE expert_a = expert_b) AS repeats
+    FROM neighbours
+    GROUP BY idx
+),
+top1 AS (
+    SELECT unnest(range(1, len(path) + 1)) AS idx, unnest(path) AS expert FROM top1_paths
+),
+shares AS (
+    SELECT idx, count(*) / sum(count(*)) OVER (PARTITION BY idx) AS p FROM top1 GROUP BY idx, expert
+),
+marginal AS (
+    SELECT idx, sum(p * p) AS baseline FROM shares GROUP BY idx
+)
+SELECT
+    o.layer,
+    coalesce(p.pairs, 0)::BIGINT AS pairs,
+    coalesce(p.repeats, 0)::BIGINT AS repeats,
+    p.repeats / nullif(p.pairs, 0) AS repetition_rate,
+    1.0 / o.num_experts AS baseline,
+    m.baseline AS marginal_baseline
+FROM ordered o
+LEFT JOIN pairs p USING (idx)
+LEFT JOIN marginal m USING (idx)
+ORDER BY o.layer

@@ -1,0 +1,15 @@
+-- The Super Experts calibration table (SPEC 4.6); classification lives in
+-- routescope.capture.activations.classify_super_experts, the one place of its thresholds.
+
+-- name: expert_activations
+-- Per (layer, expert, shared), over all calibration parts: max |down-proj output|, its channel, tokens seen.
+SELECT
+    layer,
+    expert,
+    shared,
+    max(max_abs_output) AS max_abs_output,
+    arg_max(channel, max_abs_output) AS channel,
+    sum(tokens_seen)::BIGINT AS tokens_seen
+FROM expert_activations
+GROUP BY layer, expert, shared
+ORDER BY layer, expert, shared
