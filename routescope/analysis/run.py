@@ -16,6 +16,7 @@ import pandas as pd
 
 from routescope.analysis import metrics
 from routescope.analysis.database import create_views
+from routescope.analysis.display import run_html
 from routescope.errors import RunFormatError
 from routescope.store.layout import list_parts, list_tables
 from routescope.store.manifest import read_manifest
@@ -133,6 +134,9 @@ class Run:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _repr_html_(self) -> str:
+        return run_html(self)
 
     def __repr__(self) -> str:
         m = self.manifest
