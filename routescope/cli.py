@@ -1,0 +1,343 @@
+"""The `routescope` command line: `routescope <command> [options]` (SPEC section 5).
+
+COMMANDS maps each command name to (add_arguments, run): add_arguments fills the command's
+argparse sub-parser, run takes the parsed namespace and returns the exit code. Add a
+command by adding one entry. Bad input (RouteScopeError, ValueError, FileNotFoundError, a
+usage error) ends with one line on stderr, `routescope: error: ...`, and exit code 2.
+The commands here only call the public API (`rs.open_run`, Run methods, `rs.compare`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import pandas as pd
+
+from routescope.errors import RouteScopeError
+
+AddArguments = Callable[[argparse.ArgumentParser], None]
+RunCommand = Callable[[argparse.Namespace], int]
+PROG = "routescope"
+TABLE_ROWS = 20  # rows of a long table printed before "… N more"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+@contextmanager
+def status(message: str) -> Iterator[None]:
+    """A spinner on stderr while long work runs (plain and silent when stderr is not a terminal)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield
+        return
+    with console.status(message):
+        yield
+
+
+# -- report ---------------------------------------------------------------------------
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN", help="run directory")
+    parser.add_argument("--where", help="SQL predicate over the tokens view, e.g. \"phase = 'prefill'\"")
+    parser.add_argument(
+        "--hot-factor", type=float, default=2.0, help="hot: share >= factor / E (default 2.0)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+
+
+def collect_report(run: Any, where: str | None = None, hot_factor: float = 2.0) -> dict[str, Any]:
+    """Everything `report` shows, as manifest facts and DataFrames."""
+    import routescope as rs
+
+    m = run.manifest
+    facts = {
+        "path": str(run.path),
+        "model_type": m.get("model_type"),
+        "model_name": m.get("model_name"),
+        "num_hidden_layers": m.get("num_hidden_layers"),
+        "moe_layers": run.moe_layers,
+        "num_experts": sorted({run.num_experts(layer) for layer in run.moe_layers}),
+        "top_k": sorted({run.top_k(layer) for layer in run.moe_layers}),
+        "labels": run.labels,
+        "tokens": m.get("tokens"),
+        "complete": run.complete,
+        "where": where,
+    }
+    report: dict[str, Any] = {
+        "run": facts,
+        "balance": run.balance(where=where),
+        "dead_experts": run.dead_experts(where=where),
+        "hot_experts": run.hot_experts(factor=hot_factor, where=where),
+        "entanglement": run.entanglement(where=where),
+        "super_experts": None,
+    }
+    if run.has_table("expert_activations"):
+        acts = run.expert_activations()
+        classified = rs.classify_super_experts(acts, int(m.get("num_hidden_layers") or 0))
+        report["super_experts"] = classified[classified["is_super"]].reset_index(drop=True)
+    return report
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def _table(title: str, df: pd.DataFrame, columns: list[str], empty: str) -> Any:
+    from rich.table import Table
+
+    cols = [c for c in columns if c in df.columns]
+    table = Table(title=title, title_justify="left", show_edge=False, header_style="bold")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("change", "path") else "right")
+    if df.empty:
+        return f"[bold]{title}[/bold]: {empty}"
+    for row in df[cols].head(TABLE_ROWS).itertuples(index=False):
+        table.add_row(*(_fmt(v.item() if hasattr(v, "item") else v) for v in row))
+    if len(df) > TABLE_ROWS:
+        table.caption = f"… {len(df) - TABLE_ROWS} more rows (use --json for all)"
+    return table
+
+
+def _incomplete_banner(path: str) -> Any:
+    from rich.panel import Panel
+
+    return Panel(
+        f"INCOMPLETE RUN: {path} is still being written, or its recording crashed.\n"
+        "The numbers below cover only the parts flushed so far.",
+        style="bold red",
+    )
+
+
+def output_console() -> Any:
+    """stdout console; wide when stdout is a file or pipe so tables are not truncated."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+def render_report_tables(report: dict[str, Any]) -> None:
+    console = output_console()
+    facts = report["run"]
+    if not facts["complete"]:
+        console.print(_incomplete_banner(facts["path"]))
+    console.print(
+        f"[bold]routescope report[/bold] {facts['path']}  model_type {facts['model_type']}  "
+        f"tokens {facts['tokens']}  MoE layers {len(facts['moe_layers'])}  experts {_fmt(facts['num_experts'])}  "
+        f"top-k {_fmt(facts['top_k'])}" + (f"  where: {facts['where']}" if facts["where"] else "")
+    )
+    balance_cols = [
+        "layer",
+        "num_experts",
+        "tokens",
+        "cv",
+        "max_violation",
+        "balancedness",
+        "norm_entropy",
+        "aux_loss",
+    ]
+    sections = [
+        ("Balance per MoE layer", report["balance"], balance_cols, "no MoE layer"),
+        (
+            "Dead experts (no token)",
+            report["dead_experts"],
+            ["layer", "expert", "tokens", "tokens_seen", "p_uniform_miss"],
+            "none",
+        ),
+        ("Hot experts", report["hot_experts"], ["layer", "expert", "tokens", "share", "ratio"], "none"),
+        (
+            "Cross-layer entanglement (slot-0 experts)",
+            report["entanglement"],
+            [
+                "layer",
+                "next_layer",
+                "mutual_info_bits",
+                "baseline_mutual_info_bits",
+                "norm_mutual_info",
+                "cond_entropy_bits",
+                "top1_predictability",
+            ],
+            "fewer than two MoE layers",
+        ),
+    ]
+    if report["super_experts"] is not None:
+        sections.append(
+            (
+                "Super Experts",
+                report["super_experts"],
+                ["layer", "expert", "shared", "max_abs_output", "channel", "tokens_seen"],
+                "none above both thresholds",
+            )
+        )
+    for title, df, cols, empty in sections:
+        console.print()
+        console.print(_table(title, df, cols, empty))
+    if not facts["complete"]:
+        console.print()
+        console.print("[bold red]INCOMPLETE RUN[/bold red]: see the warning at the top.")
+
+
+def render_report_json(report: dict[str, Any]) -> None:
+    from routescope.analysis.metrics import to_records
+
+    doc = {k: (to_records(v) if isinstance(v, pd.DataFrame) else v) for k, v in report.items()}
+    print(json.dumps(doc, indent=2, default=str))
+
+
+REPORT_RENDERERS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "table": render_report_tables,
+    "json": render_report_json,
+}
+
+
+def report_command(args: argparse.Namespace) -> int:
+    """Terminal summary of a run: balance, dead and hot experts, entanglement, Super Experts."""
+    import routescope as rs
+
+    with status(f"analysing {args.run} …"):
+        run = rs.open_run(args.run)
+        try:
+            report = collect_report(run, where=args.where, hot_factor=args.hot_factor)
+        finally:
+            run.close()
+    REPORT_RENDERERS["json" if args.json else "table"](report)
+    return 0
+
+
+# -- compare --------------------------------------------------------------------------
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_a", metavar="RUN_A", help="the reference run")
+    parser.add_argument("run_b", metavar="RUN_B", help="the run compared against it")
+    parser.add_argument("--where", help="SQL predicate over the tokens view, applied to both runs")
+    parser.add_argument(
+        "--hot-factor", type=float, default=2.0, help="hot: share >= factor / E (default 2.0)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+
+
+def render_compare_tables(result: Any) -> None:
+    console = output_console()
+    console.print(f"[bold]routescope compare[/bold] A {result.run_a}  →  B {result.run_b}")
+    for note in result.notes:
+        style = "bold red" if "INCOMPLETE" in note else "yellow"
+        console.print(f"[{style}]{note}[/{style}]")
+    bal_cols = ["layer", "tokens_a", "tokens_b", "cv_a", "cv_b", "cv_delta"]
+    bal_cols += [f"{name}_delta" for name in ("max_violation", "balancedness", "norm_entropy", "aux_loss")]
+    sections = [
+        ("Balance per MoE layer (delta = B − A)", result.balance, bal_cols, "no common layer"),
+        (
+            "Experts that changed state",
+            result.expert_changes,
+            ["layer", "expert", "change", "share_a", "share_b"],
+            "none",
+        ),
+        (
+            "Router saturation (same token in both runs)",
+            result.saturation,
+            ["layer", "top_k", "tokens_matched", "saturation", "top1_agreement"],
+            "no token in common",
+        ),
+    ]
+    biggest = result.load.reindex(result.load["share_delta"].abs().sort_values(ascending=False).index)
+    sections.append(
+        (
+            "Largest share changes",
+            biggest,
+            ["layer", "expert", "share_a", "share_b", "share_delta", "tokens_a", "tokens_b"],
+            "no experts",
+        )
+    )
+    for title, df, cols, empty in sections:
+        console.print()
+        console.print(_table(title, df, cols, empty))
+
+
+def render_compare_json(result: Any) -> None:
+    print(json.dumps(result.to_dict(), indent=2, default=str))
+
+
+COMPARE_RENDERERS: dict[str, Callable[[Any], None]] = {
+    "table": render_compare_tables,
+    "json": render_compare_json,
+}
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    """What changed between two runs: load and balance deltas, dead/hot changes, router saturation."""
+    import routescope as rs
+
+    with status(f"comparing {args.run_a} and {args.run_b} …"):
+        result = rs.compare(args.run_a, args.run_b, where=args.where, hot_factor=args.hot_factor)
+    COMPARE_RENDERERS["json" if args.json else "table"](result)
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------------
+COMMANDS: dict[str, tuple[AddArguments, RunCommand]] = {
+    "report": (add_report_arguments, report_command),
+    "compare": (add_compare_arguments, compare_command),
+}
+
+
+def build_parser() -> ArgumentParser:
+    from routescope import __version__
+
+    parser = ArgumentParser(prog=PROG, description="Expert-routing observability for MoE models.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (add_arguments, run) in COMMANDS.items():
+        doc = (run.__doc__ or "").strip().splitlines()
+        command = sub.add_parser(name, help=doc[0] if doc else None, description=doc[0] if doc else None)
+        add_arguments(command)
+        command.set_defaults(handler=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` (default sys.argv[1:]), run the command, return its exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (2) and --help / --version (0)
+        return exc.code if isinstance(exc.code, int) else 2
+    if getattr(args, "handler", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except (RouteScopeError, ValueError, FileNotFoundError) as exc:
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `routescope report RUN --json | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
