@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import dash
-from dash import Input, Output, dcc, html
+from dash import Input, Output, State, dcc, html, no_update
 
 from dashboard.components import message
 from dashboard.pages import PAGES
@@ -88,11 +88,19 @@ def shell(registry: RunRegistry, refresh_ms: int) -> html.Div:
     )
 
 
-def update_run_state(run_key: Any, _n_intervals: Any) -> tuple[Any, Any, bool]:
+def update_run_state(run_key: Any, _n_intervals: Any, published: Any = None) -> tuple[Any, Any, bool]:
     """Shell callback: re-read a live run, publish {run, version}, show its state.
 
-    Returns (app-version data, app-status children, app-refresh disabled).
+    Returns (app-version data, app-status children, app-refresh disabled). When nothing
+    changed since `published`, the data is left alone so the pages do not redraw.
     """
+    state, status, disabled = run_state(run_key)
+    if state is not None and state == published:
+        return no_update, status, disabled
+    return state, status, disabled
+
+
+def run_state(run_key: Any) -> tuple[Any, Any, bool]:
     registry = get_registry()
     try:
         registry._slot(run_key)
@@ -122,6 +130,7 @@ def register_shell_callbacks(app: dash.Dash) -> None:
         Output("app-refresh", "disabled"),
         Input("app-run", "value"),
         Input("app-refresh", "n_intervals"),
+        State("app-version", "data"),
     )(update_run_state)
 
 

@@ -637,7 +637,7 @@ def expert_lanes(lanes: pd.DataFrame, num_experts: int) -> go.Figure:
             zmax=n - 0.5,
             xgap=1,
             ygap=2,
-            colorbar={"title": {"text": "top-1 expert"}, "tickvals": list(range(n)) if n <= 32 else None},
+            colorbar={"title": {"text": "top-1 expert"}, "tickvals": list(range(0, n, max(1, n // 8)))},
         )
     )
     fig.update_xaxes(

@@ -80,7 +80,14 @@ def _record_bundled(out: Path, seed: int, max_new_tokens: int, calibrate: bool) 
             model(**batch)
         tok.padding_side = "left"
         batch = tok([t[:40] for t in by_domain[domains[0]][:2]], return_tensors="pt", padding=True)
-        model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        # output_router_logits=False: the aux-loss path of generate's decode steps needs no router logits
+        model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            output_router_logits=False,
+        )
     if calibrate:
         tok.padding_side = "right"
         texts = [by_domain[d][-1] for d in domains]
@@ -277,6 +284,12 @@ def test_entanglement_specialization_tokens(app, runs):
     assert len(lanes.data[0].z) == len(run.moe_layers)
     assert ":0." in lanes.data[0].text[0][0]  # weights on hover
     assert len(text) == run.sql("SELECT count(*) AS n FROM tokens WHERE seq_id = ?", [seq])["n"][0]
+    last = int(run.sql("SELECT max(seq_id) AS s FROM tokens")["s"][0])
+    assert (
+        f"of {run.sql('SELECT count(*) AS n FROM tokens WHERE seq_id = ?', [last])['n'][0]}"
+        in (tokens.update_tokens(state("a"), seq, 0, last)[1])
+    )
+    assert "has no tokens" in texts(tokens.update_tokens(state("a"), seq, 0, 10**9)[3])
 
 
 def test_tokens_window_is_capped(app, runs, monkeypatch):
@@ -350,11 +363,14 @@ def test_bad_runs_show_a_page_message(app, name, expected):
 
 
 def test_live_run_refreshes(app, runs):
+    from dash import no_update
+
     from dashboard.app import update_run_state
     from dashboard.runs import get_registry
 
     data, status, disabled = update_run_state(KEY["live"], 0)
     assert disabled is False and "still recording" in texts(status)
+    assert update_run_state(KEY["live"], 1, data)[0] is no_update  # nothing new: pages keep their figures
     before = get_registry().query(KEY["live"], "summary")["tokens"]
     # the recorder appends a part: the next refresh sees it
     extra = runs["live"] / "tokens" / "rank=0" / "part-09999.parquet"
@@ -367,7 +383,7 @@ def test_live_run_refreshes(app, runs):
     manifest["tokens"] += 1
     manifest["updated_at"] = "later"
     (runs["live"] / "manifest.json").write_text(json.dumps(manifest))
-    data2, _, _ = update_run_state(KEY["live"], 1)
+    data2, _, _ = update_run_state(KEY["live"], 2, data)
     assert data2["version"] != data["version"]
     assert get_registry().query(KEY["live"], "summary")["tokens"] == before + 1
 

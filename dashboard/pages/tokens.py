@@ -34,6 +34,11 @@ def layout(**_query: Any) -> html.Div:
                 [
                     labelled("sequence", dcc.Dropdown(id="tokens-seq", options=[], clearable=False), "420px"),
                     labelled(
+                        "or any sequence id",
+                        dcc.Input(id="tokens-seq-id", type="number", min=0, step=1, debounce=True),
+                        "160px",
+                    ),
+                    labelled(
                         "first position",
                         dcc.Input(id="tokens-start", type="number", min=0, step=1, value=0, debounce=True),
                         "160px",
@@ -77,9 +82,14 @@ def tokens_controls(state: Any, seq_now: Any = None) -> tuple:
 
 
 @guarded([FIGURE, CHILDREN, CHILDREN, MESSAGE])
-def update_tokens(state: Any, seq_id: Any, start: Any) -> tuple:
-    """(expert lanes, window note, token text, message) for one sequence window."""
+def update_tokens(state: Any, seq_id: Any, start: Any, typed_id: Any = None) -> tuple:
+    """(expert lanes, window note, token text, message) for one sequence window.
+
+    A sequence id typed in the box wins over the dropdown (which lists the first 500).
+    """
     registry, key = current(state)
+    if typed_id not in (None, ""):
+        seq_id = typed_id
     if seq_id is None:
         return plots.empty_figure("pick a sequence"), None, None, None
     seq_id, start = int(seq_id), max(0, int(start or 0))
@@ -118,4 +128,5 @@ def register(app: dash.Dash) -> None:
         Input("app-version", "data"),
         Input("tokens-seq", "value"),
         Input("tokens-start", "value"),
+        Input("tokens-seq-id", "value"),
     )(update_tokens)
