@@ -202,20 +202,9 @@ def sequence_length(run: rs.Run, seq_id: int) -> int:
     return int(df["n"].iloc[0])
 
 
-def saturation(run: rs.Run) -> pd.DataFrame:
-    """Per layer: mean slot-0 (top-1) weight, and router entropy / margin when recorded."""
-    df = run.sql(
-        "SELECT layer, avg(weight) AS top1_weight, count(*) AS tokens FROM routing "
-        "WHERE slot = 0 GROUP BY layer ORDER BY layer"
-    )
-    df = df[df["top1_weight"].notna()]
-    if run.has_table("router_tokens"):
-        rt = run.sql(
-            "SELECT layer, avg(entropy) AS router_entropy, avg(margin) AS router_margin "
-            "FROM router_tokens GROUP BY layer ORDER BY layer"
-        )
-        df = df.merge(rt, on="layer", how="left")
-    return df
+def comparison(run_a: rs.Run, run_b: rs.Run) -> Any:
+    """`routescope.compare(run_a, run_b)`: load and balance deltas, expert changes, saturation."""
+    return rs.compare(run_a, run_b)
 
 
 # -- Super Experts -----------------------------------------------------------------------
@@ -223,11 +212,7 @@ def super_experts(run: rs.Run) -> dict[str, Any]:
     """Calibration rows classified by `rs.classify_super_experts` (SPEC 4.6) and its thresholds."""
     if not run.has_table("expert_activations"):
         return {"has_data": False}
-    acts = run.sql(
-        "SELECT layer, expert, shared, max(max_abs_output) AS max_abs_output, "
-        "arg_max(channel, max_abs_output) AS channel, sum(tokens_seen) AS tokens_seen "
-        "FROM expert_activations GROUP BY layer, expert, shared ORDER BY layer, shared, expert"
-    )
+    acts = run.expert_activations()
     experts = rs.classify_super_experts(acts, num_hidden_layers=int(run.manifest.get("num_hidden_layers", 0)))
     thresholds = experts.attrs.get("thresholds", {})
     return {
@@ -298,7 +283,7 @@ QUERIES = {
     "lanes": lanes,
     "lane_window": lane_window,
     "sequence_length": sequence_length,
-    "saturation": saturation,
+    "comparison": comparison,
     "super_experts": super_experts,
     "hidden_stats": hidden_stats,
 }

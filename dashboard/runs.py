@@ -8,6 +8,7 @@ and caches query results per (run, version, query, arguments). Page callbacks ca
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Callable, Sequence
@@ -119,7 +120,7 @@ class RunRegistry:
 
     # -- cached queries ----------------------------------------------------------------
     def register_query(self, name: str, func: Callable[..., Any]) -> None:
-        """Make `func(run, *args)` callable by name through `query` (and so cached)."""
+        """Make `func(run, *args)` (or `func(run_a, run_b, *args)`) callable by name, cached."""
         self._queries[name] = func
 
     def query(self, key: str, name: str, *args: Any) -> Any:
@@ -133,11 +134,24 @@ class RunRegistry:
         version = self.version(key)
         return self._cached(key, version, name, args)
 
-    def _compute(self, key: str, version: tuple, name: str, args: tuple) -> Any:
-        slot = self._slot(key)
-        run = self.run(key)
-        with slot.lock:  # one DuckDB connection per run: one query at a time
-            return self._queries[name](run, *args)
+    def _compute(self, key: str | tuple[str, str], version: tuple, name: str, args: tuple) -> Any:
+        keys = key if isinstance(key, tuple) else (key,)
+        runs = [self.run(k) for k in keys]
+        with contextlib.ExitStack() as stack:  # one DuckDB connection per run: one query at a time
+            for k in sorted(set(keys)):
+                stack.enter_context(self._slot(k).lock)
+            return self._queries[name](*runs, *args)
+
+    def query_pair(self, key_a: str, key_b: str, name: str, *args: Any) -> Any:
+        """`func(run_a, run_b, *args)` over two runs, cached per both versions.
+
+        Both runs' locks are taken in key order, so two callbacks comparing (A, B) and (B, A)
+        at once cannot deadlock.
+        """
+        if name not in self._queries:
+            raise KeyError(f"unknown dashboard query {name!r}")
+        versions = (self.version(key_a), self.version(key_b))
+        return self._cached((key_a, key_b), versions, name, args)
 
     def clear_cache(self) -> None:
         self._cached.cache_clear()

@@ -81,9 +81,9 @@ CAPTIONS = {
     "blue = less, white = unchanged.",
     "balance_change_figure": "Balance metrics per layer in run A (dashed) and run B (solid): cv and "
     "max_violation lower is better, balancedness and norm_entropy higher is better.",
-    "saturation_figure": "Router saturation per layer, run A against run B: bars are the mean weight of the "
-    "top-1 slot (1.0 = all weight on one expert); dotted lines, when recorded, the mean normalized router entropy "
-    "(lower = more saturated).",
+    "saturation_figure": "Router saturation (OLMoE): for tokens in both runs (same sequence, position and token "
+    "id), the fraction of run A's top-k experts that run B also chose (1.0 = the same routing), and how often "
+    "the top-1 expert agrees.",
 }
 
 
@@ -671,17 +671,18 @@ def _tick_text(token: str, width: int = 10) -> str:
 
 
 # -- compare -----------------------------------------------------------------------------
-def load_delta_heatmap(load_a: pd.DataFrame, load_b: pd.DataFrame) -> go.Figure:
-    """Layer × expert share in B minus share in A (both from run.expert_load())."""
+def load_delta_heatmap(load: pd.DataFrame) -> go.Figure:
+    """Layer × expert share in run B minus run A, from `routescope.compare(a, b).load`."""
     title = "Load change (B − A)"
-    if load_a.empty or load_b.empty:
-        return empty_figure("one of the runs has no routing rows", title)
-    df = load_a.merge(load_b, on=["layer", "expert"], how="outer", suffixes=("_a", "_b")).fillna(0)
-    df["delta"] = df["share_b"] - df["share_a"]
+    if load.empty:
+        return empty_figure("the runs have no (layer, expert) in common", title)
+    df = load.fillna({"share_a": 0.0, "share_b": 0.0})
+    if "share_delta" not in df.columns:
+        df = df.assign(share_delta=df["share_b"] - df["share_a"])
     layers = sorted(df["layer"].unique())
     experts = sorted(df["expert"].unique())
-    grid = df.pivot(index="layer", columns="expert", values=["delta", "share_a", "share_b"])
-    delta = grid["delta"].reindex(index=layers, columns=experts).to_numpy(dtype=float)
+    grid = df.pivot(index="layer", columns="expert", values=["share_delta", "share_a", "share_b"])
+    delta = grid["share_delta"].reindex(index=layers, columns=experts).to_numpy(dtype=float)
     custom = _stack(
         grid["share_a"].reindex(index=layers, columns=experts).to_numpy(dtype=float),
         grid["share_b"].reindex(index=layers, columns=experts).to_numpy(dtype=float),
@@ -709,21 +710,22 @@ def load_delta_heatmap(load_a: pd.DataFrame, load_b: pd.DataFrame) -> go.Figure:
     return _base(fig, title, height=max(300, 60 + 22 * len(layers)))
 
 
-def balance_change_figure(bal_a: pd.DataFrame, bal_b: pd.DataFrame) -> go.Figure:
-    """The four balance metrics per layer, run A dashed and run B solid."""
+def balance_change_figure(balance: pd.DataFrame) -> go.Figure:
+    """The four balance metrics per layer, run A dashed and run B solid (`compare(a, b).balance`)."""
     title = "Balance, run A vs run B"
-    if bal_a.empty and bal_b.empty:
-        return empty_figure("no routing rows", title)
+    if balance.empty:
+        return empty_figure("the runs have no MoE layer in common", title)
     fig = go.Figure()
-    for run_name, df, dash in (("A", bal_a, "dash"), ("B", bal_b, "solid")):
-        if df.empty:
-            continue
-        x = [layer_name(v) for v in df["layer"]]
+    x = [layer_name(v) for v in balance["layer"]]
+    for suffix, run_name, dash in (("_a", "A", "dash"), ("_b", "B", "solid")):
         for metric in ("cv", "max_violation", "balancedness", "norm_entropy"):
+            column = metric + suffix
+            if column not in balance.columns:
+                continue
             fig.add_trace(
                 go.Scatter(
                     x=x,
-                    y=df[metric],
+                    y=balance[column],
                     name=f"{metric} ({run_name})",
                     mode="lines+markers",
                     line={"color": METRIC_COLORS[metric], "dash": dash},
@@ -736,36 +738,34 @@ def balance_change_figure(bal_a: pd.DataFrame, bal_b: pd.DataFrame) -> go.Figure
     return _base(fig, title, height=380)
 
 
-def saturation_figure(sat_a: pd.DataFrame, sat_b: pd.DataFrame) -> go.Figure:
-    """Mean top-1 routing weight per layer for runs A and B (`layer`, `top1_weight`)."""
+def saturation_figure(saturation: pd.DataFrame) -> go.Figure:
+    """Router saturation per layer (`compare(a, b).saturation`): top-k overlap and top-1 agreement."""
     title = "Router saturation"
-    if sat_a.empty and sat_b.empty:
-        return empty_figure("no routing weights recorded", title)
+    if saturation.empty or not saturation["tokens_matched"].fillna(0).astype(int).any():
+        return empty_figure("no token appears in both runs (same sequence, position and token id)", title)
+    x = [layer_name(v) for v in saturation["layer"]]
     fig = go.Figure()
-    for (run_name, df), color in zip((("A", sat_a), ("B", sat_b)), RUN_COLORS):
-        if df.empty:
-            continue
-        fig.add_trace(
-            go.Bar(
-                x=[layer_name(v) for v in df["layer"]],
-                y=df["top1_weight"],
-                name=f"run {run_name}",
-                marker_color=color,
-                hovertemplate=f"run {run_name} %{{x}}<br>mean top-1 weight %{{y:.3f}}<extra></extra>",
-            )
+    fig.add_trace(
+        go.Bar(
+            x=x,
+            y=saturation["saturation"],
+            name="saturation (top-k overlap)",
+            marker_color=RUN_COLORS[0],
+            customdata=np.column_stack([saturation["tokens_matched"], saturation["top_k"]]),
+            hovertemplate="%{x}<br>saturation %{y:.3f}<br>over %{customdata[0]:,} tokens, k = %{customdata[1]}"
+            "<extra></extra>",
         )
-        if "router_entropy" in df.columns and df["router_entropy"].notna().any():
-            fig.add_trace(
-                go.Scatter(
-                    x=[layer_name(v) for v in df["layer"]],
-                    y=df["router_entropy"],
-                    name=f"router entropy ({run_name})",
-                    mode="lines+markers",
-                    line={"color": color, "dash": "dot"},
-                    hovertemplate=f"run {run_name} %{{x}}<br>mean normalized router entropy %{{y:.3f}}<extra></extra>",
-                )
-            )
+    )
+    fig.add_trace(
+        go.Bar(
+            x=x,
+            y=saturation["top1_agreement"],
+            name="top-1 agreement",
+            marker_color=RUN_COLORS[1],
+            hovertemplate="%{x}<br>top-1 agreement %{y:.3f}<extra></extra>",
+        )
+    )
     fig.update_layout(barmode="group")
     fig.update_xaxes(title="MoE layer", type="category")
-    fig.update_yaxes(title="mean top-1 weight / entropy", range=[0, 1.02])
+    fig.update_yaxes(title="fraction", range=[0, 1.02])
     return _base(fig, title, height=320)

@@ -1,12 +1,11 @@
-"""Compare page: two of the served runs side by side: per-expert load deltas, balance per
-layer in both, and router saturation (mean top-1 weight, router entropy when recorded)."""
+"""Compare page: two of the served runs through `routescope.compare`: per-expert load
+deltas, balance per layer in both, router saturation, and the experts that changed state."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import dash
-import pandas as pd
 from dash import Input, Output, State, dcc, html
 
 from dashboard.components import (
@@ -40,10 +39,10 @@ def layout(**_query: Any) -> html.Div:
                 style=ROW,
             ),
             html.Div(id="compare-message"),
-            html.Div(id="compare-summary"),
             graph("compare-delta", "load_delta_heatmap"),
             graph("compare-balance", "balance_change_figure"),
             graph("compare-saturation", "saturation_figure"),
+            html.Div(id="compare-summary"),
         ]
     )
 
@@ -61,61 +60,61 @@ def compare_controls(state: Any, a_now: Any = None, b_now: Any = None) -> tuple:
 
 @guarded([FIGURE, FIGURE, FIGURE, CHILDREN, MESSAGE])
 def update_compare(state: Any, key_a: Any, key_b: Any) -> tuple:
-    """(load delta, balance change, saturation, summary table, message)."""
+    """(load delta, balance change, saturation, tables, message) from `routescope.compare`."""
     registry = get_registry()
-    if key_a is None or key_b is None:
-        key_a = key_a or registry.keys[0]
-        key_b = key_b or registry.keys[min(1, len(registry.keys) - 1)]
+    keys = registry.keys
+    key_a = key_a if key_a is not None else keys[0]
+    key_b = key_b if key_b is not None else keys[min(1, len(keys) - 1)]
     for key in (key_a, key_b):
         if registry.query(key, "summary")["tokens"] == 0:
             raise RunUnavailable(f"{registry.name(key)} holds no tokens: nothing to compare")
-    info_a, info_b = registry.query(key_a, "summary"), registry.query(key_b, "summary")
-    notes = []
+    result = registry.query_pair(key_a, key_b, "comparison")
+    notes = list(result.notes)
     if key_a == key_b:
-        notes.append(
-            "Run A and run B are the same run: pick two different runs (start the dashboard with two runs)."
+        notes.insert(
+            0, "Run A and run B are the same run: pick two different runs (serve two runs to compare)."
         )
-    if info_a["moe_layers"] != info_b["moe_layers"] or info_a["num_experts"] != info_b["num_experts"]:
-        notes.append(
-            "The runs have different MoE layers or expert counts: only matching (layer, expert) cells compare."
-        )
-    load_a, load_b = registry.query(key_a, "expert_load"), registry.query(key_b, "expert_load")
-    bal_a, bal_b = registry.query(key_a, "balance"), registry.query(key_b, "balance")
-    sat_a, sat_b = registry.query(key_a, "saturation"), registry.query(key_b, "saturation")
-    summary = summary_table(bal_a, bal_b, sat_a, sat_b)
-    msg = message(" ".join(notes), "warning") if notes else None
+    msg = message(" · ".join(notes), "warning") if notes else None
     return (
-        plots.load_delta_heatmap(load_a, load_b),
-        plots.balance_change_figure(bal_a, bal_b),
-        plots.saturation_figure(sat_a, sat_b),
-        summary,
+        plots.load_delta_heatmap(result.load),
+        plots.balance_change_figure(result.balance),
+        plots.saturation_figure(result.saturation),
+        tables(result),
         msg,
     )
 
 
-def summary_table(
-    bal_a: pd.DataFrame, bal_b: pd.DataFrame, sat_a: pd.DataFrame, sat_b: pd.DataFrame
-) -> html.Div:
-    """Per layer: cv and top-1 weight in A and B, and their changes."""
-    cols = ["layer", "cv", "max_violation", "norm_entropy"]
-    df = bal_a[cols].merge(bal_b[cols], on="layer", how="outer", suffixes=("_a", "_b"))
-    df = df.merge(sat_a[["layer", "top1_weight"]], on="layer", how="left").merge(
-        sat_b[["layer", "top1_weight"]], on="layer", how="left", suffixes=("_a", "_b")
-    )
-    df["cv_change"] = df["cv_b"] - df["cv_a"]
-    df["top1_change"] = df["top1_weight_b"] - df["top1_weight_a"]
-    columns = [
-        ("layer", "layer"),
-        ("cv_a", "cv A"),
-        ("cv_b", "cv B"),
-        ("cv_change", "Δ cv"),
-        ("max_violation_a", "max_vio A"),
-        ("max_violation_b", "max_vio B"),
-        ("top1_weight_a", "top-1 weight A"),
-        ("top1_weight_b", "top-1 weight B"),
-        ("top1_change", "Δ top-1"),
+def tables(result: Any) -> html.Div:
+    """Per-layer balance changes and the experts that died, revived, became hot or cooled."""
+    bal = result.balance
+    columns = [("layer", "layer")] + [
+        (f"{m}{suffix}", f"{m} {name}")
+        for m in ("cv", "max_violation")
+        for suffix, name in (("_a", "A"), ("_b", "B"), ("_delta", "Δ"))
+        if f"{m}{suffix}" in bal.columns
     ]
-    return html.Div([html.H4("Per layer"), table(df, columns, max_rows=200)], id="compare-table")
+    changes = result.expert_changes
+    return html.Div(
+        [
+            html.H4("Balance per layer (Δ = B − A)"),
+            table(bal, columns, max_rows=200),
+            html.H4(f"Experts that changed state ({len(changes)})"),
+            table(
+                changes,
+                [
+                    ("layer", "layer"),
+                    ("expert", "expert"),
+                    ("change", "change"),
+                    ("share_a", "share A"),
+                    ("share_b", "share B"),
+                ],
+                max_rows=100,
+            )
+            if len(changes)
+            else html.P("No expert died, revived, became hot or cooled."),
+        ],
+        id="compare-table",
+    )
 
 
 def register(app: dash.Dash) -> None:
