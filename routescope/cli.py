@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 import pandas as pd
 
+from dashboard.command import add_dashboard_arguments, dashboard_command
 from routescope.errors import RouteScopeError
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
@@ -298,6 +299,7 @@ def compare_command(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[AddArguments, RunCommand]] = {
     "report": (add_report_arguments, report_command),
     "compare": (add_compare_arguments, compare_command),
+    "dashboard": (add_dashboard_arguments, dashboard_command),
 }
 
 
