@@ -20,6 +20,12 @@ from typing import Any, NoReturn
 import pandas as pd
 
 from dashboard.command import add_dashboard_arguments, dashboard_command
+from routescope.commands.profile import (
+    add_demo_arguments,
+    add_profile_arguments,
+    demo_command,
+    profile_command,
+)
 from routescope.errors import RouteScopeError
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
@@ -297,6 +303,8 @@ def compare_command(args: argparse.Namespace) -> int:
 
 # -- entry point ----------------------------------------------------------------------
 COMMANDS: dict[str, tuple[AddArguments, RunCommand]] = {
+    "demo": (add_demo_arguments, demo_command),
+    "profile": (add_profile_arguments, profile_command),
     "report": (add_report_arguments, report_command),
     "compare": (add_compare_arguments, compare_command),
     "dashboard": (add_dashboard_arguments, dashboard_command),

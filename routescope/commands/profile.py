@@ -87,6 +87,18 @@ def profile_corpus(
     return Path(out)
 
 
+def balanced(records: list[TextRecord], label: str, per_value: int) -> list[TextRecord]:
+    """The first `per_value` records of each value of `label`, in corpus order."""
+    taken: dict[str | None, int] = {}
+    chosen = []
+    for record in records:
+        value = record.labels.get(label)
+        if taken.get(value, 0) < per_value:
+            taken[value] = taken.get(value, 0) + 1
+            chosen.append(record)
+    return chosen
+
+
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="local model folder or hub id (default: the bundled model)")
     parser.add_argument(
@@ -120,6 +132,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def profile_command(args: argparse.Namespace) -> int:
+    """Record a model on text files, a folder or JSONL into a run directory."""
     _check(args)
     records = read_texts(args.data or bundled_corpus(), args.text_field, args.labels)
     model, tokenizer = load_model(args.model or bundled_model(), args.device, args.dtype)
@@ -142,7 +155,7 @@ def profile_command(args: argparse.Namespace) -> int:
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="run directory (replaced if present)")
-    parser.add_argument("--max-tokens", type=int, default=60_000)
+    parser.add_argument("--per-domain", type=int, default=48, help="records of each domain to record")
     parser.add_argument("--no-dashboard", action="store_true", help="print the report and stop")
     parser.add_argument("--no-super-experts", action="store_true", help="skip the Super Expert calibration")
     parser.add_argument("--host", default="127.0.0.1")
@@ -151,12 +164,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo_command(args: argparse.Namespace) -> int:
     """Record the bundled model on the bundled corpus, report, then serve the dashboard."""
-    records = read_texts(bundled_corpus())
+    if args.per_domain < 1:
+        raise ValueError("--per-domain must be at least 1")
+    records = balanced(read_texts(bundled_corpus()), "domain", args.per_domain)
     model, tokenizer = load_model(bundled_model())
     out = Path(args.out)
     if out.exists() and (out / "manifest.json").exists():
         shutil.rmtree(out)
-    profile_corpus(model, tokenizer, records, out, batch_size=8, max_length=128, max_tokens=args.max_tokens)
+    profile_corpus(model, tokenizer, records, out, batch_size=8, max_length=128)
     if not args.no_super_experts and hasattr(rs, "find_super_experts"):
         texts = [r.text for r in records[::10]][:32]
         rs.find_super_experts(model, texts, tokenizer=tokenizer, out=out)
