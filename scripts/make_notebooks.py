@@ -40,9 +40,9 @@ SETUP = code(
 
     import pandas as pd
     import torch
+    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
     import routescope as rs
     from routescope import plots
     from routescope.commands.inputs import bundled_corpus, bundled_model
@@ -320,21 +320,32 @@ LOAD_BALANCE: list[Cell] = [
     md(
         """
         Compare the two phases with the same figures used to compare two runs: prefill is run
-        A (dashed), decode is run B (solid). Decode has far fewer tokens, so part of any
-        difference is sampling noise; the heatmap shows which experts gain or lose load.
+        A (dashed), decode is run B (solid). The figure builders take the two sides in one
+        frame, with `_a` and `_b` columns (the shape `rs.compare(a, b)` returns). Decode has
+        far fewer tokens, so part of any difference is sampling noise; the heatmap shows which
+        experts gain or lose load.
         """
     ),
     code(
         """
-        bal_prefill = gen.balance(where="phase = 'prefill'")
-        bal_decode = gen.balance(where="phase = 'decode'")
-        plots.balance_change_figure(bal_prefill, bal_decode)
+        def side_by_side(a, b, keys):
+            \"\"\"Two metric frames as one, columns suffixed _a and _b.\"\"\"
+            return a.merge(b, on=keys, how="outer", suffixes=("_a", "_b"))
+
+        phases = side_by_side(gen.balance(where="phase = 'prefill'"), gen.balance(where="phase = 'decode'"), ["layer"])
+        phases[["layer", "tokens_a", "tokens_b", "cv_a", "cv_b", "norm_entropy_a", "norm_entropy_b"]]
         """
     ),
     code(
         """
-        plots.load_delta_heatmap(gen.expert_load(where="phase = 'prefill'"),
-                                 gen.expert_load(where="phase = 'decode'"))
+        plots.balance_change_figure(phases)
+        """
+    ),
+    code(
+        """
+        load_phases = side_by_side(gen.expert_load(where="phase = 'prefill'"),
+                                   gen.expert_load(where="phase = 'decode'"), ["layer", "expert"])
+        plots.load_delta_heatmap(load_phases)
         """
     ),
     md(
@@ -500,18 +511,20 @@ ENTANGLEMENT: list[Cell] = [
         ## 4. Vocabulary specialization and repetition
 
         Some experts serve particular tokens (punctuation, digits, indentation) rather than a
-        domain. `vocab_specialization()` ranks (token, expert) pairs by how concentrated a
-        token's routing is. `repetition_rate()` is the fraction of consecutive tokens in a
+        domain. `vocab_specialization()` gives, per layer and token id, the expert that token
+        goes to most often (`top_expert`), the fraction of its occurrences that go there
+        (`top_share`) and the lift over the uniform k/E. The table lists the most
+        concentrated frequent tokens of the last MoE layer. `repetition_rate()` is the fraction of consecutive tokens in a
         sequence whose top-1 expert is the same; a uniform router gives 1/E, and Mixtral's
         authors found much higher rates in deeper layers (consecutive tokens share experts).
         """
     ),
     code(
         """
-        vocab = run.vocab_specialization()
-        if "token_id" in vocab.columns:
-            vocab = vocab.assign(token=[repr(tokenizer.decode([int(t)])) for t in vocab["token_id"]])
-        vocab.head(12)
+        vocab = run.vocab_specialization(min_occurrences=20)  # tokens seen at least 20 times
+        vocab = vocab.assign(token=[repr(tokenizer.decode([int(t)])) for t in vocab["token_id"]])
+        last = run.moe_layers[-1]
+        vocab[vocab["layer"] == last].sort_values(["top_share", "occurrences"], ascending=False).head(12)
         """
     ),
     code(
@@ -745,8 +758,10 @@ COMPARE: list[Cell] = [
     ),
     md(
         """
-        `rs.compare(a, b)` summarizes what changed per layer; the figures below show the same
-        in detail.
+        `rs.compare(a, b)` returns a `Comparison` of B against A: `load` (per layer and expert,
+        shares in A and B and their difference), `balance` (every balance metric in A, B and
+        the delta), `expert_changes` (experts that died, revived, became hot or cooled) and
+        `saturation` (below). It renders as a summary in the notebook.
         """
     ),
     code(
@@ -757,61 +772,94 @@ COMPARE: list[Cell] = [
     ),
     code(
         """
-        plots.load_delta_heatmap(run_a.expert_load(), run_b.expert_load())
+        diff.expert_changes
         """
     ),
     code(
         """
-        plots.balance_change_figure(run_a.balance(), run_b.balance())
+        plots.load_delta_heatmap(diff.load)
+        """
+    ),
+    code(
+        """
+        plots.balance_change_figure(diff.balance)
         """
     ),
     md(
         """
         ## 2. Router saturation
 
-        A saturated router puts almost all of a token's weight on its first choice. The mean
-        combine weight of slot 0 measures it from the routing table alone (for top-2 with
-        renormalized weights it lies between 0.5 and 1). With `router_stats=True` the run also
-        holds `router_tokens`: the normalized entropy of the full router distribution (0 = all
-        mass on one expert) and the margin between the first and second choice.
+        *Router saturation* (OLMoE's term) asks how many routing decisions survive the change:
+        over the tokens present in both runs (same sequence, position and token id), the mean
+        fraction of a token's top-k experts that are the same in A and B. 1.0 means the
+        perturbation changed no decision; 1/E·k-ish values mean routing is effectively
+        reshuffled. `top1_agreement` is the same for the first choice alone.
         """
     ),
     code(
         """
-        SATURATION = "SELECT layer, avg(weight) AS top1_weight FROM routing WHERE slot = 0 GROUP BY layer ORDER BY layer"
-        plots.saturation_figure(run_a.sql(SATURATION), run_b.sql(SATURATION))
+        print(diff.notes or "no notes")
+        plots.saturation_figure(diff.saturation)
+        """
+    ),
+    md(
+        """
+        Saturation says whether decisions changed; the router's *confidence* is another matter.
+        Sharpening the router makes it more decisive: the mean combine weight of slot 0 rises
+        (for top-2 with renormalized weights it lies between 0.5 and 1), and with
+        `router_stats=True` the `router_tokens` table shows the normalized entropy of the full
+        router distribution falling (0 = all mass on one expert) and the top-1 − top-2
+        probability margin growing.
         """
     ),
     code(
         """
-        ROUTER = "SELECT layer, avg(entropy) AS mean_entropy, avg(margin) AS mean_margin FROM router_tokens GROUP BY layer ORDER BY layer"
-        if run_a.has_table("router_tokens") and run_b.has_table("router_tokens"):
-            router = run_a.sql(ROUTER).merge(run_b.sql(ROUTER), on="layer", suffixes=("_a", "_b"))
-        else:
-            router = pd.DataFrame()
-        router
+        TOP1 = "SELECT layer, avg(weight) AS top1_weight FROM routing WHERE slot = 0 GROUP BY layer ORDER BY layer"
+        decisiveness = run_a.sql(TOP1).merge(run_b.sql(TOP1), on="layer", suffixes=("_a", "_b"))
+        decisiveness
+        """
+    ),
+    code(
+        """
+        import plotly.express as px
+
+        ROUTER = "SELECT layer, avg(entropy) AS entropy, avg(margin) AS margin FROM router_tokens GROUP BY layer"
+        router = pd.concat([run_a.sql(ROUTER).assign(run="A: original"), run_b.sql(ROUTER).assign(run="B: perturbed")])
+        router = router.merge(pd.concat([run_a.sql(TOP1).assign(run="A: original"),
+                                         run_b.sql(TOP1).assign(run="B: perturbed")]), on=["layer", "run"])
+        tidy = router.melt(id_vars=["layer", "run"], value_vars=["top1_weight", "entropy", "margin"], var_name="measure")
+        fig = px.bar(tidy.sort_values("layer").assign(layer=lambda d: "L" + d["layer"].astype(str)), x="layer", y="value",
+                     color="run", barmode="group", facet_col="measure", template=plots.TEMPLATE,
+                     color_discrete_sequence=list(plots.RUN_COLORS), title="Router decisiveness per layer")
+        fig.update_yaxes(matches=None, showticklabels=True)
+        fig
         """
     ),
     md(
         """
         ## 3. Two datasets, one model
 
-        The same tools compare data instead of models: run A is the bundled model on code, run
-        B on multilingual text. Here the change in load is the model's own specialization.
+        The same tools compare data instead of models: A is the bundled model on code, B on
+        multilingual text. Both slices come from one run through `where=` on the `domain`
+        label (two separate runs would work the same way). Here the change in load is the
+        model's own specialization.
         """
     ),
     code(
         """
-        code_run = rs.open_run(WORK / "original")  # the domain label lets us slice one run
-        load_code = code_run.expert_load(where="domain = 'code'")
-        load_multi = code_run.expert_load(where="domain = 'multilingual'")
-        plots.load_delta_heatmap(load_code, load_multi)
+        def side_by_side(a, b, keys):
+            \"\"\"Two metric frames as one, columns suffixed _a and _b.\"\"\"
+            return a.merge(b, on=keys, how="outer", suffixes=("_a", "_b"))
+
+        code_only, multi_only = "domain = 'code'", "domain = 'multilingual'"
+        plots.load_delta_heatmap(side_by_side(run_a.expert_load(where=code_only),
+                                              run_a.expert_load(where=multi_only), ["layer", "expert"]))
         """
     ),
     code(
         """
-        plots.balance_change_figure(code_run.balance(where="domain = 'code'"),
-                                    code_run.balance(where="domain = 'multilingual'"))
+        plots.balance_change_figure(side_by_side(run_a.balance(where=code_only),
+                                                 run_a.balance(where=multi_only), ["layer"]))
         """
     ),
 ]
