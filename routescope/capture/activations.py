@@ -367,6 +367,7 @@ class _Calibrator:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = _arg(args, kwargs, 0, ("hidden_states",))
             index = _arg(args, kwargs, 1, ("top_k_index", "router_indices", "selected_experts"))
+            weights = _arg(args, kwargs, 2, ("top_k_weights", "routing_weights", "router_scores"))
             x = hidden.reshape(-1, hidden.shape[-1])
             valid = self._valid_rows(x.shape[0], site.experts_name)
             index = index.reshape(x.shape[0], -1)
@@ -374,6 +375,9 @@ class _Calibrator:
             expert = index.reshape(-1)
             # padding and expert-parallel sentinels (ids >= E) do not count
             keep = valid.repeat_interleave(index.shape[1]) & (expert >= 0) & (expert < site.num_experts)
+            if weights.numel() == index.numel():
+                # a slot sent at weight exactly 0 (ZAYA's skip class, EP masking) never reaches the output
+                keep &= weights.reshape(-1) != 0
             expert, token = expert[keep], token[keep]
             order = torch.argsort(expert, stable=True)
             counts = torch.bincount(expert, minlength=site.num_experts).tolist()  # the one sync per layer
@@ -404,8 +408,8 @@ class _Calibrator:
             hidden = output[0] if isinstance(output, tuple) else output
             if not isinstance(hidden, torch.Tensor) or self.valid is None:
                 return
-            if hidden.shape[:2] != self.valid.shape:
-                return  # not a [batch, seq, hidden] residual state
+            if hidden.dim() != 3 or hidden.shape[:2] != self.valid.shape:
+                return  # not a [batch, seq, hidden] residual state (e.g. hyper-connection streams)
             if index not in self.hidden:
                 self.hidden[index] = HiddenMaxima(hidden.device)
             self.hidden[index].update(hidden, self.valid, self.positions, self.seq_offset)
@@ -652,15 +656,17 @@ def find_super_experts(
     One row per routed and shared expert of every MoE layer: layer, expert, shared,
     max_abs_output, channel, tokens_seen, ratio_to_median, is_super; sorted by
     max_abs_output, largest first. `attrs["thresholds"]` holds the two thresholds and the
-    layers searched, `attrs["hidden_stats"]` the per-layer residual-stream statistics
-    (max_abs, median_abs, channel, seq_id, pos, is_massive). With `out=` the
+    layers searched, `attrs["hidden_stats"]` the per-layer residual-stream statistics as
+    records (layer, max_abs, median_abs, channel, seq_id, pos, ratio_to_median, is_massive;
+    `calibrate` returns them as a DataFrame). With `out=` the
     `expert_activations` and `hidden_stats` tables are written into that run directory.
     """
     result = calibrate(
         model, batches, tokenizer, quantile, ratio, layers, out, max_length=max_length, progress=progress
     )
     experts = result.experts
-    experts.attrs["hidden_stats"] = result.hidden
+    # records, not a DataFrame: pandas compares attrs with == when concatenating frames
+    experts.attrs["hidden_stats"] = result.hidden.to_dict("records")
     experts.attrs["tokens"] = result.tokens
     return experts
 
