@@ -1,0 +1,94 @@
+"""Independent NumPy references for the routing metrics (SPEC section 4), for the analysis tests.
+
+Each takes the arrays a synthetic run was written from ((T, k) expert ids per layer) and
+computes the metric directly from its definition, with no SQL and no shared code.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+
+def load(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    return np.bincount(np.asarray(experts).ravel(), minlength=num_experts)
+
+
+def balance(experts: np.ndarray, num_experts: int) -> dict[str, float]:
+    loads = load(experts, num_experts).astype(float)
+    mean = loads.sum() / num_experts
+    share = loads / loads.sum()
+    nz = share[share > 0]
+    return {
+        "tokens": int(np.asarray(experts).shape[0]),
+        "cv": float(np.sqrt(((loads - mean) ** 2).sum() / num_experts) / mean),
+        "max_violation": float((loads.max() - mean) / mean),
+        "balancedness": float(mean / loads.max()),
+        "norm_entropy": float(-(nz * np.log(nz)).sum() / np.log(num_experts)),
+    }
+
+
+def coactivation(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    """(E, E) counts of ordered pairs of distinct slots of the same token."""
+    counts = np.zeros((num_experts, num_experts), dtype=np.int64)
+    for row in np.asarray(experts):
+        for i, a in enumerate(row):
+            for j, b in enumerate(row):
+                if i != j:
+                    counts[a, b] += 1
+    return counts
+
+
+def contingency(a: np.ndarray, b: np.ndarray, ea: int, eb: int) -> np.ndarray:
+    table = np.zeros((ea, eb), dtype=np.int64)
+    np.add.at(table, (np.asarray(a), np.asarray(b)), 1)
+    return table
+
+
+def entropy_bits(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def information(table: np.ndarray) -> dict[str, float]:
+    n = table.sum()
+    p = table / n
+    pa = p.sum(1, keepdims=True)
+    pb = p.sum(0, keepdims=True)
+    nz = p > 0
+    mi = float((p[nz] * np.log2(p[nz] / (pa * pb)[nz])).sum())
+    hb = entropy_bits(table.sum(0))
+    return {
+        "mutual_info_bits": mi,
+        "norm_mutual_info": mi / hb if hb > 0 else 0.0,
+        "cond_entropy_bits": hb - mi,
+        "top1_predictability": float(table.max(1).sum() / n),
+        "entropy_a_bits": entropy_bits(table.sum(1)),
+        "entropy_b_bits": hb,
+    }
+
+
+def pathways(experts: dict[int, np.ndarray]) -> Counter:
+    layers = sorted(experts)
+    return Counter(
+        tuple(int(experts[layer][t, 0]) for layer in layers) for t in range(len(experts[layers[0]]))
+    )
+
+
+def repetition(slot0: np.ndarray, seq_id: np.ndarray, pos: np.ndarray) -> tuple[int, int]:
+    """(pairs, repeats) of consecutive positions of the same sequence."""
+    where = {(int(s), int(p)): int(e) for s, p, e in zip(seq_id, pos, slot0)}
+    pairs = repeats = 0
+    for (s, p), e in where.items():
+        nxt = where.get((s, p + 1))
+        if nxt is not None:
+            pairs += 1
+            repeats += int(nxt == e)
+    return pairs, repeats
+
+
+def aux_loss(probs: np.ndarray, experts: np.ndarray, num_experts: int) -> float:
+    """E · Σ_e (L_e / T) · P̄_e from per-token probabilities and the chosen experts."""
+    t = probs.shape[0]
+    return float(num_experts * (load(experts, num_experts) / t * probs.mean(0)).sum())
