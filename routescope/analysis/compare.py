@@ -51,7 +51,7 @@ class Comparison:
             "run_a": self.run_a,
             "run_b": self.run_b,
             "notes": list(self.notes),
-            **{name: records(df) for name, df in self.tables().items()},
+            **{name: metrics.to_records(df) for name, df in self.tables().items()},
         }
 
     def __repr__(self) -> str:
@@ -71,21 +71,6 @@ class Comparison:
             parts.append(f"<h5>{html.escape(name.replace('_', ' '))}</h5>")
             parts.append(df.to_html(index=False, max_rows=24, float_format=lambda v: f"{v:.4g}"))
         return "\n".join(parts)
-
-
-def records(df: pd.DataFrame) -> list[dict[str, Any]]:
-    """DataFrame rows as plain Python values, NaN as None (for JSON)."""
-    out = []
-    for row in df.to_dict(orient="records"):
-        clean = {}
-        for key, value in row.items():
-            if hasattr(value, "tolist"):
-                value = value.tolist()
-            if isinstance(value, float) and math.isnan(value):
-                value = None
-            clean[str(key)] = value
-        out.append(clean)
-    return out
 
 
 def _open(run: Run | str | Path) -> tuple[Run, bool]:

@@ -348,6 +348,21 @@ def expert_activations(run: Run) -> pd.DataFrame:
     return query(run, "expert_activations")
 
 
+def to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """A metric frame's rows as plain Python values with NaN as None, ready for JSON."""
+    out = []
+    for row in df.to_dict(orient="records"):
+        clean = {}
+        for key, value in row.items():
+            if hasattr(value, "tolist"):
+                value = value.tolist()
+            if isinstance(value, float) and math.isnan(value):
+                value = None
+            clean[str(key)] = value
+        out.append(clean)
+    return out
+
+
 Metric = Callable[..., pd.DataFrame]
 
 METRICS: dict[str, Metric] = {
