@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import pandas as pd
 
 from dashboard.command import add_dashboard_arguments, dashboard_command
+from routescope.commands.import_run import add_import_arguments, import_command
 from routescope.commands.profile import (
     add_demo_arguments,
     add_profile_arguments,
@@ -308,6 +309,7 @@ COMMANDS: dict[str, tuple[AddArguments, RunCommand]] = {
     "report": (add_report_arguments, report_command),
     "compare": (add_compare_arguments, compare_command),
     "dashboard": (add_dashboard_arguments, dashboard_command),
+    "import": (add_import_arguments, import_command),
 }
 
 
