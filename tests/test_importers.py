@@ -210,3 +210,16 @@ def test_vllm_json_choices_and_npy(tmp_path):
     np.save(tmp_path / "ok.npy", np.zeros((5, 2, 2), dtype=np.int32))
     with pytest.raises(ValueError, match="--moe-layers lists 3 layers"):
         import_vllm(tmp_path / "ok.npy", moe_layers=[1, 2, 3])
+
+
+def test_registered_cli_command(tmp_path, capsys):
+    from routescope import cli
+
+    np.save(tmp_path / "routed.npy", np.array([[[0, 1]], [[1, 2]]], dtype=np.int32))
+    out = tmp_path / "run"
+    assert cli.main(["import", "vllm", str(tmp_path / "routed.npy"), "--out", str(out)]) == 0
+    assert rs.open_run(out).manifest["tokens"] == 2
+    np.save(tmp_path / "flat.npy", np.zeros(3, dtype=np.int32))
+    assert cli.main(["import", "vllm", str(tmp_path / "flat.npy"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "[num_tokens, num_moe_layers, top_k]" in err[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from routescope.errors import RouteScopeError
 from routescope.importers import parse_layers, write_imported_run
 
 
@@ -39,23 +40,20 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def import_command(args: argparse.Namespace) -> int:
-    try:
-        if args.engine == "sglang":
-            from routescope.importers.sglang import import_sglang
+    """Convert SGLang expert-distribution dumps or vLLM routed_experts arrays into a run."""
+    if args.engine == "sglang":
+        from routescope.importers.sglang import import_sglang
 
-            imported = import_sglang(args.files, top_k=args.top_k, num_experts=args.num_experts)
-        else:
-            from routescope.importers.vllm import import_vllm
+        imported = import_sglang(args.files, top_k=args.top_k, num_experts=args.num_experts)
+    else:
+        from routescope.importers.vllm import import_vllm
 
-            imported = import_vllm(
-                args.files[0], moe_layers=parse_layers(args.moe_layers), num_experts=args.num_experts
-            )
-        out = write_imported_run(
-            imported, args.out, model_type=args.model_type, overwrite=args.overwrite, sources=args.files
+        imported = import_vllm(
+            args.files[0], moe_layers=parse_layers(args.moe_layers), num_experts=args.num_experts
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"routescope import {args.engine}: {exc}", file=sys.stderr)
-        return 2
+    out = write_imported_run(
+        imported, args.out, model_type=args.model_type, overwrite=args.overwrite, sources=args.files
+    )
     kind = "expert counts" if imported.counts_only else f"{imported.token_count()} tokens"
     print(f"imported {kind} ({imported.engine} {imported.mode}, MoE layers {imported.moe_layers}) into {out}")
     return 0
@@ -65,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     """Standalone entry (until the CLI registers the command): python -m routescope.commands.import_run."""
     parser = argparse.ArgumentParser(prog="routescope import")
     add_import_arguments(parser)
-    return import_command(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return import_command(args)
+    except (RouteScopeError, ValueError, FileNotFoundError) as exc:
+        print(f"routescope: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ from routescope.store.writer import PartWriter
 Columns = dict[str, np.ndarray]
 
 
+class RunExistsError(RouteScopeError, FileExistsError):
+    """The output directory already holds a run and overwrite was not asked."""
+
+
 class ImportFormatError(RouteScopeError, ValueError):
     """A dump does not have the layout an importer expects; the message names what was expected."""
 
@@ -79,7 +83,7 @@ def write_imported_run(
     out = Path(out)
     if (out / MANIFEST_NAME).exists():
         if not overwrite:
-            raise FileExistsError(f"{out} already holds a routescope run; pass --overwrite to replace it")
+            raise RunExistsError(f"{out} already holds a routescope run; pass --overwrite to replace it")
         for table in schema.TABLE_COLUMNS:
             shutil.rmtree(out / table, ignore_errors=True)
         for fragment in out.glob("manifest*.json"):
