@@ -372,3 +372,27 @@ def test_metrics_registry_runs_every_metric(planted):
         assert isinstance(df, pd.DataFrame) and not df.empty, name
         method = getattr(run, name)
         pd.testing.assert_frame_equal(method(*args.get(name, ()), where="phase = 'decode'"), df)
+
+
+def test_refresh_sees_new_parts(tmp_path):
+    """Cached per-expert counts belong to the views' parts: refresh() picks up a new part."""
+    rng = np.random.default_rng(5)
+    first = {0: sample_topk(rng, np.full((50, 4), 0.25), 2)}
+    path = write_run(tmp_path / "live", first, 4, complete=False)
+    more = write_run(
+        tmp_path / "more",
+        {0: sample_topk(rng, np.full((30, 4), 0.25), 2)},
+        4,
+        seq_id=np.full(30, 99),
+        pos=np.arange(30),
+    )
+    with rs.open_run(path) as run:
+        assert run.balance()["tokens"].item() == 50
+        for table in ("tokens", "routing"):
+            (more / table / "rank=0" / "part-00000.parquet").rename(
+                path / table / "rank=0" / "part-00001.parquet"
+            )
+        assert run.balance()["tokens"].item() == 50  # the views are a snapshot until refresh()
+        run.refresh()
+        assert run.balance()["tokens"].item() == 80
+        assert run.expert_load()["tokens"].sum() == 160

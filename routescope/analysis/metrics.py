@@ -136,6 +136,7 @@ def _bind(name: str, needed: frozenset[str], values: Mapping[str, Any]) -> dict[
 # as DuckDB temp tables while the run's views, the session variables a `where=` may read
 # (the dashboard binds filter values that way) and the manifest's layers stay the same.
 CACHED = ("expert_counts",)
+CACHE_LIMIT = 32  # cached tables per Run
 _CACHE: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 _TABLE_IDS = itertools.count()
 
@@ -161,6 +162,9 @@ def cached_table(run: Run, name: str, where: str | None, layers: Mapping[str, li
         _CACHE[run] = state
     key = (name, where)
     if key not in state["tables"]:
+        if len(state["tables"]) >= CACHE_LIMIT:  # forget the oldest selection
+            oldest = next(iter(state["tables"]))
+            run.con.execute(f"DROP TABLE IF EXISTS {state['tables'].pop(oldest)}")
         table = f"routescope_cache_{next(_TABLE_IDS)}"
         sql, needed = build_query(name, where)
         run.con.execute(f"CREATE TEMP TABLE {table} AS {sql}", _bind(name, needed, layers))
