@@ -218,9 +218,16 @@ class Recorder:
         return MANIFEST_NAME if self.rank == 0 else f"manifest.rank={self.rank}.json"
 
     def _remove_run_files(self) -> None:
+        # A single process replaces every rank of an earlier multi-rank run; a rank of a
+        # multi-rank run removes only its own files (the others may be writing already).
+        ranks = "rank=*" if self.world_size == 1 else f"rank={self.rank}"
         for table in schema.TABLE_COLUMNS:
-            shutil.rmtree(self.out_dir / table / f"rank={self.rank}", ignore_errors=True)
+            for path in (self.out_dir / table).glob(ranks):
+                shutil.rmtree(path, ignore_errors=True)
         (self.out_dir / self._manifest_name).unlink(missing_ok=True)
+        if self.world_size == 1:
+            for fragment in self.out_dir.glob("manifest.rank=*.json"):
+                fragment.unlink(missing_ok=True)
 
     def _load_for_append(self, manifest_path: Path) -> None:
         old = read_manifest(self.out_dir) if self.rank == 0 else _read_json(manifest_path)
