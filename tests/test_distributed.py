@@ -170,3 +170,35 @@ def test_dead_rank_leaves_readable_incomplete_run(tmp_path, single_run):
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "worker":
     die = int(sys.argv[sys.argv.index("--die-rank") + 1]) if "--die-rank" in sys.argv else None
     worker(Path(sys.argv[2]), die)
+
+
+def test_rank_without_fragment_marks_run_incomplete(tiny_model, tmp_path):
+    """Rank 0 of a world of 2 recorded, rank 1 never started: the run says so."""
+    model = tiny_model("mixtral")
+    out = tmp_path / "run"
+    record_batches(model, out, corpus()[:1], rank=0, world_size=2)
+    with rs.open_run(out) as run:
+        assert not run.complete
+        assert run.manifest["ranks"][1] == {
+            "rank": 1,
+            "tokens": 0,
+            "steps": 0,
+            "complete": False,
+            "missing": True,
+        }
+        assert run.manifest["tokens"] == run.manifest["ranks"][0]["tokens"] > 0
+
+    # rank 1 records later into the same run: now complete, tokens summed, seq ids apart
+    record_batches(model, out, corpus()[1:2], rank=1, world_size=2)
+    with rs.open_run(out) as run:
+        assert run.complete and run.manifest["world_size"] == 2
+        assert run.manifest["tokens"] == sum(r["tokens"] for r in run.manifest["ranks"])
+        assert run.sql("SELECT count(*) AS n FROM tokens")["n"][0] == run.manifest["tokens"]
+        assert run.sql("SELECT min(seq_id) AS s FROM tokens WHERE rank = 1")["s"][0] == 1 << SEQ_ID_RANK_SHIFT
+
+    # a single process overwriting the run replaces every rank's files
+    record_batches(model, out, corpus()[:1], mode="overwrite")
+    assert not list(out.glob("manifest.rank=*.json"))
+    with rs.open_run(out) as run:
+        assert run.complete and "ranks" not in run.manifest
+        assert run.sql("SELECT DISTINCT rank FROM tokens")["rank"].tolist() == [0]
