@@ -161,7 +161,11 @@ def callbacks(registry: Any) -> list[tuple[str, Callable[[], Any]]]:
         ("entanglement: controls", lambda: entanglement.entanglement_controls(st)),
         ("entanglement: update (pair, top 20)", lambda: entanglement.update_entanglement(st, None, 20)),
         ("specialization: controls", lambda: specialization.specialization_controls(st)),
-        ("specialization: update", lambda: specialization.update_specialization(st, "domain", layer)),
+        (
+            "specialization: update_specialization",
+            lambda: specialization.update_specialization(st, "domain", layer),
+        ),
+        ("specialization: update_repetition", lambda: specialization.update_repetition(st)),
         ("super experts: update", lambda: super_experts.update_super_experts(st)),
         ("tokens: controls", lambda: tokens.tokens_controls(st)),
         ("tokens: update_tokens", lambda: tokens.update_tokens(st, seq, 0)),

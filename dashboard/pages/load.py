@@ -102,7 +102,7 @@ def load_label_values(state: Any, label: Any) -> list:
     return filter_controls(state, label)[2]
 
 
-@guarded([FIGURE, FIGURE, FIGURE, MESSAGE, CHILDREN, CHILDREN])
+@guarded([FIGURE, FIGURE, FIGURE, MESSAGE, CHILDREN, KEEP])
 def update_load(state: Any, phase: Any, label: Any, value: Any, steps: Any, metric: Any, layer: Any) -> tuple:
     """(heatmap, bars, co-activation, message, filter note, heatmap caption) for the filter."""
     registry, key = current(state)

@@ -68,21 +68,27 @@ def specialization_controls(state: Any, label_now: Any = None, layer_now: Any = 
     )
 
 
-@guarded([FIGURE, FIGURE, MESSAGE])
+@guarded([FIGURE, MESSAGE])
 def update_specialization(state: Any, label: Any, layer: Any) -> tuple:
-    """(lift heatmap, repetition figure, message)."""
+    """(lift heatmap, message) for one label and layer."""
     registry, key = current(state)
     info = registry.query(key, "summary")
-    rep = plots.repetition_figure(registry.query(key, "repetition"))
     if not info["labels"]:
         note = (
             "This run has no labels: record with rs.record(..., labels={'domain': ...}) to compare by label."
         )
-        return plots.empty_figure("no labels in this run"), rep, message(note, "info")
+        return plots.empty_figure("no labels in this run"), message(note, "info")
     label = label if label in info["labels"] else info["labels"][0]
     layer = int(layer) if layer is not None else info["moe_layers"][0]
     spec = registry.query(key, "specialization", label)
-    return plots.specialization_heatmap(spec, label, layer), rep, None
+    return plots.specialization_heatmap(spec, label, layer), None
+
+
+@guarded([FIGURE])
+def update_repetition(state: Any) -> Any:
+    """The repetition-rate figure (its own callback: it does not follow the label or layer)."""
+    registry, key = current(state)
+    return plots.repetition_figure(registry.query(key, "repetition"))
 
 
 def register(app: dash.Dash) -> None:
@@ -96,9 +102,11 @@ def register(app: dash.Dash) -> None:
         State("specialization-label", "value"),
         State("specialization-layer", "value"),
     )(specialization_controls)
+    app.callback(Output("specialization-repetition", "figure"), Input("app-version", "data"))(
+        update_repetition
+    )
     app.callback(
         Output("specialization-heatmap", "figure"),
-        Output("specialization-repetition", "figure"),
         Output("specialization-message", "children"),
         Input("app-version", "data"),
         Input("specialization-label", "value"),
