@@ -66,62 +66,51 @@ ORDER BY o.layer, p.expert_a, p.expert_b
 
 -- name: pair_information
 -- Per layer pair of `pair_counts` (sample 0 observed, 1 permuted): plug-in MI, H(A), H(B), H(B|A), top-1 predictability.
+-- With S = Σ c·log2(c) over cells or margins, H(X) = log2(n) − S_X / n and MI = H(A) + H(B) − H(A, B).
 WITH counts AS (
     SELECT sample, layer, next_layer, expert_a, expert_b, count::DOUBLE AS n
     FROM pair_counts
     WHERE count > 0
 ),
-totals AS (
-    SELECT sample, layer, next_layer, sum(n) AS n FROM counts GROUP BY ALL
+joint AS (
+    SELECT sample, layer, next_layer, sum(n) AS n, sum(n * log2(n)) AS s FROM counts GROUP BY ALL
 ),
 margin_a AS (
-    SELECT sample, layer, next_layer, expert_a, sum(n) AS n, max(n) AS best FROM counts GROUP BY ALL
+    SELECT sample, layer, next_layer, sum(n) AS n, max(n) AS best FROM counts GROUP BY sample, layer, next_layer, expert_a
 ),
 margin_b AS (
-    SELECT sample, layer, next_layer, expert_b, sum(n) AS n FROM counts GROUP BY ALL
+    SELECT sample, layer, next_layer, sum(n) AS n FROM counts GROUP BY sample, layer, next_layer, expert_b
 ),
-mutual AS (
-    SELECT c.sample, c.layer, c.next_layer, sum(c.n / t.n * log2(c.n * t.n / (a.n * b.n))) AS mi
-    FROM counts c
-    JOIN totals t USING (sample, layer, next_layer)
-    JOIN margin_a a USING (sample, layer, next_layer, expert_a)
-    JOIN margin_b b USING (sample, layer, next_layer, expert_b)
-    GROUP BY ALL
+sums_a AS (
+    SELECT sample, layer, next_layer, sum(n * log2(n)) AS s, sum(best) AS best FROM margin_a GROUP BY ALL
 ),
-entropy_a AS (
-    SELECT a.sample, a.layer, a.next_layer, 0.0 - sum(a.n / t.n * log2(a.n / t.n)) AS h, sum(a.best) / any_value(t.n) AS predictability
-    FROM margin_a a JOIN totals t USING (sample, layer, next_layer)
-    GROUP BY ALL
-),
-entropy_b AS (
-    SELECT b.sample, b.layer, b.next_layer, 0.0 - sum(b.n / t.n * log2(b.n / t.n)) AS h
-    FROM margin_b b JOIN totals t USING (sample, layer, next_layer)
-    GROUP BY ALL
+sums_b AS (
+    SELECT sample, layer, next_layer, sum(n * log2(n)) AS s FROM margin_b GROUP BY ALL
 ),
 info AS (
     SELECT
-        t.sample,
-        t.layer,
-        t.next_layer,
-        t.n::BIGINT AS tokens,
-        greatest(m.mi, 0.0) AS mutual_info_bits,
-        ha.h AS entropy_a_bits,
-        hb.h AS entropy_b_bits,
-        ha.predictability AS top1_predictability
-    FROM totals t
-    JOIN mutual m USING (sample, layer, next_layer)
-    JOIN entropy_a ha USING (sample, layer, next_layer)
-    JOIN entropy_b hb USING (sample, layer, next_layer)
+        j.sample,
+        j.layer,
+        j.next_layer,
+        j.n::BIGINT AS tokens,
+        greatest(log2(j.n) - a.s / j.n, 0.0) AS entropy_a_bits,
+        greatest(log2(j.n) - b.s / j.n, 0.0) AS entropy_b_bits,
+        greatest(log2(j.n) - (a.s + b.s - j.s) / j.n, 0.0) AS mutual_info_bits,
+        a.best / j.n AS top1_predictability
+    FROM joint j
+    JOIN sums_a a USING (sample, layer, next_layer)
+    JOIN sums_b b USING (sample, layer, next_layer)
 )
 SELECT
     o.layer,
     o.next_layer,
     o.tokens,
-    o.mutual_info_bits,
-    CASE WHEN o.entropy_b_bits > 0 THEN o.mutual_info_bits / o.entropy_b_bits ELSE 0.0 END AS norm_mutual_info,
+    least(o.mutual_info_bits, o.entropy_a_bits, o.entropy_b_bits) AS mutual_info_bits,
+    CASE WHEN o.entropy_b_bits > 0 THEN least(o.mutual_info_bits / o.entropy_b_bits, 1.0) ELSE 0.0 END
+        AS norm_mutual_info,
     greatest(o.entropy_b_bits - o.mutual_info_bits, 0.0) AS cond_entropy_bits,
     o.top1_predictability,
-    p.mutual_info_bits AS baseline_mutual_info_bits,
+    least(p.mutual_info_bits, p.entropy_a_bits, p.entropy_b_bits) AS baseline_mutual_info_bits,
     o.entropy_a_bits,
     o.entropy_b_bits
 FROM info o
