@@ -32,24 +32,160 @@ COMMON: dict[str, Any] = dict(
     pad_token_id=0,
 )
 
+# Multi-head latent attention (DeepSeek V2/V3 family): low ranks, q/k/v heads of 8.
+MLA: dict[str, Any] = dict(
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+    num_key_value_heads=4,
+)
+# Group-limited routers: 8 experts in 2 groups, tokens pick 1 group.
+GROUPED: dict[str, Any] = dict(n_routed_experts=8, n_group=2, topk_group=1)
+# Models whose first layers are dense: 3 layers, so that 2 are MoE.
+DENSE_FIRST: dict[str, Any] = dict(num_hidden_layers=3, first_k_dense_replace=1)
+# DeepSeek sparse attention's token indexer.
+INDEXER: dict[str, Any] = dict(index_head_dim=8, index_n_heads=2)
+
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0),
     "qwen3_next": dict(layer_types=["linear_attention", "full_attention"]),
     "qwen3_5_moe": dict(layer_types=["linear_attention", "full_attention"]),
-    "qwen4_exp": dict(layer_types=["linear_attention", "full_attention"]),
-    "deepseek_v3": dict(
+    "deepseek_v3": dict(**DENSE_FIRST, **GROUPED, n_shared_experts=1, **MLA),
+    "deepseek_v2": dict(**MLA),
+    "deepseek_v32": dict(**DENSE_FIRST, **GROUPED, **MLA, **INDEXER),
+    "glm_moe_dsa": dict(**DENSE_FIRST, **MLA, **INDEXER),
+    "glm4_moe_lite": dict(num_hidden_layers=3, **MLA),
+    "axk1": dict(num_hidden_layers=3, **GROUPED, **MLA),
+    "axk2": dict(num_hidden_layers=3, **MLA, **INDEXER),
+    "hy_v4": dict(num_hidden_layers=3, **MLA, **INDEXER),
+    "kimi_linear": dict(
         num_hidden_layers=3,
-        first_k_dense_replace=1,
-        n_routed_experts=8,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        linear_head_dim=8,
+        linear_num_heads=4,
+        **MLA,
+    ),
+    "bailing_hybrid": dict(
+        **DENSE_FIRST,
+        **GROUPED,
+        num_local_experts=8,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        **MLA,
+    ),
+    "longcat_flash": dict(
+        num_layers=2,  # each layer holds two attention blocks and one MoE
+        ffn_hidden_size=64,
+        expert_ffn_hidden_size=32,
+        moe_topk=2,
+        zero_expert_num=2,  # identity experts: ids 4 and 5
+        **MLA,
+    ),
+    "dots1": dict(**DENSE_FIRST, **GROUPED, n_shared_experts=1),
+    "beam": dict(
+        num_hidden_layers=3,
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        num_experts=8,
         n_group=2,
         topk_group=1,
-        n_shared_experts=1,
-        kv_lora_rank=16,
-        q_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
-        num_key_value_heads=4,
+    ),
+    "flint": dict(num_hidden_layers=3, mlp_only_layers=[0]),
+    "afmoe": dict(num_hidden_layers=3),
+    "exaone_moe": dict(num_hidden_layers=3),
+    "hy_v3": dict(num_hidden_layers=3),
+    "laguna": dict(num_hidden_layers=3),
+    "mimo_v2_flash": dict(num_hidden_layers=3),
+    "nemotron_h": dict(
+        num_hidden_layers=4,
+        layers_block_type=["linear_attention", "moe", "full_attention", "moe"],
+        mamba_num_heads=4,
+        mamba_head_dim=8,
+        n_groups=1,
+        ssm_state_size=16,
+    ),
+    "lfm2_moe": dict(num_hidden_layers=3, num_dense_layers=1, layer_types=["conv", "full_attention", "conv"]),
+    "granitemoehybrid": dict(
+        layer_types=["linear_attention", "full_attention"],
+        mamba_n_heads=4,
+        mamba_d_head=16,  # mamba_expand (2) * hidden_size / mamba_n_heads
+        mamba_d_state=16,
+    ),
+    "qwen4_exp": dict(
+        layer_types=["linear_attention", "indexed_attention"],
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        hc_lowrank=8,
+        indexer_n_heads=2,
+        indexer_kv_heads=1,
+        indexer_head_dim=8,
+        indexer_budget=8,
+        indexer_compress_ratio=2,
+    ),
+    "zaya": dict(num_experts_per_tok=1, router_hidden_size=16),  # ZAYA routes to one expert only
+    "jetmoe": dict(kv_channels=8),
+    "doge": dict(is_moe=True, num_experts=16, keep_window_size=64),  # product keys: 4 x 4
+    "dbrx": dict(
+        d_model=32,
+        n_heads=4,
+        n_layers=2,
+        max_seq_len=256,
+        # DbrxAttention reads rope_theta from attn_config (which does not declare it) and
+        # clamps with clip_qkv even when it is None; the released model sets both
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2),
+    ),
+    # Per-layer configs: the text config is given whole (the shared fields do not apply).
+    "dots3_note": dict(
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            shared_experts_intermediate_size=32,
+            num_hidden_layers=3,
+            first_k_dense_replace=1,
+            num_attention_heads=4,
+            head_dim=16,
+            use_sliding_window=False,
+            vocab_size=128,
+            max_position_embeddings=256,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            pad_token_id=0,
+            **GROUPED,
+            **MLA,
+            **INDEXER,
+        ),
+        vision_config=dict(adapter_out_dim=32),
+        audio_config=dict(adapter_out_dim=32),
+    ),
+    "gemma4": dict(
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            layer_types=["sliding_attention", "full_attention"],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            global_head_dim=8,
+            vocab_size=128,
+            vocab_size_per_layer_input=128,
+            hidden_size_per_layer_input=8,
+            max_position_embeddings=256,
+            sliding_window=64,
+            enable_moe_block=True,
+            num_experts=4,
+            top_k_experts=2,
+            pad_token_id=0,
+        ),
+        vision_config=None,
+        audio_config=None,
     ),
 }
 
@@ -59,13 +195,17 @@ def tiny_config(model_type: str, **overrides: Any):
     defaults = AutoConfig.for_model(model_type).to_dict()
     # Pass top-level fields to the constructor so derived fields (layer_types, ...) follow.
     config = AutoConfig.for_model(model_type, **{k: v for k, v in values.items() if k in defaults})
+    if isinstance(values.get("text_config"), dict):
+        return config  # a complete text config was given: the shared fields stay out of it
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key, value in values.items():
-        if hasattr(text, key):
-            try:
+        if isinstance(value, dict):
+            continue  # sub-configs (DBRX's attn_config, ...) were passed to the constructor
+        try:
+            if hasattr(text, key):
                 setattr(text, key, value)
-            except Exception:
-                pass
+        except Exception:
+            pass  # read-only or per-layer fields: the constructor's value stays
     return config
 
 
