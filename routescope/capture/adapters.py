@@ -50,6 +50,39 @@ def _from_dense_scores_router(module: nn.Module, args: tuple, kwargs: dict, outp
     return indices, scores.gather(1, indices)
 
 
+def _from_skip_router_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Decision:
+    """ZAYA: (logits, weights, indices, state); a choice of the extra skip class reaches the
+    experts as expert 0 with weight 0, so it is recorded as expert `num_experts` with weight 0."""
+    weights, indices = output[1], output[2]
+    skipped = (indices == 0) & (weights == 0)  # a chosen softmax probability is never exactly 0
+    return indices.masked_fill(skipped, module.num_experts), weights
+
+
+def _from_sorted_gating_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Decision:
+    """JetMoE: (index_sorted_experts, batch_index, batch_gates, expert_size, logits), the
+    token-slot pairs sorted by expert. The gates are put back in token-slot order; the ids are
+    the top-k of the returned fp32 logits, the very tensor and call the gating chose with."""
+    index_sorted, gates, logits = output[0], output[2], output[4]
+    weights = torch.empty_like(gates).index_copy_(0, index_sorted, gates)
+    indices = logits.topk(module.top_k, dim=1).indices
+    return indices, weights.view(indices.shape)
+
+
+def _from_product_key_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Decision:
+    """Doge CDMoE: product-key routing over sqrt(E) x sqrt(E) keys. It returns the router
+    logits [2, tokens, sqrt(E)]; the ids and weights are recomputed with the module's own
+    steps, which are deterministic."""
+    logits = output[1]
+    (scores_x, scores_y), (ids_x, ids_y) = logits.topk(module.num_keys, dim=-1)
+    scores = (scores_x.unsqueeze(-1) + scores_y.unsqueeze(-2)).flatten(-2)
+    ids = (ids_x.unsqueeze(-1) * module.num_keys + ids_y.unsqueeze(-2)).flatten(-2)
+    top_scores, position = scores.topk(module.top_k, dim=-1)
+    weights = torch.softmax(top_scores, dim=-1)
+    if module.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids.gather(-1, position), weights
+
+
 @dataclass(frozen=True)
 class Adapter:
     """One router kind: how to recognise its module and where its decision is."""
@@ -59,6 +92,7 @@ class Adapter:
     extract: Extractor
     class_names: tuple[str, ...] = ()  # match on the module's class name ...
     fused_experts: bool = False  # ... or on transformers' @use_experts_implementation
+    num_experts_attr: str = ""  # module attribute counting every choice (zero/skip experts too)
     note: str = ""
 
 
@@ -71,6 +105,15 @@ ADAPTERS: tuple[Adapter, ...] = (
         note="router returns (scores, logits) with no indices; experts see pre-scaled inputs",
     ),
     Adapter(
+        name="skip_router",
+        hook="post",
+        extract=_from_skip_router_output,
+        class_names=("ZayaRouter",),
+        num_experts_attr="num_router_classes",
+        note="one extra skip class (no compute) that the experts see as expert 0 with weight 0; "
+        "recorded as expert num_experts",
+    ),
+    Adapter(
         name="fused_experts",
         hook="pre",
         extract=_from_experts_call,
@@ -79,11 +122,35 @@ ADAPTERS: tuple[Adapter, ...] = (
         "after any bias, group limit or renormalisation",
     ),
     Adapter(
+        name="experts_call",
+        hook="pre",
+        extract=_from_experts_call,
+        class_names=("DbrxExperts", "LongcatFlashExperts"),
+        num_experts_attr="total_experts",
+        note="experts modules with the fused call signature but without the decorator; "
+        "LongCat's zero-compute (identity) experts are ids n_routed_experts and up",
+    ),
+    Adapter(
         name="topk_router",
         hook="post",
         extract=_from_topk_router_output,
         class_names=("FlintTopKRouter", "BeamTopKRouter"),
         note="router returns (logits, weights, indices) and its experts are not fused",
+    ),
+    Adapter(
+        name="sorted_gating",
+        hook="post",
+        extract=_from_sorted_gating_output,
+        class_names=("JetMoeTopKGating",),
+        note="JetMoE's MLP router (layers.N.mlp.router, found first in each layer); the "
+        "mixture-of-attention router in self_attention.experts is not recorded",
+    ),
+    Adapter(
+        name="product_key",
+        hook="post",
+        extract=_from_product_key_output,
+        class_names=("DogeCDMoE",),
+        note="Doge's product-key retrieval experts; ids and weights recomputed from its logits",
     ),
 )
 
