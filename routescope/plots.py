@@ -432,7 +432,11 @@ def specialization_heatmap(spec: pd.DataFrame, label: str, layer: int, max_value
     if df.empty:
         return empty_figure(f"no tokens carry the label {label!r}", title)
     df = df.assign(**{label: df[label].astype(str)})
-    values = sorted(df[label].unique())[:max_values]
+    if "tokens" in df.columns:  # the most frequent values first, when there are too many to draw
+        values = df.groupby(label)["tokens"].sum().sort_values(ascending=False).index[:max_values]
+        values = sorted(values)
+    else:
+        values = sorted(df[label].unique())[:max_values]
     experts = sorted(df["expert"].unique())
     lift = df.pivot(index=label, columns="expert", values="lift").reindex(index=values, columns=experts)
     share = df.pivot(index=label, columns="expert", values="share").reindex(index=values, columns=experts)
@@ -440,7 +444,7 @@ def specialization_heatmap(spec: pd.DataFrame, label: str, layer: int, max_value
         go.Heatmap(
             z=_grid(_log2_lift(lift.to_numpy(dtype=float))),
             x=experts,
-            y=values,
+            y=[plain_text(v) for v in values],
             customdata=_stack(lift.to_numpy(dtype=float), share.to_numpy(dtype=float)),
             colorscale=DIVERGING_SCALE,
             zmid=0,
@@ -658,16 +662,20 @@ def _all_nan(values) -> bool:
         return True
 
 
+def plain_text(value: object) -> str:
+    """`value` as literal text inside Plotly labels, which read a small HTML subset: markup is escaped."""
+    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _hover_text(token: str) -> str:
-    # Plotly renders hover text as a small HTML subset: show markup characters literally.
-    return repr(str(token)).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return plain_text(repr(str(token)))
 
 
 def _tick_text(token: str, width: int = 10) -> str:
     text = str(token).replace("\n", "⏎").replace("\t", "⇥")
     if len(text) > width:
         text = text[: width - 1] + "…"
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") or "␣"
+    return plain_text(text) or "␣"
 
 
 # -- compare -----------------------------------------------------------------------------

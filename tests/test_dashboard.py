@@ -447,3 +447,26 @@ def test_cli_bad_input_exits_2(runs, capsys):
         assert len(err) == 1 and expected in err[0], err
     assert dashboard_command(parser.parse_args([str(runs["a"]), "--port", "0"])) == 2
     assert parser.parse_args([str(runs["a"])]).host == "127.0.0.1"
+
+
+def test_label_values_and_tokens_stay_text_in_figures():
+    from routescope import plots
+
+    spec = pd.DataFrame(
+        {
+            "domain": ["<b>x</b>", "a&b"],
+            "layer": [0, 0],
+            "expert": [0, 0],
+            "tokens": [3, 2],
+            "share": [1.0, 1.0],
+            "lift": [2.0, 2.0],
+        }
+    )
+    fig = plots.specialization_heatmap(spec, "domain", 0)
+    assert list(fig.data[0].y) == ["&lt;b&gt;x&lt;/b&gt;", "a&amp;b"]
+    lanes = pd.DataFrame(
+        {"pos": [0], "layer": [0], "token": ["<img src=x>"], "experts": [[1, 2]], "weights": [[0.6, 0.4]]}
+    )
+    fig = plots.expert_lanes(lanes, 4)
+    assert "<img" not in fig.data[0].text[0][0] and "&lt;img" in fig.data[0].text[0][0]
+    assert "<img" not in fig.layout.xaxis.ticktext[0]
