@@ -559,9 +559,11 @@ SUPER_EXPERTS: list[Cell] = [
         ## 1. Calibration on the bundled model
 
         Two batches of held-out texts, two per domain, as calibration data: each batch is a
-        dict of model inputs (a list of strings works too, with `tokenizer=`). The bundled model is tiny and briefly trained, so it may
-        well have no Super Expert: the scatter shows how far its experts are from the two
-        dashed thresholds. `attrs["thresholds"]` holds the thresholds that were applied.
+        dict of model inputs (a list of strings works too, with `tokenizer=`). The result has
+        one row per expert, largest output first; `attrs["thresholds"]` holds the thresholds
+        that were applied and the layers searched. Even a tiny, briefly trained model can
+        grow an expert whose output towers over the rest: the scatter shows how far every
+        expert is from the two dashed thresholds.
         """
     ),
     code(
@@ -687,7 +689,7 @@ SUPER_EXPERTS: list[Cell] = [
     md(
         """
         The same check on the bundled model: prune the expert with the largest output (flagged
-        or not) and, for comparison, the median one of the same layer.
+        or not) and, for comparison, the expert with the median output of the same layer.
         """
     ),
     code(
@@ -698,10 +700,10 @@ SUPER_EXPERTS: list[Cell] = [
         median = same_layer.iloc[len(same_layer) // 2]
         pd.DataFrame(
             [
-                {"pruned": f"largest output L{int(e.layer)}/e{int(e.expert)}", "is_super": bool(e.is_super),
+                {"pruned": f"{name} L{int(e.layer)}/e{int(e.expert)}", "is_super": bool(e.is_super),
                  "max_abs_output": e.max_abs_output,
                  "mean_kl": prune_effect(model, [(int(e.layer), int(e.expert))], batches)}
-                for e in (top, median)
+                for name, e in (("largest output", top), ("median output", median))
             ]
         )
         """
