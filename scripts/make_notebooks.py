@@ -515,8 +515,10 @@ ENTANGLEMENT: list[Cell] = [
         goes to most often (`top_expert`), the fraction of its occurrences that go there
         (`top_share`) and the lift over the uniform k/E. The table lists the most
         concentrated frequent tokens of the last MoE layer. `repetition_rate()` is the fraction of consecutive tokens in a
-        sequence whose top-1 expert is the same; a uniform router gives 1/E, and Mixtral's
-        authors found much higher rates in deeper layers (consecutive tokens share experts).
+        sequence whose top-1 expert is the same. A uniform router gives 1/E (the grey marks);
+        `marginal_baseline` (Σ p_e², p_e the top-1 shares) is what this layer's own uneven
+        load gives by chance. Mixtral's authors found rates well above chance: consecutive
+        tokens often share experts.
         """
     ),
     code(
