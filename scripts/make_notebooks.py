@@ -93,7 +93,7 @@ QUICKSTART: list[Cell] = [
 
         We use the tiny Qwen3-MoE model bundled with routescope (`data/model`) and its held-out
         corpus (`data/sample.jsonl`, four domains: code, math, multilingual, prose). Everything
-        runs offline on a CPU in well under a minute.
+        runs offline on a CPU in about a minute.
         """
     ),
     SETUP,
@@ -186,9 +186,10 @@ QUICKSTART: list[Cell] = [
         """
         ## 4. Dead and hot experts
 
-        A dead expert received no token at all (here over a few thousand tokens, so a dead
-        expert is real evidence: a uniform router misses one expert for all T tokens with
-        probability (1 − k/E)^T). A hot expert has at least twice the uniform share 1/E;
+        A dead expert received no token at all. How much that means depends on how many tokens
+        were seen: a uniform router misses one given expert for all T tokens with probability
+        (1 − k/E)^T, astronomically small for the few thousand tokens here, but not for a
+        handful of decode tokens. A hot expert has at least twice the uniform share 1/E;
         `ratio` says how many times the uniform share it gets.
         """
     ),
@@ -196,7 +197,9 @@ QUICKSTART: list[Cell] = [
         """
         dead = run.dead_experts()
         hot = run.hot_experts(factor=2.0)
-        print(f"{len(dead)} dead and {len(hot)} hot experts over {run.manifest['tokens']} tokens")
+        T, E, k = run.manifest["tokens"], run.num_experts(run.moe_layers[0]), run.top_k(run.moe_layers[0])
+        print(f"{len(dead)} dead and {len(hot)} hot experts over {T} tokens; "
+              f"P(a given expert gets no token | uniform router) = {(1 - k / E) ** T:.1e}")
         hot.sort_values("ratio", ascending=False).head(10)
         """
     ),
@@ -261,7 +264,7 @@ LOAD_BALANCE: list[Cell] = [
         | `max_violation` | (max L − m) / m | 0 | how overloaded the busiest expert is (MaxVio) |
         | `balancedness` | m / max L | 1 | the fraction of peak throughput an expert-parallel layer reaches |
         | `norm_entropy` | −Σ s ln s / ln E | 1 | 1 = all experts used equally, 0 = one expert takes all |
-        | `aux_loss` | E · Σ (L_e / T) · P̄_e | 1 (for k = 1) | the Switch / Mixtral load-balancing loss; needs `router_stats=True` |
+        | `aux_loss` | E · Σ (L_e / T) · P̄_e | k (1 for top-1) | the Switch / Mixtral load-balancing loss; needs `router_stats=True` |
 
         `aux_loss` also uses the router's probabilities P̄_e, so it is recorded only with
         `router_stats=True`.
@@ -796,8 +799,7 @@ COMPARE: list[Cell] = [
         *Router saturation* (OLMoE's term) asks how many routing decisions survive the change:
         over the tokens present in both runs (same sequence, position and token id), the mean
         fraction of a token's top-k experts that are the same in A and B. 1.0 means the
-        perturbation changed no decision; 1/E·k-ish values mean routing is effectively
-        reshuffled. `top1_agreement` is the same for the first choice alone.
+        perturbation changed no decision; k/E is what two unrelated routers share by chance. `top1_agreement` is the same for the first choice alone.
         """
     ),
     code(
