@@ -89,6 +89,8 @@ class RunRegistry:
     def run(self, key: str) -> rs.Run:
         """The opened Run for `key`; RunUnavailable with a clear message when it cannot open."""
         slot = self._slot(key)
+        if slot.run is not None:  # no lock: a cached answer need not wait for a running query
+            return slot.run
         with slot.lock:
             if slot.run is None:
                 try:
