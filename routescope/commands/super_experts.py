@@ -142,7 +142,10 @@ def print_calibration(result: Calibration, top: int = 10) -> None:
         )
     )
     found = result.experts[result.experts["is_super"]]
-    listing = ", ".join(f"layer {r.layer} {expert_label(r.expert, r.shared)}" for r in found.itertuples())
+    listing = ", ".join(
+        f"layer {r.layer} {'' if r.shared else 'expert '}{expert_label(r.expert, r.shared)}"
+        for r in found.itertuples()
+    )
     console.print(
         f"Super Experts: {len(found)} ({listing or 'none'}); thresholds: > {_cell(t['percentile_threshold'])} "
         f"(p{t['quantile']:g}) and > {_cell(t['max_threshold'])} ({t['ratio']:g} x max), "
