@@ -348,7 +348,9 @@ def expert_activations(run: Run) -> pd.DataFrame:
     `rs.classify_super_experts(df, num_hidden_layers)` adds `is_super`.
     """
     if not run.has_table("expert_activations"):
-        raise ValueError("this run has no expert_activations table: calibrate with rs.find_super_experts(...)")
+        raise ValueError(
+            "this run has no expert_activations table: calibrate with rs.find_super_experts(...)"
+        )
     return query(run, "expert_activations")
 
 
