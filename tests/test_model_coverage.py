@@ -23,13 +23,7 @@ from tests.test_capture import expected_rows, padded_batch, recorded_rows
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "models.md"
 
 # model type -> why routescope cannot record it yet (docs/models.md, "Gaps", says the same)
-GAPS: dict[str, str] = {
-    "gemma4": "discovery does not read Gemma 4's top-k key (top_k_experts)",
-    "longcat_flash": "discovery counts the routed experts only, not the zero-compute experts "
-    "(Adapter.num_experts_attr='total_experts' is not read yet)",
-    "zaya": "discovery counts the experts without the skip class "
-    "(Adapter.num_experts_attr='num_router_classes' is not read yet)",
-}
+GAPS: dict[str, str] = {}
 
 MODEL_TYPES = installed_moe_types()
 

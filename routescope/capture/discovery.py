@@ -16,7 +16,7 @@ from routescope.capture.adapters import ADAPTERS, Adapter, match_adapter
 from routescope.errors import UnsupportedModelError
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)(?:\.|$)")
-_TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "top_k", "num_experts_per_token", "moe_top_k")
+_TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "top_k", "num_experts_per_token", "moe_top_k", "top_k_experts")
 _NUM_EXPERTS_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -79,11 +79,16 @@ def _module_int(modules: list[nn.Module | None], attrs: tuple[str, ...]) -> int 
     return None
 
 
-def _site_sizes(model: nn.Module, name: str, module: nn.Module) -> tuple[int | None, int | None]:
+def _site_sizes(
+    model: nn.Module, name: str, module: nn.Module, adapter: Adapter
+) -> tuple[int | None, int | None]:
     parent = _parent(model, name)
     siblings = [getattr(parent, n, None) for n in ("gate", "router")] if parent is not None else []
     config = text_config(model)
-    num_experts = _module_int([module, parent, *siblings], ("num_experts", "num_local_experts"))
+    attrs = (adapter.num_experts_attr,) if adapter.num_experts_attr else ()
+    num_experts = _module_int([module], attrs) or _module_int(
+        [module, parent, *siblings], ("num_experts", "num_local_experts")
+    )
     if num_experts is None:
         weight = getattr(module, "gate_up_proj", None)
         if weight is None:
@@ -109,7 +114,7 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
             continue
         if layer in best and rank[best[layer].adapter.name] <= rank[adapter.name]:
             continue
-        num_experts, top_k = _site_sizes(model, name, module)
+        num_experts, top_k = _site_sizes(model, name, module, adapter)
         if not num_experts or not top_k:
             raise UnsupportedModelError(
                 f"found a router at {name} ({type(module).__name__}) but could not tell its "
