@@ -159,6 +159,8 @@ def train(args: argparse.Namespace) -> None:
     model.eval()
     model.config.use_cache = True
     args.out.mkdir(parents=True, exist_ok=True)
+    # The aux loss was for training; saved with it on, generate() would compute it every step.
+    model.config.output_router_logits = False
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     size = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file())
