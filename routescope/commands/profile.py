@@ -64,6 +64,8 @@ def profile_corpus(
 ) -> Path:
     """Record `model` on `records` into `out`; returns the run directory."""
     device = next(model.parameters()).device
+    if generate:
+        tokenizer.padding_side = "left"  # decoder-only generation continues from the last column
     planned = list(batches(records, batch_size))
     seen = 0
     mode = "overwrite" if overwrite else "create"
