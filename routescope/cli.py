@@ -27,6 +27,7 @@ from routescope.commands.profile import (
     demo_command,
     profile_command,
 )
+from routescope.commands.super_experts import add_super_experts_arguments, super_experts_command
 from routescope.errors import RouteScopeError
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
@@ -308,6 +309,7 @@ COMMANDS: dict[str, tuple[AddArguments, RunCommand]] = {
     "profile": (add_profile_arguments, profile_command),
     "report": (add_report_arguments, report_command),
     "compare": (add_compare_arguments, compare_command),
+    "super-experts": (add_super_experts_arguments, super_experts_command),
     "dashboard": (add_dashboard_arguments, dashboard_command),
     "import": (add_import_arguments, import_command),
 }
