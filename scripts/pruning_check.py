@@ -1,7 +1,7 @@
 """Pruning check of the Super Experts paper on the bundled model: does pruning the detected
 Super Experts raise the held-out loss more than pruning as many random experts?
 
-Calibrates on a spread of data/sample.jsonl texts, evaluates next-token loss on disjoint
+Calibrates on texts spread over data/sample.jsonl, evaluates next-token loss on other
 texts of the same file, with `rs.prune_experts` for the Super Experts (or, when none is
 flagged, the experts with the largest max |down_proj output|) and for random experts over
 several seeds. Prints a table; `--json PATH` also writes the numbers (docs/super_experts.md).
@@ -28,11 +28,11 @@ from routescope.commands.profile import load_model
 
 
 def split_texts(texts: list[str], calibration: int, evaluation: int) -> tuple[list[str], list[str]]:
-    """Every 5th text (up to `calibration`) calibrates; the others (up to `evaluation`, spread) evaluate."""
-    calib = texts[::5][:calibration]
-    rest = [t for i, t in enumerate(texts) if i % 5]
-    step = max(1, len(rest) // max(1, evaluation))
-    return calib, rest[::step][:evaluation]
+    """`calibration` texts spread evenly over the file (every domain), and `evaluation` others, also spread."""
+    step = max(2, len(texts) // max(1, calibration))
+    chosen = set(range(0, len(texts), step)[:calibration])
+    rest = [t for i, t in enumerate(texts) if i not in chosen]
+    return [texts[i] for i in sorted(chosen)], rest[:: max(1, len(rest) // max(1, evaluation))][:evaluation]
 
 
 def held_out_loss(model, tokenizer, texts: list[str], batch_size: int, max_length: int) -> float:
