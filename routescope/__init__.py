@@ -11,7 +11,7 @@ from routescope.errors import RouteScopeError, RunFormatError, UnsupportedModelE
 __version__ = "0.1.0"
 
 from routescope.analysis import Run, open_run
-from routescope.analysis.compare import compare as compare
+from routescope.analysis.compare import compare
 from routescope.capture import Recorder, RunExistsError, find_routers, record
 from routescope.capture.activations import classify_super_experts, find_super_experts
 from routescope.capture.pruning import prune_experts
@@ -26,6 +26,7 @@ __all__ = [
     "WriterError",
     "__version__",
     "classify_super_experts",
+    "compare",
     "find_routers",
     "find_super_experts",
     "open_run",

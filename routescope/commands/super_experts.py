@@ -76,6 +76,7 @@ def calibration_texts(records: list[TextRecord], max_texts: int) -> list[str]:
 
 
 def super_experts_command(args: argparse.Namespace) -> int:
+    """Find Super Experts and massive activations with a calibration pass (optionally into a run)."""
     _check(args)
     records = read_texts(args.data or bundled_corpus(), args.text_field, [])
     model, tokenizer = load_model(args.model or bundled_model(), args.device, args.dtype)
