@@ -7,24 +7,37 @@ WITH labelled AS (
     FROM (SELECT seq_id, pos, COLUMNS(lambda c: c = $label) AS label_value FROM selected_tokens)
     WHERE label_value IS NOT NULL
 ),
-counts AS (
-    SELECT t.label_value, r.layer, r.expert, count(*) AS n
-    FROM selected_routing r
-    JOIN labelled t USING (seq_id, pos)
-    GROUP BY ALL
-),
 label_values AS (
-    SELECT DISTINCT label_value FROM labelled
+    SELECT label_value, (row_number() OVER (ORDER BY label_value) - 1)::BIGINT AS label_id
+    FROM (SELECT DISTINCT label_value FROM labelled)
+),
+token_labels AS (
+    SELECT t.seq_id, t.pos, v.label_id
+    FROM labelled t
+    JOIN label_values v USING (label_value)
+),
+packed AS (
+    -- One pass over routing joined to a small token -> label-id map; the GROUP BY key packs
+    -- (label id, layer, expert) into one BIGINT, which also stops DuckDB from pushing a partial
+    -- aggregate per (seq_id, pos, layer, expert) below the join (that costs ~10x at 100M rows).
+    SELECT (t.label_id << 32) | (r.layer::BIGINT << 16) | r.expert::BIGINT AS k, count(*) AS n
+    FROM routing r
+    JOIN token_labels t USING (seq_id, pos)
+    GROUP BY k
+),
+counts AS (
+    SELECT k >> 32 AS label_id, ((k >> 16) & 65535)::SMALLINT AS layer, (k & 65535)::SMALLINT AS expert, n
+    FROM packed
 ),
 grid AS (
-    SELECT v.label_value, l.layer, l.num_experts, unnest(range(l.num_experts))::SMALLINT AS expert
+    SELECT v.label_value, v.label_id, l.layer, l.num_experts, unnest(range(l.num_experts))::SMALLINT AS expert
     FROM label_values v
     CROSS JOIN layer_info l
 ),
 loads AS (
     SELECT g.label_value, g.layer, g.expert, g.num_experts, coalesce(c.n, 0)::BIGINT AS tokens
     FROM grid g
-    LEFT JOIN counts c ON c.label_value = g.label_value AND c.layer = g.layer AND c.expert = g.expert
+    LEFT JOIN counts c ON c.label_id = g.label_id AND c.layer = g.layer AND c.expert = g.expert
 ),
 shares AS (
     SELECT *, tokens / nullif(sum(tokens) OVER (PARTITION BY label_value, layer), 0) AS share FROM loads
