@@ -134,6 +134,9 @@ def router_saturation(run_a: Run, run_b: Run, where: str | None = None) -> tuple
     empty = pd.DataFrame(columns=["layer", "top_k", "tokens_matched", "saturation", "top1_agreement"])
     if not layers:
         return empty, ["the runs share no MoE layer: no router saturation"]
+    for run, name in ((run_a, "A"), (run_b, "B")):
+        if metrics.counts_only(run):
+            return empty, [f"run {name} holds expert counts only: router saturation needs per-token routing"]
     if not files["tokens"] or not files["routing"]:
         return empty, [f"{run_b.path} has no tokens or routing parts yet: no router saturation"]
     top_k = [min(run_a.top_k(layer), run_b.top_k(layer)) for layer in layers]

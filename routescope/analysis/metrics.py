@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 # The only place user text enters SQL: a notebook-style filter over the tokens view.
 WHERE_TEMPLATE = "SELECT * FROM tokens WHERE ({where})"
 ROUTER_STATS_HINT = "record the run with rs.record(..., router_stats=True)"
+# Counts-only runs (manifest `counts_only: true`): a `where=` is a predicate over this relation.
+STEPS_TEMPLATE = "SELECT step FROM (SELECT DISTINCT step FROM expert_counts) WHERE ({where})"
 # DuckDB errors that a bad `where=` can raise while the query runs (after it bound).
 _RUNTIME_WHERE_ERRORS = (duckdb.ConversionException, duckdb.InvalidInputException, duckdb.OutOfRangeException)
 
@@ -63,8 +65,33 @@ def _duckdb_message(exc: BaseException) -> str:
     return " ".join(keep)
 
 
+def counts_only(run: Run) -> bool:
+    """True for runs imported from per-expert counters: `expert_counts`, no tokens or routing."""
+    return bool(run.manifest.get("counts_only", False))
+
+
+def _counts_origin(run: Run) -> str:
+    source = run.manifest.get("imported_from") or {}
+    engine, mode = source.get("engine"), source.get("mode")
+    if engine and mode:
+        return f"imported from {engine}, mode {mode}"
+    return f"imported from {engine}" if engine else "imported"
+
+
+def require_routing(run: Run, metric: str) -> None:
+    """ValueError for a counts-only run: `metric` reads per-token routing rows it does not have."""
+    if counts_only(run):
+        raise ValueError(
+            f"this run holds expert counts only ({_counts_origin(run)}); {metric} needs per-token "
+            "routing (expert_load, balance, dead_experts and hot_experts work on counts)"
+        )
+
+
 def check_where(run: Run, where: str | None) -> str | None:
-    """None for no filter; the predicate when DuckDB can parse and bind it over `tokens`."""
+    """None for no filter; the predicate when DuckDB can parse and bind it over `tokens`.
+
+    For a counts-only run the predicate may read `step` only (the counts are per step).
+    """
     if where is None:
         return None
     if not isinstance(where, str):
@@ -73,6 +100,18 @@ def check_where(run: Run, where: str | None) -> str | None:
         )
     if not where.strip():
         return None
+    if counts_only(run):
+        selection = STEPS_TEMPLATE.format(where=where)
+        try:
+            if len(duckdb.extract_statements(selection)) != 1:
+                raise duckdb.ParserException("it must be one predicate, not several statements")
+            run.con.execute(f"SELECT * FROM ({selection}) LIMIT 0").fetchall()
+        except duckdb.Error as exc:
+            raise ValueError(
+                f"invalid where clause {where!r}: this run holds expert counts only ({_counts_origin(run)}), "
+                f"so where= may only reference step, e.g. 'step >= 10' ({_duckdb_message(exc)})"
+            ) from None
+        return where
     selection = WHERE_TEMPLATE.format(where=where)
     try:
         if len(duckdb.extract_statements(selection)) != 1:
@@ -151,6 +190,14 @@ def _snapshot(run: Run, layers: Mapping[str, list[int]]) -> tuple:
     return tuple(views), tuple(variables), tuple((k, tuple(v)) for k, v in sorted(layers.items()))
 
 
+def build_counts_query(where: str | None) -> tuple[str, frozenset[str]]:
+    """Counts-only runs: `imported_expert_counts` over the steps selected by `where`."""
+    steps = "SELECT DISTINCT step FROM expert_counts" if where is None else STEPS_TEMPLATE.format(where=where)
+    ctes = [Cte("layer_info", get_query("layer_info").sql), Cte("selected_steps", steps)]
+    body = get_query("imported_expert_counts")
+    return compose(body.sql, ctes), frozenset(get_query("layer_info").params | body.params)
+
+
 def cached_table(run: Run, name: str, where: str | None, layers: Mapping[str, list[int]]) -> str:
     """A temp table holding named query `name` over the selection, computed once per snapshot."""
     snapshot = _snapshot(run, layers)
@@ -166,10 +213,18 @@ def cached_table(run: Run, name: str, where: str | None, layers: Mapping[str, li
             oldest = next(iter(state["tables"]))
             run.con.execute(f"DROP TABLE IF EXISTS {state['tables'].pop(oldest)}")
         table = f"routescope_cache_{next(_TABLE_IDS)}"
-        sql, needed = build_query(name, where)
+        # A counts-only run's per-(layer, expert) counts come from its `expert_counts` table.
+        sql, needed = (
+            build_counts_query(where) if name == "imported_expert_counts" else build_query(name, where)
+        )
         run.con.execute(f"CREATE TEMP TABLE {table} AS {sql}", _bind(name, needed, layers))
         state["tables"][key] = table
     return state["tables"][key]
+
+
+def _source(run: Run, name: str) -> str:
+    """The query that fills cached CTE `name`: counts-only runs read their imported counts."""
+    return "imported_expert_counts" if name == "expert_counts" and counts_only(run) else name
 
 
 def query(
@@ -185,7 +240,7 @@ def query(
     where = check_where(run, where)
     layer_values = layer_params(run, layers)
     try:
-        tables = {u: cached_table(run, u, where, layer_values) for u in uses if u in CACHED}
+        tables = {u: cached_table(run, _source(run, u), where, layer_values) for u in uses if u in CACHED}
         sql, needed = build_query(name, where, uses, tables)
         return run.con.execute(sql, _bind(name, needed, {**layer_values, **params})).df()
     except _RUNTIME_WHERE_ERRORS as exc:
@@ -247,6 +302,7 @@ def hot_experts(run: Run, factor: float = 2.0, where: str | None = None) -> pd.D
 # -- co-activation and entanglement (SPEC 4.3, 4.4) ------------------------------------
 def coactivation(run: Run, layer: int, where: str | None = None) -> pd.DataFrame:
     """expert_a, expert_b, count, p_b_given_a over every ordered pair of distinct experts of `layer`."""
+    require_routing(run, "coactivation")
     return query(run, "coactivation", where=where, layer=check_layer(run, layer))
 
 
@@ -294,6 +350,7 @@ def pair_counts_table(observed: pd.DataFrame, permuted: pd.DataFrame) -> pa.Tabl
 def entanglement(run: Run, where: str | None = None, seed: int = 0) -> pd.DataFrame:
     """Per consecutive pair of MoE layers: MI of the slot-0 experts, normalized, H(B|A),
     top-1 predictability and the MI of a seeded permutation of B (`baseline_mutual_info_bits`)."""
+    require_routing(run, "entanglement")
     observed = query(run, "top1_pair_counts", where=where, uses=("top1_paths",))
     table = pair_counts_table(observed, permute_pairs(observed, seed))
     info = get_query("pair_information")
@@ -308,12 +365,14 @@ def entanglement(run: Run, where: str | None = None, seed: int = 0) -> pd.DataFr
 
 def transition(run: Run, layer: int, next_layer: int, where: str | None = None) -> pd.DataFrame:
     """Full co-routing matrix of slot-0 experts between two MoE layers: expert_a, expert_b, count, p_b_given_a."""
+    require_routing(run, "transition")
     layer, next_layer = check_layer(run, layer), check_layer(run, next_layer)
     return query(run, "transition", where=where, layer=layer, next_layer=next_layer)
 
 
 def pathways(run: Run, top: int = 20, where: str | None = None) -> pd.DataFrame:
     """The `top` most frequent slot-0 expert paths through all MoE layers: path, count, share."""
+    require_routing(run, "pathways")
     if int(top) != top or int(top) < 1:
         raise ValueError(f"top must be a positive integer, got {top!r}")
     df = query(run, "pathways", where=where, uses=("top1_paths",), top=int(top))
@@ -324,6 +383,7 @@ def pathways(run: Run, top: int = 20, where: str | None = None) -> pd.DataFrame:
 # -- specialization (SPEC 4.5) ----------------------------------------------------------
 def specialization(run: Run, by: str, where: str | None = None) -> pd.DataFrame:
     """<by>, layer, expert, tokens, share, lift: each label value's load and its lift over 1/E."""
+    require_routing(run, "specialization")
     label = check_label(run, by)
     df = query(run, "specialization", where=where, label=label)
     return df.rename(columns={"label_value": label})
@@ -331,6 +391,7 @@ def specialization(run: Run, by: str, where: str | None = None) -> pd.DataFrame:
 
 def vocab_specialization(run: Run, where: str | None = None, min_occurrences: int = 1) -> pd.DataFrame:
     """Per layer and token id: occurrences, top_expert, top_share (OLMoE), baseline k/E, lift."""
+    require_routing(run, "vocab_specialization")
     if int(min_occurrences) < 1:
         raise ValueError(f"min_occurrences must be >= 1, got {min_occurrences}")
     return query(run, "vocab_specialization", where=where, min_occurrences=int(min_occurrences))
@@ -338,6 +399,7 @@ def vocab_specialization(run: Run, where: str | None = None, min_occurrences: in
 
 def repetition_rate(run: Run, where: str | None = None) -> pd.DataFrame:
     """Per layer: consecutive token pairs, repeats of the slot-0 expert, rate, baseline 1/E, Σ p_e²."""
+    require_routing(run, "repetition_rate")
     return query(run, "repetition_rate", where=where, uses=("top1_paths",))
 
 

@@ -123,3 +123,26 @@ JOIN totals t USING (layer)
 JOIN layer_info l USING (layer)
 GROUP BY l.layer, l.num_experts
 ORDER BY l.layer
+
+-- name: imported_expert_counts
+-- Counts-only runs: expert_counts' columns from the imported `expert_counts` table, summed over the selected steps and ranks.
+WITH counts AS (
+    SELECT c.layer, c.expert, sum(c.tokens) AS n
+    FROM expert_counts c
+    SEMI JOIN selected_steps s USING (step)
+    GROUP BY c.layer, c.expert
+),
+grid AS (
+    SELECT layer, num_experts, top_k, unnest(range(num_experts))::SMALLINT AS expert
+    FROM layer_info
+),
+loads AS (
+    SELECT g.layer, g.expert, g.num_experts, g.top_k, coalesce(c.n, 0)::BIGINT AS tokens
+    FROM grid g
+    LEFT JOIN counts c ON c.layer = g.layer AND c.expert = g.expert
+)
+SELECT
+    *,
+    tokens / nullif(sum(tokens) OVER (PARTITION BY layer), 0) AS share,
+    (sum(tokens) OVER (PARTITION BY layer) // top_k)::BIGINT AS tokens_seen
+FROM loads
