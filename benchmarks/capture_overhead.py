@@ -9,6 +9,7 @@ Compares routescope against a naive hook that calls .tolist() in the hook, and a
 from __future__ import annotations
 
 import argparse
+import random
 import shutil
 import statistics
 import sys
@@ -83,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--decode-steps", type=int, default=0, help="also time generate() with this many new tokens")
+    parser.add_argument(
+        "--decode-steps", type=int, default=0, help="also time generate() with this many new tokens"
+    )
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     model = build(args)
@@ -102,40 +105,69 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(2):  # warm-up
         plain()
         logits_topk()
-    results: dict[str, list[float]] = {"none": [], "routescope": [], "naive .tolist()": [], "router_logits+topk": []}
-    for i in range(args.rounds):
-        # one round times each variant once, so drift in machine load hits all of them alike
-        with rs.record(model, tmp / "run", mode="append" if i else "create", flush_seconds=1e9):
-            results["routescope"].append(timed(plain, args.device))
-        results["none"].append(timed(plain, args.device))
+
+    def recorded():
+        with rs.record(model, tmp / "run", mode="append", flush_seconds=1e9):
+            return timed(plain, args.device)
+
+    def naive_hook():
         naive = NaiveRecorder(model)
-        results["naive .tolist()"].append(timed(plain, args.device))
-        naive.close()
-        results["router_logits+topk"].append(timed(logits_topk, args.device))
+        try:
+            return timed(plain, args.device)
+        finally:
+            naive.close()
+
+    variants = {
+        "none": lambda: timed(plain, args.device),
+        "routescope": recorded,
+        "naive .tolist()": naive_hook,
+        "router_logits+topk": lambda: timed(logits_topk, args.device),
+    }
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    rng = random.Random(0)
+    for _ in range(args.rounds):
+        # every round times each variant once, in a shuffled order, so drift in machine
+        # load and cache warmth hit all of them alike
+        rng.shuffle(order)
+        for name in order:
+            results[name].append(variants[name]())
     run = rs.open_run(tmp / "run")
     rows = int(run.sql("SELECT count(*) AS n FROM routing").n[0])
     on_disk = sum(p.stat().st_size for p in (tmp / "run" / "routing").rglob("*.parquet"))
 
     base = statistics.median(results["none"])
-    print(f"device={args.device} layers={args.layers} experts={args.experts} top_k={args.top_k} "
-          f"hidden={args.hidden} batch={args.batch}x{args.seq} rounds={args.rounds}")
+    print(
+        f"device={args.device} layers={args.layers} experts={args.experts} top_k={args.top_k} "
+        f"hidden={args.hidden} batch={args.batch}x{args.seq} rounds={args.rounds}"
+    )
     print(f"{'variant':<22}{'median s':>10}{'ratio':>8}")
     for name, times in results.items():
         med = statistics.median(times)
         print(f"{name:<22}{med:>10.4f}{med / base:>8.3f}")
 
     if args.decode_steps:
+
         def gen():
-            model.generate(input_ids=ids[:, :32], attention_mask=mask[:, :32], max_new_tokens=args.decode_steps,
-                           do_sample=False, pad_token_id=0, min_new_tokens=args.decode_steps)
+            model.generate(
+                input_ids=ids[:, :32],
+                attention_mask=mask[:, :32],
+                max_new_tokens=args.decode_steps,
+                do_sample=False,
+                pad_token_id=0,
+                min_new_tokens=args.decode_steps,
+            )
+
         gen()
         g_plain, g_rec = [], []
         for i in range(max(2, args.rounds // 2)):
             g_plain.append(timed(gen, args.device))
             with rs.record(model, tmp / f"gen{i}", flush_seconds=1e9):
                 g_rec.append(timed(gen, args.device))
-        print(f"generate {args.decode_steps} tokens: none {statistics.median(g_plain):.4f}s, "
-              f"routescope {statistics.median(g_rec):.4f}s, ratio {statistics.median(g_rec) / statistics.median(g_plain):.3f}")
+        print(
+            f"generate {args.decode_steps} tokens: none {statistics.median(g_plain):.4f}s, "
+            f"routescope {statistics.median(g_rec):.4f}s, ratio {statistics.median(g_rec) / statistics.median(g_plain):.3f}"
+        )
     print(f"storage: {rows} routing rows, {on_disk / rows:.3f} bytes/row with float32 weights")
     with rs.record(model, tmp / "noweights", weights=False):
         plain()

@@ -69,9 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         buffered.append(pa.Table.from_pydict(cols, schema=schema.schema_for(schema.ROUTING)))
         pending += len(cols["seq_id"])
         if pending >= rows_per_part or cols is steps[-1]:
-            pq.write_table(pa.concat_tables(buffered), tmp / f"bare-{index}.parquet", compression="zstd",
-                           use_dictionary=["seq_id", "pos", "layer", "slot", "expert"],
-                           use_byte_stream_split=["weight"])
+            pq.write_table(
+                pa.concat_tables(buffered),
+                tmp / f"bare-{index}.parquet",
+                compression="zstd",
+                use_dictionary=["seq_id", "pos", "layer", "slot", "expert"],
+                use_byte_stream_split=["weight"],
+            )
             buffered, index, pending = [], index + 1, 0
     bare = time.perf_counter() - start
 
@@ -88,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{rows:,} routing rows in {args.steps} steps")
     print(f"bare pyarrow write_table: {bare:.2f} s  ({rows / bare / 1e6:.1f} M rows/s)")
     print(f"routescope PartWriter:    {ours:.2f} s  ({rows / ours / 1e6:.1f} M rows/s)")
-    print(f"throughput ratio (writer / bare): {bare / ours:.2f}   peak RSS growth during writer: {rss_growth:.0f} MB")
+    print(
+        f"throughput ratio (writer / bare): {bare / ours:.2f}   peak RSS growth during writer: {rss_growth:.0f} MB"
+    )
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
