@@ -11,7 +11,6 @@ from torch import nn
 
 from tests.tiny_models import build_tiny_model
 
-
 # Tiny models: a second intra-op thread costs more than it gains, and on a shared 2-core
 # machine it can make forwards many times slower.
 torch.set_num_threads(1)

@@ -11,7 +11,10 @@ from routescope.commands.inputs import read_texts
 
 def test_jsonl_text_and_labels(tmp_path):
     path = tmp_path / "c.jsonl"
-    rows = [{"text": "def f(): pass", "domain": "code"}, {"text": "2 + 2 = 4", "domain": "math", "src": "gen"}]
+    rows = [
+        {"text": "def f(): pass", "domain": "code"},
+        {"text": "2 + 2 = 4", "domain": "math", "src": "gen"},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     records = read_texts(path)
     assert [r.text for r in records] == ["def f(): pass", "2 + 2 = 4"]
