@@ -155,6 +155,7 @@ def build_query(
         Cte("layer_info", get_query("layer_info").sql),
         Cte("selected_tokens", selection, materialized=False),
         Cte("selected_routing", routing.sql, materialized=False),
+        Cte("layer_expert_counts", get_query("routing_expert_counts").sql),
         *(Cte(u, f"SELECT * FROM {tables[u]}" if u in tables else get_query(u).sql) for u in uses),
     ]
     body = get_query(name)
@@ -193,8 +194,12 @@ def _snapshot(run: Run, layers: Mapping[str, list[int]]) -> tuple:
 def build_counts_query(where: str | None) -> tuple[str, frozenset[str]]:
     """Counts-only runs: `imported_expert_counts` over the steps selected by `where`."""
     steps = "SELECT DISTINCT step FROM expert_counts" if where is None else STEPS_TEMPLATE.format(where=where)
-    ctes = [Cte("layer_info", get_query("layer_info").sql), Cte("selected_steps", steps)]
-    body = get_query("imported_expert_counts")
+    ctes = [
+        Cte("layer_info", get_query("layer_info").sql),
+        Cte("selected_steps", steps),
+        Cte("layer_expert_counts", get_query("imported_expert_counts").sql),
+    ]
+    body = get_query("expert_counts")
     return compose(body.sql, ctes), frozenset(get_query("layer_info").params | body.params)
 
 

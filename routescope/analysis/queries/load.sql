@@ -1,21 +1,22 @@
 -- Load and balance (SPEC 4.1, 4.2). `expert_counts` is the one pass over routing that
 -- expert_load, balance, dead_experts and hot_experts share.
 
+-- name: routing_expert_counts
+-- Routing rows per (layer, expert) among the selected tokens: `expert_counts` reads them as `layer_expert_counts`.
+SELECT layer, expert, count(*) AS n
+FROM selected_routing
+GROUP BY layer, expert
+
 -- name: expert_counts
 -- Per MoE layer and expert 0..E-1: routing rows L_e (`tokens`), share L_e / N, and tokens seen T = N / k.
-WITH counts AS (
-    SELECT layer, expert, count(*) AS n
-    FROM selected_routing
-    GROUP BY layer, expert
-),
-grid AS (
+WITH grid AS (
     SELECT layer, num_experts, top_k, unnest(range(num_experts))::SMALLINT AS expert
     FROM layer_info
 ),
 loads AS (
     SELECT g.layer, g.expert, g.num_experts, g.top_k, coalesce(c.n, 0)::BIGINT AS tokens
     FROM grid g
-    LEFT JOIN counts c ON c.layer = g.layer AND c.expert = g.expert
+    LEFT JOIN layer_expert_counts c ON c.layer = g.layer AND c.expert = g.expert
 )
 SELECT
     *,
@@ -125,24 +126,8 @@ GROUP BY l.layer, l.num_experts
 ORDER BY l.layer
 
 -- name: imported_expert_counts
--- Counts-only runs: expert_counts' columns from the imported `expert_counts` table, summed over the selected steps and ranks.
-WITH counts AS (
-    SELECT c.layer, c.expert, sum(c.tokens) AS n
-    FROM expert_counts c
-    SEMI JOIN selected_steps s USING (step)
-    GROUP BY c.layer, c.expert
-),
-grid AS (
-    SELECT layer, num_experts, top_k, unnest(range(num_experts))::SMALLINT AS expert
-    FROM layer_info
-),
-loads AS (
-    SELECT g.layer, g.expert, g.num_experts, g.top_k, coalesce(c.n, 0)::BIGINT AS tokens
-    FROM grid g
-    LEFT JOIN counts c ON c.layer = g.layer AND c.expert = g.expert
-)
-SELECT
-    *,
-    tokens / nullif(sum(tokens) OVER (PARTITION BY layer), 0) AS share,
-    (sum(tokens) OVER (PARTITION BY layer) // top_k)::BIGINT AS tokens_seen
-FROM loads
+-- Counts-only runs: the imported `expert_counts` summed over the selected steps and ranks; `expert_counts` reads them as `layer_expert_counts`.
+SELECT c.layer, c.expert, sum(c.tokens) AS n
+FROM expert_counts c
+SEMI JOIN selected_steps s USING (step)
+GROUP BY c.layer, c.expert
