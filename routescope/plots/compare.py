@@ -1,0 +1,118 @@
+"""Two-run figures: load change, balance A vs B, router saturation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from routescope.plots.style import (
+    DIVERGING_SCALE,
+    METRIC_COLORS,
+    RUN_COLORS,
+    base_layout,
+    empty_figure,
+    float_grid,
+    hover_stack,
+    layer_name,
+)
+
+
+def load_delta_heatmap(load: pd.DataFrame) -> go.Figure:
+    """Layer × expert share in run B minus run A, from `routescope.compare(a, b).load`."""
+    title = "Load change (B − A)"
+    if load.empty:
+        return empty_figure("the runs have no (layer, expert) in common", title)
+    df = load.fillna({"share_a": 0.0, "share_b": 0.0})
+    if "share_delta" not in df.columns:
+        df = df.assign(share_delta=df["share_b"] - df["share_a"])
+    layers = sorted(df["layer"].unique())
+    experts = sorted(df["expert"].unique())
+    grid = df.pivot(index="layer", columns="expert", values=["share_delta", "share_a", "share_b"])
+    delta = grid["share_delta"].reindex(index=layers, columns=experts).to_numpy(dtype=float)
+    custom = hover_stack(
+        grid["share_a"].reindex(index=layers, columns=experts).to_numpy(dtype=float),
+        grid["share_b"].reindex(index=layers, columns=experts).to_numpy(dtype=float),
+        digits=6,
+    )
+    bound = float(np.nanmax(np.abs(delta))) if np.isfinite(delta).any() else 0.0
+    bound = bound or 1e-6
+    fig = go.Figure(
+        go.Heatmap(
+            z=float_grid(delta),
+            x=experts,
+            y=[layer_name(v) for v in layers],
+            customdata=custom,
+            colorscale=DIVERGING_SCALE,
+            zmid=0,
+            zmin=-bound,
+            zmax=bound,
+            colorbar={"title": {"text": "Δ share"}},
+            hovertemplate="%{y} expert %{x}<br>A %{customdata[0]:.4f} → B %{customdata[1]:.4f}"
+            "<br>Δ %{z:+.4f}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(title="expert", dtick=1 if len(experts) <= 32 else None)
+    fig.update_yaxes(title="MoE layer", type="category", autorange="reversed")
+    return base_layout(fig, title, height=max(300, 60 + 22 * len(layers)))
+
+
+def balance_change_figure(balance: pd.DataFrame) -> go.Figure:
+    """The four balance metrics per layer, run A dashed and run B solid (`compare(a, b).balance`)."""
+    title = "Balance, run A vs run B"
+    if balance.empty:
+        return empty_figure("the runs have no MoE layer in common", title)
+    fig = go.Figure()
+    x = [layer_name(v) for v in balance["layer"]]
+    for suffix, run_name, dash in (("_a", "A", "dash"), ("_b", "B", "solid")):
+        for metric in ("cv", "max_violation", "balancedness", "norm_entropy"):
+            column = metric + suffix
+            if column not in balance.columns:
+                continue
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=balance[column],
+                    name=f"{metric} ({run_name})",
+                    mode="lines+markers",
+                    line={"color": METRIC_COLORS[metric], "dash": dash},
+                    legendgroup=metric,
+                    hovertemplate=f"{metric} ({run_name}) %{{y:.3f}}<extra>%{{x}}</extra>",
+                )
+            )
+    fig.update_xaxes(title="MoE layer", type="category")
+    fig.update_yaxes(title="value", rangemode="tozero")
+    return base_layout(fig, title, height=380)
+
+
+def saturation_figure(saturation: pd.DataFrame) -> go.Figure:
+    """Router saturation per layer (`compare(a, b).saturation`): top-k overlap and top-1 agreement."""
+    title = "Router saturation"
+    if saturation.empty or not saturation["tokens_matched"].fillna(0).astype(int).any():
+        return empty_figure("no token appears in both runs (same sequence, position and token id)", title)
+    x = [layer_name(v) for v in saturation["layer"]]
+    fig = go.Figure()
+    fig.add_trace(
+        go.Bar(
+            x=x,
+            y=saturation["saturation"],
+            name="saturation (top-k overlap)",
+            marker_color=RUN_COLORS[0],
+            customdata=np.column_stack([saturation["tokens_matched"], saturation["top_k"]]),
+            hovertemplate="%{x}<br>saturation %{y:.3f}<br>over %{customdata[0]:,} tokens, k = %{customdata[1]}"
+            "<extra></extra>",
+        )
+    )
+    fig.add_trace(
+        go.Bar(
+            x=x,
+            y=saturation["top1_agreement"],
+            name="top-1 agreement",
+            marker_color=RUN_COLORS[1],
+            hovertemplate="%{x}<br>top-1 agreement %{y:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(barmode="group")
+    fig.update_xaxes(title="MoE layer", type="category")
+    fig.update_yaxes(title="fraction", range=[0, 1.02])
+    return base_layout(fig, title, height=320)

@@ -1,0 +1,160 @@
+"""Cross-layer figures: mutual information, top-1 transitions, pathway Sankey."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from routescope.plots.style import (
+    BASELINE_COLOR,
+    MAGNITUDE_SCALE,
+    METRIC_COLORS,
+    base_layout,
+    empty_figure,
+    expert_color,
+    float_grid,
+    int_counts,
+    layer_name,
+)
+
+
+def _pair_names(df: pd.DataFrame) -> list[str]:
+    return [f"{layer_name(a)}→{layer_name(b)}" for a, b in zip(df["layer"], df["next_layer"])]
+
+
+def entanglement_figure(ent: pd.DataFrame) -> go.Figure:
+    """Mutual information between consecutive MoE layers against the shuffled baseline."""
+    if ent.empty:
+        return empty_figure("fewer than two MoE layers: nothing to compare", "Cross-layer entanglement")
+    x = _pair_names(ent)
+    fig = go.Figure()
+    fig.add_trace(
+        go.Bar(
+            x=x,
+            y=ent["mutual_info_bits"],
+            name="mutual information",
+            marker_color=METRIC_COLORS["norm_entropy"],
+            customdata=np.column_stack(
+                [ent["norm_mutual_info"], ent["cond_entropy_bits"], ent["top1_predictability"]]
+            ),
+            hovertemplate="%{x}<br>MI %{y:.3f} bits<br>normalized %{customdata[0]:.3f}<br>"
+            "H(B|A) %{customdata[1]:.3f} bits<br>top-1 predictability %{customdata[2]:.3f}<extra></extra>",
+        )
+    )
+    fig.add_trace(
+        go.Bar(
+            x=x,
+            y=ent["baseline_mutual_info_bits"],
+            name="shuffled baseline",
+            marker_color=BASELINE_COLOR,
+            hovertemplate="%{x}<br>baseline MI %{y:.3f} bits<extra></extra>",
+        )
+    )
+    fig.update_layout(barmode="group")
+    fig.update_xaxes(title="consecutive MoE layers", type="category")
+    fig.update_yaxes(title="bits", rangemode="tozero")
+    return base_layout(fig, "Cross-layer entanglement", height=340)
+
+
+def transition_heatmap(
+    trans: pd.DataFrame, layer: int, next_layer: int, num_a: int | None = None, num_b: int | None = None
+) -> go.Figure:
+    """P(top-1 expert b at next_layer | top-1 expert a at layer), from run.transition(...)."""
+    title = f"Top-1 transitions {layer_name(layer)}→{layer_name(next_layer)}"
+    if trans.empty:
+        return empty_figure("no tokens", title)
+    df = trans.copy()
+    a_col, b_col = _transition_columns(df)
+    if "p_b_given_a" not in df.columns:
+        totals = df.groupby(a_col)["count"].transform("sum")
+        df["p_b_given_a"] = df["count"] / totals
+    ea = list(range(num_a)) if num_a else sorted(df[a_col].unique())
+    eb = list(range(num_b)) if num_b else sorted(df[b_col].unique())
+    grid = df.pivot(index=a_col, columns=b_col, values="p_b_given_a").reindex(index=ea, columns=eb)
+    counts = df.pivot(index=a_col, columns=b_col, values="count").reindex(index=ea, columns=eb)
+    fig = go.Figure(
+        go.Heatmap(
+            z=float_grid(grid.fillna(0).to_numpy(dtype=float)),
+            x=eb,
+            y=ea,
+            customdata=int_counts(counts.to_numpy()),
+            colorscale=MAGNITUDE_SCALE,
+            zmin=0,
+            zmax=1,
+            colorbar={"title": {"text": "P(b|a)"}},
+            hovertemplate=f"{layer_name(layer)} expert %{{y}} → {layer_name(next_layer)} expert %{{x}}"
+            "<br>P %{z:.3f}<br>tokens %{customdata:,}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(title=f"top-1 expert in {layer_name(next_layer)}", dtick=1 if len(eb) <= 32 else None)
+    fig.update_yaxes(
+        title=f"top-1 expert in {layer_name(layer)}", autorange="reversed", dtick=1 if len(ea) <= 32 else None
+    )
+    return base_layout(fig, title, height=380)
+
+
+def _transition_columns(df: pd.DataFrame) -> tuple[str, str]:
+    for a, b in (("expert", "next_expert"), ("expert_a", "expert_b"), ("from_expert", "to_expert")):
+        if a in df.columns and b in df.columns:
+            return a, b
+    raise ValueError(f"transition table lacks expert columns: {list(df.columns)}")
+
+
+def pathway_sankey(paths: pd.DataFrame, layers: Sequence[int]) -> go.Figure:
+    """Sankey of the most frequent top-1 pathways: one column of nodes per MoE layer.
+
+    `paths` has one column per layer holding the expert (named by layer index, or `e{layer}`
+    / `expert_{layer}`) and a `count` (tokens following the whole path), or a `path` column
+    holding the list of experts.
+    """
+    title = "Most frequent top-1 pathways"
+    if paths.empty or len(layers) < 1:
+        return empty_figure("no pathways", title)
+    steps = _pathway_matrix(paths, layers)
+    counts = paths["count"].to_numpy()
+    node_index: dict[tuple[int, int], int] = {}
+    labels, colors, xs = [], [], []
+    n_layers = len(layers)
+    for col, layer in enumerate(layers):
+        for expert in sorted({int(row[col]) for row in steps}):
+            node_index[(col, expert)] = len(labels)
+            labels.append(f"{layer_name(layer)} e{expert}")
+            colors.append(expert_color(expert))
+            xs.append(0.01 + 0.98 * col / max(1, n_layers - 1))
+    links: dict[tuple[int, int], int] = {}
+    for row, count in zip(steps, counts):
+        for col in range(n_layers - 1):
+            key = (node_index[(col, int(row[col]))], node_index[(col + 1, int(row[col + 1]))])
+            links[key] = links.get(key, 0) + int(count)
+    fig = go.Figure(
+        go.Sankey(
+            arrangement="snap",
+            node={"label": labels, "color": colors, "pad": 8, "thickness": 14, "x": xs, "y": [0.5] * len(xs)},
+            link={
+                "source": [s for s, _ in links],
+                "target": [t for _, t in links],
+                "value": list(links.values()),
+                "color": "rgba(120,120,120,0.35)",
+                "hovertemplate": "%{source.label} → %{target.label}<br>%{value:,} tokens<extra></extra>",
+            },
+        )
+    )
+    fig.update_traces(node_y=None)
+    return base_layout(fig, title, height=460)
+
+
+def _pathway_matrix(paths: pd.DataFrame, layers: Sequence[int]) -> list[list[int]]:
+    if "path" in paths.columns:
+        return [list(p) for p in paths["path"]]
+    cols = []
+    for layer in layers:
+        for name in (str(layer), f"e{layer}", f"expert_{layer}", f"L{layer}", f"layer_{layer}"):
+            if name in paths.columns:
+                cols.append(name)
+                break
+        else:
+            raise ValueError(f"pathways table has no column for layer {layer}: {list(paths.columns)}")
+    return paths[cols].astype(int).values.tolist()
