@@ -122,6 +122,20 @@ class Run:
         """layer, pairs, repeats, repetition_rate, baseline (1/E), marginal_baseline."""
         return metrics.repetition_rate(self, where=where)
 
+    def placement(
+        self,
+        ep_size: int,
+        redundant: int = 0,
+        method: str = "lpt",
+        where: str | None = None,
+        num_groups: int | None = None,
+        num_nodes: int = 1,
+    ) -> pd.DataFrame:
+        """layer, gpu, slot, expert: an expert-parallel plan built from the loads (docs/placement.md)."""
+        from routescope.analysis.placement import plan_for_run
+
+        return plan_for_run(self, ep_size, redundant, method, where, num_groups, num_nodes)
+
     def expert_activations(self) -> pd.DataFrame:
         """layer, expert, shared, max_abs_output, channel, tokens_seen from the Super Experts calibration."""
         return metrics.expert_activations(self)
