@@ -4,17 +4,54 @@ import routescope as rs
 with rs.record(model, "runs/demo", labels={"domain": "code"}) as rec:
     model(input_ids=ids, attention_mask=mask)
 run = rs.open_run("runs/demo")
+
+Reading a run needs no torch: the analysis names are imported here, the capture names
+(everything that touches a model) on first use through `__getattr__` (PEP 562).
+tests/test_torch_free.py checks that `import routescope` and every reader stay torch-free.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from routescope.analysis import Run, open_run
+from routescope.analysis.compare import compare
 from routescope.errors import RouteScopeError, RunFormatError, UnsupportedModelError, WriterError
 
 __version__ = "0.1.0"
 
-from routescope.analysis import Run, open_run
-from routescope.analysis.compare import compare
-from routescope.capture import Recorder, RunExistsError, find_routers, record
-from routescope.capture.activations import classify_super_experts, find_super_experts
-from routescope.capture.pruning import prune_experts
+# Public names that need torch (or transformers): name -> module that defines it, imported
+# when the name is first read. Add a capture-side name here, never as an eager import.
+LAZY: dict[str, str] = {
+    "Recorder": "routescope.capture.recorder",
+    "RunExistsError": "routescope.capture.recorder",
+    "record": "routescope.capture.recorder",
+    "find_routers": "routescope.capture.discovery",
+    "classify_super_experts": "routescope.capture.activations",
+    "find_super_experts": "routescope.capture.activations",
+    "prune_experts": "routescope.capture.pruning",
+}
+
+if TYPE_CHECKING:  # static checkers and IDEs see the lazy names as ordinary imports
+    from routescope.capture.activations import classify_super_experts, find_super_experts
+    from routescope.capture.discovery import find_routers
+    from routescope.capture.pruning import prune_experts
+    from routescope.capture.recorder import Recorder, RunExistsError, record
+
+
+def __getattr__(name: str) -> Any:
+    module = LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'routescope' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later reads skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(LAZY))
+
 
 __all__ = [
     "Recorder",

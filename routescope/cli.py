@@ -24,8 +24,8 @@ from routescope.commands.import_run import add_import_arguments, import_command
 from routescope.commands.profile import (
     add_demo_arguments,
     add_profile_arguments,
-    demo_command,
     profile_command,
+    record_demo,
 )
 from routescope.commands.super_experts import add_super_experts_arguments, super_experts_command
 from routescope.errors import RouteScopeError
@@ -301,6 +301,16 @@ def compare_command(args: argparse.Namespace) -> int:
         result = rs.compare(args.run_a, args.run_b, where=args.where, hot_factor=args.hot_factor)
     COMPARE_RENDERERS["json" if args.json else "table"](result)
     return 0
+
+
+# -- demo -----------------------------------------------------------------------------
+def demo_command(args: argparse.Namespace) -> int:
+    """Record the bundled model on the bundled corpus, report, then serve the dashboard."""
+    out = record_demo(args)  # the recording lives in commands/profile.py; the chaining here
+    code = main(["report", str(out)])
+    if code or args.no_dashboard:
+        return code
+    return main(["dashboard", str(out), "--host", args.host, "--port", str(args.port)])
 
 
 # -- entry point ----------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """`routescope profile` and `routescope demo`: record a model on a corpus, batch by batch.
 
 `profile_corpus` is the library function behind both; the CLI (`routescope/cli.py`)
-registers the argument builders and command functions defined here.
+registers the argument builders and command functions defined here, and chains `demo`'s
+recording (`record_demo`) with its own `report` and `dashboard` commands, so nothing here
+imports the CLI back. torch loads inside the functions that run a model: building the
+parser for `routescope report` must not import it.
 """
 
 from __future__ import annotations
@@ -13,17 +16,18 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 import routescope as rs
 from routescope.commands.inputs import TextRecord, bundled_corpus, bundled_model, read_texts
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --dtype choices: "auto" (the checkpoint's dtype) or a torch dtype, by name.
+DTYPES = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def load_model(name: str | Path, device: str = "cpu", dtype: str = "auto") -> tuple[Any, Any]:
     """A causal LM and its tokenizer from a local folder, or a hub id where a hub is reachable."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     text = str(name)
@@ -32,7 +36,8 @@ def load_model(name: str | Path, device: str = "cpu", dtype: str = "auto") -> tu
         raise FileNotFoundError(f"model path {text} does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(text)
-        model = AutoModelForCausalLM.from_pretrained(text, dtype=DTYPES[dtype])
+        torch_dtype = "auto" if DTYPES[dtype] == "auto" else getattr(torch, DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(text, dtype=torch_dtype)
     except OSError as exc:
         raise ValueError(f"could not load model {text!r}: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
@@ -63,6 +68,8 @@ def profile_corpus(
     progress: bool = True,
 ) -> Path:
     """Record `model` on `records` into `out`; returns the run directory."""
+    import torch
+
     device = next(model.parameters()).device
     if generate:
         tokenizer.padding_side = "left"  # decoder-only generation continues from the last column
@@ -164,8 +171,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8050)
 
 
-def demo_command(args: argparse.Namespace) -> int:
-    """Record the bundled model on the bundled corpus, report, then serve the dashboard."""
+def record_demo(args: argparse.Namespace) -> Path:
+    """`demo`'s recording: the bundled model on the bundled corpus (+ Super Experts) into args.out."""
     if args.per_domain < 1:
         raise ValueError("--per-domain must be at least 1")
     records = balanced(read_texts(bundled_corpus()), "domain", args.per_domain)
@@ -177,9 +184,4 @@ def demo_command(args: argparse.Namespace) -> int:
     if not args.no_super_experts and hasattr(rs, "find_super_experts"):
         texts = [r.text for r in records[::10]][:32]
         rs.find_super_experts(model, texts, tokenizer=tokenizer, out=out)
-    from routescope import cli
-
-    code = cli.main(["report", str(out)])
-    if code or args.no_dashboard:
-        return code
-    return cli.main(["dashboard", str(out), "--host", args.host, "--port", str(args.port)])
+    return out
