@@ -21,6 +21,7 @@ import pandas as pd
 
 from dashboard.command import add_dashboard_arguments, dashboard_command
 from routescope.commands.import_run import add_import_arguments, import_command
+from routescope.commands.placement import add_placement_arguments, placement_command
 from routescope.commands.profile import (
     add_demo_arguments,
     add_profile_arguments,
@@ -322,6 +323,7 @@ COMMANDS: dict[str, tuple[AddArguments, RunCommand]] = {
     "super-experts": (add_super_experts_arguments, super_experts_command),
     "dashboard": (add_dashboard_arguments, dashboard_command),
     "import": (add_import_arguments, import_command),
+    "placement": (add_placement_arguments, placement_command),
 }
 
 

@@ -358,3 +358,17 @@ def plan_for_run(
 ) -> pd.DataFrame:
     """`build_plan` on the run's expert loads over the tokens selected by `where`."""
     return build_plan(run.expert_load(where=where), ep_size, redundant, method, num_groups, num_nodes)
+
+
+def step_loads(run: Run, where: str | None = None) -> pd.DataFrame:
+    """`step, layer, expert, tokens` per forward step (named query `step_expert_load`).
+
+    A counts-only run (imported per-expert counters) gives its loads summed over the selected
+    steps as one row set with step 0.
+    """
+    from routescope.analysis import metrics
+
+    if metrics.counts_only(run):
+        loads = run.expert_load(where=where)
+        return loads.assign(step=0)[["step", "layer", "expert", "tokens"]]
+    return metrics.query(run, "step_expert_load", where=where)
