@@ -213,3 +213,122 @@ def build_tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> torch.
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
     return model.eval()
+
+
+# -- encoder-decoder and multimodal MoE models (issue 19) ---------------------------------
+# Built with their own Auto classes: they have no AutoModelForCausalLM class.
+
+SEQ2SEQ: dict[str, dict[str, Any]] = {
+    # MoE in block 1 of each stack (sparse step 2): layers 1 (encoder) and 3 (decoder)
+    "switch_transformers": dict(
+        d_model=32,
+        d_ff=64,
+        d_kv=8,
+        num_heads=4,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_sparse_encoder_layers=1,
+        num_sparse_decoder_layers=1,
+        num_experts=4,
+        vocab_size=128,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    ),
+    "nllb-moe": dict(
+        d_model=32,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        num_experts=4,
+        encoder_sparse_step=2,
+        decoder_sparse_step=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+        decoder_start_token_id=2,
+        pad_token_id=1,
+        eos_token_id=3,
+    ),
+}
+
+# Placeholder and marker ids of the tiny multimodal models (inside the 128-token vocabulary).
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 120, 121, 122, 123
+_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+# A one-block vision tower: 4x4-pixel patches, 2 frames per temporal patch, 2x2 merge, so an
+# image of grid (1, 4, 4) is 16 patches and 4 placeholder tokens.
+_VISION = dict(
+    depth=1,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=4,
+    patch_size=4,
+    temporal_patch_size=2,
+    spatial_merge_size=2,
+    out_hidden_size=32,
+)
+
+_VL_TEXT = {
+    key: COMMON[key]
+    for key in (
+        *("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers"),
+        *(
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "pad_token_id",
+        ),
+    )
+}
+
+VISION_LANGUAGE: dict[str, dict[str, Any]] = {
+    "qwen3_vl_moe": dict(
+        text_config=dict(
+            **_VL_TEXT,
+            num_experts=4,
+            num_experts_per_tok=2,
+            rope_parameters={**_MROPE, "mrope_interleaved": True},
+        ),
+        vision_config=dict(**_VISION, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    ),
+    "glm4v_moe": dict(
+        text_config=dict(
+            **_VL_TEXT,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,  # layer 0 dense, layer 1 MoE
+            rope_parameters={**_MROPE, "partial_rotary_factor": 1.0},
+        ),
+        vision_config=dict(**_VISION, image_size=16),
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        image_start_token_id=VISION_START,
+        image_end_token_id=VISION_END,
+        video_start_token_id=124,
+        video_end_token_id=125,
+    ),
+}
+
+
+def build_tiny_seq2seq_model(model_type: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    from transformers import AutoModelForSeq2SeqLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **{**SEQ2SEQ[model_type], **overrides})
+    return AutoModelForSeq2SeqLM.from_config(config).eval()
+
+
+def build_tiny_vision_language_model(model_type: str, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **VISION_LANGUAGE[model_type])
+    return AutoModelForImageTextToText.from_config(config).eval()

@@ -83,6 +83,37 @@ def _from_product_key_output(module: nn.Module, args: tuple, kwargs: dict, outpu
     return ids.gather(-1, position), weights
 
 
+def _from_top1_dispatch_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Decision:
+    """Switch Transformers: (dispatch one-hot [B, S, E], max probability [B, S, 1], logits).
+    The one-hot row is all zero for a token dropped by the expert capacity: no expert runs
+    for it, so it is recorded as the router's top-1 choice with weight 0."""
+    dispatch, probs, logits = output[0], output[1], output[2]
+    num_experts = dispatch.shape[-1]
+    dispatch, probs, logits = (
+        dispatch.reshape(-1, num_experts),
+        probs.reshape(-1, 1),
+        logits.reshape(-1, num_experts),
+    )
+    kept = dispatch.any(-1, keepdim=True)
+    indices = torch.where(kept, dispatch.argmax(-1, keepdim=True), logits.argmax(-1, keepdim=True))
+    return indices, probs * kept
+
+
+def _from_top2_gates_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Decision:
+    """NLLB-MoE: (top-1 one-hot [N, E] after capacity, combine gates [N, E], logits [N, E]).
+    Slot 0 is the top-1 expert and slot 1 the best of the rest, as the router picks them; the
+    weight is the gate at that expert, 0 where capacity (or padding) dropped the slot."""
+    top1_mask, gates, logits = output[0], output[1], output[2]
+    num_experts = gates.shape[-1]
+    top1_mask, gates, logits = (t.reshape(-1, num_experts) for t in (top1_mask, gates, logits))
+    probs = torch.softmax(logits, dim=-1, dtype=module.dtype).to(gates.dtype)
+    kept = top1_mask.any(-1, keepdim=True)
+    first = torch.where(kept, top1_mask.argmax(-1, keepdim=True), probs.argmax(-1, keepdim=True))
+    second = logits.scatter(-1, first, float("-inf")).argmax(-1, keepdim=True)
+    indices = torch.cat([first, second], dim=-1)
+    return indices, gates.gather(-1, indices)
+
+
 @dataclass(frozen=True)
 class Adapter:
     """One router kind: how to recognise its module and where its decision is."""
@@ -93,6 +124,7 @@ class Adapter:
     class_names: tuple[str, ...] = ()  # match on the module's class name ...
     fused_experts: bool = False  # ... or on transformers' @use_experts_implementation
     num_experts_attr: str = ""  # module attribute counting every choice (zero/skip experts too)
+    top_k: int = 0  # a router kind whose k is fixed by its design (Switch: 1); 0: read it from the model
     note: str = ""
 
 
@@ -157,6 +189,24 @@ ADAPTERS: tuple[Adapter, ...] = (
 
 def is_fused_experts(module: nn.Module) -> bool:
     """True for experts modules decorated with transformers' use_experts_implementation."""
+    Adapter(
+        name="top1_dispatch",
+        hook="post",
+        extract=_from_top1_dispatch_output,
+        class_names=("SwitchTransformersTop1Router",),
+        top_k=1,
+        note="Switch Transformers' top-1 router returns a capacity-masked one-hot dispatch mask "
+        "and the top-1 probability; a dropped token is its top-1 choice with weight 0",
+    ),
+    Adapter(
+        name="top2_gates",
+        hook="post",
+        extract=_from_top2_gates_output,
+        class_names=("NllbMoeTop2Router",),
+        top_k=2,
+        note="NLLB-MoE's top-2 router returns the top-1 one-hot mask and dense [tokens, E] combine "
+        "gates; slot 1 is the best expert after the top-1, its gate 0 where capacity dropped it",
+    ),
     return hasattr(type(module), "_apply_gate") and hasattr(module, "is_transposed")
 
 

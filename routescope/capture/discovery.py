@@ -30,6 +30,7 @@ class RouterSite:
     adapter: Adapter
     num_experts: int
     top_k: int
+    stack: str = "decoder"  # "encoder" or "decoder" (an encoder-decoder model has both)
 
 
 @dataclass
@@ -40,6 +41,51 @@ class LogitsSite:
     name: str
     module: nn.Module
     index: int
+
+
+@dataclass
+class Stack:
+    """A module whose forward is one recorded step: the model itself, or for an
+    encoder-decoder model its encoder and its decoder (generate runs the encoder alone)."""
+
+    name: str  # "encoder" or "decoder"
+    module: nn.Module
+    first_layer: int  # added to the block index: decoder block i is num_encoder_layers + i
+
+
+def find_stacks(model: nn.Module) -> list[Stack]:
+    """[encoder, decoder] for an encoder-decoder model, else [the model as one decoder]."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return [Stack("decoder", model, 0)]
+    encoder, decoder = model.get_encoder(), model.get_decoder()
+    if encoder is None or decoder is None or encoder is model or decoder is model:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is an encoder-decoder model, but its encoder and decoder "
+            "modules were not found (get_encoder() / get_decoder())"
+        )
+    return [Stack("encoder", encoder, 0), Stack("decoder", decoder, num_blocks(encoder))]
+
+
+def num_blocks(stack: nn.Module) -> int:
+    """Blocks of a transformer stack: the length of its block list ('layers' or 'block')."""
+    for attr in ("layers", "block", "blocks"):
+        blocks = getattr(stack, attr, None)
+        if isinstance(blocks, nn.ModuleList):
+            return len(blocks)
+    raise UnsupportedModelError(f"cannot count the blocks of {type(stack).__name__}")
+
+
+def _stack_prefixes(model: nn.Module, stacks: list[Stack]) -> list[tuple[str, Stack]]:
+    """(module path + '.', stack) per stack; a decoder-only model's one stack matches every path."""
+    if len(stacks) == 1:
+        return [("", stacks[0])]
+    paths = {id(module): name for name, module in model.named_modules()}
+    return [(paths[id(stack.module)] + ".", stack) for stack in stacks if id(stack.module) in paths]
+
+
+def _stack_of(prefixes: list[tuple[str, Stack]], name: str) -> Stack | None:
+    return next((stack for prefix, stack in prefixes if name.startswith(prefix)), None)
 
 
 def layer_of(name: str) -> int | None:
@@ -95,23 +141,30 @@ def _site_sizes(
             weight = getattr(module, "down_proj", None)
         num_experts = int(weight.shape[0]) if getattr(weight, "dim", lambda: 0)() == 3 else None
     num_experts = num_experts or _config_int(config, _NUM_EXPERTS_KEYS)
-    top_k = _module_int([module, *siblings, parent], ("top_k", "num_experts_per_tok")) or _config_int(
-        config, _TOP_K_KEYS
+    top_k = (
+        adapter.top_k
+        or _module_int([module, *siblings, parent], ("top_k", "num_experts_per_tok"))
+        or _config_int(config, _TOP_K_KEYS)
     )
     return num_experts, top_k
 
 
 def find_routers(model: nn.Module) -> list[RouterSite]:
-    """One RouterSite per MoE decoder layer, sorted by layer; UnsupportedModelError if none."""
+    """One RouterSite per MoE layer, sorted by layer; UnsupportedModelError if none.
+
+    In an encoder-decoder model the encoder's blocks keep their indices and decoder block i
+    is layer `num_encoder_layers + i`, so the two stacks never share a layer number."""
     rank = {adapter.name: i for i, adapter in enumerate(ADAPTERS)}
+    prefixes = _stack_prefixes(model, find_stacks(model))
     best: dict[int, RouterSite] = {}
     for name, module in model.named_modules():
         adapter = match_adapter(module)
         if adapter is None:
             continue
-        layer = layer_of(name)
-        if layer is None:
+        layer, stack = layer_of(name), _stack_of(prefixes, name)
+        if layer is None or stack is None:
             continue
+        layer += stack.first_layer
         if layer in best and rank[best[layer].adapter.name] <= rank[adapter.name]:
             continue
         num_experts, top_k = _site_sizes(model, name, module, adapter)
@@ -120,7 +173,7 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
                 f"found a router at {name} ({type(module).__name__}) but could not tell its "
                 f"number of experts ({num_experts}) or top-k ({top_k})"
             )
-        best[layer] = RouterSite(layer, name, module, adapter, num_experts, top_k)
+        best[layer] = RouterSite(layer, name, module, adapter, num_experts, top_k, stack.name)
     if not best:
         model_type = getattr(text_config(model), "model_type", type(model).__name__)
         raise UnsupportedModelError(
