@@ -92,3 +92,20 @@ def aux_loss(probs: np.ndarray, experts: np.ndarray, num_experts: int) -> float:
     """E · Σ_e (L_e / T) · P̄_e from per-token probabilities and the chosen experts."""
     t = probs.shape[0]
     return float(num_experts * (load(experts, num_experts) / t * probs.mean(0)).sum())
+
+
+def super_experts_reference(
+    layer: np.ndarray, output_max: np.ndarray, total_layers: int, quantile: float = 99.5, times: int = 10
+) -> set[int]:
+    """Row indices flagged by the Super Experts paper code (eval_utils.py, BaseEvaluator):
+    `_super_experts_analysis` keeps layer_index < round(total_layers * 0.75) (Python round),
+    `_identify_super_experts` flags output_max > np.percentile(pool, 99.5) and
+    > np.max(pool) // times, over that pool only."""
+    include = round(total_layers * 0.75)
+    rows = [i for i in range(len(layer)) if int(layer[i]) < include]
+    pool = [float(output_max[i]) for i in rows]
+    if not pool:
+        return set()
+    p = np.percentile(pool, quantile)
+    top = np.max(pool) // times
+    return {i for i in rows if output_max[i] > p and output_max[i] > top}

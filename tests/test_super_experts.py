@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 import routescope as rs
-from routescope.capture.activations import StrideSample, calibrate, massive_layer_count
+from routescope.capture.activations import MedianSample, calibrate, massive_layer_count
+from tests import analysis_reference as ref
 
 BEAM = dict(num_hidden_layers=3, mlp_layer_types=["dense", "sparse", "sparse"], n_group=2, topk_group=1)
 
@@ -69,7 +70,14 @@ def test_planted_super_expert_ranks_first(tiny_model, model_type, overrides, pla
     assert (int(top.layer), int(top.expert), bool(top.shared)) == planted
     assert top.tokens_seen > 0
     assert bool(top.is_super) is is_super
-    assert int(df["is_super"].sum()) == int(is_super)
+    if is_super:
+        assert int(df["is_super"].sum()) == 1
+    else:
+        # The planted giant is outside the searched layers, so it sets no threshold (paper
+        # code): the searched pool's own top expert may be flagged, never an unsearched one.
+        searched = df.attrs["thresholds"]["layers"]
+        assert df.loc[df["is_super"], "layer"].isin(searched).all()
+        assert int(df["is_super"].sum()) <= 1
     assert top.max_abs_output > 10 * df["max_abs_output"].iloc[1]
     assert top.ratio_to_median > 10
 
@@ -244,23 +252,108 @@ def test_massive_activation_flagged(tiny_model):
     assert row.ratio_to_median > 1000
 
 
-def test_stride_sample_exact_then_bounded():
+def test_median_sample_exact_below_cap():
     values = torch.arange(1000, dtype=torch.float32).flip(0)
-    exact = StrideSample(cap=2000)
-    bounded = StrideSample(cap=64)
+    exact = MedianSample(cap=2000)
     for chunk in values.split(37):
         exact.add(chunk)
-        bounded.add(chunk)
+    assert exact.exact and exact.kept == 1000
     assert exact.median() == float(values.median())
-    assert bounded.kept <= 64 and bounded.stride > 1
-    assert abs(bounded.median() - float(values.median())) < 1000 / 64 * 2
+
+
+def test_median_sample_is_not_channel_aliased():
+    """Hidden size 64 (a multiple of 8) with channels 0, 8, 16, ... scaled down: a stride
+    sample keeps those channels only; the median must stay near the exact one."""
+    hidden, tokens, cap = 64, 20_000, 4096
+    gen = torch.Generator().manual_seed(3)
+    h = 1.0 + torch.rand(tokens, hidden, generator=gen)
+    h[:, ::8] *= 0.01
+    sample = MedianSample(cap=cap)
+    for chunk in h.split(97):  # one hook call per small batch of tokens
+        sample.add(chunk.reshape(-1))
+    truth = float(np.median(h.numpy()))
+    assert not sample.exact and cap <= sample.kept <= 2 * cap
+    assert abs(sample.median() - truth) < 0.05
+    # every channel is kept about equally often (channel = flat index mod hidden)
+    tagged = torch.arange(tokens * hidden, dtype=torch.float64).reshape(tokens, hidden)
+    counter = MedianSample(cap=cap)
+    for chunk in tagged.split(97):
+        counter.add(chunk.reshape(-1))
+    channels = (torch.cat(counter.values).long() % hidden).numpy()
+    per_channel = np.bincount(channels, minlength=hidden)
+    expected = counter.kept / hidden
+    assert per_channel.min() > 0.5 * expected and per_channel.max() < 1.5 * expected
 
 
 def test_round_of_massive_layers():
-    assert [massive_layer_count(n) for n in (1, 2, 3, 4, 6, 10, 48)] == [1, 2, 2, 3, 5, 8, 36]
+    # Python's round, halves to even, as the paper code's round(total_layers * 0.75)
+    assert [massive_layer_count(n) for n in (1, 2, 3, 4, 6, 10, 14, 48)] == [1, 2, 2, 3, 4, 8, 10, 36]
+    assert all(massive_layer_count(n) == round(n * 0.75) for n in range(1, 200))
 
 
-# -- bad input -------------------------------------------------------------------------------
+def _planted_frame(num_layers: int, experts: int, plants: dict[tuple[int, int], float], seed: int = 0):
+    rng = np.random.default_rng(seed)
+    layer = np.repeat(np.arange(num_layers), experts)
+    expert = np.tile(np.arange(experts), num_layers)
+    value = rng.uniform(1.0, 3.0, size=layer.size)
+    for (lyr, e), factor in plants.items():
+        value[(layer == lyr) & (expert == e)] *= factor
+    return pd.DataFrame(
+        {"layer": layer, "expert": expert, "shared": False, "max_abs_output": value, "tokens_seen": 5}
+    )
+
+
+@pytest.mark.parametrize("giant", [200.0, 1100.0])
+def test_late_giant_does_not_hide_searched_super_expert(giant):
+    # 4 layers: the paper searches layers 0..2; a giant in layer 3 must not raise the thresholds
+    acts = _planted_frame(4, 16, {(2, 9): 60.0, (3, 4): giant})
+    out = rs.classify_super_experts(acts, num_hidden_layers=4)
+    flagged = set(np.flatnonzero(out["is_super"].to_numpy()))
+    truth = ref.super_experts_reference(acts["layer"].to_numpy(), acts["max_abs_output"].to_numpy(), 4)
+    assert flagged == truth
+    assert out.loc[out["is_super"], ["layer", "expert"]].values.tolist() == [[2, 9]]
+    pool = acts.loc[acts["layer"] < 3, "max_abs_output"].to_numpy()
+    th = out.attrs["thresholds"]
+    assert th["percentile_threshold"] == pytest.approx(np.percentile(pool, 99.5))
+    assert th["max_threshold"] == pytest.approx(pool.max() / 10)
+    assert th["pooled_experts"] == 48
+    assert out.loc[out["is_super"], "ratio_to_median"].iloc[0] == pytest.approx(pool.max() / np.median(pool))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_classifier_equals_paper_code_on_random_pools(seed):
+    rng = np.random.default_rng(seed)
+    layers = int(rng.integers(2, 15))
+    plants = {
+        (int(rng.integers(0, layers)), int(rng.integers(0, 8))): float(rng.choice([20, 80, 400]))
+        for _ in range(3)
+    }
+    acts = _planted_frame(layers, 8, plants, seed=seed)
+    acts["max_abs_output"] *= 10.0  # values >> 10, so the paper's max // 10 and our max / 10 agree
+    out = rs.classify_super_experts(acts, num_hidden_layers=layers)
+    truth = ref.super_experts_reference(acts["layer"].to_numpy(), acts["max_abs_output"].to_numpy(), layers)
+    assert set(np.flatnonzero(out["is_super"].to_numpy())) == truth
+
+
+def test_planted_super_expert_beside_late_giant_in_a_real_model(tiny_model):
+    model = tiny_model("mixtral", num_hidden_layers=4)
+    plant(model, 2, 3, False, factor=50.0)
+    plant(model, 3, 1, False, factor=1100.0)
+    df = rs.find_super_experts(model, make_batches(), progress=False)
+    assert df.attrs["thresholds"]["layers"] == [0, 1, 2]
+    assert df.loc[df["is_super"], ["layer", "expert"]].values.tolist() == [[2, 3]]
+    # independent NumPy: SPEC 4.6 over the searched layers' experts that saw a token
+    seen = df[df["tokens_seen"] > 0].reset_index(drop=True)
+    values = seen["max_abs_output"].to_numpy(dtype=np.float64)
+    searched = seen["layer"].to_numpy() < 3
+    pool = values[searched]
+    expected = set(
+        np.flatnonzero(searched & (values > np.percentile(pool, 99.5)) & (values > pool.max() / 10))
+    )
+    flagged = set(np.flatnonzero(seen["is_super"].to_numpy()))
+    assert flagged == expected
+
+
 def test_empty_calibration_data(tiny_model):
     model = tiny_model("mixtral")
     with pytest.raises(ValueError, match="calibration data is empty"):

@@ -46,8 +46,10 @@ MASSIVE_MEDIAN_RATIO = 1000.0  # ... and > 1000 x median |h|
 SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts")
 # Where the fused experts module sits in a MoE block whose router is a separate module.
 EXPERTS_NAMES = ("experts",)
-# |h| values kept per layer for the median: exact below this, a strided sample above it.
+# |h| values kept per layer for the median: exact below this, a uniform random sample of
+# between this and twice this many values above it.
 MEDIAN_SAMPLE_CAP = 1 << 20
+MEDIAN_SAMPLE_SEED = 0
 
 _DECODER_LAYER_RE = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|block))\.(\d+)(?:\.|$)")
 
@@ -187,8 +189,11 @@ def decoder_layers(model: nn.Module, sites: list[ExpertSite]) -> list[tuple[int,
 
 
 def massive_layer_count(num_hidden_layers: int) -> int:
-    """round(0.75 * L), halves rounded up: the layers that may build massive activations."""
-    return math.floor(MASSIVE_LAYER_FRACTION * num_hidden_layers + 0.5)
+    """round(0.75 * L) with Python's round (halves to even), as the paper's code does.
+
+    The layers that may build massive activations; 6 layers -> 4 (0..3), 10 -> 8.
+    """
+    return round(MASSIVE_LAYER_FRACTION * num_hidden_layers)
 
 
 # -- recomputing one expert's down-projection --------------------------------------------
@@ -255,32 +260,54 @@ class ExpertMaxima:
         self.tokens[experts] += counts
 
 
-class StrideSample:
-    """Every value while they fit in `cap`, then every 2nd, 4th, ...: a bounded sample for a median."""
+class MedianSample:
+    """A bounded uniform random sample of |h| values for a median; every value while they fit.
 
-    def __init__(self, cap: int = MEDIAN_SAMPLE_CAP) -> None:
+    Each value draws a uniform key (seeded generator); the sample is every value whose key
+    lies below `threshold`. While `cap` values or fewer were seen the threshold is 1 and the
+    median is exact. Past 2 * cap kept values the threshold drops to the cap-th smallest
+    key, so the sample stays a uniform one of cap..2*cap values: no channel or position is
+    favoured, whatever the hidden size (a fixed stride would keep whole channels only).
+    """
+
+    def __init__(self, cap: int = MEDIAN_SAMPLE_CAP, seed: int = MEDIAN_SAMPLE_SEED) -> None:
         self.cap = cap
-        self.stride = 1
+        self.seed = seed
+        self.threshold = 1.0
         self.seen = 0
-        self.parts: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor] = []
         self.kept = 0
+        self._generator: torch.Generator | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.threshold >= 1.0
 
     def add(self, values: torch.Tensor) -> None:
-        start = (-self.seen) % self.stride
-        taken = values[start :: self.stride]
+        values = values.reshape(-1)
+        if self._generator is None:
+            self._generator = torch.Generator(device=values.device).manual_seed(self.seed)
+        keys = torch.rand(values.numel(), generator=self._generator, device=values.device)
         self.seen += values.numel()
-        self.parts.append(taken)
-        self.kept += taken.numel()
-        while self.kept > self.cap:
-            merged = torch.cat(self.parts)[::2]
-            self.parts, self.kept, self.stride = [merged], merged.numel(), self.stride * 2
+        if not self.exact:
+            keep = keys < self.threshold
+            values, keys = values[keep], keys[keep]
+        self.values.append(values)
+        self.keys.append(keys)
+        self.kept += values.numel()
+        if self.kept > 2 * self.cap:
+            keys = torch.cat(self.keys)
+            smallest, index = torch.topk(keys, self.cap, largest=False, sorted=False)
+            self.values, self.keys = [torch.cat(self.values)[index]], [smallest]
+            self.kept = self.cap
+            self.threshold = float(smallest.max())
 
     def median(self) -> float:
         if not self.kept:
             return math.nan
-        values = torch.cat(self.parts)
         # the lower median for an even count, as torch.median gives
-        return float(values.median())
+        return float(torch.cat(self.values).median())
 
 
 class HiddenMaxima:
@@ -291,7 +318,7 @@ class HiddenMaxima:
         self.channel = torch.full((), -1, dtype=torch.int64, device=device)
         self.seq = torch.full((), -1, dtype=torch.int64, device=device)
         self.pos = torch.full((), -1, dtype=torch.int64, device=device)
-        self.sample = StrideSample()
+        self.sample = MedianSample()
 
     def update(
         self, hidden: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, seq_offset: int
@@ -495,21 +522,24 @@ def classify_super_experts(
     """`acts` (layer, expert, shared, max_abs_output[, tokens_seen]) with `is_super` and `ratio_to_median`.
 
     SPEC 4.6: a > percentile(A, quantile, linear) and a > max(A) * ratio and layer in `layers`
-    (default: the first round(0.75 * num_hidden_layers)). A holds the experts that saw at
-    least one token; an expert that saw none is never super.
+    (default: the first round(0.75 * num_hidden_layers)). A holds the experts of the searched
+    layers only that saw at least one token, as the paper's code pools only the searched
+    layers: a giant in a later layer never raises the thresholds. An expert that saw no
+    token is never super. `ratio_to_median` divides by the median of the same pool A.
     """
     out = acts.copy()
     values = out["max_abs_output"].to_numpy(dtype=np.float64)
     seen = out["tokens_seen"].to_numpy() > 0 if "tokens_seen" in out.columns else np.ones(len(out), bool)
-    pool = values[seen]
+    allowed = _allowed_layers(layers, num_hidden_layers)
+    searched = out["layer"].isin(allowed).to_numpy()
+    pool = values[seen & searched]
     if pool.size:
         p = float(np.percentile(pool, quantile, method="linear"))
         top = float(pool.max()) * ratio
         median = float(np.median(pool))
     else:
         p = top = median = math.nan
-    allowed = _allowed_layers(layers, num_hidden_layers)
-    out["is_super"] = seen & (values > p) & (values > top) & out["layer"].isin(allowed).to_numpy()
+    out["is_super"] = seen & searched & (values > p) & (values > top)
     out["ratio_to_median"] = values / median if median and median > 0 else math.nan
     out.attrs["thresholds"] = {
         "quantile": quantile,
@@ -517,6 +547,7 @@ def classify_super_experts(
         "percentile_threshold": p,
         "max_threshold": top,
         "median": median,
+        "pooled_experts": int(pool.size),
         "layers": allowed,
     }
     return out
