@@ -12,17 +12,15 @@ import itertools
 import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from routescope.analysis.runview import RunView as Run  # a Protocol: run.py imports us, not back
 from routescope.analysis.sqlfiles import Cte, compose, get_query
-
-if TYPE_CHECKING:
-    from routescope.analysis.run import Run
 
 # The only place user text enters SQL: a notebook-style filter over the tokens view.
 WHERE_TEMPLATE = "SELECT * FROM tokens WHERE ({where})"
