@@ -1,0 +1,143 @@
+"""Encoder-decoder MoE models (Switch Transformers, NLLB-MoE): both stacks are found, with
+distinct layer numbers, and the adapters read the routers' decisions exactly.
+
+The test's own reading of each decision comes from another place than the adapter's: for
+Switch Transformers the arguments its experts module is called with; for NLLB-MoE the
+top-2 of the router's softmax, with the combine gates at those experts.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from routescope.capture.adapters import match_adapter
+from routescope.capture.discovery import find_routers
+from tests.conftest import _LIVE_MODELS
+from tests.tiny_models import SEQ2SEQ, build_tiny_seq2seq_model
+
+SEQ2SEQ_TYPES = sorted(SEQ2SEQ)
+
+
+@pytest.fixture
+def seq2seq_model(device):
+    def make(model_type: str, **overrides) -> torch.nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = build_tiny_seq2seq_model(model_type, **overrides).to(device)
+        _LIVE_MODELS.append(model)  # the hook-leak guard of conftest checks it after the test
+        return model
+
+    return make
+
+
+def source_batch(device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two source sentences, the second right-padded (as seq2seq tokenizers pad)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 120, (2, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    return ids.to(device), mask.to(device)
+
+
+class StackCapture:
+    """The test's own record of each MoE layer's decision, per call: (module path, ids, weights)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self.handles = []
+        for name, module in model.named_modules():
+            kind = type(module).__name__
+            if kind == "SwitchTransformersExperts":
+                self.handles.append(module.register_forward_pre_hook(self._switch(name)))
+            elif kind == "NllbMoeTop2Router":
+                self.handles.append(module.register_forward_hook(self._nllb(name)))
+
+    def _switch(self, name: str):
+        def hook(module, args):
+            _, dispatch, weights = args  # [N, 1, E] one-hot, [N, 1]
+            ids = dispatch[:, 0].float().argmax(-1, keepdim=True)
+            kept = dispatch[:, 0].sum(-1, keepdim=True) > 0
+            self.calls.append((name, ids, torch.where(kept, weights, torch.zeros_like(weights))))
+
+        return hook
+
+    def _nllb(self, name: str):
+        def hook(module, args, output):
+            _, gates, logits = output
+            ids = torch.topk(torch.softmax(logits.float(), dim=-1), 2, dim=-1).indices
+            self.calls.append((name, ids, gates.gather(-1, ids)))
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("model_type", SEQ2SEQ_TYPES)
+def test_both_stacks_are_found_with_distinct_layer_numbers(model_type, seq2seq_model):
+    model = seq2seq_model(model_type)
+    sites = find_routers(model)
+    encoder_blocks = 2  # tests/tiny_models.py: two blocks per stack, MoE in block 1
+    assert [(site.stack, site.layer) for site in sites] == [("encoder", 1), ("decoder", encoder_blocks + 1)]
+    assert [site.top_k for site in sites] == [1 if model_type == "switch_transformers" else 2] * 2
+    assert all(site.num_experts == 4 for site in sites)
+    assert ".encoder." in "." + sites[0].name and ".decoder." in "." + sites[1].name
+
+
+@pytest.mark.parametrize("model_type", SEQ2SEQ_TYPES)
+def test_adapter_reads_the_router_decision_exactly(model_type, seq2seq_model, device):
+    model = seq2seq_model(model_type)
+    sites = {site.name: site for site in find_routers(model)}
+    got: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    handles = [
+        site.module.register_forward_hook(
+            lambda module, args, output, name=name: got.append(
+                (name, *match_adapter(module).extract(module, args, {}, output))
+            )
+        )
+        for name, site in sites.items()
+    ]
+    capture = StackCapture(model)
+    ids, mask = source_batch(device)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :4])
+    finally:
+        capture.remove()
+        for handle in handles:
+            handle.remove()
+    assert [name for name, _, _ in got] == list(sites)  # encoder then decoder, once each
+    assert len(capture.calls) == len(got)
+    for (_, want_ids, want_weights), (name, ids_, weights) in zip(capture.calls, got, strict=True):
+        tokens = ids.shape[0] * (7 if ".encoder." in "." + name else 4)
+        assert ids_.shape == want_ids.shape == (tokens, sites[name].top_k)
+        assert torch.equal(ids_.cpu(), want_ids.long().cpu())
+        assert torch.equal(weights.cpu(), want_weights.to(weights.dtype).cpu())
+
+
+def test_switch_capacity_drops_are_recorded_with_weight_zero(seq2seq_model, device):
+    # capacity 1: each expert takes the first token of each sequence that picks it
+    model = seq2seq_model("switch_transformers", expert_capacity=1)
+    site = find_routers(model)[0]
+    got = []
+    handle = site.module.register_forward_hook(
+        lambda module, args, output: got.append(site.adapter.extract(module, args, {}, output))
+    )
+    capture = StackCapture(model)
+    ids, mask = source_batch(device)
+    try:
+        with torch.no_grad():
+            model.get_encoder()(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+        capture.remove()
+    (experts, weights), (_, want_ids, want_weights) = got[0], capture.calls[0]
+    dropped = (weights == 0).flatten()
+    assert 0 < int(dropped.sum()) < len(dropped)  # 7 tokens per row, 4 experts, capacity 1
+    assert torch.equal(weights.cpu(), want_weights.cpu())
+    kept = ~dropped
+    assert torch.equal(experts[kept].cpu(), want_ids[kept].cpu())

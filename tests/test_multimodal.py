@@ -1,0 +1,104 @@
+"""Multimodal MoE models: image placeholder tokens are routed and recorded like text, and
+each token's modality comes from what the model is given (mm_token_type_ids or config ids).
+
+Tiny Qwen3-VL-MoE and GLM-4.5V (glm4v_moe) models are built from configs
+(tests/tiny_models.py) and given synthetic images: random pixel values for a (1, 4, 4)
+patch grid, which the vision tower merges into 4 placeholder tokens.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from routescope.capture.discovery import find_routers
+from routescope.capture.modality import IMAGE, MODALITIES, TEXT, VIDEO, modality_names, token_modality
+from tests.conftest import _LIVE_MODELS
+from tests.tiny_models import (
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    VISION_END,
+    VISION_LANGUAGE,
+    VISION_START,
+    build_tiny_vision_language_model,
+)
+
+VL_TYPES = sorted(VISION_LANGUAGE)
+IMAGE_TOKENS = 4  # a (1, 4, 4) grid of patches, merged 2 x 2
+PATCH_VALUES = 3 * 2 * 4 * 4  # channels x temporal patch x patch x patch
+
+
+def image_batch(device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two sequences, each with one synthetic image; the second is shorter and left-padded."""
+    gen = torch.Generator().manual_seed(seed)
+    image = [VISION_START] + [IMAGE_TOKEN] * IMAGE_TOKENS + [VISION_END]
+    rows = [
+        [11, 12, *image, 13, 14, 15],
+        [0, 0, 0, 21, *image, 22],
+    ]
+    ids = torch.tensor(rows)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "pixel_values": torch.randn(2 * 16, PATCH_VALUES, generator=gen).to(device),
+        "image_grid_thw": torch.tensor([[1, 4, 4], [1, 4, 4]]).to(device),
+        "mm_token_type_ids": (ids == IMAGE_TOKEN).to(torch.int32).to(device),
+    }
+
+
+@pytest.fixture
+def vl_model(device):
+    def make(model_type: str) -> torch.nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = build_tiny_vision_language_model(model_type).to(device)
+        _LIVE_MODELS.append(model)  # the hook-leak guard of conftest checks it after the test
+        return model
+
+    return make
+
+
+@pytest.mark.parametrize("model_type", VL_TYPES)
+def test_modality_from_token_types_and_from_config_ids(model_type, vl_model, device):
+    model = vl_model(model_type)
+    batch = image_batch(device)
+    ids = batch["input_ids"]
+    expected = torch.where(ids == IMAGE_TOKEN, IMAGE, TEXT).to(torch.int8)
+    from_types = token_modality(ids, batch, model.config)
+    from_ids = token_modality(ids, {}, model.config)  # no mm_token_type_ids: the config's ids decide
+    assert from_types is not None and from_ids is not None
+    assert torch.equal(from_types.cpu(), expected.cpu())
+    assert torch.equal(from_ids.cpu(), expected.cpu())
+    assert (from_ids == IMAGE).sum().item() == 2 * IMAGE_TOKENS
+    # a video placeholder is named by the config's video id
+    video = ids.clone()
+    video[0, 3] = VIDEO_TOKEN
+    assert token_modality(video, {}, model.config)[0, 3].item() == VIDEO
+
+
+def test_modality_of_decode_steps_and_text_only_models(device):
+    # generate passes the whole sequence's token types with only the new token's id: the
+    # last columns belong to the new tokens
+    types = torch.tensor([[0, 1, 1, 0, 3], [0, 0, 2, 2, 0]], device=device)
+    new = torch.tensor([[7], [8]], device=device)
+    assert token_modality(new, {"mm_token_type_ids": types}).flatten().tolist() == [3, 0]
+    # nothing marks any token: None (all text), also for a config without placeholder ids
+    plain = torch.tensor([[5, 6, 7]], device=device)
+    assert token_modality(plain, {}, config=None) is None
+    assert modality_names([0, 1, 2, 3]).tolist() == list(MODALITIES)
+    with pytest.raises(ValueError, match="mm_token_type_ids has 1 rows but input_ids has 2"):
+        token_modality(new, {"mm_token_type_ids": types[:1]})
+
+
+@pytest.mark.parametrize("model_type", VL_TYPES)
+def test_language_model_routers_are_found(model_type, vl_model):
+    model = vl_model(model_type)
+    sites = find_routers(model)
+    text = model.config.get_text_config()
+    dense_first = getattr(text, "first_k_dense_replace", 0) or 0
+    assert [site.layer for site in sites] == list(range(dense_first, text.num_hidden_layers))
+    assert all(".language_model." in site.name and site.stack == "decoder" for site in sites)
