@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from routescope import bundled
 from routescope.analysis import Run, open_run
 from routescope.analysis.compare import compare
 from routescope.errors import RouteScopeError, RunFormatError, UnsupportedModelError, WriterError
@@ -62,6 +63,7 @@ __all__ = [
     "UnsupportedModelError",
     "WriterError",
     "__version__",
+    "bundled",
     "classify_super_experts",
     "compare",
     "find_routers",

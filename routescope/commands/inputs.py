@@ -1,45 +1,28 @@
 """Inputs of the commands: the bundled defaults, and text corpora from files, folders or JSONL.
 
 Used by `profile`, `demo` and `super-experts`; every bad input raises ValueError or
-FileNotFoundError with one line that names the file (and line) at fault.
+FileNotFoundError with one line that names the file (and line) at fault. The bundled paths
+live in `routescope.bundled` (public); the names here are kept for older callers.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from routescope.bundled import corpus_path as bundled_corpus
+from routescope.bundled import data_dir
+from routescope.bundled import model_path as bundled_model
+
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".text")
+__all__ = ["TEXT_SUFFIXES", "TextRecord", "bundled_corpus", "bundled_model", "data_dir", "read_texts"]
 
 
 @dataclass
 class TextRecord:
     text: str
     labels: dict[str, str] = field(default_factory=dict)
-
-
-def data_dir() -> Path:
-    """The bundled `data/` folder: $ROUTESCOPE_DATA, or `data/` beside the package."""
-    env = os.environ.get("ROUTESCOPE_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
-
-
-def bundled_model() -> Path:
-    path = data_dir() / "model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the bundled model is missing at {path}; run `python scripts/train_model.py` or pass --model"
-        )
-    return path
-
-
-def bundled_corpus() -> Path:
-    path = data_dir() / "sample.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"the bundled corpus is missing at {path}; pass --data")
-    return path
 
 
 def read_texts(
