@@ -69,6 +69,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         "--hot-factor", type=float, default=2.0, help="hot: share >= factor / E (default 2.0)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    parser.add_argument("--html", metavar="FILE", help="also write a one-file HTML report")
 
 
 def collect_report(run: Any, where: str | None = None, hot_factor: float = 2.0) -> dict[str, Any]:
@@ -230,6 +231,10 @@ def report_command(args: argparse.Namespace) -> int:
         run = rs.open_run(args.run)
         try:
             report = collect_report(run, where=args.where, hot_factor=args.hot_factor)
+            if args.html:
+                from routescope.commands.html_report import write_html_report
+
+                write_html_report(run, report, args.html)
         finally:
             run.close()
     REPORT_RENDERERS["json" if args.json else "table"](report)
