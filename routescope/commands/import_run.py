@@ -11,6 +11,8 @@ import sys
 
 from routescope.errors import RouteScopeError
 from routescope.importers import parse_layers, write_imported_run
+from routescope.importers.errors import one_clean_line
+from routescope.importers.files import check_output_dir
 
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,16 +23,26 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
         description="Convert SGLang ExpertDistributionRecorder .pt dumps; per_token mode gives tokens + "
         "routing, the count modes a counts-only run (table expert_counts).",
     )
-    sglang.add_argument("files", nargs="+", metavar="FILE", help=".pt dump(s), e.g. one per rank")
+    sglang.add_argument(
+        "files", nargs="+", metavar="FILE", help=".pt dump(s) (or oldest-layout .csv), one per rank"
+    )
     sglang.add_argument("--top-k", type=int, help="experts per token (required for the count modes)")
+    sglang.add_argument(
+        "--tp-size",
+        type=int,
+        help="ranks that saw the same tokens (plain tensor parallelism): keep one copy of their data "
+        "(stat mode: divide the all-reduced counts); default: detect identical rank data, 1 for stat",
+    )
     vllm = engines.add_parser(
         "vllm",
-        help="vLLM routed_experts arrays [tokens, MoE layers, k]",
+        help="vLLM routed_experts arrays (before 0.21 and 0.21+ response layouts)",
         description="Convert vLLM routed_experts arrays (.npy, .npz, .pt, .json, .jsonl) into a run.",
     )
     vllm.add_argument("files", nargs=1, metavar="FILE", help=".npy / .npz / .pt / .json / .jsonl")
     vllm.add_argument(
-        "--moe-layers", help="decoder-layer index of each MoE layer, e.g. '1-26' (default: 0..L-1)"
+        "--moe-layers",
+        help="decoder-layer index of each entry of the layer axis (as many as the axis has), or the MoE "
+        "entries of a decoder-layer axis, e.g. '1-26' (default: all-zero dense layers are dropped)",
     )
     for sub in (sglang, vllm):
         sub.add_argument("--out", required=True, help="run directory to write")
@@ -41,10 +53,13 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
 
 def import_command(args: argparse.Namespace) -> int:
     """Convert SGLang expert-distribution dumps or vLLM routed_experts arrays into a run."""
+    check_output_dir(args.out)
     if args.engine == "sglang":
         from routescope.importers.sglang import import_sglang
 
-        imported = import_sglang(args.files, top_k=args.top_k, num_experts=args.num_experts)
+        imported = import_sglang(
+            args.files, top_k=args.top_k, num_experts=args.num_experts, tp_size=args.tp_size
+        )
     else:
         from routescope.importers.vllm import import_vllm
 
@@ -67,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return import_command(args)
     except (RouteScopeError, ValueError, FileNotFoundError) as exc:
-        print(f"routescope: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"routescope: error: {one_clean_line(str(exc))}", file=sys.stderr)
         return 2
 
 

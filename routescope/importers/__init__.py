@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,19 +18,23 @@ from typing import Any
 import numpy as np
 
 from routescope import schema
-from routescope.errors import RouteScopeError
+from routescope.importers.errors import ImportFormatError, RunExistsError
+from routescope.importers.files import check_output_dir
 from routescope.store.manifest import MANIFEST_NAME, write_manifest
 from routescope.store.writer import PartWriter
 
+__all__ = [
+    "ImportFormatError",
+    "ImportedRun",
+    "RunExistsError",
+    "build_manifest",
+    "counts_to_table",
+    "parse_layers",
+    "sequences_to_tables",
+    "write_imported_run",
+]
+
 Columns = dict[str, np.ndarray]
-
-
-class RunExistsError(RouteScopeError, FileExistsError):
-    """The output directory already holds a run and overwrite was not asked."""
-
-
-class ImportFormatError(RouteScopeError, ValueError):
-    """A dump does not have the layout an importer expects; the message names what was expected."""
 
 
 @dataclass
@@ -77,10 +82,17 @@ class _Step:
 
 
 def write_imported_run(
-    imported: ImportedRun, out: str | Path, model_type: str = "", overwrite: bool = False, sources=()
+    imported: ImportedRun,
+    out: str | Path,
+    model_type: str = "",
+    overwrite: bool = False,
+    sources: Sequence[str | Path] = (),
 ) -> Path:
     """Write `imported` as a run directory at `out` (refuses an existing run unless `overwrite`)."""
-    out = Path(out)
+    out = check_output_dir(out)
+    if not imported.moe_layers:
+        named = ", ".join(str(s) for s in sources) or "the input"
+        raise ImportFormatError(f"{named}: no MoE layer has any routed token; nothing to import")
     if (out / MANIFEST_NAME).exists():
         if not overwrite:
             raise RunExistsError(f"{out} already holds a routescope run; pass --overwrite to replace it")
@@ -99,10 +111,18 @@ def write_imported_run(
     if tables:
         writer.submit(_Step(tables))
     writer.close()
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_manifest(out, build_manifest(imported, model_type, sources))
+    return out
+
+
+def build_manifest(
+    imported: ImportedRun, model_type: str = "", sources: Sequence[str | Path] = ()
+) -> dict[str, Any]:
+    """The manifest.json of an imported run (SPEC 3.1 keys plus `imported_from`)."""
     import routescope
 
-    manifest = {
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return {
         "format_version": schema.FORMAT_VERSION,
         "model_type": model_type or f"{imported.engine}-import",
         "num_hidden_layers": imported.num_hidden_layers,
@@ -127,8 +147,6 @@ def write_imported_run(
         "created_at": now,
         "updated_at": now,
     }
-    write_manifest(out, manifest)
-    return out
 
 
 def sequences_to_tables(
@@ -137,7 +155,8 @@ def sequences_to_tables(
     """Tokens and routing columns from per-sequence top-k arrays.
 
     Each sequence: `experts` [T, L, K] int (negative = no expert, dropped), `pos` [T],
-    `token_ids` [T], `step` [T], `phase` [T] (str) and optional `labels` {name: [T] str}.
+    `token_ids` [T], `step` [T], `phase` [T] (str), optional `seq_id` (int; default
+    `first_seq_id` + its index) and optional `labels` {name: [T] str}.
     Returns tokens, routing and the top-k seen per layer.
     """
     tokens: dict[str, list[np.ndarray]] = {c: [] for c in schema.TOKEN_COLUMNS}
@@ -149,7 +168,7 @@ def sequences_to_tables(
     for offset, seq in enumerate(sequences):
         experts = np.asarray(seq["experts"])
         n, num_layers, _ = experts.shape
-        seq_id = np.full(n, first_seq_id + offset, dtype=np.int64)
+        seq_id = np.full(n, seq.get("seq_id", first_seq_id + offset), dtype=np.int64)
         pos = np.asarray(seq["pos"], dtype=np.int32)
         tokens["seq_id"].append(seq_id)
         tokens["pos"].append(pos)
@@ -188,19 +207,22 @@ def counts_to_table(counts: np.ndarray, layers: list[int]) -> Columns:
 
 
 def parse_layers(text: str | None) -> list[int] | None:
-    """'1,2,5' or '1-3,7' -> [1, 2, 5] / [1, 2, 3, 7]; None stays None."""
+    """'1,2,5' or '1-3,7' -> [1, 2, 5] / [1, 2, 3, 7]; None stays None. Duplicates and negatives are refused."""
     if not text:
         return None
     layers: list[int] = []
+    usage = "use comma-separated non-negative integers or ranges, e.g. '1,2,5' or '1-26'"
     try:
         for item in text.split(","):
-            if "-" in item:
-                lo, hi = item.split("-")
-                layers += list(range(int(lo), int(hi) + 1))
+            if "-" in item.strip()[1:]:
+                lo, hi = (int(x) for x in item.split("-"))
+                if hi < lo:
+                    raise ValueError
+                layers += list(range(lo, hi + 1))
             else:
                 layers.append(int(item))
     except ValueError:
-        raise ValueError(
-            f"bad layer list {text!r}: use comma-separated integers or ranges, e.g. '1,2,5' or '1-26'"
-        ) from None
+        raise ValueError(f"bad layer list {text!r}: {usage}") from None
+    if any(layer < 0 for layer in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"bad layer list {text!r}: negative or repeated layer; {usage}")
     return layers

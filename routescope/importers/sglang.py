@@ -1,180 +1,122 @@
-"""Import SGLang expert-distribution-recorder dumps (torch.save'd dicts) into a run directory.
+"""Import SGLang expert-distribution-recorder dumps into a run directory.
 
-Layouts follow `python/sglang/srt/eplb/expert_distribution.py` (sgl-project/sglang; older
-releases: `python/sglang/srt/managers/expert_distribution.py`):
-
-- `per_token` mode (`_DetailAccumulator.dump`): `{"records": [...], "last_physical_to_logical_map":
-  [num_layers, num_physical_experts]}`, each record with `topk_ids_of_layer` [num_layers,
-  num_tokens, top_k] (physical expert ids, -1 = unused slot) and optionally `forward_pass_id`,
-  `rank`, `input_ids`, `positions`, `extend_seq_lens`, `forward_mode`  -> tokens + routing.
-- `per_pass` mode: the same records without `topk_ids_of_layer` but with
-  `global_physical_count` [num_layers, num_physical_experts]  -> counts-only (one step a pass).
-- `stat` / `stat_approx` modes (`_StatAccumulator.dump`): `{"logical_count": [buffered_passes,
-  num_layers, num_logical_experts]}` (also accepted: [num_layers, num_logical_experts])
-  -> counts-only (one step a buffered pass; all-zero passes, unused buffer slots, dropped).
+`import_sglang` loads the files (`sglang_dump.py`), then converts per-token dumps here
+(tokens + routing) and count dumps in `sglang_counts.py` (counts-only runs). The layouts
+follow sgl-project/sglang `python/sglang/srt/eplb/expert_distribution.py` (older releases:
+`python/sglang/srt/managers/expert_distribution.py`); docs/scale_out.md cites the commits
+and lists every conversion rule.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from routescope import schema
-from routescope.importers import (
-    ImportedRun,
-    ImportFormatError,
-    counts_to_table,
-    sequences_to_tables,
+from routescope.importers import ImportedRun, ImportFormatError, sequences_to_tables
+from routescope.importers.sglang_counts import import_counts
+from routescope.importers.sglang_dump import (
+    Record,
+    Skipped,
+    as_array,
+    collapse_rank_copies,
+    content_key,
+    iter_records,
+    load_dumps,
+    physical_map,
 )
 
-FORWARD_MODE_DECODE = 2  # sglang ForwardMode.DECODE (model_executor/forward_batch_info.py)
-EXPECTED = (
-    "an SGLang expert-distribution dump: a dict with 'records' (per_token / per_pass mode, records "
-    "holding 'topk_ids_of_layer' [num_layers, num_tokens, top_k] or 'global_physical_count' "
-    "[num_layers, num_physical_experts]) or 'logical_count' ([passes,] num_layers, num_logical_experts; "
-    "stat / stat_approx mode)"
-)
-
-
-def load_dump(path: str | Path) -> dict[str, Any]:
-    """torch.load a dump with weights_only=True (tensors, lists, ints: no code runs)."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"SGLang dump {path} does not exist")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ImportFormatError(
-            f"{path}: could not be read with torch.load(weights_only=True): {exc}"
-        ) from None
-    if not isinstance(data, dict):
-        raise ImportFormatError(f"{path}: got a {type(data).__name__}; expected {EXPECTED}")
-    return data
-
-
-def detect_mode(data: dict[str, Any], path: Path) -> str:
-    if "logical_count" in data:
-        return "stat"
-    records = data.get("records")
-    if isinstance(records, list):
-        if any(isinstance(r, dict) and "topk_ids_of_layer" in r for r in records):
-            return "per_token"
-        if all(isinstance(r, dict) and "global_physical_count" in r for r in records) and records:
-            return "per_pass"
-    keys = ", ".join(map(str, data)) or "none"
-    raise ImportFormatError(f"{path}: keys {keys}; expected {EXPECTED}")
+# sglang ForwardMode (python/sglang/srt/model_executor/forward_batch_info.py, IntEnum from 1):
+# what each pass's tokens are. MIXED holds extend requests followed by the running decode
+# requests, one token each (ScheduleBatch.mix_with_running). Speculative passes are skipped:
+# TARGET_VERIFY routes draft tokens that may be rejected, DRAFT_EXTEND is the draft model.
+FORWARD_MODES: dict[int, tuple[str, str]] = {
+    1: ("EXTEND", "prefill"),
+    2: ("DECODE", "decode"),
+    3: ("MIXED", "mixed"),
+    4: ("IDLE", "skip"),
+    5: ("TARGET_VERIFY", "skip"),
+    6: ("DRAFT_EXTEND", "skip"),
+    8: ("SPLIT_PREFILL", "prefill"),
+}
 
 
 def import_sglang(
-    paths: list[str | Path], top_k: int | None = None, num_experts: int | None = None
+    paths: list[str | Path],
+    top_k: int | None = None,
+    num_experts: int | None = None,
+    tp_size: int | None = None,
 ) -> ImportedRun:
-    """Parse one or more dumps of the same mode (e.g. one per rank) into an ImportedRun."""
-    loaded = [(Path(p), load_dump(p)) for p in paths]
-    modes = {detect_mode(data, path) for path, data in loaded}
-    if len(modes) > 1:
-        raise ImportFormatError(f"dumps mix recorder modes {sorted(modes)}; import one mode at a time")
-    mode = modes.pop()
+    """Parse dumps of one recorder mode (e.g. one file per rank) into an ImportedRun.
+
+    `tp_size`: how many ranks saw the same tokens (plain tensor parallelism); None detects
+    identical rank data in record dumps (see `sglang_dump.collapse_rank_copies`).
+    """
+    for name, value in (("--top-k", top_k), ("--num-experts", num_experts), ("--tp-size", tp_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    dumps = load_dumps(paths)
+    mode = dumps[0].mode
     if mode == "per_token":
-        return _per_token(loaded, num_experts)
+        return _per_token(dumps, num_experts, tp_size)
     if top_k is None:
         raise ValueError(
-            f"SGLang {mode} dumps hold counts only, not top-k: pass --top-k K (experts per token)"
+            f"SGLang {mode} dumps ({dumps[0].path}) hold counts only, not top-k: pass --top-k K (experts per token)"
         )
-    return _counts(loaded, mode, top_k, num_experts)
+    return import_counts(dumps, mode, top_k, num_experts, tp_size)
 
 
-# -- per_token ---------------------------------------------------------------------------
-def _physical_map(data: dict[str, Any], num_layers: int) -> np.ndarray | None:
-    mapping = data.get("last_physical_to_logical_map")
-    if mapping is None:
-        return None
-    mapping = _array(mapping)
-    if mapping.ndim != 2 or mapping.shape[0] != num_layers:
-        raise ImportFormatError(
-            f"last_physical_to_logical_map has shape {tuple(mapping.shape)}; expected [num_layers={num_layers}, "
-            "num_physical_experts]"
-        )
-    return mapping.astype(np.int64)
-
-
-def _to_logical(ids: np.ndarray, mapping: np.ndarray | None) -> np.ndarray:
-    """Physical expert ids [L, T, K] -> logical ids via the map; -1 stays -1."""
-    if mapping is None:
-        return ids
-    out = np.full(ids.shape, -1, dtype=np.int64)
-    for layer in range(ids.shape[0]):
-        valid = ids[layer] >= 0
-        out[layer][valid] = mapping[layer][ids[layer][valid]]
-    return out
-
-
-def _per_token(loaded: list[tuple[Path, dict]], num_experts: int | None) -> ImportedRun:
-    entries = []  # (forward_pass_id, rank, record, mapping, path, index)
+def _per_token(dumps: list, num_experts: int | None, tp_size: int | None) -> ImportedRun:
+    skipped = Skipped()
+    records = iter_records(dumps, skipped)
     num_layers = None
-    for path, data in loaded:
-        records = data["records"]
-        for index, record in enumerate(records):
-            if "topk_ids_of_layer" not in record:
-                raise ImportFormatError(
-                    f"{path}: record {index} lacks 'topk_ids_of_layer'; expected {EXPECTED}"
-                )
-            ids = _array(record["topk_ids_of_layer"])
-            if ids.ndim != 3:
-                raise ImportFormatError(
-                    f"{path}: record {index}: topk_ids_of_layer has shape {tuple(ids.shape)}; expected "
-                    "[num_layers, num_tokens, top_k] (SGLang per_token mode)"
-                )
-            if num_layers is None:
-                num_layers = ids.shape[0]
-            elif ids.shape[0] != num_layers:
-                raise ImportFormatError(
-                    f"{path}: record {index} has {ids.shape[0]} layers, earlier records {num_layers}"
-                )
-            entries.append(
-                (record.get("forward_pass_id", index), record.get("rank", 0), record, ids, path, data)
+    prepared: dict[int, list[tuple[int, bytes, tuple[Record, np.ndarray]]]] = defaultdict(list)
+    maps: dict[Path, np.ndarray | None] = {}
+    for record in records:
+        ids = _topk_ids(record)
+        if num_layers is None:
+            num_layers = ids.shape[0]
+        elif ids.shape[0] != num_layers:
+            raise ImportFormatError(
+                f"{record.path}: record {record.index} has {ids.shape[0]} layers, earlier records {num_layers}"
             )
+        if record.path not in maps:
+            data = next(d.data for d in dumps if d.path == record.path)
+            maps[record.path] = physical_map(data, record.path, num_layers)
+        record.mapping = maps[record.path]
+        ids = _to_logical(_mask_inactive(ids, record), record)
+        key = content_key(ids, record.fields.get("input_ids"), record.fields.get("positions"))
+        prepared[record.forward_pass_id].append((record.rank, key, (record, ids)))
     if num_layers is None:
-        raise ImportFormatError(f"no records in {', '.join(str(p) for p, _ in loaded)}")
-    entries.sort(key=lambda e: (e[0], e[1]))
-    step_of = {fid: step for step, fid in enumerate(sorted({e[0] for e in entries}))}
-    maps = {id(data): _physical_map(data, num_layers) for _, data in loaded}
+        raise ImportFormatError(f"no primary records in {', '.join(str(d.path) for d in dumps)}")
+    kept, copies = collapse_rank_copies(prepared, tp_size, ", ".join(str(d.path) for d in dumps))
+    step_of = {fid: step for step, fid in enumerate(sorted(kept))}
 
-    sequences: list[dict[str, Any]] = []
+    builder = _SequenceBuilder()
     used = np.zeros(num_layers, dtype=bool)
     max_expert = -1
-    for fid, rank, record, ids, path, data in entries:
-        ids = _to_logical(ids.astype(np.int64), maps[id(data)])
-        tokens = ids.shape[1]
-        if tokens == 0:
-            continue
-        used |= (ids >= 0).any(axis=(1, 2))
-        max_expert = max(max_expert, int(ids.max()))
-        per_token = ids.transpose(1, 0, 2)  # [T, L, K]
-        token_ids = _optional_list(record, "input_ids", tokens, path)
-        positions = _optional_list(record, "positions", tokens, path)
-        mode = record.get("forward_mode")
-        phase = schema.PHASE_DECODE if mode == FORWARD_MODE_DECODE else schema.PHASE_PREFILL
-        for start, stop in _segments(record, tokens, mode):
-            n = stop - start
-            sequences.append(
-                {
-                    "experts": per_token[start:stop],
-                    "pos": positions[start:stop] if positions is not None else np.arange(n),
-                    "token_ids": token_ids[start:stop] if token_ids is not None else np.full(n, -1),
-                    "step": np.full(n, step_of[fid]),
-                    "phase": np.full(n, phase, dtype=object),
-                    "labels": {"source_rank": np.full(n, str(rank), dtype=object)},
-                }
-            )
+    for fid in sorted(kept):
+        for record, ids in kept[fid]:
+            name, action = _forward_mode(record)
+            if action == "skip":
+                skipped.add(f"forward_mode {name}")
+                continue
+            if ids.shape[1] == 0:
+                continue
+            used |= (ids >= 0).any(axis=(1, 2))
+            max_expert = max(max_expert, int(ids.max()))
+            builder.add(record, ids.transpose(1, 0, 2), step_of[fid], action)
     layers = [int(layer) for layer in np.flatnonzero(used)]
-    for seq in sequences:
-        seq["experts"] = seq["experts"][:, layers, :]
+    if not layers:
+        raise ImportFormatError(
+            f"{', '.join(str(d.path) for d in dumps)}: no routed expert id in any imported record; nothing to import"
+        )
+    sequences = builder.sequences(layers)
     tokens, routing, top_k = sequences_to_tables(sequences, layers)
-    experts = _num_experts(num_experts, loaded, max_expert)
+    experts = _num_experts(num_experts, maps, max_expert, dumps)
     return ImportedRun(
         engine="sglang",
         mode="per_token",
@@ -184,102 +126,188 @@ def _per_token(loaded: list[tuple[Path, dict]], num_experts: int | None) -> Impo
         tokens=tokens,
         routing=routing,
         labels=["source_rank"],
-        extra={"forward_passes": len(step_of)},
+        extra={
+            "forward_passes": len(step_of),
+            "rank_copies_collapsed": copies,
+            "skipped_records": skipped.as_dict(),
+            "duplicate_tokens_dropped": builder.duplicates,
+            "sequence_ids": "rids" if builder.used_rids else "one per extend request / decode token",
+        },
     )
 
 
-def _segments(record: dict, tokens: int, mode: Any) -> list[tuple[int, int]]:
-    """Token ranges of the requests in one forward: extend_seq_lens when they add up, else one per token."""
-    lens = record.get("extend_seq_lens")
-    if mode != FORWARD_MODE_DECODE and lens is not None:
-        lens = [int(x) for x in _array(lens).reshape(-1)]
-        if sum(lens) == tokens and all(x > 0 for x in lens):
-            bounds = np.cumsum([0, *lens])
-            return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
-    return [(i, i + 1) for i in range(tokens)]
+def _topk_ids(record: Record) -> np.ndarray:
+    ids = as_array(
+        record.fields["topk_ids_of_layer"], record.path, f"record {record.index}: topk_ids_of_layer"
+    )
+    if ids.ndim != 3:
+        raise ImportFormatError(
+            f"{record.path}: record {record.index}: topk_ids_of_layer has shape {tuple(ids.shape)}; expected "
+            "[num_layers, num_tokens, top_k] (SGLang per_token mode)"
+        )
+    if ids.size and ids.min() < -1:
+        raise ImportFormatError(
+            f"{record.path}: record {record.index}: topk_ids_of_layer holds {int(ids.min())}; "
+            "expert ids are >= 0, with -1 for an unused slot"
+        )
+    return ids
 
 
-def _optional_list(record: dict, key: str, tokens: int, path: Path) -> np.ndarray | None:
-    value = record.get(key)
+def _mask_inactive(ids: np.ndarray, record: Record) -> np.ndarray:
+    """Rows of layers outside `active_layer_indices` (when the record lists them) become -1."""
+    active = record.fields.get("active_layer_indices")
+    if active is None:
+        return ids
+    active = as_array(active, record.path, f"record {record.index}: active_layer_indices").reshape(-1)
+    if active.size and (active.min() < 0 or active.max() >= ids.shape[0]):
+        raise ImportFormatError(
+            f"{record.path}: record {record.index}: active_layer_indices {active.tolist()} outside "
+            f"0..{ids.shape[0] - 1}"
+        )
+    out = np.full_like(ids, -1)
+    out[active] = ids[active]
+    return out
+
+
+def _to_logical(ids: np.ndarray, record: Record) -> np.ndarray:
+    """Physical expert ids [L, T, K] -> logical ids through the dump's map; -1 stays -1."""
+    mapping = record.mapping
+    if mapping is None:
+        return ids
+    width = mapping.shape[1]
+    if ids.size and ids.max() >= width:
+        layer = int(np.argwhere(ids >= width)[0][0])
+        raise ImportFormatError(
+            f"{record.path}: record {record.index}: physical expert id {int(ids.max())} (layer {layer}) is beyond "
+            f"last_physical_to_logical_map, which has {width} physical experts"
+        )
+    out = np.full(ids.shape, -1, dtype=np.int64)
+    for layer in range(ids.shape[0]):
+        valid = ids[layer] >= 0
+        out[layer][valid] = mapping[layer][ids[layer][valid]]
+    return out
+
+
+def _forward_mode(record: Record) -> tuple[str, str]:
+    mode = record.fields.get("forward_mode")
+    if mode is None:
+        return "unknown", "prefill"
+    name, action = FORWARD_MODES.get(int(mode), (f"mode {int(mode)}", "skip"))
+    return name, action
+
+
+class _SequenceBuilder:
+    """Splits each pass into sequences and gives them seq ids (one per SGLang rid when present)."""
+
+    def __init__(self) -> None:
+        self._sequences: list[dict[str, Any]] = []
+        self._rid_ids: dict[str, int] = {}
+        self._seen: set[tuple[int, int]] = set()
+        self._next = 0
+        self.duplicates = 0
+        self.used_rids = False
+
+    def add(self, record: Record, per_token: np.ndarray, step: int, action: str) -> None:
+        tokens = per_token.shape[0]
+        fields, path, index = record.fields, record.path, record.index
+        token_ids = _optional(fields, "input_ids", tokens, path, index)
+        positions = _optional(fields, "positions", tokens, path, index)
+        segments = _segments(fields, tokens, action, path, index)
+        rids = fields.get("rids")
+        if rids is not None:
+            rids = [str(r) for r in rids]
+            if len(rids) < len(segments):
+                raise ImportFormatError(
+                    f"{path}: record {index} has {len(rids)} rids for {len(segments)} requests"
+                )
+            self.used_rids = True
+        for i, (start, stop, phase) in enumerate(segments):
+            seq_id = self._seq_id(rids[i] if rids is not None else None)
+            pos = positions[start:stop] if positions is not None else np.arange(stop - start)
+            keep = np.array([(seq_id, int(p)) not in self._seen for p in pos], dtype=bool)
+            self.duplicates += int((~keep).sum())
+            self._seen.update((seq_id, int(p)) for p in pos[keep])
+            if not keep.any():
+                continue
+            n = int(keep.sum())
+            self._sequences.append(
+                {
+                    "seq_id": seq_id,
+                    "experts": per_token[start:stop][keep],
+                    "pos": pos[keep],
+                    "token_ids": (
+                        token_ids[start:stop] if token_ids is not None else np.full(stop - start, -1)
+                    )[keep],
+                    "step": np.full(n, step),
+                    "phase": np.full(n, phase, dtype=object),
+                    "labels": {"source_rank": np.full(n, str(record.rank), dtype=object)},
+                }
+            )
+
+    def _seq_id(self, rid: str | None) -> int:
+        if rid is not None and rid in self._rid_ids:
+            return self._rid_ids[rid]
+        seq_id = self._next
+        self._next += 1
+        if rid is not None:
+            self._rid_ids[rid] = seq_id
+        return seq_id
+
+    def sequences(self, layers: list[int]) -> list[dict[str, Any]]:
+        for seq in self._sequences:
+            seq["experts"] = seq["experts"][:, layers, :]
+        return sorted(self._sequences, key=lambda s: s["seq_id"])
+
+
+def _segments(fields: dict, tokens: int, action: str, path: Path, index: int) -> list[tuple[int, int, str]]:
+    """(start, stop, phase) of each request in a pass.
+
+    Extend passes split by `extend_seq_lens`; decode passes are one token per request. In a
+    MIXED pass the running decode requests follow the extend requests with one token each,
+    so the trailing one-token requests are decode (an extend request of exactly one token
+    placed last cannot be told apart and counts as decode; docs/scale_out.md).
+    """
+    if action == "decode":
+        return [(i, i + 1, schema.PHASE_DECODE) for i in range(tokens)]
+    lens = fields.get("extend_seq_lens")
+    if lens is None:
+        if action == "mixed":
+            raise ImportFormatError(f"{path}: record {index} is a MIXED pass without extend_seq_lens")
+        return [(0, tokens, schema.PHASE_PREFILL)]
+    lens = [int(x) for x in as_array(lens, path, f"record {index}: extend_seq_lens").reshape(-1)]
+    if sum(lens) != tokens or any(x <= 0 for x in lens):
+        raise ImportFormatError(
+            f"{path}: record {index}: extend_seq_lens {lens[:8]} add up to {sum(lens)}, the pass has {tokens} tokens"
+        )
+    phases = [schema.PHASE_PREFILL] * len(lens)
+    if action == "mixed":
+        i = len(lens) - 1
+        while i >= 0 and lens[i] == 1:
+            phases[i] = schema.PHASE_DECODE
+            i -= 1
+    bounds = np.cumsum([0, *lens]).tolist()
+    return [(bounds[i], bounds[i + 1], phases[i]) for i in range(len(lens))]
+
+
+def _optional(fields: dict, key: str, tokens: int, path: Path, index: int) -> np.ndarray | None:
+    value = fields.get(key)
     if value is None:
         return None
-    value = _array(value).reshape(-1)
+    value = as_array(value, path, f"record {index}: {key}").reshape(-1)
     if len(value) != tokens:
-        raise ImportFormatError(f"{path}: record field {key!r} has {len(value)} entries for {tokens} tokens")
-    return value.astype(np.int64)
+        raise ImportFormatError(
+            f"{path}: record {index}: {key!r} has {len(value)} entries for {tokens} tokens"
+        )
+    return value
 
 
-# -- counts (per_pass, stat, stat_approx) ------------------------------------------------
-def _counts(loaded: list[tuple[Path, dict]], mode: str, top_k: int, num_experts: int | None) -> ImportedRun:
-    blocks = []
-    for path, data in loaded:
-        if mode == "stat":
-            counts = _array(data["logical_count"])
-            if counts.ndim == 2:
-                counts = counts[None]
-            if counts.ndim != 3:
-                raise ImportFormatError(
-                    f"{path}: logical_count has shape {tuple(counts.shape)}; expected [passes, num_layers, "
-                    "num_logical_experts] or [num_layers, num_logical_experts] (SGLang stat mode)"
-                )
-            blocks.append(counts.astype(np.int64))
-        else:
-            records = sorted(data["records"], key=lambda r: (r.get("forward_pass_id", 0), r.get("rank", 0)))
-            per_pass = []
-            for index, record in enumerate(records):
-                counts = _array(record["global_physical_count"]).astype(np.int64)
-                if counts.ndim != 2:
-                    raise ImportFormatError(
-                        f"{path}: record {index}: global_physical_count has shape {tuple(counts.shape)}; "
-                        "expected [num_layers, num_physical_experts] (SGLang per_pass mode)"
-                    )
-                per_pass.append(_physical_counts_to_logical(counts, _physical_map(data, counts.shape[0])))
-            blocks.append(np.stack(per_pass))
-    shapes = {b.shape[1:] for b in blocks}
-    if len(shapes) != 1:
-        raise ImportFormatError(f"dumps disagree on [num_layers, num_experts]: {sorted(shapes)}")
-    counts = np.concatenate(blocks)
-    counts = counts[counts.reshape(len(counts), -1).sum(axis=1) > 0]  # unused circular-buffer slots
-    num_layers, width = counts.shape[1:]
-    layers = [int(layer) for layer in np.flatnonzero(counts.sum(axis=(0, 2)) > 0)]
-    experts = num_experts or width
-    if experts < width and counts[:, :, experts:].any():
-        raise ValueError(f"--num-experts {experts} is smaller than the expert ids in the dump ({width})")
-    table = counts_to_table(counts[:, layers, :experts], layers)
-    return ImportedRun(
-        engine="sglang",
-        mode=mode,
-        num_hidden_layers=num_layers,
-        num_experts={layer: experts for layer in layers},
-        top_k={layer: int(top_k) for layer in layers},
-        expert_counts=table,
-        extra={"forward_passes": len(counts)},
-    )
-
-
-def _physical_counts_to_logical(counts: np.ndarray, mapping: np.ndarray | None) -> np.ndarray:
-    if mapping is None:
-        return counts
-    logical = np.zeros((counts.shape[0], int(mapping.max()) + 1), dtype=np.int64)
-    for layer in range(counts.shape[0]):
-        np.add.at(logical[layer], mapping[layer], counts[layer])
-    return logical
-
-
-# -- helpers -----------------------------------------------------------------------------
-def _array(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
-def _num_experts(given: int | None, loaded: list[tuple[Path, dict]], max_expert: int) -> int:
+def _num_experts(given: int | None, maps: dict, max_expert: int, dumps: list) -> int:
+    mapped = [int(m.max()) + 1 for m in maps.values() if m is not None and m.size]
+    needed = max([max_expert + 1, *mapped])
     if given:
-        if given <= max_expert:
-            raise ValueError(f"--num-experts {given} is too small: the dump has expert id {max_expert}")
+        if given < needed:
+            raise ValueError(
+                f"--num-experts {given} is too small: {dumps[0].path} has logical expert id {needed - 1}"
+            )
         return int(given)
-    for _, data in loaded:
-        mapping = data.get("last_physical_to_logical_map")
-        if mapping is not None:
-            return max(int(_array(mapping).max()) + 1, max_expert + 1)
-    return max_expert + 1
+    return needed

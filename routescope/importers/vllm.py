@@ -1,25 +1,22 @@
-"""Import vLLM "routed experts" arrays ([num_tokens, num_moe_layers, top_k] per request) into a run.
+"""Import vLLM routed-experts arrays (one request = one sequence) into a run directory.
 
 vLLM's capturer (`vllm/model_executor/layers/fused_moe/routed_experts_capturer.py`) keeps,
-for every token of a request, the top-k expert ids of each MoE layer, and hands them back
-per request as `routed_experts` (a numpy array [num_tokens, num_moe_layers, top_k]) on the
-request output. Accepted files (one request = one sequence):
+for every token, the top-k expert ids of each layer. Two response layouts exist:
 
-- `.npy`: one array [T, L, K];
-- `.npz`: every 3-D array is one request (in file order); a 1-D integer array named
-  `<name>_token_ids` gives that request's token ids, `<name>_prompt_len` its prompt length;
-- `.pt`: a tensor / array [T, L, K], a list of them, or a list of dicts with `routed_experts`
-  and optional `token_ids` / `prompt_token_ids` (as saved from request outputs);
-- `.json` / `.jsonl`: objects with `routed_experts` (nested lists) and optional
-  `prompt_token_ids` / `token_ids`, or OpenAI-style responses whose `choices` hold them.
+- before 0.21: one int32 array per request, [prompt + output - 1, num_hidden_layers, top_k];
+  the middle axis is the decoder layer and dense layers hold zeros (the buffer is zeroed
+  and only MoE layers write to it); the last generated token is never fed back, so it has
+  no row;
+- 0.21 and later: int16 [tokens, MoE layers, top_k] with -1 for rows never computed;
+  `prompt_routed_experts` and `prompt_token_ids` at the response level, each choice's
+  `routed_experts` and `token_ids` for the generated part.
 
-The middle axis counts MoE layers, not decoder layers: pass `moe_layers` (decoder-layer
-index of each MoE layer) to record real layer numbers; by default MoE layer i is layer i.
+`vllm_files.py` reads the files; this module places rows at their positions and phases,
+picks the MoE layers and builds the tables. docs/scale_out.md lists the rules.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,163 +24,220 @@ import numpy as np
 
 from routescope import schema
 from routescope.importers import ImportedRun, ImportFormatError, sequences_to_tables
-
-EXPECTED = "a vLLM routed_experts array of shape [num_tokens, num_moe_layers, top_k] (integer expert ids)"
+from routescope.importers.vllm_files import EXPECTED, RequestData, read_requests
 
 
 def import_vllm(
     path: str | Path, moe_layers: list[int] | None = None, num_experts: int | None = None
 ) -> ImportedRun:
     """Parse a file of routed-experts arrays into an ImportedRun (tokens + routing, no weights)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"vLLM routed-experts file {path} does not exist")
-    requests = _read_requests(path)
-    if not requests:
-        raise ImportFormatError(f"{path}: no routed_experts arrays found; expected {EXPECTED}")
-    shapes = set()
-    for name, req in requests:
-        experts = req["routed_experts"]
-        if experts.ndim != 3 or not np.issubdtype(experts.dtype, np.integer):
-            raise ImportFormatError(
-                f"{path}: {name} has shape {tuple(experts.shape)} and dtype {experts.dtype}; expected {EXPECTED}"
-            )
-        shapes.add(experts.shape[1])
-    if len(shapes) != 1:
-        raise ImportFormatError(f"{path}: requests disagree on the number of MoE layers: {sorted(shapes)}")
-    num_moe = shapes.pop()
-    layers = list(range(num_moe)) if moe_layers is None else [int(x) for x in moe_layers]
-    if len(layers) != num_moe or len(set(layers)) != num_moe:
-        raise ValueError(f"--moe-layers lists {len(layers)} layers, the arrays have {num_moe} MoE layers")
-
-    sequences = []
-    max_expert = -1
-    for step, (_, req) in enumerate(requests):
-        experts = req["routed_experts"].astype(np.int64)
-        n = experts.shape[0]
-        max_expert = max(max_expert, int(experts.max()) if experts.size else -1)
-        token_ids = req.get("token_ids")
-        if token_ids is None or len(token_ids) < n:
-            token_ids = np.full(n, -1)
-        prompt_len = req.get("prompt_len")
-        phase = np.full(n, schema.PHASE_PREFILL, dtype=object)
-        if prompt_len is not None:
-            phase[int(prompt_len) :] = schema.PHASE_DECODE
-        sequences.append(
-            {
-                "experts": experts,
-                "pos": np.arange(n),
-                "token_ids": np.asarray(token_ids[:n]),
-                "step": np.full(n, step),
-                "phase": phase,
-            }
-        )
+    if num_experts is not None and num_experts < 1:
+        raise ValueError(f"--num-experts must be a positive integer, got {num_experts}")
+    path, requests = read_requests(path)
+    width, top_k = _check_arrays(requests, path)
+    split = any(r.prompt is not None or r.output is not None for r in requests)
+    sequences, dropped, phases_known = _sequences(requests, path)
+    if not sequences:
+        raise ImportFormatError(f"{path}: every row is -1 (never computed); nothing to import")
+    columns, layers, numbering, dense, hidden = _select_layers(
+        sequences, width, top_k, split, moe_layers, path
+    )
+    for seq in sequences:
+        seq["experts"] = seq["experts"][:, columns, :]
+    max_expert = max(int(seq["experts"].max()) for seq in sequences)
     if num_experts is not None and num_experts <= max_expert:
-        raise ValueError(f"--num-experts {num_experts} is too small: the file has expert id {max_expert}")
-    experts_per_layer = int(num_experts or max_expert + 1)
-    tokens, routing, top_k = sequences_to_tables(sequences, layers)
+        raise ValueError(f"--num-experts {num_experts} is too small: {path} has expert id {max_expert}")
+    tokens, routing, top_k_seen = sequences_to_tables(sequences, layers)
+    experts = int(num_experts or max_expert + 1)
     return ImportedRun(
         engine="vllm",
         mode="routed_experts",
-        num_hidden_layers=max(layers) + 1,
-        num_experts={layer: experts_per_layer for layer in layers},
-        top_k=top_k,
+        num_hidden_layers=hidden,
+        num_experts={layer: experts for layer in layers},
+        top_k=top_k_seen,
         tokens=tokens,
         routing=routing,
         extra={
             "requests": len(requests),
+            "layout": "prompt + output parts (vLLM >= 0.21)"
+            if split
+            else "one array per request (vLLM < 0.21)",
+            "layer_numbering": numbering,
+            "dense_layers_dropped": dense,
+            "rows_never_computed": dropped,
+            "phases_known": phases_known,
             "num_experts_inferred": num_experts is None,
-            "layer_numbering": "moe_index" if moe_layers is None else "decoder_layer",
         },
     )
 
 
-def _read_requests(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return [("array", {"routed_experts": np.load(path, allow_pickle=False)})]
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-        out = []
-        for key, array in arrays.items():
-            if array.ndim == 3:
-                req = {"routed_experts": array, "token_ids": arrays.get(f"{key}_token_ids")}
-                if f"{key}_prompt_len" in arrays:
-                    req["prompt_len"] = int(arrays[f"{key}_prompt_len"].reshape(-1)[0])
-                out.append((key, req))
-            elif not key.endswith(("_token_ids", "_prompt_len")):
+def _check_arrays(requests: list[RequestData], path: Path) -> tuple[int, int]:
+    shapes = set()
+    empty = []
+    for req in requests:
+        for part in ("combined", "prompt", "output"):
+            array = getattr(req, part)
+            if array is None:
+                continue
+            what = f"{req.name}" if part == "combined" else f"{req.name} ({part} part)"
+            if array.size == 0:  # e.g. [] for a one-token completion, whose only token is never fed back
+                empty.append((req, part))
+                continue
+            if array.ndim != 3 or not np.issubdtype(array.dtype, np.integer):
                 raise ImportFormatError(
-                    f"{path}: array {key!r} has shape {tuple(array.shape)}; expected {EXPECTED}"
+                    f"{path}: {what} has shape {tuple(array.shape)} and dtype {array.dtype}; expected {EXPECTED}"
                 )
-        return out
-    if suffix == ".pt":
-        import torch
+            if array.min() < -1:
+                raise ImportFormatError(
+                    f"{path}: {what} holds expert id {int(array.min())}; ids are >= 0, and -1 marks a row never computed"
+                )
+            shapes.add(array.shape[1:])
+            setattr(req, part, array.astype(np.int64))
+    if len(shapes) > 1:
+        raise ImportFormatError(f"{path}: requests disagree on [layers, top_k]: {sorted(shapes)}")
+    if not shapes:
+        raise ImportFormatError(f"{path}: every routed_experts array is empty; nothing to import")
+    width, top_k = shapes.pop()
+    for req, part in empty:
+        setattr(req, part, np.zeros((0, width, top_k), dtype=np.int64))
+    return width, top_k
 
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
+
+def _sequences(requests: list[RequestData], path: Path) -> tuple[list[dict[str, Any]], int, bool]:
+    """Per request: rows, positions, token ids and phases; rows that are all -1 are dropped."""
+    sequences, dropped, phases_known = [], 0, True
+    prompt_lens: dict[int, int] = {}
+    for step, req in enumerate(requests):
+        if req.combined is not None:
+            rows, pos, ids, plen, known = _combined(req, path)
+        else:
+            rows, pos, ids, plen = _split(req, path, prompt_lens)
+            known = True
+        prompt_lens[step] = plen
+        phases_known &= known
+        never = (rows == -1).all(axis=(1, 2))
+        partial = (rows == -1).any(axis=(1, 2)) & ~never
+        if partial.any():
+            row = int(np.flatnonzero(partial)[0])
             raise ImportFormatError(
-                f"{path}: could not be read with torch.load(weights_only=True): {exc}"
-            ) from None
-        items = data if isinstance(data, list) else [data]
-        return [(f"item {i}", _request(item, path, f"item {i}")) for i, item in enumerate(items)]
-    if suffix in (".json", ".jsonl"):
-        text = path.read_text(encoding="utf-8")
-        try:
-            objects = (
-                [json.loads(line) for line in text.splitlines() if line.strip()]
-                if suffix == ".jsonl"
-                else None
+                f"{path}: {req.name}: token at position {int(pos[row])} mixes -1 with expert ids; "
+                "-1 may only fill a whole row (a token never computed)"
             )
-            if objects is None:
-                loaded = json.loads(text)
-                objects = loaded if isinstance(loaded, list) else [loaded]
-        except ValueError as exc:
-            raise ImportFormatError(f"{path}: not valid JSON: {exc}") from None
-        flat = []
-        for obj in objects:
-            flat += (
-                obj["choices"] if isinstance(obj, dict) and isinstance(obj.get("choices"), list) else [obj]
-            )
-        return [(f"request {i}", _request(obj, path, f"request {i}")) for i, obj in enumerate(flat)]
-    raise ImportFormatError(f"{path}: unknown file type {suffix!r}; use .npy, .npz, .pt, .json or .jsonl")
+        dropped += int(never.sum())
+        keep = ~never
+        if not keep.any():
+            continue
+        phase = np.where(pos < plen, schema.PHASE_PREFILL, schema.PHASE_DECODE).astype(object)
+        sequences.append(
+            {
+                "seq_id": step,
+                "experts": rows[keep],
+                "pos": pos[keep],
+                "token_ids": ids[keep],
+                "step": np.full(int(keep.sum()), step),
+                "phase": phase[keep],
+            }
+        )
+    return sequences, dropped, phases_known
 
 
-def _request(item: Any, path: Path, name: str) -> dict[str, Any]:
-    if isinstance(item, dict):
-        if item.get("routed_experts") is None:
-            keys = ", ".join(map(str, item)) or "none"
+def _combined(req: RequestData, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, bool]:
+    """vLLM < 0.21: row i is the token at position i; prompt rows first, the last output token has none."""
+    rows = req.combined
+    n = rows.shape[0]
+    if req.prompt_ids is not None and req.output_ids is not None:
+        p, o = len(req.prompt_ids), len(req.output_ids)
+        allowed = {p} if o == 0 else {p + o - 1, p + o}
+        if n not in allowed:
             raise ImportFormatError(
-                f"{path}: {name} has no 'routed_experts' (keys: {keys}); expected {EXPECTED}"
+                f"{path}: {req.name} has {n} rows for {p} prompt and {o} generated tokens; vLLM returns "
+                f"prompt + generated - 1 = {p + o - 1} rows (the last generated token is never fed back)"
             )
-        experts = item["routed_experts"]
-        if isinstance(experts, str):
+        return rows, np.arange(n), _pad(req.prompt_ids + req.output_ids, n), p, True
+    if req.output_ids is not None:
+        o = len(req.output_ids)
+        p = n - max(o - 1, 0)
+        if p < 0:
             raise ImportFormatError(
-                f"{path}: {name}: routed_experts is a string (encoded?); expected nested lists: {EXPECTED}"
+                f"{path}: {req.name} has {n} rows, fewer than its {o} generated tokens - 1"
             )
-        prompt = item.get("prompt_token_ids")
-        completion = item.get("token_ids")
-        token_ids = None
-        if prompt is not None or completion is not None:
-            token_ids = np.asarray([*(_list(prompt) or []), *(_list(completion) or [])], dtype=np.int64)
-        req = {"routed_experts": _numpy(experts), "token_ids": token_ids}
-        if prompt is not None:
-            req["prompt_len"] = len(_list(prompt))
-        return req
-    return {"routed_experts": _numpy(item)}
+        return rows, np.arange(n), _pad([-1] * p + req.output_ids, n), p, True
+    if req.prompt_ids is not None or req.prompt_len is not None:
+        p = len(req.prompt_ids) if req.prompt_ids is not None else int(req.prompt_len)
+        if n < p:
+            raise ImportFormatError(f"{path}: {req.name} has {n} rows for a {p}-token prompt")
+        return rows, np.arange(n), _pad(req.prompt_ids or [], n), p, True
+    if req.token_ids is not None and len(req.token_ids) < n:
+        raise ImportFormatError(f"{path}: {req.name} has {n} rows but only {len(req.token_ids)} token ids")
+    return rows, np.arange(n), _pad(req.token_ids or [], n), n, False
 
 
-def _numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):
-        return value.detach().cpu().numpy()
-    try:
-        return np.asarray(value)
-    except ValueError as exc:
-        raise ImportFormatError(f"routed_experts is ragged ({exc}); expected {EXPECTED}") from None
+def _split(
+    req: RequestData, path: Path, prompt_lens: dict[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """vLLM >= 0.21: prompt rows at 0..P-1 (imported once per response), generated rows from P on."""
+    width_k = (req.output if req.output is not None else req.prompt).shape[1:]
+    prompt = req.prompt if req.prompt is not None else np.zeros((0, *width_k), dtype=np.int64)
+    output = req.output if req.output is not None else np.zeros((0, *width_k), dtype=np.int64)
+    if req.shares_prompt_with is not None:
+        p = len(req.prompt_ids) if req.prompt_ids is not None else prompt_lens.get(req.shares_prompt_with, 0)
+    else:
+        p = len(req.prompt_ids) if req.prompt_ids is not None else prompt.shape[0]
+        if req.prompt is not None and prompt.shape[0] != p:
+            raise ImportFormatError(
+                f"{path}: {req.name}: prompt_routed_experts has {prompt.shape[0]} rows for {p} prompt tokens"
+            )
+    if req.output_ids is not None:
+        o = len(req.output_ids)
+        if output.shape[0] not in ({0} if o == 0 else {o - 1, o}):
+            raise ImportFormatError(
+                f"{path}: {req.name}: routed_experts has {output.shape[0]} rows for {o} generated tokens; "
+                f"expected {max(o - 1, 0)} (the last generated token is never fed back)"
+            )
+    rows = np.concatenate([prompt, output])
+    pos = np.concatenate([np.arange(prompt.shape[0]), p + np.arange(output.shape[0])])
+    ids = np.concatenate(
+        [_pad(req.prompt_ids or [], prompt.shape[0]), _pad(req.output_ids or [], output.shape[0])]
+    )
+    return rows, pos, ids, p
 
 
-def _list(value: Any) -> list | None:
-    if value is None:
-        return None
-    return _numpy(value).reshape(-1).tolist()
+def _pad(ids: list[int], n: int) -> np.ndarray:
+    out = np.full(n, -1, dtype=np.int64)
+    ids = ids[:n]
+    out[: len(ids)] = ids
+    return out
+
+
+def _select_layers(
+    sequences: list[dict], width: int, top_k: int, split: bool, moe_layers: list[int] | None, path: Path
+) -> tuple[list[int], list[int], str, list[int], int]:
+    """(columns of the layer axis to keep, their layer numbers, numbering, dense columns, num_hidden_layers)."""
+    if moe_layers is not None:
+        if len(moe_layers) == width:
+            return (
+                list(range(width)),
+                list(moe_layers),
+                "decoder_layer (--moe-layers)",
+                [],
+                max(moe_layers) + 1,
+            )
+        if max(moe_layers) < width:
+            dense = [c for c in range(width) if c not in moe_layers]
+            return sorted(moe_layers), sorted(moe_layers), "decoder_layer (axis index)", dense, width
+        raise ValueError(
+            f"--moe-layers lists {len(moe_layers)} layers up to {max(moe_layers)}, but {path} has a layer axis of "
+            f"{width}: give one decoder-layer index per axis entry, or a subset of 0..{width - 1}"
+        )
+    # A top-k row of zeros is impossible for distinct experts, so an all-zero column is a dense
+    # layer of the pre-0.21 decoder-layer axis (a top-1 column only in that layout).
+    stacked = np.concatenate([seq["experts"] for seq in sequences])
+    all_zero = (stacked == 0).all(axis=(0, 2))
+    dense = [int(c) for c in np.flatnonzero(all_zero)] if (top_k >= 2 or not split) else []
+    columns = [c for c in range(width) if c not in dense]
+    if not columns:
+        raise ImportFormatError(f"{path}: every layer holds only zeros (dense); no MoE routing to import")
+    if split:
+        return columns, columns, "moe_index (pass --moe-layers for decoder-layer numbers)", dense, width
+    numbering = "decoder_layer (dense layers detected)" if dense else "axis index"
+    return columns, columns, numbering, dense, width
