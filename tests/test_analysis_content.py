@@ -101,3 +101,24 @@ def test_bad_input_names_what_was_wrong():
     with pytest.raises(ValueError, match="integers"):
         content_keys(np.array([1.0]), np.array([0]), np.array([3]))
     assert content_keys(np.array([], dtype=int), np.array([], dtype=int), np.array([], dtype=int)).size == 0
+
+
+def test_match_by_content_pairs_occurrences_in_order():
+    from routescope.analysis.content import match_by_content
+
+    # A holds text [4, 5] twice (seqs 0 and 1), B holds it once (seq 9) and [4, 6] once (seq 3)
+    a = {"seq_id": np.array([0, 0, 1, 1]), "pos": np.array([0, 1, 0, 1]), "token_id": np.array([4, 5, 4, 5])}
+    b = {"seq_id": np.array([9, 9, 3, 3]), "pos": np.array([0, 1, 0, 1]), "token_id": np.array([4, 5, 4, 6])}
+    pairs, counts = match_by_content(a, b)
+    got = sorted(zip(pairs["a_seq_id"], pairs["a_pos"], pairs["b_seq_id"], pairs["b_pos"]))
+    # "[4]" occurs twice in both: 1st with 1st (B seq 3), 2nd with 2nd (B seq 9);
+    # "[4, 5]" once in B: both of A's pair with it
+    assert got == [(0, 0, 3, 0), (0, 1, 9, 1), (1, 0, 9, 0), (1, 1, 9, 1)]
+    assert counts == {"selected_a": 4, "keyless_a": 0, "matched": 4}
+    self_pairs, _ = match_by_content(a, a)
+    assert (self_pairs["a_seq_id"] == self_pairs["b_seq_id"]).all()
+    assert (self_pairs["a_pos"] == self_pairs["b_pos"]).all()
+    a["selected"] = np.array([False, True, True, True])
+    b_short = {k: v[2:] for k, v in b.items()}  # B without [4, 5]
+    _, counts = match_by_content(a, b_short)
+    assert counts == {"selected_a": 3, "keyless_a": 0, "matched": 1}

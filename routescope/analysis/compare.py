@@ -2,8 +2,9 @@
 
 Per layer and expert the load and share deltas, per layer the balance metrics of both runs
 and their change, the experts that died or became hot, and router saturation (OLMoE): how
-many of a token's top-k experts stay the same for the same token in both runs. Run B's
-Parquet parts are read inside run A's DuckDB connection, so no table is copied.
+many of a token's top-k experts stay the same for the same token in both runs, tokens
+matched by content (SPEC 4.7, `content.py`). Run B's routing parts are read inside run A's
+DuckDB connection, so no routing table is copied.
 Used by the `compare` command of the CLI and by notebooks.
 """
 
@@ -15,9 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from routescope.analysis import metrics
+from routescope.analysis.content import match_by_content
 from routescope.analysis.run import Run, open_run
 from routescope.store.layout import list_parts
 
@@ -123,21 +127,30 @@ def expert_changes(
     return out.sort_values(["layer", "expert", "change"], ignore_index=True)
 
 
+def content_tokens(run: Run, where: str | None) -> dict[str, np.ndarray]:
+    """seq_id, pos, token_id of every token of `run`, and `selected` by `where`."""
+    df = metrics.query(run, "content_tokens", where=where)
+    return {name: df[name].to_numpy() for name in ("seq_id", "pos", "token_id", "selected")}
+
+
 def router_saturation(run_a: Run, run_b: Run, where: str | None = None) -> tuple[pd.DataFrame, list[str]]:
-    """Per common MoE layer: mean |topk_A ∩ topk_B| / k over tokens with equal (seq_id, pos, token_id)."""
+    """Per common MoE layer: tokens_matched, mean |topk_A ∩ topk_B| / k and slot-0 agreement
+    over the tokens whose content (token ids from position 0 up to them) is in both runs.
+
+    `where` selects tokens in each run; seq_ids, batch order and batch size do not matter.
+    """
     notes = []
     layers = [layer for layer in run_a.moe_layers if layer in set(run_b.moe_layers)]
     skipped = set(run_b.skipped)
-    files = {
-        t: [str(p) for p in list_parts(run_b.path, t) if p not in skipped] for t in ("tokens", "routing")
-    }
-    empty = pd.DataFrame(columns=["layer", "top_k", "tokens_matched", "saturation", "top1_agreement"])
+    b_routing = [str(p) for p in list_parts(run_b.path, "routing") if p not in skipped]
+    columns = ["layer", "top_k", "tokens_matched", "saturation", "top1_agreement"]
+    empty = pd.DataFrame(columns=columns)
     if not layers:
         return empty, ["the runs share no MoE layer: no router saturation"]
     for run, name in ((run_a, "A"), (run_b, "B")):
         if metrics.counts_only(run):
             return empty, [f"run {name} holds expert counts only: router saturation needs per-token routing"]
-    if not files["tokens"] or not files["routing"]:
+    if not b_routing or not run_b.has_table("tokens"):
         return empty, [f"{run_b.path} has no tokens or routing parts yet: no router saturation"]
     top_k = [min(run_a.top_k(layer), run_b.top_k(layer)) for layer in layers]
     if any(run_a.top_k(layer) != run_b.top_k(layer) for layer in layers):
@@ -147,19 +160,29 @@ def router_saturation(run_a: Run, run_b: Run, where: str | None = None) -> tuple
         "num_experts": [run_a.num_experts(layer) for layer in layers],
         "top_k": top_k,
     }
-    df = metrics.query(
-        run_a,
-        "router_saturation",
-        where=where,
-        layers=layer_values,
-        b_tokens=files["tokens"],
-        b_routing=files["routing"],
-    )
-    if len(df) and int(df["tokens_matched"].iloc[0]) == 0:
+    pairs, counts = match_by_content(content_tokens(run_a, where), content_tokens(run_b, where))
+    name = "content_pairs"
+    run_a.con.register(name, pa.table(pairs))
+    try:
+        df = metrics.query(run_a, "router_saturation", where=where, layers=layer_values, b_routing=b_routing)
+    finally:
+        run_a.con.unregister(name)
+    selected, matched, keyless = counts["selected_a"], counts["matched"], counts["keyless_a"]
+    if matched == 0:
         notes.append(
-            "no token appears in both runs with the same (seq_id, pos, token_id): saturation is undefined"
+            f"no token of A ({selected} selected) has the same content in B (the same token ids "
+            "from position 0 up to it): router saturation is NaN"
         )
-    return df, notes
+    elif matched < selected:
+        notes.append(
+            f"router saturation covers the {matched} of {selected} selected tokens of A whose content is in B"
+        )
+    if keyless:
+        notes.append(
+            f"{keyless} selected tokens of A lack an earlier position of their sequence in the run, "
+            "so their content is unknown and they match nothing"
+        )
+    return df.astype({"tokens_matched": "int64"}), notes
 
 
 def compare(

@@ -104,3 +104,53 @@ def content_keys(seq_id: np.ndarray, pos: np.ndarray, token_id: np.ndarray) -> n
     out = np.empty(n, dtype=np.uint64)
     out[order] = key
     return out
+
+
+def match_by_content(
+    a: dict[str, np.ndarray], b: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Pairs of tokens with equal content keys, one partner in B for each selected token of A.
+
+    `a` and `b` hold the columns seq_id, pos, token_id of every token of each run (content
+    needs whole sequences) and optionally `selected` (bool) for the tokens to match. When a
+    content occurs several times, the i-th occurrence in A (in (seq_id, pos) order) pairs
+    with the i-th in B, or with B's last when B has fewer: a run compared with itself pairs
+    every token with itself. Returns the pairs (a_seq_id, a_pos, b_seq_id, b_pos) and
+    counts: `selected_a`, `keyless_a` (selected tokens of A whose sequence lacks an earlier
+    position, so they have no content key), `matched`.
+    """
+    a = {name: np.asarray(col) for name, col in a.items()}
+    b = {name: np.asarray(col) for name, col in b.items()}
+    sides = {}
+    for name, cols in (("a", a), ("b", b)):
+        keys = content_keys(cols["seq_id"], cols["pos"], cols["token_id"])
+        sel = cols.get("selected")
+        chosen = np.ones(len(keys), bool) if sel is None else sel.astype(bool)
+        if name == "a":
+            keyless = int((keys[chosen] == MISSING_KEY).sum())
+            selected = int(chosen.sum())
+        idx = np.flatnonzero(chosen & (keys != MISSING_KEY))
+        order = np.lexsort((cols["pos"][idx], cols["seq_id"][idx], keys[idx]))
+        sides[name] = (keys[idx][order], idx[order])
+    ka, a_idx = sides["a"]
+    kb, b_idx = sides["b"]
+    # occurrence rank of each A token within its key group
+    a_start = np.ones(len(ka), bool)
+    a_start[1:] = ka[1:] != ka[:-1]
+    group_start = np.maximum.accumulate(np.where(a_start, np.arange(len(ka)), 0)) if len(ka) else ka
+    rank = np.arange(len(ka)) - group_start
+    b_keys, b_first, b_count = np.unique(kb, return_index=True, return_counts=True)
+    g = np.searchsorted(b_keys, ka)
+    g_clipped = np.minimum(g, max(len(b_keys) - 1, 0))
+    hit = g < len(b_keys)
+    if len(b_keys):
+        hit &= b_keys[g_clipped] == ka
+    partner = b_first[g_clipped] + np.minimum(rank, b_count[g_clipped] - 1) if len(b_keys) else g
+    ai, bi = a_idx[hit], b_idx[partner[hit]] if len(b_keys) else b_idx[:0]
+    pairs = {
+        "a_seq_id": a["seq_id"][ai].astype(np.int64),
+        "a_pos": a["pos"][ai].astype(np.int64),
+        "b_seq_id": b["seq_id"][bi].astype(np.int64),
+        "b_pos": b["pos"][bi].astype(np.int64),
+    }
+    return pairs, {"selected_a": selected, "keyless_a": keyless, "matched": int(hit.sum())}
