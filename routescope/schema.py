@@ -26,6 +26,17 @@ TOKEN_COLUMNS: dict[str, pa.DataType] = {
     "phase": pa.string(),
 }
 
+# Token columns added within format 1: the recorder writes them, and readers give a part
+# without them (recorded earlier, or imported) the default value. Each groups tokens like a
+# label does: where="modality = 'image'", specialization(by="stack").
+TOKEN_EXTRA_COLUMNS: dict[str, pa.DataType] = {
+    "modality": pa.string(),  # text, image, video, audio (capture/modality.py)
+    "stack": pa.string(),  # encoder or decoder (encoder-decoder models have both)
+}
+TOKEN_EXTRA_DEFAULTS: dict[str, str] = {"modality": "text", "stack": "decoder"}
+# Built-in token columns that specialization(by=...) accepts besides the run's labels.
+GROUPING_COLUMNS: tuple[str, ...] = ("phase", *TOKEN_EXTRA_COLUMNS)
+
 ROUTING_COLUMNS: dict[str, pa.DataType] = {
     "seq_id": pa.int64(),
     "pos": pa.int32(),
@@ -91,16 +102,23 @@ TABLE_COLUMNS: dict[str, dict[str, pa.DataType]] = {
 # Label columns live in `tokens` beside the fixed columns, so their names must not clash
 # with any column a query joins on or reads.
 RESERVED_LABELS = frozenset(
-    set(TOKEN_COLUMNS) | set(ROUTING_COLUMNS) | set(ROUTER_TOKENS_COLUMNS) | {"rank", "tokens", "share"}
+    set(TOKEN_COLUMNS)
+    | set(TOKEN_EXTRA_COLUMNS)
+    | set(ROUTING_COLUMNS)
+    | set(ROUTER_TOKENS_COLUMNS)
+    | {"rank", "tokens", "share"}
 )
 
 PHASE_PREFILL = "prefill"
 PHASE_DECODE = "decode"
+STACK_ENCODER = "encoder"
+STACK_DECODER = "decoder"
 
 
 def schema_for(table: str, labels: tuple[str, ...] = ()) -> pa.Schema:
-    """The Arrow schema of `table`; `tokens` gets one string column per label."""
+    """The Arrow schema of `table`; `tokens` gets one string column per label (and per extra
+    column of TOKEN_EXTRA_COLUMNS named in `labels`)."""
     fields = [pa.field(name, dtype, nullable=False) for name, dtype in TABLE_COLUMNS[table].items()]
     if table == TOKENS:
-        fields += [pa.field(label, pa.string()) for label in labels]
+        fields += [pa.field(label, TOKEN_EXTRA_COLUMNS.get(label, pa.string())) for label in labels]
     return pa.schema(fields)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,3 +103,20 @@ def test_language_model_routers_are_found(model_type, vl_model):
     dense_first = getattr(text, "first_k_dense_replace", 0) or 0
     assert [site.layer for site in sites] == list(range(dense_first, text.num_hidden_layers))
     assert all(".language_model." in site.name and site.stack == "decoder" for site in sites)
+
+
+def test_runs_without_the_extra_columns_read_as_text_and_decoder(tmp_path):
+    # parts written before `modality` and `stack` existed (or imported): the defaults
+    from routescope import open_run
+    from tests.synthetic import write_run
+
+    rng = np.random.default_rng(0)
+    write_run(tmp_path / "run", {0: rng.integers(0, 4, size=(40, 2))}, num_experts=4, seq_len=8)
+    run = open_run(tmp_path / "run")
+    assert run.sql("SELECT DISTINCT modality, stack FROM tokens").values.tolist() == [["text", "decoder"]]
+    by_modality = run.specialization(by="modality")
+    assert set(by_modality.modality) == {"text"}
+    assert np.isclose(by_modality.share.sum(), 1.0)
+    assert run.expert_load(where="modality = 'image'").tokens.sum() == 0
+    with pytest.raises(ValueError, match="token columns: phase, modality, stack"):
+        run.specialization(by="lang")

@@ -47,6 +47,7 @@ def empty_select(table: str, labels: list[str]) -> str:
         f"CAST(NULL AS {_DUCK_TYPES[str(t)]}) AS {name}" for name, t in schema.TABLE_COLUMNS[table].items()
     ]
     if table == schema.TOKENS:
+        cols += [f"CAST(NULL AS VARCHAR) AS {name}" for name in schema.TOKEN_EXTRA_COLUMNS]
         cols += [f'CAST(NULL AS VARCHAR) AS "{label}"' for label in labels]
     cols.append("CAST(NULL AS INTEGER) AS rank")
     return f"SELECT {', '.join(cols)} WHERE false"
@@ -67,7 +68,14 @@ def create_views(
         if table == schema.TOKENS:
             # Parts written before a label existed lack its column: add it as NULL.
             missing = [label for label in labels if label not in rel.columns]
-            if missing:
-                rel = rel.project(", ".join(["*"] + [f'CAST(NULL AS VARCHAR) AS "{m}"' for m in missing]))
+            added = [f'CAST(NULL AS VARCHAR) AS "{m}"' for m in missing]
+            # Parts written before the extra columns existed: their default (text, decoder).
+            added += [
+                f"'{value}'::VARCHAR AS {name}"
+                for name, value in schema.TOKEN_EXTRA_DEFAULTS.items()
+                if name not in rel.columns
+            ]
+            if added:
+                rel = rel.project(", ".join(["*", *added]))
         rel.create_view(table, replace=True)
     return skipped

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from routescope import schema
 from routescope.analysis.runview import RunView as Run  # a Protocol: run.py imports us, not back
 from routescope.analysis.sqlfiles import Cte, compose, get_query
 
@@ -45,9 +46,11 @@ def check_layer(run: Run, layer: Any) -> int:
 
 
 def check_label(run: Run, label: Any) -> str:
-    if label not in run.labels:
+    """A label of the run, or a built-in token column that groups like one (phase, modality, stack)."""
+    if label not in run.labels and label not in schema.GROUPING_COLUMNS:
         allowed = ", ".join(run.labels) or "none: the run was recorded without labels"
-        raise ValueError(f"{label!r} is not a label of this run; labels: {allowed}")
+        columns = ", ".join(schema.GROUPING_COLUMNS)
+        raise ValueError(f"{label!r} is not a label of this run; labels: {allowed}; token columns: {columns}")
     return str(label)
 
 
