@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import dash
-from dash import Input, Output, State, dcc, html, no_update
+from dash import Input, Output, State, ctx, dcc, html, no_update
 
 from dashboard.components import message
 from dashboard.pages import PAGES
 from dashboard.queries import QUERIES
 from dashboard.runs import RunRegistry, RunUnavailable, get_registry, set_registry
+from dashboard.urlstate import sync_run
 
 REFRESH_MS = 3000  # how often a run that is still being written is re-read
 
@@ -49,7 +50,12 @@ def create_app(run_paths: Sequence[str | Path], refresh_ms: int = REFRESH_MS) ->
 
 def shell(registry: RunRegistry, refresh_ms: int) -> html.Div:
     nav = [
-        dcc.Link(page.PAGE["name"], href=page.PAGE["path"], style={"marginRight": "14px"}, id=f"app-nav-{i}")
+        dcc.Link(
+            page.PAGE["name"],
+            href=page.PAGE["path"],
+            style={"marginRight": "12px", "whiteSpace": "nowrap"},
+            id=f"app-nav-{i}",
+        )
         for i, page in enumerate(PAGES)
     ]
     return html.Div(
@@ -57,7 +63,7 @@ def shell(registry: RunRegistry, refresh_ms: int) -> html.Div:
             html.Div(
                 [
                     html.Span(
-                        "routescope", style={"fontWeight": "bold", "fontSize": "20px", "marginRight": "24px"}
+                        "routescope", style={"fontWeight": "bold", "fontSize": "20px", "marginRight": "16px"}
                     ),
                     html.Div(
                         dcc.Dropdown(
@@ -67,9 +73,9 @@ def shell(registry: RunRegistry, refresh_ms: int) -> html.Div:
                             clearable=False,
                             searchable=False,
                         ),
-                        style={"width": "320px", "marginRight": "24px"},
+                        style={"width": "220px", "marginRight": "16px", "flex": "0 0 auto"},
                     ),
-                    html.Nav(nav),
+                    html.Nav(nav, style={"display": "flex", "flexWrap": "nowrap", "fontSize": "15px"}),
                 ],
                 style={
                     "display": "flex",
@@ -79,6 +85,7 @@ def shell(registry: RunRegistry, refresh_ms: int) -> html.Div:
                     "background": "#fafafa",
                 },
             ),
+            dcc.Location(id="app-url", refresh=False),
             html.Div(id="app-status", style={"padding": "0 16px"}),
             dcc.Interval(id="app-refresh", interval=refresh_ms, disabled=True),
             dcc.Store(id="app-version"),
@@ -123,7 +130,23 @@ def run_state(run_key: Any) -> tuple[Any, Any, bool]:
     return state, None, True
 
 
+def run_from_url(fragment: Any, run_value: Any) -> tuple[Any, Any]:
+    """Shell callback: the URL fragment's `run=` picks the run; picking a run writes it there."""
+    chosen, new_fragment = sync_run(fragment, run_value, get_registry().keys, ctx.triggered_id)
+    return (
+        no_update if chosen is None else chosen,
+        no_update if new_fragment is None else new_fragment,
+    )
+
+
 def register_shell_callbacks(app: dash.Dash) -> None:
+    app.callback(
+        Output("app-run", "value"),
+        Output("app-url", "hash", allow_duplicate=True),
+        Input("app-url", "hash"),
+        Input("app-run", "value"),
+        prevent_initial_call=True,
+    )(run_from_url)
     app.callback(
         Output("app-version", "data"),
         Output("app-status", "children"),
@@ -137,6 +160,18 @@ def register_shell_callbacks(app: dash.Dash) -> None:
 def serve(
     run_paths: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8050, debug: bool = False
 ) -> None:
-    """Serve the dashboard for `run_paths` until interrupted (loopback only by default)."""
+    """Serve the dashboard for `run_paths` until interrupted (loopback only by default).
+
+    Served by waitress (a pure-Python production WSGI server) when it is installed, so no
+    "development server" warning; `debug=True` uses Flask's reloading development server.
+    """
     app = create_app(run_paths)
+    if not debug:
+        try:
+            from waitress import serve as waitress_serve
+        except ImportError:
+            pass
+        else:
+            waitress_serve(app.server, host=host, port=port, threads=8, _quiet=True)
+            return
     app.run(host=host, port=port, debug=debug)

@@ -65,7 +65,11 @@ def labelled(label: str, component: Any, width: str = "200px") -> html.Div:
 
 
 def filter_bar(prefix: str) -> html.Div:
-    """Phase, label, label value and step-range controls; ids `{prefix}-phase` etc."""
+    """Phase, label, label value, rank and step-range controls; ids `{prefix}-phase` etc.
+
+    The step range is a slider plus two number boxes that apply on Enter (or on leaving
+    the box); `register_step_boxes` keeps them in step with the slider.
+    """
     return html.Div(
         [
             labelled(
@@ -76,11 +80,21 @@ def filter_bar(prefix: str) -> html.Div:
                     value="all",
                     clearable=False,
                 ),
-                "140px",
+                "120px",
             ),
-            labelled("label", dcc.Dropdown(id=f"{prefix}-label", options=[], placeholder="(none)"), "160px"),
+            labelled("label", dcc.Dropdown(id=f"{prefix}-label", options=[], placeholder="(none)"), "140px"),
             labelled(
-                "label value", dcc.Dropdown(id=f"{prefix}-value", options=[], placeholder="(any)"), "200px"
+                "label value", dcc.Dropdown(id=f"{prefix}-value", options=[], placeholder="(any)"), "170px"
+            ),
+            labelled(
+                "rank",
+                dcc.Dropdown(
+                    id=f"{prefix}-rank",
+                    options=[{"label": "all", "value": "all"}],
+                    value="all",
+                    clearable=False,
+                ),
+                "100px",
             ),
             labelled(
                 "steps",
@@ -91,27 +105,81 @@ def filter_bar(prefix: str) -> html.Div:
                     value=[0, 1],
                     allowCross=False,
                     step=1,
+                    allow_direct_input=False,
                     tooltip={"placement": "bottom"},
                 ),
-                "320px",
+                "260px",
+            ),
+            labelled(
+                "from step",
+                dcc.Input(
+                    id=f"{prefix}-step-from", type="number", step=1, debounce=True, style={"width": "80px"}
+                ),
+                "90px",
+            ),
+            labelled(
+                "to step",
+                dcc.Input(
+                    id=f"{prefix}-step-to", type="number", step=1, debounce=True, style={"width": "80px"}
+                ),
+                "90px",
             ),
         ],
         style={**ROW, "margin": "8px 0"},
     )
 
 
-def filter_from(registry_key: str, phase: Any, label: Any, value: Any, steps: Any) -> TokenFilter:
+def sync_step_boxes(triggered: Any, steps: Any, start: Any, end: Any, lo: Any, hi: Any) -> tuple:
+    """(slider value, from box, to box) after one of them changed: the slider moves the boxes,
+    a box (applied on Enter) moves the slider, clamped to the run's steps [lo, hi]."""
+    if triggered is None or str(triggered).endswith("-steps"):
+        if not isinstance(steps, (list, tuple)) or len(steps) != 2:
+            raise PreventUpdate
+        return no_update, steps[0], steps[1]
+    lo = int(lo) if isinstance(lo, (int, float)) else 0
+    hi = int(hi) if isinstance(hi, (int, float)) else lo
+    now = steps if isinstance(steps, (list, tuple)) and len(steps) == 2 else [lo, hi]
+    a = int(start) if isinstance(start, (int, float)) else int(now[0])
+    b = int(end) if isinstance(end, (int, float)) else int(now[1])
+    a, b = max(lo, min(a, hi)), max(lo, min(b, hi))
+    a, b = min(a, b), max(a, b)
+    return [a, b], a, b
+
+
+def register_step_boxes(app: Any, prefix: str) -> None:
+    """Attach `sync_step_boxes` to a filter bar's slider and boxes."""
+    from dash import Input, Output, State, ctx
+
+    def callback(steps: Any, start: Any, end: Any, lo: Any, hi: Any) -> tuple:
+        return sync_step_boxes(ctx.triggered_id, steps, start, end, lo, hi)
+
+    app.callback(
+        Output(f"{prefix}-steps", "value", allow_duplicate=True),
+        Output(f"{prefix}-step-from", "value"),
+        Output(f"{prefix}-step-to", "value"),
+        Input(f"{prefix}-steps", "value"),
+        Input(f"{prefix}-step-from", "value"),
+        Input(f"{prefix}-step-to", "value"),
+        State(f"{prefix}-steps", "min"),
+        State(f"{prefix}-steps", "max"),
+        prevent_initial_call=True,
+    )(callback)
+
+
+def filter_from(
+    registry_key: str, phase: Any, label: Any, value: Any, steps: Any, rank: Any = None
+) -> TokenFilter:
     """The TokenFilter for a page's controls; the full step range means no step filter."""
-    flt = TokenFilter.from_inputs(phase, label, value, steps)
+    flt = TokenFilter.from_inputs(phase, label, value, steps, rank)
     if flt.step_min is not None:
         choices = get_registry().query(registry_key, "filter_choices")
         if flt.step_min <= (choices["step_min"] or 0) and flt.step_max >= (choices["step_max"] or 0):
-            flt = TokenFilter(flt.phase, flt.label, flt.value)
+            flt = TokenFilter(flt.phase, flt.label, flt.value, rank=flt.rank)
     return flt
 
 
 def filter_controls(state: Any, label: Any) -> tuple:
-    """Options for a filter bar: phases, labels, values of the chosen label, step range."""
+    """Options for a filter bar: phases, labels, values of the chosen label, step range, ranks."""
     registry, key = current(state)
     choices = registry.query(key, "filter_choices")
     phases = [{"label": "all", "value": "all"}] + [{"label": p, "value": p} for p in choices["phases"]]
@@ -120,7 +188,10 @@ def filter_controls(state: Any, label: Any) -> tuple:
     lo, hi = choices["step_min"] or 0, choices["step_max"] or 0
     hi = max(hi, lo)
     marks = {lo: str(lo), hi: str(hi)}
-    return phases, labels, values, lo, hi, [lo, hi], marks
+    ranks = [{"label": "all", "value": "all"}] + [
+        {"label": str(r), "value": str(r)} for r in choices["ranks"]
+    ]
+    return phases, labels, values, lo, hi, [lo, hi], marks, ranks
 
 
 def keep_step_range(now: Any, old_max: Any, lo: int, hi: int) -> list[int]:

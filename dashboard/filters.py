@@ -1,4 +1,4 @@
-"""Token filters chosen on a page (phase, one label's value, a step range) as SQL predicates.
+"""Token filters chosen on a page (phase, one label's value, a step range, a rank) as SQL predicates.
 
 A predicate is built only from fixed column names and placeholders; the values travel as
 bound parameters. A label column is accepted only when the run lists it in its manifest.
@@ -32,6 +32,7 @@ class TokenFilter:
     value: str | None = None
     step_min: int | None = None
     step_max: int | None = None
+    rank: int | None = None
 
     @classmethod
     def from_inputs(
@@ -40,6 +41,7 @@ class TokenFilter:
         label: Any = None,
         value: Any = None,
         steps: Any = None,
+        rank: Any = None,
     ) -> TokenFilter:
         """From dropdown / range-slider values as the browser sends them ('all', '', None ...)."""
         phase = None if phase in (None, "", "all") else str(phase)
@@ -51,7 +53,14 @@ class TokenFilter:
                 step_min, step_max = int(steps[0]), int(steps[1])
             except (TypeError, ValueError) as exc:
                 raise FilterError(f"step range {steps!r} is not two integers") from exc
-        return cls(phase, label, value, step_min, step_max)
+        if rank in (None, "", "all"):
+            rank = None
+        else:
+            try:
+                rank = int(rank)
+            except (TypeError, ValueError) as exc:
+                raise FilterError(f"rank {rank!r} is not an integer") from exc
+        return cls(phase, label, value, step_min, step_max, rank)
 
     @property
     def is_empty(self) -> bool:
@@ -76,6 +85,8 @@ class TokenFilter:
             out.append(("step >= {}", int(self.step_min)))
         if self.step_max is not None:
             out.append(("step <= {}", int(self.step_max)))
+        if self.rank is not None:
+            out.append(("rank = {}", int(self.rank)))
         return out
 
     def sql(self, run: rs.Run, alias: str = "") -> tuple[str, list[Any]]:
@@ -114,6 +125,8 @@ class TokenFilter:
             bits.append(f"{self.label} = {self.value}")
         if self.step_min is not None or self.step_max is not None:
             bits.append(f"steps {self.step_min}–{self.step_max}")
+        if self.rank is not None:
+            bits.append(f"rank {self.rank}")
         return ", ".join(bits) or "all tokens"
 
 

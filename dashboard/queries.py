@@ -11,9 +11,11 @@ every one of them is bounded (LIMIT / window) so no callback ships more than it 
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 import routescope as rs
@@ -25,7 +27,10 @@ MAX_SEQUENCES = 500  # in the Tokens page's sequence list
 MAX_LANE_CELLS = 6144  # tokens × MoE layers drawn by the Tokens page at once
 MAX_LANE_TOKENS = 256
 TOP_TOKENS = 15  # tokens listed in an expert's details
-PATHWAYS_MAX = 60
+PATHWAYS_MAX = 30
+MAX_STEP_BINS = 120  # columns of the Time page's expert × step heatmap
+MIN_LIFT_OCCURRENCES = 5  # a token must occur this often before its lift is listed
+SMALL_SAMPLE_PER_EXPERT = 30  # fewer routing slots per expert than this: warn that shares are noisy
 
 
 # -- run facts ---------------------------------------------------------------------------
@@ -70,9 +75,11 @@ def filter_choices(run: rs.Run) -> dict[str, Any]:
             [MAX_LABEL_VALUES],
         )
         values[label] = [str(v) for v in df["value"]]
+    ranks = run.sql("SELECT DISTINCT rank FROM tokens WHERE rank IS NOT NULL ORDER BY rank")["rank"]
     return {
         "phases": phases,
         "labels": values,
+        "ranks": [int(r) for r in ranks],
         "step_min": None if pd.isna(lo) else int(lo),
         "step_max": None if pd.isna(hi) else int(hi),
     }
@@ -138,17 +145,10 @@ def expert_detail(run: rs.Run, layer: int, expert: int, flt: TokenFilter = ALL) 
         raise ValueError(f"expert {expert} does not exist in layer {layer} (0..{run.num_experts(layer) - 1})")
     load = expert_load(run, flt)
     row = load[(load["layer"] == layer) & (load["expert"] == expert)]
-    pred, params = flt.sql(run, alias="t")
-    top = run.sql(
-        "SELECT t.token_id, count(*) AS count FROM routing r JOIN tokens t USING (seq_id, pos) "
-        f"WHERE r.layer = ? AND r.expert = ? AND {pred} GROUP BY t.token_id "
-        "ORDER BY count DESC, t.token_id LIMIT ?",
-        [layer, expert, *params, TOP_TOKENS],
-    )
-    top["token"] = token_strings(run, tuple(int(t) for t in top["token_id"]))
+    top, by_lift = top_tokens(run, layer, expert, flt)
     co = coactivation(run, layer, flt)
     partners = (
-        co[co["expert_a"] == expert].sort_values("p_b_given_a", ascending=False).head(8)
+        co[(co["expert_a"] == expert) & (co["count"] > 0)].sort_values("p_b_given_a", ascending=False).head(8)
         if not co.empty
         else co
     )
@@ -158,9 +158,141 @@ def expert_detail(run: rs.Run, layer: int, expert: int, flt: TokenFilter = ALL) 
         "tokens": int(row["tokens"].iloc[0]) if len(row) else 0,
         "share": float(row["share"].iloc[0]) if len(row) else 0.0,
         "num_experts": run.num_experts(layer),
-        "top_tokens": top[["token_id", "token", "count"]],
+        "top_tokens": top,
+        "top_lift": by_lift,
         "partners": partners[["expert_b", "count", "p_b_given_a"]] if len(partners) else partners,
     }
+
+
+def top_tokens(
+    run: rs.Run, layer: int, expert: int, flt: TokenFilter = ALL
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The tokens routed to one expert, most frequent first and most over-represented first.
+
+    Both frames: token_id, token, count (times routed here), occurrences (times seen at all
+    under the filter), lift = (count / L_e) / (occurrences / T): how much more often the
+    token appears among this expert's tokens than among all tokens (1.0 = as often).
+    The lift list keeps tokens seen at least MIN_LIFT_OCCURRENCES times.
+    """
+    pred, params = flt.sql(run, alias="t")
+    df = run.sql(
+        "WITH sel AS (SELECT t.seq_id, t.pos, t.token_id FROM tokens t WHERE "
+        + pred
+        + "), hits AS (SELECT s.token_id, count(*) AS count FROM routing r JOIN sel s USING (seq_id, pos) "
+        "WHERE r.layer = ? AND r.expert = ? GROUP BY s.token_id), "
+        "totals AS (SELECT token_id, count(*) AS occurrences FROM sel GROUP BY token_id), "
+        "scored AS (SELECT h.token_id, h.count, o.occurrences, "
+        "(h.count / sum(h.count) OVER ()) / (o.occurrences / (SELECT count(*) FROM sel)) AS lift "
+        "FROM hits h JOIN totals o USING (token_id)), "
+        "ranked AS (SELECT *, row_number() OVER (ORDER BY count DESC, token_id) AS by_count, "
+        "row_number() OVER (ORDER BY CASE WHEN occurrences >= ? THEN lift END DESC NULLS LAST, "
+        "count DESC, token_id) AS by_lift FROM scored) "
+        "SELECT * FROM ranked WHERE by_count <= ? OR (by_lift <= ? AND occurrences >= ?)",
+        [*params, layer, expert, MIN_LIFT_OCCURRENCES, TOP_TOKENS, TOP_TOKENS, MIN_LIFT_OCCURRENCES],
+    )
+    ids = tuple(sorted({int(t) for t in df["token_id"]}))
+    names = dict(zip(ids, token_strings(run, ids)))
+    df["token"] = [names[int(t)] for t in df["token_id"]]
+    columns = ["token_id", "token", "count", "occurrences", "lift"]
+    by_count = df[df["by_count"] <= TOP_TOKENS].sort_values("by_count")[columns].reset_index(drop=True)
+    by_lift = df[(df["by_lift"] <= TOP_TOKENS) & (df["occurrences"] >= MIN_LIFT_OCCURRENCES)]
+    return by_count, by_lift.sort_values("by_lift")[columns].reset_index(drop=True)
+
+
+# -- time and ranks (per-bin balance computed here until the Run API has it) -------------
+def step_loads(run: rs.Run, flt: TokenFilter = ALL, max_bins: int = MAX_STEP_BINS) -> pd.DataFrame:
+    """Load per (step bin, layer, expert) with every expert present (zero when idle).
+
+    Steps are cut into at most `max_bins` bins of equal width. Columns: step_lo, step_hi,
+    layer, expert, tokens (L_e within the bin), share (within bin and layer), lift (share × E).
+    """
+    pred, params = flt.sql(run, alias="t")
+    bounds = run.sql(f"SELECT min(t.step) AS lo, max(t.step) AS hi FROM tokens t WHERE {pred}", params)
+    lo, hi = bounds["lo"].iloc[0], bounds["hi"].iloc[0]
+    columns = ["step_lo", "step_hi", "layer", "expert", "tokens", "share", "lift"]
+    if pd.isna(lo):
+        return pd.DataFrame(columns=columns)
+    lo, hi = int(lo), int(hi)
+    width = max(1, math.ceil((hi - lo + 1) / max(1, int(max_bins))))
+    counts = run.sql(
+        "SELECT (t.step - ?) // ? AS bin, r.layer, r.expert, count(*) AS tokens "
+        f"FROM routing r JOIN tokens t USING (seq_id, pos) WHERE {pred} GROUP BY ALL",
+        [lo, width, *params],
+    )
+    frames = []
+    for layer in run.moe_layers:
+        bins = counts.loc[counts["layer"] == layer, "bin"].unique()
+        grid = pd.MultiIndex.from_product(
+            [sorted(bins), range(run.num_experts(layer))], names=["bin", "expert"]
+        )
+        part = (
+            counts[counts["layer"] == layer]
+            .set_index(["bin", "expert"])["tokens"]
+            .reindex(grid, fill_value=0)
+            .reset_index()
+        )
+        part["layer"] = layer
+        frames.append(part)
+    df = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["bin", "expert", "tokens", "layer"])
+    )
+    df["step_lo"] = lo + df["bin"].astype(int) * width
+    df["step_hi"] = (df["step_lo"] + width - 1).clip(upper=hi)
+    total = df.groupby(["bin", "layer"])["tokens"].transform("sum")
+    experts = df.groupby(["bin", "layer"])["expert"].transform("count")
+    df["share"] = df["tokens"] / total.where(total > 0)
+    df["lift"] = df["share"] * experts
+    return df[columns].sort_values(["layer", "step_lo", "expert"]).reset_index(drop=True)
+
+
+def balance_over_steps(run: rs.Run, flt: TokenFilter = ALL) -> pd.DataFrame:
+    """SPEC 4.1 balance metrics per (step bin, layer) from `step_loads` (computed in pandas:
+    the Run API's balance() has no per-step grouping yet)."""
+    loads = step_loads(run, flt)
+    if loads.empty:
+        return pd.DataFrame(columns=["step_lo", "step_hi", "layer", "tokens", "cv", "max_violation"])
+    grouped = loads.groupby(["step_lo", "step_hi", "layer"])
+    stats = grouped["tokens"].agg(slots="sum", max_load="max", num_experts="count").reset_index()
+    mean = stats["slots"] / stats["num_experts"]
+    dev = loads.assign(mean=loads.groupby(["step_lo", "layer"])["tokens"].transform("mean"))
+    dev["sq"] = (dev["tokens"] - dev["mean"]) ** 2
+    dev["plogp"] = dev["share"].where(dev["share"] > 0).pipe(lambda s: s * np.log(s)).fillna(0.0)
+    sums = dev.groupby(["step_lo", "step_hi", "layer"])[["sq", "plogp"]].sum().reset_index()
+    stats = stats.merge(sums, on=["step_lo", "step_hi", "layer"])
+    mean = stats["slots"] / stats["num_experts"]
+    stats["cv"] = np.sqrt(stats["sq"] / stats["num_experts"]) / mean.where(mean > 0)
+    stats["max_violation"] = (stats["max_load"] - mean) / mean.where(mean > 0)
+    stats["balancedness"] = mean / stats["max_load"].where(stats["max_load"] > 0)
+    stats["norm_entropy"] = -stats["plogp"] / np.log(stats["num_experts"].where(stats["num_experts"] > 1))
+    keep = ["step_lo", "step_hi", "layer", "slots", "cv", "max_violation", "balancedness", "norm_entropy"]
+    return stats[keep].sort_values(["layer", "step_lo"]).reset_index(drop=True)
+
+
+def rank_loads(run: rs.Run, flt: TokenFilter = ALL) -> pd.DataFrame:
+    """Load per (rank, layer, expert), every expert present: rank, layer, expert, tokens, share."""
+    pred, params = flt.sql(run, alias="t")
+    counts = run.sql(
+        "SELECT t.rank, r.layer, r.expert, count(*) AS tokens "
+        f"FROM routing r JOIN tokens t USING (seq_id, pos) WHERE {pred} GROUP BY ALL",
+        params,
+    )
+    frames = []
+    for rank in sorted(counts["rank"].dropna().unique()):
+        for layer in run.moe_layers:
+            part = counts[(counts["rank"] == rank) & (counts["layer"] == layer)].set_index("expert")["tokens"]
+            part = (
+                part.reindex(range(run.num_experts(layer)), fill_value=0).rename_axis("expert").reset_index()
+            )
+            part["rank"], part["layer"] = int(rank), layer
+            frames.append(part)
+    if not frames:
+        return pd.DataFrame(columns=["rank", "layer", "expert", "tokens", "share"])
+    df = pd.concat(frames, ignore_index=True)
+    total = df.groupby(["rank", "layer"])["tokens"].transform("sum")
+    df["share"] = df["tokens"] / total.where(total > 0)
+    return df[["rank", "layer", "expert", "tokens", "share"]]
 
 
 def sequences(run: rs.Run) -> pd.DataFrame:
@@ -279,6 +411,9 @@ QUERIES = {
     "specialization": specialization,
     "repetition": repetition,
     "expert_detail": expert_detail,
+    "step_loads": step_loads,
+    "balance_over_steps": balance_over_steps,
+    "rank_loads": rank_loads,
     "sequences": sequences,
     "lanes": lanes,
     "lane_window": lane_window,

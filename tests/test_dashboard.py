@@ -227,18 +227,19 @@ def test_overview(app, runs):
 def test_load_page_filters_are_bound_not_pasted(app, runs):
     from dashboard.pages import load
 
-    phases, labels, lo, hi, steps, _marks, _layers, layer = load.load_controls(state("a"))
+    phases, labels, lo, hi, steps, _marks, _layers, layer, *_values = load.load_controls(state("a"))
     assert {"label": "prefill", "value": "prefill"} in phases
     assert labels == [{"label": "domain", "value": "domain"}]
     assert steps == [lo, hi]
-    heat, bars, co, msg, note, _caption = load.update_load(
+    heat, bars, co, _ranks, msg, note, _caption = load.update_load(
         state("a"), "prefill", "domain", "math", None, "share", layer
     )
     run = rs.open_run(runs["a"])
     expected = run.expert_load(where="phase = 'prefill' AND domain = 'math'")
-    z = pd.DataFrame(heat.data[0].z).to_numpy()
-    assert abs(z.sum() - expected.groupby("layer")["share"].sum().sum()) < 1e-9
-    assert traces_with_data(bars) == 1 and traces_with_data(co) == 1
+    z = pd.DataFrame(heat.data[0].z).to_numpy()  # dead cells are left empty (NaN)
+    assert abs(pd.DataFrame(z).sum().sum() - expected.groupby("layer")["share"].sum().sum()) < 1e-6
+    assert bars.data[0].type == "bar" and len(bars.data[0].x) == run.num_experts(layer)
+    assert traces_with_data(co) == 1
     assert "domain = math" in note
     # a hostile value is a value: no rows, no error, and the run is untouched
     heat, *_rest, msg, _note, _cap = load.update_load(
@@ -248,7 +249,7 @@ def test_load_page_filters_are_bound_not_pasted(app, runs):
     assert len(run.sql("SELECT * FROM tokens LIMIT 1")) == 1
     # a label column that is not in the manifest is refused before any SQL is built
     out = load.update_load(state("a"), "all", 'domain" = domain OR "x', "code", None, "lift", layer)
-    assert "not a label of this run" in texts(out[3])
+    assert "not a label of this run" in texts(out[4])
 
 
 def test_load_step_range_and_expert_details(app, runs):
@@ -256,7 +257,7 @@ def test_load_step_range_and_expert_details(app, runs):
 
     _, _, _lo, hi, *_ = load.load_controls(state("a"))
     heat, *_ = load.update_load(state("a"), "all", None, None, [hi, hi], "lift", None)
-    assert traces_with_data(heat) == 1
+    assert heat.data[0].type == "heatmap" and len(heat.data[0].z) == len(rs.open_run(runs["a"]).moe_layers)
     click = {"points": [{"x": 1, "y": "L" + str(rs.open_run(runs["a"]).moe_layers[0])}]}
     detail = load.show_expert(state("a"), click, "all", None, None, None)
     text = texts(detail)
@@ -352,7 +353,7 @@ def test_unknown_run_key_is_refused(app):
         assert "unknown run" in texts(out[4])
         data, status, _disabled = update_run_state(key, 0)
         assert data is None and "unknown run" in texts(status)
-    assert "unknown run" in texts(load.update_load({"run": "12"}, "all", None, None, None, "lift", 0)[3])
+    assert "unknown run" in texts(load.update_load({"run": "12"}, "all", None, None, None, "lift", 0)[4])
 
 
 @pytest.mark.parametrize(
@@ -369,8 +370,8 @@ def test_bad_runs_show_a_page_message(app, name, expected):
 
     data, status, _ = update_run_state(KEY[name], 0)
     assert expected in texts(status) or expected in texts(overview.update_overview(data or state(name))[4])
-    assert expected in texts(load.update_load(state(name), "all", None, None, None, "lift", None)[3])
-    assert len(PAGES) == 7
+    assert expected in texts(load.update_load(state(name), "all", None, None, None, "lift", None)[4])
+    assert len(PAGES) == 8
 
 
 def test_live_run_refreshes(app, runs):

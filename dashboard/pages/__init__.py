@@ -1,8 +1,17 @@
 """The dashboard's pages, one per module; each has PAGE (path, name, order), layout and
 register(app), which calls dash.register_page and attaches the page's callbacks."""
 
-from dashboard.pages import compare, entanglement, load, overview, specialization, super_experts, tokens
+from dashboard.pages import (
+    compare,
+    entanglement,
+    load,
+    overview,
+    specialization,
+    super_experts,
+    time,
+    tokens,
+)
 
-PAGES = (overview, load, entanglement, specialization, super_experts, tokens, compare)
+PAGES = (overview, load, time, entanglement, specialization, super_experts, tokens, compare)
 
 __all__ = ["PAGES"]

@@ -24,7 +24,7 @@ from dashboard.components import (
 from dashboard.runs import RunUnavailable, get_registry
 from routescope import plots
 
-PAGE = {"path": "/compare", "name": "Compare", "order": 6, "title": "routescope · compare"}
+PAGE = {"path": "/compare", "name": "Compare", "order": 7, "title": "routescope · compare"}
 
 
 def layout(**_query: Any) -> html.Div:

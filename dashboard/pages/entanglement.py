@@ -14,7 +14,7 @@ from dashboard.components import FIGURE, KEEP, MESSAGE, OPTIONS, ROW, current, g
 from dashboard.queries import PATHWAYS_MAX
 from routescope import plots
 
-PAGE = {"path": "/entanglement", "name": "Entanglement", "order": 2, "title": "routescope · entanglement"}
+PAGE = {"path": "/entanglement", "name": "Entanglement", "order": 3, "title": "routescope · entanglement"}
 
 
 def layout(**_query: Any) -> html.Div:

@@ -1,13 +1,14 @@
-"""Load page: layer × expert heatmap (share or lift), per-expert bars for one layer, filters
-by phase, label value and step range, and the details of a clicked expert (its tokens, the
-tokens routed to it and the experts chosen beside it)."""
+"""Load page: layer × expert heatmap (share or lift), per-expert bars for one layer, the
+per-rank load of that layer, filters by phase, label value, rank and step range, and the
+details of a clicked expert (the tokens routed to it, by count and by lift, and the
+experts chosen beside it). The filters live in the URL fragment."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import dash
-from dash import Input, Output, State, dcc, html
+from dash import Input, Output, State, dcc, html, no_update
 
 from dashboard.components import (
     CARD,
@@ -26,11 +27,15 @@ from dashboard.components import (
     keep_step_range,
     labelled,
     message,
+    register_step_boxes,
     table,
 )
+from dashboard.queries import SMALL_SAMPLE_PER_EXPERT
+from dashboard.urlstate import int_value, pick, read_fragment, steps_value, write_fragment
 from routescope import plots
 
 PAGE = {"path": "/load", "name": "Load", "order": 1, "title": "routescope · load"}
+METRICS = ("lift", "share")
 
 
 def layout(**_query: Any) -> html.Div:
@@ -44,10 +49,7 @@ def layout(**_query: Any) -> html.Div:
                         "colour",
                         dcc.RadioItems(
                             id="load-metric",
-                            options=[
-                                {"label": " lift", "value": "lift"},
-                                {"label": " share", "value": "share"},
-                            ],
+                            options=[{"label": f" {m}", "value": m} for m in METRICS],
                             value="lift",
                             inline=True,
                         ),
@@ -69,6 +71,7 @@ def layout(**_query: Any) -> html.Div:
                 ],
                 style={"display": "flex", "gap": "12px", "flexWrap": "wrap"},
             ),
+            graph("load-ranks", "rank_load_figure"),
             html.H3("Expert details"),
             html.Div(
                 "Click a cell of the heatmap to see that expert.",
@@ -79,22 +82,52 @@ def layout(**_query: Any) -> html.Div:
     )
 
 
-@guarded([OPTIONS, OPTIONS, KEEP, KEEP, KEEP, KEEP, OPTIONS, KEEP])
+@guarded([OPTIONS, OPTIONS, KEEP, KEEP, KEEP, KEEP, OPTIONS, KEEP, OPTIONS, KEEP, KEEP, KEEP, KEEP, KEEP])
 def load_controls(
-    state: Any, steps_now: Any = None, steps_max_now: Any = None, layer_now: Any = None
+    state: Any,
+    steps_now: Any = None,
+    steps_max_now: Any = None,
+    layer_now: Any = None,
+    fragment: Any = None,
 ) -> tuple:
-    """Filter and layer choices for the run: phase, label options, step slider, layers.
+    """Filter and layer choices for the run, with the values the URL fragment asks for.
 
-    A live run grows: a step range that reached the old last step follows the new one,
-    and a chosen layer stays chosen.
+    Returns (phase options, label options, step min, max, value, marks, layer options,
+    layer, rank options, rank, phase, label, metric, label value). A live run grows: a step
+    range that reached the old last step follows the new one, and a chosen layer stays.
     """
-    phases, labels, _, lo, hi, steps, marks = filter_controls(state, None)
+    phases, labels, _, lo, hi, _steps, marks, ranks = filter_controls(state, None)
+    url = read_fragment(fragment)
     steps = keep_step_range(steps_now, steps_max_now, lo, hi)
+    wanted = steps_value(url.get("steps"))
+    if wanted is not None and steps_max_now is None:  # first draw: the address wins
+        steps = [max(lo, min(wanted[0], hi)), max(lo, min(wanted[1], hi))]
     registry, key = current(state)
     layers = registry.query(key, "summary")["moe_layers"]
     layer_options = [{"label": plots.layer_name(ly), "value": ly} for ly in layers]
+    layer_now = layer_now if layer_now in layers else int_value(url.get("layer"))
     layer = layer_now if layer_now in layers else (layers[0] if layers else None)
-    return phases, labels, lo, hi, steps, marks, layer_options, layer
+    rank = pick(url.get("rank"), [o["value"] for o in ranks], "all")
+    phase = pick(url.get("phase"), [o["value"] for o in phases], "all")
+    label = pick(url.get("label"), [o["value"] for o in labels], None)
+    metric = pick(url.get("color"), list(METRICS), "lift")
+    value = url.get("value") if label else None
+    return (
+        phases,
+        labels,
+        lo,
+        hi,
+        steps,
+        marks,
+        layer_options,
+        layer,
+        ranks,
+        rank,
+        phase,
+        label,
+        metric,
+        value,
+    )
 
 
 @guarded([OPTIONS])
@@ -102,52 +135,137 @@ def load_label_values(state: Any, label: Any) -> list:
     return filter_controls(state, label)[2]
 
 
-@guarded([FIGURE, FIGURE, FIGURE, MESSAGE, CHILDREN, KEEP])
-def update_load(state: Any, phase: Any, label: Any, value: Any, steps: Any, metric: Any, layer: Any) -> tuple:
-    """(heatmap, bars, co-activation, message, filter note, heatmap caption) for the filter."""
+def load_fragment(
+    fragment: Any, phase: Any, label: Any, value: Any, steps: Any, rank: Any, metric: Any, layer: Any
+) -> Any:
+    """The URL fragment for the Load page's controls (the full step range is left out)."""
+    steps_text = (
+        f"{int(steps[0])}-{int(steps[1])}" if isinstance(steps, (list, tuple)) and len(steps) == 2 else None
+    )
+    new = write_fragment(
+        fragment,
+        {
+            "phase": phase,
+            "label": label,
+            "value": value if label else None,
+            "steps": steps_text,
+            "rank": rank,
+            "color": None if metric == "lift" else metric,
+            "layer": layer,
+        },
+    )
+    return no_update if new == (fragment or "") else new
+
+
+def small_sample_note(slots: int, num_experts: int) -> str | None:
+    """A warning when a layer's slots give fewer than SMALL_SAMPLE_PER_EXPERT per expert."""
+    per_expert = slots / max(1, num_experts)
+    if slots == 0 or per_expert >= SMALL_SAMPLE_PER_EXPERT:
+        return None
+    return (
+        f"Small sample: {slots:,} routing slots per layer, about {per_expert:.0f} per expert. "
+        "Shares this small move a lot by chance; widen the filter before reading much into them."
+    )
+
+
+@guarded([FIGURE, FIGURE, FIGURE, FIGURE, MESSAGE, CHILDREN, KEEP])
+def update_load(
+    state: Any,
+    phase: Any,
+    label: Any,
+    value: Any,
+    steps: Any,
+    metric: Any,
+    layer: Any,
+    rank: Any = None,
+) -> tuple:
+    """(heatmap, bars, co-activation, per-rank load, message, filter note, heatmap caption)."""
     registry, key = current(state)
-    flt = filter_from(key, phase, label, value, steps)
-    metric = metric if metric in ("share", "lift") else "lift"
+    flt = filter_from(key, phase, label, value, steps, rank)
+    metric = metric if metric in METRICS else "lift"
     load = registry.query(key, "expert_load", flt)
-    layers = registry.query(key, "summary")["moe_layers"]
+    info = registry.query(key, "summary")
+    layers = info["moe_layers"]
     layer = int(layer) if layer is not None else layers[0]
     heat = plots.load_heatmap(load, value=metric)
     bars = plots.expert_bars(load, layer)
+    run = registry.run(key)
     co = plots.coactivation_heatmap(
-        registry.query(key, "coactivation", layer, flt), registry.run(key).num_experts(layer), layer
+        registry.query(key, "coactivation", layer, flt), run.num_experts(layer), layer
     )
-    note = f"{int(load.groupby('layer')['tokens'].sum().max() or 0):,} routing slots per layer · {flt.describe()}"
-    msg = None if load["tokens"].sum() else message("No token matches this filter.", "warning")
-    return heat, bars, co, msg, note, plots.caption(f"load_heatmap_{metric}")
+    ranks = registry.query(key, "rank_loads", flt)
+    rank_fig = (
+        plots.rank_load_figure(ranks, layer)
+        if ranks["rank"].nunique() > 1
+        else plots.empty_figure("one rank recorded this run: nothing to set side by side", "Load per rank")
+    )
+    slots = int(load.groupby("layer")["tokens"].sum().max() or 0)
+    k = run.top_k(layer)
+    note = f"{slots // max(1, k):,} tokens, {slots:,} routing slots (k = {k}) per layer · {flt.describe()}"
+    if not load["tokens"].sum():
+        msg = message("No token matches this filter.", "warning")
+    else:
+        msg = message(small_sample_note(slots, max(info["num_experts"])), "warning")
+    return heat, bars, co, rank_fig, msg, note, plots.caption(f"load_heatmap_{metric}")
 
 
 @guarded([CHILDREN])
-def show_expert(state: Any, click: Any, phase: Any, label: Any, value: Any, steps: Any) -> Any:
-    """Details of the clicked heatmap cell: tokens, top tokens, co-activated experts."""
+def show_expert(
+    state: Any, click: Any, phase: Any, label: Any, value: Any, steps: Any, rank: Any = None
+) -> Any:
+    """Details of the clicked heatmap cell: tokens, top tokens by count and lift, co-activated experts."""
     registry, key = current(state)
     if not click or not click.get("points"):
         return "Click a cell of the heatmap to see that expert."
     point = click["points"][0]
     layer = int(str(point["y"]).lstrip("L"))
     expert = int(point["x"])
-    flt = filter_from(key, phase, label, value, steps)
+    flt = filter_from(key, phase, label, value, steps, rank)
     detail = registry.query(key, "expert_detail", layer, expert, flt)
-    top = detail["top_tokens"].assign(token=lambda d: d["token"].map(repr))
+    title = html.H4(f"Layer {layer}, expert {expert}", id="load-detail-title")
+    if detail["tokens"] == 0:
+        return [
+            title,
+            message(
+                f"Dead under this filter ({flt.describe()}): no token was routed to expert {expert} "
+                f"of layer {layer}, so it has no tokens and no partners to list.",
+                "warning",
+            ),
+        ]
     uniform = 1.0 / detail["num_experts"]
-    parts = [
-        html.H4(f"Layer {layer}, expert {expert}", id="load-detail-title"),
+    columns = [
+        ("token", "token"),
+        ("token_id", "id"),
+        ("count", "routed here"),
+        ("occurrences", "seen"),
+        ("lift", "lift"),
+    ]
+    top = detail["top_tokens"].assign(token=lambda d: d["token"].map(repr))
+    by_lift = detail["top_lift"].assign(token=lambda d: d["token"].map(repr))
+    state_word = plots.expert_state([detail["tokens"]], [detail["share"]], detail["num_experts"])[0]
+    return [
+        title,
         html.P(
-            f"{detail['tokens']:,} routing slots, share {detail['share']:.4f} "
-            f"({detail['share'] / uniform:.2f}× uniform) · {flt.describe()}"
+            f"{detail['tokens']:,} tokens routed here, share {detail['share']:.4f} of the layer's slots "
+            f"({detail['share'] / uniform:.2f}× uniform, {state_word}) · {flt.describe()}"
+        ),
+        html.P(
+            "lift = how much more often a token appears among this expert's tokens than among all "
+            "tokens (1 = as often); 'seen' counts the token under the filter.",
+            style={"color": "#555", "fontSize": "12px"},
         ),
         html.Div(
             [
                 html.Div(
+                    [html.H5("Most frequent tokens"), table(top, columns)],
+                    style={"flex": "1 1 320px"},
+                ),
+                html.Div(
                     [
-                        html.H5("Most frequent tokens"),
-                        table(top, [("token", "token"), ("token_id", "id"), ("count", "count")]),
+                        html.H5("Most over-represented tokens (seen ≥ 5 times)"),
+                        table(by_lift, columns) if len(by_lift) else html.P("no token is seen 5 times"),
                     ],
-                    style={"flex": "1 1 300px"},
+                    style={"flex": "1 1 320px"},
                 ),
                 html.Div(
                     [
@@ -159,13 +277,15 @@ def show_expert(state: Any, click: Any, phase: Any, label: Any, value: Any, step
                         if len(detail["partners"])
                         else html.P("no other expert (top-1 routing)"),
                     ],
-                    style={"flex": "1 1 300px"},
+                    style={"flex": "1 1 260px"},
                 ),
             ],
             style={"display": "flex", "gap": "24px", "flexWrap": "wrap"},
         ),
     ]
-    return parts
+
+
+FILTERS = ("phase", "label", "value", "steps", "rank")
 
 
 def register(app: dash.Dash) -> None:
@@ -179,18 +299,35 @@ def register(app: dash.Dash) -> None:
         Output("load-steps", "marks"),
         Output("load-layer", "options"),
         Output("load-layer", "value"),
+        Output("load-rank", "options"),
+        Output("load-rank", "value"),
+        Output("load-phase", "value"),
+        Output("load-label", "value"),
+        Output("load-metric", "value"),
+        Output("load-value", "value"),
         Input("app-version", "data"),
         State("load-steps", "value"),
         State("load-steps", "max"),
         State("load-layer", "value"),
+        State("app-url", "hash"),
     )(load_controls)
+    register_step_boxes(app, "load")
     app.callback(Output("load-value", "options"), Input("app-version", "data"), Input("load-label", "value"))(
         load_label_values
     )
     app.callback(
+        Output("app-url", "hash", allow_duplicate=True),
+        State("app-url", "hash"),
+        *(Input(f"load-{name}", "value") for name in FILTERS),
+        Input("load-metric", "value"),
+        Input("load-layer", "value"),
+        prevent_initial_call=True,
+    )(load_fragment)
+    app.callback(
         Output("load-heatmap", "figure"),
         Output("load-bars", "figure"),
         Output("load-coactivation", "figure"),
+        Output("load-ranks", "figure"),
         Output("load-message", "children"),
         Output("load-filter-note", "children"),
         Output("load-heatmap-caption", "children"),
@@ -201,6 +338,7 @@ def register(app: dash.Dash) -> None:
         Input("load-steps", "value"),
         Input("load-metric", "value"),
         Input("load-layer", "value"),
+        Input("load-rank", "value"),
     )(update_load)
     app.callback(
         Output("load-detail", "children"),
@@ -210,4 +348,5 @@ def register(app: dash.Dash) -> None:
         State("load-label", "value"),
         State("load-value", "value"),
         State("load-steps", "value"),
+        State("load-rank", "value"),
     )(show_expert)

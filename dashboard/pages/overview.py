@@ -43,8 +43,18 @@ def update_overview(state: Any) -> tuple:
     bal = registry.query(key, "balance")
     dead = registry.query(key, "dead_experts")
     hot = registry.query(key, "hot_experts")
-    cards = kpi_cards(bal, dead, hot)
-    return summary, cards, plots.balance_figure(bal), alerts(dead, hot), None
+    near = near_dead(registry.query(key, "expert_load"))
+    cards = kpi_cards(bal, dead, hot, near)
+    return summary, cards, plots.balance_figure(bal), alerts(dead, hot, near), None
+
+
+def near_dead(load: pd.DataFrame) -> pd.DataFrame:
+    """Experts that got some tokens but a share of at most NEAR_DEAD_LIFT / E, with their lift."""
+    if load.empty:
+        return load.assign(lift=[])
+    lift = load["share"] * load.groupby("layer")["expert"].transform("count")
+    out = load.assign(lift=lift)
+    return out[(out["tokens"] > 0) & (out["lift"] <= plots.NEAR_DEAD_LIFT)]
 
 
 def summary_block(info: dict[str, Any]) -> html.Div:
@@ -71,19 +81,34 @@ def summary_block(info: dict[str, Any]) -> html.Div:
     return html.Table(html.Tbody(rows), id="overview-facts", style={"fontSize": "14px"})
 
 
-def kpi_cards(bal: pd.DataFrame, dead: pd.DataFrame, hot: pd.DataFrame) -> list[html.Div]:
+def per_layer(df: pd.DataFrame) -> pd.Series:
+    return df.groupby("layer").size() if len(df) else pd.Series(dtype=int)
+
+
+def kpi_cards(bal: pd.DataFrame, dead: pd.DataFrame, hot: pd.DataFrame, near: pd.DataFrame) -> list[html.Div]:
+    """One card per MoE layer. Units: tokens are tokens; routing slots are tokens × k."""
     cards = []
-    dead_n = dead.groupby("layer").size() if len(dead) else pd.Series(dtype=int)
-    hot_n = hot.groupby("layer").size() if len(hot) else pd.Series(dtype=int)
+    dead_n, hot_n, near_n = per_layer(dead), per_layer(hot), per_layer(near)
     for _, row in bal.iterrows():
         layer = int(row["layer"])
+        tokens = int(row["tokens"])
+        k = int(row["top_k"]) if "top_k" in row and pd.notna(row["top_k"]) else None
+        slots = (
+            int(row["routing_slots"]) if "routing_slots" in row and pd.notna(row["routing_slots"]) else None
+        )
+        n_dead, n_near = int(dead_n.get(layer, 0)), int(near_n.get(layer, 0))
         lines = [
             html.Div(plots.layer_name(layer), style={"fontWeight": "bold"}),
-            html.Div(f"{int(row['tokens']):,} slots · E={int(row['num_experts'])}"),
+            html.Div(f"{tokens:,} tokens · E={int(row['num_experts'])}" + (f" · k={k}" if k else "")),
+            html.Div(f"{slots:,} routing slots" if slots is not None else ""),
             html.Div(f"cv {row['cv']:.3f} · max_vio {row['max_violation']:.2f}"),
             html.Div(f"balancedness {row['balancedness']:.3f}"),
             html.Div(f"norm_entropy {row['norm_entropy']:.3f}"),
-            html.Div(f"dead {int(dead_n.get(layer, 0))} · hot {int(hot_n.get(layer, 0))}"),
+            html.Div(
+                f"dead {n_dead} · near-dead {n_near} · hot {int(hot_n.get(layer, 0))}",
+                className="overview-kpi-dead" if n_dead or n_near else None,
+                style={"color": "#b00020", "fontWeight": "bold"} if n_dead or n_near else None,
+            ),
         ]
         if "aux_loss" in row and pd.notna(row["aux_loss"]):
             lines.append(html.Div(f"aux_loss {row['aux_loss']:.4f}"))
@@ -93,14 +118,22 @@ def kpi_cards(bal: pd.DataFrame, dead: pd.DataFrame, hot: pd.DataFrame) -> list[
     return cards
 
 
-def alerts(dead: pd.DataFrame, hot: pd.DataFrame) -> html.Div:
+def alerts(dead: pd.DataFrame, hot: pd.DataFrame, near: pd.DataFrame | None = None) -> html.Div:
+    near = near if near is not None else pd.DataFrame(columns=["layer", "expert", "tokens", "share", "lift"])
     items: list[Any] = []
     for _, row in dead.head(MAX_ALERTS).iterrows():
         layer, e = int(row["layer"]), int(row["expert"])
         evidence = ""
         if "p_uniform_miss" in row and pd.notna(row["p_uniform_miss"]):
             evidence = f" (a uniform router would miss it with probability {row['p_uniform_miss']:.2g})"
-        items.append(html.Li(f"dead: layer {layer} expert {e}: {int(row['tokens'])} tokens{evidence}"))
+        items.append(html.Li(f"dead: layer {layer} expert {e}: no token routed to it{evidence}"))
+    for _, row in near.head(MAX_ALERTS).iterrows():
+        items.append(
+            html.Li(
+                f"near-dead: layer {int(row['layer'])} expert {int(row['expert'])}: {int(row['tokens']):,} "
+                f"tokens routed to it, share {row['share']:.4f} ({row['lift']:.2f}× uniform)"
+            )
+        )
     for _, row in hot.head(MAX_ALERTS).iterrows():
         items.append(
             html.Li(
@@ -108,11 +141,13 @@ def alerts(dead: pd.DataFrame, hot: pd.DataFrame) -> html.Div:
                 f"{row['ratio']:.1f}× uniform"
             )
         )
-    more = len(dead) + len(hot) - len(items)
+    more = len(dead) + len(near) + len(hot) - len(items)
     if more > 0:
         items.append(html.Li(f"… and {more} more"))
     if not items:
-        return message("No dead or hot experts (hot: share ≥ 2/E).", "info")
+        return message(
+            "No dead, near-dead or hot experts (near-dead: share ≤ 0.1/E; hot: share ≥ 2/E).", "info"
+        )
     return html.Ul(items, id="overview-alert-list")
 
 

@@ -25,7 +25,7 @@ from routescope import plots
 PAGE = {
     "path": "/specialization",
     "name": "Specialization",
-    "order": 3,
+    "order": 4,
     "title": "routescope · specialization",
 }
 

@@ -13,7 +13,7 @@ from dash import Input, Output, html
 from dashboard.components import CHILDREN, FIGURE, MESSAGE, current, graph, guarded, message, table
 from routescope import plots
 
-PAGE = {"path": "/super-experts", "name": "Super Experts", "order": 4, "title": "routescope · super experts"}
+PAGE = {"path": "/super-experts", "name": "Super Experts", "order": 5, "title": "routescope · super experts"}
 
 
 def layout(**_query: Any) -> html.Div:

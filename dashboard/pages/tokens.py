@@ -23,7 +23,7 @@ from dashboard.components import (
 )
 from routescope import plots
 
-PAGE = {"path": "/tokens", "name": "Tokens", "order": 5, "title": "routescope · tokens"}
+PAGE = {"path": "/tokens", "name": "Tokens", "order": 6, "title": "routescope · tokens"}
 
 
 def layout(**_query: Any) -> html.Div:

@@ -6,15 +6,16 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from routescope.plots.load import balance_panels, balance_subplots
 from routescope.plots.style import (
     DIVERGING_SCALE,
-    METRIC_COLORS,
     RUN_COLORS,
     base_layout,
     empty_figure,
     float_grid,
     hover_stack,
     layer_name,
+    legend_on_top,
 )
 
 
@@ -58,31 +59,17 @@ def load_delta_heatmap(load: pd.DataFrame) -> go.Figure:
 
 
 def balance_change_figure(balance: pd.DataFrame) -> go.Figure:
-    """The four balance metrics per layer, run A dashed and run B solid (`compare(a, b).balance`)."""
-    title = "Balance, run A vs run B"
+    """The four balance metrics per layer, each on its own axis, run A dashed and run B solid
+    (`compare(a, b).balance`)."""
+    title = "Balance, run A (dashed) vs run B (solid)"
     if balance.empty:
         return empty_figure("the runs have no MoE layer in common", title)
-    fig = go.Figure()
-    x = [layer_name(v) for v in balance["layer"]]
-    for suffix, run_name, dash in (("_a", "A", "dash"), ("_b", "B", "solid")):
-        for metric in ("cv", "max_violation", "balancedness", "norm_entropy"):
-            column = metric + suffix
-            if column not in balance.columns:
-                continue
-            fig.add_trace(
-                go.Scatter(
-                    x=x,
-                    y=balance[column],
-                    name=f"{metric} ({run_name})",
-                    mode="lines+markers",
-                    line={"color": METRIC_COLORS[metric], "dash": dash},
-                    legendgroup=metric,
-                    hovertemplate=f"{metric} ({run_name}) %{{y:.3f}}<extra>%{{x}}</extra>",
-                )
-            )
-    fig.update_xaxes(title="MoE layer", type="category")
-    fig.update_yaxes(title="value", rangemode="tozero")
-    return base_layout(fig, title, height=380)
+    df = balance.assign(layer_name=[layer_name(v) for v in balance["layer"]])
+    series = [("run A", df, "_a", {"dash": "dash"}), ("run B", df, "_b", {"dash": "solid"})]
+    fig = balance_panels(balance_subplots(), series, "layer_name")
+    fig.update_xaxes(type="category")
+    legend_on_top(fig)
+    return base_layout(fig, title, height=500)
 
 
 def saturation_figure(saturation: pd.DataFrame) -> go.Figure:

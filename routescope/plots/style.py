@@ -37,7 +37,22 @@ METRIC_COLORS = {
     "norm_entropy": "#1f77b4",
     "aux_loss": "#9467bd",
 }
-STATE_COLORS = {"hot": "#d62728", "dead": "#7f7f7f", "normal": "#1f77b4", "super": "#d62728"}
+STATE_COLORS = {
+    "hot": "#d62728",
+    "dead": "#111111",
+    "near-dead": "#b0b0b0",
+    "normal": "#1f77b4",
+    "super": "#d62728",
+}
+DEAD_COLOR = "#111111"  # dead cells and markers: darker than any value of either scale
+NEAR_DEAD_LIFT = 0.1  # near-dead: some tokens, but share <= 0.1 x uniform (1/E)
+# balance metrics: (name, what an even load gives, which way is better), drawn on separate axes
+BALANCE_METRICS = (
+    ("cv", 0.0, "lower is better"),
+    ("max_violation", 0.0, "lower is better"),
+    ("balancedness", 1.0, "higher is better"),
+    ("norm_entropy", 1.0, "higher is better"),
+)
 RUN_COLORS = ("#1f77b4", "#ff7f0e")  # run A, run B
 BASELINE_COLOR = "#7f7f7f"
 TEMPLATE = "plotly_white"
@@ -130,3 +145,63 @@ def tick_text(token: str, width: int = 10) -> str:
     if len(text) > width:
         text = text[: width - 1] + "…"
     return plain_text(text) or "␣"
+
+
+def expert_state(
+    tokens: np.ndarray, share: np.ndarray, num_experts: int, hot_factor: float = 2.0
+) -> np.ndarray:
+    """'dead' (no token), 'near-dead' (share <= NEAR_DEAD_LIFT / E), 'hot' (>= hot_factor / E) or 'normal'."""
+    tokens = np.nan_to_num(np.asarray(tokens, dtype=float))
+    share = np.nan_to_num(np.asarray(share, dtype=float))
+    uniform = 1.0 / max(1, num_experts)
+    return np.where(
+        tokens <= 0,
+        "dead",
+        np.where(
+            share <= NEAR_DEAD_LIFT * uniform,
+            "near-dead",
+            np.where(share >= hot_factor * uniform, "hot", "normal"),
+        ),
+    )
+
+
+def dead_cell_traces(
+    x: list, y: list, tokens: np.ndarray, lift: np.ndarray, dead_color: str = DEAD_COLOR
+) -> list[go.Scatter]:
+    """Markers over the dead (x) and near-dead (open circle) cells of a heatmap grid (rows y, columns x)."""
+    tokens = np.asarray(tokens, dtype=float)
+    lift = np.asarray(lift, dtype=float)
+    traces = []
+    for name, mask, symbol, color in (
+        ("dead (no token)", tokens == 0, "x-thin-open", dead_color),
+        (
+            f"near-dead (≤ {NEAR_DEAD_LIFT:g} × uniform)",
+            (tokens > 0) & (lift <= NEAR_DEAD_LIFT),
+            "circle-open",
+            dead_color,
+        ),
+    ):
+        rows, cols = np.nonzero(mask)
+        if not len(rows):
+            continue
+        traces.append(
+            go.Scatter(
+                x=[x[c] for c in cols],
+                y=[y[r] for r in rows],
+                mode="markers",
+                name=name,
+                marker={
+                    "symbol": symbol,
+                    "color": color,
+                    "size": 9,
+                    "line": {"width": 2, "color": color},
+                },
+                hovertemplate="%{y} expert %{x}<br>" + name + "<extra></extra>",
+            )
+        )
+    return traces
+
+
+def legend_on_top(fig: go.Figure) -> go.Figure:
+    fig.update_layout(legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 1, "xanchor": "right"})
+    return fig

@@ -1,0 +1,97 @@
+"""Figures over time and ranks: one layer's expert × step heatmap, the balance metrics of
+every layer over steps, and the per-rank load of one layer side by side."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from routescope.plots.load import balance_panels, balance_subplots, load_trace
+from routescope.plots.style import (
+    DEAD_COLOR,
+    EXPERT_PALETTE,
+    base_layout,
+    empty_figure,
+    layer_name,
+    legend_on_top,
+)
+
+
+def step_heatmap(steps: pd.DataFrame, layer: int, num_experts: int, value: str = "lift") -> go.Figure:
+    """Expert × step-bin load of one layer: `steps` has step_lo, step_hi, layer, expert, tokens,
+    share (within the bin and layer) and lift (share × E). Dead cells are black."""
+    if value not in ("share", "lift"):
+        raise ValueError(f"value={value!r} is not allowed; use 'share' or 'lift'")
+    title = f"Expert load over steps, layer {layer}"
+    df = steps[steps["layer"] == layer]
+    if df.empty:
+        return empty_figure(f"no routing rows for layer {layer}", title)
+    bins = df.drop_duplicates("step_lo").sort_values("step_lo")
+    x = [f"{lo}" if lo == hi else f"{lo}–{hi}" for lo, hi in zip(bins["step_lo"], bins["step_hi"])]
+    experts = list(range(num_experts))
+    grid = df.pivot(index="expert", columns="step_lo", values=["share", "lift", "tokens"])
+    cols = pd.MultiIndex.from_product([["share", "lift", "tokens"], bins["step_lo"].tolist()])
+    grid = grid.reindex(index=experts, columns=cols)
+    share, lift, tokens = (grid[v].to_numpy(float) for v in ("share", "lift", "tokens"))
+    hover = (
+        "steps %{x}<br>expert %{y}<br>share %{customdata[0]:.4f} of the bin's slots<br>"
+        "lift %{customdata[1]:.2f}<br>%{customdata[2]:,} tokens routed here<extra></extra>"
+    )
+    fig = go.Figure(load_trace(x, experts, share, lift, tokens, value, hover))
+    fig.update_layout(plot_bgcolor=DEAD_COLOR)
+    fig.update_xaxes(title="forward step (binned)", type="category", showgrid=False)
+    fig.update_yaxes(
+        title="expert", autorange="reversed", showgrid=False, dtick=1 if num_experts <= 32 else None
+    )
+    return base_layout(fig, title, height=max(320, 110 + 14 * num_experts))
+
+
+def balance_over_steps_figure(balance: pd.DataFrame) -> go.Figure:
+    """cv, max_violation, balancedness, norm_entropy per step bin (`step_lo`), one line per layer."""
+    title = "Balance over steps"
+    if balance.empty:
+        return empty_figure("no routing rows", title)
+    series = []
+    for i, (layer, df) in enumerate(balance.groupby("layer", sort=True)):
+        color = EXPERT_PALETTE[i % len(EXPERT_PALETTE)]
+        series.append((layer_name(layer), df.sort_values("step_lo"), "", {"color": color, "width": 1.5}))
+    fig = balance_panels(balance_subplots(), series, "step_lo")
+    # balance_panels colours by metric; here the layers need telling apart instead
+    for trace in fig.data:
+        for name, _df, _s, line in series:
+            if trace.name == name:
+                trace.line.color = line["color"]
+                trace.marker.color = line["color"]
+    fig.update_xaxes(title_text="forward step")
+    legend_on_top(fig)
+    return base_layout(fig, title, height=520)
+
+
+def rank_load_figure(load: pd.DataFrame, layer: int) -> go.Figure:
+    """Share of one layer's slots per expert on each rank, ranks side by side (grouped bars):
+    `load` has rank, layer, expert, tokens, share (within rank and layer)."""
+    title = f"Load per rank, layer {layer}"
+    df = load[load["layer"] == layer]
+    if df.empty:
+        return empty_figure(f"no routing rows for layer {layer}", title)
+    fig = go.Figure()
+    for i, (rank, part) in enumerate(df.groupby("rank", sort=True)):
+        part = part.sort_values("expert")
+        fig.add_trace(
+            go.Bar(
+                x=part["expert"],
+                y=part["share"],
+                name=f"rank {rank} ({int(part['tokens'].sum()):,} slots)",
+                marker_color=EXPERT_PALETTE[i % len(EXPERT_PALETTE)],
+                customdata=part["tokens"],
+                hovertemplate=f"rank {rank}<br>expert %{{x}}<br>share %{{y:.4f}}<br>"
+                "%{customdata:,} tokens routed here<extra></extra>",
+            )
+        )
+    num = int(df["expert"].max()) + 1
+    fig.add_hline(y=1.0 / max(1, num), line_dash="dash", line_color="#7f7f7f", annotation_text="uniform 1/E")
+    fig.update_layout(barmode="group")
+    fig.update_xaxes(title="expert", dtick=1 if num <= 32 else None)
+    fig.update_yaxes(title="share of the rank's slots", rangemode="tozero")
+    legend_on_top(fig)
+    return base_layout(fig, title, height=340)
