@@ -38,6 +38,8 @@ MESSAGE = "message"
 CHILDREN = "children"
 OPTIONS = "options"
 KEEP = "keep"
+# Dash 4 sliders carry their own number boxes that apply only on blur; ours apply on Enter
+NO_SLIDER_BOXES = {"allow_direct_input": False} if "allow_direct_input" in dcc.RangeSlider._prop_names else {}
 
 
 def graph(component_id: str, caption_name: str) -> html.Div:
@@ -105,8 +107,8 @@ def filter_bar(prefix: str) -> html.Div:
                     value=[0, 1],
                     allowCross=False,
                     step=1,
-                    allow_direct_input=False,
                     tooltip={"placement": "bottom"},
+                    **NO_SLIDER_BOXES,
                 ),
                 "260px",
             ),
