@@ -39,7 +39,9 @@ CHILDREN = "children"
 OPTIONS = "options"
 KEEP = "keep"
 # Dash 4 sliders carry their own number boxes that apply only on blur; ours apply on Enter
-NO_SLIDER_BOXES = {"allow_direct_input": False} if "allow_direct_input" in dcc.RangeSlider._prop_names else {}
+NO_SLIDER_BOXES = (
+    {"allow_direct_input": False} if "allow_direct_input" in dcc.RangeSlider()._prop_names else {}
+)
 
 
 def graph(component_id: str, caption_name: str) -> html.Div:
