@@ -120,3 +120,19 @@ def test_runs_without_the_extra_columns_read_as_text_and_decoder(tmp_path):
     assert run.expert_load(where="modality = 'image'").tokens.sum() == 0
     with pytest.raises(ValueError, match="token columns: phase, modality, stack"):
         run.specialization(by="lang")
+
+
+@pytest.mark.parametrize("model_type", VL_TYPES)
+def test_super_expert_calibration_accepts_images(model_type, vl_model, device):
+    # dict batches go to the model whole, so pixel_values reach the vision tower and every
+    # token the language model routes, image placeholders included, is calibrated on
+    from routescope import find_super_experts
+
+    model = vl_model(model_type)
+    batch = image_batch(device)
+    experts = find_super_experts(model, [batch], progress=False)
+    routed = experts[~experts.shared]
+    top_k = model.config.get_text_config().num_experts_per_tok
+    per_layer = routed.groupby("layer").tokens_seen.sum()
+    assert list(per_layer.index) == [site.layer for site in find_routers(model)]
+    assert (per_layer == top_k * int(batch["attention_mask"].sum())).all()
