@@ -126,6 +126,49 @@ def test_no_import_cycle_in_routescope_or_dashboard():
     assert not cycles, "import cycles (module-level imports): " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
+# Which layer each module is in (docs/architecture.md), and the layers each may import at
+# module level. Imports point down: present -> analysis -> store <- capture.
+BASE = {"errors", "schema", "bundled"}
+LAYER_IMPORTS: dict[str, set[str]] = {
+    "base": set(),
+    "store": {"base"},
+    "capture": {"store", "base"},
+    "importers": {"store", "base"},
+    "analysis": {"store", "base"},
+    "plots": {"base"},
+    "export": {"analysis", "base"},
+    "package": {"analysis", "capture", "base"},  # routescope/__init__.py: the public API
+    "commands": {"package", "capture", "analysis", "importers", "export", "store", "plots", "base"},
+    "cli": {"commands", "dashboard", "package", "analysis", "base"},
+    "dashboard": {"dashboard", "package", "plots", "base"},  # the public API, nothing below it
+}
+# Known exceptions, each with its reason.
+# - capture.replay follows the routing recorded in a run, so it reads one (analysis.run).
+ALLOWED_EDGES = {("routescope.capture.replay", "analysis")}
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    if parts[0] == "dashboard":
+        return "dashboard"
+    if len(parts) == 1:
+        return "package"
+    return "base" if parts[1] in BASE else parts[1]
+
+
+def test_imports_point_down_the_layers():
+    wrong = []
+    for module, targets in import_graph().items():
+        source = layer_of(module)
+        for target in targets:
+            layer = layer_of(target)
+            if layer == source or layer in LAYER_IMPORTS.get(source, set()):
+                continue
+            if (module, layer) not in ALLOWED_EDGES:
+                wrong.append(f"{module} ({source}) -> {target} ({layer})")
+    assert not wrong, "imports against the layering of docs/architecture.md: " + "; ".join(sorted(wrong))
+
+
 def test_no_module_in_routescope_is_too_long():
     lengths = {
         p.relative_to(REPO).as_posix(): len(p.read_text(encoding="utf-8").splitlines())
