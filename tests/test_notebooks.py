@@ -1,12 +1,15 @@
 """Tutorial notebooks: each runs top to bottom without a cell error, none is committed with
-outputs, and they match scripts/make_notebooks.py. Also the Run's HTML summary (_repr_html_)."""
+outputs, each .ipynb is in sync with its jupytext percent-format source (notebooks/NN_*.py,
+the file to edit) and uses only the public API. Also `rs.bundled`, which the notebooks use
+to find the bundled model, and the Run's HTML summary (_repr_html_)."""
 
 from __future__ import annotations
 
-import importlib.util
+import ast
 import os
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
 import torch
@@ -25,19 +28,12 @@ EXPECTED = {
     "05_compare_runs.ipynb",
 }
 CELL_TIMEOUT_S = 300
+# What a notebook may import from routescope: the package itself and its public helpers.
+PUBLIC_MODULES = {"routescope", "routescope.plots", "routescope.bundled"}
 
 
 def _ids(paths: list[Path]) -> list[str]:
     return [p.stem for p in paths]
-
-
-def _load_make_notebooks():
-    spec = importlib.util.spec_from_file_location(
-        "_routescope_make_notebooks", REPO / "scripts" / "make_notebooks.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_tutorial_notebook_is_present():
@@ -56,14 +52,62 @@ def test_notebook_is_committed_without_outputs(path: Path):
     assert not dirty, f"{path.name}: cells {dirty} have outputs or execution counts; clear them"
 
 
-def test_notebooks_match_their_source_script(tmp_path: Path):
-    make = _load_make_notebooks()
-    for name, cells in make.NOTEBOOKS.items():
-        built = make.build_notebook(cells)
-        committed = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
-        assert [c.source for c in committed.cells] == [c.source for c in built.cells], (
-            f"{name} differs from scripts/make_notebooks.py: run `python scripts/make_notebooks.py`"
-        )
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_is_in_sync_with_its_percent_source(path: Path):
+    source = path.with_suffix(".py")
+    assert source.is_file(), f"{path.name} has no paired source {source.name}"
+    text = jupytext.read(source)
+    committed = nbformat.read(path, as_version=4)
+    assert text.metadata.get("jupytext", {}).get("formats") == "ipynb,py:percent", source.name
+    assert committed.metadata.get("jupytext", {}).get("formats") == "ipynb,py:percent", path.name
+    assert [(c.cell_type, c.source) for c in committed.cells] == [
+        (c.cell_type, c.source) for c in text.cells
+    ], f"{path.name} differs from {source.name}: edit the .py, then run `jupytext --sync {source}`"
+
+
+def _routescope_uses(tree: ast.AST) -> tuple[set[str], set[str]]:
+    """(routescope modules a notebook imports, names it takes from the package or `rs`)."""
+    modules, names = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {a.name for a in node.names if a.name.split(".")[0] == "routescope"}
+        elif isinstance(node, ast.ImportFrom) and node.module == "routescope":
+            modules |= {
+                f"routescope.{a.name}" for a in node.names if f"routescope.{a.name}" in PUBLIC_MODULES
+            }
+            names |= {a.name for a in node.names if f"routescope.{a.name}" not in PUBLIC_MODULES}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("routescope."):
+            modules.add(node.module)
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "rs":
+            names.add(node.attr)
+    return modules, names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_uses_only_the_public_api(path: Path):
+    nb = jupytext.read(path.with_suffix(".py"))
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    modules, names = _routescope_uses(ast.parse(code))
+    assert "routescope" in modules, f"{path.name} does not import routescope"
+    assert modules <= PUBLIC_MODULES, f"{path.name} imports internals: {sorted(modules - PUBLIC_MODULES)}"
+    assert names <= set(rs.__all__), (
+        f"{path.name} uses names outside rs.__all__: {sorted(names - set(rs.__all__))}"
+    )
+
+
+def test_bundled_paths_and_their_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    assert (rs.bundled.model_path() / "config.json").is_file()
+    assert rs.bundled.corpus_path().suffix == ".jsonl" and rs.bundled.corpus_path().is_file()
+    assert rs.bundled.model_path().parent == rs.bundled.data_dir() == REPO / "data"
+    monkeypatch.setenv(rs.bundled.DATA_ENV, str(tmp_path))
+    assert rs.bundled.data_dir() == tmp_path
+    with pytest.raises(FileNotFoundError, match=r"bundled model is missing at .*model.*ROUTESCOPE_DATA"):
+        rs.bundled.model_path()
+    with pytest.raises(FileNotFoundError, match="bundled corpus is missing"):
+        rs.bundled.corpus_path()
+    from routescope.commands.inputs import bundled_corpus, bundled_model
+
+    assert bundled_model is rs.bundled.model_path and bundled_corpus is rs.bundled.corpus_path
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
