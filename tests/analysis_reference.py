@@ -109,3 +109,34 @@ def super_experts_reference(
     p = np.percentile(pool, quantile)
     top = np.max(pool) // times
     return {i for i in rows if output_max[i] > p and output_max[i] > top}
+
+
+def aux_loss_step_mean(probs: np.ndarray, experts: np.ndarray, step: np.ndarray, num_experts: int) -> float:
+    """Mean over forward steps of each step's aux_loss (what a training loop sees per batch)."""
+    return float(
+        np.mean([aux_loss(probs[step == s], experts[step == s], num_experts) for s in np.unique(step)])
+    )
+
+
+def ep_balancedness(
+    loads: np.ndarray, gpu_of_slot: list[int], expert_of_slot: list[int], num_gpus: int
+) -> float:
+    """mean / max of per-GPU loads; an expert's load split evenly over the slots holding it
+    (SGLang compute_utilization_rate over physical counts, without its 1e-5)."""
+    replicas = Counter(expert_of_slot)
+    gpu = [0.0] * num_gpus
+    for g, e in zip(gpu_of_slot, expert_of_slot):
+        gpu[g] += loads[e] / replicas[e]
+    return float(np.mean(gpu) / max(gpu))
+
+
+def repetition_top2(top2: np.ndarray, seq_id: np.ndarray, pos: np.ndarray) -> tuple[int, int]:
+    """(pairs, pairs whose top-2 sets share an expert) over consecutive positions of a sequence."""
+    where = {(int(s), int(p)): set(map(int, row[:2])) for s, p, row in zip(seq_id, pos, top2)}
+    pairs = hits = 0
+    for (s, p), chosen in where.items():
+        nxt = where.get((s, p + 1))
+        if nxt is not None:
+            pairs += 1
+            hits += int(bool(chosen & nxt))
+    return pairs, hits

@@ -56,3 +56,24 @@ def test_aux_loss_equals_load_balancing_loss_func(mixtral, device, tmp_path, pad
             )
             assert bal.loc[layer, "aux_loss"] == pytest.approx(float(expected), rel=1e-5)
             assert bal.loc[layer, "tokens"] == int(mask.sum())
+
+
+def test_aux_loss_step_mean_equals_mean_of_per_forward_losses(mixtral, device, tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    batches = [
+        torch.randint(1, 128, (rows, length), generator=gen).to(device) for rows, length in ((3, 16), (1, 9))
+    ]
+    with rs.record(mixtral, tmp_path / "run", router_stats=True) as _, torch.no_grad():
+        for ids in batches:
+            mixtral(input_ids=ids)
+    per_forward = [router_logits(mixtral, ids, torch.ones_like(ids)) for ids in batches]
+    with rs.open_run(tmp_path / "run") as run:
+        bal = run.balance(aux_loss=True).set_index("layer")
+    for layer in (0, 1):
+        losses = [float(load_balancing_loss_func((logits[layer].float(),), E, K)) for logits in per_forward]
+        assert bal.loc[layer, "aux_loss_step_mean"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+        # the pooled value weights the 48-token forward 48:9, the step mean 1:1
+        pooled = torch.cat([logits[layer].float() for logits in per_forward])
+        assert bal.loc[layer, "aux_loss"] == pytest.approx(
+            float(load_balancing_loss_func((pooled,), E, K)), rel=1e-5
+        )

@@ -82,9 +82,17 @@ class Run:
         """layer, expert, tokens, share: routing rows per expert, zero-load experts included."""
         return metrics.expert_load(self, where=where)
 
-    def balance(self, where: str | None = None, aux_loss: bool | None = None) -> pd.DataFrame:
-        """Per MoE layer: num_experts, tokens, cv, max_violation, balancedness, norm_entropy (+ aux_loss)."""
-        return metrics.balance(self, where=where, aux_loss=aux_loss)
+    def balance(
+        self,
+        where: str | None = None,
+        aux_loss: bool | None = None,
+        ep_size: int | None = None,
+        placement: pd.DataFrame | None = None,
+    ) -> pd.DataFrame:
+        """Per MoE layer: num_experts, tokens, cv, max_violation, balancedness, norm_entropy
+        (+ aux_loss, aux_loss_step_mean with router_stats) (+ ep_size, ep_balancedness with
+        `ep_size=N` for E/N experts per GPU, or `placement=` layer, gpu, slot, expert)."""
+        return metrics.balance(self, where=where, aux_loss=aux_loss, ep_size=ep_size, placement=placement)
 
     def dead_experts(self, max_share: float = 0.0, where: str | None = None) -> pd.DataFrame:
         """layer, expert, tokens, share, tokens_seen, p_uniform_miss for experts with share <= max_share."""

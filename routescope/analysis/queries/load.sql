@@ -131,3 +131,35 @@ SELECT c.layer, c.expert, sum(c.tokens) AS n
 FROM expert_counts c
 SEMI JOIN selected_steps s USING (step)
 GROUP BY c.layer, c.expert
+
+-- name: aux_loss_step_mean
+-- Per MoE layer: the mean over the selected forward steps of each step's E · Σ_e (L_e / T) · P̄_e (a training loop's per-batch value).
+WITH steps AS (
+    SELECT DISTINCT rank, step FROM selected_tokens
+),
+stats AS (
+    SELECT r.rank, r.step, r.layer, r.expert, r.prob_sum, r.tokens AS slots
+    FROM router_stats r
+    SEMI JOIN steps s ON s.rank = r.rank AND s.step = r.step
+),
+totals AS (
+    SELECT s.rank, s.step, s.layer, sum(s.slots) / any_value(l.top_k) AS tokens
+    FROM stats s
+    JOIN layer_info l USING (layer)
+    GROUP BY s.rank, s.step, s.layer
+),
+per_step AS (
+    SELECT
+        s.rank,
+        s.step,
+        s.layer,
+        any_value(l.num_experts) * sum((s.slots / nullif(t.tokens, 0)) * (s.prob_sum / nullif(t.tokens, 0))) AS loss
+    FROM stats s
+    JOIN totals t USING (rank, step, layer)
+    JOIN layer_info l USING (layer)
+    GROUP BY s.rank, s.step, s.layer
+)
+SELECT layer, avg(loss) AS aux_loss_step_mean, count(*)::BIGINT AS aux_loss_steps
+FROM per_step
+GROUP BY layer
+ORDER BY layer
