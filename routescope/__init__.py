@@ -32,6 +32,7 @@ LAZY: dict[str, str] = {
     "classify_super_experts": "routescope.capture.activations",
     "find_super_experts": "routescope.capture.activations",
     "prune_experts": "routescope.capture.pruning",
+    "replay": "routescope.capture.replay",
 }
 
 if TYPE_CHECKING:  # static checkers and IDEs see the lazy names as ordinary imports
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the lazy names as ordinary imp
     from routescope.capture.discovery import find_routers
     from routescope.capture.pruning import prune_experts
     from routescope.capture.recorder import Recorder, RunExistsError, record
+    from routescope.capture.replay import replay
 
 
 def __getattr__(name: str) -> Any:
@@ -71,4 +73,5 @@ __all__ = [
     "open_run",
     "prune_experts",
     "record",
+    "replay",
 ]

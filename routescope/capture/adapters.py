@@ -126,6 +126,9 @@ class Adapter:
     num_experts_attr: str = ""  # module attribute counting every choice (zero/skip experts too)
     top_k: int = 0  # a router kind whose k is fixed by its design (Switch: 1); 0: read it from the model
     note: str = ""
+    # rs.replay can force this kind's decision: the experts module is called with
+    # (hidden_states, ids, weights) and a pre-hook swaps the ids and weights (capture/replay.py)
+    replay: bool = False
 
 
 ADAPTERS: tuple[Adapter, ...] = (
@@ -147,6 +150,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     ),
     Adapter(
         name="fused_experts",
+        replay=True,
         hook="pre",
         extract=_from_experts_call,
         fused_experts=True,
@@ -155,6 +159,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     ),
     Adapter(
         name="experts_call",
+        replay=True,
         hook="pre",
         extract=_from_experts_call,
         class_names=("DbrxExperts", "LongcatFlashExperts"),
@@ -184,11 +189,6 @@ ADAPTERS: tuple[Adapter, ...] = (
         class_names=("DogeCDMoE",),
         note="Doge's product-key retrieval experts; ids and weights recomputed from its logits",
     ),
-)
-
-
-def is_fused_experts(module: nn.Module) -> bool:
-    """True for experts modules decorated with transformers' use_experts_implementation."""
     Adapter(
         name="top1_dispatch",
         hook="post",
@@ -207,6 +207,11 @@ def is_fused_experts(module: nn.Module) -> bool:
         note="NLLB-MoE's top-2 router returns the top-1 one-hot mask and dense [tokens, E] combine "
         "gates; slot 1 is the best expert after the top-1, its gate 0 where capacity dropped it",
     ),
+)
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """True for experts modules decorated with transformers' use_experts_implementation."""
     return hasattr(type(module), "_apply_gate") and hasattr(module, "is_transposed")
 
 
@@ -216,3 +221,83 @@ def match_adapter(module: nn.Module) -> Adapter | None:
         if name in adapter.class_names or (adapter.fused_experts and is_fused_experts(module)):
             return adapter
     return None
+
+
+# -- routing replay: how a router turns its logits into combine weights -----------------
+# rs.replay(weights="router") gives recorded expert ids the weights the model's own router
+# would give them. Families differ in that rule, so it is data too: replay tries each rule
+# on the router's own choice once per layer and keeps the one that reproduces its weights.
+
+
+def _scale(router: nn.Module) -> float:
+    for attr in ("routed_scaling_factor", "router_scaling_factor"):
+        value = getattr(router, attr, None)
+        if isinstance(value, (int, float)) and value:
+            return float(value)
+    return 1.0
+
+
+def _softmax_renorm(router: nn.Module, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    weights = logits.float().softmax(-1).gather(-1, ids)
+    return weights / weights.sum(-1, keepdim=True) * _scale(router)
+
+
+def _softmax(router: nn.Module, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return logits.float().softmax(-1).gather(-1, ids) * _scale(router)
+
+
+def _sigmoid_renorm(router: nn.Module, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    weights = logits.float().sigmoid().gather(-1, ids)
+    return weights / (weights.sum(-1, keepdim=True) + 1e-20) * _scale(router)
+
+
+def _sigmoid(router: nn.Module, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return logits.float().sigmoid().gather(-1, ids) * _scale(router)
+
+
+def _score_fn_renorm(router: nn.Module, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    weights = router.score_fn(logits.float()).gather(-1, ids)  # the router's configurable score function
+    return weights / (weights.sum(-1, keepdim=True) + 1e-20) * _scale(router)
+
+
+def _probs_renorm_expert_scale(router: nn.Module, probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    weights = probs.float().gather(-1, ids)
+    weights = weights / weights.sum(-1, keepdim=True)
+    scale = getattr(router, "per_expert_scale", None)
+    return weights * scale[ids] if isinstance(scale, torch.Tensor) else weights
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """One way routers turn the tensor they declare as router logits into combine weights."""
+
+    name: str
+    compute: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (router, logits, ids)
+    note: str = ""
+
+
+WEIGHT_RULES: tuple[WeightRule, ...] = (
+    WeightRule(
+        "softmax_renorm",
+        _softmax_renorm,
+        note="softmax over all experts, top-k renormalised to sum 1 (Mixtral, Qwen with norm_topk_prob, "
+        "OLMoE, ...); equals a softmax over the top-k logits (GPT-OSS, Granite)",
+    ),
+    WeightRule("softmax", _softmax, note="softmax over all experts, not renormalised (Qwen2-MoE, LongCat)"),
+    WeightRule(
+        "sigmoid_renorm",
+        _sigmoid_renorm,
+        note="sigmoid scores renormalised, times routed_scaling_factor (DeepSeek-V3, GLM-4.5, HY-V3)",
+    ),
+    WeightRule("sigmoid", _sigmoid, note="sigmoid scores times routed_scaling_factor, not renormalised"),
+    WeightRule(
+        "score_fn_renorm",
+        _score_fn_renorm,
+        note="the router's own score_fn (config.scoring_func), renormalised, scaled (DeepSeek-V4)",
+    ),
+    WeightRule(
+        "probs_renorm_expert_scale",
+        _probs_renorm_expert_scale,
+        note="the router returns probabilities; renormalised, times per_expert_scale (Gemma 4)",
+    ),
+)

@@ -1,0 +1,25 @@
+-- Routing replay (capture/replay.py): a run's decisions laid out per token, so a model can be made to follow them.
+
+-- name: replay_tokens
+-- Every token of the run (seq_id, pos, token_id) in (seq_id, pos) order; the row number is the token index.
+SELECT seq_id, pos, token_id FROM tokens ORDER BY seq_id, pos
+
+-- name: replay_experts
+-- One layer's routing rows as (token index in replay_tokens' order, slot, expert).
+WITH t AS (
+    SELECT seq_id, pos, row_number() OVER (ORDER BY seq_id, pos) - 1 AS token FROM tokens
+)
+SELECT t.token, r.slot, r.expert
+FROM routing r
+JOIN t USING (seq_id, pos)
+WHERE r.layer = $layer
+
+-- name: replay_weights
+-- One layer's recorded combine weights as (token index in replay_tokens' order, slot, weight).
+WITH t AS (
+    SELECT seq_id, pos, row_number() OVER (ORDER BY seq_id, pos) - 1 AS token FROM tokens
+)
+SELECT t.token, r.slot, r.weight
+FROM routing r
+JOIN t USING (seq_id, pos)
+WHERE r.layer = $layer
