@@ -7,7 +7,8 @@ there). A plan is built on one window of forward steps and evaluated on it (in s
 another (out of sample: what the plan is worth on future traffic). Two splits: the first half
 of the steps then the second (the bundled corpus is ordered by domain, so this is traffic that
 drifts), and even steps then odd steps (the same mix). Numbers are max / mean GPU load (1.0 = even),
-averaged over MoE layers and at the worst layer; also the time to build each plan.
+averaged over MoE layers and at the worst layer; also the time to build each plan. For
+comparison at R = 0, the round-robin "greedy" of plumb-moe 0.1.0, re-implemented here.
 
     python benchmarks/placement.py                 # bundled run + 20M-row generated run
     python benchmarks/placement.py --rows 1e8      # the 100M-row run of analysis_scale.py
@@ -22,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent
@@ -53,6 +55,18 @@ def generated_run(rows: int, data: Path) -> Path:
     return path
 
 
+def round_robin_plan(loads: pd.DataFrame, ep_size: int) -> pd.DataFrame:
+    """The "greedy" of plumb-moe 0.1.0 (`plumb/analysis/placement.py`, `_greedy`), for comparison:
+    experts hottest first, the i-th onto GPU i mod ep_size. Redundant slots: not supported there."""
+    frames = []
+    for layer, rows in loads.groupby("layer"):
+        order = rows.sort_values("tokens", ascending=False, kind="stable")["expert"].to_numpy()
+        gpu = np.arange(len(order)) % ep_size
+        plan = pd.DataFrame({"layer": layer, "gpu": gpu, "expert": order}).sort_values(["gpu", "expert"])
+        frames.append(plan.assign(slot=plan.groupby("gpu").cumcount())[["layer", "gpu", "slot", "expert"]])
+    return pd.concat(frames, ignore_index=True)
+
+
 def splits(run: rs.Run) -> dict[str, tuple[str, str]]:
     """Named (build, evaluate) `where=` pairs over the forward steps: the first half then the second
     (traffic that drifts: the bundled corpus is ordered by domain), and even then odd steps (the same mix)."""
@@ -72,9 +86,12 @@ def measure(path: Path, name: str, configs: list[tuple[int, int]]) -> pd.DataFra
         for split, (first, second) in splits(run).items():
             train, test = run.expert_load(where=first), run.expert_load(where=second)
             for ep_size, redundant in configs:
-                for method in METHODS:
+                for method in METHODS if redundant else ("round robin (plumb-moe)", *METHODS):
                     t0 = time.perf_counter()
-                    plan = build_plan(train, ep_size, redundant, method)
+                    if method in METHODS:
+                        plan = build_plan(train, ep_size, redundant, method)
+                    else:
+                        plan = round_robin_plan(train, ep_size)
                     build_s = time.perf_counter() - t0
                     inside = evaluate_placement(train, plan)["imbalance"]
                     outside = evaluate_placement(test, plan)["imbalance"]
