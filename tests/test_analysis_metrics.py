@@ -271,6 +271,32 @@ def test_repetition_rate(planted):
         assert row.baseline == pytest.approx(1 / E)
         p = ref.load(slot0, E) / T
         assert row.marginal_baseline == pytest.approx((p**2).sum())
+        # Mixtral Table 5, "first or second choice"
+        pairs2, hits2 = ref.repetition_top2(data["experts"][row.layer], data["seq_id"], data["pos"])
+        assert row.repeats_top2 == hits2
+        assert row.repetition_rate_top2 == pytest.approx(hits2 / pairs2)
+        assert row.baseline_top2 == pytest.approx(1 - math.comb(E - 2, 2) / math.comb(E, 2))
+
+
+def test_repetition_top2_baseline_matches_random_routing(tmp_path):
+    """Under uniform random top-2 routing the top-2 rate approaches 1 − C(E−2,2)/C(E,2)."""
+    rng = np.random.default_rng(9)
+    n, e = 20000, 6
+    experts = np.array([rng.choice(e, 2, replace=False) for _ in range(n)])
+    path = write_run(tmp_path / "uniform", {0: experts}, e, seq_len=100)
+    with rs.open_run(path) as run:
+        row = run.repetition_rate().iloc[0]
+    assert row.baseline_top2 == pytest.approx(1 - 6 / 15)
+    assert abs(row.repetition_rate_top2 - row.baseline_top2) < 0.02
+    assert abs(row.repetition_rate - 1 / e) < 0.02
+
+
+def test_repetition_top2_is_nan_for_top1_routing(tmp_path):
+    experts = np.random.default_rng(1).integers(0, 4, size=(200, 1))
+    with rs.open_run(write_run(tmp_path / "top1", {0: experts}, 4, seq_len=20)) as run:
+        row = run.repetition_rate().iloc[0]
+    assert math.isnan(row.repetition_rate_top2) and math.isnan(row.baseline_top2)
+    assert not math.isnan(row.repetition_rate)
 
 
 def test_where_selects_tokens_for_every_metric(planted):

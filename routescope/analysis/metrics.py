@@ -456,7 +456,9 @@ def vocab_specialization(run: Run, where: str | None = None, min_occurrences: in
 
 
 def repetition_rate(run: Run, where: str | None = None) -> pd.DataFrame:
-    """Per layer: consecutive token pairs, repeats of the slot-0 expert, rate, baseline 1/E, Σ p_e²."""
+    """Per layer: consecutive token pairs, repeats of the slot-0 expert, rate, baseline 1/E, Σ p_e²;
+    and (k >= 2) repeats_top2, repetition_rate_top2 (top-2 sets share an expert, Mixtral Table 5's
+    "first or second choice") with baseline_top2 = 1 − C(E−2,2)/C(E,2)."""
     require_routing(run, "repetition_rate")
     return query(run, "repetition_rate", where=where, uses=("top1_paths",))
 

@@ -127,7 +127,8 @@ class Run:
         return metrics.vocab_specialization(self, where=where, min_occurrences=min_occurrences)
 
     def repetition_rate(self, where: str | None = None) -> pd.DataFrame:
-        """layer, pairs, repeats, repetition_rate, baseline (1/E), marginal_baseline."""
+        """layer, pairs, repeats, repetition_rate, baseline (1/E), marginal_baseline,
+        repeats_top2, repetition_rate_top2, baseline_top2 (Mixtral Table 5)."""
         return metrics.repetition_rate(self, where=where)
 
     def placement(

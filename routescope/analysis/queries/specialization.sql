@@ -79,9 +79,9 @@ WHERE occurrences >= $min_occurrences
 ORDER BY layer, token_id
 
 -- name: repetition_rate
--- Per MoE layer: consecutive token pairs of a sequence, how many share their slot-0 expert, rate, 1/E and Σ p_e² baselines.
+-- Per MoE layer: consecutive token pairs sharing their slot-0 expert (rate, 1/E, Σ p_e²) and their top-2 sets sharing an expert (rate, 1 − C(E−2,2)/C(E,2)).
 WITH ordered AS (
-    SELECT layer, num_experts, row_number() OVER (ORDER BY layer) AS idx FROM layer_info
+    SELECT layer, num_experts, top_k, row_number() OVER (ORDER BY layer) AS idx FROM layer_info
 ),
 neighbours AS (
     SELECT unnest(range(1, len(a.path) + 1)) AS idx, unnest(a.path) AS expert_a, unnest(b.path) AS expert_b
@@ -101,6 +101,30 @@ shares AS (
 ),
 marginal AS (
     SELECT idx, sum(p * p) AS baseline FROM shares GROUP BY idx
+),
+-- "first or second choice" (Mixtral Table 5): the tokens' slot 0 and 1 experts, per layer
+top2_rows AS (
+    SELECT seq_id, pos, layer, expert
+    FROM selected_routing
+    WHERE slot < 2 AND layer IN (SELECT layer FROM layer_info WHERE top_k >= 2)
+),
+top2_tokens AS (
+    SELECT DISTINCT seq_id, pos, layer FROM top2_rows
+),
+top2_pairs AS (
+    SELECT a.layer, count(*) AS pairs
+    FROM top2_tokens a
+    JOIN top2_tokens b ON b.seq_id = a.seq_id AND b.pos = a.pos + 1 AND b.layer = a.layer
+    GROUP BY a.layer
+),
+top2_repeats AS (
+    SELECT layer, count(*) AS repeats
+    FROM (
+        SELECT DISTINCT a.layer, a.seq_id, a.pos
+        FROM top2_rows a
+        JOIN top2_rows b ON b.seq_id = a.seq_id AND b.pos = a.pos + 1 AND b.layer = a.layer AND b.expert = a.expert
+    )
+    GROUP BY layer
 )
 SELECT
     o.layer,
@@ -108,8 +132,15 @@ SELECT
     coalesce(p.repeats, 0)::BIGINT AS repeats,
     p.repeats / nullif(p.pairs, 0) AS repetition_rate,
     1.0 / o.num_experts AS baseline,
-    m.baseline AS marginal_baseline
+    m.baseline AS marginal_baseline,
+    coalesce(r2.repeats, 0)::BIGINT AS repeats_top2,
+    CASE WHEN o.top_k >= 2 THEN coalesce(r2.repeats, 0) / nullif(p2.pairs, 0) END AS repetition_rate_top2,
+    CASE WHEN o.top_k >= 2 AND o.num_experts >= 2
+        THEN 1.0 - ((o.num_experts - 2) * (o.num_experts - 3)) / (o.num_experts * (o.num_experts - 1.0))
+    END AS baseline_top2
 FROM ordered o
 LEFT JOIN pairs p USING (idx)
 LEFT JOIN marginal m USING (idx)
+LEFT JOIN top2_pairs p2 ON p2.layer = o.layer
+LEFT JOIN top2_repeats r2 ON r2.layer = o.layer
 ORDER BY o.layer
