@@ -204,6 +204,15 @@ def test_run_placement_uses_the_run_loads(skewed_run: Path):
         assert (merged.tokens == merged.tokens_steps).all()
 
 
+def test_balance_with_a_placement_agrees_with_evaluate(skewed_run: Path):
+    with rs.open_run(skewed_run) as run:
+        plan = run.placement(4, redundant=4, method="eplb", where="step < 4")
+        balance = run.balance(where="step >= 4", placement=plan)
+        expected = evaluate_placement(run.expert_load(where="step >= 4"), plan)
+    assert np.allclose(balance["ep_balancedness"].to_numpy(), expected["ep_balancedness"].to_numpy())
+    assert (balance["ep_balancedness"] < 1.0).all()
+
+
 def test_out_of_sample_is_measured_on_the_next_window(skewed_run: Path):
     with rs.open_run(skewed_run) as run:
         early, late = run.expert_load(where="step < 4"), run.expert_load(where="step >= 4")
