@@ -222,7 +222,7 @@ def parse_layers(text: str | None) -> list[int] | None:
             else:
                 layers.append(int(item))
     except ValueError:
-        raise ValueError(f"bad layer list {text!r}: {usage}") from None
+        raise ValueError(f"--moe-layers {text!r}: {usage}") from None
     if any(layer < 0 for layer in layers) or len(set(layers)) != len(layers):
-        raise ValueError(f"bad layer list {text!r}: negative or repeated layer; {usage}")
+        raise ValueError(f"--moe-layers {text!r}: negative or repeated layer; {usage}")
     return layers

@@ -43,7 +43,7 @@ def check_input_file(path: str | Path, what: str) -> Path:
     if path.is_dir():
         raise ImportFormatError(f"{path} is a directory; expected {what} file")
     if not path.exists():
-        raise FileNotFoundError(f"{what} file {path} does not exist")
+        raise FileNotFoundError(f"{path} does not exist; expected {what} file")
     if path.stat().st_size == 0:
         raise ImportFormatError(f"{path} is empty (0 bytes); expected {what} file")
     return path
