@@ -140,3 +140,21 @@ def repetition_top2(top2: np.ndarray, seq_id: np.ndarray, pos: np.ndarray) -> tu
             pairs += 1
             hits += int(bool(chosen & nxt))
     return pairs, hits
+
+
+def olmoe_vocab(keys: list, experts: np.ndarray) -> dict:
+    """OLMoE run_moe_analysis.py `print_avg` after `do_token_analysis_layers_experts --topk k`:
+    per key the k experts of each of its tokens are appended in data order (`extend`); the top
+    expert is `sorted(Counter(ids).items(), key=lambda x: -x[1])[0]` (first seen wins a tie) and
+    its share is count / (len // k). Returns key -> (top_expert, share, occurrences, ties)."""
+    k = experts.shape[1]
+    ids: dict = {}
+    for key, row in zip(keys, np.asarray(experts).tolist()):
+        if key is not None:
+            ids.setdefault(key, []).extend(row)
+    out = {}
+    for key, exp_ids in ids.items():
+        counts = Counter(exp_ids)
+        top, val = sorted(counts.items(), key=lambda x: -x[1])[0]
+        out[key] = (top, val / (len(exp_ids) // k), len(exp_ids) // k, sum(v == val for v in counts.values()))
+    return out

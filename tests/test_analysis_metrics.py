@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 import routescope as rs
+from routescope.analysis.metrics import OLMOE_MIN_OCCURRENCES
 from tests import analysis_reference as ref
 from tests.synthetic import sample_topk, write_run
 
@@ -246,17 +247,55 @@ def test_vocab_specialization(planted):
     run, data = planted
     df = run.vocab_specialization()
     assert df[["layer", "token_id"]].values.tolist() == sorted(df[["layer", "token_id"]].values.tolist())
+    # data order (seq_id, pos) is the row order of the planted arrays
     for layer in LAYERS:
         got = df[df["layer"] == layer].set_index("token_id")
-        for tok in np.unique(data["token_id"]):
-            rows = data["experts"][layer][data["token_id"] == tok]
-            counts = ref.load(rows, E)
-            assert got.loc[tok, "occurrences"] == len(rows)
-            assert got.loc[tok, "top_expert"] == int(np.argmax(counts))  # ties: lowest id
-            assert got.loc[tok, "top_share"] == pytest.approx(counts.max() / len(rows))
+        truth = ref.olmoe_vocab(data["token_id"].tolist(), data["experts"][layer])
+        assert sorted(got.index) == sorted(truth)
+        for tok, (top, share, occurrences, ties) in truth.items():
+            assert got.loc[tok, "occurrences"] == occurrences
+            assert got.loc[tok, "top_expert"] == top
+            assert got.loc[tok, "top_share"] == pytest.approx(share)
+            assert got.loc[tok, "ties"] == ties
             assert got.loc[tok, "baseline"] == pytest.approx(K / E)
     frequent = run.vocab_specialization(min_occurrences=80)
     assert (frequent["occurrences"] >= 80).all() and len(frequent) < len(df)
+
+
+def test_vocab_specialization_ties_go_to_the_expert_seen_first(tmp_path):
+    # token 5 meets expert 3 first, then expert 1, each twice: OLMoE keeps 3 (lowest id would give 1)
+    experts = np.array([[3, 0], [1, 2], [1, 4], [3, 6]])
+    path = write_run(tmp_path / "ties", {0: experts}, 8, token_id=np.array([5, 5, 5, 5]), seq_len=4)
+    with rs.open_run(path) as run:
+        row = run.vocab_specialization().iloc[0]
+    assert (row.token_id, row.top_expert, row.ties, row.occurrences) == (5, 3, 2, 4)
+    assert row.top_share == pytest.approx(0.5)
+
+
+def test_vocab_specialization_by_next_token(planted):
+    run, data = planted
+    df = run.vocab_specialization(by="next_token")
+    # independent: each token's experts keyed by the id at pos + 1 of the same sequence
+    nxt = {
+        (s, p): t for s, p, t in zip(data["seq_id"].tolist(), data["pos"].tolist(), data["token_id"].tolist())
+    }
+    keys = [nxt.get((s, p + 1)) for s, p in zip(data["seq_id"].tolist(), data["pos"].tolist())]
+    for layer in LAYERS:
+        got = df[df["layer"] == layer].set_index("token_id")
+        truth = ref.olmoe_vocab(keys, data["experts"][layer])
+        assert sorted(got.index) == sorted(truth)
+        for tok, (top, share, occurrences, ties) in truth.items():
+            assert (got.loc[tok, "top_expert"], got.loc[tok, "occurrences"], got.loc[tok, "ties"]) == (
+                top,
+                occurrences,
+                ties,
+            )
+            assert got.loc[tok, "top_share"] == pytest.approx(share)
+    assert df.groupby("layer")["occurrences"].sum().tolist() == [T - T // SEQ_LEN] * len(LAYERS)
+    filtered = run.vocab_specialization(by="next_token", min_occurrences=OLMOE_MIN_OCCURRENCES)
+    assert (filtered["occurrences"] >= 10).all()
+    with pytest.raises(ValueError, match="by must be one of"):
+        run.vocab_specialization(by="prev_token")
 
 
 def test_repetition_rate(planted):

@@ -144,20 +144,26 @@ def layer_params(
 
 
 def build_query(
-    name: str, where: str | None, uses: Sequence[str] = (), tables: Mapping[str, str] | None = None
+    name: str,
+    where: str | None,
+    uses: Sequence[str | tuple[str, str]] = (),
+    tables: Mapping[str, str] | None = None,
 ) -> tuple[str, frozenset[str]]:
     """The SQL of query `name` behind the selection CTEs and the named CTEs in `uses` (in that
-    order), and the parameters it reads. `tables` maps a CTE name to a cached table that replaces it."""
+    order), and the parameters it reads. A `uses` entry (cte, query) names query `query`'s CTE
+    `cte`, so one body can read either of two inputs. `tables` maps a CTE name to a cached
+    table that replaces it."""
     tables = tables or {}
+    aliased = [(u, u) if isinstance(u, str) else (u[0], u[1]) for u in uses]
     selection = get_query("all_tokens").sql if where is None else WHERE_TEMPLATE.format(where=where)
     routing = get_query("all_routing" if where is None else "filtered_routing")
-    named = [get_query(u) for u in uses if u not in tables]
+    named = [get_query(q) for u, q in aliased if u not in tables]
     ctes = [
         Cte("layer_info", get_query("layer_info").sql),
         Cte("selected_tokens", selection, materialized=False),
         Cte("selected_routing", routing.sql, materialized=False),
         Cte("layer_expert_counts", get_query("routing_expert_counts").sql),
-        *(Cte(u, f"SELECT * FROM {tables[u]}" if u in tables else get_query(u).sql) for u in uses),
+        *(Cte(u, f"SELECT * FROM {tables[u]}" if u in tables else get_query(q).sql) for u, q in aliased),
     ]
     body = get_query(name)
     params = frozenset().union(
@@ -238,7 +244,7 @@ def query(
     name: str,
     *,
     where: str | None = None,
-    uses: Sequence[str] = (),
+    uses: Sequence[str | tuple[str, str]] = (),
     layers: Sequence[int] | Mapping[str, list[int]] | None = None,
     **params: Any,
 ) -> pd.DataFrame:
@@ -447,12 +453,33 @@ def specialization(run: Run, by: str, where: str | None = None) -> pd.DataFrame:
     return df.rename(columns={"label_value": label})
 
 
-def vocab_specialization(run: Run, where: str | None = None, min_occurrences: int = 1) -> pd.DataFrame:
-    """Per layer and token id: occurrences, top_expert, top_share (OLMoE), baseline k/E, lift."""
+# OLMoE's run_moe_analysis.py lists a token id under its top expert only with >= 10 occurrences.
+OLMOE_MIN_OCCURRENCES = 10
+VOCAB_KEYS = {"token": "vocab_counts_token", "next_token": "vocab_counts_next_token"}
+
+
+def vocab_specialization(
+    run: Run, where: str | None = None, min_occurrences: int = 1, by: str = "token"
+) -> pd.DataFrame:
+    """Per layer and token id: occurrences, top_expert, top_share (OLMoE), ties, baseline k/E, lift.
+
+    by="token" keys each routed token by its own id; by="next_token" by the ground-truth next
+    token (OLMoE's `gt_next_token_to_exp`). Among experts with equal counts the one seen first
+    in (seq_id, pos, slot) order wins, as OLMoE's stable sort of a Counter; `ties` says how many
+    share the top count. `min_occurrences=OLMOE_MIN_OCCURRENCES` applies OLMoE's filter.
+    """
     require_routing(run, "vocab_specialization")
-    if int(min_occurrences) < 1:
-        raise ValueError(f"min_occurrences must be >= 1, got {min_occurrences}")
-    return query(run, "vocab_specialization", where=where, min_occurrences=int(min_occurrences))
+    if by not in VOCAB_KEYS:
+        raise ValueError(f"by must be one of {', '.join(map(repr, VOCAB_KEYS))}, got {by!r}")
+    if int(min_occurrences) != min_occurrences or int(min_occurrences) < 1:
+        raise ValueError(f"min_occurrences must be an integer >= 1, got {min_occurrences!r}")
+    return query(
+        run,
+        "vocab_specialization",
+        where=where,
+        uses=(("vocab_counts", VOCAB_KEYS[by]),),
+        min_occurrences=int(min_occurrences),
+    )
 
 
 def repetition_rate(run: Run, where: str | None = None) -> pd.DataFrame:

@@ -122,9 +122,12 @@ class Run:
         """<by>, layer, expert, tokens, share, lift per value of the label `by`."""
         return metrics.specialization(self, by, where=where)
 
-    def vocab_specialization(self, where: str | None = None, min_occurrences: int = 1) -> pd.DataFrame:
-        """layer, token_id, occurrences, top_expert, top_share, baseline, lift."""
-        return metrics.vocab_specialization(self, where=where, min_occurrences=min_occurrences)
+    def vocab_specialization(
+        self, where: str | None = None, min_occurrences: int = 1, by: str = "token"
+    ) -> pd.DataFrame:
+        """layer, token_id, occurrences, top_expert, top_share, ties, baseline, lift; by="token"
+        or "next_token" (the ground-truth next token, OLMoE); ties go to the expert seen first."""
+        return metrics.vocab_specialization(self, where=where, min_occurrences=min_occurrences, by=by)
 
     def repetition_rate(self, where: str | None = None) -> pd.DataFrame:
         """layer, pairs, repeats, repetition_rate, baseline (1/E), marginal_baseline,

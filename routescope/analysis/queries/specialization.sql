@@ -46,37 +46,55 @@ SELECT label_value, layer, expert, tokens, share, share * num_experts AS lift
 FROM shares
 ORDER BY label_value, layer, expert
 
+-- name: vocab_counts_token
+-- Routing rows per (layer, token id, expert) of the selected tokens, and where (seq_id, pos, slot) the expert first appears for that id.
+SELECT r.layer, t.token_id, r.expert, count(*) AS n, min((r.seq_id, r.pos, r.slot)) AS first_seen
+FROM selected_routing r
+JOIN selected_tokens t USING (seq_id, pos)
+GROUP BY ALL
+
+-- name: vocab_counts_next_token
+-- As vocab_counts_token, keyed by the ground-truth next token (the id at pos + 1 of the same sequence; the last token has none).
+SELECT r.layer, n.token_id, r.expert, count(*) AS n, min((r.seq_id, r.pos, r.slot)) AS first_seen
+FROM selected_routing r
+JOIN selected_tokens t USING (seq_id, pos)
+JOIN tokens n ON n.seq_id = t.seq_id AND n.pos = t.pos + 1
+GROUP BY ALL
+
 -- name: vocab_specialization
--- Per layer and token id with >= $min_occurrences: occurrences, top expert, its share of them, uniform k/E beside it.
-WITH counts AS (
-    SELECT r.layer, t.token_id, r.expert, count(*) AS n
-    FROM selected_routing r
-    JOIN selected_tokens t USING (seq_id, pos)
-    GROUP BY ALL
-),
-per_token AS (
+-- Per layer and token id with >= $min_occurrences (from `vocab_counts`): top expert (ties: first seen, as OLMoE), its share, how many tie, k/E.
+WITH per_token AS (
     SELECT
         c.layer,
         c.token_id,
         sum(c.n) // any_value(l.top_k) AS occurrences,
-        first(c.expert ORDER BY c.n DESC, c.expert) AS top_expert,
+        -- OLMoE sorts a Counter by count (a stable sort): among equal counts the expert it met first wins
+        first(c.expert ORDER BY c.n DESC, c.first_seen) AS top_expert,
         max(c.n) AS top_count,
         any_value(l.top_k) / any_value(l.num_experts) AS baseline
-    FROM counts c
+    FROM vocab_counts c
     JOIN layer_info l USING (layer)
+    GROUP BY c.layer, c.token_id
+),
+ties AS (
+    SELECT c.layer, c.token_id, count(*) AS ties
+    FROM vocab_counts c
+    JOIN per_token p ON p.layer = c.layer AND p.token_id = c.token_id AND c.n = p.top_count
     GROUP BY c.layer, c.token_id
 )
 SELECT
-    layer,
-    token_id,
-    occurrences::BIGINT AS occurrences,
-    top_expert,
-    top_count / occurrences AS top_share,
-    baseline,
-    top_count / occurrences / baseline AS lift
-FROM per_token
-WHERE occurrences >= $min_occurrences
-ORDER BY layer, token_id
+    p.layer,
+    p.token_id,
+    p.occurrences::BIGINT AS occurrences,
+    p.top_expert,
+    p.top_count / p.occurrences AS top_share,
+    t.ties::BIGINT AS ties,
+    p.baseline,
+    p.top_count / p.occurrences / p.baseline AS lift
+FROM per_token p
+JOIN ties t ON t.layer = p.layer AND t.token_id = p.token_id
+WHERE p.occurrences >= $min_occurrences
+ORDER BY p.layer, p.token_id
 
 -- name: repetition_rate
 -- Per MoE layer: consecutive token pairs sharing their slot-0 expert (rate, 1/E, Σ p_e²) and their top-2 sets sharing an expert (rate, 1 − C(E−2,2)/C(E,2)).
