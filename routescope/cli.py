@@ -69,11 +69,18 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hot-factor", type=float, default=2.0, help="hot: share >= factor / E (default 2.0)"
     )
+    parser.add_argument(
+        "--ep-size",
+        type=int,
+        help="also show ep_balancedness with the experts placed contiguously on this many GPUs",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.add_argument("--html", metavar="FILE", help="also write a one-file HTML report")
 
 
-def collect_report(run: Any, where: str | None = None, hot_factor: float = 2.0) -> dict[str, Any]:
+def collect_report(
+    run: Any, where: str | None = None, hot_factor: float = 2.0, ep_size: int | None = None
+) -> dict[str, Any]:
     """Everything `report` shows, as manifest facts and DataFrames."""
     import routescope as rs
 
@@ -93,16 +100,23 @@ def collect_report(run: Any, where: str | None = None, hot_factor: float = 2.0) 
     }
     report: dict[str, Any] = {
         "run": facts,
-        "balance": run.balance(where=where),
+        "balance": run.balance(where=where, ep_size=ep_size),
         "dead_experts": run.dead_experts(where=where),
         "hot_experts": run.hot_experts(factor=hot_factor, where=where),
         "entanglement": run.entanglement(where=where),
         "super_experts": None,
+        "super_expert_thresholds": None,
+        "massive_activations": None,
     }
     if run.has_table("expert_activations"):
         acts = run.expert_activations()
         classified = rs.classify_super_experts(acts, int(m.get("num_hidden_layers") or 0))
         report["super_experts"] = classified[classified["is_super"]].reset_index(drop=True)
+        report["super_expert_thresholds"] = dict(classified.attrs.get("thresholds", {}))
+    if run.has_table("hidden_stats"):
+        from routescope.capture.activations import classify_massive  # the massive rule's one home
+
+        report["massive_activations"] = classify_massive(run.hidden_stats())
     return report
 
 
@@ -169,6 +183,8 @@ def render_report_tables(report: dict[str, Any]) -> None:
         "balancedness",
         "norm_entropy",
         "aux_loss",
+        "aux_loss_step_mean",
+        "ep_balancedness",
     ]
     sections = [
         ("Balance per MoE layer", report["balance"], balance_cols, "no MoE layer"),
@@ -195,12 +211,25 @@ def render_report_tables(report: dict[str, Any]) -> None:
         ),
     ]
     if report["super_experts"] is not None:
+        th = report.get("super_expert_thresholds") or {}
         sections.append(
             (
-                "Super Experts",
+                f"Super Experts (a > P{_fmt(th.get('quantile'))} = {_fmt(th.get('percentile_threshold'))} "
+                f"and > max × {_fmt(th.get('ratio'))} = {_fmt(th.get('max_threshold'))}, over the "
+                f"{_fmt(th.get('pooled_experts'))} experts of layers {_fmt(th.get('layers'))}; "
+                f"median {_fmt(th.get('median'))})",
                 report["super_experts"],
-                ["layer", "expert", "shared", "max_abs_output", "channel", "tokens_seen"],
+                ["layer", "expert", "shared", "max_abs_output", "ratio_to_median", "channel", "tokens_seen"],
                 "none above both thresholds",
+            )
+        )
+    if report.get("massive_activations") is not None:
+        sections.append(
+            (
+                "Residual stream per decoder layer (massive: |h| > 100 and > 1000 × median |h|)",
+                report["massive_activations"],
+                ["layer", "max_abs", "median_abs", "ratio_to_median", "channel", "is_massive"],
+                "no hidden_stats",
             )
         )
     for title, df, cols, empty in sections:
@@ -231,7 +260,9 @@ def report_command(args: argparse.Namespace) -> int:
     with status(f"analysing {args.run} …"):
         run = rs.open_run(args.run)
         try:
-            report = collect_report(run, where=args.where, hot_factor=args.hot_factor)
+            report = collect_report(
+                run, where=args.where, hot_factor=args.hot_factor, ep_size=getattr(args, "ep_size", None)
+            )
             if args.html:
                 from routescope.commands.html_report import write_html_report
 

@@ -25,13 +25,21 @@ def run_dir(tmp_path_factory):
         "channel": np.array([1, 7, 2, 3, 4]),
         "tokens_seen": np.array([10, 10, 10, 10, 10]),
     }
+    hidden = {  # layer 1 holds a massive activation: 5000 > 100 and > 1000 x 2.0
+        "layer": np.array([0, 1, 2, 3], dtype=np.int16),
+        "max_abs": np.array([50.0, 5000.0, 900.0, 40.0], dtype=np.float32),
+        "median_abs": np.array([1.0, 2.0, 3.0, 1.0], dtype=np.float32),
+        "channel": np.array([3, 7, 7, 1]),
+        "seq_id": np.array([0, 1, 1, 2]),
+        "pos": np.array([0, 0, 0, 4]),
+    }
     return write_run(
         tmp_path_factory.mktemp("cli") / "run",
         experts,
         4,
         seq_len=8,
         labels={"domain": ["code"] * 20 + ["math"] * 20},
-        extra_tables={"expert_activations": acts},
+        extra_tables={"expert_activations": acts, "hidden_stats": hidden},
         num_hidden_layers=4,
     )
 
@@ -54,6 +62,35 @@ def test_report_json(run_dir, capsys):
     assert (1, 3) in {(row["layer"], row["expert"]) for row in doc["hot_experts"]}
     assert len(doc["entanglement"]) == 1
     assert [(row["layer"], row["expert"]) for row in doc["super_experts"]] == [(0, 1)]
+
+
+def test_report_shows_ep_balancedness_and_super_expert_evidence(run_dir, capsys):
+    assert main(["report", str(run_dir), "--json", "--ep-size", "2"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    loads = {1: np.zeros(4), 2: np.zeros(4)}
+    for row in doc["balance"]:
+        assert row["ep_size"] == 2
+    import routescope as rs
+
+    with rs.open_run(run_dir) as run:
+        for row in run.expert_load().itertuples():
+            loads[row.layer][row.expert] = row.tokens
+    for row in doc["balance"]:
+        gpu = loads[row["layer"]].reshape(2, 2).sum(1)
+        assert row["ep_balancedness"] == pytest.approx(gpu.mean() / gpu.max())
+    (se,) = doc["super_experts"]
+    th = doc["super_expert_thresholds"]
+    pool = np.array([1.0, 900.0, 2.0, 1.5, 3.0])  # layers 0..2 of 4 are searched: all rows here
+    assert se["ratio_to_median"] == pytest.approx(900.0 / np.median(pool))
+    assert th["percentile_threshold"] == pytest.approx(np.percentile(pool, 99.5))
+    assert th["layers"] == [0, 1, 2] and th["pooled_experts"] == 5
+    massive = {row["layer"]: row["is_massive"] for row in doc["massive_activations"]}
+    assert massive == {0: False, 1: True, 2: False, 3: False}
+    assert main(["report", str(run_dir), "--ep-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "ep_balancedness" in out and "ratio_to_median" in out and "is_massive" in out
+    assert main(["report", str(run_dir), "--ep-size", "3"]) == 2
+    assert "does not split the experts" in capsys.readouterr().err
 
 
 def test_report_marks_incomplete_runs(tmp_path, capsys):

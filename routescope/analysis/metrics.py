@@ -503,6 +503,16 @@ def expert_activations(run: Run) -> pd.DataFrame:
     return query(run, "expert_activations")
 
 
+def hidden_stats(run: Run) -> pd.DataFrame:
+    """Per decoder layer from the calibration: max_abs, median_abs, channel, seq_id, pos of the
+    residual stream (massive activations: `classify_massive` adds is_massive)."""
+    if not run.has_table("hidden_stats"):
+        raise ValueError(
+            "this run has no hidden_stats table: calibrate with rs.find_super_experts(..., out=RUN)"
+        )
+    return query(run, "hidden_stats")
+
+
 def to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
     """A metric frame's rows as plain Python values with NaN as None, ready for JSON."""
     out = []

@@ -152,6 +152,10 @@ class Run:
         """layer, expert, shared, max_abs_output, channel, tokens_seen from the Super Experts calibration."""
         return metrics.expert_activations(self)
 
+    def hidden_stats(self) -> pd.DataFrame:
+        """layer, max_abs, median_abs, channel, seq_id, pos of the residual stream from the calibration."""
+        return metrics.hidden_stats(self)
+
     def close(self) -> None:
         self.con.close()
 
