@@ -112,21 +112,30 @@ def filter_bar(prefix: str) -> html.Div:
                     tooltip={"placement": "bottom"},
                     **NO_SLIDER_BOXES,
                 ),
-                "260px",
+                "220px",
             ),
             labelled(
-                "from step",
-                dcc.Input(
-                    id=f"{prefix}-step-from", type="number", step=1, debounce=True, style={"width": "80px"}
+                "from – to step (Enter applies)",
+                html.Div(
+                    [
+                        dcc.Input(
+                            id=f"{prefix}-step-from",
+                            type="number",
+                            step=1,
+                            debounce=True,
+                            style={"width": "70px"},
+                        ),
+                        dcc.Input(
+                            id=f"{prefix}-step-to",
+                            type="number",
+                            step=1,
+                            debounce=True,
+                            style={"width": "70px"},
+                        ),
+                    ],
+                    style={"display": "flex", "gap": "4px"},
                 ),
-                "90px",
-            ),
-            labelled(
-                "to step",
-                dcc.Input(
-                    id=f"{prefix}-step-to", type="number", step=1, debounce=True, style={"width": "80px"}
-                ),
-                "90px",
+                "170px",
             ),
         ],
         style={**ROW, "margin": "8px 0"},

@@ -172,7 +172,7 @@ def top_tokens(
     Both frames: token_id, token, count (times routed here), occurrences (times seen at all
     under the filter), lift = (count / L_e) / (occurrences / T): how much more often the
     token appears among this expert's tokens than among all tokens (1.0 = as often).
-    The lift list keeps tokens seen at least MIN_LIFT_OCCURRENCES times.
+    The lift list keeps tokens seen at least MIN_LIFT_OCCURRENCES times with lift above 1.
     """
     pred, params = flt.sql(run, alias="t")
     df = run.sql(
@@ -195,7 +195,8 @@ def top_tokens(
     df["token"] = [names[int(t)] for t in df["token_id"]]
     columns = ["token_id", "token", "count", "occurrences", "lift"]
     by_count = df[df["by_count"] <= TOP_TOKENS].sort_values("by_count")[columns].reset_index(drop=True)
-    by_lift = df[(df["by_lift"] <= TOP_TOKENS) & (df["occurrences"] >= MIN_LIFT_OCCURRENCES)]
+    keep = (df["by_lift"] <= TOP_TOKENS) & (df["occurrences"] >= MIN_LIFT_OCCURRENCES) & (df["lift"] > 1)
+    by_lift = df[keep]
     return by_count, by_lift.sort_values("by_lift")[columns].reset_index(drop=True)
 
 
@@ -352,18 +353,24 @@ def super_experts(run: rs.Run) -> dict[str, Any]:
         "experts": experts,
         "percentile_threshold": thresholds.get("percentile_threshold"),
         "max_threshold": thresholds.get("max_threshold"),
+        "median": thresholds.get("median"),
+        "pooled_experts": thresholds.get("pooled_experts"),
         "layers": thresholds.get("layers"),
     }
 
 
 def hidden_stats(run: rs.Run) -> pd.DataFrame:
-    """Largest |hidden| per decoder layer, its channel and the median, from hidden_stats."""
+    """Largest |hidden| per decoder layer, its channel, the median, and `is_massive` (|h| > 100
+    and > 1000 × median, by the calibration's own classifier)."""
     if not run.has_table("hidden_stats"):
-        return pd.DataFrame(columns=["layer", "max_abs", "median_abs", "channel"])
-    return run.sql(
+        return pd.DataFrame(columns=["layer", "max_abs", "median_abs", "channel", "is_massive"])
+    df = run.sql(
         "SELECT layer, max(max_abs) AS max_abs, arg_max(channel, max_abs) AS channel, "
         "median(median_abs) AS median_abs FROM hidden_stats GROUP BY layer ORDER BY layer"
     )
+    from routescope.capture.activations import classify_massive  # lazily: the classifier's one home
+
+    return classify_massive(df)
 
 
 # -- token strings -----------------------------------------------------------------------

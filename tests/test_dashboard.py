@@ -272,7 +272,7 @@ def test_entanglement_specialization_tokens(app, runs):
     mi, trans, sankey, msg = entanglement.update_entanglement(state("a"), pair, 10)
     assert (
         msg is None
-        and traces_with_data(mi) == 2
+        and traces_with_data(mi) == 3
         and traces_with_data(trans) == 1
         and traces_with_data(sankey) == 1
     )
@@ -322,7 +322,7 @@ def test_super_experts_page(app, runs):
     assert "routescope super-experts --model" in texts(msg) and str(runs["a"]) in texts(msg)
     scatter, listing, massive, msg = super_experts.update_super_experts(state("b"))
     assert msg is None
-    assert any(t.name == "Super Expert" for t in scatter.data)
+    assert any(t.name == "Super Expert (rule met)" for t in scatter.data)
     assert traces_with_data(massive) == 3  # max, median, the 100 line
     assert "1 Super Expert" in texts(listing)
 
@@ -332,14 +332,19 @@ def test_compare(app, runs):
 
     opts_a, a, _opts_b, b = compare.compare_controls(state("a"))
     assert (a, b) == ("0", "1") and len(opts_a) == 6
-    delta, bal, sat, summary, _msg = compare.update_compare(state("a"), "0", "1")
+    delta, bal, sat, summary, _msg, style = compare.update_compare(state("a"), "0", "1")
     assert traces_with_data(delta) == 1 and traces_with_data(bal) == 8 and traces_with_data(sat) == 2
-    assert "cv A" in texts(summary) and "changed state" in texts(summary)
+    assert style == {}
+    for metric in ("cv", "max_violation", "balancedness", "norm_entropy", "tokens_matched"):
+        assert metric in texts(summary)
+    assert "changed state" in texts(summary)
     expected = rs.compare(runs["a"], runs["b"])
     assert list(sat.data[0].y) == pytest.approx(expected.saturation["saturation"].tolist())
-    # the same run on both sides: identical routing, and a note saying so
-    _d, _b, same, _s, msg = compare.update_compare(state("a"), "0", "0")
-    assert set(same.data[0].y) == {1.0} and "same run" in texts(msg)
+    for matched in expected.saturation["tokens_matched"]:
+        assert str(matched) in texts(summary)
+    # the same run on both sides: guidance only, the figures hidden
+    *_figs, tables, msg, style = compare.update_compare(state("a"), "0", "0")
+    assert "same run" in texts(msg) and tables is None and style == {"display": "none"}
     out = compare.update_compare(state("a"), "0", "../../etc")
     assert "unknown run" in texts(out[4])
 

@@ -27,6 +27,7 @@ LAUNCH_ARGS = [
 PAGES = {
     "/": 1,
     "/load": 3,
+    "/time": 2,
     "/entanglement": 3,
     "/specialization": 2,
     "/super-experts": 2,
@@ -179,4 +180,57 @@ def test_filters_and_run_switch(server, page):
     body = page.locator("body").inner_text()
     assert "Traceback" not in body
     shot(page, "missing_run")
+    assert page.console_errors == []
+
+
+def wait_text(page, selector: str, text: str, timeout: int = 20_000) -> None:
+    """Until the element exists and its text contains `text`."""
+    page.wait_for_function(
+        "([s, t]) => { const e = document.querySelector(s); return !!e && e.innerText.includes(t); }",
+        arg=[selector, text],
+        timeout=timeout,
+    )
+
+
+def run_label(page) -> str:
+    return page.locator("#app-run").inner_text()
+
+
+def test_state_in_the_url_survives_a_reload(server, page):
+    """A link carrying the run and the filters opens that view; a reload keeps it."""
+    page.goto(server + "/load#run=1&phase=decode&layer=2&color=share")
+    wait_text(page, "#load-filter-note", "phase decode")
+    wait_for_figures(page, 3)
+    assert "1: run_a" in run_label(page)
+    assert "layer 2" in page.locator("#load-bars").inner_text()
+    assert "Expert load (share)" in page.locator("#load-heatmap").inner_text()
+    # picking another run writes it into the address; a reload keeps run and filters
+    page.locator("#app-run").click()
+    page.get_by_role("option", name="0: run_b").click()
+    page.wait_for_function("() => window.location.hash.includes('run=0')", timeout=15_000)
+    assert "phase=decode" in page.evaluate("() => window.location.hash")
+    page.reload()
+    wait_text(page, "#load-filter-note", "phase decode")
+    assert "0: run_b" in run_label(page)
+    assert page.console_errors == []
+
+
+def test_step_box_applies_on_enter(server, page):
+    page.goto(server + "/load")
+    wait_for_figures(page, 3)
+    box = page.locator("#load-step-from")
+    box.fill("2")
+    box.press("Enter")
+    wait_text(page, "#load-filter-note", "steps 2")
+    assert "steps=2-" in page.evaluate("() => window.location.hash")
+    assert page.console_errors == []
+
+
+def test_time_page_and_narrow_window(server, page):
+    page.set_viewport_size({"width": 1024, "height": 900})
+    page.goto(server + "/time")
+    wait_for_figures(page, 2)
+    nav = page.locator("nav").bounding_box()
+    assert nav["height"] < 30, nav  # one line: the links do not wrap
+    shot(page, "time_1024px")
     assert page.console_errors == []

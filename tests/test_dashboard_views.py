@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import routescope as rs
-from tests.test_dashboard import record_demo_run, texts, traces_with_data
+from tests.test_dashboard import add_calibration, record_demo_run, texts, traces_with_data
 
 RANK_OFFSET = 1 << 40  # seq ids of rank 1, as the recorder assigns them
 
@@ -49,17 +49,20 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     two = root / "two_ranks"
     shutil.copytree(a, two)
     add_second_rank(two)
-    return {"a": a, "two": two}
+    calibrated = root / "calibrated"
+    shutil.copytree(a, calibrated)
+    add_calibration(calibrated)
+    return {"a": a, "two": two, "calibrated": calibrated}
 
 
 @pytest.fixture(scope="module")
 def app(runs):
     from dashboard.app import create_app
 
-    return create_app([runs["a"], runs["two"]])
+    return create_app([runs["a"], runs["two"], runs["calibrated"]])
 
 
-A, TWO = {"run": "0", "version": None}, {"run": "1", "version": None}
+A, TWO, CAL = ({"run": key, "version": None} for key in ("0", "1", "2"))
 
 
 # -- units -------------------------------------------------------------------------------
@@ -187,11 +190,11 @@ def test_rank_filter_and_per_rank_load(app, runs):
         z = np.nan_to_num(np.array(heat.data[0].z, dtype=float))
         expected = one.pivot(index="layer", columns="expert", values="share").to_numpy()
         assert z == pytest.approx(expected, abs=1e-6)
-    ranks_fig = load.update_load(TWO, "all", None, None, None, "share", 0, None)[3]
+    ranks_fig = load.update_load(TWO, "all", None, None, None, "share", 0, None)[3].children[0].figure
     assert [t.name.split(" (")[0] for t in ranks_fig.data] == ["rank 0", "rank 1"]
     assert list(ranks_fig.data[0].y) == pytest.approx(list(ranks_fig.data[1].y))
     single = load.update_load(A, "all", None, None, None, "share", 0, None)[3]
-    assert traces_with_data(single) == 0
+    assert "one rank recorded this run" in texts(single)
     missing = load.update_load(A, "all", None, None, None, "share", 0, "7")
     assert "No token matches" in texts(missing[4])
 
@@ -274,3 +277,86 @@ def test_small_sample_warning(app, runs):
     assert decode_tokens * run.top_k(run.moe_layers[0]) / run.num_experts(run.moe_layers[0]) < 30
     assert "Small sample" in texts(out[4])
     assert "Small sample" not in texts(load.update_load(A, "all", None, None, None, "lift", None, None)[4])
+
+
+# -- entanglement ------------------------------------------------------------------------
+def test_entanglement_is_normalised_and_transition_rows_carry_counts(app, runs):
+    from dashboard.pages import entanglement
+
+    run = rs.open_run(runs["a"])
+    ent = run.entanglement()
+    _opts, pair = entanglement.entanglement_controls(A)
+    mi, trans, sankey, _msg = entanglement.update_entanglement(A, pair, 10)
+    assert list(mi.data[0].y) == pytest.approx(ent["norm_mutual_info"].tolist())
+    h_b = ent["mutual_info_bits"] + ent["cond_entropy_bits"]
+    assert list(mi.data[1].y) == pytest.approx((ent["baseline_mutual_info_bits"] / h_b).tolist())
+    ratio = ent["mutual_info_bits"] / ent["baseline_mutual_info_bits"]
+    assert list(mi.data[2].y) == pytest.approx(ratio.tolist())
+    assert mi.layout.yaxis2.type == "log"
+    a, b = (int(v) for v in pair.split("-"))
+    table = run.transition(a, b)
+    rows = table.groupby("expert_a")["count"].sum() if "expert_a" in table.columns else None
+    z = np.array(trans.data[0].z, dtype=float)
+    for expert in range(run.num_experts(a)):
+        n = int(rows.get(expert, 0)) if rows is not None else 0
+        assert f"{expert} (n={n:,})" == trans.layout.yaxis.ticktext[expert]
+        if n == 0:
+            assert np.isnan(z[expert]).all()  # no token: an empty row, not a row of zeros
+        else:
+            assert np.nansum(z[expert]) == pytest.approx(1.0, abs=1e-5)
+    links = sankey.data[0].link
+    assert len(set(links.color)) > 1  # coloured by source expert, not one grey
+    assert len(sankey.data[0].node.label) <= 10 * len(run.moe_layers)
+
+
+# -- super experts -----------------------------------------------------------------------
+def test_super_experts_state_the_rule_and_link_channels(app, runs):
+    from dashboard.pages import super_experts
+
+    scatter, listing, massive, msg = super_experts.update_super_experts(CAL)
+    assert msg is None
+    run = rs.open_run(runs["calibrated"])
+    classified = rs.classify_super_experts(
+        run.expert_activations(), num_hidden_layers=int(run.manifest["num_hidden_layers"])
+    )
+    thresholds = classified.attrs["thresholds"]
+    text = texts(listing)
+    assert (
+        f"{thresholds['percentile_threshold']:.4g}" in text and f"{thresholds['max_threshold']:.4g}" in text
+    )
+    stars = [t for t in scatter.data if t.name == "Super Expert (rule met)"]
+    supers = classified[classified["is_super"]]
+    assert len(supers) == 1 and len(stars) == 1
+    assert list(stars[0].x) == supers["layer"].tolist() and list(stars[0].text) == ["e1"]
+    # add_calibration's Super Expert writes channel 7 and every residual channel is 3: no link
+    assert "× median" in text and "no" in text.split("same channel?")[1]
+    # the residual stream of add_calibration peaks at 900 over a median of 0.5: massive after layer 1 on
+    assert "massive activations" in text and [b for b in massive.data[0].text] == [""] + ["massive"] * (
+        int(run.manifest["num_hidden_layers"]) - 1
+    )
+
+
+def test_no_star_when_no_expert_meets_the_rule():
+    from routescope import plots
+
+    acts = pd.DataFrame(
+        {"layer": [0, 0, 1], "expert": [0, 1, 0], "max_abs_output": [1.0, 2.0, 3.0], "is_super": [False] * 3}
+    )
+    fig = plots.super_expert_scatter(acts, 2.9, 0.3, searched_layers=[0])
+    assert all("Super Expert" not in (t.name or "") for t in fig.data)
+
+
+# -- compare -----------------------------------------------------------------------------
+def test_compare_with_one_run_shows_guidance_only(runs, app):
+    from dashboard import runs as registry_module
+    from dashboard.app import create_app
+    from dashboard.pages import compare
+
+    before = registry_module.get_registry()
+    try:
+        create_app([runs["a"]])
+        *_figs, tables, msg, style = compare.update_compare(A, None, None)
+        assert "Compare needs two different runs" in texts(msg) and style == {"display": "none"}
+        assert tables is None
+    finally:
+        registry_module.set_registry(before)

@@ -39,9 +39,14 @@ def layout(**_query: Any) -> html.Div:
                 style=ROW,
             ),
             html.Div(id="compare-message"),
-            graph("compare-delta", "load_delta_heatmap"),
-            graph("compare-balance", "balance_change_figure"),
-            graph("compare-saturation", "saturation_figure"),
+            html.Div(
+                [
+                    graph("compare-delta", "load_delta_heatmap"),
+                    graph("compare-balance", "balance_change_figure"),
+                    graph("compare-saturation", "saturation_figure"),
+                ],
+                id="compare-figures",
+            ),
             html.Div(id="compare-summary"),
         ]
     )
@@ -58,22 +63,36 @@ def compare_controls(state: Any, a_now: Any = None, b_now: Any = None) -> tuple:
     return options, a, options, b
 
 
-@guarded([FIGURE, FIGURE, FIGURE, CHILDREN, MESSAGE])
+GUIDANCE = (
+    "Compare needs two different runs. Serve two runs (routescope dashboard RUN_A RUN_B) and pick one as "
+    "A and the other as B: this page then shows the change of every expert's share, every balance metric "
+    "of both runs per layer, and router saturation over the tokens the two runs share."
+)
+SHOWN, HIDDEN = {}, {"display": "none"}
+
+
+@guarded([FIGURE, FIGURE, FIGURE, CHILDREN, MESSAGE, KEEP])
 def update_compare(state: Any, key_a: Any, key_b: Any) -> tuple:
-    """(load delta, balance change, saturation, tables, message) from `routescope.compare`."""
+    """(load delta, balance change, saturation, tables, message, figures style).
+
+    With one served run, or the same run on both sides, only guidance is shown: the
+    figures would compare a run with itself.
+    """
     registry = get_registry()
     keys = registry.keys
     key_a = key_a if key_a is not None else keys[0]
     key_b = key_b if key_b is not None else keys[min(1, len(keys) - 1)]
     for key in (key_a, key_b):
+        registry._slot(key)  # RunUnavailable for a key that is not served
+    if len(keys) < 2 or key_a == key_b:
+        empty = plots.empty_figure("pick two different runs")
+        text = GUIDANCE if len(keys) < 2 else "Run A and run B are the same run: pick two different runs."
+        return empty, empty, empty, None, message(text, "info"), HIDDEN
+    for key in (key_a, key_b):
         if registry.query(key, "summary")["tokens"] == 0:
             raise RunUnavailable(f"{registry.name(key)} holds no tokens: nothing to compare")
     result = registry.query_pair(key_a, key_b, "comparison")
     notes = list(result.notes)
-    if key_a == key_b:
-        notes.insert(
-            0, "Run A and run B are the same run: pick two different runs (serve two runs to compare)."
-        )
     msg = message(" · ".join(notes), "warning") if notes else None
     return (
         plots.load_delta_heatmap(result.load),
@@ -81,6 +100,7 @@ def update_compare(state: Any, key_a: Any, key_b: Any) -> tuple:
         plots.saturation_figure(result.saturation),
         tables(result),
         msg,
+        SHOWN,
     )
 
 
@@ -89,15 +109,26 @@ def tables(result: Any) -> html.Div:
     bal = result.balance
     columns = [("layer", "layer")] + [
         (f"{m}{suffix}", f"{m} {name}")
-        for m in ("cv", "max_violation")
+        for m in ("tokens", "cv", "max_violation", "balancedness", "norm_entropy")
         for suffix, name in (("_a", "A"), ("_b", "B"), ("_delta", "Δ"))
         if f"{m}{suffix}" in bal.columns
+    ]
+    sat = result.saturation
+    sat_columns = [
+        (c, c.replace("_", " "))
+        for c in ("layer", "top_k", "tokens_matched", "saturation", "top1_agreement")
+        if c in sat.columns
     ]
     changes = result.expert_changes
     return html.Div(
         [
-            html.H4("Balance per layer (Δ = B − A)"),
+            html.H4(
+                "Balance per layer (Δ = B − A; cv, max_violation: lower is better; balancedness, "
+                "norm_entropy: higher is better)"
+            ),
             table(bal, columns, max_rows=200),
+            html.H4("Router saturation per layer (tokens_matched: tokens of A whose content is in B)"),
+            table(sat, sat_columns, max_rows=200),
             html.H4(f"Experts that changed state ({len(changes)})"),
             table(
                 changes,
@@ -134,6 +165,7 @@ def register(app: dash.Dash) -> None:
         Output("compare-saturation", "figure"),
         Output("compare-summary", "children"),
         Output("compare-message", "children"),
+        Output("compare-figures", "style"),
         Input("app-version", "data"),
         Input("compare-run-a", "value"),
         Input("compare-run-b", "value"),

@@ -10,7 +10,7 @@ from typing import Any
 import dash
 from dash import Input, Output, State, dcc, html
 
-from dashboard.components import FIGURE, KEEP, MESSAGE, OPTIONS, ROW, current, graph, guarded, labelled
+from dashboard.components import FIGURE, KEEP, MESSAGE, OPTIONS, current, graph, guarded, labelled
 from dashboard.queries import PATHWAYS_MAX
 from routescope import plots
 
@@ -23,29 +23,26 @@ def layout(**_query: Any) -> html.Div:
             html.H2("Cross-layer entanglement"),
             html.Div(id="entanglement-message"),
             graph("entanglement-mi", "entanglement_figure"),
-            html.Div(
-                [
-                    labelled(
-                        "layer pair",
-                        dcc.Dropdown(id="entanglement-pair", options=[], clearable=False),
-                        "200px",
-                    ),
-                    labelled(
-                        "pathways shown",
-                        dcc.Slider(
-                            id="entanglement-top",
-                            min=5,
-                            max=PATHWAYS_MAX,
-                            step=5,
-                            value=20,
-                            marks={5: "5", 20: "20", 40: "40", PATHWAYS_MAX: str(PATHWAYS_MAX)},
-                        ),
-                        "320px",
-                    ),
-                ],
-                style=ROW,
+            html.H3("Transitions between two layers"),
+            labelled(
+                "layer pair",
+                dcc.Dropdown(id="entanglement-pair", options=[], clearable=False),
+                "200px",
             ),
             graph("entanglement-transition", "transition_heatmap"),
+            html.H3("Pathways"),
+            labelled(
+                "pathways shown (most frequent first)",
+                dcc.Slider(
+                    id="entanglement-top",
+                    min=5,
+                    max=PATHWAYS_MAX,
+                    step=5,
+                    value=10,
+                    marks={v: str(v) for v in range(5, PATHWAYS_MAX + 1, 5)},
+                ),
+                "360px",
+            ),
             graph("entanglement-sankey", "pathway_sankey"),
         ]
     )
@@ -81,7 +78,7 @@ def update_entanglement(state: Any, pair: Any, top: Any) -> tuple:
     ent = registry.query(key, "entanglement")
     a, b = parse_pair(pair, layers)
     trans = registry.query(key, "transition", a, b)
-    paths = registry.query(key, "pathways", int(top or 20))
+    paths = registry.query(key, "pathways", int(top or 10))
     return (
         plots.entanglement_figure(ent),
         plots.transition_heatmap(trans, a, b, run.num_experts(a), run.num_experts(b)),

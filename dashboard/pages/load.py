@@ -71,7 +71,7 @@ def layout(**_query: Any) -> html.Div:
                 ],
                 style={"display": "flex", "gap": "12px", "flexWrap": "wrap"},
             ),
-            graph("load-ranks", "rank_load_figure"),
+            html.Div(id="load-ranks"),
             html.H3("Expert details"),
             html.Div(
                 "Click a cell of the heatmap to see that expert.",
@@ -168,7 +168,7 @@ def small_sample_note(slots: int, num_experts: int) -> str | None:
     )
 
 
-@guarded([FIGURE, FIGURE, FIGURE, FIGURE, MESSAGE, CHILDREN, KEEP])
+@guarded([FIGURE, FIGURE, FIGURE, CHILDREN, MESSAGE, CHILDREN, KEEP])
 def update_load(
     state: Any,
     phase: Any,
@@ -179,7 +179,10 @@ def update_load(
     layer: Any,
     rank: Any = None,
 ) -> tuple:
-    """(heatmap, bars, co-activation, per-rank load, message, filter note, heatmap caption)."""
+    """(heatmap, bars, co-activation, per-rank load, message, filter note, heatmap caption).
+
+    The per-rank load is a captioned graph when the run has two ranks or more, else one line.
+    """
     registry, key = current(state)
     flt = filter_from(key, phase, label, value, steps, rank)
     metric = metric if metric in METRICS else "lift"
@@ -194,11 +197,15 @@ def update_load(
         registry.query(key, "coactivation", layer, flt), run.num_experts(layer), layer
     )
     ranks = registry.query(key, "rank_loads", flt)
-    rank_fig = (
-        plots.rank_load_figure(ranks, layer)
-        if ranks["rank"].nunique() > 1
-        else plots.empty_figure("one rank recorded this run: nothing to set side by side", "Load per rank")
-    )
+    if ranks["rank"].nunique() > 1:
+        rank_fig: Any = graph("load-ranks-graph", "rank_load_figure")
+        rank_fig.children[0].figure = plots.rank_load_figure(ranks, layer)
+    else:
+        rank_fig = html.P(
+            "Load per rank: one rank recorded this run (or this filter), so there is nothing to set side by side.",
+            id="load-ranks-single",
+            style={"color": "#555", "fontSize": "13px"},
+        )
     slots = int(load.groupby("layer")["tokens"].sum().max() or 0)
     k = run.top_k(layer)
     note = f"{slots // max(1, k):,} tokens, {slots:,} routing slots (k = {k}) per layer · {flt.describe()}"
@@ -263,7 +270,9 @@ def show_expert(
                 html.Div(
                     [
                         html.H5("Most over-represented tokens (seen ≥ 5 times)"),
-                        table(by_lift, columns) if len(by_lift) else html.P("no token is seen 5 times"),
+                        table(by_lift, columns)
+                        if len(by_lift)
+                        else html.P("no token seen 5 times or more is over-represented here"),
                     ],
                     style={"flex": "1 1 320px"},
                 ),

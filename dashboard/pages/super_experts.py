@@ -64,29 +64,81 @@ def update_super_experts(state: Any) -> tuple:
     supers = experts[experts["is_super"].astype(bool)]
     layers = found.get("layers") or []
     searched = f"layers {min(layers)}–{max(layers)}" if layers else "no layer"
-    listing = (
-        html.Div(
-            [
-                html.H4(f"{len(supers)} Super Expert(s) (searched {searched})"),
-                table(
-                    supers,
-                    [
-                        ("layer", "layer"),
-                        ("expert", "expert"),
-                        ("shared", "shared"),
-                        ("max_abs_output", "max |output|"),
-                        ("channel", "channel"),
-                    ],
-                ),
-            ]
-        )
-        if len(supers)
-        else message(
-            f"No expert passes both thresholds in the massive-activation layers ({searched}).", "info"
-        )
+    rule = rule_text(found, searched, len(supers))
+    listing = html.Div(
+        [
+            html.P(rule, id="super-experts-rule", style={"fontSize": "14px"}),
+            html.P(massive_text(hidden), id="super-experts-massive-note", style={"fontSize": "14px"}),
+            html.H4(f"{len(supers)} Super Expert(s) (searched {searched})"),
+            table(link_channels(supers, hidden), LIST_COLUMNS)
+            if len(supers)
+            else message(f"No expert passes both thresholds in the searched layers ({searched}).", "info"),
+        ]
     )
-    scatter = plots.super_expert_scatter(experts, found["percentile_threshold"], found["max_threshold"])
+    scatter = plots.super_expert_scatter(
+        experts, found["percentile_threshold"], found["max_threshold"], searched_layers=layers
+    )
     return scatter, listing, plots.massive_activation_figure(hidden), None
+
+
+LIST_COLUMNS = [
+    ("layer", "layer"),
+    ("expert", "expert"),
+    ("shared", "shared"),
+    ("max_abs_output", "max |output|"),
+    ("ratio_to_median", "× median"),
+    ("channel", "channel"),
+    ("residual_channel", "massive channel after this layer"),
+    ("coincides", "same channel?"),
+]
+
+
+def rule_text(found: dict[str, Any], searched: str, count: int) -> str:
+    def num(value: Any) -> str:
+        return "n/a" if value is None or value != value else f"{value:.4g}"
+
+    return (
+        f"Rule (arXiv 2507.23279, SPEC 4.6): an expert of the searched layers ({searched}, the first 75% "
+        f"of decoder layers) whose largest output is above the 99.5th percentile ({num(found['percentile_threshold'])}) "
+        f"and above max / 10 ({num(found['max_threshold'])}) of the {found.get('pooled_experts') or 0} experts "
+        f"of those layers (median {num(found.get('median'))}). {count} expert(s) meet it."
+    )
+
+
+def massive_text(hidden: Any) -> str:
+    if hidden is None or not len(hidden):
+        return "This run has no residual-stream statistics (hidden_stats)."
+    massive = hidden[hidden["is_massive"].astype(bool)]
+    if not len(massive):
+        return (
+            "Residual stream: no layer meets the massive-activation rule (|h| > 100 and > 1000 × the median), "
+            "so no Super Expert here is backed by a massive activation."
+        )
+    where = ", ".join(f"L{int(r.layer)} (channel {int(r.channel)})" for r in massive.itertuples())
+    return f"Residual stream: massive activations (|h| > 100 and > 1000 × the median) after {where}."
+
+
+def link_channels(supers: Any, hidden: Any) -> Any:
+    """Each Super Expert with the residual stream's largest channel after its layer, and
+    whether the two channels coincide (the paper's link between them)."""
+    out = supers.copy()
+    by_layer = {} if hidden is None or not len(hidden) else dict(zip(hidden["layer"], hidden["channel"]))
+    massive = (
+        {}
+        if hidden is None or not len(hidden)
+        else dict(zip(hidden["layer"], hidden["is_massive"].astype(bool)))
+    )
+    channels, same = [], []
+    for layer, channel in zip(out["layer"], out["channel"]):
+        residual = by_layer.get(layer)
+        channels.append("n/a" if residual is None else str(int(residual)))
+        if residual is None:
+            same.append("n/a")
+        elif int(residual) == int(channel):
+            same.append("yes, massive" if massive.get(layer) else "yes (not massive)")
+        else:
+            same.append("no")
+    return out.assign(residual_channel=channels, coincides=same)
 
 
 def register(app: dash.Dash) -> None:

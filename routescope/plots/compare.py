@@ -68,8 +68,10 @@ def balance_change_figure(balance: pd.DataFrame) -> go.Figure:
     series = [("run A", df, "_a", {"dash": "dash"}), ("run B", df, "_b", {"dash": "solid"})]
     fig = balance_panels(balance_subplots(), series, "layer_name")
     fig.update_xaxes(type="category")
-    legend_on_top(fig)
-    return base_layout(fig, title, height=500)
+    legend_on_top(fig, y=1.1)
+    fig = base_layout(fig, title, height=540)
+    fig.update_layout(margin={"t": 90})
+    return fig
 
 
 def saturation_figure(saturation: pd.DataFrame) -> go.Figure:

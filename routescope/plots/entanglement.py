@@ -7,9 +7,11 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from routescope.plots.style import (
     BASELINE_COLOR,
+    DEAD_COLOR,
     MAGNITUDE_SCALE,
     METRIC_COLORS,
     base_layout,
@@ -26,37 +28,68 @@ def _pair_names(df: pd.DataFrame) -> list[str]:
 
 
 def entanglement_figure(ent: pd.DataFrame) -> go.Figure:
-    """Mutual information between consecutive MoE layers against the shuffled baseline."""
+    """Left: normalised MI (MI / H(B)) beside the shuffled baseline normalised the same way;
+    right: MI ÷ baseline MI on a log axis. Both are readable where raw bits are not: the
+    baseline is small next to MI, and H(B) differs between layer pairs."""
+    title = "Top-1 experts of consecutive MoE layers: mutual information"
     if ent.empty:
-        return empty_figure("fewer than two MoE layers: nothing to compare", "Cross-layer entanglement")
+        return empty_figure("fewer than two MoE layers: nothing to compare", title)
     x = _pair_names(ent)
-    fig = go.Figure()
+    mi = ent["mutual_info_bits"].astype(float)
+    h_b = mi + ent["cond_entropy_bits"].astype(float)  # H(B) = MI + H(B | A)
+    base = ent["baseline_mutual_info_bits"].astype(float)
+    norm_base = (base / h_b.where(h_b > 0)).fillna(0.0)
+    ratio = mi / base.where(base > 0)
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=["normalised MI = MI / H(next layer)", "MI ÷ shuffled baseline (log)"],
+        horizontal_spacing=0.1,
+    )
     fig.add_trace(
         go.Bar(
             x=x,
-            y=ent["mutual_info_bits"],
-            name="mutual information",
+            y=ent["norm_mutual_info"],
+            name="normalised MI",
             marker_color=METRIC_COLORS["norm_entropy"],
-            customdata=np.column_stack(
-                [ent["norm_mutual_info"], ent["cond_entropy_bits"], ent["top1_predictability"]]
-            ),
-            hovertemplate="%{x}<br>MI %{y:.3f} bits<br>normalized %{customdata[0]:.3f}<br>"
+            customdata=np.column_stack([mi, ent["cond_entropy_bits"], ent["top1_predictability"]]),
+            hovertemplate="%{x}<br>normalised MI %{y:.3f}<br>MI %{customdata[0]:.3f} bits<br>"
             "H(B|A) %{customdata[1]:.3f} bits<br>top-1 predictability %{customdata[2]:.3f}<extra></extra>",
-        )
+        ),
+        row=1,
+        col=1,
     )
     fig.add_trace(
         go.Bar(
             x=x,
-            y=ent["baseline_mutual_info_bits"],
-            name="shuffled baseline",
+            y=norm_base,
+            name="shuffled baseline, normalised",
             marker_color=BASELINE_COLOR,
-            hovertemplate="%{x}<br>baseline MI %{y:.3f} bits<extra></extra>",
-        )
+            customdata=base,
+            hovertemplate="%{x}<br>baseline normalised %{y:.3f}<br>baseline MI %{customdata:.3f} bits"
+            "<extra></extra>",
+        ),
+        row=1,
+        col=1,
     )
+    fig.add_trace(
+        go.Bar(
+            x=x,
+            y=ratio,
+            name="MI ÷ baseline",
+            marker_color=METRIC_COLORS["max_violation"],
+            hovertemplate="%{x}<br>MI is %{y:.3g} × the shuffled baseline<extra></extra>",
+        ),
+        row=1,
+        col=2,
+    )
+    fig.add_hline(y=1.0, line_dash="dot", line_color=BASELINE_COLOR, row=1, col=2)
     fig.update_layout(barmode="group")
-    fig.update_xaxes(title="consecutive MoE layers", type="category")
-    fig.update_yaxes(title="bits", rangemode="tozero")
-    return base_layout(fig, "Cross-layer entanglement", height=340)
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(range=[0, 1.02], row=1, col=1)
+    fig.update_yaxes(type="log", row=1, col=2)
+    fig.update_layout(legend={"orientation": "h", "yanchor": "top", "y": -0.15, "x": 0})
+    return base_layout(fig, title, height=380)
 
 
 def transition_heatmap(
@@ -75,25 +108,40 @@ def transition_heatmap(
     eb = list(range(num_b)) if num_b else sorted(df[b_col].unique())
     grid = df.pivot(index=a_col, columns=b_col, values="p_b_given_a").reindex(index=ea, columns=eb)
     counts = df.pivot(index=a_col, columns=b_col, values="count").reindex(index=ea, columns=eb)
+    row_tokens = int_counts(counts.to_numpy()).sum(axis=1)
+    # a row with no token has no distribution: left empty (black) instead of a row of zeros
+    z = np.where(row_tokens[:, None] > 0, grid.fillna(0).to_numpy(dtype=float), np.nan)
     fig = go.Figure(
         go.Heatmap(
-            z=float_grid(grid.fillna(0).to_numpy(dtype=float)),
+            z=float_grid(z),
             x=eb,
             y=ea,
             customdata=int_counts(counts.to_numpy()),
             colorscale=MAGNITUDE_SCALE,
             zmin=0,
             zmax=1,
+            hoverongaps=False,
             colorbar={"title": {"text": "P(b|a)"}},
             hovertemplate=f"{layer_name(layer)} expert %{{y}} → {layer_name(next_layer)} expert %{{x}}"
             "<br>P %{z:.3f}<br>tokens %{customdata:,}<extra></extra>",
         )
     )
-    fig.update_xaxes(title=f"top-1 expert in {layer_name(next_layer)}", dtick=1 if len(eb) <= 32 else None)
-    fig.update_yaxes(
-        title=f"top-1 expert in {layer_name(layer)}", autorange="reversed", dtick=1 if len(ea) <= 32 else None
+    fig.update_layout(plot_bgcolor=DEAD_COLOR)
+    fig.update_xaxes(
+        title=f"top-1 expert in {layer_name(next_layer)}",
+        dtick=1 if len(eb) <= 32 else None,
+        showgrid=False,
+        range=[min(eb) - 0.5, max(eb) + 0.5],
     )
-    return base_layout(fig, title, height=380)
+    fig.update_yaxes(
+        title=f"top-1 expert in {layer_name(layer)} (n = its tokens)",
+        autorange="reversed",
+        showgrid=False,
+        tickmode="array",
+        tickvals=ea,
+        ticktext=[f"{a} (n={n:,})" for a, n in zip(ea, row_tokens)] if len(ea) <= 64 else None,
+    )
+    return base_layout(fig, title, height=max(380, 120 + 18 * len(ea)))
 
 
 def _transition_columns(df: pd.DataFrame) -> tuple[str, str]:
@@ -129,15 +177,16 @@ def pathway_sankey(paths: pd.DataFrame, layers: Sequence[int]) -> go.Figure:
         for col in range(n_layers - 1):
             key = (node_index[(col, int(row[col]))], node_index[(col + 1, int(row[col + 1]))])
             links[key] = links.get(key, 0) + int(count)
+    sources = [s for s, _ in links]
     fig = go.Figure(
         go.Sankey(
             arrangement="snap",
             node={"label": labels, "color": colors, "pad": 8, "thickness": 14, "x": xs, "y": [0.5] * len(xs)},
             link={
-                "source": [s for s, _ in links],
+                "source": sources,
                 "target": [t for _, t in links],
                 "value": list(links.values()),
-                "color": "rgba(120,120,120,0.35)",
+                "color": [_translucent(expert_color(_source_expert(labels[s]))) for s in sources],
                 "hovertemplate": "%{source.label} → %{target.label}<br>%{value:,} tokens<extra></extra>",
             },
         )
@@ -158,3 +207,12 @@ def _pathway_matrix(paths: pd.DataFrame, layers: Sequence[int]) -> list[list[int
         else:
             raise ValueError(f"pathways table has no column for layer {layer}: {list(paths.columns)}")
     return paths[cols].astype(int).values.tolist()
+
+
+def _source_expert(label: str) -> int:
+    return int(label.rsplit("e", 1)[1])
+
+
+def _translucent(hex_color: str, alpha: float = 0.4) -> str:
+    r, g, b = (int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"

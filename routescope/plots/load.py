@@ -142,7 +142,8 @@ def load_heatmap(load: pd.DataFrame, value: str = "lift") -> go.Figure:
     for trace in dead_cell_traces(experts, y, tokens, lift, dead_color="#ffffff"):
         fig.add_trace(trace)
     fig.update_layout(plot_bgcolor=DEAD_COLOR)
-    fig.update_xaxes(title="expert", dtick=1 if len(experts) <= 32 else None, showgrid=False)
+    span = [min(experts) - 0.5, max(experts) + 0.5]  # the markers must not widen the axis past the cells
+    fig.update_xaxes(title="expert", dtick=1 if len(experts) <= 32 else None, showgrid=False, range=span)
     fig.update_yaxes(title="MoE layer", type="category", autorange="reversed", showgrid=False)
     legend_on_top(fig)
     return base_layout(fig, f"Expert load ({value})", height=max(320, 90 + 22 * len(layers)))
@@ -174,7 +175,7 @@ def expert_bars(load: pd.DataFrame, layer: int, hot_factor: float = 2.0) -> go.F
         fig.add_trace(
             go.Scatter(
                 x=dead["expert"],
-                y=[0.0] * len(dead),
+                y=[0.02 * float(df["share"].max() or 1.0)] * len(dead),
                 mode="markers",
                 name=f"dead ({len(dead)}): no token",
                 marker={"symbol": "x", "color": DEAD_COLOR, "size": 12},
@@ -193,7 +194,7 @@ def expert_bars(load: pd.DataFrame, layer: int, hot_factor: float = 2.0) -> go.F
             )
         )
     fig.add_hline(y=uniform, line_dash="dash", line_color=BASELINE_COLOR, annotation_text="uniform 1/E")
-    fig.update_xaxes(title="expert", dtick=1 if num <= 32 else None)
+    fig.update_xaxes(title="expert", dtick=1 if num <= 32 else None, range=[-0.5, num - 0.5])
     fig.update_yaxes(title="share of the layer's slots", rangemode="tozero")
     legend_on_top(fig)
     return base_layout(fig, f"Experts of layer {layer}", height=340)

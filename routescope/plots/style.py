@@ -202,6 +202,6 @@ def dead_cell_traces(
     return traces
 
 
-def legend_on_top(fig: go.Figure) -> go.Figure:
-    fig.update_layout(legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 1, "xanchor": "right"})
+def legend_on_top(fig: go.Figure, y: float = 1.02) -> go.Figure:
+    fig.update_layout(legend={"orientation": "h", "yanchor": "bottom", "y": y, "x": 1, "xanchor": "right"})
     return fig

@@ -15,11 +15,23 @@ from routescope.plots.style import (
     layer_name,
 )
 
+MASSIVE_COLOR = "#8b0000"  # a layer whose residual stream meets the massive-activation rule
+LIGHT_MAX_COLOR = "#f4a6a6"
+
 
 def super_expert_scatter(
-    acts: pd.DataFrame, percentile_threshold: float | None = None, max_threshold: float | None = None
+    acts: pd.DataFrame,
+    percentile_threshold: float | None = None,
+    max_threshold: float | None = None,
+    searched_layers: list[int] | None = None,
+    label_top: int = 3,
 ) -> go.Figure:
-    """max_abs_output per (layer, expert) on a log axis with the two Super Expert thresholds."""
+    """max_abs_output per (layer, expert) on a log axis with the two Super Expert thresholds.
+
+    Points sit at their layer (no jitter); the `label_top` largest experts of each layer and
+    every Super Expert are labelled `e<id>` (shared experts `s<id>`). The searched layers are
+    shaded. A star is drawn exactly where `is_super` holds, i.e. where the stated rule is met.
+    """
     title = "Expert output maxima"
     if acts.empty:
         return empty_figure("no calibration rows", title)
@@ -27,39 +39,55 @@ def super_expert_scatter(
     df = acts.copy()
     is_super = df["is_super"].astype(bool) if "is_super" in df.columns else pd.Series(False, index=df.index)
     shared = df["shared"].astype(bool) if "shared" in df.columns else pd.Series(False, index=df.index)
-    # spread the experts of a layer across its slot so the points do not overlap
-    per_layer = df.groupby("layer")["expert"].transform("max").clip(lower=1)
-    df["x"] = df["layer"] + 0.7 * (df["expert"] / per_layer - 0.5)
+    rank = df.groupby("layer")["max_abs_output"].rank(ascending=False, method="first")
+    df["name"] = np.where(shared, "s", "e") + df["expert"].astype(str)
+    df["text"] = np.where((rank <= label_top) | is_super, df["name"], "")
+    ratio = df["ratio_to_median"] if "ratio_to_median" in df.columns else pd.Series(np.nan, index=df.index)
+    df["ratio"] = ratio.astype(float).fillna(0.0)
     for name, mask, color, symbol in (
         ("routed expert", ~is_super & ~shared, STATE_COLORS["normal"], "circle"),
         ("shared expert", ~is_super & shared, METRIC_COLORS["aux_loss"], "diamond"),
-        ("Super Expert", is_super, STATE_COLORS["super"], "star"),
+        ("Super Expert (rule met)", is_super, STATE_COLORS["super"], "star"),
     ):
         part = df[mask]
         if part.empty:
             continue
         fig.add_trace(
             go.Scatter(
-                x=part["x"],
+                x=part["layer"],
                 y=part["max_abs_output"],
-                mode="markers",
+                mode="markers+text",
+                text=part["text"],
+                textposition="middle right",
+                textfont={"size": 10, "color": color},
                 name=name,
-                marker={"color": color, "symbol": symbol, "size": 11 if name == "Super Expert" else 7},
-                customdata=np.column_stack([part["layer"], part["expert"]]),
-                hovertemplate="layer %{customdata[0]} expert %{customdata[1]}<br>max |output| %{y:.4g}"
-                "<extra>" + name + "</extra>",
+                marker={"color": color, "symbol": symbol, "size": 14 if is_super[mask].any() else 7},
+                customdata=np.column_stack([part["name"], part["ratio"]]),
+                hovertemplate="layer %{x} expert %{customdata[0]}<br>max |output| %{y:.4g}"
+                "<br>%{customdata[1]:.3g} × the median<extra>" + name + "</extra>",
             )
         )
-    lo, hi = float(df["x"].min()) - 0.5, float(df["x"].max()) + 0.5
+    lo, hi = float(df["layer"].min()) - 0.5, float(df["layer"].max()) + 0.5
+    if searched_layers:
+        fig.add_vrect(
+            x0=min(searched_layers) - 0.45,
+            x1=max(searched_layers) + 0.45,
+            fillcolor="#f2e8c9",
+            opacity=0.5,
+            line_width=0,
+            layer="below",
+            annotation_text="searched layers",
+            annotation_position="top left",
+        )
     for value, text, dash in (
         (percentile_threshold, "99.5th percentile", "dash"),
         (max_threshold, "max / 10", "dot"),
     ):
         if value is not None and value > 0:
             fig.add_trace(_threshold_line(lo, hi, value, text, dash))
-    fig.update_xaxes(title="decoder layer", dtick=1)
+    fig.update_xaxes(title="decoder layer", dtick=1, range=[lo, hi + 0.3])
     fig.update_yaxes(title="max |down_proj output|", type="log")
-    return base_layout(fig, title, height=420)
+    return base_layout(fig, title, height=440)
 
 
 def _threshold_line(x0: float, x1: float, y: float, name: str, dash: str) -> go.Scatter:
@@ -73,20 +101,27 @@ def _threshold_line(x0: float, x1: float, y: float, name: str, dash: str) -> go.
     )
 
 
-def massive_activation_figure(hidden: pd.DataFrame, abs_threshold: float = 100.0) -> go.Figure:
-    """Per decoder layer: max |hidden| against median |hidden|, with the 100 threshold."""
+def massive_activation_figure(
+    hidden: pd.DataFrame, abs_threshold: float = 100.0, median_ratio: float = 1000.0
+) -> go.Figure:
+    """Per decoder layer: max |hidden| against median |hidden|, with the |h| = 100 line; the
+    bars of layers meeting the massive-activation rule (> abs_threshold and > median_ratio ×
+    median) are dark red and say so, the others light red."""
     title = "Massive activations in the residual stream"
     if hidden.empty:
         return empty_figure("no hidden-state statistics", title)
     x = [layer_name(v) for v in hidden["layer"]]
     ratio = hidden["max_abs"] / hidden["median_abs"].where(hidden["median_abs"] > 0)
+    massive = (hidden["max_abs"] > abs_threshold) & (ratio > median_ratio).fillna(hidden["max_abs"] > 0)
     fig = go.Figure()
     fig.add_trace(
         go.Bar(
             x=x,
             y=hidden["max_abs"],
-            name="max |h|",
-            marker_color=METRIC_COLORS["cv"],
+            name="max |h| (dark: massive)",
+            marker_color=[MASSIVE_COLOR if m else LIGHT_MAX_COLOR for m in massive],
+            text=["massive" if m else "" for m in massive],
+            textposition="outside",
             customdata=np.column_stack([hidden["channel"], ratio.fillna(0)]),
             hovertemplate="%{x}<br>max |h| %{y:.4g}<br>channel %{customdata[0]}<br>"
             "max / median %{customdata[1]:.3g}<extra></extra>",

@@ -63,8 +63,10 @@ def balance_over_steps_figure(balance: pd.DataFrame) -> go.Figure:
                 trace.line.color = line["color"]
                 trace.marker.color = line["color"]
     fig.update_xaxes(title_text="forward step")
-    legend_on_top(fig)
-    return base_layout(fig, title, height=520)
+    legend_on_top(fig, y=1.1)
+    fig = base_layout(fig, title, height=560)
+    fig.update_layout(margin={"t": 90})
+    return fig
 
 
 def rank_load_figure(load: pd.DataFrame, layer: int) -> go.Figure:
