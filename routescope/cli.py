@@ -301,7 +301,7 @@ def render_compare_tables(result: Any) -> None:
             "none",
         ),
         (
-            "Router saturation (same token in both runs)",
+            "Router saturation (tokens with the same content, token ids up to them, in both runs)",
             result.saturation,
             ["layer", "top_k", "tokens_matched", "saturation", "top1_agreement"],
             "no token in common",
