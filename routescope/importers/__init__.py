@@ -155,8 +155,9 @@ def sequences_to_tables(
     """Tokens and routing columns from per-sequence top-k arrays.
 
     Each sequence: `experts` [T, L, K] int (negative = no expert, dropped), `pos` [T],
-    `token_ids` [T], `step` [T], `phase` [T] (str), optional `seq_id` (int; default
-    `first_seq_id` + its index) and optional `labels` {name: [T] str}.
+    `token_ids` [T], `step` [T], `phase` [T] (str), optional `seq_id` (an int, or [T] ints
+    when one chunk holds several sequences; default `first_seq_id` + its index) and
+    optional `labels` {name: [T] str}.
     Returns tokens, routing and the top-k seen per layer.
     """
     tokens: dict[str, list[np.ndarray]] = {c: [] for c in schema.TOKEN_COLUMNS}
@@ -168,7 +169,9 @@ def sequences_to_tables(
     for offset, seq in enumerate(sequences):
         experts = np.asarray(seq["experts"])
         n, num_layers, _ = experts.shape
-        seq_id = np.full(n, seq.get("seq_id", first_seq_id + offset), dtype=np.int64)
+        seq_id = np.broadcast_to(
+            np.asarray(seq.get("seq_id", first_seq_id + offset), dtype=np.int64), (n,)
+        ).copy()
         pos = np.asarray(seq["pos"], dtype=np.int32)
         tokens["seq_id"].append(seq_id)
         tokens["pos"].append(pos)

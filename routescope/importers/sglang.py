@@ -200,9 +200,8 @@ class _SequenceBuilder:
     """Splits each pass into sequences and gives them seq ids (one per SGLang rid when present)."""
 
     def __init__(self) -> None:
-        self._sequences: list[dict[str, Any]] = []
+        self._chunks: list[dict[str, Any]] = []  # one per record: several sequences, seq_id per token
         self._rid_ids: dict[str, int] = {}
-        self._seen: set[tuple[int, int]] = set()
         self._next = 0
         self.duplicates = 0
         self.used_rids = False
@@ -221,28 +220,19 @@ class _SequenceBuilder:
                     f"{path}: record {index} has {len(rids)} rids for {len(segments)} requests"
                 )
             self.used_rids = True
-        for i, (start, stop, phase) in enumerate(segments):
-            seq_id = self._seq_id(rids[i] if rids is not None else None)
-            pos = positions[start:stop] if positions is not None else np.arange(stop - start)
-            keep = np.array([(seq_id, int(p)) not in self._seen for p in pos], dtype=bool)
-            self.duplicates += int((~keep).sum())
-            self._seen.update((seq_id, int(p)) for p in pos[keep])
-            if not keep.any():
-                continue
-            n = int(keep.sum())
-            self._sequences.append(
-                {
-                    "seq_id": seq_id,
-                    "experts": per_token[start:stop][keep],
-                    "pos": pos[keep],
-                    "token_ids": (
-                        token_ids[start:stop] if token_ids is not None else np.full(stop - start, -1)
-                    )[keep],
-                    "step": np.full(n, step),
-                    "phase": np.full(n, phase, dtype=object),
-                    "labels": {"source_rank": np.full(n, str(record.rank), dtype=object)},
-                }
-            )
+        lens = [stop - start for start, stop, _ in segments]
+        seq_ids = [self._seq_id(rids[i] if rids is not None else None) for i in range(len(segments))]
+        self._chunks.append(
+            {
+                "seq_id": np.repeat(np.asarray(seq_ids, dtype=np.int64), lens),
+                "experts": per_token,
+                "pos": positions if positions is not None else np.concatenate([np.arange(n) for n in lens]),
+                "token_ids": token_ids if token_ids is not None else np.full(tokens, -1),
+                "step": np.full(tokens, step),
+                "phase": np.repeat(np.asarray([phase for *_, phase in segments], dtype=object), lens),
+                "labels": {"source_rank": np.full(tokens, str(record.rank), dtype=object)},
+            }
+        )
 
     def _seq_id(self, rid: str | None) -> int:
         if rid is not None and rid in self._rid_ids:
@@ -254,9 +244,25 @@ class _SequenceBuilder:
         return seq_id
 
     def sequences(self, layers: list[int]) -> list[dict[str, Any]]:
-        for seq in self._sequences:
-            seq["experts"] = seq["experts"][:, layers, :]
-        return sorted(self._sequences, key=lambda s: s["seq_id"])
+        """The chunks restricted to `layers`; a (seq_id, pos) already seen in an earlier pass is dropped."""
+        if not self._chunks:
+            return []
+        keys = np.concatenate([(c["seq_id"] << 32) + c["pos"].astype(np.int64) for c in self._chunks])
+        first = np.zeros(len(keys), dtype=bool)
+        first[np.unique(keys, return_index=True)[1]] = True
+        self.duplicates = int((~first).sum())
+        out, offset = [], 0
+        for chunk in self._chunks:
+            n = len(chunk["pos"])
+            keep = first[offset : offset + n]
+            offset += n
+            if not keep.any():
+                continue
+            trimmed = {k: v[keep] for k, v in chunk.items() if k not in ("labels", "experts")}
+            trimmed["experts"] = chunk["experts"][keep][:, layers, :]
+            trimmed["labels"] = {k: v[keep] for k, v in chunk["labels"].items()}
+            out.append(trimmed)
+        return out
 
 
 def _segments(fields: dict, tokens: int, action: str, path: Path, index: int) -> list[tuple[int, int, str]]:

@@ -154,11 +154,11 @@ def iter_records(dumps: list[Dump], skipped: Skipped) -> list[Record]:
                 continue
             fid = fields.get("forward_pass_id", index)
             rank = fields.get("rank", 0)
-            if not isinstance(fid, int) or not isinstance(rank, int):
+            if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (fid, rank)):
                 raise ImportFormatError(
                     f"{dump.path}: record {index} has forward_pass_id {fid!r} and rank {rank!r}; expected integers"
                 )
-            out.append(Record(dump.path, index, fields, fid, rank, None))
+            out.append(Record(dump.path, index, fields, int(fid), int(rank), None))
     out.sort(key=lambda r: (r.forward_pass_id, r.rank))
     seen: dict[tuple[int, int], Record] = {}
     for record in out:
