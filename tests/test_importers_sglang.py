@@ -323,3 +323,17 @@ def test_oldest_csv_layout(tmp_path):
         ]
         assert run.manifest["tokens"] == (5 + 6 + 7) // 2
         assert run.manifest["counts_only"] is True
+
+
+def test_older_managers_layout_with_lists_instead_of_tensors(tmp_path):
+    """managers/expert_distribution.py (older releases) turned tensors into lists when no save dir was set."""
+    truth = make_truth(7)
+    records = []
+    for fid, (mode, batch) in enumerate(SCHEDULE):
+        record = per_token_record(fid, mode, batch, truth)
+        records.append({k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in record.items()})
+    torch.save({"records": records, "last_physical_to_logical_map": P2L.tolist()}, tmp_path / "1717.5-0.pt")
+    imported = import_sglang([tmp_path / "1717.5-0.pt"])
+    write_imported_run(imported, tmp_path / "run")
+    with rs.open_run(tmp_path / "run") as run:
+        assert with_rid_names(imported_rows(run), truth) == truth_rows(truth)
