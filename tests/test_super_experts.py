@@ -591,3 +591,42 @@ def test_super_experts_command(tiny_model, tmp_path, capsys):
             "select layer, expert, shared from expert_activations order by max_abs_output desc limit 1"
         )
         assert top.values.tolist() == [[0, 3, False]]
+
+
+def test_hidden_median_past_the_cap_is_not_channel_aliased(tiny_model, monkeypatch):
+    """A real model with hidden size 64 (a multiple of 8) whose embedding channels 0, 8, 16, ...
+    are scaled ×1000: with the cap far below the values seen, median_abs must stay near the
+    exact median of |h| (a stride-8 sample would keep only the scaled channels)."""
+    from routescope.capture import activations
+
+    model = tiny_model("mixtral", hidden_size=64, head_dim=16)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, ::8] *= 1000.0
+    batches = make_batches(seed=7, n=3, rows=4, length=16)
+    monkeypatch.setattr(activations, "MEDIAN_SAMPLE_CAP", 256)
+    result = calibrate(model, batches, progress=False)
+    outputs: dict[int, list[torch.Tensor]] = {}
+    handles = [
+        layer.register_forward_hook(lambda m, a, o, i=i: outputs.setdefault(i, []).append(o))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    hidden = result.hidden.set_index("layer")
+    for i, outs in outputs.items():
+        values = torch.cat(
+            [o.abs().float()[b["attention_mask"].bool()].reshape(-1) for o, b in zip(outs, batches)]
+        ).numpy()
+        assert values.size > 4 * 2 * 256  # far past the cap: the sample is in use
+        exact = float(np.median(values))
+        scaled_only = float(np.median(values.reshape(-1, 64)[:, ::8]))
+        got = float(hidden.loc[i, "median_abs"])
+        # within the sample's quantile error, and far from the aliased answer
+        lo, hi = np.quantile(values, [0.4, 0.6])
+        assert lo <= got <= hi
+        assert abs(got - exact) < abs(scaled_only - exact) / 10

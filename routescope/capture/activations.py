@@ -318,7 +318,7 @@ class HiddenMaxima:
         self.channel = torch.full((), -1, dtype=torch.int64, device=device)
         self.seq = torch.full((), -1, dtype=torch.int64, device=device)
         self.pos = torch.full((), -1, dtype=torch.int64, device=device)
-        self.sample = MedianSample()
+        self.sample = MedianSample(MEDIAN_SAMPLE_CAP)
 
     def update(
         self, hidden: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, seq_offset: int
