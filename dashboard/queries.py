@@ -90,8 +90,12 @@ def expert_load(run: rs.Run, flt: TokenFilter = ALL) -> pd.DataFrame:
     return flt.call_with_where(run, run.expert_load)
 
 
-def balance(run: rs.Run, flt: TokenFilter = ALL) -> pd.DataFrame:
-    return flt.call_with_where(run, run.balance)
+def balance(run: rs.Run, flt: TokenFilter = ALL, ep_size: int | None = None) -> pd.DataFrame:
+    """run.balance(); with `ep_size`, also ep_balancedness for experts placed contiguously on
+    that many GPUs (SPEC 4.1)."""
+    if ep_size is None:
+        return flt.call_with_where(run, run.balance)
+    return flt.call_with_where(run, run.balance, ep_size=int(ep_size))
 
 
 def dead_experts(run: rs.Run, flt: TokenFilter = ALL) -> pd.DataFrame:
@@ -360,17 +364,13 @@ def super_experts(run: rs.Run) -> dict[str, Any]:
 
 
 def hidden_stats(run: rs.Run) -> pd.DataFrame:
-    """Largest |hidden| per decoder layer, its channel, the median, and `is_massive` (|h| > 100
-    and > 1000 × median, by the calibration's own classifier)."""
+    """`run.hidden_stats()` (largest |hidden| per decoder layer, its channel, the median) with
+    `is_massive` (|h| > 100 and > 1000 × median) from the calibration's own classifier."""
     if not run.has_table("hidden_stats"):
         return pd.DataFrame(columns=["layer", "max_abs", "median_abs", "channel", "is_massive"])
-    df = run.sql(
-        "SELECT layer, max(max_abs) AS max_abs, arg_max(channel, max_abs) AS channel, "
-        "median(median_abs) AS median_abs FROM hidden_stats GROUP BY layer ORDER BY layer"
-    )
-    from routescope.capture.activations import classify_massive  # lazily: the classifier's one home
+    from routescope.capture.activations import classify_massive  # lazily: the massive rule's one home
 
-    return classify_massive(df)
+    return classify_massive(run.hidden_stats())
 
 
 # -- token strings -----------------------------------------------------------------------

@@ -280,11 +280,11 @@ def test_entanglement_specialization_tokens(app, runs):
     assert "not consecutive MoE layers" in texts(bad[3])
 
     _label_opts, label, _layer_opts, layer = specialization.specialization_controls(state("a"))
-    heat, msg = specialization.update_specialization(state("a"), label, layer)
+    heat, msg, _caption = specialization.update_specialization(state("a"), label, layer)
     rep = specialization.update_repetition(state("a"))
     assert msg is None and traces_with_data(heat) == 1 and traces_with_data(rep) == 2
 
-    _seq_opts, seq = tokens.tokens_controls(state("a"))
+    _seq_opts, seq, _layer_opts, _layer = tokens.tokens_controls(state("a"))
     lanes, _note, text, msg = tokens.update_tokens(state("a"), seq, 0)
     run = rs.open_run(runs["a"])
     assert msg is None and traces_with_data(lanes) == 1

@@ -360,3 +360,72 @@ def test_compare_with_one_run_shows_guidance_only(runs, app):
         assert tables is None
     finally:
         registry_module.set_registry(before)
+
+
+# -- expert parallelism, specialization, tokens ------------------------------------------
+def test_overview_adds_ep_balancedness_for_an_ep_size(app, runs):
+    from dashboard.pages import overview
+
+    options, value = overview.overview_controls(A, "#ep=4")
+    run = rs.open_run(runs["a"])
+    experts = run.num_experts(run.moe_layers[0])
+    assert value == "4" and [o["value"] for o in options][1:] == [
+        str(n) for n in range(2, experts + 1) if experts % n == 0
+    ]
+    assert overview.overview_controls(A, "#ep=3")[1] == "off"  # 16 experts do not split over 3 GPUs
+    cards = overview.update_overview(A, "4")[1]
+    expected = run.balance(ep_size=4)
+    for card, value in zip(cards, expected["ep_balancedness"]):
+        assert f"ep_balancedness {value:.3f} (EP=4)" in texts(card)
+    assert "ep_balancedness" not in texts(overview.update_overview(A, "off")[1])
+
+
+def test_specialization_lift_against_the_experts_own_share(app, runs):
+    from dashboard.pages import specialization
+
+    run = rs.open_run(runs["a"])
+    layer = run.moe_layers[0]
+    heat, _msg, caption = specialization.update_specialization(A, "domain", layer, "expert")
+    spec = run.specialization(by="domain")
+    load = run.expert_load().set_index(["layer", "expert"])["share"]
+    rows = spec[spec["layer"] == layer]
+    lift = np.array(heat.data[0].customdata, dtype=float)[..., 0]  # (value, expert) lift before log2
+    values = list(heat.data[0].y)
+    for _, row in rows.iterrows():
+        overall = load[(layer, int(row["expert"]))]
+        cell = lift[values.index(str(row["domain"])), list(heat.data[0].x).index(row["expert"])]
+        if overall > 0:
+            assert cell == pytest.approx(row["share"] / overall, rel=1e-4)
+        else:
+            assert np.isnan(cell)
+    assert "overall share" in caption
+    uniform = specialization.update_specialization(A, "domain", layer, "uniform")[0]
+    assert np.array(uniform.data[0].customdata, dtype=float)[..., 0] == pytest.approx(
+        np.array(rows.pivot(index="domain", columns="expert", values="lift"), dtype=float),
+        rel=1e-4,
+        nan_ok=True,
+    )
+
+
+def test_token_text_is_coloured_by_expert_and_labels_are_capped(app, runs):
+    from dashboard.pages import tokens
+    from routescope import plots
+
+    run = rs.open_run(runs["a"])
+    layer = run.moe_layers[-1]
+    _opts, seq, _layer_opts, _layer = tokens.tokens_controls(A)
+    _lanes, _note, text, _msg = tokens.update_tokens(A, seq, 0, None, layer)
+    routing = run.sql(
+        "SELECT pos, expert FROM routing WHERE seq_id = ? AND layer = ? AND slot = 0 ORDER BY pos",
+        [seq, layer],
+    )
+    assert len(text) == len(routing)
+    for span, expert in zip(text, routing["expert"]):
+        assert span.style["borderBottom"].endswith(plots.expert_color(int(expert)))
+        assert f"top-1 expert {int(expert)}" in span.title
+    n = 200
+    lanes = pd.DataFrame(
+        {"pos": range(n), "layer": 0, "token": [f"t{i}" for i in range(n)], "experts": [[1, 2]] * n}
+    )
+    fig = plots.expert_lanes(lanes.assign(weights=[[0.5, 0.5]] * n), 4)
+    assert len(fig.layout.xaxis.tickvals) <= 80 and fig.layout.xaxis.tickangle == -90

@@ -3,13 +3,29 @@ chart across layers, and alerts for dead and hot experts."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import dash
 import pandas as pd
-from dash import Input, Output, html
+from dash import Input, Output, State, dcc, html, no_update
 
-from dashboard.components import CARD, CHILDREN, FIGURE, MESSAGE, ROW, current, graph, guarded, message
+from dashboard.components import (
+    CARD,
+    CHILDREN,
+    FIGURE,
+    KEEP,
+    MESSAGE,
+    OPTIONS,
+    ROW,
+    current,
+    graph,
+    guarded,
+    labelled,
+    message,
+)
+from dashboard.queries import ALL
+from dashboard.urlstate import pick, read_fragment, write_fragment
 from routescope import plots
 
 PAGE = {"path": "/", "name": "Overview", "order": 0, "title": "routescope · overview"}
@@ -23,7 +39,14 @@ def layout(**_query: Any) -> html.Div:
             html.Div(id="overview-message"),
             html.Div(id="overview-summary"),
             html.H3("Per layer"),
-            html.Div(id="overview-kpis", style=ROW),
+            labelled(
+                "expert-parallel GPUs (adds ep_balancedness)",
+                dcc.Dropdown(
+                    id="overview-ep", options=[{"label": "off", "value": "off"}], value="off", clearable=False
+                ),
+                "260px",
+            ),
+            html.Div(id="overview-kpis", style={**ROW, "marginTop": "8px"}),
             graph("overview-balance", "balance_figure"),
             html.H3("Alerts"),
             html.Div(id="overview-alerts"),
@@ -31,16 +54,35 @@ def layout(**_query: Any) -> html.Div:
     )
 
 
+@guarded([OPTIONS, KEEP])
+def overview_controls(state: Any, fragment: Any = None) -> tuple:
+    """EP sizes that split every MoE layer's experts evenly (contiguous placement), and the
+    one the URL fragment asks for."""
+    registry, key = current(state, require_tokens=False)
+    experts = registry.query(key, "summary")["num_experts"] or [1]
+    common = math.gcd(*experts)
+    sizes = [n for n in range(2, common + 1) if common % n == 0]
+    options = [{"label": "off", "value": "off"}] + [{"label": f"{n} GPUs", "value": str(n)} for n in sizes]
+    return options, pick(read_fragment(fragment).get("ep"), [o["value"] for o in options], "off")
+
+
+def overview_fragment(fragment: Any, ep: Any) -> Any:
+    new = write_fragment(fragment, {"ep": None if ep in (None, "off") else ep})
+    return no_update if new == (fragment or "") else new
+
+
 @guarded([CHILDREN, CHILDREN, FIGURE, CHILDREN, MESSAGE])
-def update_overview(state: Any) -> tuple:
-    """(summary, KPI cards, balance figure, alerts, message) for the selected run."""
+def update_overview(state: Any, ep: Any = None) -> tuple:
+    """(summary, KPI cards, balance figure, alerts, message) for the selected run; with an EP
+    size, the cards add ep_balancedness (SPEC 4.1, experts placed contiguously)."""
     registry, key = current(state, require_tokens=False)
     info = registry.query(key, "summary")
     summary = summary_block(info)
     if info["tokens"] == 0:
         note = "This run holds no tokens yet" + ("." if info["complete"] else "; it is still being written.")
         return summary, None, plots.empty_figure("no tokens"), None, message(note, "warning")
-    bal = registry.query(key, "balance")
+    ep_size = int(ep) if ep not in (None, "", "off") else None
+    bal = registry.query(key, "balance", ALL, ep_size)
     dead = registry.query(key, "dead_experts")
     hot = registry.query(key, "hot_experts")
     near = near_dead(registry.query(key, "expert_load"))
@@ -110,6 +152,13 @@ def kpi_cards(bal: pd.DataFrame, dead: pd.DataFrame, hot: pd.DataFrame, near: pd
                 style={"color": "#b00020", "fontWeight": "bold"} if n_dead or n_near else None,
             ),
         ]
+        if "ep_balancedness" in row and pd.notna(row["ep_balancedness"]):
+            lines.append(
+                html.Div(
+                    f"ep_balancedness {row['ep_balancedness']:.3f} (EP={int(row['ep_size'])})",
+                    className="overview-kpi-ep",
+                )
+            )
         if "aux_loss" in row and pd.notna(row["aux_loss"]):
             lines.append(html.Div(f"aux_loss {row['aux_loss']:.4f}"))
         cards.append(
@@ -160,4 +209,17 @@ def register(app: dash.Dash) -> None:
         Output("overview-alerts", "children"),
         Output("overview-message", "children"),
         Input("app-version", "data"),
+        Input("overview-ep", "value"),
     )(update_overview)
+    app.callback(
+        Output("overview-ep", "options"),
+        Output("overview-ep", "value"),
+        Input("app-version", "data"),
+        State("app-url", "hash"),
+    )(overview_controls)
+    app.callback(
+        Output("app-url", "hash", allow_duplicate=True),
+        State("app-url", "hash"),
+        Input("overview-ep", "value"),
+        prevent_initial_call=True,
+    )(overview_fragment)

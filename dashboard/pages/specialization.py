@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import dash
-from dash import Input, Output, State, dcc, html
+import numpy as np
+import pandas as pd
+from dash import Input, Output, State, dcc, html, no_update
 
 from dashboard.components import (
     FIGURE,
@@ -42,6 +44,19 @@ def layout(**_query: Any) -> html.Div:
                     labelled(
                         "layer", dcc.Dropdown(id="specialization-layer", options=[], clearable=False), "160px"
                     ),
+                    labelled(
+                        "lift against",
+                        dcc.RadioItems(
+                            id="specialization-baseline",
+                            options=[
+                                {"label": " uniform (share × E)", "value": "uniform"},
+                                {"label": " the expert's overall share", "value": "expert"},
+                            ],
+                            value="uniform",
+                            inline=True,
+                        ),
+                        "420px",
+                    ),
                 ],
                 style=ROW,
             ),
@@ -68,20 +83,33 @@ def specialization_controls(state: Any, label_now: Any = None, layer_now: Any = 
     )
 
 
-@guarded([FIGURE, MESSAGE])
-def update_specialization(state: Any, label: Any, layer: Any) -> tuple:
-    """(lift heatmap, message) for one label and layer."""
+def lift_against_expert(spec: pd.DataFrame, load: pd.DataFrame) -> pd.DataFrame:
+    """Specialization rows with lift = share within the label value ÷ the expert's share over
+    all tokens: the expert's load imbalance divided out (NaN for an expert with no token)."""
+    overall = load.set_index(["layer", "expert"])["share"]
+    base = overall.reindex(pd.MultiIndex.from_frame(spec[["layer", "expert"]])).to_numpy()
+    return spec.assign(lift=spec["share"].to_numpy() / np.where(base > 0, base, np.nan))
+
+
+@guarded([FIGURE, MESSAGE, KEEP])
+def update_specialization(state: Any, label: Any, layer: Any, baseline: Any = "uniform") -> tuple:
+    """(lift heatmap, message, caption) for one label and layer, lift against uniform or the expert's share."""
     registry, key = current(state)
     info = registry.query(key, "summary")
     if not info["labels"]:
         note = (
             "This run has no labels: record with rs.record(..., labels={'domain': ...}) to compare by label."
         )
-        return plots.empty_figure("no labels in this run"), message(note, "info")
+        return plots.empty_figure("no labels in this run"), message(note, "info"), no_update
     label = label if label in info["labels"] else info["labels"][0]
     layer = int(layer) if layer is not None else info["moe_layers"][0]
     spec = registry.query(key, "specialization", label)
-    return plots.specialization_heatmap(spec, label, layer), None
+    if baseline == "expert":
+        spec = lift_against_expert(spec, registry.query(key, "expert_load"))
+        fig = plots.specialization_heatmap(spec, label, layer)
+        fig.update_layout(title_text=f"Lift by {label} in layer {layer}, against each expert's overall share")
+        return fig, None, plots.caption("specialization_heatmap_expert")
+    return plots.specialization_heatmap(spec, label, layer), None, plots.caption("specialization_heatmap")
 
 
 @guarded([FIGURE])
@@ -108,7 +136,9 @@ def register(app: dash.Dash) -> None:
     app.callback(
         Output("specialization-heatmap", "figure"),
         Output("specialization-message", "children"),
+        Output("specialization-heatmap-caption", "children"),
         Input("app-version", "data"),
         Input("specialization-label", "value"),
         Input("specialization-layer", "value"),
+        Input("specialization-baseline", "value"),
     )(update_specialization)

@@ -43,6 +43,11 @@ def layout(**_query: Any) -> html.Div:
                         dcc.Input(id="tokens-start", type="number", min=0, step=1, value=0, debounce=True),
                         "160px",
                     ),
+                    labelled(
+                        "colour the text by the top-1 expert of",
+                        dcc.Dropdown(id="tokens-layer", options=[], clearable=False),
+                        "240px",
+                    ),
                 ],
                 style=ROW,
             ),
@@ -68,24 +73,30 @@ def sequence_label(row: Any, labels: list[str]) -> str:
     return f"seq {int(row['seq_id'])} · {int(row['tokens'])} tokens" + (f" · {tags}" if tags else "")
 
 
-@guarded([OPTIONS, KEEP])
-def tokens_controls(state: Any, seq_now: Any = None) -> tuple:
-    """The first sequences of the run (capped) as dropdown options."""
+@guarded([OPTIONS, KEEP, OPTIONS, KEEP])
+def tokens_controls(state: Any, seq_now: Any = None, layer_now: Any = None) -> tuple:
+    """The first sequences of the run (capped) as dropdown options, and the MoE layers."""
     registry, key = current(state)
+    layers = registry.query(key, "summary")["moe_layers"]
+    layer_options = [{"label": plots.layer_name(ly), "value": ly} for ly in layers]
+    layer = layer_now if layer_now in layers else (layers[0] if layers else None)
     seqs = registry.query(key, "sequences")
     labels = registry.run(key).labels
     options = [
         {"label": sequence_label(row, labels), "value": int(row["seq_id"])} for _, row in seqs.iterrows()
     ]
     values = {o["value"] for o in options}
-    return options, seq_now if seq_now in values else (options[0]["value"] if options else None)
+    seq = seq_now if seq_now in values else (options[0]["value"] if options else None)
+    return options, seq, layer_options, layer
 
 
 @guarded([FIGURE, CHILDREN, CHILDREN, MESSAGE])
-def update_tokens(state: Any, seq_id: Any, start: Any, typed_id: Any = None) -> tuple:
+def update_tokens(state: Any, seq_id: Any, start: Any, typed_id: Any = None, layer: Any = None) -> tuple:
     """(expert lanes, window note, token text, message) for one sequence window.
 
-    A sequence id typed in the box wins over the dropdown (which lists the first 500).
+    A sequence id typed in the box wins over the dropdown (which lists the first 500). The
+    text is coloured by each token's top-1 expert in `layer` (the first MoE layer by default),
+    in the lanes' colours.
     """
     registry, key = current(state)
     if typed_id not in (None, ""):
@@ -104,10 +115,22 @@ def update_tokens(state: Any, seq_id: Any, start: Any, typed_id: Any = None) -> 
         f"positions {start}–{start + max(shown, 1) - 1} of {length} "
         f"(at most {registry.query(key, 'lane_window')} tokens at a time; change 'first position' to move)"
     )
-    tokens = lanes.drop_duplicates("pos")[["pos", "token"]] if len(lanes) else lanes
+    layer = int(layer) if layer is not None else run.moe_layers[0]
+    if layer not in run.moe_layers:
+        raise ValueError(f"layer {layer} is not a MoE layer of this run (MoE layers: {run.moe_layers})")
+    at_layer = lanes[lanes["layer"] == layer] if len(lanes) else lanes
     text = [
-        html.Span(str(tok), title=f"pos {int(pos)}", style={"background": "#f0f0f0", "margin": "0 1px"})
-        for pos, tok in zip(tokens["pos"], tokens["token"])
+        html.Span(
+            str(tok),
+            title=f"pos {int(pos)} · {plots.layer_name(layer)} top-1 expert {int(experts[0])}",
+            className="tokens-text-token",
+            style={
+                "background": plots.translucent(plots.expert_color(int(experts[0])), 0.35),
+                "borderBottom": f"3px solid {plots.expert_color(int(experts[0]))}",
+                "margin": "0 1px",
+            },
+        )
+        for pos, tok, experts in zip(at_layer["pos"], at_layer["token"], at_layer["experts"])
     ]
     return plots.expert_lanes(lanes, num_experts), note, text, None
 
@@ -117,8 +140,11 @@ def register(app: dash.Dash) -> None:
     app.callback(
         Output("tokens-seq", "options"),
         Output("tokens-seq", "value"),
+        Output("tokens-layer", "options"),
+        Output("tokens-layer", "value"),
         Input("app-version", "data"),
         State("tokens-seq", "value"),
+        State("tokens-layer", "value"),
     )(tokens_controls)
     app.callback(
         Output("tokens-lanes", "figure"),
@@ -129,4 +155,5 @@ def register(app: dash.Dash) -> None:
         Input("tokens-seq", "value"),
         Input("tokens-start", "value"),
         Input("tokens-seq-id", "value"),
+        Input("tokens-layer", "value"),
     )(update_tokens)

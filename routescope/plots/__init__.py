@@ -31,6 +31,7 @@ from routescope.plots.style import (
     expert_state,
     layer_name,
     plain_text,
+    translucent,
     with_lift,
 )
 from routescope.plots.super_experts import massive_activation_figure, super_expert_scatter
@@ -73,5 +74,6 @@ __all__ = [
     "step_heatmap",
     "super_expert_scatter",
     "transition_heatmap",
+    "translucent",
     "with_lift",
 ]

@@ -20,6 +20,7 @@ from routescope.plots.style import (
     float_grid,
     int_counts,
     layer_name,
+    translucent,
 )
 
 
@@ -186,7 +187,7 @@ def pathway_sankey(paths: pd.DataFrame, layers: Sequence[int]) -> go.Figure:
                 "source": sources,
                 "target": [t for _, t in links],
                 "value": list(links.values()),
-                "color": [_translucent(expert_color(_source_expert(labels[s]))) for s in sources],
+                "color": [translucent(expert_color(_source_expert(labels[s]))) for s in sources],
                 "hovertemplate": "%{source.label} → %{target.label}<br>%{value:,} tokens<extra></extra>",
             },
         )
@@ -211,8 +212,3 @@ def _pathway_matrix(paths: pd.DataFrame, layers: Sequence[int]) -> list[list[int
 
 def _source_expert(label: str) -> int:
     return int(label.rsplit("e", 1)[1])
-
-
-def _translucent(hex_color: str, alpha: float = 0.4) -> str:
-    r, g, b = (int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
-    return f"rgba({r},{g},{b},{alpha})"

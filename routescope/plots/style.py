@@ -205,3 +205,9 @@ def dead_cell_traces(
 def legend_on_top(fig: go.Figure, y: float = 1.02) -> go.Figure:
     fig.update_layout(legend={"orientation": "h", "yanchor": "bottom", "y": y, "x": 1, "xanchor": "right"})
     return fig
+
+
+def translucent(hex_color: str, alpha: float = 0.4) -> str:
+    """'#rrggbb' as an rgba() string with opacity `alpha`."""
+    r, g, b = (int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"

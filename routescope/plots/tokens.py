@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -16,6 +18,8 @@ from routescope.plots.style import (
     layer_name,
     tick_text,
 )
+
+MAX_TOKEN_LABELS = 80
 
 
 def expert_lanes(lanes: pd.DataFrame, num_experts: int) -> go.Figure:
@@ -66,12 +70,18 @@ def expert_lanes(lanes: pd.DataFrame, num_experts: int) -> go.Figure:
             colorbar={"title": {"text": "top-1 expert"}, "tickvals": list(range(0, n, max(1, n // 8)))},
         )
     )
+    # at most ~80 labels, upright text rotated a quarter turn: labels never overlap or clip
+    every = max(1, math.ceil(len(positions) / MAX_TOKEN_LABELS))
+    shown = list(range(0, len(positions), every))
     fig.update_xaxes(
         tickmode="array",
-        tickvals=list(range(len(positions))),
-        ticktext=[tick_text(t) for t in tokens],
-        tickangle=-60,
-        title="token",
+        tickvals=shown,
+        ticktext=[tick_text(tokens.iloc[i]) for i in shown],
+        tickangle=-90,
+        automargin=True,
+        title="token" if every == 1 else f"token (every {every}th labelled)",
     )
     fig.update_yaxes(title="MoE layer", type="category", autorange="reversed")
-    return base_layout(fig, title, height=max(280, 140 + 26 * len(layers)))
+    fig = base_layout(fig, title, height=max(300, 190 + 26 * len(layers)))
+    fig.update_layout(margin={"b": 110})
+    return fig
