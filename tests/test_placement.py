@@ -255,6 +255,18 @@ def vllm_rank_load(logical_load: np.ndarray, physical_to_logical: np.ndarray, nu
     )
 
 
+def vllm_logical_to_physical(p2l: np.ndarray, num_logical: int) -> tuple[np.ndarray, np.ndarray]:
+    """As vLLM `EplbState._load_initial_mapping`: physical ids per logical expert in slot order
+    (padded with -1) and the replica count (vLLM's EPLB tests show the expected layout)."""
+    logcnt = np.zeros((p2l.shape[0], num_logical), dtype=np.int64)
+    l2p = np.full((p2l.shape[0], num_logical, p2l.shape[1]), -1, dtype=np.int64)
+    for layer, row in enumerate(p2l):
+        for physical, logical in enumerate(row):
+            l2p[layer, logical, logcnt[layer, logical]] = physical
+            logcnt[layer, logical] += 1
+    return l2p, logcnt
+
+
 @pytest.mark.parametrize("suffix", [".json", ".pt"])
 def test_sglang_files_round_trip(skewed_run: Path, tmp_path: Path, suffix: str):
     with rs.open_run(skewed_run) as run:
@@ -308,6 +320,12 @@ def test_vllm_files_round_trip(skewed_run: Path, tmp_path: Path):
 
     # vLLM's own per-rank load of the exported mapping equals our evaluation of the plan
     p2l = np.asarray([record["initial_global_assignments"][str(i)] for i in range(2)])
+    l2p, logcnt = vllm_logical_to_physical(p2l, 16)
+    assert (logcnt >= 1).all() and logcnt.sum() == 2 * 20
+    for layer in range(2):  # every replica listed once, pointing back to its logical expert
+        for expert in range(16):
+            slots = l2p[layer, expert, : logcnt[layer, expert]]
+            assert (p2l[layer, slots] == expert).all()
     logical = total.pivot(index="layer", columns="expert", values="tokens").to_numpy(dtype=float)
     ours = gpu_loads(loads, plan).pivot(index="layer", columns="gpu", values="load").to_numpy()
     assert np.allclose(vllm_rank_load(logical, p2l, 4), ours)
