@@ -45,7 +45,7 @@ def test_compare_paths(pair):
         np.testing.assert_allclose(rows["share_delta"], lb / lb.sum() - la / la.sum())
     bal = result.balance.set_index("layer")
     assert bal.loc[1, "cv_delta"] == pytest.approx(ref.balance(b[1], E)["cv"] - ref.balance(a[1], E)["cv"])
-    assert "aux_loss_delta" in bal.columns
+    assert "aux_loss_delta" in bal.columns and "aux_loss_step_mean_delta" in bal.columns
     changes = result.expert_changes
     assert [1, 5, "died"] in changes[["layer", "expert", "change"]].values.tolist()
     assert [1, 0, "became_hot"] in changes[["layer", "expert", "change"]].values.tolist()

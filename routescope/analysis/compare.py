@@ -25,7 +25,7 @@ from routescope.analysis.content import match_by_content
 from routescope.analysis.run import Run, open_run
 from routescope.store.layout import list_parts
 
-BALANCE_METRICS = ("cv", "max_violation", "balancedness", "norm_entropy", "aux_loss")
+BALANCE_METRICS = ("cv", "max_violation", "balancedness", "norm_entropy", "aux_loss", "aux_loss_step_mean")
 CHANGES = ("died", "revived", "became_hot", "cooled")
 
 
