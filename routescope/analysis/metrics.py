@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from routescope import schema
+from routescope.analysis.expert_parallel import ep_balance
 from routescope.analysis.runview import RunView as Run  # a Protocol: run.py imports us, not back
 from routescope.analysis.sqlfiles import Cte, compose, get_query
 
@@ -285,7 +286,7 @@ def balance(
     """
     df = query(run, "balance", where=where, uses=("expert_counts",))
     if ep_size is not None or placement is not None:
-        df = df.merge(ep_balance(run, where, ep_size, placement), on="layer", how="left")
+        df = df.merge(ep_balance(expert_load(run, where=where), ep_size, placement), on="layer", how="left")
     recorded = run.has_table("router_stats")
     if aux_loss is None:
         aux_loss, demanded = recorded, False
@@ -307,46 +308,6 @@ def balance(
     aux = query(run, "aux_loss", where=where)
     per_step = query(run, "aux_loss_step_mean", where=where)[["layer", "aux_loss_step_mean"]]
     return df.merge(aux, on="layer", how="left").merge(per_step, on="layer", how="left")
-
-
-def ep_balance(
-    run: Run, where: str | None, ep_size: int | None, placement: pd.DataFrame | None
-) -> pd.DataFrame:
-    """layer, ep_size, ep_balancedness (SPEC 4.1): mean_g G_g / max_g G_g of the per-GPU loads,
-    as SGLang's `compute_utilization_rate` (without its 1e-5) and vLLM's EPLB balancedness."""
-    from routescope.analysis import placement as plans
-
-    loads = expert_load(run, where=where)
-    if placement is None:
-        if isinstance(ep_size, bool) or not isinstance(ep_size, (int, np.integer)) or ep_size < 1:
-            raise ValueError(
-                f"ep_size must be a positive integer (GPUs in the expert-parallel group), got {ep_size!r}"
-            )
-        uneven = [
-            f"layer {layer} has {run.num_experts(layer)}"
-            for layer in run.moe_layers
-            if run.num_experts(layer) % int(ep_size)
-        ]
-        if uneven:
-            raise ValueError(
-                f"ep_size={ep_size} does not split the experts contiguously ({', '.join(uneven)} experts); "
-                "pick an ep_size that divides E, or pass placement= (e.g. run.placement(ep_size, redundant=...))"
-            )
-        placement = plans.build_plan(loads, int(ep_size), method="contiguous")
-    elif not isinstance(placement, pd.DataFrame):
-        raise ValueError(
-            f"placement must be a DataFrame with columns layer, gpu, slot, expert, not {type(placement).__name__}"
-        )
-    planned = plans.check_plan(placement, max(run.num_experts(layer) for layer in run.moe_layers))
-    if ep_size is not None and int(ep_size) != planned:
-        raise ValueError(f"ep_size={ep_size} but the placement uses {planned} GPUs (0..{planned - 1})")
-    unknown = sorted(set(placement["layer"].astype(int)) - set(run.moe_layers))
-    if unknown:
-        raise ValueError(
-            f"the placement names layers {unknown}, which are not MoE layers of this run {run.moe_layers}"
-        )
-    out = plans.evaluate_placement(loads, placement)[["layer", "ep_size", "ep_balancedness"]]
-    return out.astype({"layer": loads["layer"].dtype, "ep_size": "int64"})
 
 
 def dead_experts(run: Run, max_share: float = 0.0, where: str | None = None) -> pd.DataFrame:
