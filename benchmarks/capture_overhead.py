@@ -4,6 +4,13 @@ Compares routescope against a naive hook that calls .tolist() in the hook, and a
 `output_router_logits=True` followed by a top-k. Also reports bytes per routing row on disk.
 
     python benchmarks/capture_overhead.py [--device cuda] [--layers 8 --experts 64 --top-k 8]
+        [--decode-steps 16] [--static-steps 16] [--compiled]
+
+`--static-steps N` times `generate(cache_implementation="static")` with and without
+recording; `--compiled` times a `torch.compile`d forward against eager, with and without
+recording (a compiled model is recorded through its eager original: routescope refuses a
+compiled module, so the cost of recording a compiled deployment is eager-recorded time
+over compiled time).
 """
 
 from __future__ import annotations
@@ -87,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--decode-steps", type=int, default=0, help="also time generate() with this many new tokens"
     )
+    parser.add_argument("--static-steps", type=int, default=0, help="also time static-cache generate()")
+    parser.add_argument("--compiled", action="store_true", help="also time a torch.compile'd forward")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     model = build(args)
@@ -168,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             f"generate {args.decode_steps} tokens: none {statistics.median(g_plain):.4f}s, "
             f"routescope {statistics.median(g_rec):.4f}s, ratio {statistics.median(g_rec) / statistics.median(g_plain):.3f}"
         )
+    if args.static_steps:
+        static_generate(model, ids, mask, args, tmp)
+    if args.compiled:
+        compiled_forward(model, plain, args, tmp)
     print(f"storage: {rows} routing rows, {on_disk / rows:.3f} bytes/row with float32 weights")
     with rs.record(model, tmp / "noweights", weights=False):
         plain()
@@ -176,6 +189,72 @@ def main(argv: list[str] | None = None) -> int:
     print(f"storage: {rows2} routing rows, {on_disk2 / rows2:.3f} bytes/row without weights (weights=False)")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def interleaved(variants: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each variant, timed once per round in a shuffled order."""
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    order, rng = list(variants), random.Random(1)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            results[name].append(variants[name]())
+    return {name: statistics.median(times) for name, times in results.items()}
+
+
+def static_generate(model, ids, mask, args, tmp: Path) -> None:
+    def gen():
+        model.generate(
+            input_ids=ids[:, :32],
+            attention_mask=mask[:, :32],
+            max_new_tokens=args.static_steps,
+            min_new_tokens=args.static_steps,
+            do_sample=False,
+            pad_token_id=0,
+            cache_implementation="static",
+        )
+
+    gen()
+    count = iter(range(10**6))
+
+    def recorded():
+        with rs.record(model, tmp / f"static{next(count)}", flush_seconds=1e9):
+            return timed(gen, args.device)
+
+    med = interleaved({"none": lambda: timed(gen, args.device), "routescope": recorded}, args.rounds)
+    print(
+        f"static-cache generate {args.static_steps} tokens: none {med['none']:.4f}s, "
+        f"routescope {med['routescope']:.4f}s, ratio {med['routescope'] / med['none']:.3f}"
+    )
+
+
+def compiled_forward(model, plain, args, tmp: Path) -> None:
+    compiled = torch.compile(model)
+    batch = {"input_ids": torch.randint(1, 4000, (args.batch, args.seq), device=args.device)}
+
+    def run_compiled():
+        compiled(**batch)
+
+    for _ in range(3):  # compile and warm up
+        run_compiled()
+    count = iter(range(10**6))
+
+    def eager_recorded():
+        with rs.record(model, tmp / f"eager{next(count)}", flush_seconds=1e9):
+            return timed(plain, args.device)
+
+    med = interleaved(
+        {
+            "eager": lambda: timed(plain, args.device),
+            "eager+routescope": eager_recorded,
+            "compiled": lambda: timed(run_compiled, args.device),
+        },
+        args.rounds,
+    )
+    base = med["eager"]
+    for name, value in med.items():
+        print(f"compiled variant {name:<18}{value:>10.4f}s ratio to eager {value / base:.3f}")
+    print(f"recording a compiled deployment costs {med['eager+routescope'] / med['compiled']:.3f}x its time")
 
 
 if __name__ == "__main__":

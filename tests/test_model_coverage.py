@@ -181,7 +181,12 @@ def test_model_type_records_exactly(model_type, tiny_model, tmp_path, device):
         with rs.record(model, tmp_path / "run"), torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
             out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=3,
+                min_new_tokens=3,  # no row finishes early: every fed token is model work
+                do_sample=False,
+                pad_token_id=0,
             )
     finally:
         capture.remove()

@@ -49,6 +49,10 @@ DENSE_FIRST: dict[str, Any] = dict(num_hidden_layers=3, first_k_dense_replace=1)
 INDEXER: dict[str, Any] = dict(index_head_dim=8, index_n_heads=2)
 
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
+    # lm_head has `unpadded_vocab_size` outputs; the default end-of-text id lies outside
+    # a tiny vocabulary
+    "inkling2_text": dict(unpadded_vocab_size=128, eos_token_id=1),
+    "inkling2_loop_text": dict(unpadded_vocab_size=128, eos_token_id=1),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0),
     "qwen3_next": dict(layer_types=["linear_attention", "full_attention"]),
     "qwen3_5_moe": dict(layer_types=["linear_attention", "full_attention"]),
@@ -327,8 +331,81 @@ def build_tiny_seq2seq_model(model_type: str, seed: int = 0, **overrides: Any) -
 
 
 def build_tiny_vision_language_model(model_type: str, seed: int = 0) -> torch.nn.Module:
-    from transformers import AutoModelForImageTextToText
+    return build_tiny_multimodal_model(model_type, seed)
 
+
+# Other multimodal MoE types: their text config is the tiny one of the text model type, and
+# every sub-config (vision, audio, projector) is shrunk by the common size keys below. The
+# vision tower is built but not run: coverage feeds these models text only.
+_SUB_CONFIG_SIZES: dict[str, int] = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    depth=1,
+    num_layers=1,
+    num_heads=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    out_hidden_size=32,
+    projection_dim=32,
+    text_hidden_size=32,
+    output_dim=32,
+    embed_dim=32,
+    d_model=32,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+)
+
+
+def _match_layer_lists(config: dict[str, Any]) -> dict[str, Any]:
+    layers = config.get("num_hidden_layers")
+    for key in ("layer_types", "mlp_layer_types"):
+        if isinstance(config.get(key), list) and isinstance(layers, int):
+            config[key] = config[key][:layers]
+    return config
+
+
+def _shrink(config: dict[str, Any]) -> dict[str, Any]:
+    for key, value in list(config.items()):
+        if isinstance(value, dict) and key.endswith("config"):
+            _shrink(value)
+        elif key in _SUB_CONFIG_SIZES and isinstance(value, int) and not isinstance(value, bool):
+            config[key] = _SUB_CONFIG_SIZES[key]
+    return _match_layer_lists(config)
+
+
+def tiny_multimodal_config(model_type: str):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type in VISION_LANGUAGE:
+        return AutoConfig.for_model(model_type, **VISION_LANGUAGE[model_type])
+    values = AutoConfig.for_model(model_type).to_dict()
+    text_type = values.get("text_config", {}).get("model_type")
+    for key, value in list(values.items()):
+        if not (isinstance(value, dict) and key.endswith("config")):
+            continue
+        if key == "text_config" and text_type in CONFIG_MAPPING_NAMES and text_type != model_type:
+            values[key] = tiny_config(text_type).to_dict()
+        else:
+            values[key] = _shrink(value)
+    values.pop("model_type", None)
+    return AutoConfig.for_model(model_type, **values)
+
+
+def build_tiny_multimodal_model(model_type: str, seed: int = 0) -> torch.nn.Module:
+    """A multimodal MoE model from its tiny config, by its image-text-to-text class (or its
+    multimodal-LM class when it has no image-text-to-text one)."""
+    from transformers import AutoModelForImageTextToText, AutoModelForMultimodalLM
+
+    config = tiny_multimodal_config(model_type)
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **VISION_LANGUAGE[model_type])
-    return AutoModelForImageTextToText.from_config(config).eval()
+    try:
+        model = AutoModelForImageTextToText.from_config(config)
+    except ValueError:
+        model = AutoModelForMultimodalLM.from_config(config)
+    return model.eval()

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from routescope import schema
+from routescope.errors import RouteScopeError
 
 
 @dataclass
@@ -30,25 +31,97 @@ class StepBuffers:
     routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     stats: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     calls: dict[int, int] = field(default_factory=dict)
+    valid_by_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_tokens(self) -> int:
         return int(self.valid.numel())
 
+    def valid_on(self, device: torch.device) -> torch.Tensor:
+        """The token mask (float) on `device`: with a device_map, layers live on several devices."""
+        if device == self.valid_flat.device:
+            return self.valid_flat
+        mask = self.valid_by_device.get(device)
+        if mask is None:
+            mask = self.valid_by_device[device] = self.valid_flat.to(device, non_blocking=True)
+        return mask
 
-def to_host(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
-    """Copy device tensors to the host without blocking; the event marks when they are there."""
-    first = next(iter(tensors.values()))
-    if first.device.type != "cuda":
-        return {k: v.detach().to("cpu") for k, v in tensors.items()}, None
-    host = {}
+    def finish(self, num_experts: dict[int, int], with_weights: bool) -> HostStep:
+        """Check the step, stack its tensors and start their copy to the host."""
+        step = self
+        layers = sorted(step.routing)
+        twice = [layer for layer in layers if step.calls.get(layer, 0) > 1]
+        if twice:
+            raise RouteScopeError(f"MoE layers {twice} ran more than once in one forward; cannot record them")
+        expected = step.batch_tokens
+        pairs = [step.routing[layer] for layer in layers]
+        for layer, (indices, _) in zip(layers, pairs, strict=True):
+            if indices.shape[0] != expected:
+                raise RouteScopeError(
+                    f"layer {layer} routed {indices.shape[0]} tokens, but the forward had {expected} "
+                    "(batch x sequence); this router layout is not supported yet"
+                )
+        tensors: dict[str, torch.Tensor] = {
+            "token_ids": step.token_ids.to(torch.int32),
+            "positions": step.positions.to(torch.int32),
+            "valid": step.valid,
+        }
+        # one stacked tensor when every layer has the same shape on the same device
+        uniform = len({(indices.shape, indices.device) for indices, _ in pairs}) == 1
+        if uniform:
+            tensors["experts"] = torch.stack([indices for indices, _ in pairs]).to(torch.int16)
+            if with_weights:
+                tensors["weights"] = torch.stack([weights for _, weights in pairs]).to(torch.float32)
+        else:
+            for i, (indices, weights) in enumerate(pairs):
+                tensors[f"experts{i}"] = indices.to(torch.int16)
+                if with_weights:
+                    tensors[f"weights{i}"] = weights.to(torch.float32)
+        for i, layer in enumerate(layers):
+            if layer in step.stats:
+                prob_sum, entropy, margin = step.stats[layer]
+                tensors.update({f"prob_sum{i}": prob_sum, f"entropy{i}": entropy, f"margin{i}": margin})
+        host, events = to_host(tensors)
+        return HostStep(
+            step=step.step,
+            phase=step.phase,
+            seq_ids=step.seq_ids,
+            labels=step.labels,
+            layers=layers,
+            num_experts=num_experts,
+            host=host,
+            events=events,
+            uniform=uniform,
+            with_weights=with_weights,
+            with_stats=bool(step.stats),
+        )
+
+
+def to_host(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[torch.cuda.Event]]:
+    """Copy device tensors to the host without blocking; the events mark when they are there.
+
+    Tensors are grouped by device (a `device_map` spreads layers over several GPUs): each
+    CUDA device gets its copies and one event on its own current stream.
+    """
+    host: dict[str, torch.Tensor] = {}
+    by_device: dict[torch.device, list[str]] = {}
     for key, value in tensors.items():
-        buffer = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=True)
-        buffer.copy_(value, non_blocking=True)
-        host[key] = buffer
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
+        by_device.setdefault(value.device, []).append(key)
+    events = []
+    for device, keys in by_device.items():
+        if device.type != "cuda":
+            host.update({k: tensors[k].detach().to("cpu") for k in keys})
+            continue
+        with torch.cuda.device(device):
+            for key in keys:
+                value = tensors[key]
+                buffer = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=True)
+                buffer.copy_(value, non_blocking=True)
+                host[key] = buffer
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            events.append(event)
+    return host, events
 
 
 @dataclass
@@ -62,14 +135,19 @@ class HostStep:
     layers: list[int]
     num_experts: dict[int, int]
     host: dict[str, torch.Tensor]
-    event: torch.cuda.Event | None
+    events: list[torch.cuda.Event]
     uniform: bool
     with_weights: bool
     with_stats: bool
 
+    @property
+    def nbytes(self) -> int:
+        """Host bytes this step holds until the writer has turned it into tables."""
+        return sum(t.numel() * t.element_size() for t in self.host.values())
+
     def to_tables(self) -> dict[str, dict[str, np.ndarray]]:
-        if self.event is not None:
-            self.event.synchronize()
+        for event in self.events:
+            event.synchronize()
         h = {k: v.numpy() for k, v in self.host.items()}
         seq_len = h["valid"].shape[1]
         keep = np.flatnonzero(h["valid"].reshape(-1))

@@ -51,6 +51,7 @@ class PartWriter:
         rows_per_part: int = 4_000_000,
         flush_seconds: float = 10.0,
         max_pending: int = 8,
+        max_pending_bytes: int = 256 << 20,
         on_flush: Callable[[int], None] | None = None,
         compression: str = "zstd",
         observers: list[Callable[[dict[str, Columns]], None]] | None = None,
@@ -70,6 +71,15 @@ class PartWriter:
         self.tokens_written = 0
         self.parts_written: list[Path] = []
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
+        # Host memory the queued steps hold (pinned on CUDA): bounded in bytes, not only in steps.
+        self.max_pending_bytes = max_pending_bytes
+        self._pending_bytes = 0
+        self._bytes_cond = threading.Condition()
+        # steps and tokens that were queued or buffered when the thread failed (never written)
+        self.dropped_steps = 0
+        self.dropped_tokens = 0
+        self._buffered_steps = 0
+        self._buffered_tokens = 0
         self._buffers: dict[str, list[pa.Table]] = {}
         self._buffered_rows = 0
         self._next_index: dict[str, int] = {}
@@ -80,8 +90,14 @@ class PartWriter:
 
     # -- caller side -------------------------------------------------------------------
     def submit(self, item: StepData) -> None:
-        """Queue one step; blocks while `max_pending` steps wait (backpressure)."""
+        """Queue one step; blocks while `max_pending` steps or `max_pending_bytes` wait (backpressure)."""
         self.raise_if_failed()
+        size = int(getattr(item, "nbytes", 0))
+        with self._bytes_cond:
+            while self._pending_bytes and self._pending_bytes + size > self.max_pending_bytes:
+                self._bytes_cond.wait(timeout=0.5)
+                self.raise_if_failed()
+            self._pending_bytes += size
         while True:
             try:
                 self._queue.put(item, timeout=0.5)
@@ -124,6 +140,7 @@ class PartWriter:
                 item = self._queue.get(timeout=max(0.05, self.flush_seconds / 4))
             except queue.Empty:
                 item = None
+            added = False
             try:
                 if item is _CLOSE:
                     self._write_parts()
@@ -133,9 +150,18 @@ class PartWriter:
                     last_flush = time.monotonic()
                     self._flushed.set()
                     continue
-                if item is not None and self._error is None:
-                    tables = item.to_tables()
+                if item is not None and self._error is not None:
+                    self.dropped_steps += 1
+                    self._release_bytes(item)
+                elif item is not None:
+                    try:
+                        tables = item.to_tables()
+                    finally:
+                        self._release_bytes(item)
                     self._add(tables)
+                    added = True
+                    self._buffered_steps += 1
+                    self._buffered_tokens += len(next(iter(tables.get(schema.TOKENS, {"": []}).values())))
                     self._notify(tables)
                 due = time.monotonic() - last_flush >= self.flush_seconds and self._buffered_rows
                 if self._buffered_rows >= self.rows_per_part or due:
@@ -143,12 +169,22 @@ class PartWriter:
                     last_flush = time.monotonic()
             except BaseException as exc:
                 self._error = exc
+                self.dropped_steps += self._buffered_steps + (
+                    item not in (None, _CLOSE, _FLUSH) and not added
+                )
+                self.dropped_tokens += self._buffered_tokens
                 self._buffers.clear()
                 self._buffered_rows = 0
+                self._buffered_steps = self._buffered_tokens = 0
                 if item is _CLOSE:
                     return
                 if item is _FLUSH:
                     self._flushed.set()
+
+    def _release_bytes(self, item: Any) -> None:
+        with self._bytes_cond:
+            self._pending_bytes -= int(getattr(item, "nbytes", 0))
+            self._bytes_cond.notify_all()
 
     def _notify(self, tables: dict[str, Columns]) -> None:
         for observer in list(self.observers):
@@ -187,6 +223,7 @@ class PartWriter:
             if name == schema.TOKENS:
                 tokens_added = table.num_rows
         self._buffered_rows = 0
+        self._buffered_steps = self._buffered_tokens = 0
         self.tokens_written += tokens_added
         if self.on_flush is not None:
             self.on_flush(self.tokens_written)

@@ -1,0 +1,119 @@
+"""`generate` while recording: end-of-text ids for finished rows, refused paths, no compile.
+
+`record` puts a thin wrapper on the model instance's `generate` (removed on exit, like the
+hooks). The wrapper refuses beam search before the first forward, tells the sequence
+tracker the call's end-of-text ids, runs a `compile_config` call eagerly (hooks cannot
+run inside a compiled graph), and releases held steps when the call returns.
+`generate_batch` (continuous batching) is refused, and so are compiled models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from routescope.capture.identity import SequenceTracker
+from routescope.errors import RouteScopeError
+
+
+class GeneratePatch:
+    """The wrappers `record` puts on a model's generation entry points."""
+
+    def __init__(self, model: nn.Module, tracker: SequenceTracker, after: Callable[[int], None]) -> None:
+        self.model = model
+        self.tracker = tracker
+        self.after = after  # called with the step count before the call, when it returns
+        self.steps: Callable[[], int] = lambda: 0
+        self._patched: dict[str, Any] = {}
+
+    def install(self, steps: Callable[[], int] | None = None) -> None:
+        if steps is not None:
+            self.steps = steps
+        for name in ("generate", "generate_batch", "init_continuous_batching"):
+            original = getattr(self.model, name, None)
+            if original is None or name in vars(self.model):
+                continue
+            wrapper = self._wrap_generate(original) if name == "generate" else _refuse(name)
+            setattr(self.model, name, wrapper)
+            self._patched[name] = wrapper
+
+    def remove(self) -> None:
+        for name, wrapper in self._patched.items():
+            if vars(self.model).get(name) is wrapper:
+                delattr(self.model, name)
+        self._patched.clear()
+
+    def _wrap_generate(self, original: Any) -> Any:
+        patch = self
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            config = kwargs.get("generation_config") or getattr(patch.model, "generation_config", None)
+            check_generate_kwargs(kwargs, config)
+            if kwargs.get("compile_config") is not None or getattr(config, "compile_config", None):
+                kwargs["disable_compile"] = True  # hooks cannot run inside a compiled graph
+            eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
+            previous = patch.tracker.eos_ids
+            patch.tracker.eos_ids = _eos_tensor(eos)
+            steps_before = patch.steps()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                patch.tracker.eos_ids = previous
+                patch.after(steps_before)
+
+        generate.__wrapped__ = original  # type: ignore[attr-defined]
+        generate.__doc__ = original.__doc__
+        return generate
+
+
+def check_not_compiled(model: nn.Module) -> None:
+    """Hooks inside a compiled graph are traced once and never run again: refuse up front."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise RouteScopeError(
+            "rs.record got a torch.compile'd module; record the model itself (the compiled "
+            "wrapper's `_orig_mod`) and compile after recording"
+        )
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        raise RouteScopeError(
+            "this model was compiled in place (model.compile()); routescope's hooks cannot run inside "
+            "the compiled graph: record an uncompiled copy of the model"
+        )
+    if "_compiled_call" in vars(model):
+        raise RouteScopeError(
+            "this model holds a compiled forward from an earlier generate(compile_config=...) "
+            "(model._compiled_call); delete it (`del model._compiled_call`) before recording, "
+            "generate then runs eagerly while recording"
+        )
+
+
+def check_generate_kwargs(kwargs: dict[str, Any], config: Any) -> None:
+    """generate() modes whose tokens cannot be tied to one returned sequence: refused up front."""
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    if int(beams) > 1:
+        raise RouteScopeError(
+            f"beam search (num_beams={beams}) reorders cache rows between steps, so a recorded "
+            "sequence would not be the returned one; routescope refuses it: record greedy or "
+            "sampled generate, or re-run the returned sequences through the model in a plain forward"
+        )
+
+
+def _refuse(name: str) -> Any:
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise RouteScopeError(
+            f"model.{name} (continuous batching) packs several requests into one sequence; routescope "
+            "cannot tell them apart yet: use model.generate with a padded batch while recording"
+        )
+
+    return refused
+
+
+def _eos_tensor(eos: Any) -> torch.Tensor | None:
+    if eos is None:
+        return None
+    if isinstance(eos, torch.Tensor):
+        return eos.reshape(-1).long()
+    values = [eos] if isinstance(eos, int) else [int(e) for e in eos]
+    return torch.tensor(values, dtype=torch.long) if values else None

@@ -1,0 +1,341 @@
+"""Token and sequence identity of one forward, read from the model's own inputs.
+
+For every forward the recorder needs, per batch row and column: is this a real token
+(`valid`), its absolute position in its sequence (`positions`, padding not counted), which
+sequence it belongs to (`seq_ids`), and whether the forward extends a cache (`decode`) or
+starts one (`prefill`). transformers passes what settles each of these:
+
+- the cache, as `cache` (5.24 and later) or `past_key_values` (earlier 5.x);
+- the attention mask when it covers the whole row (its running count of real tokens),
+  else `position_ids` (generate always passes them; 3-D multimodal rope ids are not
+  positions), else the row's own count kept since its prefill;
+- the attention mask, 2-D (dynamic caches) or 4-D (static, compileable caches: the
+  query's own key slot is allowed exactly when the query is a real token).
+
+A decode forward continues the sequences whose cache it extends: the tracker keys its
+state by the cache object and its rows, never by batch size, so an unrelated forward of
+the same batch size cannot take over a sequence, and (seq_id, pos) is never reused.
+
+A forward that feeds several tokens into a cache (a prefill, assisted or prompt-lookup
+candidates, chunked prefill) is held back until the cache shows how many of them were
+kept: the next forward on that cache, the end of `generate`, or the end of recording
+reads the cache length, and tokens past it (rejected candidates) are dropped and counted.
+
+Inside `generate` the tracker also knows the end-of-text ids: a row that has been fed one
+is finished, and the pad tokens that `generate` keeps feeding it are not recorded.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from routescope import schema
+from routescope.errors import RouteScopeError
+
+# kwargs of packed (varlen) forwards: several sequences share one batch row
+PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k")
+
+
+@dataclass
+class ForwardInputs:
+    """What one forward call was given, whatever the argument names."""
+
+    input_ids: torch.Tensor | None
+    inputs_embeds: torch.Tensor | None
+    attention_mask: Any
+    position_ids: torch.Tensor | None
+    cache: Any
+
+    @property
+    def reference(self) -> torch.Tensor | None:
+        return self.input_ids if self.input_ids is not None else self.inputs_embeds
+
+
+def bind_inputs(signature: inspect.Signature, args: tuple, kwargs: dict) -> ForwardInputs:
+    """Read a forward's inputs by name (positional or keyword, or inside **kwargs)."""
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    inner = next(
+        (v for k, v in bound.items() if signature.parameters[k].kind is inspect.Parameter.VAR_KEYWORD), {}
+    )
+
+    def get(name: str) -> Any:
+        return bound.get(name, inner.get(name))
+
+    packed = [name for name in PACKED_KWARGS if get(name) is not None]
+    if packed:
+        raise RouteScopeError(
+            f"packed (varlen) inputs ({', '.join(packed)}) put several sequences in one batch row; "
+            "routescope cannot tell them apart yet: record padded batches instead"
+        )
+    cache = get("cache")
+    if cache is None:
+        cache = get("past_key_values")
+    return ForwardInputs(
+        input_ids=get("input_ids"),
+        inputs_embeds=get("inputs_embeds"),
+        attention_mask=get("attention_mask"),
+        position_ids=get("position_ids"),
+        cache=cache,
+    )
+
+
+@dataclass
+class Identity:
+    """The identity of one forward's tokens (device tensors; seq_ids on the host)."""
+
+    phase: str
+    seq_ids: np.ndarray  # [B] int64
+    positions: torch.Tensor  # [B, S] int64
+    valid: torch.Tensor  # [B, S] bool
+    labels: dict[str, str | None]
+    cache_key: int | None = None  # the tracker state the forward extends
+    past: int = 0  # cache length before the forward
+    state: Any = None  # the tracker's state of these sequences
+
+
+@dataclass
+class _CacheState:
+    """One cache object's sequences: ids, next positions, finished rows, labels."""
+
+    seq_ids: np.ndarray
+    next_pos: torch.Tensor  # [B] int64, device
+    finished: torch.Tensor  # [B] bool, device
+    labels: dict[str, str | None]
+    slots: int  # cache length after the last recorded forward
+    held: Any = None  # a multi-token step on a non-empty cache, waiting for the cache length
+    ref: Any = None  # weak reference to the cache object
+
+
+@dataclass
+class Skipped:
+    """What the recorder could not record, by reason; goes into the manifest."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, reason: str, n: int = 1) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + int(n)
+
+
+class SequenceTracker:
+    """Gives each forward its token identity and keeps sequences across decode steps."""
+
+    def __init__(
+        self,
+        next_seq_id: Callable[[int], np.ndarray],
+        skipped: Skipped,
+        sample: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        self._new_ids = next_seq_id
+        self.skipped = skipped
+        self.sample = sample
+        self.seed = seed
+        self._states: dict[int, _CacheState] = {}
+        self.eos_ids: torch.Tensor | None = None  # set while inside generate
+
+    # -- per forward -------------------------------------------------------------------
+    def identify(self, inputs: ForwardInputs, labels: dict[str, str | None]) -> Identity | None:
+        reference = inputs.reference
+        if reference is None:
+            return None
+        batch, seq_len = int(reference.shape[0]), int(reference.shape[1])
+        device = reference.device
+        past = self._cache_length(inputs.cache)
+        mask = inputs.attention_mask
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            # some caches (linear-attention hybrids) report no length: the 2-D mask still does
+            past = max(past, int(mask.shape[1]) - seq_len)
+        state = self._state(inputs.cache)
+        if state is not None and past == 0:
+            state = None  # the cache was reset: new sequences
+        if state is not None and len(state.seq_ids) != batch:
+            self.skipped.add("decode_batch_mismatch")
+            state = None
+        valid = _valid(inputs.attention_mask, batch, seq_len, past, device)
+        positions = _positions(inputs, state, valid, batch, seq_len, past, device)
+        if past == 0 or state is None:
+            phase = schema.PHASE_PREFILL if past == 0 else schema.PHASE_DECODE
+            seq_ids = self._new_ids(batch)
+            state = _CacheState(
+                seq_ids=seq_ids,
+                next_pos=torch.zeros(batch, dtype=torch.long, device=device),
+                finished=self._unsampled(seq_ids, device),
+                labels=dict(labels),
+                slots=past,
+            )
+            if inputs.cache is not None:
+                self._remember(inputs.cache, state)
+        else:
+            phase = schema.PHASE_DECODE
+        valid = valid & ~state.finished.to(device)[:, None]  # finished or left out by sample=
+        if phase == schema.PHASE_DECODE and self.eos_ids is not None and inputs.input_ids is not None:
+            ids = inputs.input_ids
+            fed_eos = (torch.isin(ids, self.eos_ids.to(ids.device)) & valid).any(1)
+            state.finished = state.finished.to(device) | fed_eos
+        state.next_pos = torch.where(
+            valid.any(1), (positions.masked_fill(~valid, -1).amax(1) + 1), state.next_pos.to(device)
+        )
+        state.slots = past + seq_len
+        return Identity(
+            phase=phase,
+            seq_ids=state.seq_ids,
+            positions=positions,
+            valid=valid,
+            labels=state.labels,
+            cache_key=id(inputs.cache) if inputs.cache is not None else None,
+            past=past,
+            state=state,
+        )
+
+    def adopt(self, identity: Identity, output: Any) -> None:
+        """A forward given no cache that made one (returned in its output): later forwards on that
+        cache continue these sequences."""
+        if identity.cache_key is not None or identity.state is None:
+            return
+        cache = getattr(output, "past_key_values", None)
+        if cache is None or isinstance(cache, (tuple, list)) or self._state(cache) is not None:
+            return
+        self._remember(cache, identity.state)
+
+    def _unsampled(self, seq_ids: np.ndarray, device: torch.device) -> torch.Tensor:
+        """Rows left out by `sample=`: treated like finished rows, never recorded."""
+        if self.sample is None:
+            return torch.zeros(len(seq_ids), dtype=torch.bool, device=device)
+        keep = sampled(seq_ids, self.sample, self.seed)
+        return torch.from_numpy(~keep).to(device)
+
+    # -- held multi-token steps ----------------------------------------------------------
+    def hold(self, identity: Identity, step: Any) -> bool:
+        """Keep a multi-token step on a cache until the cache shows how many of its tokens it kept."""
+        state = self._states.get(identity.cache_key) if identity.cache_key is not None else None
+        if state is None or identity.valid.shape[1] < 2:
+            return False
+        state.held = (identity.past, step)
+        return True
+
+    def release(self, cache: Any, submit: Callable[[Any, int], None]) -> None:
+        """Hand the held step of `cache` (if any) to `submit(step, kept_columns)`."""
+        state = self._state(cache)
+        if state is None or state.held is None:
+            return
+        past, step = state.held
+        state.held = None
+        kept = self._cache_length(cache) - past
+        if kept <= 0:  # the cache does not report a length (or was reset): it kept them all
+            kept = step.valid.shape[1]
+        if kept < step.valid.shape[1]:  # candidates were rejected: the row goes on after the kept ones
+            state.next_pos = step.positions[:, kept - 1] + 1
+        submit(step, kept)
+
+    def release_all(self, submit: Callable[[Any, int], None]) -> None:
+        for key, state in list(self._states.items()):
+            if state.held is None:
+                continue
+            cache = state.ref() if state.ref is not None else None
+            past, step = state.held
+            state.held = None
+            kept = self._cache_length(cache) - past if cache is not None else 0
+            kept = kept if kept > 0 else step.valid.shape[1]
+            submit(step, kept)
+            if cache is None:
+                self._states.pop(key, None)
+
+    # -- state by cache object -----------------------------------------------------------
+    def _state(self, cache: Any) -> _CacheState | None:
+        if cache is None:
+            return None
+        state = self._states.get(id(cache))
+        if state is None:
+            return None
+        if state.ref is not None and state.ref() is not cache:  # id reused by a new object
+            self._states.pop(id(cache), None)
+            return None
+        return state
+
+    def _remember(self, cache: Any, state: _CacheState) -> None:
+        key = id(cache)
+        try:
+            state.ref = weakref.ref(cache, lambda _, key=key: self._forget(key))
+        except TypeError:
+            state.ref = None
+        self._states[key] = state
+
+    def _forget(self, key: int) -> None:
+        state = self._states.get(key)
+        if state is not None and state.held is None:
+            self._states.pop(key, None)
+
+    def _cache_length(self, cache: Any) -> int:
+        if cache is None:
+            return 0
+        get = getattr(cache, "get_seq_length", None)
+        if get is None:
+            if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)):
+                return int(cache[0][0].shape[-2])  # legacy tuple cache
+            self.skipped.add("cache_length_unknown")
+            return 0
+        try:
+            return int(get())
+        except Exception:
+            self.skipped.add("cache_length_unknown")
+            return 0
+
+
+def sampled(seq_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Whether each sequence is in a seeded `fraction` sample: a hash of (seed, seq_id), so the
+    choice does not depend on batch order and is the same on every rank."""
+    x = (seq_ids.astype(np.uint64) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)) + np.uint64(
+        0x9E3779B97F4A7C15
+    )
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+
+
+def _valid(mask: Any, batch: int, seq_len: int, past: int, device: torch.device) -> torch.Tensor:
+    """Which (row, column) of the forward are real tokens."""
+    if isinstance(mask, dict):  # per-attention-type masks: the full-attention one
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= seq_len:
+        return mask[:, mask.shape[1] - seq_len :].to(device) != 0
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] >= past + seq_len:
+        # a query is a real token exactly when it may attend to its own key slot
+        own = torch.diagonal(mask[:, 0, -seq_len:, past : past + seq_len], dim1=1, dim2=2)
+        allowed = own if own.dtype == torch.bool else own == 0
+        return allowed.to(device).expand(batch, seq_len).clone()
+    return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+
+
+def _positions(
+    inputs: ForwardInputs,
+    state: _CacheState | None,
+    valid: torch.Tensor,
+    batch: int,
+    seq_len: int,
+    past: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Absolute positions, padding not counted."""
+    mask = inputs.attention_mask
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == past + seq_len:
+        # the whole row's mask: count its real tokens (also right for right padding, where
+        # generate's own position_ids repeat a position)
+        return (mask.to(device).long().cumsum(1) - 1)[:, past:]
+    pos_ids = inputs.position_ids
+    if isinstance(pos_ids, torch.Tensor) and pos_ids.dim() == 2 and pos_ids.shape[-1] == seq_len:
+        return pos_ids.to(device=device, dtype=torch.long).expand(batch, seq_len)
+    running = valid.long().cumsum(1) - 1
+    if state is not None and past > 0:
+        return state.next_pos.to(device)[:, None] + running
+    if past == 0:
+        return running
+    return torch.arange(past, past + seq_len, device=device).expand(batch, seq_len)

@@ -1,0 +1,165 @@
+"""The run directory as a whole: create, overwrite or append, rank fragments, the manifest.
+
+Everything that writes a run (the recorder, Super Expert calibration, the importers) goes
+through here, so the rules live in one place:
+
+- `mode="create"` refuses a directory that already holds a run (`RunExistsError`);
+  `overwrite` removes its tables and manifests first; `append` continues its step and
+  sequence counters.
+- Rank 0 writes `manifest.json`; rank R > 0 writes `manifest.rank=R.json` (a fragment the
+  reader merges), and a rank of a multi-rank run only ever removes its own files.
+- `base_manifest` is the one builder of the SPEC 3.1 keys.
+- `replace_parts` swaps a table's parts for new ones without a moment where neither exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from routescope import schema
+from routescope.errors import RouteScopeError
+from routescope.store.layout import TMP_SUFFIX, list_tables, next_part_index, part_path, table_dir
+from routescope.store.manifest import MANIFEST_NAME, read_manifest, write_manifest
+
+MODES = ("create", "overwrite", "append")
+
+
+class RunExistsError(RouteScopeError, FileExistsError):
+    """The output directory already holds a run and neither overwrite nor append was asked."""
+
+
+def base_manifest(
+    *,
+    model_type: str,
+    num_hidden_layers: int,
+    moe_layers: list[int],
+    num_experts: dict[int, int],
+    top_k: dict[int, int],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The SPEC 3.1 keys (per-layer dicts keyed by the layer as a string) plus `extra`."""
+    return {
+        "format_version": schema.FORMAT_VERSION,
+        "model_type": model_type,
+        "num_hidden_layers": int(num_hidden_layers),
+        "moe_layers": [int(layer) for layer in moe_layers],
+        "num_experts": {str(layer): int(n) for layer, n in num_experts.items()},
+        "top_k": {str(layer): int(k) for layer, k in top_k.items()},
+        "labels": [],
+        "tokens": 0,
+        "complete": False,
+        **extra,
+    }
+
+
+@dataclass
+class Continuation:
+    """Counters a new writer continues from (zero for a new run)."""
+
+    tokens: int = 0
+    steps: int = 0
+    next_seq_id: int = 0
+    labels: list[str] = field(default_factory=list)
+    created_at: str | None = None
+
+
+class RunDirectory:
+    """One rank's view of a run directory."""
+
+    def __init__(self, path: str | Path, rank: int = 0, world_size: int = 1) -> None:
+        self.path = Path(path)
+        self.rank = rank
+        self.world_size = world_size
+
+    @property
+    def manifest_name(self) -> str:
+        return MANIFEST_NAME if self.rank == 0 else f"manifest.rank={self.rank}.json"
+
+    def prepare(self, mode: str, moe_layers: list[int], first_seq_id: int = 0) -> Continuation:
+        """Make the directory ready for writing in `mode`; what an append continues from."""
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not allowed; use one of {', '.join(MODES)}")
+        start = Continuation(next_seq_id=first_seq_id)
+        if (self.path / self.manifest_name).exists() or self.own_parts_exist():
+            if mode == "create":
+                raise RunExistsError(
+                    f"{self.path} already holds a routescope run; pass mode='overwrite' to replace it "
+                    "or mode='append' to add to it (CLI: --overwrite / --append)"
+                )
+            if mode == "overwrite":
+                self.remove_run_files()
+            else:
+                start = self._continuation(moe_layers, first_seq_id)
+        self.path.mkdir(parents=True, exist_ok=True)
+        return start
+
+    def own_parts_exist(self) -> bool:
+        """Only this rank's parts: other ranks of the same run may already have flushed theirs."""
+        return self.path.is_dir() and any(
+            any(table_dir(self.path, table, self.rank).glob("part-*.parquet"))
+            for table in list_tables(self.path)
+        )
+
+    def remove_run_files(self) -> None:
+        """A single process replaces every rank of an earlier run; a rank of a multi-rank run
+        removes only its own files (the others may be writing already)."""
+        ranks = "rank=*" if self.world_size == 1 else f"rank={self.rank}"
+        tables = set(schema.TABLE_COLUMNS) | (set(list_tables(self.path)) if self.path.is_dir() else set())
+        for table in tables:
+            for path in (self.path / table).glob(ranks):
+                shutil.rmtree(path, ignore_errors=True)
+        (self.path / self.manifest_name).unlink(missing_ok=True)
+        if self.world_size == 1:
+            for fragment in self.path.glob("manifest.rank=*.json"):
+                fragment.unlink(missing_ok=True)
+
+    def write_manifest(self, manifest: dict[str, Any]) -> Path:
+        return write_manifest(self.path, manifest, name=self.manifest_name)
+
+    def _continuation(self, moe_layers: list[int], first_seq_id: int) -> Continuation:
+        if self.rank == 0:
+            old = read_manifest(self.path)
+        else:
+            old = json.loads((self.path / self.manifest_name).read_text(encoding="utf-8"))
+        if [int(x) for x in old.get("moe_layers", [])] != list(moe_layers):
+            raise RouteScopeError(
+                f"cannot append to {self.path}: it was recorded with MoE layers {old.get('moe_layers')}, "
+                f"this model has {list(moe_layers)}"
+            )
+        return Continuation(
+            tokens=int(old.get("tokens", 0)),
+            steps=int(old.get("steps", 0)),
+            next_seq_id=int(old.get("next_seq_id", first_seq_id)),
+            labels=list(old.get("labels", [])),
+            created_at=old.get("created_at"),
+        )
+
+
+def replace_parts(run_dir: str | Path, tables: dict[str, pa.Table], rank: int = 0) -> list[Path]:
+    """Write each table as a new part of rank `rank`, then remove that table's older parts.
+
+    New parts land (atomically, under a temporary name first) before the old ones go, so a
+    reader sees either the previous parts or the new ones plus, briefly, both; never none.
+    """
+    run_dir = Path(run_dir)
+    old = {name: sorted(table_dir(run_dir, name, rank).glob("part-*.parquet")) for name in tables}
+    written = []
+    for name, table in tables.items():
+        path = part_path(run_dir, name, rank, next_part_index(run_dir, name, rank))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + TMP_SUFFIX)
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+        written.append(path)
+    for paths in old.values():
+        for path in paths:
+            path.unlink(missing_ok=True)
+    return written
