@@ -145,7 +145,7 @@ def test_evaluate_splits_a_replicated_expert_evenly():
     summary = evaluate_placement(loads, plan)
     per_layer = got.groupby("layer")["load"]
     assert np.allclose(summary["ep_balancedness"], (per_layer.mean() / per_layer.max()).to_numpy())
-    assert np.allclose(summary["tokens"], loads.groupby("layer")["tokens"].sum().to_numpy())
+    assert np.allclose(summary["routing_slots"], loads.groupby("layer")["tokens"].sum().to_numpy())
 
 
 @pytest.mark.parametrize(

@@ -336,11 +336,11 @@ def gpu_loads(loads: pd.DataFrame, plan: pd.DataFrame) -> pd.DataFrame:
 
 
 def evaluate_placement(loads: pd.DataFrame, plan: pd.DataFrame) -> pd.DataFrame:
-    """Per layer: ep_size, tokens, max_gpu_load, mean_gpu_load, ep_balancedness (mean / max, SPEC 4.1),
+    """Per layer: ep_size, routing_slots (N = Σ L_e), max_gpu_load, mean_gpu_load, ep_balancedness (mean / max, SPEC 4.1),
     and imbalance (max / mean, 1.0 = perfectly even) of the loads under the plan."""
     per_gpu = gpu_loads(loads, plan)
     out = per_gpu.groupby("layer")["load"].agg(
-        ep_size="count", tokens="sum", max_gpu_load="max", mean_gpu_load="mean"
+        ep_size="count", routing_slots="sum", max_gpu_load="max", mean_gpu_load="mean"
     )
     out["ep_balancedness"] = out["mean_gpu_load"] / out["max_gpu_load"].where(out["max_gpu_load"] > 0)
     out["imbalance"] = out["max_gpu_load"] / out["mean_gpu_load"].where(out["mean_gpu_load"] > 0)

@@ -68,7 +68,7 @@ def compare_to_contiguous(run: Any, plan: pd.DataFrame, args: argparse.Namespace
     return pd.DataFrame(
         {
             "layer": after["layer"],
-            "tokens": after["tokens"],
+            "routing_slots": after["routing_slots"].round().astype("int64"),
             "contiguous_imbalance": before["imbalance"],
             f"{args.method}_imbalance": after["imbalance"],
             "max_gpu_load": after["max_gpu_load"],
@@ -135,6 +135,12 @@ def placement_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
 def print_summary(
     args: argparse.Namespace, plan: pd.DataFrame, summary: pd.DataFrame, written: list[str]
 ) -> None:
@@ -152,7 +158,7 @@ def print_summary(
     for col in summary.columns:
         table.add_column(col, justify="right")
     for row in summary.itertuples(index=False):
-        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+        table.add_row(*(_cell(v) for v in row))
     console.print(table)
     for path in written:
         console.print(f"wrote {path}")
