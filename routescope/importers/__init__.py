@@ -8,7 +8,6 @@ calls these; docs/scale_out.md lists the accepted layouts and the sources they f
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ import numpy as np
 from routescope import schema
 from routescope.importers.errors import ImportFormatError, RunExistsError
 from routescope.importers.files import check_output_dir
-from routescope.store.manifest import MANIFEST_NAME, write_manifest
+from routescope.store.manifest import MANIFEST_NAME
+from routescope.store.rundir import RunDirectory, base_manifest
 from routescope.store.writer import PartWriter
 
 __all__ = [
@@ -93,14 +93,10 @@ def write_imported_run(
     if not imported.moe_layers:
         named = ", ".join(str(s) for s in sources) or "the input"
         raise ImportFormatError(f"{named}: no MoE layer has any routed token; nothing to import")
-    if (out / MANIFEST_NAME).exists():
-        if not overwrite:
-            raise RunExistsError(f"{out} already holds a routescope run; pass --overwrite to replace it")
-        for table in schema.TABLE_COLUMNS:
-            shutil.rmtree(out / table, ignore_errors=True)
-        for fragment in out.glob("manifest*.json"):
-            fragment.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST_NAME).exists() and not overwrite:
+        raise RunExistsError(f"{out} already holds a routescope run; pass --overwrite to replace it")
+    run_dir = RunDirectory(out)
+    run_dir.prepare("overwrite" if overwrite else "create", imported.moe_layers)
     tables: dict[str, Columns] = {}
     if imported.tokens is not None and imported.routing is not None:
         tables[schema.TOKENS] = imported.tokens
@@ -111,7 +107,7 @@ def write_imported_run(
     if tables:
         writer.submit(_Step(tables))
     writer.close()
-    write_manifest(out, build_manifest(imported, model_type, sources))
+    run_dir.write_manifest(build_manifest(imported, model_type, sources))
     return out
 
 
@@ -122,31 +118,29 @@ def build_manifest(
     import routescope
 
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return {
-        "format_version": schema.FORMAT_VERSION,
-        "model_type": model_type or f"{imported.engine}-import",
-        "num_hidden_layers": imported.num_hidden_layers,
-        "moe_layers": imported.moe_layers,
-        "num_experts": {str(k): v for k, v in sorted(imported.num_experts.items())},
-        "top_k": {str(k): v for k, v in sorted(imported.top_k.items())},
-        "labels": list(imported.labels),
-        "tokens": imported.token_count(),
-        "complete": True,
-        "counts_only": imported.counts_only,
-        "weights_recorded": False,
-        "router_stats": False,
-        "rank": 0,
-        "world_size": 1,
-        "imported_from": {
+    manifest = base_manifest(
+        model_type=model_type or f"{imported.engine}-import",
+        num_hidden_layers=imported.num_hidden_layers,
+        moe_layers=imported.moe_layers,
+        num_experts=dict(sorted(imported.num_experts.items())),
+        top_k=dict(sorted(imported.top_k.items())),
+        counts_only=imported.counts_only,
+        weights_recorded=False,
+        router_stats=False,
+        rank=0,
+        world_size=1,
+        imported_from={
             "engine": imported.engine,
             "mode": imported.mode,
             "files": [str(s) for s in sources],
             **imported.extra,
         },
-        "versions": {"routescope": routescope.__version__},
-        "created_at": now,
-        "updated_at": now,
-    }
+        versions={"routescope": routescope.__version__},
+        created_at=now,
+        updated_at=now,
+    )
+    manifest.update(labels=list(imported.labels), tokens=imported.token_count(), complete=True)
+    return manifest
 
 
 def sequences_to_tables(

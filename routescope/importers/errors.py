@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from routescope.errors import RouteScopeError
+from routescope.store.rundir import RunExistsError as RunExistsError  # one class for every writer
 
 _CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -12,10 +13,6 @@ _CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
 def one_clean_line(text: str) -> str:
     """ANSI escapes and control characters removed, whitespace collapsed to single spaces."""
     return " ".join(_CONTROL.sub("", text).split())
-
-
-class RunExistsError(RouteScopeError, FileExistsError):
-    """The output directory already holds a run and overwrite was not asked."""
 
 
 class ImportFormatError(RouteScopeError, ValueError):
