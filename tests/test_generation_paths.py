@@ -294,3 +294,13 @@ def test_manifest_states_what_recording_cost(model, tmp_path, device):
     assert overhead["seconds"] > 0 and overhead["per_step_ms"] == pytest.approx(
         1000 * overhead["seconds"] / 2
     )
+
+
+def test_a_block_whose_forwards_recorded_nothing_warns_and_says_so(model, tmp_path, device):
+    bad = torch.full((1, 3), 10_000, device=device)  # outside the vocabulary: fails before any MoE layer
+    with pytest.warns(RuntimeWarning, match="forwards_without_routing"):
+        with rs.record(model, tmp_path / "run"), torch.no_grad():
+            with pytest.raises(IndexError):
+                model(input_ids=bad)
+    manifest = rs.open_run(tmp_path / "run").manifest
+    assert manifest["skipped"] == {"forwards_without_routing": 1} and manifest["tokens"] == 0

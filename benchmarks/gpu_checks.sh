@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The GPU checks for a session that is lent a CUDA machine (never run by CI).
+# One short script, about 5 minutes on one H200: the capture tests on the GPU, then the
+# capture-overhead benchmark (prefill, generate, static-cache generate, compiled forward).
+# Paste its output into benchmarks/RESULTS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q torch transformers accelerate >/dev/null 2>&1 || true
+python -m pip install -q -e ".[test]" >/dev/null
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'gpus', torch.cuda.device_count())"
+# capture exactness and generation paths on the GPU (tests take --device)
+timeout 300 python -m pytest -q -p no:cacheprovider --device cuda \
+  tests/test_capture.py tests/test_generation_paths.py -x 2>&1 | tail -5
+# overhead, interleaved in one process (SPEC 7: <= 1.02 for prefill on a GPU)
+timeout 240 python benchmarks/capture_overhead.py --device cuda --layers 16 --experts 128 --top-k 8 \
+  --hidden 1024 --batch 16 --seq 1024 --rounds 10 --decode-steps 32 --static-steps 32 --compiled
