@@ -40,6 +40,20 @@ def _powers(base: np.uint64, n: int) -> np.ndarray:
     return out
 
 
+def _sequence_order(seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Row order by (seq_id, pos): none needed when the rows come sorted (the usual case),
+    one argsort of a packed key when the ids fit, else a lexsort."""
+    n = len(seq)
+    if n < 2:
+        return np.arange(n)
+    ds, dp = np.diff(seq), np.diff(pos)
+    if bool(np.all((ds > 0) | ((ds == 0) & (dp > 0)))):
+        return np.arange(n)
+    if seq.min() >= 0 and seq.max() < 2**32 and pos.max() < 2**31:
+        return np.argsort((seq.astype(np.int64) << 31) | pos.astype(np.int64))
+    return np.lexsort((pos, seq))
+
+
 def content_keys(seq_id: np.ndarray, pos: np.ndarray, token_id: np.ndarray) -> np.ndarray:
     """One uint64 content key per row, in the order of the input rows.
 
@@ -67,7 +81,7 @@ def content_keys(seq_id: np.ndarray, pos: np.ndarray, token_id: np.ndarray) -> n
     if tok.min() < 0:
         raise ValueError(f"content_keys: token_id must be >= 0, got {int(tok.min())}")
 
-    order = np.lexsort((p, seq))
+    order = _sequence_order(seq, p)
     s_seq, s_pos = seq[order], p[order].astype(np.int64)
     s_tok = tok[order].astype(np.uint64) + np.uint64(1)  # +1 so token 0 still moves the hash
     new_seq = np.empty(n, dtype=bool)
@@ -129,8 +143,10 @@ def match_by_content(
         if name == "a":
             keyless = int((keys[chosen] == MISSING_KEY).sum())
             selected = int(chosen.sum())
-        idx = np.flatnonzero(chosen & (keys != MISSING_KEY))
-        order = np.lexsort((cols["pos"][idx], cols["seq_id"][idx], keys[idx]))
+        # rows in (seq_id, pos) order, then a stable sort by key keeps that order within a key
+        in_order = _sequence_order(cols["seq_id"], cols["pos"])
+        idx = in_order[chosen[in_order] & (keys[in_order] != MISSING_KEY)]
+        order = np.argsort(keys[idx], kind="stable")
         sides[name] = (keys[idx][order], idx[order])
     ka, a_idx = sides["a"]
     kb, b_idx = sides["b"]
@@ -139,7 +155,12 @@ def match_by_content(
     a_start[1:] = ka[1:] != ka[:-1]
     group_start = np.maximum.accumulate(np.where(a_start, np.arange(len(ka)), 0)) if len(ka) else ka
     rank = np.arange(len(ka)) - group_start
-    b_keys, b_first, b_count = np.unique(kb, return_index=True, return_counts=True)
+    # kb is sorted: its groups start where the key changes
+    b_first = (
+        np.flatnonzero(np.concatenate(([True], kb[1:] != kb[:-1]))) if len(kb) else np.zeros(0, np.int64)
+    )
+    b_keys = kb[b_first]
+    b_count = np.diff(np.append(b_first, len(kb)))
     g = np.searchsorted(b_keys, ka)
     g_clipped = np.minimum(g, max(len(b_keys) - 1, 0))
     hit = g < len(b_keys)
