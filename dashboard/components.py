@@ -135,7 +135,7 @@ def filter_bar(prefix: str) -> html.Div:
                     ],
                     style={"display": "flex", "gap": "4px"},
                 ),
-                "170px",
+                "200px",
             ),
         ],
         style={**ROW, "margin": "8px 0"},

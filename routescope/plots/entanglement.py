@@ -90,7 +90,9 @@ def entanglement_figure(ent: pd.DataFrame) -> go.Figure:
     fig.update_yaxes(range=[0, 1.02], row=1, col=1)
     fig.update_yaxes(type="log", row=1, col=2)
     fig.update_layout(legend={"orientation": "h", "yanchor": "top", "y": -0.15, "x": 0})
-    return base_layout(fig, title, height=380)
+    fig = base_layout(fig, title, height=400)
+    fig.update_layout(margin={"t": 80})
+    return fig
 
 
 def transition_heatmap(
@@ -132,12 +134,14 @@ def transition_heatmap(
         title=f"top-1 expert in {layer_name(next_layer)}",
         dtick=1 if len(eb) <= 32 else None,
         showgrid=False,
+        zeroline=False,
         range=[min(eb) - 0.5, max(eb) + 0.5],
     )
     fig.update_yaxes(
         title=f"top-1 expert in {layer_name(layer)} (n = its tokens)",
         autorange="reversed",
         showgrid=False,
+        zeroline=False,
         tickmode="array",
         tickvals=ea,
         ticktext=[f"{a} (n={n:,})" for a, n in zip(ea, row_tokens)] if len(ea) <= 64 else None,

@@ -143,8 +143,10 @@ def load_heatmap(load: pd.DataFrame, value: str = "lift") -> go.Figure:
         fig.add_trace(trace)
     fig.update_layout(plot_bgcolor=DEAD_COLOR)
     span = [min(experts) - 0.5, max(experts) + 0.5]  # the markers must not widen the axis past the cells
-    fig.update_xaxes(title="expert", dtick=1 if len(experts) <= 32 else None, showgrid=False, range=span)
-    fig.update_yaxes(title="MoE layer", type="category", autorange="reversed", showgrid=False)
+    fig.update_xaxes(
+        title="expert", dtick=1 if len(experts) <= 32 else None, showgrid=False, zeroline=False, range=span
+    )
+    fig.update_yaxes(title="MoE layer", type="category", autorange="reversed", showgrid=False, zeroline=False)
     legend_on_top(fig)
     return base_layout(fig, f"Expert load ({value})", height=max(320, 90 + 22 * len(layers)))
 

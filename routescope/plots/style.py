@@ -184,21 +184,21 @@ def dead_cell_traces(
         rows, cols = np.nonzero(mask)
         if not len(rows):
             continue
+        marker = {"symbol": symbol, "color": color, "size": 9, "line": {"width": 2, "color": color}}
         traces.append(
             go.Scatter(
                 x=[x[c] for c in cols],
                 y=[y[r] for r in rows],
                 mode="markers",
                 name=name,
-                marker={
-                    "symbol": symbol,
-                    "color": color,
-                    "size": 9,
-                    "line": {"width": 2, "color": color},
-                },
+                marker=marker,
+                showlegend=color == DEAD_COLOR,
                 hovertemplate="%{y} expert %{x}<br>" + name + "<extra></extra>",
             )
         )
+        if color != DEAD_COLOR:  # a light marker vanishes on the legend's white: a dark stand-in there
+            dark = {**marker, "color": DEAD_COLOR, "line": {"width": 2, "color": DEAD_COLOR}}
+            traces.append(go.Scatter(x=[None], y=[None], mode="markers", name=name, marker=dark))
     return traces
 
 

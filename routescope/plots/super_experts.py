@@ -56,15 +56,26 @@ def super_expert_scatter(
             go.Scatter(
                 x=part["layer"],
                 y=part["max_abs_output"],
-                mode="markers+text",
-                text=part["text"],
-                textposition="middle right",
-                textfont={"size": 10, "color": color},
+                mode="markers",
                 name=name,
                 marker={"color": color, "symbol": symbol, "size": 14 if is_super[mask].any() else 7},
                 customdata=np.column_stack([part["name"], part["ratio"]]),
                 hovertemplate="layer %{x} expert %{customdata[0]}<br>max |output| %{y:.4g}"
                 "<br>%{customdata[1]:.3g} × the median<extra>" + name + "</extra>",
+            )
+        )
+    labelled = df[df["text"] != ""]
+    if len(labelled):  # labels in their own text trace, beside their points
+        fig.add_trace(
+            go.Scatter(
+                x=labelled["layer"].astype(float).tolist(),
+                y=labelled["max_abs_output"].astype(float).tolist(),
+                mode="text",
+                text=["\u2003" + s for s in labelled["text"]],  # an em space clears the marker
+                textposition="middle right",
+                textfont={"size": 10, "color": "#333"},
+                showlegend=False,
+                hoverinfo="skip",
             )
         )
     lo, hi = float(df["layer"].min()) - 0.5, float(df["layer"].max()) + 0.5

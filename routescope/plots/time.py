@@ -39,9 +39,13 @@ def step_heatmap(steps: pd.DataFrame, layer: int, num_experts: int, value: str =
     )
     fig = go.Figure(load_trace(x, experts, share, lift, tokens, value, hover))
     fig.update_layout(plot_bgcolor=DEAD_COLOR)
-    fig.update_xaxes(title="forward step (binned)", type="category", showgrid=False)
+    fig.update_xaxes(title="forward step (binned)", type="category", showgrid=False, zeroline=False)
     fig.update_yaxes(
-        title="expert", autorange="reversed", showgrid=False, dtick=1 if num_experts <= 32 else None
+        title="expert",
+        autorange="reversed",
+        showgrid=False,
+        zeroline=False,
+        dtick=1 if num_experts <= 32 else None,
     )
     return base_layout(fig, title, height=max(320, 110 + 14 * num_experts))
 
