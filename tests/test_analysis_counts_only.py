@@ -125,3 +125,11 @@ def test_compare_two_counts_only_runs(run):
     assert result.saturation.empty
     assert any("expert counts only" in note for note in result.notes)
     assert isinstance(result.balance, pd.DataFrame) and len(result.balance) == len(LAYERS)
+
+
+def test_ep_balancedness_from_counts(run, counts):
+    # SGLang's own counters: ep_balancedness per GPU works on a counts-only run, where= on step
+    bal = run.balance(ep_size=3, where="step >= 2").set_index("layer")
+    for li, layer in enumerate(LAYERS):
+        gpu = counts[2:, li].sum(0).reshape(3, E // 3).sum(1)
+        assert bal.loc[layer, "ep_balancedness"] == pytest.approx(gpu.mean() / gpu.max())
