@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,6 +12,16 @@ import torch
 import routescope as rs
 from routescope.importers import ImportedRun, write_imported_run
 from routescope.importers.vllm import import_vllm
+from tests.moe_types import installed_moe_types
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "models.md"
+# Router kinds whose decision is not an experts call, so replay cannot swap it (docs/models.md, Replay).
+NOT_REPLAYABLE = {"doge": "product_key", "jetmoe": "sorted_gating", "llama4": "llama4", "zaya": "skip_router"}
+# Model types whose combine weights follow none of adapters.WEIGHT_RULES: weights="recorded" only.
+ROUTER_WEIGHT_GAPS = {
+    "inkling_text": "a softmax over log-sigmoid scores that includes the shared experts' gammas",
+    "phimoe": "sparsemixer: each slot's weight is a masked softmax after the earlier slots",
+}
 
 # DeepSeek-V3's tiny config has a dense first layer, a score-correction bias and
 # group-limited choice (8 experts in 2 groups, 1 group per token).
@@ -312,3 +324,60 @@ def test_router_weights_without_a_known_rule_say_so(tiny_model, tmp_path):
             model(input_ids=ids)
     with torch.no_grad(), rs.replay(model, tmp_path / "run"):
         assert torch.equal(model(input_ids=ids).logits, original)
+
+
+def test_generate_rows_that_finish_early_are_not_missing(tiny_model, tmp_path):
+    """generate feeds pad tokens to a row after its EOS; rs.record skips them, so replay must
+    let the model route them instead of calling them unknown."""
+    model = tiny_model("qwen3_moe")
+    ids = batch(rows=2, length=5, seed=0)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        free = model.generate(input_ids=ids, **settings)
+    eos = int(free[0, 5 + 1])  # row 0's second new token ends row 0
+    assert not (free[1, 5:] == eos).any() and not (free[0, 5:6] == eos).any(), "pick another seed"
+    model.generation_config.eos_token_id = eos
+    with torch.no_grad(), rs.record(model, tmp_path / "original"):
+        original = model.generate(input_ids=ids, **settings)
+    assert (original[0, 5 + 2 :] == 0).all() and (original[1, 5 + 2 :] != 0).any()
+    perturb_routers(model)
+    with torch.no_grad(), rs.replay(model, tmp_path / "original") as replayer:
+        replayed = model.generate(input_ids=ids, **settings)
+    assert torch.equal(replayed, original)
+    assert replayer.fallback_tokens == 0
+    with rs.open_run(tmp_path / "original") as run:
+        assert replayer.replayed_tokens == run.manifest["tokens"]
+
+
+@pytest.mark.parametrize("model_type", installed_moe_types())
+def test_every_installed_moe_type_replays_or_says_why(tiny_model, tmp_path, model_type):
+    """weights='recorded' gives the recorded forward exactly; weights='router' finds the weight
+    rule of the family (same logits, routers unchanged) or names why not."""
+    model = tiny_model(model_type)
+    ids = batch()
+    with torch.no_grad(), rs.record(model, tmp_path / "run"):
+        original = model(input_ids=ids).logits
+    if model_type in NOT_REPLAYABLE:
+        with pytest.raises(
+            rs.RouteScopeError, match=f"cannot force router kind {NOT_REPLAYABLE[model_type]}"
+        ):
+            with rs.replay(model, tmp_path / "run"):
+                pass
+        return
+    with torch.no_grad(), rs.replay(model, tmp_path / "run"):
+        assert torch.equal(model(input_ids=ids).logits, original)
+    if model_type in ROUTER_WEIGHT_GAPS:
+        with pytest.raises(rs.RouteScopeError, match="no known weight rule"):
+            with torch.no_grad(), rs.replay(model, tmp_path / "run", weights="router"):
+                model(input_ids=ids)
+        return
+    with torch.no_grad(), rs.replay(model, tmp_path / "run", weights="router") as replayer:
+        torch.testing.assert_close(model(input_ids=ids).logits, original, rtol=1e-5, atol=1e-6)
+    assert set(replayer.rules) == set(rs.open_run(tmp_path / "run").moe_layers)
+
+
+def test_docs_list_every_replay_gap():
+    text = DOCS.read_text(encoding="utf-8")
+    section = text[text.index("## Replay") :]
+    for model_type in [*NOT_REPLAYABLE, *ROUTER_WEIGHT_GAPS]:
+        assert f"`{model_type}`" in section, model_type

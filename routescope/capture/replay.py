@@ -39,7 +39,7 @@ class RunRouting:
 
     keys: np.ndarray  # sorted unique content keys of the replayable tokens
     rows: np.ndarray  # token index (replay_tokens order) of each key
-    experts: dict[int, torch.Tensor]  # layer -> [tokens, k] int64
+    experts: dict[int, torch.Tensor]  # layer -> [tokens, k] int16 (-1: slot missing)
     weights: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [tokens, k] float32
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
@@ -72,7 +72,7 @@ def load_run_routing(run: Run, layers: dict[int, int], with_weights: bool) -> Ru
         inside = slot < k
         ids[token[inside], slot[inside]] = df["expert"].to_numpy(np.int64)[inside]
         complete &= (ids >= 0).all(axis=1)
-        experts[layer] = torch.from_numpy(ids)
+        experts[layer] = torch.from_numpy(ids.astype(np.int16))  # SMALLINT in the run: 2 bytes a slot
         if with_weights:
             w = np.zeros((n, k), dtype=np.float32)
             df = run.sql(get_query("replay_weights").sql, {"layer": layer})
