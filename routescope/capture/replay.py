@@ -22,14 +22,19 @@ from torch import nn
 from routescope.analysis.content import MISSING_KEY, content_keys
 from routescope.analysis.run import Run, open_run
 from routescope.analysis.sqlfiles import get_query
-from routescope.capture.adapters import ADAPTERS, WEIGHT_RULES, WeightRule
-from routescope.capture.discovery import LogitsSite, RouterSite, find_logits_sites, find_routers
+from routescope.capture.adapters import WeightRule
+from routescope.capture.discovery import LogitsSite, RouterSite, find_routers
+from routescope.capture.forcing import (
+    check_forceable,
+    find_weight_rule,
+    logits_of,
+    replace_call,
+    require_logits_sites,
+)
 from routescope.errors import RouteScopeError
 
 WEIGHTS = ("recorded", "router")
 MISSING = ("error", "router")
-_ID_NAMES = ("top_k_index", "router_indices", "selected_experts")
-_WEIGHT_NAMES = ("top_k_weights", "routing_weights", "router_scores")
 _MAX_CACHES = 16  # token histories kept for this many live caches (generate calls)
 
 
@@ -135,7 +140,7 @@ class Replayer:
     # -- context manager ---------------------------------------------------------------
     def __enter__(self) -> Replayer:
         self.sites = find_routers(self.model)
-        _check_replayable(self.sites)
+        check_forceable(self.sites, "routing replay")
         run, opened = (self.run, False) if isinstance(self.run, Run) else (open_run(self.run), True)
         try:
             layers = _check_run(run, self.sites, self.weights)
@@ -174,13 +179,7 @@ class Replayer:
             hook = self._make_experts_hook(site)
             self._handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
         if self.weights == "router":
-            logits_sites = _logits_sites(self.model, self.sites)
-            missing = [s.layer for s in self.sites if s.layer not in logits_sites]
-            if missing:
-                raise RouteScopeError(
-                    f"weights='router' needs the router logits of every MoE layer, but "
-                    f"{type(self.model).__name__} declares none for layers {missing}; use weights='recorded'"
-                )
+            logits_sites = require_logits_sites(self.model, self.sites, "weights='router'")
             for layer, logits_site in logits_sites.items():
                 self._routers[layer] = logits_site.module
                 self._handles.append(
@@ -196,8 +195,7 @@ class Replayer:
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if self._step is not None:
-                logits = output[index] if isinstance(output, (tuple, list)) else output
-                self._logits[layer] = logits.reshape(-1, logits.shape[-1])  # not detached: gradients
+                self._logits[layer] = logits_of(output, index)  # not detached: gradients
 
         return hook
 
@@ -221,7 +219,7 @@ class Replayer:
             else:
                 chosen = self._router_weights(layer, ids, own_ids, own_weights)
             weights = torch.where(step.found, chosen, own_weights)
-            return _replace_call(args, kwargs, ids, weights)
+            return replace_call(args, kwargs, ids, weights)
 
         return hook
 
@@ -235,35 +233,13 @@ class Replayer:
                 "use weights='recorded'"
             )
         router = self._routers[layer]
-        rule = self.rules.get(layer) or self._find_rule(layer, router, logits, own_ids, own_weights)
+        rule = self.rules.get(layer)
+        if rule is None:
+            try:
+                rule = self.rules[layer] = find_weight_rule(router, logits, own_ids, own_weights, layer)
+            except RouteScopeError as error:
+                raise RouteScopeError(f"weights='router': {error}; use weights='recorded'") from None
         return rule.compute(router, logits, ids).to(own_weights.dtype)
-
-    def _find_rule(
-        self,
-        layer: int,
-        router: nn.Module,
-        logits: torch.Tensor,
-        own_ids: torch.Tensor,
-        own_weights: torch.Tensor,
-    ) -> WeightRule:
-        """The first rule that gives the router's own choice the router's own weights (one sync, once)."""
-        tolerance = 1e-4 if own_weights.dtype in (torch.float32, torch.float64) else 1e-2
-        with torch.no_grad():
-            for rule in WEIGHT_RULES:
-                try:
-                    weights = rule.compute(router, logits.detach(), own_ids)
-                except Exception:
-                    continue
-                if weights.shape == own_weights.shape and torch.allclose(
-                    weights.float(), own_weights.float(), rtol=tolerance, atol=1e-6
-                ):
-                    self.rules[layer] = rule
-                    return rule
-        names = ", ".join(rule.name for rule in WEIGHT_RULES)
-        raise RouteScopeError(
-            f"weights='router': no known weight rule ({names}) reproduces the combine weights of layer "
-            f"{layer}'s router {type(router).__name__}; use weights='recorded' (docs/models.md, Replay)"
-        )
 
     # -- step bookkeeping --------------------------------------------------------------
     def _begin_step(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -372,18 +348,6 @@ def replay(
     return Replayer(model, run, weights=weights, missing=missing)
 
 
-def _check_replayable(sites: list[RouterSite]) -> None:
-    bad = {site.adapter.name for site in sites if not site.adapter.replay}
-    if bad:
-        kinds = ", ".join(sorted(bad))
-        replayable = ", ".join(a.name for a in ADAPTERS if a.replay)
-        raise RouteScopeError(
-            f"routing replay cannot force router kind {kinds}: replay swaps the ids and weights an "
-            f"experts module is called with, which only these kinds have: {replayable} "
-            "(docs/models.md, Replay)"
-        )
-
-
 def _check_run(run: Run, sites: list[RouterSite], weights: str) -> dict[int, int]:
     """The layers to replay (layer -> k) if `run` fits the model; RouteScopeError naming what differs."""
     manifest = run.manifest
@@ -416,23 +380,6 @@ def _check_run(run: Run, sites: list[RouterSite], weights: str) -> dict[int, int
             "use weights='router'"
         )
     return {site.layer: site.top_k for site in sites}
-
-
-def _logits_sites(model: nn.Module, sites: list[RouterSite]) -> dict[int, LogitsSite]:
-    """Each layer's router-logits output: the one the model declares (`_can_record_outputs`),
-    else the first output of the experts' sibling `gate` / `router` module."""
-    declared = {s.layer: s for s in find_logits_sites(model, [site.layer for site in sites])}
-    for site in sites:
-        if site.layer in declared or "." not in site.name:
-            continue
-        parent_name = site.name.rsplit(".", 1)[0]
-        parent = model.get_submodule(parent_name)
-        for attr in ("gate", "router"):
-            sibling = getattr(parent, attr, None)
-            if isinstance(sibling, nn.Module) and sibling is not site.module:
-                declared[site.layer] = LogitsSite(site.layer, f"{parent_name}.{attr}", sibling, 0)
-                break
-    return declared
 
 
 def _live_keys(
@@ -470,21 +417,3 @@ def _cache_length(cache: Any) -> int:
         return int(cache.get_seq_length())
     except Exception:
         return 0
-
-
-def _replace_call(args: tuple, kwargs: dict, ids: torch.Tensor, weights: torch.Tensor) -> tuple[tuple, dict]:
-    """The experts call's arguments with `ids` and `weights` in place of the router's."""
-    args, kwargs = list(args), dict(kwargs)
-    for index, names, value in ((1, _ID_NAMES, ids), (2, _WEIGHT_NAMES, weights)):
-        if len(args) > index:
-            old = args[index]
-        else:
-            name = next(n for n in names if n in kwargs)
-            old = kwargs[name]
-        if index == 2 and old.shape != ids.shape and old.dim() == 2 and old.shape[-1] > ids.shape[-1]:
-            value = torch.zeros_like(old).scatter(-1, ids, value.to(old.dtype))  # dense [tokens, E] scores
-        if len(args) > index:
-            args[index] = value
-        else:
-            kwargs[name] = value
-    return tuple(args), kwargs
