@@ -141,3 +141,71 @@ def test_switch_capacity_drops_are_recorded_with_weight_zero(seq2seq_model, devi
     assert torch.equal(weights.cpu(), want_weights.cpu())
     kept = ~dropped
     assert torch.equal(experts[kept].cpu(), want_ids[kept].cpu())
+
+
+@pytest.mark.parametrize("model_type", SEQ2SEQ_TYPES)
+def test_forward_and_generate_record_both_stacks_exactly(model_type, seq2seq_model, tmp_path, device):
+    import numpy as np
+
+    import routescope as rs
+
+    model = seq2seq_model(model_type)
+    ids, mask = source_batch(device)
+    capture = StackCapture(model)
+    try:
+        with rs.record(model, tmp_path / "run"), torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :4])
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    finally:
+        capture.remove()
+    run = rs.open_run(tmp_path / "run")
+    manifest = run.manifest
+    assert manifest["moe_layers"] == [1, 3] and manifest["num_hidden_layers"] == 4
+    assert manifest["stacks"] == {"encoder": [0, 2], "decoder": [2, 4]}
+
+    # the forward: encoder then decoder; generate: the encoder once, then one decoder step
+    # per generated token but the last (which is never fed back)
+    decoder_steps = out.shape[1] - 1
+    steps = run.sql(
+        "SELECT step, any_value(stack) AS stack, any_value(phase) AS phase FROM tokens GROUP BY step"
+    )
+    steps = steps.sort_values("step")
+    assert list(steps["stack"]) == ["encoder", "decoder", "encoder"] + ["decoder"] * decoder_steps
+    assert list(steps.phase) == ["prefill"] * 4 + ["decode"] * (decoder_steps - 1)
+    assert len(capture.calls) == len(steps)
+
+    # each stack's tokens are routed only by its own layers, every token k times
+    per_stack = run.sql(
+        "SELECT t.stack, r.layer, count(DISTINCT (r.seq_id, r.pos)) AS tokens, count(*) AS rows "
+        "FROM routing r JOIN tokens t USING (seq_id, pos) GROUP BY ALL ORDER BY r.layer"
+    )
+    real = int(mask.sum())
+    top_k = manifest["top_k"]["1"]
+    assert per_stack["stack"].tolist() == ["encoder", "decoder"]
+    assert per_stack.tokens.tolist() == [2 * real, 2 * 4 + 2 * decoder_steps]
+    assert (per_stack.rows == per_stack.tokens * top_k).all()
+
+    # a generate's decoder sequences keep their ids from the first decoder step on
+    gen = run.sql("SELECT step, seq_id, pos FROM tokens WHERE step >= 3 ORDER BY step, seq_id")
+    assert gen.groupby("step").seq_id.apply(list).map(tuple).nunique() == 1
+    assert gen.groupby("step").pos.max().tolist() == list(range(decoder_steps))
+
+    # exactness, step by step: recorded rows in (seq_id, pos) order equal the capture's
+    # decisions for the real tokens, in batch-row order
+    valid_by_step = [mask, torch.ones(2, 4), mask] + [torch.ones(2, 1)] * decoder_steps
+    for step, ((_, want_ids, want_weights), valid) in enumerate(
+        zip(capture.calls, valid_by_step, strict=True)
+    ):
+        got = run.sql(
+            "SELECT r.expert, r.weight, t.pos FROM routing r JOIN tokens t USING (seq_id, pos) "
+            "WHERE t.step = ? ORDER BY r.seq_id, r.pos, r.slot",
+            [step],
+        )
+        keep = valid.reshape(-1).bool().cpu()
+        assert got.expert.to_numpy().tolist() == want_ids[keep].reshape(-1).cpu().tolist()
+        np.testing.assert_array_equal(
+            got.weight.to_numpy(np.float32), want_weights[keep].reshape(-1).float().cpu().numpy()
+        )
+        if steps["stack"].iloc[step] == "encoder":  # positions count real tokens only
+            want_pos = (valid.long().cumsum(1) - 1)[valid.bool()].cpu().repeat_interleave(top_k)
+            assert got.pos.tolist() == want_pos.tolist()

@@ -207,3 +207,73 @@ def test_multimodal_type_records_text_exactly(model_type, tmp_path, device):
         return model
 
     coverage.test_model_type_records_exactly(model_type, make, tmp_path, device)
+
+
+# -- recording with images ------------------------------------------------------------------
+def _expected_decisions(forward_calls: list, valid: torch.Tensor) -> tuple[list[int], np.ndarray]:
+    """(experts, weights) of one forward's real tokens in the recorded order: batch row, then
+    position, then layer, then slot."""
+    batch, width = valid.shape
+    layers = sorted(forward_calls, key=lambda call: call[0])
+    experts, weights = [], []
+    for b in range(batch):
+        for s in range(width):
+            if not valid[b, s]:
+                continue
+            for _, ids, w in layers:
+                row = b * width + s
+                experts += ids[row].tolist()
+                weights += w[row].float().tolist()
+    return experts, np.asarray(weights, dtype=np.float32)
+
+
+@pytest.mark.parametrize("model_type", VL_TYPES)
+def test_image_tokens_are_recorded_exactly_with_their_modality(model_type, vl_model, tmp_path, device):
+    import routescope as rs
+    from tests.test_model_coverage import RouterCapture
+
+    model = vl_model(model_type)
+    batch = image_batch(device)
+    capture = RouterCapture(model)
+    try:
+        with rs.record(model, tmp_path / "run"), torch.no_grad():
+            model(**batch)
+            out = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    finally:
+        capture.remove()
+    run = rs.open_run(tmp_path / "run")
+    mask = batch["attention_mask"].cpu()
+    new = out.shape[1] - mask.shape[1]
+    valid_by_step = [mask, mask] + [torch.ones(2, 1, dtype=mask.dtype)] * (new - 1)
+    assert len(capture.forwards) == len(valid_by_step)
+
+    # every token the language model routes is recorded, image placeholders included, with
+    # the experts and weights the experts module was called with
+    for step, (forward_calls, valid) in enumerate(zip(capture.forwards, valid_by_step, strict=True)):
+        got = run.sql(
+            "SELECT r.expert, r.weight FROM routing r JOIN tokens t USING (seq_id, pos) "
+            "WHERE t.step = ? ORDER BY r.seq_id, r.pos, r.layer, r.slot",
+            [step],
+        )
+        calls = [(layer, ids.cpu(), w.cpu()) for layer, ids, w in forward_calls]
+        experts, weights = _expected_decisions(calls, valid)
+        assert got.expert.tolist() == experts
+        np.testing.assert_array_equal(got.weight.to_numpy(np.float32), weights)
+
+    # modality at every position: the prompt's placeholders are images, the rest text
+    tokens = run.sql("SELECT step, phase, token_id, modality, stack FROM tokens ORDER BY step, seq_id, pos")
+    prompt = tokens[tokens.step < 2]
+    assert (prompt.modality == np.where(prompt.token_id == IMAGE_TOKEN, "image", "text")).all()
+    assert (prompt.modality == "image").sum() == 2 * 2 * IMAGE_TOKENS  # two forwards, two images each
+    assert set(tokens[tokens.phase == "decode"].modality) == {"text"}
+    assert set(tokens["stack"]) == {"decoder"}
+    assert list(tokens.groupby("step").phase.first()) == ["prefill", "prefill"] + ["decode"] * (new - 1)
+
+    # metrics filter and group by modality
+    top_k = run.manifest["top_k"][str(run.moe_layers[0])]
+    image_load = run.expert_load(where="modality = 'image'")
+    assert (image_load.groupby("layer").tokens.sum() == top_k * 4 * IMAGE_TOKENS).all()
+    by_modality = run.specialization(by="modality")
+    assert set(by_modality.modality) == {"image", "text"}
+    shares = by_modality.groupby(["modality", "layer"]).share.sum()
+    np.testing.assert_allclose(shares.to_numpy(), 1.0)

@@ -67,6 +67,15 @@ def find_stacks(model: nn.Module) -> list[Stack]:
     return [Stack("encoder", encoder, 0), Stack("decoder", decoder, num_blocks(encoder))]
 
 
+def stack_layers(model: nn.Module) -> dict[str, list[int]]:
+    """{stack: [first layer, end]} of an encoder-decoder model (the manifest's `stacks`);
+    empty for a decoder-only model, whose layers are its decoder layers."""
+    stacks = find_stacks(model)
+    if len(stacks) == 1:
+        return {}
+    return {s.name: [s.first_layer, s.first_layer + num_blocks(s.module)] for s in stacks}
+
+
 def num_blocks(stack: nn.Module) -> int:
     """Blocks of a transformer stack: the length of its block list ('layers' or 'block')."""
     for attr in ("layers", "block", "blocks"):

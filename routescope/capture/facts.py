@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from routescope.capture.discovery import RouterSite, text_config
+from routescope.capture.discovery import RouterSite, stack_layers, text_config
 from routescope.store.rundir import base_manifest
 
 
@@ -25,9 +25,14 @@ def model_manifest(model: nn.Module, sites: list[RouterSite], **extra: Any) -> d
     import routescope
 
     config = text_config(model)
+    stacks = stack_layers(model)  # encoder-decoder: layers of both stacks, encoder first
+    if stacks:
+        extra["stacks"] = stacks
     return base_manifest(
         model_type=getattr(config, "model_type", type(model).__name__),
-        num_hidden_layers=int(getattr(config, "num_hidden_layers", 0) or 0),
+        num_hidden_layers=max(end for _, end in stacks.values())
+        if stacks
+        else int(getattr(config, "num_hidden_layers", 0) or 0),
         moe_layers=[site.layer for site in sites],
         num_experts={site.layer: site.num_experts for site in sites},
         top_k={site.layer: site.top_k for site in sites},

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from routescope import schema
-from routescope.capture.discovery import LogitsSite, RouterSite, find_logits_sites, find_routers
+from routescope.capture.discovery import LogitsSite, RouterSite, find_logits_sites, find_routers, find_stacks
 from routescope.capture.facts import (
     install_sigterm_exit,
     model_manifest,
@@ -31,6 +31,7 @@ from routescope.capture.facts import (
 )
 from routescope.capture.generation import GeneratePatch, check_not_compiled
 from routescope.capture.identity import SequenceTracker, Skipped, bind_inputs
+from routescope.capture.modality import placeholder_ids, token_modality
 from routescope.capture.step import HostStep, StepBuffers
 from routescope.errors import RouteScopeError
 from routescope.store.rundir import MODES, RunDirectory
@@ -289,9 +290,16 @@ class Recorder:
 
     # -- hooks -------------------------------------------------------------------------
     def _add_hooks(self) -> None:
-        self._forward_signature = inspect.signature(self.model.forward)
-        self._handles.append(self.model.register_forward_pre_hook(self._begin_step, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._end_step, always_call=True))
+        # A step is one forward of a stack: the model, or an encoder-decoder's encoder and
+        # decoder apart (generate runs the encoder once, outside the model's forward).
+        self._stacks = {id(stack.module): stack for stack in find_stacks(self.model)}
+        self._signatures = {
+            key: inspect.signature(stack.module.forward) for key, stack in self._stacks.items()
+        }
+        self._placeholder_ids = placeholder_ids(getattr(self.model, "config", None))
+        for stack in self._stacks.values():
+            self._handles.append(stack.module.register_forward_pre_hook(self._begin_step, with_kwargs=True))
+            self._handles.append(stack.module.register_forward_hook(self._end_step, always_call=True))
         for site in self.sites:
             if site.adapter.hook == "pre":
                 hook = self._make_pre_hook(site)
@@ -370,16 +378,16 @@ class Recorder:
     def _begin_step(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         started = time.perf_counter()
         try:
-            self._begin(args, kwargs)
+            self._begin(module, args, kwargs)
         finally:
             self._overhead += time.perf_counter() - started
 
-    def _begin(self, args: tuple, kwargs: dict) -> None:
+    def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._depth > 0:
             self._depth += 1
             return  # the model called itself: the outer call is the step
         self.writer.raise_if_failed()
-        inputs = bind_inputs(self._forward_signature, args, kwargs)  # raises on packed inputs
+        inputs = bind_inputs(self._signatures[id(module)], args, kwargs)  # raises on packed inputs
         self._depth = 1
         self._forwards += 1
         self._tracker.release(inputs.cache, self._submit_held)
@@ -402,6 +410,8 @@ class Recorder:
             positions=identity.positions,
             valid=identity.valid,
             valid_flat=identity.valid.reshape(-1).float(),
+            stack=self._stacks[id(module)].name,
+            modality=token_modality(ids, kwargs, ids_by_modality=self._placeholder_ids),
         )
         self._identity = identity
         self.steps += 1

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from routescope import schema
+from routescope.capture.modality import modality_names
 from routescope.errors import RouteScopeError
 
 
@@ -32,6 +33,8 @@ class StepBuffers:
     stats: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     calls: dict[int, int] = field(default_factory=dict)
     valid_by_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+    stack: str = schema.STACK_DECODER  # encoder or decoder
+    modality: torch.Tensor | None = None  # [B, S] int8 codes (capture/modality.py); None: all text
 
     @property
     def batch_tokens(self) -> int:
@@ -66,6 +69,8 @@ class StepBuffers:
             "positions": step.positions.to(torch.int32),
             "valid": step.valid,
         }
+        if step.modality is not None:
+            tensors["modality"] = step.modality
         # one stacked tensor when every layer has the same shape on the same device
         uniform = len({(indices.shape, indices.device) for indices, _ in pairs}) == 1
         if uniform:
@@ -94,6 +99,7 @@ class StepBuffers:
             uniform=uniform,
             with_weights=with_weights,
             with_stats=bool(step.stats),
+            stack=step.stack,
         )
 
 
@@ -139,6 +145,7 @@ class HostStep:
     uniform: bool
     with_weights: bool
     with_stats: bool
+    stack: str = schema.STACK_DECODER
 
     @property
     def nbytes(self) -> int:
@@ -160,6 +167,12 @@ class HostStep:
             "token_id": h["token_ids"].reshape(-1)[keep].astype(np.int32),
             "step": np.full(n, self.step, dtype=np.int32),
             "phase": np.full(n, self.phase, dtype=object),
+            "modality": (
+                modality_names(h["modality"].reshape(-1)[keep])
+                if "modality" in h
+                else np.full(n, schema.TOKEN_EXTRA_DEFAULTS["modality"], dtype=object)
+            ),
+            "stack": np.full(n, self.stack, dtype=object),
         }
         for label, value in self.labels.items():
             tokens[label] = np.full(n, value, dtype=object)
