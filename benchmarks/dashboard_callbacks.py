@@ -133,16 +133,26 @@ def measure(name: str, call: Callable[[], Any], registry: Any) -> dict[str, Any]
 
 def callbacks(registry: Any) -> list[tuple[str, Callable[[], Any]]]:
     from dashboard.app import update_run_state
-    from dashboard.pages import compare, entanglement, load, overview, specialization, super_experts, tokens
+    from dashboard.pages import (
+        compare,
+        entanglement,
+        load,
+        overview,
+        specialization,
+        super_experts,
+        time,
+        tokens,
+    )
 
     st = {"run": "0", "version": None}
     layer = registry.run("0").moe_layers[len(registry.run("0").moe_layers) // 2]
     steps = registry.query("0", "filter_choices")
     mid = (steps["step_min"] + steps["step_max"]) // 2
-    seq = tokens.tokens_controls(st)[1]
+    seq = tokens.tokens_controls(st)[1]  # (options, value, layer options, layer)
     return [
         ("shell: update_run_state", lambda: update_run_state("0", 0)),
         ("overview: update_overview", lambda: overview.update_overview(st)),
+        ("overview: update_overview (EP size 8)", lambda: overview.update_overview(st, "8")),
         ("load: load_controls", lambda: load.load_controls(st)),
         ("load: load_label_values", lambda: load.load_label_values(st, "domain")),
         (
@@ -159,12 +169,25 @@ def callbacks(registry: Any) -> list[tuple[str, Callable[[], Any]]]:
             "load: show_expert (click)",
             lambda: load.show_expert(st, {"points": [{"x": 3, "y": f"L{layer}"}]}, "all", None, None, None),
         ),
+        ("time: time_controls", lambda: time.time_controls(st)),
+        (
+            "time: update_time (all steps)",
+            lambda: time.update_time(st, "all", None, None, None, "all", layer, "lift"),
+        ),
+        (
+            "time: update_time (phase+label)",
+            lambda: time.update_time(st, "prefill", "domain", "code", None, "all", layer, "share"),
+        ),
         ("entanglement: controls", lambda: entanglement.entanglement_controls(st)),
-        ("entanglement: update (pair, top 20)", lambda: entanglement.update_entanglement(st, None, 20)),
+        ("entanglement: update (pair, top 30)", lambda: entanglement.update_entanglement(st, None, 30)),
         ("specialization: controls", lambda: specialization.specialization_controls(st)),
         (
             "specialization: update_specialization",
             lambda: specialization.update_specialization(st, "domain", layer),
+        ),
+        (
+            "specialization: update_specialization (vs expert share)",
+            lambda: specialization.update_specialization(st, "domain", layer, "expert"),
         ),
         ("specialization: update_repetition", lambda: specialization.update_repetition(st)),
         ("super experts: update", lambda: super_experts.update_super_experts(st)),

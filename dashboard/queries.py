@@ -205,6 +205,12 @@ def top_tokens(
 
 
 # -- time and ranks (per-bin balance computed here until the Run API has it) -------------
+# One 128-bit key per token for the routing-tokens join: DuckDB joins on one integer column
+# about 5x faster than on (seq_id, pos) (0.7 s against 4.5 s at 10M routing rows).
+TOKEN_KEY = "((t.seq_id::HUGEINT << 32) + t.pos)"
+ROUTING_KEY = "((r.seq_id::HUGEINT << 32) + r.pos)"
+
+
 def step_loads(run: rs.Run, flt: TokenFilter = ALL, max_bins: int = MAX_STEP_BINS) -> pd.DataFrame:
     """Load per (step bin, layer, expert) with every expert present (zero when idle).
 
@@ -220,8 +226,9 @@ def step_loads(run: rs.Run, flt: TokenFilter = ALL, max_bins: int = MAX_STEP_BIN
     lo, hi = int(lo), int(hi)
     width = max(1, math.ceil((hi - lo + 1) / max(1, int(max_bins))))
     counts = run.sql(
-        "SELECT (t.step - ?) // ? AS bin, r.layer, r.expert, count(*) AS tokens "
-        f"FROM routing r JOIN tokens t USING (seq_id, pos) WHERE {pred} GROUP BY ALL",
+        "SELECT (t.step - ?) // ? AS bin, r.layer, r.expert, count(*) AS tokens FROM routing r "
+        f"JOIN (SELECT {TOKEN_KEY} AS key, t.step FROM tokens t WHERE {pred}) t ON {ROUTING_KEY} = t.key "
+        "GROUP BY ALL",
         [lo, width, *params],
     )
     frames = []
@@ -253,9 +260,13 @@ def step_loads(run: rs.Run, flt: TokenFilter = ALL, max_bins: int = MAX_STEP_BIN
 
 
 def balance_over_steps(run: rs.Run, flt: TokenFilter = ALL) -> pd.DataFrame:
-    """SPEC 4.1 balance metrics per (step bin, layer) from `step_loads` (computed in pandas:
-    the Run API's balance() has no per-step grouping yet)."""
-    loads = step_loads(run, flt)
+    """SPEC 4.1 balance metrics per (step bin, layer) of `step_loads(run, flt)`."""
+    return balance_of_step_loads(step_loads(run, flt))
+
+
+def balance_of_step_loads(loads: pd.DataFrame) -> pd.DataFrame:
+    """cv, max_violation, balancedness, norm_entropy per (step bin, layer) from step_loads rows
+    (computed in pandas: the Run API's balance() has no per-step grouping yet)."""
     if loads.empty:
         return pd.DataFrame(columns=["step_lo", "step_hi", "layer", "tokens", "cv", "max_violation"])
     grouped = loads.groupby(["step_lo", "step_hi", "layer"])
@@ -277,12 +288,16 @@ def balance_over_steps(run: rs.Run, flt: TokenFilter = ALL) -> pd.DataFrame:
 
 def rank_loads(run: rs.Run, flt: TokenFilter = ALL) -> pd.DataFrame:
     """Load per (rank, layer, expert), every expert present: rank, layer, expert, tokens, share."""
-    pred, params = flt.sql(run, alias="t")
-    counts = run.sql(
-        "SELECT t.rank, r.layer, r.expert, count(*) AS tokens "
-        f"FROM routing r JOIN tokens t USING (seq_id, pos) WHERE {pred} GROUP BY ALL",
-        params,
-    )
+    if flt.is_empty:  # routing carries its rank (from the part's path): no join needed
+        counts = run.sql("SELECT rank, layer, expert, count(*) AS tokens FROM routing GROUP BY ALL")
+    else:
+        pred, params = flt.sql(run, alias="t")
+        counts = run.sql(
+            "SELECT t.rank, r.layer, r.expert, count(*) AS tokens FROM routing r "
+            f"JOIN (SELECT {TOKEN_KEY} AS key, t.rank FROM tokens t WHERE {pred}) t ON {ROUTING_KEY} = t.key "
+            "GROUP BY ALL",
+            params,
+        )
     frames = []
     for rank in sorted(counts["rank"].dropna().unique()):
         for layer in run.moe_layers:

@@ -196,8 +196,9 @@ def update_load(
     co = plots.coactivation_heatmap(
         registry.query(key, "coactivation", layer, flt), run.num_experts(layer), layer
     )
-    ranks = registry.query(key, "rank_loads", flt)
-    if ranks["rank"].nunique() > 1:
+    several = len(registry.query(key, "filter_choices")["ranks"]) > 1
+    ranks = registry.query(key, "rank_loads", flt) if several else None
+    if ranks is not None and ranks["rank"].nunique() > 1:
         rank_fig: Any = graph("load-ranks-graph", "rank_load_figure")
         rank_fig.children[0].figure = plots.rank_load_figure(ranks, layer)
     else:

@@ -26,7 +26,7 @@ from dashboard.components import (
     message,
     register_step_boxes,
 )
-from dashboard.queries import MAX_STEP_BINS
+from dashboard.queries import MAX_STEP_BINS, balance_of_step_loads
 from dashboard.urlstate import int_value, pick, read_fragment, write_fragment
 from routescope import plots
 
@@ -125,7 +125,7 @@ def update_time(
     if layer not in layers:
         raise ValueError(f"layer {layer} is not a MoE layer of this run (MoE layers: {layers})")
     loads = registry.query(key, "step_loads", flt)
-    balance = registry.query(key, "balance_over_steps", flt)
+    balance = balance_of_step_loads(loads)  # pandas over the cached counts: no second pass
     run = registry.run(key)
     heat = plots.step_heatmap(loads, layer, run.num_experts(layer), value=metric)
     bins = loads["step_lo"].nunique() if len(loads) else 0
