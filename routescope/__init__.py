@@ -33,10 +33,12 @@ LAZY: dict[str, str] = {
     "find_super_experts": "routescope.capture.activations",
     "prune_experts": "routescope.capture.pruning",
     "replay": "routescope.capture.replay",
+    "ban_experts": "routescope.capture.banning",
 }
 
 if TYPE_CHECKING:  # static checkers and IDEs see the lazy names as ordinary imports
     from routescope.capture.activations import classify_super_experts, find_super_experts
+    from routescope.capture.banning import ban_experts
     from routescope.capture.discovery import find_routers
     from routescope.capture.pruning import prune_experts
     from routescope.capture.recorder import Recorder, RunExistsError, record
@@ -65,6 +67,7 @@ __all__ = [
     "UnsupportedModelError",
     "WriterError",
     "__version__",
+    "ban_experts",
     "bundled",
     "classify_super_experts",
     "compare",
