@@ -277,3 +277,15 @@ def test_image_tokens_are_recorded_exactly_with_their_modality(model_type, vl_mo
     assert set(by_modality.modality) == {"image", "text"}
     shares = by_modality.groupby(["modality", "layer"]).share.sum()
     np.testing.assert_allclose(shares.to_numpy(), 1.0)
+
+
+def test_docs_list_every_multimodal_and_encoder_decoder_type_with_the_same_gaps():
+    from tests.test_model_coverage import _docs_table
+    from tests.tiny_models import SEQ2SEQ
+
+    rows = _docs_table()
+    missing = sorted((set(MULTIMODAL_TYPES) | set(SEQ2SEQ)) - set(rows))
+    assert not missing, f"docs/models.md does not list {missing}"
+    gaps = {t for t in MULTIMODAL_TYPES if rows[t][2].lower().startswith("gap")}
+    assert gaps == set(MULTIMODAL_GAPS), "docs/models.md and MULTIMODAL_GAPS disagree"
+    assert all(rows[t][2] == "supported" for t in SEQ2SEQ)
