@@ -333,7 +333,7 @@ def test_compare(app, runs):
     opts_a, a, _opts_b, b = compare.compare_controls(state("a"))
     assert (a, b) == ("0", "1") and len(opts_a) == 6
     delta, bal, sat, summary, _msg, style = compare.update_compare(state("a"), "0", "1")
-    assert traces_with_data(delta) == 1 and traces_with_data(bal) == 8 and traces_with_data(sat) == 2
+    assert delta.data[0].type == "heatmap" and traces_with_data(bal) == 8 and traces_with_data(sat) == 2
     assert style == {}
     for metric in ("cv", "max_violation", "balancedness", "norm_entropy", "tokens_matched"):
         assert metric in texts(summary)

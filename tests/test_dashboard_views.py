@@ -434,3 +434,31 @@ def test_token_text_is_coloured_by_expert_and_labels_are_capped(app, runs):
     )
     fig = plots.expert_lanes(lanes.assign(weights=[[0.5, 0.5]] * n), 4)
     assert len(fig.layout.xaxis.tickvals) <= 80 and fig.layout.xaxis.tickangle == -90
+
+
+def test_dead_experts_are_marked_on_compare_and_specialization_figures():
+    from routescope import plots
+
+    load = pd.DataFrame(
+        {
+            "layer": [0, 0, 0, 0],
+            "expert": [0, 1, 2, 3],
+            "share_a": [0.0, 0.5, 0.5, 0.0],
+            "share_b": [0.5, 0.0, 0.5, 0.0],
+        }
+    )
+    fig = plots.load_delta_heatmap(load)
+    marks = {t.name: list(t.x) for t in fig.data[1:] if t.x[0] is not None}
+    assert marks == {"dead in A only (no token)": [0], "dead in B only (no token)": [1], "dead in both": [3]}
+    spec = pd.DataFrame(
+        {
+            "domain": ["code", "code", "math", "math"],
+            "layer": 0,
+            "expert": [0, 1, 0, 1],
+            "tokens": [5, 0, 3, 3],
+            "share": [1.0, 0.0, 0.5, 0.5],
+            "lift": [2.0, 0.0, 1.0, 1.0],
+        }
+    )
+    z = np.array(plots.specialization_heatmap(spec, "domain", 0).data[0].z, dtype=float)
+    assert np.isnan(z[0, 1]) and not np.isnan(z[1, 1])  # code never went to expert 1: a black cell

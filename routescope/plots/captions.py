@@ -14,7 +14,8 @@ CAPTIONS = {
     "pathway_sankey": "The most frequent top-1 expert paths through consecutive MoE layers; band width is "
     "the number of tokens that follow that step of a path.",
     "specialization_heatmap": "Lift of each expert for each label value (share within that value × E): "
-    "white = uniform, red = the expert prefers this value, blue = it avoids it (log scale).",
+    "white = uniform, red = the expert prefers this value, blue = it avoids it (log scale); black = no token "
+    "of this value went to the expert.",
     "repetition_figure": "Fraction of consecutive token pairs in a sequence whose top-1 expert is the same; "
     "the grey bar is what a uniform router gives (1/E).",
     "super_expert_scatter": "Largest |down-projection output| of every expert (log scale), experts labelled. The rule (arXiv 2507.23279): an expert in the searched layers (shaded) whose output is above both dashed lines (the 99.5th percentile and max / 10 of the searched layers) is a Super Expert, drawn as a red star; no star means no expert meets it.",
@@ -23,7 +24,7 @@ CAPTIONS = {
     "expert_lanes": "One row per MoE layer, one column per token: the colour is the token's top-1 expert "
     "there; hover for all k experts with their weights (e5:0.41 = expert 5, weight 0.41).",
     "load_delta_heatmap": "Share of each expert in run B minus run A, per layer: red = more load in B, "
-    "blue = less, white = unchanged.",
+    "blue = less, white = unchanged; ○ an expert dead in A only, × dead in B only, □ dead in both.",
     "balance_change_figure": "Balance metrics per layer in run A (dashed) and run B (solid): cv and "
     "max_violation lower is better, balancedness and norm_entropy higher is better.",
     "saturation_figure": "Router saturation (OLMoE): for tokens in both runs (same sequence, position and token "

@@ -11,6 +11,7 @@ from routescope.plots.style import (
     DIVERGING_SCALE,
     RUN_COLORS,
     base_layout,
+    cell_marks,
     empty_figure,
     float_grid,
     hover_stack,
@@ -53,9 +54,21 @@ def load_delta_heatmap(load: pd.DataFrame) -> go.Figure:
             "<br>Δ %{z:+.4f}<extra></extra>",
         )
     )
-    fig.update_xaxes(title="expert", dtick=1 if len(experts) <= 32 else None)
-    fig.update_yaxes(title="MoE layer", type="category", autorange="reversed")
-    return base_layout(fig, title, height=max(300, 60 + 22 * len(layers)))
+    share_a = grid["share_a"].reindex(index=layers, columns=experts).to_numpy(dtype=float)
+    share_b = grid["share_b"].reindex(index=layers, columns=experts).to_numpy(dtype=float)
+    y = [layer_name(v) for v in layers]
+    marks = [
+        ("dead in A only (no token)", (share_a == 0) & (share_b > 0), "circle-open"),
+        ("dead in B only (no token)", (share_b == 0) & (share_a > 0), "x-thin-open"),
+        ("dead in both", (share_a == 0) & (share_b == 0), "square-open"),
+    ]
+    for trace in cell_marks(experts, y, marks):
+        fig.add_trace(trace)
+    span = [min(experts) - 0.5, max(experts) + 0.5]
+    fig.update_xaxes(title="expert", dtick=1 if len(experts) <= 32 else None, range=span, zeroline=False)
+    fig.update_yaxes(title="MoE layer", type="category", autorange="reversed", zeroline=False)
+    legend_on_top(fig)
+    return base_layout(fig, title, height=max(320, 90 + 22 * len(layers)))
 
 
 def balance_change_figure(balance: pd.DataFrame) -> go.Figure:

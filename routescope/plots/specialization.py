@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
 from routescope.plots.style import (
     BASELINE_COLOR,
+    DEAD_COLOR,
     DIVERGING_SCALE,
     LIFT_LOG2_RANGE,
     METRIC_COLORS,
@@ -36,9 +38,16 @@ def specialization_heatmap(spec: pd.DataFrame, label: str, layer: int, max_value
     experts = sorted(df["expert"].unique())
     lift = df.pivot(index=label, columns="expert", values="lift").reindex(index=values, columns=experts)
     share = df.pivot(index=label, columns="expert", values="share").reindex(index=values, columns=experts)
+    z = log2_lift(lift.to_numpy(dtype=float))
+    if "tokens" in df.columns:  # no token of this value went to the expert: a black cell, not deep blue
+        tokens = df.pivot(index=label, columns="expert", values="tokens").reindex(
+            index=values, columns=experts
+        )
+        z = np.where(tokens.to_numpy(dtype=float) == 0, np.nan, z)
     fig = go.Figure(
         go.Heatmap(
-            z=float_grid(log2_lift(lift.to_numpy(dtype=float))),
+            z=float_grid(z),
+            hoverongaps=False,
             x=experts,
             y=[plain_text(v) for v in values],
             customdata=hover_stack(lift.to_numpy(dtype=float), share.to_numpy(dtype=float)),
@@ -51,8 +60,9 @@ def specialization_heatmap(spec: pd.DataFrame, label: str, layer: int, max_value
             "<br>share %{customdata[1]:.4f}<extra></extra>",
         )
     )
-    fig.update_xaxes(title="expert", dtick=1 if len(experts) <= 32 else None)
-    fig.update_yaxes(title=label, type="category", autorange="reversed")
+    fig.update_layout(plot_bgcolor=DEAD_COLOR)
+    fig.update_xaxes(title="expert", dtick=1 if len(experts) <= 32 else None, showgrid=False, zeroline=False)
+    fig.update_yaxes(title=label, type="category", autorange="reversed", showgrid=False, zeroline=False)
     return base_layout(fig, title, height=max(260, 80 + 26 * len(values)))
 
 

@@ -168,20 +168,31 @@ def expert_state(
 def dead_cell_traces(
     x: list, y: list, tokens: np.ndarray, lift: np.ndarray, dead_color: str = DEAD_COLOR
 ) -> list[go.Scatter]:
-    """Markers over the dead (x) and near-dead (open circle) cells of a heatmap grid (rows y, columns x)."""
+    """Markers over the dead (×) and near-dead (open circle) cells of a heatmap grid (rows y, columns x)."""
     tokens = np.asarray(tokens, dtype=float)
     lift = np.asarray(lift, dtype=float)
-    traces = []
-    for name, mask, symbol, color in (
-        ("dead (no token)", tokens == 0, "x-thin-open", dead_color),
+    marks = [
+        ("dead (no token)", tokens == 0, "x-thin-open"),
         (
             f"near-dead (≤ {NEAR_DEAD_LIFT:g} × uniform)",
             (tokens > 0) & (lift <= NEAR_DEAD_LIFT),
             "circle-open",
-            dead_color,
         ),
-    ):
-        rows, cols = np.nonzero(mask)
+    ]
+    return cell_marks(x, y, marks, dead_color)
+
+
+def cell_marks(
+    x: list, y: list, marks: list[tuple[str, np.ndarray, str]], color: str = DEAD_COLOR
+) -> list[go.Scatter]:
+    """One marker trace per (name, boolean grid, symbol) over the True cells of a heatmap.
+
+    A light `color` (white on dark cells) vanishes on the legend's white, so the legend then
+    shows a dark stand-in instead.
+    """
+    traces = []
+    for name, mask, symbol in marks:
+        rows, cols = np.nonzero(np.asarray(mask, dtype=bool))
         if not len(rows):
             continue
         marker = {"symbol": symbol, "color": color, "size": 9, "line": {"width": 2, "color": color}}
@@ -196,7 +207,7 @@ def dead_cell_traces(
                 hovertemplate="%{y} expert %{x}<br>" + name + "<extra></extra>",
             )
         )
-        if color != DEAD_COLOR:  # a light marker vanishes on the legend's white: a dark stand-in there
+        if color != DEAD_COLOR:
             dark = {**marker, "color": DEAD_COLOR, "line": {"width": 2, "color": DEAD_COLOR}}
             traces.append(go.Scatter(x=[None], y=[None], mode="markers", name=name, marker=dark))
     return traces
