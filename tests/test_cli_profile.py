@@ -101,3 +101,30 @@ def test_profile_bad_input_exits_2_with_one_line(make, message, tmp_path, capsys
     assert code == 2
     assert len(err.splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "run").exists()
+
+
+def test_profile_append_max_tokens_and_the_existing_run_hint(corpus_slice, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = [
+        "profile",
+        "--data",
+        str(corpus_slice),
+        "--out",
+        str(out),
+        "--max-length",
+        "16",
+        "--batch-size",
+        "3",
+    ]
+    assert main([*base, "--max-tokens", "10"]) == 0
+    captured = capsys.readouterr()
+    assert "--max-tokens 10 reached" in captured.out + captured.err
+    first = rs.open_run(out).manifest["tokens"]
+    assert main(base) == 2  # an existing run: the hint names options that exist
+    err = capsys.readouterr().err
+    assert "--append" in err and "--overwrite" in err
+    assert main([*base, "--append"]) == 0
+    run = rs.open_run(out)
+    assert run.manifest["tokens"] > first
+    assert run.sql("SELECT count(*) - count(DISTINCT (seq_id, pos)) AS d FROM tokens").d[0] == 0
+    assert main([*base, "--append", "--overwrite"]) == 2

@@ -64,6 +64,7 @@ def profile_corpus(
     max_tokens: int | None = None,
     generate: int = 0,
     overwrite: bool = False,
+    append: bool = False,
     router_stats: bool = True,
     progress: bool = True,
 ) -> Path:
@@ -75,7 +76,7 @@ def profile_corpus(
         tokenizer.padding_side = "left"  # decoder-only generation continues from the last column
     planned = list(batches(records, batch_size))
     seen = 0
-    mode = "overwrite" if overwrite else "create"
+    mode = "overwrite" if overwrite else "append" if append else "create"
     with rs.record(model, out, router_stats=router_stats, mode=mode) as rec, torch.no_grad():
         bar = tqdm(planned, desc="recording", unit="batch", disable=not progress)
         for labels, texts in bar:
@@ -90,8 +91,13 @@ def profile_corpus(
             else:
                 model(**enc)
             seen += int(enc["attention_mask"].sum())
-            bar.set_postfix(tokens=seen)
+            bar.set_postfix_str(f"prompt tokens={seen:,}")
             if max_tokens and seen >= max_tokens:
+                left = len(planned) - bar.n - 1
+                if left > 0:
+                    bar.write(
+                        f"--max-tokens {max_tokens:,} reached after {seen:,} prompt tokens; {left} batches not recorded"
+                    )
                 break
     return Path(out)
 
@@ -129,6 +135,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--generate", type=int, default=0, metavar="N", help="generate N new tokens per prompt"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
+    parser.add_argument("--append", action="store_true", help="add to an existing run at --out")
     parser.add_argument("--no-router-stats", action="store_true", help="skip router_stats / router_tokens")
 
 
@@ -138,6 +145,8 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.generate < 0:
         raise ValueError("--generate must be 0 or more")
+    if args.overwrite and getattr(args, "append", False):
+        raise ValueError("--overwrite and --append exclude each other: pick one")
 
 
 def profile_command(args: argparse.Namespace) -> int:
@@ -155,6 +164,7 @@ def profile_command(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         generate=args.generate,
         overwrite=args.overwrite,
+        append=args.append,
         router_stats=not args.no_router_stats,
     )
     run = rs.open_run(out)
