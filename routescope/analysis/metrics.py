@@ -285,8 +285,14 @@ def balance(
     places them as given, a replicated expert's load split evenly over its replicas.
     """
     df = query(run, "balance", where=where, uses=("expert_counts",))
+    df = _with_aux_loss(run, df, where, aux_loss)
     if ep_size is not None or placement is not None:
         df = df.merge(ep_balance(expert_load(run, where=where), ep_size, placement), on="layer", how="left")
+    return df
+
+
+def _with_aux_loss(run: Run, df: pd.DataFrame, where: str | None, aux_loss: bool | None) -> pd.DataFrame:
+    """`df` with aux_loss and aux_loss_step_mean when asked for (None: when router_stats exist)."""
     recorded = run.has_table("router_stats")
     if aux_loss is None:
         aux_loss, demanded = recorded, False
