@@ -175,7 +175,6 @@ MULTIMODAL_GAPS: dict[str, str] = {
     "mistral_large4": "no tiny config yet: the shrunk vision/text sizes disagree",
     "muse_spark": "no tiny config yet: per-stage vision lists (patch sizes, depths) must shrink together",
     "qwen3_omni_moe": "no tiny config yet: the talker's text config lacks the shared-expert size",
-    "step3p7": "its text model's experts match no adapter (no router found)",
 }
 # gaps whose shrunk config would still allocate gigabytes: listed, never built
 NOT_BUILT = {"mistral4"}

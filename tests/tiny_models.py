@@ -131,6 +131,9 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
         indexer_compress_ratio=2,
     ),
     "zaya": dict(num_experts_per_tok=1, router_hidden_size=16),  # ZAYA routes to one expert only
+    # text model of step3p7 (no causal-LM class): its first layers are dense, so 2 layers
+    # keep one MoE layer only when the list says so
+    "step3p5": dict(mlp_layer_types=["dense", "sparse"]),
     "jetmoe": dict(kv_channels=8),
     "doge": dict(is_moe=True, num_experts=16, keep_window_size=64),  # product keys: 4 x 4
     "dbrx": dict(

@@ -162,7 +162,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         replay=True,
         hook="pre",
         extract=_from_experts_call,
-        class_names=("DbrxExperts", "LongcatFlashExperts"),
+        class_names=("DbrxExperts", "LongcatFlashExperts", "Step3p7Experts"),
         num_experts_attr="total_experts",
         note="experts modules with the fused call signature but without the decorator; "
         "LongCat's zero-compute (identity) experts are ids n_routed_experts and up",
