@@ -170,7 +170,6 @@ MULTIMODAL_GAPS: dict[str, str] = {
     "diffusion_gemma": "encoder plus diffusion decoder, not an autoregressive language model",
     "deepseek_ocr2": "no tiny config yet: the shrunk vision encoder does not build",
     "ernie4_5_vl_moe": "no tiny config yet: modality-split experts (text and vision expert lists) do not build shrunk",
-    "glm5_next": "no tiny config yet: its linear/full attention layer pattern needs a hand-made tiny layout",
     "mistral4": "no tiny config yet: the shrunk model still allocates 8 GiB",
     "mistral_large4": "no tiny config yet: the shrunk vision/text sizes disagree",
     "muse_spark": "no tiny config yet: per-stage vision lists (patch sizes, depths) must shrink together",

@@ -134,6 +134,16 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     # text model of step3p7 (no causal-LM class): its first layers are dense, so 2 layers
     # keep one MoE layer only when the list says so
     "step3p5": dict(mlp_layer_types=["dense", "sparse"]),
+    # text model of glm5_next: MLA without RoPE (its sparse-attention layers are NoPE), a
+    # linear-attention layer then an indexed one, and query heads = key-value heads (MLA's 4)
+    "glm5_next_text": dict(
+        **{**MLA, "qk_rope_head_dim": 0},
+        **INDEXER,
+        mlp_layer_types=["dense", "sparse"],
+        layer_types=["linear_attention", "full_attention"],
+        linear_head_dim=8,
+        linear_num_heads=4,
+    ),
     "jetmoe": dict(kv_channels=8),
     "doge": dict(is_moe=True, num_experts=16, keep_window_size=64),  # product keys: 4 x 4
     "dbrx": dict(
