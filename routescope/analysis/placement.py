@@ -12,13 +12,12 @@ global, re-implemented from github.com/deepseek-ai/EPLB `eplb.py`). See docs/pla
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:
-    from routescope.analysis.run import Run
+from routescope.analysis.runview import RunView as Run  # a Protocol: run.py imports us, not back
 
 PLAN_COLUMNS = ["layer", "gpu", "slot", "expert"]
 METHODS = ("contiguous", "lpt", "eplb")

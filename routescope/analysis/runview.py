@@ -1,8 +1,8 @@
 """What an analysis function needs from an opened run, as a Protocol.
 
-`routescope.analysis.run.Run` satisfies it; metrics.py and the other analysis modules
-annotate with `RunView` instead of importing `Run`, so that run.py can import them without
-an import cycle (run -> metrics, never back).
+`routescope.analysis.run.Run` satisfies it; metrics.py, placement.py and the other analysis
+modules annotate with `RunView` instead of importing `Run`, so that run.py can import them
+without an import cycle (run -> metrics, never back; tests/test_architecture.py checks).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import duckdb
+import pandas as pd
 
 
 class RunView(Protocol):
@@ -31,3 +32,5 @@ class RunView(Protocol):
     def top_k(self, layer: int) -> int: ...
 
     def has_table(self, table: str) -> bool: ...
+
+    def expert_load(self, where: str | None = None) -> pd.DataFrame: ...
