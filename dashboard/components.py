@@ -285,7 +285,7 @@ def empty_data_figure(text: str) -> go.Figure:
     return plots.empty_figure(text if len(text) < 90 else text[:87] + "…")
 
 
-def table(df: Any, columns: Sequence[tuple[str, str]], max_rows: int = 50) -> html.Table:
+def table(df: Any, columns: Sequence[tuple[str, str]], max_rows: int = 50) -> html.Div:
     """A plain HTML table of DataFrame rows; every cell is text."""
     head = html.Tr(
         [html.Th(title, style={"textAlign": "left", "padding": "2px 8px"}) for _, title in columns]
@@ -295,8 +295,12 @@ def table(df: Any, columns: Sequence[tuple[str, str]], max_rows: int = 50) -> ht
         rows.append(
             html.Tr([html.Td(format_cell(rec[col]), style={"padding": "2px 8px"}) for col, _ in columns])
         )
-    return html.Table(
-        [html.Thead(head), html.Tbody(rows)], style={"borderCollapse": "collapse", "fontSize": "13px"}
+    # a wide table scrolls inside its box instead of widening the page
+    return html.Div(
+        html.Table(
+            [html.Thead(head), html.Tbody(rows)], style={"borderCollapse": "collapse", "fontSize": "13px"}
+        ),
+        style={"overflowX": "auto", "maxWidth": "100%"},
     )
 
 

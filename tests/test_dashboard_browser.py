@@ -127,6 +127,10 @@ def figure_summary(page) -> list[dict]:
     )
 
 
+def fits_width(page) -> bool:
+    return page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth + 1")
+
+
 def shot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"dashboard_{name}.png"), full_page=True)
@@ -142,6 +146,7 @@ def test_every_page_renders_figures_with_data(server, page, path):
     for fig in figures:
         assert fig["svg"] >= 1 and fig["traces"] >= 1 and fig["marks"] >= 1, figures
     assert not page.locator(".rs-error").count(), page.locator(".rs-error").all_inner_texts()
+    assert fits_width(page), path  # wide tables scroll in their box, the page does not
     shot(page, path.strip("/").replace("-", "_") or "overview")
     assert page.console_errors == []
 
@@ -232,5 +237,6 @@ def test_time_page_and_narrow_window(server, page):
     wait_for_figures(page, 2)
     nav = page.locator("nav").bounding_box()
     assert nav["height"] < 30, nav  # one line: the links do not wrap
+    assert fits_width(page)
     shot(page, "time_1024px")
     assert page.console_errors == []

@@ -27,9 +27,9 @@ CAPTIONS = {
     "blue = less, white = unchanged; ○ an expert dead in A only, × dead in B only, □ dead in both.",
     "balance_change_figure": "Balance metrics per layer in run A (dashed) and run B (solid): cv and "
     "max_violation lower is better, balancedness and norm_entropy higher is better.",
-    "saturation_figure": "Router saturation (OLMoE): for tokens in both runs (same sequence, position and token "
-    "id), the fraction of run A's top-k experts that run B also chose (1.0 = the same routing), and how often "
-    "the top-1 expert agrees.",
+    "saturation_figure": "Router saturation (OLMoE): over the tokens of run A whose content (the token ids of "
+    "their sequence up to and including them) also appears in run B, the fraction of A's top-k experts that B "
+    "also chose (1.0 = the same routing), and how often the top-1 expert agrees.",
     "step_heatmap_lift": "One layer over the run: each column is a bin of forward steps, each cell the "
     "expert's share of that bin's slots × E (white = uniform, red = more, blue = less, log scale). Black "
     "cells: no token went to that expert in those steps; a row turning black is an expert dying.",
