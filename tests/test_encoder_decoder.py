@@ -209,3 +209,36 @@ def test_forward_and_generate_record_both_stacks_exactly(model_type, seq2seq_mod
         if steps["stack"].iloc[step] == "encoder":  # positions count real tokens only
             want_pos = (valid.long().cumsum(1) - 1)[valid.bool()].cpu().repeat_interleave(top_k)
             assert got.pos.tolist() == want_pos.tolist()
+
+
+@pytest.mark.parametrize("model_type", SEQ2SEQ_TYPES)
+def test_router_stats_come_from_each_stacks_declared_logits(model_type, seq2seq_model, tmp_path, device):
+    import numpy as np
+
+    import routescope as rs
+
+    model = seq2seq_model(model_type)
+    ids, mask = source_batch(device)
+    logits: dict[str, list[torch.Tensor]] = {}
+    handles = [
+        module.register_forward_hook(lambda m, a, out, n=name: logits.setdefault(n, []).append(out[2]))
+        for name, module in model.named_modules()
+        if type(module).__name__.endswith(("Top1Router", "Top2Router"))
+    ]
+    try:
+        with rs.record(model, tmp_path / "run", router_stats=True), torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :4])
+    finally:
+        for handle in handles:
+            handle.remove()
+    run = rs.open_run(tmp_path / "run")
+    stats = run.sql("SELECT layer, expert, prob_sum FROM router_stats ORDER BY layer, expert")
+    valid = {1: mask.reshape(-1).bool().cpu(), 3: torch.ones(8, dtype=torch.bool)}
+    names = sorted(logits, key=lambda name: ".decoder." in "." + name)  # encoder first
+    for layer, name in zip((1, 3), names, strict=True):
+        probs = logits[name][0].reshape(-1, 4).float().softmax(-1).cpu()[valid[layer]]
+        got = stats[stats.layer == layer].prob_sum.to_numpy()
+        np.testing.assert_allclose(got, probs.sum(0).double().numpy(), rtol=1e-6)
+    per_layer = run.sql("SELECT layer, count(*) AS n FROM router_tokens GROUP BY layer ORDER BY layer")
+    assert per_layer.n.tolist() == [int(mask.sum()), 8]
+    assert "aux_loss" in run.balance().columns

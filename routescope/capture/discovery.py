@@ -193,18 +193,23 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
 
 
 def find_logits_sites(model: nn.Module, layers: list[int]) -> list[LogitsSite]:
-    """Router-logit outputs declared by the model's `_can_record_outputs['router_logits']`."""
-    spec = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
-    target = getattr(spec, "target_class", None)
-    if target is None:
-        return []
-    index = getattr(spec, "index", 0) or 0
-    layer_name = getattr(spec, "layer_name", None)
+    """Router-logit outputs declared by `_can_record_outputs['router_logits']`: the model's,
+    or in an encoder-decoder model each stack's own (numbered as in `find_routers`)."""
     sites: dict[int, LogitsSite] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, target) or (layer_name and not name.endswith(layer_name)):
+    for stack in find_stacks(model):
+        spec = (getattr(stack.module, "_can_record_outputs", None) or {}).get("router_logits")
+        target = getattr(spec, "target_class", None)
+        if target is None:
             continue
-        layer = layer_of(name)
-        if layer in layers and layer not in sites:
-            sites[layer] = LogitsSite(layer, name, module, index)
+        index = getattr(spec, "index", 0) or 0
+        layer_name = getattr(spec, "layer_name", None)
+        for name, module in stack.module.named_modules():
+            if not isinstance(module, target) or (layer_name and not name.endswith(layer_name)):
+                continue
+            layer = layer_of(name)
+            if layer is None:
+                continue
+            layer += stack.first_layer
+            if layer in layers and layer not in sites:
+                sites[layer] = LogitsSite(layer, name, module, index)
     return [sites[layer] for layer in sorted(sites)]
