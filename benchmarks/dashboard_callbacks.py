@@ -148,7 +148,7 @@ def callbacks(registry: Any) -> list[tuple[str, Callable[[], Any]]]:
     layer = registry.run("0").moe_layers[len(registry.run("0").moe_layers) // 2]
     steps = registry.query("0", "filter_choices")
     mid = (steps["step_min"] + steps["step_max"]) // 2
-    seq = tokens.tokens_controls(st)[1]  # (options, value, layer options, layer)
+    seq = tokens.tokens_controls(st)[1]  # (options, value, layer options, layer, start)
     return [
         ("shell: update_run_state", lambda: update_run_state("0", 0)),
         ("overview: update_overview", lambda: overview.update_overview(st)),

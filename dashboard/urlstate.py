@@ -74,3 +74,31 @@ def sync_run(fragment: Any, run_value: Any, keys: list[str], triggered: Any) -> 
     if run_value in keys and wanted != run_value:
         return None, write_fragment(fragment, {"run": run_value})
     return None, None
+
+
+def fragment_for(fragment: Any, values: Mapping[str, Any], defaults: Mapping[str, Any]) -> str | None:
+    """The fragment with `values` written (a value equal to its default is left out); None
+    when nothing changes."""
+    updates = {key: (None if value == defaults.get(key) else value) for key, value in values.items()}
+    new = write_fragment(fragment, updates)
+    return None if new == (fragment or "") else new
+
+
+def register_fragment(app: Any, fields: Mapping[str, str], defaults: Mapping[str, Any] | None = None) -> None:
+    """Write the `value` of each component (fields: URL key -> component id) into the URL
+    fragment whenever one changes."""
+    from dash import Input, Output, State, no_update
+
+    keys = list(fields)
+    defaults = dict(defaults or {})
+
+    def write(fragment: Any, *values: Any) -> Any:
+        new = fragment_for(fragment, dict(zip(keys, values)), defaults)
+        return no_update if new is None else new
+
+    app.callback(
+        Output("app-url", "hash", allow_duplicate=True),
+        State("app-url", "hash"),
+        *(Input(fields[key], "value") for key in keys),
+        prevent_initial_call=True,
+    )(write)

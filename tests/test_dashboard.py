@@ -268,7 +268,7 @@ def test_load_step_range_and_expert_details(app, runs):
 def test_entanglement_specialization_tokens(app, runs):
     from dashboard.pages import entanglement, specialization, tokens
 
-    _pairs, pair = entanglement.entanglement_controls(state("a"))
+    _pairs, pair, _top = entanglement.entanglement_controls(state("a"))
     mi, trans, sankey, msg = entanglement.update_entanglement(state("a"), pair, 10)
     assert (
         msg is None
@@ -279,12 +279,12 @@ def test_entanglement_specialization_tokens(app, runs):
     bad = entanglement.update_entanglement(state("a"), "0-99", 10)
     assert "not consecutive MoE layers" in texts(bad[3])
 
-    _label_opts, label, _layer_opts, layer = specialization.specialization_controls(state("a"))
+    _label_opts, label, _layer_opts, layer, _lift = specialization.specialization_controls(state("a"))
     heat, msg, _caption = specialization.update_specialization(state("a"), label, layer)
     rep = specialization.update_repetition(state("a"))
     assert msg is None and traces_with_data(heat) == 1 and traces_with_data(rep) == 2
 
-    _seq_opts, seq, _layer_opts, _layer = tokens.tokens_controls(state("a"))
+    _seq_opts, seq, _layer_opts, _layer, _start = tokens.tokens_controls(state("a"))
     lanes, _note, text, msg = tokens.update_tokens(state("a"), seq, 0)
     run = rs.open_run(runs["a"])
     assert msg is None and traces_with_data(lanes) == 1

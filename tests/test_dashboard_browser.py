@@ -240,3 +240,15 @@ def test_time_page_and_narrow_window(server, page):
     assert fits_width(page)
     shot(page, "time_1024px")
     assert page.console_errors == []
+
+
+def test_compare_and_entanglement_read_the_url(server, page):
+    page.goto(server + "/compare#a=1&b=0")
+    wait_text(page, "#compare-run-a", "1: run_a")
+    wait_text(page, "#compare-run-b", "0: run_b")
+    wait_for_figures(page, 3)
+    page.goto(server + "/entanglement#run=1&pair=1-2&paths=25")
+    wait_text(page, "#entanglement-pair", "L1 → L2")
+    wait_text(page, "#entanglement-transition", "L1→L2")
+    assert "run=1" in page.evaluate("() => window.location.hash")
+    assert page.console_errors == []

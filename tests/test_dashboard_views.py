@@ -287,7 +287,7 @@ def test_entanglement_is_normalised_and_transition_rows_carry_counts(app, runs):
 
     run = rs.open_run(runs["a"])
     ent = run.entanglement()
-    _opts, pair = entanglement.entanglement_controls(A)
+    _opts, pair, _top = entanglement.entanglement_controls(A)
     mi, trans, sankey, _msg = entanglement.update_entanglement(A, pair, 10)
     assert list(mi.data[0].y) == pytest.approx(ent["norm_mutual_info"].tolist())
     h_b = ent["mutual_info_bits"] + ent["cond_entropy_bits"]
@@ -418,7 +418,7 @@ def test_token_text_is_coloured_by_expert_and_labels_are_capped(app, runs):
 
     run = rs.open_run(runs["a"])
     layer = run.moe_layers[-1]
-    _opts, seq, _layer_opts, _layer = tokens.tokens_controls(A)
+    _opts, seq, _layer_opts, _layer, _start = tokens.tokens_controls(A)
     _lanes, _note, text, _msg = tokens.update_tokens(A, seq, 0, None, layer)
     routing = run.sql(
         "SELECT pos, expert FROM routing WHERE seq_id = ? AND layer = ? AND slot = 0 ORDER BY pos",
@@ -462,3 +462,32 @@ def test_dead_experts_are_marked_on_compare_and_specialization_figures():
     )
     z = np.array(plots.specialization_heatmap(spec, "domain", 0).data[0].z, dtype=float)
     assert np.isnan(z[0, 1]) and not np.isnan(z[1, 1])  # code never went to expert 1: a black cell
+
+
+def test_every_page_reads_its_controls_from_the_url(app, runs):
+    from dash import no_update
+
+    from dashboard.pages import compare, entanglement, specialization, tokens
+    from dashboard.urlstate import fragment_for
+
+    run = rs.open_run(runs["a"])
+    layers = run.moe_layers
+    pair = f"{layers[1]}-{layers[2]}"
+    assert entanglement.entanglement_controls(A, None, f"#pair={pair}&paths=25")[1:] == (pair, 25)
+    assert entanglement.entanglement_controls(A, None, "#pair=0-99&paths=7")[1:] == (
+        f"{layers[0]}-{layers[1]}",
+        10,
+    )
+    spec = specialization.specialization_controls(
+        A, None, None, f"#label=domain&layer={layers[-1]}&lift=expert"
+    )
+    assert (spec[1], spec[3], spec[4]) == ("domain", layers[-1], "expert")
+    seq = int(run.sql("SELECT max(seq_id) AS s FROM tokens")["s"][0])
+    tok = tokens.tokens_controls(A, None, None, f"#seq={seq}&start=4&layer={layers[1]}")
+    assert (tok[1], tok[3], tok[4]) == (seq, layers[1], 4)
+    assert tokens.tokens_controls(A, None, None, "#start=-3")[4] is no_update
+    assert compare.compare_controls(A, None, None, "#a=1&b=0")[1::2] == ("1", "0")
+    assert compare.compare_controls(A, None, None, "#a=/etc&b=9")[1::2] == ("0", "1")
+    # writing: defaults are left out, a change is written, no change is no write
+    assert fragment_for("#run=0", {"paths": 10, "pair": pair}, {"paths": 10}) == f"#run=0&pair={pair}"
+    assert fragment_for(f"#run=0&pair={pair}", {"pair": pair}, {}) is None

@@ -22,6 +22,7 @@ from dashboard.components import (
     table,
 )
 from dashboard.runs import RunUnavailable, get_registry
+from dashboard.urlstate import read_fragment, register_fragment
 from routescope import plots
 
 PAGE = {"path": "/compare", "name": "Compare", "order": 7, "title": "routescope · compare"}
@@ -53,11 +54,15 @@ def layout(**_query: Any) -> html.Div:
 
 
 @guarded([OPTIONS, KEEP, OPTIONS, KEEP])
-def compare_controls(state: Any, a_now: Any = None, b_now: Any = None) -> tuple:
-    """Both dropdowns list the served runs; A defaults to the first, B to the second."""
+def compare_controls(state: Any, a_now: Any = None, b_now: Any = None, fragment: Any = None) -> tuple:
+    """Both dropdowns list the served runs; A defaults to the first, B to the second, or what
+    the URL asks for."""
     registry = get_registry()
     options = registry.options()
     keys = registry.keys
+    url = read_fragment(fragment)
+    a_now = a_now if a_now in keys else url.get("a")
+    b_now = b_now if b_now in keys else url.get("b")
     a = a_now if a_now in keys else keys[0]
     b = b_now if b_now in keys else keys[min(1, len(keys) - 1)]
     return options, a, options, b
@@ -158,7 +163,9 @@ def register(app: dash.Dash) -> None:
         Input("app-version", "data"),
         State("compare-run-a", "value"),
         State("compare-run-b", "value"),
+        State("app-url", "hash"),
     )(compare_controls)
+    register_fragment(app, {"a": "compare-run-a", "b": "compare-run-b"})
     app.callback(
         Output("compare-delta", "figure"),
         Output("compare-balance", "figure"),

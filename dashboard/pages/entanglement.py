@@ -12,6 +12,7 @@ from dash import Input, Output, State, dcc, html
 
 from dashboard.components import FIGURE, KEEP, MESSAGE, OPTIONS, current, graph, guarded, labelled
 from dashboard.queries import PATHWAYS_MAX
+from dashboard.urlstate import int_value, pick, read_fragment, register_fragment
 from routescope import plots
 
 PAGE = {"path": "/entanglement", "name": "Entanglement", "order": 3, "title": "routescope · entanglement"}
@@ -52,9 +53,9 @@ def pair_value(layer: int, next_layer: int) -> str:
     return f"{layer}-{next_layer}"
 
 
-@guarded([OPTIONS, KEEP])
-def entanglement_controls(state: Any, pair_now: Any = None) -> tuple:
-    """Consecutive MoE layer pairs of the run."""
+@guarded([OPTIONS, KEEP, KEEP])
+def entanglement_controls(state: Any, pair_now: Any = None, fragment: Any = None) -> tuple:
+    """Consecutive MoE layer pairs of the run, and the pair and path count the URL asks for."""
     registry, key = current(state)
     layers = registry.query(key, "summary")["moe_layers"]
     pairs = list(itertools.pairwise(layers))
@@ -63,7 +64,10 @@ def entanglement_controls(state: Any, pair_now: Any = None) -> tuple:
         for a, b in pairs
     ]
     values = [o["value"] for o in options]
-    return options, pair_now if pair_now in values else (values[0] if values else None)
+    url = read_fragment(fragment)
+    pair_now = pair_now if pair_now in values else url.get("pair")
+    top = pick(int_value(url.get("paths")), list(range(5, PATHWAYS_MAX + 1, 5)), 10)
+    return options, pair_now if pair_now in values else (values[0] if values else None), top
 
 
 @guarded([FIGURE, FIGURE, FIGURE, MESSAGE])
@@ -106,9 +110,12 @@ def register(app: dash.Dash) -> None:
     app.callback(
         Output("entanglement-pair", "options"),
         Output("entanglement-pair", "value"),
+        Output("entanglement-top", "value"),
         Input("app-version", "data"),
         State("entanglement-pair", "value"),
+        State("app-url", "hash"),
     )(entanglement_controls)
+    register_fragment(app, {"pair": "entanglement-pair", "paths": "entanglement-top"}, {"paths": 10})
     app.callback(
         Output("entanglement-mi", "figure"),
         Output("entanglement-transition", "figure"),

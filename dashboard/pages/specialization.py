@@ -22,7 +22,10 @@ from dashboard.components import (
     labelled,
     message,
 )
+from dashboard.urlstate import int_value, pick, read_fragment, register_fragment
 from routescope import plots
+
+BASELINES = ("uniform", "expert")
 
 PAGE = {
     "path": "/specialization",
@@ -67,12 +70,17 @@ def layout(**_query: Any) -> html.Div:
     )
 
 
-@guarded([OPTIONS, KEEP, OPTIONS, KEEP])
-def specialization_controls(state: Any, label_now: Any = None, layer_now: Any = None) -> tuple:
-    """Labels and MoE layers of the run."""
+@guarded([OPTIONS, KEEP, OPTIONS, KEEP, KEEP])
+def specialization_controls(
+    state: Any, label_now: Any = None, layer_now: Any = None, fragment: Any = None
+) -> tuple:
+    """Labels and MoE layers of the run, and the label, layer and baseline the URL asks for."""
     registry, key = current(state)
     info = registry.query(key, "summary")
     labels, layers = info["labels"], info["moe_layers"]
+    url = read_fragment(fragment)
+    label_now = label_now if label_now in labels else url.get("label")
+    layer_now = layer_now if layer_now in layers else int_value(url.get("layer"))
     label = label_now if label_now in labels else (labels[0] if labels else None)
     layer = layer_now if layer_now in layers else (layers[0] if layers else None)
     return (
@@ -80,6 +88,7 @@ def specialization_controls(state: Any, label_now: Any = None, layer_now: Any = 
         label,
         [{"label": plots.layer_name(ly), "value": ly} for ly in layers],
         layer,
+        pick(url.get("lift"), list(BASELINES), "uniform"),
     )
 
 
@@ -126,10 +135,17 @@ def register(app: dash.Dash) -> None:
         Output("specialization-label", "value"),
         Output("specialization-layer", "options"),
         Output("specialization-layer", "value"),
+        Output("specialization-baseline", "value"),
         Input("app-version", "data"),
         State("specialization-label", "value"),
         State("specialization-layer", "value"),
+        State("app-url", "hash"),
     )(specialization_controls)
+    register_fragment(
+        app,
+        {"label": "specialization-label", "layer": "specialization-layer", "lift": "specialization-baseline"},
+        {"lift": "uniform"},
+    )
     app.callback(Output("specialization-repetition", "figure"), Input("app-version", "data"))(
         update_repetition
     )

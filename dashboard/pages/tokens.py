@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import dash
-from dash import Input, Output, State, dcc, html
+from dash import Input, Output, State, dcc, html, no_update
 
 from dashboard.components import (
     CHILDREN,
@@ -21,6 +21,7 @@ from dashboard.components import (
     guarded,
     labelled,
 )
+from dashboard.urlstate import int_value, read_fragment, register_fragment
 from routescope import plots
 
 PAGE = {"path": "/tokens", "name": "Tokens", "order": 6, "title": "routescope · tokens"}
@@ -73,11 +74,14 @@ def sequence_label(row: Any, labels: list[str]) -> str:
     return f"seq {int(row['seq_id'])} · {int(row['tokens'])} tokens" + (f" · {tags}" if tags else "")
 
 
-@guarded([OPTIONS, KEEP, OPTIONS, KEEP])
-def tokens_controls(state: Any, seq_now: Any = None, layer_now: Any = None) -> tuple:
-    """The first sequences of the run (capped) as dropdown options, and the MoE layers."""
+@guarded([OPTIONS, KEEP, OPTIONS, KEEP, KEEP])
+def tokens_controls(state: Any, seq_now: Any = None, layer_now: Any = None, fragment: Any = None) -> tuple:
+    """The first sequences of the run (capped) as dropdown options, the MoE layers, and the
+    sequence, layer and first position the URL asks for."""
     registry, key = current(state)
     layers = registry.query(key, "summary")["moe_layers"]
+    url = read_fragment(fragment)
+    layer_now = layer_now if layer_now in layers else int_value(url.get("layer"))
     layer_options = [{"label": plots.layer_name(ly), "value": ly} for ly in layers]
     layer = layer_now if layer_now in layers else (layers[0] if layers else None)
     seqs = registry.query(key, "sequences")
@@ -86,8 +90,10 @@ def tokens_controls(state: Any, seq_now: Any = None, layer_now: Any = None) -> t
         {"label": sequence_label(row, labels), "value": int(row["seq_id"])} for _, row in seqs.iterrows()
     ]
     values = {o["value"] for o in options}
+    seq_now = seq_now if seq_now in values else int_value(url.get("seq"))
     seq = seq_now if seq_now in values else (options[0]["value"] if options else None)
-    return options, seq, layer_options, layer
+    start = int_value(url.get("start"))
+    return options, seq, layer_options, layer, start if start is not None and start >= 0 else no_update
 
 
 @guarded([FIGURE, CHILDREN, CHILDREN, MESSAGE])
@@ -142,9 +148,11 @@ def register(app: dash.Dash) -> None:
         Output("tokens-seq", "value"),
         Output("tokens-layer", "options"),
         Output("tokens-layer", "value"),
+        Output("tokens-start", "value"),
         Input("app-version", "data"),
         State("tokens-seq", "value"),
         State("tokens-layer", "value"),
+        State("app-url", "hash"),
     )(tokens_controls)
     app.callback(
         Output("tokens-lanes", "figure"),
@@ -157,3 +165,6 @@ def register(app: dash.Dash) -> None:
         Input("tokens-seq-id", "value"),
         Input("tokens-layer", "value"),
     )(update_tokens)
+    register_fragment(
+        app, {"seq": "tokens-seq", "start": "tokens-start", "layer": "tokens-layer"}, {"start": 0}
+    )
