@@ -261,6 +261,40 @@ def test_a_vllm_routed_experts_import_drives_replay(tiny_model, tmp_path):
             pass
 
 
+def test_an_sglang_per_token_dump_drives_replay(tiny_model, tmp_path):
+    """SGLang's expert-distribution recorder (per_token mode) as written in
+    tests/test_importers_sglang.py: requests batched into EXTEND, DECODE and MIXED passes,
+    physical expert slots mapped back to logical ids. Replaying it in one padded batch gives
+    every token the experts SGLang routed it to."""
+    from routescope.importers.sglang import import_sglang
+    from tests.test_importers_sglang import SCHEDULE, make_truth, per_token_record, save_dump
+
+    truth = make_truth()
+    records = [per_token_record(fid, mode, batch, truth) for fid, (mode, batch) in enumerate(SCHEDULE)]
+    write_imported_run(import_sglang([save_dump(tmp_path / "dump.pt", records)]), tmp_path / "sglang")
+    # three layers with a dense first one: MoE layers 1 and 2, four experts, top-2 (as the dump)
+    model = tiny_model("deepseek_v3", vocab_size=512, n_routed_experts=4, n_group=1, topk_group=1)
+    sequences = [[tok["token_id"] for tok in tokens] for tokens in truth.values()]
+    ids = torch.zeros(len(sequences), max(map(len, sequences)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
+    with torch.no_grad(), rs.replay(model, tmp_path / "sglang", weights="router") as replayer:
+        with rs.record(model, tmp_path / "inside"):
+            model(input_ids=ids, attention_mask=mask)
+    assert replayer.replayed_tokens == int(mask.sum())
+    got = rows(tmp_path / "inside")
+    truth_rows = {
+        (tuple(seq[: tok["pos"] + 1]), layer, slot): e
+        for seq, tokens in zip(sequences, truth.values(), strict=True)
+        for tok in tokens
+        for layer in (1, 2)
+        for slot, e in enumerate(tok["experts"][layer])
+    }
+    recorded = {(r.prefix, r.layer, r.slot): r.expert for r in got.itertuples()}
+    assert len(got) == len(truth_rows) and recorded == truth_rows
+
+
 def test_bad_runs_and_arguments_are_named(tiny_model, tmp_path):
     model = tiny_model("mixtral")
     with torch.no_grad(), rs.record(model, tmp_path / "mixtral"):
