@@ -491,3 +491,37 @@ def test_every_page_reads_its_controls_from_the_url(app, runs):
     # writing: defaults are left out, a change is written, no change is no write
     assert fragment_for("#run=0", {"paths": 10, "pair": pair}, {"paths": 10}) == f"#run=0&pair={pair}"
     assert fragment_for(f"#run=0&pair={pair}", {"pair": pair}, {}) is None
+
+
+def test_dashboard_command_serves_quietly(runs):
+    """`routescope dashboard` answers HTTP through waitress and prints no development-server warning."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = "import sys; from routescope.cli import main; sys.exit(main())"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "dashboard", str(runs["a"]), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        status, deadline = None, time.monotonic() + 120
+        while status is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_dash-layout", timeout=5) as response:
+                    status = response.status
+            except OSError:
+                time.sleep(0.5)
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert status == 200, (out, err)
+    assert f"http://127.0.0.1:{port}/" in out
+    assert "development server" not in out + err and "WARNING" not in err, err
