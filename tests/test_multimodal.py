@@ -169,7 +169,6 @@ def installed_multimodal_moe_types() -> list[str]:
 MULTIMODAL_GAPS: dict[str, str] = {
     "diffusion_gemma": "encoder plus diffusion decoder, not an autoregressive language model",
     "deepseek_ocr2": "no tiny config yet: the shrunk vision encoder does not build",
-    "ernie4_5_vl_moe": "no tiny config yet: modality-split experts (text and vision expert lists) do not build shrunk",
     "mistral4": "no tiny config yet: the shrunk model still allocates 8 GiB",
     "mistral_large4": "no tiny config yet: the shrunk vision/text sizes disagree",
     "muse_spark": "no tiny config yet: per-stage vision lists (patch sizes, depths) must shrink together",
@@ -287,3 +286,44 @@ def test_docs_list_every_multimodal_and_encoder_decoder_type_with_the_same_gaps(
     gaps = {t for t in MULTIMODAL_TYPES if rows[t][2].lower().startswith("gap")}
     assert gaps == set(MULTIMODAL_GAPS), "docs/models.md and MULTIMODAL_GAPS disagree"
     assert all(rows[t][2] == "supported" for t in SEQ2SEQ)
+
+
+def test_modality_isolated_experts_are_recorded_from_both_sets(device):
+    """Ernie 4.5 VL: text tokens are routed to the text experts and vision tokens to the
+    vision experts; the adapter's ids and weights equal what each experts module is called
+    with, vision ids after the text ones."""
+    from tests.tiny_models import build_tiny_multimodal_model
+
+    model = build_tiny_multimodal_model("ernie4_5_vl_moe").to(device)
+    _LIVE_MODELS.append(model)
+    site = find_routers(model)[0]
+    block, experts = site.module, site.module.num_experts
+    assert site.adapter.name == "modality_split" and site.num_experts == 2 * experts
+    calls: dict[str, tuple] = {}
+    handles = [
+        getattr(block, part).experts.register_forward_pre_hook(
+            lambda m, args, part=part: calls.update({part: (args[1], args[2])})  # returns None
+        )
+        for part in ("text_moe", "vision_moe")
+    ]
+    got = []
+    handles.append(
+        block.register_forward_hook(
+            lambda m, a, k, out: got.append(site.adapter.extract(m, a, k, out)), with_kwargs=True
+        )
+    )
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 6, model.config.get_text_config().hidden_size, generator=gen).to(device)
+    types = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 0, 2, 2, 2, 0]], device=device)
+    try:
+        with torch.no_grad():
+            block(hidden, types)
+    finally:
+        for handle in handles:
+            handle.remove()
+    (ids, weights), vision = got[0], types.reshape(-1).bool()
+    text_ids, text_weights = calls["text_moe"]
+    vision_ids, vision_weights = calls["vision_moe"]
+    assert torch.equal(ids[~vision], text_ids) and torch.equal(weights[~vision], text_weights)
+    assert torch.equal(ids[vision], vision_ids + experts) and torch.equal(weights[vision], vision_weights)
+    assert int((ids >= experts).sum()) == 2 * int(vision.sum())  # top-2 of the vision set

@@ -134,6 +134,12 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     # text model of step3p7 (no causal-LM class): its first layers are dense, so 2 layers
     # keep one MoE layer only when the list says so
     "step3p5": dict(mlp_layer_types=["dense", "sparse"]),
+    # text model of ernie4_5_vl_moe: text and vision experts of their own sizes; its rope
+    # splits head_dim 8 into 1 + 1 (height, width) and 2 (time) frequencies
+    "ernie4_5_vl_moe_text": dict(
+        moe_intermediate_size=[32, 32],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+    ),
     # text model of glm5_next: MLA without RoPE (its sparse-attention layers are NoPE), a
     # linear-attention layer then an indexed one, and query heads = key-value heads (MLA's 4)
     "glm5_next_text": dict(

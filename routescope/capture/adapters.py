@@ -114,6 +114,33 @@ def _from_top2_gates_output(module: nn.Module, args: tuple, kwargs: dict, output
     return indices, gates.gather(-1, indices)
 
 
+def _route_like_ernie_gate(gate: nn.Module, logits: torch.Tensor) -> Decision:
+    """Ernie4_5_VLMoeMoeTopKRouter.forward from its logits: softmax, bias-corrected top-k,
+    weights renormalised (clamped at norm_min)."""
+    probs = torch.softmax(logits.float(), dim=1)
+    indices = torch.topk(gate.moe_statics(probs), gate.top_k, dim=-1).indices
+    weights = probs.gather(-1, indices)
+    return indices, weights / weights.sum(dim=-1, keepdim=True).clamp(min=gate.norm_min)
+
+
+def _from_modality_split_block(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Decision:
+    """Ernie 4.5 VL: text tokens go to the text experts and image/video tokens to a separate
+    set of vision experts, each with its own router; the block returns both routers' logits
+    in token order. Vision expert e is recorded as id num_experts + e."""
+    logits = output[1]
+    try:
+        types = _arg(args, kwargs, 1, ("moe_mm_token_type_ids",))
+    except KeyError:
+        types = None
+    indices, weights = _route_like_ernie_gate(module.text_moe.gate, logits)
+    if types is not None:
+        vision = types.reshape(-1, 1).bool()
+        vision_indices, vision_weights = _route_like_ernie_gate(module.vision_moe.gate, logits)
+        indices = torch.where(vision, vision_indices + module.num_experts, indices)
+        weights = torch.where(vision, vision_weights, weights)
+    return indices, weights.to(args[0].dtype)
+
+
 @dataclass(frozen=True)
 class Adapter:
     """One router kind: how to recognise its module and where its decision is."""
@@ -129,9 +156,19 @@ class Adapter:
     # rs.replay can force this kind's decision: the experts module is called with
     # (hidden_states, ids, weights) and a pre-hook swaps the ids and weights (capture/replay.py)
     replay: bool = False
+    expert_sets: int = 1  # separate expert sets per layer (text, vision), numbered one after another
 
 
 ADAPTERS: tuple[Adapter, ...] = (
+    Adapter(
+        name="modality_split",
+        hook="post",
+        extract=_from_modality_split_block,
+        class_names=("Ernie4_5_VLMoeMoeBlock",),
+        expert_sets=2,
+        note="Ernie 4.5 VL's modality-isolated experts: two expert sets with their own routers; "
+        "ids and weights recomputed from the returned logits, vision experts numbered after text ones",
+    ),
     Adapter(
         name="llama4",
         hook="post",

@@ -149,7 +149,7 @@ def _site_sizes(
         if weight is None:
             weight = getattr(module, "down_proj", None)
         num_experts = int(weight.shape[0]) if getattr(weight, "dim", lambda: 0)() == 3 else None
-    num_experts = num_experts or _config_int(config, _NUM_EXPERTS_KEYS)
+    num_experts = (num_experts or _config_int(config, _NUM_EXPERTS_KEYS) or 0) * adapter.expert_sets or None
     top_k = (
         adapter.top_k
         or _module_int([module, *siblings, parent], ("top_k", "num_experts_per_tok"))
