@@ -360,6 +360,24 @@ def test_router_weights_without_a_known_rule_say_so(tiny_model, tmp_path):
         assert torch.equal(model(input_ids=ids).logits, original)
 
 
+def test_left_padded_generate_replays_every_row(tiny_model, tmp_path):
+    """Decode steps extend each row's history under a growing 2-D attention mask."""
+    model = tiny_model("mixtral")
+    ids = batch(rows=2, length=7, seed=1)
+    mask = torch.ones_like(ids)
+    mask[1, :3], ids[1, :3] = 0, 0  # row 1: 4 real prompt tokens, left-padded
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), rs.record(model, tmp_path / "original"):
+        original = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    perturb_routers(model)
+    with torch.no_grad(), rs.replay(model, tmp_path / "original") as replayer:
+        with rs.record(model, tmp_path / "inside"):
+            replayed = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    assert torch.equal(replayed, original)
+    assert replayer.replayed_tokens == (7 + 4) + 2 * 5
+    pd.testing.assert_frame_equal(rows(tmp_path / "inside"), rows(tmp_path / "original"))
+
+
 def test_generate_rows_that_finish_early_are_not_missing(tiny_model, tmp_path):
     """generate feeds pad tokens to a row after its EOS; rs.record skips them, so replay must
     let the model route them instead of calling them unknown."""
