@@ -298,6 +298,26 @@ def test_vocab_specialization_by_next_token(planted):
         run.vocab_specialization(by="prev_token")
 
 
+def test_token_specialization_is_olmoes_layer_average(planted):
+    run, data = planted
+    df = run.token_specialization(min_occurrences=OLMOE_MIN_OCCURRENCES).set_index("layer")
+    nxt = {
+        (s, p): t for s, p, t in zip(data["seq_id"].tolist(), data["pos"].tolist(), data["token_id"].tolist())
+    }
+    next_keys = [nxt.get((s, p + 1)) for s, p in zip(data["seq_id"].tolist(), data["pos"].tolist())]
+    for layer in LAYERS:
+        for keys, col, ids in (
+            (data["token_id"].tolist(), "specialization", "token_ids"),
+            (next_keys, "next_token_specialization", "next_token_ids"),
+        ):
+            truth = [v for v in ref.olmoe_vocab(keys, data["experts"][layer]).values() if v[2] >= 10]
+            assert df.loc[layer, ids] == len(truth)
+            assert df.loc[layer, col] == pytest.approx(np.mean([v[1] for v in truth]))
+        assert df.loc[layer, "baseline"] == pytest.approx(K / E)
+    # pigeonhole: the top expert takes at least k/E of a token id's slots
+    assert (df["specialization"] >= df["baseline"] - 1e-12).all()
+
+
 def test_repetition_rate(planted):
     run, data = planted
     df = run.repetition_rate()

@@ -449,6 +449,33 @@ def vocab_specialization(
     )
 
 
+def token_specialization(run: Run, where: str | None = None, min_occurrences: int = 1) -> pd.DataFrame:
+    """Per layer, OLMoE's "token specialization": the mean over token ids of top_share, for the
+    input tokens (`specialization`) and the ground-truth next tokens (`next_token_specialization`),
+    with how many ids each averages and the uniform baseline k/E."""
+    parts = []
+    for by, column in (("token", "specialization"), ("next_token", "next_token_specialization")):
+        df = vocab_specialization(run, where=where, min_occurrences=min_occurrences, by=by)
+        parts.append(
+            df.groupby("layer")
+            .agg(
+                **{
+                    column: ("top_share", "mean"),
+                    f"{by}_ids": ("token_id", "count"),
+                    "baseline": ("baseline", "first"),
+                }
+            )
+            .reset_index()
+        )
+    out = pd.DataFrame({"layer": run.moe_layers}).astype({"layer": parts[0]["layer"].dtype})
+    out = out.merge(parts[0], on="layer", how="left").merge(
+        parts[1].drop(columns="baseline"), on="layer", how="left"
+    )
+    return out[
+        ["layer", "token_ids", "specialization", "next_token_ids", "next_token_specialization", "baseline"]
+    ]
+
+
 def repetition_rate(run: Run, where: str | None = None) -> pd.DataFrame:
     """Per layer: consecutive token pairs, repeats of the slot-0 expert, rate, baseline 1/E, Σ p_e²;
     and (k >= 2) repeats_top2, repetition_rate_top2 (top-2 sets share an expert, Mixtral Table 5's
@@ -508,5 +535,6 @@ METRICS: dict[str, Metric] = {
     "pathways": pathways,
     "specialization": specialization,
     "vocab_specialization": vocab_specialization,
+    "token_specialization": token_specialization,
     "repetition_rate": repetition_rate,
 }

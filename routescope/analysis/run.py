@@ -129,6 +129,11 @@ class Run:
         or "next_token" (the ground-truth next token, OLMoE); ties go to the expert seen first."""
         return metrics.vocab_specialization(self, where=where, min_occurrences=min_occurrences, by=by)
 
+    def token_specialization(self, where: str | None = None, min_occurrences: int = 1) -> pd.DataFrame:
+        """layer, token_ids, specialization, next_token_ids, next_token_specialization, baseline:
+        OLMoE's per-layer token specialization (mean top_share) for input and next tokens."""
+        return metrics.token_specialization(self, where=where, min_occurrences=min_occurrences)
+
     def repetition_rate(self, where: str | None = None) -> pd.DataFrame:
         """layer, pairs, repeats, repetition_rate, baseline (1/E), marginal_baseline,
         repeats_top2, repetition_rate_top2, baseline_top2 (Mixtral Table 5)."""
