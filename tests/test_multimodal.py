@@ -169,13 +169,11 @@ def installed_multimodal_moe_types() -> list[str]:
 MULTIMODAL_GAPS: dict[str, str] = {
     "diffusion_gemma": "encoder plus diffusion decoder, not an autoregressive language model",
     "deepseek_ocr2": "no tiny config yet: the shrunk vision encoder does not build",
-    "mistral4": "no tiny config yet: the shrunk model still allocates 8 GiB",
-    "mistral_large4": "no tiny config yet: the shrunk vision/text sizes disagree",
     "muse_spark": "no tiny config yet: per-stage vision lists (patch sizes, depths) must shrink together",
-    "qwen3_omni_moe": "no tiny config yet: the talker's text config lacks the shared-expert size",
+    "qwen3_omni_moe": "omni model: a thinker and a talker, two MoE language models whose layers share indices (thinker.model.layers.i, talker.model.layers.i); they need their own layer numbers, as encoder-decoder stacks have (and no tiny config builds yet)",
 }
 # gaps whose shrunk config would still allocate gigabytes: listed, never built
-NOT_BUILT = {"mistral4"}
+NOT_BUILT: set[str] = set()
 MULTIMODAL_TYPES = installed_multimodal_moe_types()
 
 

@@ -134,6 +134,10 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     # text model of step3p7 (no causal-LM class): its first layers are dense, so 2 layers
     # keep one MoE layer only when the list says so
     "step3p5": dict(mlp_layer_types=["dense", "sparse"]),
+    # image-text-to-text types whose config is a plain text config (mistral4) or whose text
+    # model is DeepSeek-V3-style (mistral_large4): MLA; mistral4 derives head_dim = nope + rope
+    "mistral4": dict(**MLA, head_dim=16),
+    "mistral_large4_text": dict(**MLA),
     # text model of ernie4_5_vl_moe: text and vision experts of their own sizes; its rope
     # splits head_dim 8 into 1 + 1 (height, width) and 2 (time) frequencies
     "ernie4_5_vl_moe_text": dict(
@@ -404,6 +408,8 @@ def tiny_multimodal_config(model_type: str):
     if model_type in VISION_LANGUAGE:
         return AutoConfig.for_model(model_type, **VISION_LANGUAGE[model_type])
     values = AutoConfig.for_model(model_type).to_dict()
+    if not any(isinstance(v, dict) and k.endswith("config") for k, v in values.items()):
+        return tiny_config(model_type)  # one text config (mistral4): the causal-LM tiny config
     text_type = values.get("text_config", {}).get("model_type")
     for key, value in list(values.items()):
         if not (isinstance(value, dict) and key.endswith("config")):
