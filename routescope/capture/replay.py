@@ -58,37 +58,39 @@ class RunRouting:
 
 def load_run_routing(run: Run, layers: dict[int, int], with_weights: bool) -> RunRouting:
     """Read every token's routing for `layers` (layer -> k) from `run` into RunRouting."""
-    tokens = run.sql(get_query("replay_tokens").sql)
-    seq = tokens["seq_id"].to_numpy(np.int64)
-    pos = tokens["pos"].to_numpy(np.int64)
-    tok = tokens["token_id"].to_numpy(np.int64)
-    n = len(tokens)
+    tokens = run.con.execute(get_query("replay_tokens").sql).fetchnumpy()
+    seq, pos, tok = (np.asarray(tokens[c], dtype=np.int64) for c in ("seq_id", "pos", "token_id"))
+    n = len(seq)
     keys = np.full(n, MISSING_KEY, dtype=np.uint64)
     known = tok >= 0  # imported runs may lack token ids (-1): such tokens cannot be matched
     if known.any():
         keys[known] = content_keys(seq[known], pos[known], tok[known])
+    experts = _per_layer(run, "replay_experts", "expert", layers, n, np.int16, -1)  # SMALLINT: 2 bytes
+    weights = _per_layer(run, "replay_weights", "weight", layers, n, np.float32, 0) if with_weights else {}
     complete = np.ones(n, dtype=bool)
-    experts: dict[int, torch.Tensor] = {}
-    weights: dict[int, torch.Tensor] = {}
-    for layer, k in layers.items():
-        ids = np.full((n, k), -1, dtype=np.int64)
-        df = run.sql(get_query("replay_experts").sql, {"layer": layer})
-        token, slot = df["token"].to_numpy(np.int64), df["slot"].to_numpy(np.int64)
-        inside = slot < k
-        ids[token[inside], slot[inside]] = df["expert"].to_numpy(np.int64)[inside]
-        complete &= (ids >= 0).all(axis=1)
-        experts[layer] = torch.from_numpy(ids.astype(np.int16))  # SMALLINT in the run: 2 bytes a slot
-        if with_weights:
-            w = np.zeros((n, k), dtype=np.float32)
-            df = run.sql(get_query("replay_weights").sql, {"layer": layer})
-            token, slot = df["token"].to_numpy(np.int64), df["slot"].to_numpy(np.int64)
-            inside = slot < k
-            w[token[inside], slot[inside]] = df["weight"].to_numpy(np.float32)[inside]
-            weights[layer] = torch.from_numpy(w)
+    for table in experts.values():
+        complete &= (table >= 0).all(dim=1).numpy()
     keys[~complete] = MISSING_KEY  # a token without all k choices in every layer cannot be replayed
     usable = np.flatnonzero(keys != MISSING_KEY)
     unique, first = np.unique(keys[usable], return_index=True)  # the same text twice: its first record
     return RunRouting(keys=unique, rows=usable[first], experts=experts, weights=weights)
+
+
+def _per_layer(
+    run: Run, query: str, column: str, layers: dict[int, int], n: int, dtype: type, fill: float
+) -> dict[int, torch.Tensor]:
+    """One [tokens, k] table per layer from one pass over the routing rows (named `query`)."""
+    rows = run.con.execute(get_query(query).sql).fetchnumpy()
+    token, layer, slot = (np.asarray(rows[c], dtype=np.int64) for c in ("token", "layer", "slot"))
+    numbers = sorted(layers)
+    index = np.full(max(max(numbers), int(layer.max(initial=0))) + 1, -1, dtype=np.int64)
+    index[numbers] = np.arange(len(numbers))
+    width = np.array([layers[number] for number in numbers], dtype=np.int64)
+    at = index[layer]  # position of the row's layer among `layers`, -1 for any other layer
+    keep = (at >= 0) & (slot < width[at.clip(min=0)])
+    table = np.full((len(numbers), n, int(width.max())), fill, dtype=dtype)
+    table[at[keep], token[keep], slot[keep]] = np.asarray(rows[column])[keep]
+    return {number: torch.from_numpy(table[i, :, : layers[number]]) for i, number in enumerate(numbers)}
 
 
 @dataclass

@@ -5,21 +5,19 @@
 SELECT seq_id, pos, token_id FROM tokens ORDER BY seq_id, pos
 
 -- name: replay_experts
--- One layer's routing rows as (token index in replay_tokens' order, slot, expert).
+-- Every routing row as (token index in replay_tokens' order, layer, slot, expert); one pass over all layers.
 WITH t AS (
     SELECT seq_id, pos, row_number() OVER (ORDER BY seq_id, pos) - 1 AS token FROM tokens
 )
-SELECT t.token, r.slot, r.expert
+SELECT t.token, r.layer, r.slot, r.expert
 FROM routing r
 JOIN t USING (seq_id, pos)
-WHERE r.layer = $layer
 
 -- name: replay_weights
--- One layer's recorded combine weights as (token index in replay_tokens' order, slot, weight).
+-- Every routing row's recorded combine weight as (token index in replay_tokens' order, layer, slot, weight).
 WITH t AS (
     SELECT seq_id, pos, row_number() OVER (ORDER BY seq_id, pos) - 1 AS token FROM tokens
 )
-SELECT t.token, r.slot, r.weight
+SELECT t.token, r.layer, r.slot, r.weight
 FROM routing r
 JOIN t USING (seq_id, pos)
-WHERE r.layer = $layer
