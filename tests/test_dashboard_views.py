@@ -1,7 +1,8 @@
 """The dashboard's answers to the questions users bring (issue 15): units, balance metrics
 on their own axes, dead experts visible, the Time page, ranks, state in the URL, lift of
-an expert's tokens, small-sample warnings. Callbacks are called directly with values on
-runs recorded from a real model, and checked against the Run API or plain SQL."""
+an expert's tokens, small-sample warnings (the other pages: test_dashboard_pages.py).
+Callbacks are called directly with values on runs recorded from a real model, and checked
+against the Run API or plain SQL."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import routescope as rs
-from tests.test_dashboard import add_calibration, record_demo_run, texts, traces_with_data
+from tests.test_dashboard import record_demo_run, texts, traces_with_data
 
 RANK_OFFSET = 1 << 40  # seq ids of rank 1, as the recorder assigns them
 
@@ -49,20 +50,17 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     two = root / "two_ranks"
     shutil.copytree(a, two)
     add_second_rank(two)
-    calibrated = root / "calibrated"
-    shutil.copytree(a, calibrated)
-    add_calibration(calibrated)
-    return {"a": a, "two": two, "calibrated": calibrated}
+    return {"a": a, "two": two}
 
 
 @pytest.fixture(scope="module")
 def app(runs):
     from dashboard.app import create_app
 
-    return create_app([runs["a"], runs["two"], runs["calibrated"]])
+    return create_app([runs["a"], runs["two"]])
 
 
-A, TWO, CAL = ({"run": key, "version": None} for key in ("0", "1", "2"))
+A, TWO = ({"run": key, "version": None} for key in ("0", "1"))
 
 
 # -- units -------------------------------------------------------------------------------
@@ -279,249 +277,3 @@ def test_small_sample_warning(app, runs):
     assert decode_tokens * run.top_k(run.moe_layers[0]) / run.num_experts(run.moe_layers[0]) < 30
     assert "Small sample" in texts(out[4])
     assert "Small sample" not in texts(load.update_load(A, "all", None, None, None, "lift", None, None)[4])
-
-
-# -- entanglement ------------------------------------------------------------------------
-def test_entanglement_is_normalised_and_transition_rows_carry_counts(app, runs):
-    from dashboard.pages import entanglement
-
-    run = rs.open_run(runs["a"])
-    ent = run.entanglement()
-    _opts, pair, _top = entanglement.entanglement_controls(A)
-    mi, trans, sankey, _msg = entanglement.update_entanglement(A, pair, 10)
-    assert list(mi.data[0].y) == pytest.approx(ent["norm_mutual_info"].tolist())
-    h_b = ent["mutual_info_bits"] + ent["cond_entropy_bits"]
-    assert list(mi.data[1].y) == pytest.approx((ent["baseline_mutual_info_bits"] / h_b).tolist())
-    ratio = ent["mutual_info_bits"] / ent["baseline_mutual_info_bits"]
-    assert list(mi.data[2].y) == pytest.approx(ratio.tolist())
-    assert mi.layout.yaxis2.type == "log"
-    a, b = (int(v) for v in pair.split("-"))
-    table = run.transition(a, b)
-    rows = table.groupby("expert_a")["count"].sum() if "expert_a" in table.columns else None
-    z = np.array(trans.data[0].z, dtype=float)
-    for expert in range(run.num_experts(a)):
-        n = int(rows.get(expert, 0)) if rows is not None else 0
-        assert f"{expert} (n={n:,})" == trans.layout.yaxis.ticktext[expert]
-        if n == 0:
-            assert np.isnan(z[expert]).all()  # no token: an empty row, not a row of zeros
-        else:
-            assert np.nansum(z[expert]) == pytest.approx(1.0, abs=1e-5)
-    links = sankey.data[0].link
-    assert len(set(links.color)) > 1  # coloured by source expert, not one grey
-    assert len(sankey.data[0].node.label) <= 10 * len(run.moe_layers)
-
-
-# -- super experts -----------------------------------------------------------------------
-def test_super_experts_state_the_rule_and_link_channels(app, runs):
-    from dashboard.pages import super_experts
-
-    scatter, listing, massive, msg = super_experts.update_super_experts(CAL)
-    assert msg is None
-    run = rs.open_run(runs["calibrated"])
-    classified = rs.classify_super_experts(
-        run.expert_activations(), num_hidden_layers=int(run.manifest["num_hidden_layers"])
-    )
-    thresholds = classified.attrs["thresholds"]
-    text = texts(listing)
-    assert (
-        f"{thresholds['percentile_threshold']:.4g}" in text and f"{thresholds['max_threshold']:.4g}" in text
-    )
-    stars = [t for t in scatter.data if t.name == "Super Expert (rule met)"]
-    supers = classified[classified["is_super"]]
-    assert len(supers) == 1 and len(stars) == 1
-    assert list(stars[0].x) == supers["layer"].tolist()
-    labels = next(t for t in scatter.data if t.mode == "text")
-    star_label = [s.strip() for x, y, s in zip(labels.x, labels.y, labels.text) if y == stars[0].y[0]]
-    assert star_label == [f"e{int(supers['expert'].iloc[0])}"]
-    # add_calibration's Super Expert writes channel 7 and every residual channel is 3: no link
-    assert "× median" in text and "no" in text.split("same channel?")[1]
-    # the residual stream of add_calibration peaks at 900 over a median of 0.5: massive after layer 1 on
-    assert "massive activations" in text and [b for b in massive.data[0].text] == [""] + ["massive"] * (
-        int(run.manifest["num_hidden_layers"]) - 1
-    )
-
-
-def test_no_star_when_no_expert_meets_the_rule():
-    from routescope import plots
-
-    acts = pd.DataFrame(
-        {"layer": [0, 0, 1], "expert": [0, 1, 0], "max_abs_output": [1.0, 2.0, 3.0], "is_super": [False] * 3}
-    )
-    fig = plots.super_expert_scatter(acts, 2.9, 0.3, searched_layers=[0])
-    assert all("Super Expert" not in (t.name or "") for t in fig.data)
-
-
-# -- compare -----------------------------------------------------------------------------
-def test_compare_with_one_run_shows_guidance_only(runs, app):
-    from dashboard import runs as registry_module
-    from dashboard.app import create_app
-    from dashboard.pages import compare
-
-    before = registry_module.get_registry()
-    try:
-        create_app([runs["a"]])
-        *_figs, tables, msg, style = compare.update_compare(A, None, None)
-        assert "Compare needs two different runs" in texts(msg) and style == {"display": "none"}
-        assert tables is None
-    finally:
-        registry_module.set_registry(before)
-
-
-# -- expert parallelism, specialization, tokens ------------------------------------------
-def test_overview_adds_ep_balancedness_for_an_ep_size(app, runs):
-    from dashboard.pages import overview
-
-    options, value = overview.overview_controls(A, "#ep=4")
-    run = rs.open_run(runs["a"])
-    experts = run.num_experts(run.moe_layers[0])
-    assert value == "4" and [o["value"] for o in options][1:] == [
-        str(n) for n in range(2, experts + 1) if experts % n == 0
-    ]
-    assert overview.overview_controls(A, "#ep=3")[1] == "off"  # 16 experts do not split over 3 GPUs
-    cards = overview.update_overview(A, "4")[1]
-    expected = run.balance(ep_size=4)
-    for card, value in zip(cards, expected["ep_balancedness"]):
-        assert f"ep_balancedness {value:.3f} (EP=4)" in texts(card)
-    assert "ep_balancedness" not in texts(overview.update_overview(A, "off")[1])
-
-
-def test_specialization_lift_against_the_experts_own_share(app, runs):
-    from dashboard.pages import specialization
-
-    run = rs.open_run(runs["a"])
-    layer = run.moe_layers[0]
-    heat, _msg, caption = specialization.update_specialization(A, "domain", layer, "expert")
-    spec = run.specialization(by="domain")
-    load = run.expert_load().set_index(["layer", "expert"])["share"]
-    rows = spec[spec["layer"] == layer]
-    lift = np.array(heat.data[0].customdata, dtype=float)[..., 0]  # (value, expert) lift before log2
-    values = list(heat.data[0].y)
-    for _, row in rows.iterrows():
-        overall = load[(layer, int(row["expert"]))]
-        cell = lift[values.index(str(row["domain"])), list(heat.data[0].x).index(row["expert"])]
-        if overall > 0:
-            assert cell == pytest.approx(row["share"] / overall, rel=1e-4)
-        else:
-            assert np.isnan(cell)
-    assert "overall share" in caption
-    uniform = specialization.update_specialization(A, "domain", layer, "uniform")[0]
-    assert np.array(uniform.data[0].customdata, dtype=float)[..., 0] == pytest.approx(
-        np.array(rows.pivot(index="domain", columns="expert", values="lift"), dtype=float),
-        rel=1e-4,
-        nan_ok=True,
-    )
-
-
-def test_token_text_is_coloured_by_expert_and_labels_are_capped(app, runs):
-    from dashboard.pages import tokens
-    from routescope import plots
-
-    run = rs.open_run(runs["a"])
-    layer = run.moe_layers[-1]
-    _opts, seq, _layer_opts, _layer, _start = tokens.tokens_controls(A)
-    _lanes, _note, text, _msg = tokens.update_tokens(A, seq, 0, None, layer)
-    routing = run.sql(
-        "SELECT pos, expert FROM routing WHERE seq_id = ? AND layer = ? AND slot = 0 ORDER BY pos",
-        [seq, layer],
-    )
-    assert len(text) == len(routing)
-    for span, expert in zip(text, routing["expert"]):
-        assert span.style["borderBottom"].endswith(plots.expert_color(int(expert)))
-        assert f"top-1 expert {int(expert)}" in span.title
-    n = 200
-    lanes = pd.DataFrame(
-        {"pos": range(n), "layer": 0, "token": [f"t{i}" for i in range(n)], "experts": [[1, 2]] * n}
-    )
-    fig = plots.expert_lanes(lanes.assign(weights=[[0.5, 0.5]] * n), 4)
-    assert len(fig.layout.xaxis.tickvals) <= 80 and fig.layout.xaxis.tickangle == -90
-
-
-def test_dead_experts_are_marked_on_compare_and_specialization_figures():
-    from routescope import plots
-
-    load = pd.DataFrame(
-        {
-            "layer": [0, 0, 0, 0],
-            "expert": [0, 1, 2, 3],
-            "share_a": [0.0, 0.5, 0.5, 0.0],
-            "share_b": [0.5, 0.0, 0.5, 0.0],
-        }
-    )
-    fig = plots.load_delta_heatmap(load)
-    marks = {t.name: list(t.x) for t in fig.data[1:] if t.x[0] is not None}
-    assert marks == {"dead in A only (no token)": [0], "dead in B only (no token)": [1], "dead in both": [3]}
-    spec = pd.DataFrame(
-        {
-            "domain": ["code", "code", "math", "math"],
-            "layer": 0,
-            "expert": [0, 1, 0, 1],
-            "tokens": [5, 0, 3, 3],
-            "share": [1.0, 0.0, 0.5, 0.5],
-            "lift": [2.0, 0.0, 1.0, 1.0],
-        }
-    )
-    z = np.array(plots.specialization_heatmap(spec, "domain", 0).data[0].z, dtype=float)
-    assert np.isnan(z[0, 1]) and not np.isnan(z[1, 1])  # code never went to expert 1: a black cell
-
-
-def test_every_page_reads_its_controls_from_the_url(app, runs):
-    from dash import no_update
-
-    from dashboard.pages import compare, entanglement, specialization, tokens
-    from dashboard.urlstate import fragment_for
-
-    run = rs.open_run(runs["a"])
-    layers = run.moe_layers
-    pair = f"{layers[1]}-{layers[2]}"
-    assert entanglement.entanglement_controls(A, None, f"#pair={pair}&paths=25")[1:] == (pair, 25)
-    assert entanglement.entanglement_controls(A, None, "#pair=0-99&paths=7")[1:] == (
-        f"{layers[0]}-{layers[1]}",
-        10,
-    )
-    spec = specialization.specialization_controls(
-        A, None, None, f"#label=domain&layer={layers[-1]}&lift=expert"
-    )
-    assert (spec[1], spec[3], spec[4]) == ("domain", layers[-1], "expert")
-    seq = int(run.sql("SELECT max(seq_id) AS s FROM tokens")["s"][0])
-    tok = tokens.tokens_controls(A, None, None, f"#seq={seq}&start=4&layer={layers[1]}")
-    assert (tok[1], tok[3], tok[4]) == (seq, layers[1], 4)
-    assert tokens.tokens_controls(A, None, None, "#start=-3")[4] is no_update
-    assert compare.compare_controls(A, None, None, "#a=1&b=0")[1::2] == ("1", "0")
-    assert compare.compare_controls(A, None, None, "#a=/etc&b=9")[1::2] == ("0", "1")
-    # writing: defaults are left out, a change is written, no change is no write
-    assert fragment_for("#run=0", {"paths": 10, "pair": pair}, {"paths": 10}) == f"#run=0&pair={pair}"
-    assert fragment_for(f"#run=0&pair={pair}", {"pair": pair}, {}) is None
-
-
-def test_dashboard_command_serves_quietly(runs):
-    """`routescope dashboard` answers HTTP through waitress and prints no development-server warning."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    code = "import sys; from routescope.cli import main; sys.exit(main())"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, "dashboard", str(runs["a"]), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        status, deadline = None, time.monotonic() + 120
-        while status is None and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_dash-layout", timeout=5) as response:
-                    status = response.status
-            except OSError:
-                time.sleep(0.5)
-    finally:
-        proc.terminate()
-        out, err = proc.communicate(timeout=30)
-    assert status == 200, (out, err)
-    assert f"http://127.0.0.1:{port}/" in out
-    assert "development server" not in out + err and "WARNING" not in err, err
