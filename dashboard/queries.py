@@ -405,12 +405,23 @@ def token_strings(run: rs.Run, token_ids: tuple[int, ...]) -> list[str]:
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(model_name: str) -> Any:
-    """A tokenizer from a local folder only (never a download); None when there is none."""
+    """A tokenizer from a local folder only (never a download); None when there is none.
+
+    `tokenizer.json` is read with the `tokenizers` library (no torch import on the dashboard
+    host); other folders fall back to transformers' AutoTokenizer.
+    """
     path = Path(model_name) if model_name else None
     if path is None or not path.is_dir():
         return None
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return None
+    if (path / "tokenizer.json").is_file():  # the `tokenizers` library reads it without torch
+        try:
+            from tokenizers import Tokenizer
+
+            return Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception:
+            pass
     try:
         from transformers import AutoTokenizer
 

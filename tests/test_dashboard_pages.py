@@ -281,3 +281,31 @@ def test_dashboard_command_serves_quietly(runs):
     assert status == 200, (out, err)
     assert f"http://127.0.0.1:{port}/" in out
     assert "development server" not in out + err and "WARNING" not in err, err
+
+
+def test_serving_a_run_without_calibration_never_imports_torch(runs):
+    """Every page of a recorded run drawn in a fresh process: torch and transformers stay out
+    (tokens are decoded with the `tokenizers` library)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from dashboard.app import create_app
+from dashboard.pages import compare, entanglement, load, overview, specialization, super_experts, time, tokens
+create_app([{str(runs["a"])!r}, {str(runs["a"])!r}])
+st = {{"run": "0"}}
+overview.update_overview(st, "4")
+load.update_load(st, "all", None, None, None, "lift", None)
+load.show_expert(st, {{"points": [{{"x": 1, "y": "L0"}}]}}, "all", None, None, None)
+time.update_time(st, "all", None, None, None, "all", None, "lift")
+entanglement.update_entanglement(st, None, 10)
+specialization.update_specialization(st, "domain", 0, "expert")
+super_experts.update_super_experts(st)
+lanes = tokens.update_tokens(st, 0, 0)
+compare.update_compare(st, "0", "1")
+print(sorted(m for m in ("torch", "transformers") if m in sys.modules), lanes[3] is None)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[] True"
