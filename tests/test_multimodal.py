@@ -168,8 +168,6 @@ def installed_multimodal_moe_types() -> list[str]:
 # model type -> why it is not covered (docs/models.md, "Multimodal models", says the same)
 MULTIMODAL_GAPS: dict[str, str] = {
     "diffusion_gemma": "encoder plus diffusion decoder, not an autoregressive language model",
-    "deepseek_ocr2": "no tiny config yet: the shrunk vision encoder does not build",
-    "muse_spark": "no tiny config yet: per-stage vision lists (patch sizes, depths) must shrink together",
     "qwen3_omni_moe": "omni model: a thinker and a talker, two MoE language models whose layers share indices (thinker.model.layers.i, talker.model.layers.i); they need their own layer numbers, as encoder-decoder stacks have (and no tiny config builds yet)",
 }
 # gaps whose shrunk config would still allocate gigabytes: listed, never built

@@ -138,6 +138,7 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     # model is DeepSeek-V3-style (mistral_large4): MLA; mistral4 derives head_dim = nope + rope
     "mistral4": dict(**MLA, head_dim=16),
     "mistral_large4_text": dict(**MLA),
+    "deepseek_ocr2_text": dict(mlp_layer_types=["dense", "sparse"]),  # no default when built tiny
     # text model of ernie4_5_vl_moe: text and vision experts of their own sizes; its rope
     # splits head_dim 8 into 1 + 1 (height, width) and 2 (time) frequencies
     "ernie4_5_vl_moe_text": dict(
@@ -385,21 +386,31 @@ _SUB_CONFIG_SIZES: dict[str, int] = dict(
 )
 
 
-def _match_layer_lists(config: dict[str, Any]) -> dict[str, Any]:
+def _match_layer_lists(config: dict[str, Any], layers_before: Any = None) -> dict[str, Any]:
+    """Per-layer lists follow num_hidden_layers: the named ones, and (for a shrunk sub-config)
+    every list that had one entry per layer before (per-stage patch sizes, depths, ...)."""
     layers = config.get("num_hidden_layers")
-    for key in ("layer_types", "mlp_layer_types"):
-        if isinstance(config.get(key), list) and isinstance(layers, int):
-            config[key] = config[key][:layers]
+    if not isinstance(layers, int):
+        return config
+    for key, value in config.items():
+        if not isinstance(value, list):
+            continue
+        per_layer = key in ("layer_types", "mlp_layer_types") or (
+            isinstance(layers_before, int) and layers_before > layers and len(value) == layers_before
+        )
+        if per_layer:
+            config[key] = value[:layers]
     return config
 
 
 def _shrink(config: dict[str, Any]) -> dict[str, Any]:
+    layers_before = config.get("num_hidden_layers")
     for key, value in list(config.items()):
         if isinstance(value, dict) and key.endswith("config"):
             _shrink(value)
         elif key in _SUB_CONFIG_SIZES and isinstance(value, int) and not isinstance(value, bool):
             config[key] = _SUB_CONFIG_SIZES[key]
-    return _match_layer_lists(config)
+    return _match_layer_lists(config, layers_before)
 
 
 def tiny_multimodal_config(model_type: str):
