@@ -185,6 +185,7 @@ def render_report_tables(report: dict[str, Any]) -> None:
         "aux_loss",
         "aux_loss_step_mean",
         "ep_balancedness",
+        "ep_balancedness_step_mean",
     ]
     sections = [
         ("Balance per MoE layer", report["balance"], balance_cols, "no MoE layer"),

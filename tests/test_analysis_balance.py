@@ -122,3 +122,38 @@ def test_ep_arguments_are_checked(planted):
         run.balance(placement=plan.assign(expert=plan["expert"].replace(7, 6)))
     with pytest.raises(ValueError, match="not MoE layers"):
         run.balance(placement=plan.assign(layer=plan["layer"] + 1))
+
+
+def test_ep_balancedness_step_mean(planted):
+    """SGLang logs its utilization rate per batch and averages: the step mean, per layer."""
+    run, data = planted
+    gpu = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+    expert = [0, 1, 2, 3, 4, 0, 5, 6, 7, 1]
+    plan = pd.DataFrame(
+        [
+            {"layer": layer, "gpu": g, "slot": i % 5, "expert": e}
+            for layer in LAYERS
+            for i, (g, e) in enumerate(zip(gpu, expert))
+        ]
+    )
+    for kwargs, gpus, experts_of_slot, n in (
+        ({"ep_size": 4}, [e // 2 for e in range(E)], list(range(E)), 4),
+        ({"placement": plan}, gpu, expert, 2),
+    ):
+        bal = run.balance(aux_loss=False, where="phase = 'decode'", **kwargs).set_index("layer")
+        decode = data["phase"] == "decode"
+        for layer in LAYERS:
+            per_step = [
+                ref.ep_balancedness(
+                    ref.load(data["experts"][layer][decode & (data["step"] == s)], E),
+                    gpus,
+                    experts_of_slot,
+                    n,
+                )
+                for s in np.unique(data["step"][decode])
+            ]
+            assert bal.loc[layer, "ep_balancedness_step_mean"] == pytest.approx(np.mean(per_step), rel=1e-12)
+            pooled = ref.ep_balancedness(
+                ref.load(data["experts"][layer][decode], E), gpus, experts_of_slot, n
+            )
+            assert bal.loc[layer, "ep_balancedness"] == pytest.approx(pooled, rel=1e-12)

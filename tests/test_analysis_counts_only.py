@@ -133,3 +133,13 @@ def test_ep_balancedness_from_counts(run, counts):
     for li, layer in enumerate(LAYERS):
         gpu = counts[2:, li].sum(0).reshape(3, E // 3).sum(1)
         assert bal.loc[layer, "ep_balancedness"] == pytest.approx(gpu.mean() / gpu.max())
+
+
+def test_ep_balancedness_step_mean_from_counts(run, counts):
+    bal = run.balance(ep_size=2).set_index("layer")
+    for li, layer in enumerate(LAYERS):
+        per_step = []
+        for s in range(counts.shape[0]):
+            gpu = counts[s, li].reshape(2, E // 2).sum(1)
+            per_step.append(gpu.mean() / gpu.max())
+        assert bal.loc[layer, "ep_balancedness_step_mean"] == pytest.approx(np.mean(per_step))

@@ -1,10 +1,12 @@
 """Expert-parallel balance of a run's loads (SPEC 4.1 `ep_balancedness`), per GPU.
 
-`ep_balance(loads, ep_size, placement)` places each layer's experts on GPUs (contiguously,
-E/N per GPU, or by an explicit plan) and returns mean / max of the per-GPU loads, the ratio
-SGLang's `compute_utilization_rate` and vLLM's EPLB log. `metrics.balance(ep_size=...,
-placement=...)` calls it with `Run.expert_load`; plans are checked and evaluated by
-`placement.py`, so the metric and the placement tools agree. NumPy and pandas only.
+`ep_plan(loads, ep_size, placement)` places each layer's experts on GPUs (contiguously, E/N
+per GPU, or by an explicit plan); `ep_balance` gives mean / max of the per-GPU loads over the
+selected tokens pooled, `ep_balance_step_mean` the mean over forward steps of each step's
+value (what SGLang logs). The ratio is SGLang's `compute_utilization_rate` and vLLM's EPLB
+balancedness. `metrics.balance(ep_size=..., placement=...)` calls these; plans are checked
+and evaluated by `placement.py`, so the metric and the placement tools agree. NumPy and
+pandas only.
 """
 
 from __future__ import annotations
@@ -15,13 +17,11 @@ import pandas as pd
 from routescope.analysis import placement as plans
 
 
-def ep_balance(loads: pd.DataFrame, ep_size: int | None, placement: pd.DataFrame | None) -> pd.DataFrame:
-    """layer, ep_size, ep_balancedness = mean_g G_g / max_g G_g (NaN for a layer with no load).
+def ep_plan(loads: pd.DataFrame, ep_size: int | None, placement: pd.DataFrame | None) -> pd.DataFrame:
+    """A checked plan (layer, gpu, slot, expert): `placement` as given, or expert e of a layer
+    with E experts on GPU e // (E / ep_size). ValueError saying what is wrong otherwise.
 
     `loads`: layer, expert, tokens with every expert of every layer (`Run.expert_load`).
-    `placement`: layer, gpu, slot, expert; a replicated expert's load splits evenly over its
-    replicas; layers it does not place are left out. Without it, expert e of a layer with E
-    experts sits on GPU e // (E / ep_size).
     """
     experts_per_layer = loads.groupby("layer")["expert"].count()
     layers = [int(layer) for layer in experts_per_layer.index]
@@ -49,5 +49,29 @@ def ep_balance(loads: pd.DataFrame, ep_size: int | None, placement: pd.DataFrame
         raise ValueError(
             f"the placement names layers {unknown}, which are not MoE layers of this run {layers}"
         )
-    out = plans.evaluate_placement(loads, placement)[["layer", "ep_size", "ep_balancedness"]]
+    return placement
+
+
+def ep_balance(loads: pd.DataFrame, plan: pd.DataFrame) -> pd.DataFrame:
+    """layer, ep_size, ep_balancedness = mean_g G_g / max_g G_g over the loads pooled (NaN for a
+    layer with no load); a replicated expert's load splits evenly over its replicas; layers the
+    plan does not place are left out."""
+    out = plans.evaluate_placement(loads, plan)[["layer", "ep_size", "ep_balancedness"]]
     return out.astype({"layer": loads["layer"].dtype, "ep_size": "int64"})
+
+
+def ep_balance_step_mean(step_loads: pd.DataFrame, plan: pd.DataFrame) -> pd.DataFrame:
+    """layer, ep_balancedness_step_mean: each forward step's mean_g G_g / max_g G_g, averaged
+    over the steps in which the layer routed any token (SGLang averages its per-batch
+    `compute_utilization_rate` over a window). `step_loads`: step, layer, expert, tokens."""
+    ep_size = int(plan["gpu"].max()) + 1
+    replicas = plan.groupby(["layer", "expert"]).size().rename("replicas").reset_index()
+    slots = plan[["layer", "gpu", "expert"]].merge(replicas, on=["layer", "expert"])
+    rows = step_loads[step_loads["tokens"] > 0].astype({"layer": "int64", "expert": "int64"})
+    rows = rows.merge(slots.astype({"layer": "int64", "expert": "int64"}), on=["layer", "expert"])
+    rows["load"] = rows["tokens"] / rows["replicas"]
+    per_gpu = rows.groupby(["step", "layer", "gpu"])["load"].sum()
+    per_step = per_gpu.groupby(level=["step", "layer"]).agg(["sum", "max"])
+    per_step["balancedness"] = per_step["sum"] / ep_size / per_step["max"]
+    out = per_step.groupby(level="layer")["balancedness"].mean().rename("ep_balancedness_step_mean")
+    return out.reset_index()

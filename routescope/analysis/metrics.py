@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from routescope import schema
-from routescope.analysis.expert_parallel import ep_balance
+from routescope.analysis.expert_parallel import ep_balance, ep_balance_step_mean, ep_plan
 from routescope.analysis.runview import RunView as Run  # a Protocol: run.py imports us, not back
 from routescope.analysis.sqlfiles import Cte, compose, get_query
 
@@ -199,15 +199,16 @@ def _snapshot(run: Run, layers: Mapping[str, list[int]]) -> tuple:
     return tuple(views), tuple(variables), tuple((k, tuple(v)) for k, v in sorted(layers.items()))
 
 
-def build_counts_query(where: str | None) -> tuple[str, frozenset[str]]:
-    """Counts-only runs: `imported_expert_counts` over the steps selected by `where`."""
+def build_counts_query(where: str | None, name: str = "expert_counts") -> tuple[str, frozenset[str]]:
+    """Counts-only runs: query `name` (default `expert_counts`) over `imported_expert_counts`
+    of the steps selected by `where`."""
     steps = "SELECT DISTINCT step FROM expert_counts" if where is None else STEPS_TEMPLATE.format(where=where)
     ctes = [
         Cte("layer_info", get_query("layer_info").sql),
         Cte("selected_steps", steps),
         Cte("layer_expert_counts", get_query("imported_expert_counts").sql),
     ]
-    body = get_query("expert_counts")
+    body = get_query(name)
     return compose(body.sql, ctes), frozenset(get_query("layer_info").params | body.params)
 
 
@@ -281,14 +282,29 @@ def balance(
     aux_loss=None adds the aux columns when the run has `router_stats`; True demands them. The
     statistics are per forward step, so a `where=` that splits a step leaves them NaN (True
     then raises). `ep_size=N` places the experts contiguously on N GPUs (E/N each) and adds
-    ep_balancedness = mean / max of the per-GPU loads; `placement=` (layer, gpu, slot, expert)
-    places them as given, a replicated expert's load split evenly over its replicas.
+    ep_balancedness = mean / max of the per-GPU loads (pooled, and ep_balancedness_step_mean
+    per forward step, averaged); `placement=` (layer, gpu, slot, expert) places them as
+    given, a replicated expert's load split evenly over its replicas.
     """
     df = query(run, "balance", where=where, uses=("expert_counts",))
     df = _with_aux_loss(run, df, where, aux_loss)
     if ep_size is not None or placement is not None:
-        df = df.merge(ep_balance(expert_load(run, where=where), ep_size, placement), on="layer", how="left")
+        loads = expert_load(run, where=where)
+        plan = ep_plan(loads, ep_size, placement)
+        df = df.merge(ep_balance(loads, plan), on="layer", how="left")
+        steps = ep_balance_step_mean(step_expert_loads(run, where), plan)
+        df = df.merge(steps.astype({"layer": df["layer"].dtype}), on="layer", how="left")
     return df
+
+
+def step_expert_loads(run: Run, where: str | None = None) -> pd.DataFrame:
+    """step, layer, expert, tokens: routing rows per forward step (summed over ranks), from
+    routing or, on a counts-only run, from its per-step `expert_counts`."""
+    if counts_only(run):
+        where = check_where(run, where)
+        sql, needed = build_counts_query(where, "step_imported_expert_counts")
+        return run.con.execute(sql, _bind("step_imported_expert_counts", needed, layer_params(run))).df()
+    return query(run, "step_expert_load", where=where)
 
 
 def _with_aux_loss(run: Run, df: pd.DataFrame, where: str | None, aux_loss: bool | None) -> pd.DataFrame:

@@ -90,8 +90,9 @@ class Run:
         placement: pd.DataFrame | None = None,
     ) -> pd.DataFrame:
         """Per MoE layer: num_experts, tokens, cv, max_violation, balancedness, norm_entropy
-        (+ aux_loss, aux_loss_step_mean with router_stats) (+ ep_size, ep_balancedness with
-        `ep_size=N` for E/N experts per GPU, or `placement=` layer, gpu, slot, expert)."""
+        (+ aux_loss, aux_loss_step_mean with router_stats) (+ ep_size, ep_balancedness,
+        ep_balancedness_step_mean with `ep_size=N` for E/N experts per GPU, or `placement=`
+        layer, gpu, slot, expert)."""
         return metrics.balance(self, where=where, aux_loss=aux_loss, ep_size=ep_size, placement=placement)
 
     def dead_experts(self, max_share: float = 0.0, where: str | None = None) -> pd.DataFrame:

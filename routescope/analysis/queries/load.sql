@@ -163,3 +163,12 @@ SELECT layer, avg(loss) AS aux_loss_step_mean, count(*)::BIGINT AS aux_loss_step
 FROM per_step
 GROUP BY layer
 ORDER BY layer
+
+-- name: step_imported_expert_counts
+-- Counts-only runs: routing rows per (step, layer, expert) over the selected steps, summed over ranks.
+SELECT c.step, c.layer, c.expert, sum(c.tokens)::BIGINT AS tokens
+FROM expert_counts c
+SEMI JOIN selected_steps s USING (step)
+WHERE c.layer IN (SELECT layer FROM layer_info)
+GROUP BY c.step, c.layer, c.expert
+ORDER BY c.step, c.layer, c.expert
