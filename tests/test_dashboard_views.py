@@ -277,3 +277,28 @@ def test_small_sample_warning(app, runs):
     assert decode_tokens * run.top_k(run.moe_layers[0]) / run.num_experts(run.moe_layers[0]) < 30
     assert "Small sample" in texts(out[4])
     assert "Small sample" not in texts(load.update_load(A, "all", None, None, None, "lift", None, None)[4])
+
+
+def test_balance_over_steps_highlights_one_layer_among_many():
+    from routescope import plots
+
+    rows = [
+        {
+            "step_lo": s,
+            "layer": layer,
+            "cv": 0.1 * layer + s,
+            "max_violation": 1.0,
+            "balancedness": 0.5,
+            "norm_entropy": 0.9,
+        }
+        for layer in range(12)
+        for s in range(3)
+    ]
+    fig = plots.balance_over_steps_figure(pd.DataFrame(rows), highlight=5)
+    assert len(fig.data) == 8  # 4 metrics × (other layers, the chosen one), not 4 × 12
+    chosen = next(t for t in fig.data if t.name == "L5" and t.hovertemplate.startswith("cv"))
+    assert list(chosen.y) == pytest.approx([0.5, 1.5, 2.5])
+    grey = next(t for t in fig.data if t.name == "other layers" and t.hovertemplate.startswith("cv"))
+    assert np.isnan(np.array(grey.x, dtype=float)).sum() == 11  # one break after each other layer
+    few = plots.balance_over_steps_figure(pd.DataFrame(rows[: 3 * 4]))
+    assert {t.name for t in few.data} == {"L0", "L1", "L2", "L3"}

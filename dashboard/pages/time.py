@@ -138,7 +138,13 @@ def update_time(
     msg = None if len(loads) else message("No token matches this filter.", "warning")
     if len(loads) and bins < 2:
         msg = message("All selected tokens come from one step bin: nothing changes over time here.", "info")
-    return heat, plots.balance_over_steps_figure(balance), msg, note, plots.caption(f"step_heatmap_{metric}")
+    return (
+        heat,
+        plots.balance_over_steps_figure(balance, layer),
+        msg,
+        note,
+        plots.caption(f"step_heatmap_{metric}"),
+    )
 
 
 def register(app: dash.Dash) -> None:

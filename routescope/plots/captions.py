@@ -36,8 +36,8 @@ CAPTIONS = {
     "step_heatmap_share": "One layer over the run: each column is a bin of forward steps, each cell the "
     "expert's share of that bin's routing slots (uniform = 1/E). Black cells: no token in those steps.",
     "balance_over_steps_figure": "Balance metrics of every MoE layer per bin of forward steps, each metric "
-    "on its own axis (dotted: an even load). A jump in max_violation or a fall in norm_entropy is a router "
-    "collapsing.",
+    "on its own axis (dotted: an even load); with more than 8 layers the chosen layer is drawn in colour over "
+    "the others in grey. A jump in max_violation or a fall in norm_entropy is a router collapsing.",
     "rank_load_figure": "Share of one layer's routing slots per expert on each rank (the rank's own slots "
     "are the denominator); with expert parallelism, bars that differ between ranks show uneven traffic.",
     "specialization_heatmap_expert": "Lift of each expert for each label value against the expert's overall "

@@ -3,6 +3,7 @@ every layer over steps, and the per-rank load of one layer side by side."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -50,22 +51,43 @@ def step_heatmap(steps: pd.DataFrame, layer: int, num_experts: int, value: str =
     return base_layout(fig, title, height=max(320, 110 + 14 * num_experts))
 
 
-def balance_over_steps_figure(balance: pd.DataFrame) -> go.Figure:
-    """cv, max_violation, balancedness, norm_entropy per step bin (`step_lo`), one line per layer."""
+MAX_COLOURED_LAYERS = 8  # more layers than this: one highlighted, the rest grey
+
+
+def balance_over_steps_figure(balance: pd.DataFrame, highlight: int | None = None) -> go.Figure:
+    """cv, max_violation, balancedness, norm_entropy per step bin (`step_lo`), each metric on
+    its own axis. Up to MAX_COLOURED_LAYERS layers get a line and colour each; with more,
+    `highlight` (default: the first layer) is drawn in colour over the others in thin grey,
+    which stay one trace per metric however many layers there are."""
     title = "Balance over steps"
     if balance.empty:
         return empty_figure("no routing rows", title)
+    layers = sorted(balance["layer"].unique())
     series = []
-    for i, (layer, df) in enumerate(balance.groupby("layer", sort=True)):
-        color = EXPERT_PALETTE[i % len(EXPERT_PALETTE)]
-        series.append((layer_name(layer), df.sort_values("step_lo"), "", {"color": color, "width": 1.5}))
+    if len(layers) <= MAX_COLOURED_LAYERS:
+        for i, layer in enumerate(layers):
+            df = balance[balance["layer"] == layer].sort_values("step_lo")
+            color = EXPERT_PALETTE[i % len(EXPERT_PALETTE)]
+            series.append((layer_name(layer), df, "", {"color": color, "width": 1.5}))
+    else:
+        chosen = highlight if highlight in layers else layers[0]
+        others = [
+            pd.concat([df.sort_values("step_lo"), pd.DataFrame({"step_lo": [np.nan]})])  # NaN breaks the line
+            for layer, df in balance.groupby("layer", sort=True)
+            if layer != chosen
+        ]
+        series.append(
+            ("other layers", pd.concat(others, ignore_index=True), "", {"color": "#c8c8c8", "width": 1})
+        )
+        df = balance[balance["layer"] == chosen].sort_values("step_lo")
+        series.append((layer_name(chosen), df, "", {"color": EXPERT_PALETTE[0], "width": 2.5}))
     fig = balance_panels(balance_subplots(), series, "step_lo")
-    # balance_panels colours by metric; here the layers need telling apart instead
-    for trace in fig.data:
+    for trace in fig.data:  # balance_panels colours by metric; here the layers need telling apart
         for name, _df, _s, line in series:
             if trace.name == name:
-                trace.line.color = line["color"]
                 trace.marker.color = line["color"]
+                if name == "other layers":
+                    trace.mode = "lines"
     fig.update_xaxes(title_text="forward step")
     legend_on_top(fig, y=1.1)
     fig = base_layout(fig, title, height=560)
