@@ -378,6 +378,28 @@ def test_left_padded_generate_replays_every_row(tiny_model, tmp_path):
     pd.testing.assert_frame_equal(rows(tmp_path / "inside"), rows(tmp_path / "original"))
 
 
+@pytest.mark.parametrize(
+    ("model_type", "cache"),
+    [("qwen3_moe", "static"), ("qwen3_next", None), ("jamba", None), ("nemotron_h", None)],
+)
+def test_generate_on_static_and_hybrid_caches(tiny_model, tmp_path, model_type, cache):
+    """A static cache hands the model a 4-D mask (padding read from it, as rs.record does);
+    linear-attention hybrids' caches may report no length (the 2-D mask gives it)."""
+    model = tiny_model(model_type)
+    ids = batch(rows=2, length=7, seed=1)
+    mask = torch.ones_like(ids)
+    mask[1, :3], ids[1, :3] = 0, 0
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation=cache)
+    with torch.no_grad(), rs.record(model, tmp_path / "original"):
+        original = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    with torch.no_grad(), rs.replay(model, tmp_path / "original") as replayer:
+        with rs.record(model, tmp_path / "inside"):
+            replayed = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    assert torch.equal(replayed, original)
+    assert replayer.replayed_tokens == (7 + 4) + 2 * 3 and replayer.fallback_tokens == 0
+    pd.testing.assert_frame_equal(rows(tmp_path / "inside"), rows(tmp_path / "original"))
+
+
 def test_generate_rows_that_finish_early_are_not_missing(tiny_model, tmp_path):
     """generate feeds pad tokens to a row after its EOS; rs.record skips them, so replay must
     let the model route them instead of calling them unknown."""

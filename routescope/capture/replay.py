@@ -31,6 +31,8 @@ from routescope.capture.forcing import (
     replace_call,
     require_logits_sites,
 )
+from routescope.capture.identity import _valid as valid_tokens
+from routescope.capture.identity import bind_inputs
 from routescope.errors import RouteScopeError
 
 WEIGHTS = ("recorded", "router")
@@ -255,11 +257,8 @@ class Replayer:
             raise
 
     def _prepare_step(self, args: tuple, kwargs: dict) -> _Step:
-        bound = self._signature.bind_partial(*args, **kwargs).arguments
-        inner = bound.get("kwargs", {})
-        get = lambda name: bound.get(name, inner.get(name))  # noqa: E731
-        input_ids, mask = get("input_ids"), get("attention_mask")
-        cache = get("cache") if get("cache") is not None else get("past_key_values")  # 5.24+ / earlier
+        inputs = bind_inputs(self._signature, args, kwargs)  # the recorder's reading of the inputs
+        input_ids, mask, cache = inputs.input_ids, inputs.attention_mask, inputs.cache
         if input_ids is None:
             raise RouteScopeError(
                 "routescope.replay matches tokens by their ids, so the model must be called with input_ids "
@@ -268,9 +267,9 @@ class Replayer:
         batch, seq_len = input_ids.shape
         past = _cache_length(cache)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            valid = (mask[:, mask.shape[1] - seq_len :] != 0).cpu().numpy()
-        else:
-            valid = np.ones((batch, seq_len), dtype=bool)
+            past = max(past, int(mask.shape[1]) - seq_len)  # caches that report no length (hybrids)
+        # real tokens from a 2-D mask, or from a 4-D one (static caches), as rs.record reads them
+        valid = valid_tokens(mask, batch, seq_len, past, input_ids.device).cpu().numpy()
         ids_host = input_ids.detach().cpu().numpy().astype(np.int64)
         state = self._history(cache, batch) if past > 0 else None
         if past > 0 and state is None:  # a decode step whose prefix this replay did not see
