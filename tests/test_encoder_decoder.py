@@ -242,3 +242,45 @@ def test_router_stats_come_from_each_stacks_declared_logits(model_type, seq2seq_
     per_layer = run.sql("SELECT layer, count(*) AS n FROM router_tokens GROUP BY layer ORDER BY layer")
     assert per_layer.n.tolist() == [int(mask.sum()), 8]
     assert "aux_loss" in run.balance().columns
+
+
+@pytest.mark.parametrize("model_type", SEQ2SEQ_TYPES)
+def test_generate_stops_recording_a_target_row_after_its_end_of_text(
+    model_type, seq2seq_model, tmp_path, device
+):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    import routescope as rs
+
+    class EndRowZeroEarly(LogitsProcessor):
+        """Row 0's second generated token is end-of-text; row 1 runs to max_new_tokens."""
+
+        def __init__(self, eos: int) -> None:
+            self.eos = eos
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if input_ids.shape[1] == 2:
+                scores[0] = -1e9
+                scores[0, self.eos] = 0
+            return scores
+
+    model = seq2seq_model(model_type)
+    eos = model.config.eos_token_id
+    ids, mask = source_batch(device)
+    with rs.record(model, tmp_path / "run"), torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=5,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([EndRowZeroEarly(eos)]),
+        )
+    assert out[0, 2].item() == eos
+    run = rs.open_run(tmp_path / "run")
+    rows = run.sql(
+        "SELECT seq_id, count(*) AS n, max(pos) AS last FROM tokens WHERE stack = 'decoder' GROUP BY seq_id ORDER BY seq_id"
+    )
+    # row 0 is fed its start token, one token and the end-of-text; the pads after it are not
+    # model work. Row 1 is fed every token but the last generated one.
+    assert rows.n.tolist() == [3, out.shape[1] - 1]
+    assert run.sql("SELECT count(*) AS n FROM tokens WHERE stack = 'encoder'").n[0] == int(mask.sum())
