@@ -97,6 +97,9 @@ def collect_report(
         "tokens": m.get("tokens"),
         "complete": run.complete,
         "where": where,
+        "sample": m.get("sample"),
+        "sample_seed": m.get("sample_seed"),
+        "tokens_matched": run.token_count(where) if where else m.get("tokens"),
     }
     report: dict[str, Any] = {
         "run": facts,
@@ -162,6 +165,12 @@ def output_console() -> Any:
 
     console = Console()
     return console if console.is_terminal else Console(width=160)
+
+
+BALANCE_LEGEND = (
+    "[dim]cv, max_violation: lower is better, 0 = uniform.  balancedness, norm_entropy, ep_balancedness:\n"
+    "higher is better, 1 = uniform.  aux_loss: lower is better; top-k = {k} under uniform routing.[/dim]"
+)
 
 
 def render_report_tables(report: dict[str, Any]) -> None:
@@ -233,9 +242,21 @@ def render_report_tables(report: dict[str, Any]) -> None:
                 "no hidden_stats",
             )
         )
+    if facts["sample"]:
+        console.print(
+            f"[yellow]Sampled run: every figure comes from {facts['sample']:.2%} of the sequences "
+            f"(seed {facts['sample_seed']}), not from all of them.[/yellow]"
+        )
+    if facts["where"] and not facts["tokens_matched"]:
+        console.print(
+            f"[bold yellow]No token matches --where {facts['where']!r}: nothing to report.[/bold yellow]"
+        )
+        return
     for title, df, cols, empty in sections:
         console.print()
         console.print(_table(title, df, cols, empty))
+        if title.startswith("Balance"):
+            console.print(BALANCE_LEGEND.format(k=_fmt(facts["top_k"])))
     if not facts["complete"]:
         console.print()
         console.print("[bold red]INCOMPLETE RUN[/bold red]: see the warning at the top.")

@@ -134,3 +134,15 @@ def test_command_table_and_help(capsys):
     assert all(callable(add) and callable(run) for add, run in COMMANDS.values())
     assert main(["--help"]) == 0
     assert "report" in capsys.readouterr().out
+
+
+def test_report_says_when_where_matches_no_token_and_explains_the_metrics(run_dir, capsys):
+    assert main(["report", str(run_dir), "--where", "domain = 'nothing'"]) == 0
+    out = capsys.readouterr().out
+    assert "No token matches --where" in out and "Balance per MoE layer" not in out
+    assert main(["report", str(run_dir), "--json", "--where", "domain = 'math'"]) == 0
+    assert json.loads(capsys.readouterr().out)["run"]["tokens_matched"] == 20
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "lower is better" in out and "higher is better" in out
+    assert "top-k = 2 under uniform routing" in out

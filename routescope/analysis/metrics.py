@@ -89,6 +89,14 @@ def require_routing(run: Run, metric: str) -> None:
         )
 
 
+def token_count(run: Run, where: str | None = None) -> int:
+    """Tokens `where` selects (every token without it). Counts-only runs: their manifest count."""
+    where = check_where(run, where)
+    if counts_only(run) or where is None:
+        return int(run.manifest.get("tokens") or 0)
+    return int(run.con.execute(f"SELECT count(*) FROM ({WHERE_TEMPLATE.format(where=where)})").fetchone()[0])
+
+
 def check_where(run: Run, where: str | None) -> str | None:
     """None for no filter; the predicate when DuckDB can parse and bind it over `tokens`.
 

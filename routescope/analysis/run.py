@@ -78,6 +78,10 @@ class Run:
 
     # -- metrics (SPEC 4; each delegates to routescope.analysis.metrics) ----------------
     # `where` is a SQL predicate over the tokens view, e.g. "phase = 'prefill'".
+    def token_count(self, where: str | None = None) -> int:
+        """Tokens the predicate selects (all recorded tokens without one)."""
+        return metrics.token_count(self, where=where)
+
     def expert_load(self, where: str | None = None) -> pd.DataFrame:
         """layer, expert, tokens, share: routing rows per expert, zero-load experts included."""
         return metrics.expert_load(self, where=where)
