@@ -168,7 +168,7 @@ def installed_multimodal_moe_types() -> list[str]:
 # model type -> why it is not covered (docs/models.md, "Multimodal models", says the same)
 MULTIMODAL_GAPS: dict[str, str] = {
     "diffusion_gemma": "encoder plus diffusion decoder, not an autoregressive language model",
-    "qwen3_omni_moe": "omni model: a thinker and a talker, two MoE language models whose layers share indices (thinker.model.layers.i, talker.model.layers.i); they need their own layer numbers, as encoder-decoder stacks have (and no tiny config builds yet)",
+    "qwen3_omni_moe": "transformers 5.24 cannot build it from its own default config (Qwen3OmniMoeTalkerTextConfig has no shared_expert_intermediate_size); beyond that, its thinker and talker are two MoE language models whose block lists share layer numbers (discovery would refuse them by name) and whose generate calls bypass the model's forward",
 }
 # gaps whose shrunk config would still allocate gigabytes: listed, never built
 NOT_BUILT: set[str] = set()
@@ -323,3 +323,17 @@ def test_modality_isolated_experts_are_recorded_from_both_sets(device):
     assert torch.equal(ids[~vision], text_ids) and torch.equal(weights[~vision], text_weights)
     assert torch.equal(ids[vision], vision_ids + experts) and torch.equal(weights[vision], vision_weights)
     assert int((ids >= experts).sum()) == 2 * int(vision.sum())  # top-2 of the vision set
+
+
+def test_routers_in_a_second_block_list_are_refused_by_name(vl_model):
+    """No installed multimodal type has experts in its vision tower; one that had would share
+    layer numbers with the language model, so discovery refuses it and names both lists."""
+    import copy
+
+    from routescope import UnsupportedModelError
+
+    model = vl_model("qwen3_vl_moe")
+    experts = model.model.language_model.layers[0].mlp.experts
+    model.model.visual.blocks[0].moe_experts = copy.deepcopy(experts)  # a vision-tower MoE layer
+    with pytest.raises(UnsupportedModelError, match=r"model\.language_model\.layers, model\.visual\.blocks"):
+        find_routers(model)

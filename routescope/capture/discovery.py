@@ -103,6 +103,13 @@ def layer_of(name: str) -> int | None:
     return int(found[0]) if found else None
 
 
+def layer_list_of(name: str) -> str:
+    """The block list a module path indexes: 'model.language_model.layers' for
+    'model.language_model.layers.3.mlp.experts'."""
+    found = _LAYER_RE.search(name)
+    return name[: found.end(0)].rstrip(".").rsplit(".", 1)[0] if found else ""
+
+
 def text_config(model: nn.Module) -> Any:
     config = getattr(model, "config", None)
     if config is None:
@@ -166,6 +173,7 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
     rank = {adapter.name: i for i, adapter in enumerate(ADAPTERS)}
     prefixes = _stack_prefixes(model, find_stacks(model))
     best: dict[int, RouterSite] = {}
+    lists: dict[str, set[str]] = {}  # stack -> block lists holding routers
     for name, module in model.named_modules():
         adapter = match_adapter(module)
         if adapter is None:
@@ -173,6 +181,7 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
         layer, stack = layer_of(name), _stack_of(prefixes, name)
         if layer is None or stack is None:
             continue
+        lists.setdefault(stack.name, set()).add(layer_list_of(name))
         layer += stack.first_layer
         if layer in best and rank[best[layer].adapter.name] <= rank[adapter.name]:
             continue
@@ -183,8 +192,17 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
                 f"number of experts ({num_experts}) or top-k ({top_k})"
             )
         best[layer] = RouterSite(layer, name, module, adapter, num_experts, top_k, stack.name)
+    model_type = getattr(text_config(model), "model_type", type(model).__name__)
+    for found in lists.values():
+        if len(found) > 1:
+            # e.g. a vision tower with experts, or an omni model's thinker and talker: their
+            # block indices would share layer numbers
+            raise UnsupportedModelError(
+                f"model type {model_type!r} has routers in more than one block list ({', '.join(sorted(found))}); "
+                "routescope numbers layers by block index, so they would share layer numbers "
+                "(see docs/models.md, multimodal models)"
+            )
     if not best:
-        model_type = getattr(text_config(model), "model_type", type(model).__name__)
         raise UnsupportedModelError(
             f"no MoE router found in model type {model_type!r} ({type(model).__name__}); "
             "routescope supports transformers MoE models, see docs/models.md"
