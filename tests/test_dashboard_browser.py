@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_dashboard import REPO, record_demo_run
+from tests.test_dashboard_views import add_second_rank
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "artifacts"
@@ -58,7 +59,10 @@ def server(tmp_path_factory):
     run_a = record_demo_run(root / "run_a", seed=0)
     run_b = record_demo_run(root / "run_b", seed=1, calibrate=True)
     missing = root / "gone"
-    app = create_app([run_b, run_a, missing])
+    two_ranks = root / "two_ranks"
+    shutil.copytree(run_a, two_ranks)
+    add_second_rank(two_ranks)
+    app = create_app([run_b, run_a, missing, two_ranks])
     port = free_port()
     httpd = make_server("127.0.0.1", port, app.server, threaded=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -251,4 +255,14 @@ def test_compare_and_entanglement_read_the_url(server, page):
     wait_text(page, "#entanglement-pair", "L1 → L2")
     wait_text(page, "#entanglement-transition", "L1→L2")
     assert "run=1" in page.evaluate("() => window.location.hash")
+    assert page.console_errors == []
+
+
+def test_per_rank_load_of_a_two_rank_run(server, page):
+    page.goto(server + "/load#run=3&layer=1")
+    wait_for_figures(page, 4)
+    ranks = [f for f in figure_summary(page) if f["id"] == "load-ranks-graph"]
+    assert len(ranks) == 1 and ranks[0]["traces"] == 2, figure_summary(page)
+    assert "Load per rank, layer 1" in page.locator("#load-ranks").inner_text()
+    shot(page, "load_two_ranks")
     assert page.console_errors == []

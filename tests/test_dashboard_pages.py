@@ -309,3 +309,39 @@ print(sorted(m for m in ("torch", "transformers") if m in sys.modules), lanes[3]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[] True"
+
+
+def test_every_callback_targets_a_property_its_component_has(app):
+    """Each Output, Input and State names a component of the shell or of a page layout, and
+    a property that component has (a Div has no `figure`: such a callback updates nothing)."""
+    from dashboard.pages import PAGES
+
+    components: dict[str, object] = {}
+
+    def walk(node: object) -> None:
+        if isinstance(node, (list, tuple)):
+            for child in node:
+                walk(child)
+            return
+        if not hasattr(node, "_prop_names"):
+            return
+        node_id = getattr(node, "id", None)
+        if isinstance(node_id, str):
+            components[node_id] = node
+        walk(getattr(node, "children", None))
+
+    walk(app.layout)
+    for page in PAGES:
+        walk(page.layout())
+    checked = 0
+    for spec in app.callback_map.values():
+        outputs = spec["output"] if isinstance(spec["output"], list) else [spec["output"]]
+        targets = [(o.component_id, o.component_property) for o in outputs]
+        targets += [(d["id"], d["property"]) for d in spec["inputs"] + spec["state"]]
+        for component_id, prop in targets:
+            if component_id.startswith("_pages"):
+                continue  # Dash's own page routing
+            assert component_id in components, component_id
+            assert prop in components[component_id]._prop_names, f"{component_id}.{prop}"
+            checked += 1
+    assert checked > 100

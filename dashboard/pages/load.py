@@ -337,7 +337,7 @@ def register(app: dash.Dash) -> None:
         Output("load-heatmap", "figure"),
         Output("load-bars", "figure"),
         Output("load-coactivation", "figure"),
-        Output("load-ranks", "figure"),
+        Output("load-ranks", "children"),
         Output("load-message", "children"),
         Output("load-filter-note", "children"),
         Output("load-heatmap-caption", "children"),
