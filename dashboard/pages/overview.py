@@ -40,11 +40,11 @@ def layout(**_query: Any) -> html.Div:
             html.Div(id="overview-summary"),
             html.H3("Per layer"),
             labelled(
-                "expert-parallel GPUs (adds ep_balancedness)",
+                "expert-parallel size (adds ep_balancedness)",
                 dcc.Dropdown(
                     id="overview-ep", options=[{"label": "off", "value": "off"}], value="off", clearable=False
                 ),
-                "260px",
+                "320px",
             ),
             html.Div(id="overview-kpis", style={**ROW, "marginTop": "8px"}),
             graph("overview-balance", "balance_figure"),
