@@ -262,6 +262,13 @@ def test_image_tokens_are_recorded_exactly_with_their_modality(model_type, vl_mo
     assert set(tokens["stack"]) == {"decoder"}
     assert list(tokens.groupby("step").phase.first()) == ["prefill", "prefill"] + ["decode"] * (new - 1)
 
+    # generate's decode steps continue the sequences of its prefill (step 1), one position on
+    rows = run.sql("SELECT step, seq_id, pos FROM tokens WHERE step >= 1 ORDER BY step, seq_id")
+    last = rows[rows.step == 1].groupby("seq_id").pos.max()
+    for step, decode in rows[rows.step > 1].groupby("step"):
+        assert decode.seq_id.tolist() == list(last.index)
+        assert (decode.set_index("seq_id").pos == last + (step - 1)).all()
+
     # metrics filter and group by modality
     top_k = run.manifest["top_k"][str(run.moe_layers[0])]
     image_load = run.expert_load(where="modality = 'image'")
@@ -337,3 +344,31 @@ def test_routers_in_a_second_block_list_are_refused_by_name(vl_model):
     model.model.visual.blocks[0].moe_experts = copy.deepcopy(experts)  # a vision-tower MoE layer
     with pytest.raises(UnsupportedModelError, match=r"model\.language_model\.layers, model\.visual\.blocks"):
         find_routers(model)
+
+
+def test_video_placeholders_are_recorded_as_video(vl_model, tmp_path, device):
+    import routescope as rs
+    from tests.tiny_models import VIDEO_TOKEN
+
+    model = vl_model("qwen3_vl_moe")
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.tensor([[11, 12, VISION_START, *[VIDEO_TOKEN] * IMAGE_TOKENS, VISION_END, 13]], device=device)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values_videos": torch.randn(16, PATCH_VALUES, generator=gen).to(device),  # one (1, 4, 4) grid
+        "video_grid_thw": torch.tensor([[1, 4, 4]], device=device),
+        "mm_token_type_ids": torch.where(ids == VIDEO_TOKEN, VIDEO, TEXT),
+    }
+    with rs.record(model, tmp_path / "run"), torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    run = rs.open_run(tmp_path / "run")
+    tokens = run.sql("SELECT seq_id, pos, token_id, phase, modality FROM tokens ORDER BY step, pos")
+    assert tokens.modality.tolist() == ["video" if t == VIDEO_TOKEN else "text" for t in tokens.token_id]
+    assert (tokens.modality == "video").sum() == IMAGE_TOKENS
+    # the decode steps continue the prompt's sequence
+    assert tokens.seq_id.nunique() == 1
+    assert tokens.pos.tolist() == list(range(out.shape[1] - 1))
+    assert tokens.phase.tolist() == ["prefill"] * ids.shape[1] + ["decode"] * (
+        out.shape[1] - 1 - ids.shape[1]
+    )
