@@ -140,7 +140,7 @@ def callbacks(registry: Any) -> list[tuple[str, Callable[[], Any]]]:
         overview,
         specialization,
         super_experts,
-        time,
+        timeline,
         tokens,
     )
 
@@ -169,14 +169,14 @@ def callbacks(registry: Any) -> list[tuple[str, Callable[[], Any]]]:
             "load: show_expert (click)",
             lambda: load.show_expert(st, {"points": [{"x": 3, "y": f"L{layer}"}]}, "all", None, None, None),
         ),
-        ("time: time_controls", lambda: time.time_controls(st)),
+        ("time: time_controls", lambda: timeline.time_controls(st)),
         (
             "time: update_time (all steps)",
-            lambda: time.update_time(st, "all", None, None, None, "all", layer, "lift"),
+            lambda: timeline.update_time(st, "all", None, None, None, "all", layer, "lift"),
         ),
         (
             "time: update_time (phase+label)",
-            lambda: time.update_time(st, "prefill", "domain", "code", None, "all", layer, "share"),
+            lambda: timeline.update_time(st, "prefill", "domain", "code", None, "all", layer, "share"),
         ),
         ("entanglement: controls", lambda: entanglement.entanglement_controls(st)),
         ("entanglement: update (pair, top 30)", lambda: entanglement.update_entanglement(st, None, 30)),

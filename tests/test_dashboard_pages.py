@@ -292,13 +292,13 @@ def test_serving_a_run_without_calibration_never_imports_torch(runs):
     code = f"""
 import sys
 from dashboard.app import create_app
-from dashboard.pages import compare, entanglement, load, overview, specialization, super_experts, time, tokens
+from dashboard.pages import compare, entanglement, load, overview, specialization, super_experts, timeline, tokens
 create_app([{str(runs["a"])!r}, {str(runs["a"])!r}])
 st = {{"run": "0"}}
 overview.update_overview(st, "4")
 load.update_load(st, "all", None, None, None, "lift", None)
 load.show_expert(st, {{"points": [{{"x": 1, "y": "L0"}}]}}, "all", None, None, None)
-time.update_time(st, "all", None, None, None, "all", None, "lift")
+timeline.update_time(st, "all", None, None, None, "all", None, "lift")
 entanglement.update_entanglement(st, None, 10)
 specialization.update_specialization(st, "domain", 0, "expert")
 super_experts.update_super_experts(st)

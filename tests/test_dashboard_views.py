@@ -163,18 +163,18 @@ def test_step_loads_and_balance_over_steps_agree_with_the_run_api(app, runs):
 
 
 def test_time_page(app, runs):
-    from dashboard.pages import time
+    from dashboard.pages import timeline
 
-    controls = time.time_controls(A, None, None, None, "#layer=2&color=share")
+    controls = timeline.time_controls(A, None, None, None, "#layer=2&color=share")
     layer, metric = controls[7], controls[11]
     run = rs.open_run(runs["a"])
     assert layer == 2 and metric == "share"
-    heat, balance, msg, note, caption = time.update_time(A, "all", None, None, None, "all", layer, metric)
+    heat, balance, msg, note, caption = timeline.update_time(A, "all", None, None, None, "all", layer, metric)
     steps = run.sql("SELECT count(DISTINCT step) AS n FROM tokens")["n"][0]
     assert np.array(heat.data[0].z).shape == (run.num_experts(layer), steps)
     assert traces_with_data(balance) == 4 * len(run.moe_layers) and msg is None
     assert f"{steps} bins" in note and "share" in caption
-    bad = time.update_time(A, "all", None, None, None, "all", 99, "lift")
+    bad = timeline.update_time(A, "all", None, None, None, "all", 99, "lift")
     assert "not a MoE layer" in texts(bad[2])
 
 

@@ -8,10 +8,10 @@ from dashboard.pages import (
     overview,
     specialization,
     super_experts,
-    time,
+    timeline,
     tokens,
 )
 
-PAGES = (overview, load, time, entanglement, specialization, super_experts, tokens, compare)
+PAGES = (overview, load, timeline, entanglement, specialization, super_experts, tokens, compare)
 
 __all__ = ["PAGES"]

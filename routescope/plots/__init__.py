@@ -2,7 +2,7 @@
 
 Each builder takes DataFrames with the columns the Run API returns (SPEC section 2) and
 returns a `go.Figure`; none of them reads a run. One module per kind of figure (load,
-time, entanglement, specialization, super_experts, tokens, compare) over one shared
+timeline, entanglement, specialization, super_experts, tokens, compare) over one shared
 style (`plots.style`: Viridis for magnitudes, a red–blue diverging scale for relative
 values, fixed colours per metric and per expert). `caption(name)` gives the one-line
 reading guide of every figure. `from routescope import plots` keeps every name here.
@@ -35,7 +35,7 @@ from routescope.plots.style import (
     with_lift,
 )
 from routescope.plots.super_experts import massive_activation_figure, super_expert_scatter
-from routescope.plots.time import balance_over_steps_figure, rank_load_figure, step_heatmap
+from routescope.plots.timeline import balance_over_steps_figure, rank_load_figure, step_heatmap
 from routescope.plots.tokens import expert_lanes
 
 __all__ = [
