@@ -31,7 +31,9 @@ class Run:
     def __init__(self, path: Path, skip_corrupt: bool = False, threads: int | None = None) -> None:
         self.path = Path(path)
         self.skip_corrupt = skip_corrupt
+        # DuckDB's own progress bar would print into the caller's terminal or notebook
         self.con = duckdb.connect(":memory:")
+        self.con.execute("SET enable_progress_bar = false")
         if threads:
             self.con.execute(f"SET threads = {int(threads)}")
         self.skipped: list[Path] = []
