@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from routescope import bundled
 from routescope.analysis import Run, open_run
 from routescope.analysis.compare import compare
+from routescope.analysis.superexperts import classify_massive, classify_super_experts
 from routescope.errors import RouteScopeError, RunFormatError, UnsupportedModelError, WriterError
 
 __version__ = "0.1.0"
@@ -29,7 +30,6 @@ LAZY: dict[str, str] = {
     "RunExistsError": "routescope.capture.recorder",
     "record": "routescope.capture.recorder",
     "find_routers": "routescope.capture.discovery",
-    "classify_super_experts": "routescope.capture.activations",
     "find_super_experts": "routescope.capture.activations",
     "prune_experts": "routescope.capture.pruning",
     "replay": "routescope.capture.replay",
@@ -37,7 +37,7 @@ LAZY: dict[str, str] = {
 }
 
 if TYPE_CHECKING:  # static checkers and IDEs see the lazy names as ordinary imports
-    from routescope.capture.activations import classify_super_experts, find_super_experts
+    from routescope.capture.activations import find_super_experts
     from routescope.capture.banning import ban_experts
     from routescope.capture.discovery import find_routers
     from routescope.capture.pruning import prune_experts
@@ -69,6 +69,7 @@ __all__ = [
     "__version__",
     "ban_experts",
     "bundled",
+    "classify_massive",
     "classify_super_experts",
     "compare",
     "find_routers",

@@ -117,9 +117,7 @@ def collect_report(
         report["super_experts"] = classified[classified["is_super"]].reset_index(drop=True)
         report["super_expert_thresholds"] = dict(classified.attrs.get("thresholds", {}))
     if run.has_table("hidden_stats"):
-        from routescope.capture.activations import classify_massive  # the massive rule's one home
-
-        report["massive_activations"] = classify_massive(run.hidden_stats())
+        report["massive_activations"] = rs.classify_massive(run.hidden_stats())
     return report
 
 

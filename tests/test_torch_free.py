@@ -26,7 +26,7 @@ import inspect, json, sys
 import routescope as rs
 from routescope.analysis.metrics import METRICS
 
-run_a, run_b = sys.argv[1], sys.argv[2]
+run_a, run_b = sys.argv[1:3]
 called = []
 with rs.open_run(run_a) as run:
     layers, labels = run.moe_layers, run.labels
@@ -52,11 +52,13 @@ called.append("compare")
 if "--cli" in sys.argv:
     import contextlib, io
     from routescope.cli import main
-    for argv in (["report", run_a], ["report", run_a, "--json"], ["compare", run_a, run_b]):
+    commands = {"cli report": ["report", run_a], "cli report --json": ["report", run_a, "--json"],
+                "cli compare": ["compare", run_a, run_b]}
+    for name, argv in commands.items():
         with contextlib.redirect_stdout(io.StringIO()) as out:
             assert main(argv) == 0, argv
         assert out.getvalue().strip(), argv
-        called.append(" ".join(argv[:1] + argv[2:]))
+        called.append(name)
 heavy = sorted(m for m in ("torch", "transformers", "accelerate", "safetensors") if m in sys.modules)
 print(json.dumps({"called": called, "heavy": heavy}))
 """
@@ -86,10 +88,15 @@ def test_reading_a_run_never_imports_torch(tiny_model, tmp_path: Path):
     model = tiny_model("qwen3_moe")
     run_a = _record(model, tmp_path / "a", seed=0)
     run_b = _record(model, tmp_path / "b", seed=0)  # same tokens: saturation has matches
-    result = _read_in_fresh_interpreter(str(run_a), str(run_b))
+    gen = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(1, 100, (2, 12), generator=gen)} for _ in range(2)]
+    rs.find_super_experts(model, batches, out=run_a, progress=False)  # + expert_activations, hidden_stats
+    result = _read_in_fresh_interpreter(str(run_a), str(run_b), "--cli")
     assert result["heavy"] == [], f"reading imported {result['heavy']}"
     assert set(METRICS) <= set(result["called"])
-    assert {"dashboard.queries", "compare"} <= set(result["called"])
+    expected = {"classify_super_experts", "dashboard.queries", "compare"}
+    expected |= {"cli report", "cli report --json", "cli compare"}
+    assert expected <= set(result["called"])
 
 
 def test_import_routescope_is_torch_free_and_capture_names_still_resolve():

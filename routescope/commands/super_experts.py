@@ -1,7 +1,8 @@
 """`routescope super-experts`: calibrate a model on a corpus and print its Super Experts.
 
 The CLI (`routescope/cli.py`) registers `add_super_experts_arguments` and
-`super_experts_command`; the work is `routescope.capture.activations.calibrate`.
+`super_experts_command`; the work is `routescope.capture.activations.calibrate`, imported
+when the command runs (building the CLI's parser stays torch-free).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from routescope.capture.activations import DEFAULT_QUANTILE, DEFAULT_RATIO, Calibration, calibrate
+from routescope.analysis.superexperts import DEFAULT_QUANTILE, DEFAULT_RATIO, Calibration
 from routescope.commands.inputs import TextRecord, bundled_corpus, bundled_model, read_texts
 from routescope.commands.profile import DTYPES, load_model
 
@@ -77,6 +78,8 @@ def calibration_texts(records: list[TextRecord], max_texts: int) -> list[str]:
 
 def super_experts_command(args: argparse.Namespace) -> int:
     """Find Super Experts and massive activations with a calibration pass (optionally into a run)."""
+    from routescope.capture.activations import calibrate
+
     _check(args)
     records = read_texts(args.data or bundled_corpus(), args.text_field, [])
     model, tokenizer = load_model(args.model or bundled_model(), args.device, args.dtype)
