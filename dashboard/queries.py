@@ -383,9 +383,7 @@ def hidden_stats(run: rs.Run) -> pd.DataFrame:
     `is_massive` (|h| > 100 and > 1000 × median) from the calibration's own classifier."""
     if not run.has_table("hidden_stats"):
         return pd.DataFrame(columns=["layer", "max_abs", "median_abs", "channel", "is_massive"])
-    from routescope.capture.activations import classify_massive  # lazily: the massive rule's one home
-
-    return classify_massive(run.hidden_stats())
+    return rs.classify_massive(run.hidden_stats())
 
 
 # -- token strings -----------------------------------------------------------------------
