@@ -386,6 +386,37 @@ def hidden_stats(run: rs.Run) -> pd.DataFrame:
     return rs.classify_massive(run.hidden_stats())
 
 
+# -- expert-parallel placement ----------------------------------------------------------
+def placement(
+    run: rs.Run, ep_size: int, redundant: int, method: str, fit_max_step: int | None = None
+) -> dict[str, Any]:
+    """The Placement page: a contiguous plan ("before") and a `method` plan ("after"), both
+    built on the loads of steps <= fit_max_step (all tokens without it; the same plans as
+    `run.placement(..., where="step <= X")`), and what each does on steps > fit_max_step
+    (the same tokens without it): per-GPU loads and `evaluate_placement`, also in sample."""
+    from routescope.analysis.placement import build_plan, evaluate_placement, gpu_loads
+
+    split = fit_max_step is not None
+    fit = TokenFilter(step_max=int(fit_max_step)) if split else ALL
+    fit_loads = fit.call_with_where(run, run.expert_load)  # one scan serves both plans
+    plans = {m: build_plan(fit_loads, ep_size, redundant, m) for m in ("contiguous", method)}
+    test_loads = (
+        TokenFilter(step_min=int(fit_max_step) + 1).call_with_where(run, run.expert_load)
+        if split
+        else fit_loads
+    )
+    return {
+        "method": method,
+        "plan": plans[method],
+        "gpu_loads": {m: gpu_loads(test_loads, p) for m, p in plans.items()},
+        "evaluation": {m: evaluate_placement(test_loads, p) for m, p in plans.items()},
+        "in_sample": {m: evaluate_placement(fit_loads, p) for m, p in plans.items()},
+        "fit_slots": fit_loads.groupby("layer")["tokens"].sum().to_dict(),
+        "test_slots": test_loads.groupby("layer")["tokens"].sum().to_dict(),
+        "test_loads": test_loads[["layer", "expert", "tokens"]],
+    }
+
+
 # -- token strings -----------------------------------------------------------------------
 def token_strings(run: rs.Run, token_ids: tuple[int, ...]) -> list[str]:
     """Decoded tokens when the manifest's model_name is a local folder with a tokenizer, else ids."""
@@ -452,4 +483,5 @@ QUERIES = {
     "comparison": comparison,
     "super_experts": super_experts,
     "hidden_stats": hidden_stats,
+    "placement": placement,
 }

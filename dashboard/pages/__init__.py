@@ -6,12 +6,13 @@ from dashboard.pages import (
     entanglement,
     load,
     overview,
+    placement,
     specialization,
     super_experts,
     timeline,
     tokens,
 )
 
-PAGES = (overview, load, timeline, entanglement, specialization, super_experts, tokens, compare)
+PAGES = (overview, load, timeline, entanglement, specialization, super_experts, tokens, compare, placement)
 
 __all__ = ["PAGES"]

@@ -2,8 +2,8 @@
 
 Each builder takes DataFrames with the columns the Run API returns (SPEC section 2) and
 returns a `go.Figure`; none of them reads a run. One module per kind of figure (load,
-timeline, entanglement, specialization, super_experts, tokens, compare) over one shared
-style (`plots.style`: Viridis for magnitudes, a red–blue diverging scale for relative
+timeline, entanglement, specialization, super_experts, tokens, compare, placement) over one
+shared style (`plots.style`: Viridis for magnitudes, a red–blue diverging scale for relative
 values, fixed colours per metric and per expert). `caption(name)` gives the one-line
 reading guide of every figure. `from routescope import plots` keeps every name here.
 """
@@ -14,6 +14,7 @@ from routescope.plots.captions import CAPTIONS, caption
 from routescope.plots.compare import balance_change_figure, load_delta_heatmap, saturation_figure
 from routescope.plots.entanglement import entanglement_figure, pathway_sankey, transition_heatmap
 from routescope.plots.load import balance_figure, coactivation_heatmap, expert_bars, load_heatmap
+from routescope.plots.placement import gpu_load_figure
 from routescope.plots.specialization import repetition_figure, specialization_heatmap
 from routescope.plots.style import (
     BASELINE_COLOR,
@@ -61,6 +62,7 @@ __all__ = [
     "expert_color",
     "expert_lanes",
     "expert_state",
+    "gpu_load_figure",
     "layer_name",
     "load_delta_heatmap",
     "load_heatmap",
