@@ -53,7 +53,7 @@ def shell(registry: RunRegistry, refresh_ms: int) -> html.Div:
         dcc.Link(
             page.PAGE["name"],
             href=page.PAGE["path"],
-            style={"marginRight": "10px", "whiteSpace": "nowrap"},
+            style={"marginRight": "8px", "whiteSpace": "nowrap"},
             id=f"app-nav-{i}",
         )
         for i, page in enumerate(PAGES)
@@ -73,9 +73,9 @@ def shell(registry: RunRegistry, refresh_ms: int) -> html.Div:
                             clearable=False,
                             searchable=False,
                         ),
-                        style={"width": "190px", "marginRight": "14px", "flex": "0 0 auto"},
+                        style={"width": "180px", "marginRight": "12px", "flex": "0 0 auto"},
                     ),
-                    html.Nav(nav, style={"display": "flex", "flexWrap": "nowrap", "fontSize": "14px"}),
+                    html.Nav(nav, style={"display": "flex", "flexWrap": "nowrap", "fontSize": "13px"}),
                 ],
                 style={
                     "display": "flex",

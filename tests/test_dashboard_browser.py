@@ -34,6 +34,7 @@ PAGES = {
     "/super-experts": 2,
     "/tokens": 1,
     "/compare": 3,
+    "/placement": 1,
 }
 
 pytestmark = [
@@ -265,4 +266,21 @@ def test_per_rank_load_of_a_two_rank_run(server, page):
     assert len(ranks) == 1 and ranks[0]["traces"] == 2, figure_summary(page)
     assert "Load per rank, layer 1" in page.locator("#load-ranks").inner_text()
     shot(page, "load_two_ranks")
+    assert page.console_errors == []
+
+
+def test_placement_page_reads_the_url_and_explains_bad_values(server, page):
+    """A link with a plan and a split draws it; an EP size that does not divide E is a message."""
+    page.goto(server + "/placement#run=1&ep=4&redundant=4&method=eplb&fit=1")
+    wait_text(page, "#placement-note", "steps ≤ 1")
+    wait_for_figures(page, 1)
+    assert "eplb (after)" in page.locator("#placement-stats").inner_text()
+    assert "4 GPUs × 5 slots (4 redundant)" in page.locator("#placement-note").inner_text()
+    shot(page, "placement_eplb_split")
+    box = page.locator("#placement-ep")
+    box.fill("3")
+    box.press("Enter")
+    wait_text(page, "#placement-message", "do not split evenly over ep_size=3 GPUs")
+    assert "ep=3" in page.evaluate("() => window.location.hash")
+    assert "Traceback" not in page.locator("body").inner_text()
     assert page.console_errors == []

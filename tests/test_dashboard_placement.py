@@ -212,3 +212,21 @@ def test_default_ep_size_leaves_two_experts_per_gpu():
 
     assert [default_ep_size(e) for e in (64, 16, 8, 6, 4, 3, 2)] == [8, 8, 4, 2, 2, 1, 1]
     assert np.all([e % default_ep_size(e) == 0 for e in range(1, 70)])
+
+
+def test_the_placement_page_never_imports_torch(run_path):
+    """Drawing the page in a fresh process leaves torch and transformers out."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from dashboard.app import create_app
+from dashboard.pages import placement
+create_app([{str(run_path)!r}])
+out = placement.update_placement({{"run": "0"}}, 2, 2, "eplb", None, 1)
+print(sorted(m for m in ("torch", "transformers") if m in sys.modules), out[4] is None)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[] True"

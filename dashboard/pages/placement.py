@@ -192,6 +192,8 @@ def update_placement(state: Any, ep: Any, redundant: Any, method: Any, layer: An
     if method == "contiguous":
         labels = {"contiguous": "contiguous"}
     fig = plots.gpu_load_figure({labels[m]: data["gpu_loads"][m] for m in labels}, layer)
+    # the builder's legend sits where its title is; here it goes just above the plot area
+    fig.update_layout(legend={"y": 1.02, "yanchor": "bottom"}, margin={"t": 80})
     window = "steps > " + str(fit) if fit is not None else "all steps"
     fitted = f"steps ≤ {fit}" if fit is not None else "all steps"
     note = (
@@ -217,9 +219,7 @@ def stat_cards(data: dict[str, Any], layer: int, labels: dict[str, str], split: 
         lines = [
             html.Div(title, style={"fontWeight": "bold"}),
             html.Div(f"max/mean {row['imbalance']:.3f}", className="placement-imbalance"),
-            html.Div(
-                f"max {row['max_gpu_load']:,.1f} · mean {row['mean_gpu_load']:,.1f} routing slots per GPU"
-            ),
+            html.Div(f"max {row['max_gpu_load']:,.1f} · mean {row['mean_gpu_load']:,.1f} tokens per GPU"),
             html.Div(f"ep_balancedness {row['ep_balancedness']:.3f}"),
         ]
         if split:
