@@ -33,7 +33,10 @@ class Run:
         self.skip_corrupt = skip_corrupt
         # DuckDB's own progress bar would print into the caller's terminal or notebook
         self.con = duckdb.connect(":memory:")
-        self.con.execute("SET enable_progress_bar = false")
+        try:
+            self.con.execute("SET enable_progress_bar = false")
+        except duckdb.Error:
+            pass  # Jupyter without ipywidgets: DuckDB refuses any progress-bar change (and draws none)
         if threads:
             self.con.execute(f"SET threads = {int(threads)}")
         self.skipped: list[Path] = []
