@@ -376,7 +376,7 @@ def test_bad_runs_show_a_page_message(app, name, expected):
     data, status, _ = update_run_state(KEY[name], 0)
     assert expected in texts(status) or expected in texts(overview.update_overview(data or state(name))[4])
     assert expected in texts(load.update_load(state(name), "all", None, None, None, "lift", None)[4])
-    assert len(PAGES) == 8
+    assert len(PAGES) == 9
 
 
 def test_live_run_refreshes(app, runs):

@@ -230,3 +230,19 @@ print(sorted(m for m in ("torch", "transformers") if m in sys.modules), out[4] i
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[] True"
+
+
+def test_a_run_that_cannot_be_read_is_a_message(tmp_path, app):
+    from dashboard import runs as registry_module
+    from dashboard.app import create_app
+    from dashboard.pages import placement
+
+    before = registry_module.get_registry()
+    try:
+        create_app([tmp_path / "gone"])
+        out = placement.update_placement(A, 4, 0, "lpt", 0)
+        assert "no such directory" in texts(out[4]) and out[1] is None
+        controls = placement.placement_controls(A, "#ep=4")
+        assert controls[3] == [] and controls[8] is None  # no layer options, no hint, no exception
+    finally:
+        registry_module.set_registry(before)
