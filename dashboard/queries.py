@@ -15,7 +15,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 import routescope as rs
@@ -265,25 +264,10 @@ def balance_over_steps(run: rs.Run, flt: TokenFilter = ALL) -> pd.DataFrame:
 
 
 def balance_of_step_loads(loads: pd.DataFrame) -> pd.DataFrame:
-    """cv, max_violation, balancedness, norm_entropy per (step bin, layer) from step_loads rows
-    (computed in pandas: the Run API's balance() has no per-step grouping yet)."""
-    if loads.empty:
-        return pd.DataFrame(columns=["step_lo", "step_hi", "layer", "tokens", "cv", "max_violation"])
-    grouped = loads.groupby(["step_lo", "step_hi", "layer"])
-    stats = grouped["tokens"].agg(slots="sum", max_load="max", num_experts="count").reset_index()
-    mean = stats["slots"] / stats["num_experts"]
-    dev = loads.assign(mean=loads.groupby(["step_lo", "layer"])["tokens"].transform("mean"))
-    dev["sq"] = (dev["tokens"] - dev["mean"]) ** 2
-    dev["plogp"] = dev["share"].where(dev["share"] > 0).pipe(lambda s: s * np.log(s)).fillna(0.0)
-    sums = dev.groupby(["step_lo", "step_hi", "layer"])[["sq", "plogp"]].sum().reset_index()
-    stats = stats.merge(sums, on=["step_lo", "step_hi", "layer"])
-    mean = stats["slots"] / stats["num_experts"]
-    stats["cv"] = np.sqrt(stats["sq"] / stats["num_experts"]) / mean.where(mean > 0)
-    stats["max_violation"] = (stats["max_load"] - mean) / mean.where(mean > 0)
-    stats["balancedness"] = mean / stats["max_load"].where(stats["max_load"] > 0)
-    stats["norm_entropy"] = -stats["plogp"] / np.log(stats["num_experts"].where(stats["num_experts"] > 1))
-    keep = ["step_lo", "step_hi", "layer", "slots", "cv", "max_violation", "balancedness", "norm_entropy"]
-    return stats[keep].sort_values(["layer", "step_lo"]).reset_index(drop=True)
+    """cv, max_violation, balancedness, norm_entropy per (step bin, layer) of step_loads rows
+    (`rs.balance_from_loads`, the analysis layer's formulas, over the cached counts)."""
+    stats = rs.balance_from_loads(loads, ["step_lo", "step_hi", "layer"])
+    return stats.sort_values(["layer", "step_lo"]).reset_index(drop=True)
 
 
 def rank_loads(run: rs.Run, flt: TokenFilter = ALL) -> pd.DataFrame:

@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from routescope import bundled
 from routescope.analysis import Run, open_run
+from routescope.analysis.balance_frames import balance_from_loads
 from routescope.analysis.compare import compare
 from routescope.analysis.superexperts import classify_massive, classify_super_experts
 from routescope.errors import RouteScopeError, RunFormatError, UnsupportedModelError, WriterError
+from routescope.store.rundir import RunExistsError
 
 __version__ = "0.1.0"
 
@@ -27,7 +29,6 @@ __version__ = "0.1.0"
 # when the name is first read. Add a capture-side name here, never as an eager import.
 LAZY: dict[str, str] = {
     "Recorder": "routescope.capture.recorder",
-    "RunExistsError": "routescope.capture.recorder",
     "record": "routescope.capture.recorder",
     "find_routers": "routescope.capture.discovery",
     "find_super_experts": "routescope.capture.activations",
@@ -41,7 +42,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the lazy names as ordinary imp
     from routescope.capture.banning import ban_experts
     from routescope.capture.discovery import find_routers
     from routescope.capture.pruning import prune_experts
-    from routescope.capture.recorder import Recorder, RunExistsError, record
+    from routescope.capture.recorder import Recorder, record
     from routescope.capture.replay import replay
 
 
@@ -67,6 +68,7 @@ __all__ = [
     "UnsupportedModelError",
     "WriterError",
     "__version__",
+    "balance_from_loads",
     "ban_experts",
     "bundled",
     "classify_massive",
