@@ -1,0 +1,270 @@
+"""How metrics reach DuckDB: argument checks, the `where=` predicate, parameter binding,
+named queries stacked as CTEs, and the per-Run cache of shared intermediate tables.
+
+`metrics.py` holds the metric functions; this module is what they share. The one piece of
+user text that enters SQL is the `where=` predicate, composed as
+`SELECT * FROM tokens WHERE (<where>)` and checked by `check_where` before it runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from routescope import schema
+from routescope.analysis.runview import RunView as Run  # a Protocol: run.py imports us, not back
+from routescope.analysis.sqlfiles import Cte, compose, get_query
+
+# The only place user text enters SQL: a notebook-style filter over the tokens view.
+WHERE_TEMPLATE = "SELECT * FROM tokens WHERE ({where})"
+ROUTER_STATS_HINT = "record the run with rs.record(..., router_stats=True)"
+# Counts-only runs (manifest `counts_only: true`): a `where=` is a predicate over this relation.
+STEPS_TEMPLATE = "SELECT step FROM (SELECT DISTINCT step FROM expert_counts) WHERE ({where})"
+# DuckDB errors that a bad `where=` can raise while the query runs (after it bound).
+_RUNTIME_WHERE_ERRORS = (duckdb.ConversionException, duckdb.InvalidInputException, duckdb.OutOfRangeException)
+
+
+# -- arguments --------------------------------------------------------------------------
+def check_layer(run: Run, layer: Any) -> int:
+    """`layer` as an int when it is one of the run's MoE layers, else ValueError listing them."""
+    layers = run.moe_layers
+    try:
+        value = int(layer)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value != layer or value not in layers:
+        raise ValueError(f"layer {layer!r} is not a MoE layer of this run; MoE layers: {layers}")
+    return value
+
+
+def check_label(run: Run, label: Any) -> str:
+    """A label of the run, or a built-in token column that groups like one (phase, modality, stack)."""
+    if label not in run.labels and label not in schema.GROUPING_COLUMNS:
+        allowed = ", ".join(run.labels) or "none: the run was recorded without labels"
+        columns = ", ".join(schema.GROUPING_COLUMNS)
+        raise ValueError(f"{label!r} is not a label of this run; labels: {allowed}; token columns: {columns}")
+    return str(label)
+
+
+def _duckdb_message(exc: BaseException) -> str:
+    """DuckDB's message on one line, without the caret lines that point into the composed SQL."""
+    lines = [ln.strip() for ln in str(exc).splitlines()]
+    keep = []
+    for ln in lines:
+        if ln.startswith("LINE ") or (ln and set(ln) <= {"^", " "}):
+            break
+        if ln:
+            keep.append(ln)
+    return " ".join(keep)
+
+
+def counts_only(run: Run) -> bool:
+    """True for runs imported from per-expert counters: `expert_counts`, no tokens or routing."""
+    return bool(run.manifest.get("counts_only", False))
+
+
+def _counts_origin(run: Run) -> str:
+    source = run.manifest.get("imported_from") or {}
+    engine, mode = source.get("engine"), source.get("mode")
+    if engine and mode:
+        return f"imported from {engine}, mode {mode}"
+    return f"imported from {engine}" if engine else "imported"
+
+
+def require_routing(run: Run, metric: str) -> None:
+    """ValueError for a counts-only run: `metric` reads per-token routing rows it does not have."""
+    if counts_only(run):
+        raise ValueError(
+            f"this run holds expert counts only ({_counts_origin(run)}); {metric} needs per-token "
+            "routing (expert_load, balance, dead_experts and hot_experts work on counts)"
+        )
+
+
+def token_count(run: Run, where: str | None = None) -> int:
+    """Tokens `where` selects (every token without it). Counts-only runs: their manifest count."""
+    where = check_where(run, where)
+    if counts_only(run) or where is None:
+        return int(run.manifest.get("tokens") or 0)
+    return int(run.con.execute(f"SELECT count(*) FROM ({WHERE_TEMPLATE.format(where=where)})").fetchone()[0])
+
+
+def check_where(run: Run, where: str | None) -> str | None:
+    """None for no filter; the predicate when DuckDB can parse and bind it over `tokens`.
+
+    For a counts-only run the predicate may read `step` only (the counts are per step).
+    """
+    if where is None:
+        return None
+    if not isinstance(where, str):
+        raise ValueError(
+            f"where must be a SQL predicate string over the tokens view, not {type(where).__name__}"
+        )
+    if not where.strip():
+        return None
+    if counts_only(run):
+        selection = STEPS_TEMPLATE.format(where=where)
+        try:
+            if len(duckdb.extract_statements(selection)) != 1:
+                raise duckdb.ParserException("it must be one predicate, not several statements")
+            run.con.execute(f"SELECT * FROM ({selection}) LIMIT 0").fetchall()
+        except duckdb.Error as exc:
+            raise ValueError(
+                f"invalid where clause {where!r}: this run holds expert counts only ({_counts_origin(run)}), "
+                f"so where= may only reference step, e.g. 'step >= 10' ({_duckdb_message(exc)})"
+            ) from None
+        return where
+    selection = WHERE_TEMPLATE.format(where=where)
+    try:
+        if len(duckdb.extract_statements(selection)) != 1:
+            raise ValueError(
+                f"invalid where clause {where!r}: it must be one predicate, not several statements"
+            )
+        run.con.execute(f"SELECT seq_id, pos FROM ({selection}) LIMIT 0").fetchall()
+    except duckdb.Error as exc:
+        raise ValueError(f"invalid where clause {where!r}: {_duckdb_message(exc)}") from None
+    return where
+
+
+# -- composition ------------------------------------------------------------------------
+def layer_params(
+    run: Run, layers: Sequence[int] | Mapping[str, list[int]] | None = None
+) -> dict[str, list[int]]:
+    """The `layer_info` parameters: MoE layers with their E and k, from the manifest.
+
+    A mapping with keys layers, num_experts and top_k is taken as given (compare uses it).
+    """
+    if isinstance(layers, Mapping):
+        return {key: list(layers[key]) for key in ("layers", "num_experts", "top_k")}
+    layers = list(run.moe_layers if layers is None else layers)
+    return {
+        "layers": layers,
+        "num_experts": [run.num_experts(layer) for layer in layers],
+        "top_k": [run.top_k(layer) for layer in layers],
+    }
+
+
+def build_query(
+    name: str,
+    where: str | None,
+    uses: Sequence[str | tuple[str, str]] = (),
+    tables: Mapping[str, str] | None = None,
+) -> tuple[str, frozenset[str]]:
+    """The SQL of query `name` behind the selection CTEs and the named CTEs in `uses` (in that
+    order), and the parameters it reads. A `uses` entry (cte, query) names query `query`'s CTE
+    `cte`, so one body can read either of two inputs. `tables` maps a CTE name to a cached
+    table that replaces it."""
+    tables = tables or {}
+    aliased = [(u, u) if isinstance(u, str) else (u[0], u[1]) for u in uses]
+    selection = get_query("all_tokens").sql if where is None else WHERE_TEMPLATE.format(where=where)
+    routing = get_query("all_routing" if where is None else "filtered_routing")
+    named = [get_query(q) for u, q in aliased if u not in tables]
+    ctes = [
+        Cte("layer_info", get_query("layer_info").sql),
+        Cte("selected_tokens", selection, materialized=False),
+        Cte("selected_routing", routing.sql, materialized=False),
+        Cte("layer_expert_counts", get_query("routing_expert_counts").sql),
+        *(Cte(u, f"SELECT * FROM {tables[u]}" if u in tables else get_query(q).sql) for u, q in aliased),
+    ]
+    body = get_query(name)
+    params = frozenset().union(
+        get_query("layer_info").params, routing.params, body.params, *(q.params for q in named)
+    )
+    return compose(body.sql, ctes), params
+
+
+def _bind(name: str, needed: frozenset[str], values: Mapping[str, Any]) -> dict[str, Any]:
+    missing = needed - set(values)
+    if missing:
+        raise KeyError(f"query {name!r} needs parameters {sorted(missing)}")
+    return {k: values[k] for k in needed}
+
+
+# Per Run: derived tables that several metrics share (the per-(layer, expert) counts), kept
+# as DuckDB temp tables while the run's views, the session variables a `where=` may read
+# (the dashboard binds filter values that way) and the manifest's layers stay the same.
+CACHED = ("expert_counts",)
+CACHE_LIMIT = 32  # cached tables per Run
+_CACHE: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+_TABLE_IDS = itertools.count()
+
+
+def _snapshot(run: Run, layers: Mapping[str, list[int]]) -> tuple:
+    views = run.con.execute(
+        "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal ORDER BY view_name"
+    ).fetchall()
+    variables = run.con.execute(
+        "SELECT name, value::VARCHAR FROM duckdb_variables() ORDER BY name"
+    ).fetchall()
+    return tuple(views), tuple(variables), tuple((k, tuple(v)) for k, v in sorted(layers.items()))
+
+
+def build_counts_query(where: str | None, name: str = "expert_counts") -> tuple[str, frozenset[str]]:
+    """Counts-only runs: query `name` (default `expert_counts`) over `imported_expert_counts`
+    of the steps selected by `where`."""
+    steps = "SELECT DISTINCT step FROM expert_counts" if where is None else STEPS_TEMPLATE.format(where=where)
+    ctes = [
+        Cte("layer_info", get_query("layer_info").sql),
+        Cte("selected_steps", steps),
+        Cte("layer_expert_counts", get_query("imported_expert_counts").sql),
+    ]
+    body = get_query(name)
+    return compose(body.sql, ctes), frozenset(get_query("layer_info").params | body.params)
+
+
+def cached_table(run: Run, name: str, where: str | None, layers: Mapping[str, list[int]]) -> str:
+    """A temp table holding named query `name` over the selection, computed once per snapshot."""
+    snapshot = _snapshot(run, layers)
+    state = _CACHE.get(run)
+    if state is None or state["snapshot"] != snapshot:
+        for table in (state or {}).get("tables", {}).values():
+            run.con.execute(f"DROP TABLE IF EXISTS {table}")
+        state = {"snapshot": snapshot, "tables": {}}
+        _CACHE[run] = state
+    key = (name, where)
+    if key not in state["tables"]:
+        if len(state["tables"]) >= CACHE_LIMIT:  # forget the oldest selection
+            oldest = next(iter(state["tables"]))
+            run.con.execute(f"DROP TABLE IF EXISTS {state['tables'].pop(oldest)}")
+        table = f"routescope_cache_{next(_TABLE_IDS)}"
+        # A counts-only run's per-(layer, expert) counts come from its `expert_counts` table.
+        sql, needed = (
+            build_counts_query(where) if name == "imported_expert_counts" else build_query(name, where)
+        )
+        run.con.execute(f"CREATE TEMP TABLE {table} AS {sql}", _bind(name, needed, layers))
+        state["tables"][key] = table
+    return state["tables"][key]
+
+
+def _source(run: Run, name: str) -> str:
+    """The query that fills cached CTE `name`: counts-only runs read their imported counts."""
+    return "imported_expert_counts" if name == "expert_counts" and counts_only(run) else name
+
+
+def query(
+    run: Run,
+    name: str,
+    *,
+    where: str | None = None,
+    uses: Sequence[str | tuple[str, str]] = (),
+    layers: Sequence[int] | Mapping[str, list[int]] | None = None,
+    **params: Any,
+) -> pd.DataFrame:
+    """Run named query `name` over the tokens selected by `where`, binding `params` by name."""
+    where = check_where(run, where)
+    layer_values = layer_params(run, layers)
+    try:
+        tables = {u: cached_table(run, _source(run, u), where, layer_values) for u in uses if u in CACHED}
+        sql, needed = build_query(name, where, uses, tables)
+        return run.con.execute(sql, _bind(name, needed, {**layer_values, **params})).df()
+    except _RUNTIME_WHERE_ERRORS as exc:
+        if where is None:
+            raise
+        raise ValueError(f"invalid where clause {where!r}: {_duckdb_message(exc)}") from None
+
+
+# -- load and balance (SPEC 4.1, 4.2) ---------------------------------------------------
