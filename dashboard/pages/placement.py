@@ -192,8 +192,6 @@ def update_placement(state: Any, ep: Any, redundant: Any, method: Any, layer: An
     if method == "contiguous":
         labels = {"contiguous": "contiguous"}
     fig = plots.gpu_load_figure({labels[m]: data["gpu_loads"][m] for m in labels}, layer)
-    # the builder's legend sits where its title is; here it goes just above the plot area
-    fig.update_layout(legend={"y": 1.02, "yanchor": "bottom"}, margin={"t": 80})
     window = "steps > " + str(fit) if fit is not None else "all steps"
     fitted = f"steps ≤ {fit}" if fit is not None else "all steps"
     note = (

@@ -38,5 +38,10 @@ def gpu_load_figure(plans: Mapping[str, pd.DataFrame], layer: int | None = None)
         )
     if mean:
         fig.add_hline(y=mean, line_dash="dot", line_color=BASELINE_COLOR, annotation_text="mean")
-    fig.update_layout(barmode="group", yaxis_title="tokens", legend={"orientation": "h", "y": 1.12})
-    return base_layout(fig, title, height=380)
+    fig = base_layout(fig, title, height=380)
+    # the legend goes just above the plot area, below the title
+    fig.update_layout(
+        barmode="group", yaxis_title="tokens", legend={"orientation": "h", "y": 1.02, "yanchor": "bottom"}
+    )
+    fig.update_layout(margin={"t": max(80, fig.layout.margin.t or 0)})
+    return fig
