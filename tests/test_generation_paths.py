@@ -313,3 +313,19 @@ def test_a_block_whose_forwards_recorded_nothing_warns_and_says_so(model, tmp_pa
                 model(input_ids=bad)
     manifest = rs.open_run(tmp_path / "run").manifest
     assert manifest["skipped"] == {"forwards_without_routing": 1} and manifest["tokens"] == 0
+
+
+def test_sampled_load_shares_are_within_binomial_error_of_the_full_run(model, tmp_path, device):
+    ids = torch.randint(1, 100, (64, 16), generator=torch.Generator().manual_seed(9)).to(device)
+    with rs.record(model, tmp_path / "full"), torch.no_grad():
+        model(input_ids=ids)
+    with rs.record(model, tmp_path / "sampled", sample=0.25, seed=1), torch.no_grad():
+        model(input_ids=ids)
+    full = rs.open_run(tmp_path / "full").expert_load()
+    part = rs.open_run(tmp_path / "sampled").expert_load()
+    sequences = rs.open_run(tmp_path / "sampled").sql("SELECT count(DISTINCT seq_id) AS n FROM tokens").n[0]
+    assert 8 <= sequences <= 26  # about a quarter of 64
+    merged = full.merge(part, on=["layer", "expert"], suffixes=("_full", "_sampled"))
+    slots = merged.groupby("layer").tokens_sampled.transform("sum")
+    sigma = np.sqrt(merged.share_full * (1 - merged.share_full) / slots)
+    assert ((merged.share_sampled - merged.share_full).abs() <= 5 * sigma + 1e-9).all()
