@@ -158,7 +158,7 @@ class SequenceTracker:
         if state is not None and len(state.seq_ids) != batch:
             self.skipped.add("decode_batch_mismatch")
             state = None
-        valid = _valid(inputs.attention_mask, batch, seq_len, past, device)
+        valid = valid_tokens(inputs.attention_mask, batch, seq_len, past, device)
         positions = _positions(inputs, state, valid, batch, seq_len, past, device)
         if past == 0 or state is None:
             phase = schema.PHASE_PREFILL if past == 0 else schema.PHASE_DECODE
@@ -199,7 +199,7 @@ class SequenceTracker:
         cache continue these sequences."""
         if identity.cache_key is not None or identity.state is None:
             return
-        cache = getattr(output, "past_key_values", None)
+        cache = output_cache(output)
         if cache is None or isinstance(cache, (tuple, list)) or self._state(cache) is not None:
             return
         self._remember(cache, identity.state)
@@ -288,6 +288,17 @@ class SequenceTracker:
             return 0
 
 
+def output_cache(output: Any) -> Any:
+    """The cache a forward returned, under either name (read as a mapping key: the
+    `past_key_values` attribute of 5.24 outputs logs a deprecation warning)."""
+    if output is None:
+        return None
+    if hasattr(output, "keys") and hasattr(output, "get"):
+        cache = output.get("cache")
+        return cache if cache is not None else output.get("past_key_values")
+    return getattr(output, "cache", None)
+
+
 def sampled(seq_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Whether each sequence is in a seeded `fraction` sample: a hash of (seed, seq_id), so the
     choice does not depend on batch order and is the same on every rank."""
@@ -301,7 +312,7 @@ def sampled(seq_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
 
-def _valid(mask: Any, batch: int, seq_len: int, past: int, device: torch.device) -> torch.Tensor:
+def valid_tokens(mask: Any, batch: int, seq_len: int, past: int, device: torch.device) -> torch.Tensor:
     """Which (row, column) of the forward are real tokens."""
     if isinstance(mask, dict):  # per-attention-type masks: the full-attention one
         mask = mask.get("full_attention", next(iter(mask.values()), None))

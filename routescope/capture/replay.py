@@ -31,8 +31,7 @@ from routescope.capture.forcing import (
     replace_call,
     require_logits_sites,
 )
-from routescope.capture.identity import _valid as valid_tokens
-from routescope.capture.identity import bind_inputs
+from routescope.capture.identity import bind_inputs, output_cache, valid_tokens
 from routescope.errors import RouteScopeError
 
 WEIGHTS = ("recorded", "router")
@@ -322,7 +321,7 @@ class Replayer:
         self._step = None
         self._logits.clear()
         pending, self._pending = self._pending, None
-        cache = getattr(output, "past_key_values", None) if output is not None else None
+        cache = output_cache(output)
         if pending is not None and cache is not None:
             pending.cache = cache
             self._histories.pop(id(cache), None)
