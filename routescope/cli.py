@@ -29,6 +29,7 @@ from routescope.commands.profile import (
     profile_command,
     record_demo,
 )
+from routescope.commands.report_sections import fmt, report_sections
 from routescope.commands.super_experts import add_super_experts_arguments, super_experts_command
 from routescope.errors import RouteScopeError
 
@@ -121,16 +122,6 @@ def collect_report(
     return report
 
 
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list):
-        return ", ".join(str(v) for v in value)
-    return str(value)
-
-
 def _table(title: str, df: pd.DataFrame, columns: list[str], empty: str) -> Any:
     from rich.table import Table
 
@@ -141,7 +132,7 @@ def _table(title: str, df: pd.DataFrame, columns: list[str], empty: str) -> Any:
     if df.empty:
         return f"[bold]{title}[/bold]: {empty}"
     for row in df[cols].head(TABLE_ROWS).itertuples(index=False):
-        table.add_row(*(_fmt(v.item() if hasattr(v, "item") else v) for v in row))
+        table.add_row(*(fmt(v.item() if hasattr(v, "item") else v) for v in row))
     if len(df) > TABLE_ROWS:
         table.caption = f"… {len(df) - TABLE_ROWS} more rows (use --json for all)"
     return table
@@ -178,68 +169,10 @@ def render_report_tables(report: dict[str, Any]) -> None:
         console.print(_incomplete_banner(facts["path"]))
     console.print(
         f"[bold]routescope report[/bold] {facts['path']}  model_type {facts['model_type']}  "
-        f"tokens {facts['tokens']}  MoE layers {len(facts['moe_layers'])}  experts {_fmt(facts['num_experts'])}  "
-        f"top-k {_fmt(facts['top_k'])}" + (f"  where: {facts['where']}" if facts["where"] else "")
+        f"tokens {facts['tokens']}  MoE layers {len(facts['moe_layers'])}  experts {fmt(facts['num_experts'])}  "
+        f"top-k {fmt(facts['top_k'])}" + (f"  where: {facts['where']}" if facts["where"] else "")
     )
-    balance_cols = [
-        "layer",
-        "num_experts",
-        "tokens",
-        "cv",
-        "max_violation",
-        "balancedness",
-        "norm_entropy",
-        "aux_loss",
-        "aux_loss_step_mean",
-        "ep_balancedness",
-        "ep_balancedness_step_mean",
-    ]
-    sections = [
-        ("Balance per MoE layer", report["balance"], balance_cols, "no MoE layer"),
-        (
-            "Dead experts (no token)",
-            report["dead_experts"],
-            ["layer", "expert", "tokens", "tokens_seen", "p_uniform_miss"],
-            "none",
-        ),
-        ("Hot experts", report["hot_experts"], ["layer", "expert", "tokens", "share", "ratio"], "none"),
-        (
-            "Cross-layer entanglement (slot-0 experts)",
-            report["entanglement"],
-            [
-                "layer",
-                "next_layer",
-                "mutual_info_bits",
-                "baseline_mutual_info_bits",
-                "norm_mutual_info",
-                "cond_entropy_bits",
-                "top1_predictability",
-            ],
-            "fewer than two MoE layers",
-        ),
-    ]
-    if report["super_experts"] is not None:
-        th = report.get("super_expert_thresholds") or {}
-        sections.append(
-            (
-                f"Super Experts (a > P{_fmt(th.get('quantile'))} = {_fmt(th.get('percentile_threshold'))} "
-                f"and > max × {_fmt(th.get('ratio'))} = {_fmt(th.get('max_threshold'))}, over the "
-                f"{_fmt(th.get('pooled_experts'))} experts of layers {_fmt(th.get('layers'))}; "
-                f"median {_fmt(th.get('median'))})",
-                report["super_experts"],
-                ["layer", "expert", "shared", "max_abs_output", "ratio_to_median", "channel", "tokens_seen"],
-                "none above both thresholds",
-            )
-        )
-    if report.get("massive_activations") is not None:
-        sections.append(
-            (
-                "Residual stream per decoder layer (massive: |h| > 100 and > 1000 × median |h|)",
-                report["massive_activations"],
-                ["layer", "max_abs", "median_abs", "ratio_to_median", "channel", "is_massive"],
-                "no hidden_stats",
-            )
-        )
+    sections = report_sections(report)
     if facts["sample"]:
         console.print(
             f"[yellow]Sampled run: every figure comes from {facts['sample']:.2%} of the sequences "
@@ -254,7 +187,7 @@ def render_report_tables(report: dict[str, Any]) -> None:
         console.print()
         console.print(_table(title, df, cols, empty))
         if title.startswith("Balance"):
-            console.print(BALANCE_LEGEND.format(k=_fmt(facts["top_k"])))
+            console.print(BALANCE_LEGEND.format(k=fmt(facts["top_k"])))
     if not facts["complete"]:
         console.print()
         console.print("[bold red]INCOMPLETE RUN[/bold red]: see the warning at the top.")

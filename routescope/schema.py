@@ -6,6 +6,8 @@ analysis layer reads them; SPEC section 3 is the contract behind this module.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 
 FORMAT_VERSION = 1
@@ -122,3 +124,18 @@ def schema_for(table: str, labels: tuple[str, ...] = ()) -> pa.Schema:
     if table == TOKENS:
         fields += [pa.field(label, TOKEN_EXTRA_COLUMNS.get(label, pa.string())) for label in labels]
     return pa.schema(fields)
+
+
+def check_labels(labels: dict[str, Any]) -> dict[str, str | None]:
+    """Label names must be identifiers and not clash with a column; values become strings."""
+    checked: dict[str, str | None] = {}
+    for name, value in labels.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"label name {name!r} is not allowed: use a Python identifier such as 'domain'")
+        if name in RESERVED_LABELS or name.lower() in RESERVED_LABELS:
+            allowed = "any identifier except " + ", ".join(sorted(RESERVED_LABELS))
+            raise ValueError(
+                f"label name {name!r} is reserved (a column of the run tables); allowed: {allowed}"
+            )
+        checked[name] = None if value is None else str(value)
+    return checked

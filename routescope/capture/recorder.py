@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from routescope import schema
 from routescope.capture.discovery import LogitsSite, RouterSite, find_logits_sites, find_routers, find_stacks
 from routescope.capture.facts import (
     install_sigterm_exit,
@@ -34,27 +33,13 @@ from routescope.capture.identity import SequenceTracker, Skipped, bind_inputs
 from routescope.capture.modality import placeholder_ids, token_modality
 from routescope.capture.step import HostStep, StepBuffers
 from routescope.errors import RouteScopeError
+from routescope.schema import check_labels
 from routescope.store.rundir import MODES, RunDirectory
 from routescope.store.rundir import RunExistsError as RunExistsError  # re-exported: rs.RunExistsError
 from routescope.store.writer import PartWriter
 
 # Sequence ids of rank R start at R << SEQ_ID_RANK_SHIFT, so ranks never collide.
 SEQ_ID_RANK_SHIFT = 40
-
-
-def check_labels(labels: dict[str, Any]) -> dict[str, str | None]:
-    """Label names must be identifiers and not clash with a column; values become strings."""
-    checked: dict[str, str | None] = {}
-    for name, value in labels.items():
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"label name {name!r} is not allowed: use a Python identifier such as 'domain'")
-        if name in schema.RESERVED_LABELS or name.lower() in schema.RESERVED_LABELS:
-            allowed = "any identifier except " + ", ".join(sorted(schema.RESERVED_LABELS))
-            raise ValueError(
-                f"label name {name!r} is reserved (a column of the run tables); allowed: {allowed}"
-            )
-        checked[name] = None if value is None else str(value)
-    return checked
 
 
 class Recorder:

@@ -56,7 +56,7 @@ def parse_labels(items: list[str]) -> dict[str, str]:
 
 
 def attach_config(args: argparse.Namespace) -> dict[str, Any]:
-    from routescope.capture.recorder import check_labels
+    from routescope.schema import check_labels
 
     labels = parse_labels(args.labels)
     check_labels(labels)  # a reserved or malformed name fails here, not in the child

@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from routescope.commands.report_sections import report_sections
+
 TABLE_ROWS = 50  # rows of a table shown in the file before "… N more"
 EP_SIZES = (8, 4, 2)  # the placement section uses the first that splits the experts into several per GPU
 
@@ -131,45 +133,7 @@ def render_html(run: Any, report: dict[str, Any]) -> str:
         parts.append(f"<h3>{html.escape(heading)}</h3>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False}))
         parts.append(f"<p class='caption'>{html.escape(caption)}</p>")
-    tables = [
-        (
-            "Balance per MoE layer",
-            report["balance"],
-            [
-                "layer",
-                "num_experts",
-                "tokens",
-                "cv",
-                "max_violation",
-                "balancedness",
-                "norm_entropy",
-                "aux_loss",
-            ],
-            "no MoE layer",
-        ),
-        (
-            "Dead experts (no token)",
-            report["dead_experts"],
-            ["layer", "expert", "tokens", "tokens_seen", "p_uniform_miss"],
-            "none",
-        ),
-        ("Hot experts", report["hot_experts"], ["layer", "expert", "tokens", "share", "ratio"], "none"),
-        (
-            "Cross-layer entanglement",
-            report["entanglement"],
-            ["layer", "next_layer", "mutual_info_bits", "baseline_mutual_info_bits", "norm_mutual_info"],
-            "fewer than two MoE layers",
-        ),
-    ]
-    if report.get("super_experts") is not None:
-        tables.append(
-            (
-                "Super Experts",
-                report["super_experts"],
-                ["layer", "expert", "shared", "max_abs_output", "channel"],
-                "none above both thresholds",
-            )
-        )
+    tables = report_sections(report)
     parts.append("<h2>Tables</h2>")
     for title, df, cols, empty in tables:
         parts.append(f"<h3>{html.escape(title)}</h3>{table_html(df, cols, empty)}")
