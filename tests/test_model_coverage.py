@@ -67,6 +67,7 @@ _ROUTER_HOOKS = {
     "ZayaRouter": "_zaya",
     "JetMoeTopKGating": "_jetmoe",
     "DogeCDMoE": "_doge",
+    "LongcatFlashTopkRouter": "_longcat",
 }
 
 
@@ -142,6 +143,17 @@ class RouterCapture:
             weights = torch.empty_like(gates)
             weights[index_sorted] = gates
             self._add(layer, ids.view(logits.shape[0], -1), weights.view(logits.shape[0], -1))
+
+        self.handles.append(module.register_forward_hook(hook))
+
+    def _longcat(self, layer: int, module: torch.nn.Module) -> None:
+        # from 5.25 the MoE block remaps zero-compute choices before the experts call, so the
+        # decision is rebuilt from the logits as the router's own code makes it
+        def hook(module, args, output):
+            logits = output[0]
+            scores = logits.softmax(dim=-1)
+            ids = torch.topk(scores + module.e_score_correction_bias, module.top_k, dim=-1, sorted=False)[1]
+            self._add(layer, ids, (scores.gather(1, ids) * module.routed_scaling_factor).to(logits.dtype))
 
         self.handles.append(module.register_forward_hook(hook))
 

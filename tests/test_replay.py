@@ -16,7 +16,13 @@ from tests.moe_types import installed_moe_types
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "models.md"
 # Router kinds whose decision is not an experts call, so replay cannot swap it (docs/models.md, Replay).
-NOT_REPLAYABLE = {"doge": "product_key", "jetmoe": "sorted_gating", "llama4": "llama4", "zaya": "skip_router"}
+NOT_REPLAYABLE = {
+    "doge": "product_key",
+    "jetmoe": "sorted_gating",
+    "llama4": "llama4",
+    "longcat_flash": "zero_expert_router",
+    "zaya": "skip_router",
+}
 # Model types whose combine weights follow none of adapters.WEIGHT_RULES: weights="recorded" only.
 ROUTER_WEIGHT_GAPS = {
     "inkling_text": "a softmax over log-sigmoid scores that includes the shared experts' gammas",

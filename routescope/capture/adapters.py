@@ -186,6 +186,16 @@ ADAPTERS: tuple[Adapter, ...] = (
         "recorded as expert num_experts",
     ),
     Adapter(
+        name="zero_expert_router",
+        hook="post",
+        extract=_from_topk_router_output,
+        class_names=("LongcatFlashTopkRouter",),
+        num_experts_attr="n_routed_experts",
+        note="LongCat-Flash: the router's (logits, weights, indices) are the decision; from "
+        "transformers 5.25 the MoE block maps zero-compute (identity) choices to routed ids with "
+        "weight 0 before the experts call, so the experts module no longer shows them",
+    ),
+    Adapter(
         name="fused_experts",
         replay=True,
         hook="pre",
@@ -199,10 +209,8 @@ ADAPTERS: tuple[Adapter, ...] = (
         replay=True,
         hook="pre",
         extract=_from_experts_call,
-        class_names=("DbrxExperts", "LongcatFlashExperts", "Step3p7Experts"),
-        num_experts_attr="total_experts",
-        note="experts modules with the fused call signature but without the decorator; "
-        "LongCat's zero-compute (identity) experts are ids n_routed_experts and up",
+        class_names=("DbrxExperts", "Step3p7Experts"),
+        note="experts modules with the fused call signature but without the decorator",
     ),
     Adapter(
         name="topk_router",
