@@ -132,8 +132,8 @@ def measure(name: str, call: Callable[[], Any], registry: Any) -> dict[str, Any]
 
 
 def callbacks(registry: Any) -> list[tuple[str, Callable[[], Any]]]:
-    from dashboard.app import update_run_state
-    from dashboard.pages import (
+    from routescope.dashboard.app import update_run_state
+    from routescope.dashboard.pages import (
         compare,
         entanglement,
         load,
@@ -198,8 +198,8 @@ def callbacks(registry: Any) -> list[tuple[str, Callable[[], Any]]]:
 
 
 def run_benchmark(path: Path) -> list[dict[str, Any]]:
-    from dashboard.app import create_app
-    from dashboard.runs import get_registry
+    from routescope.dashboard.app import create_app
+    from routescope.dashboard.runs import get_registry
 
     create_app([path, path])
     registry = get_registry()

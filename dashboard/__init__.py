@@ -14,7 +14,7 @@ __all__ = ["create_app", "serve"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from dashboard import app
+        from routescope.dashboard import app
 
         return getattr(app, name)
-    raise AttributeError(f"module 'dashboard' has no attribute {name!r}")
+    raise AttributeError(f"module 'routescope.dashboard' has no attribute {name!r}")

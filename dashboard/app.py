@@ -14,11 +14,11 @@ from typing import Any
 import dash
 from dash import Input, Output, State, ctx, dcc, html, no_update
 
-from dashboard.components import message
-from dashboard.pages import PAGES
-from dashboard.queries import QUERIES
-from dashboard.runs import RunRegistry, RunUnavailable, get_registry, set_registry
-from dashboard.urlstate import sync_run
+from routescope.dashboard.components import message
+from routescope.dashboard.pages import PAGES
+from routescope.dashboard.queries import QUERIES
+from routescope.dashboard.runs import RunRegistry, RunUnavailable, get_registry, set_registry
+from routescope.dashboard.urlstate import sync_run
 
 REFRESH_MS = 3000  # how often a run that is still being written is re-read
 

@@ -13,7 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
-from dashboard.runs import check_run_path
+from routescope.dashboard.runs import check_run_path
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
@@ -77,7 +77,7 @@ def dashboard_command(args: argparse.Namespace) -> int:
         )
         return 2
     import routescope as rs
-    from dashboard.app import serve
+    from routescope.dashboard.app import serve
 
     for path in args.runs:
         with rs.open_run(path) as run:

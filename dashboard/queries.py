@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 import routescope as rs
-from dashboard.filters import TokenFilter, quote_identifier
+from routescope.dashboard.filters import TokenFilter, quote_identifier
 
 ALL = TokenFilter()
 MAX_LABEL_VALUES = 200  # per label in a filter dropdown

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 import pandas as pd
 
-from dashboard.command import add_dashboard_arguments, dashboard_command
+from routescope.dashboard.command import add_dashboard_arguments, dashboard_command
 from routescope.commands.attach import add_run_arguments, run_command
 from routescope.commands.import_run import add_import_arguments, import_command
 from routescope.commands.placement import add_placement_arguments, placement_command

@@ -159,7 +159,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def app(runs):
-    from dashboard.app import create_app
+    from routescope.dashboard.app import create_app
 
     keys = ["a", "b", "empty", "live", "notrun", "missing"]
     return create_app([runs[k] for k in keys])
@@ -199,8 +199,8 @@ def texts(component) -> str:
 
 # -- tests -------------------------------------------------------------------------------
 def test_create_app_reads_nothing_until_asked(tmp_path):
-    from dashboard import runs as registry_module
-    from dashboard.app import create_app
+    from routescope.dashboard import runs as registry_module
+    from routescope.dashboard.app import create_app
 
     before = registry_module._CURRENT
     try:
@@ -213,7 +213,7 @@ def test_create_app_reads_nothing_until_asked(tmp_path):
 
 
 def test_overview(app, runs):
-    from dashboard.pages import overview
+    from routescope.dashboard.pages import overview
 
     summary, cards, fig, _alerts, msg = overview.update_overview(state("a"))
     run = rs.open_run(runs["a"])
@@ -225,7 +225,7 @@ def test_overview(app, runs):
 
 
 def test_load_page_filters_are_bound_not_pasted(app, runs):
-    from dashboard.pages import load
+    from routescope.dashboard.pages import load
 
     phases, labels, lo, hi, steps, _marks, _layers, layer, *_values = load.load_controls(state("a"))
     assert {"label": "prefill", "value": "prefill"} in phases
@@ -253,7 +253,7 @@ def test_load_page_filters_are_bound_not_pasted(app, runs):
 
 
 def test_load_step_range_and_expert_details(app, runs):
-    from dashboard.pages import load
+    from routescope.dashboard.pages import load
 
     _, _, _lo, hi, *_ = load.load_controls(state("a"))
     heat, *_ = load.update_load(state("a"), "all", None, None, [hi, hi], "lift", None)
@@ -266,7 +266,7 @@ def test_load_step_range_and_expert_details(app, runs):
 
 
 def test_entanglement_specialization_tokens(app, runs):
-    from dashboard.pages import entanglement, specialization, tokens
+    from routescope.dashboard.pages import entanglement, specialization, tokens
 
     _pairs, pair, _top = entanglement.entanglement_controls(state("a"))
     mi, trans, sankey, msg = entanglement.update_entanglement(state("a"), pair, 10)
@@ -300,12 +300,12 @@ def test_entanglement_specialization_tokens(app, runs):
 
 
 def test_tokens_window_is_capped(app, runs, monkeypatch):
-    from dashboard import queries
-    from dashboard.pages import tokens
+    from routescope.dashboard import queries
+    from routescope.dashboard.pages import tokens
 
     monkeypatch.setattr(queries, "MAX_LANE_CELLS", 8 * 3)
     monkeypatch.setattr(queries, "MAX_LANE_TOKENS", 8)
-    from dashboard.runs import get_registry
+    from routescope.dashboard.runs import get_registry
 
     get_registry().clear_cache()
     try:
@@ -316,7 +316,7 @@ def test_tokens_window_is_capped(app, runs, monkeypatch):
 
 
 def test_super_experts_page(app, runs):
-    from dashboard.pages import super_experts
+    from routescope.dashboard.pages import super_experts
 
     scatter, listing, massive, msg = super_experts.update_super_experts(state("a"))
     assert "routescope super-experts --model" in texts(msg) and str(runs["a"]) in texts(msg)
@@ -328,7 +328,7 @@ def test_super_experts_page(app, runs):
 
 
 def test_compare(app, runs):
-    from dashboard.pages import compare
+    from routescope.dashboard.pages import compare
 
     opts_a, a, _opts_b, b = compare.compare_controls(state("a"))
     assert (a, b) == ("0", "1") and len(opts_a) == 6
@@ -350,8 +350,8 @@ def test_compare(app, runs):
 
 
 def test_unknown_run_key_is_refused(app):
-    from dashboard.app import update_run_state
-    from dashboard.pages import load, overview
+    from routescope.dashboard.app import update_run_state
+    from routescope.dashboard.pages import load, overview
 
     for key in ("9", "../run", "/etc/passwd", None, 0):
         out = overview.update_overview({"run": key})
@@ -370,8 +370,8 @@ def test_unknown_run_key_is_refused(app):
     ],
 )
 def test_bad_runs_show_a_page_message(app, name, expected):
-    from dashboard.app import update_run_state
-    from dashboard.pages import PAGES, load, overview
+    from routescope.dashboard.app import update_run_state
+    from routescope.dashboard.pages import PAGES, load, overview
 
     data, status, _ = update_run_state(KEY[name], 0)
     assert expected in texts(status) or expected in texts(overview.update_overview(data or state(name))[4])
@@ -382,8 +382,8 @@ def test_bad_runs_show_a_page_message(app, name, expected):
 def test_live_run_refreshes(app, runs):
     from dash import no_update
 
-    from dashboard.app import update_run_state
-    from dashboard.runs import get_registry
+    from routescope.dashboard.app import update_run_state
+    from routescope.dashboard.runs import get_registry
 
     data, status, disabled = update_run_state(KEY["live"], 0)
     assert disabled is False and "still recording" in texts(status)
@@ -406,7 +406,7 @@ def test_live_run_refreshes(app, runs):
 
 
 def test_filters_build_predicates_from_fixed_columns(runs):
-    from dashboard.filters import FilterError, TokenFilter
+    from routescope.dashboard.filters import FilterError, TokenFilter
 
     run = rs.open_run(runs["a"])
     pred, params = TokenFilter.from_inputs("decode", "domain", "code", [1, 3]).sql(run)
@@ -420,8 +420,8 @@ def test_filters_build_predicates_from_fixed_columns(runs):
 
 
 def test_queries_are_cached_per_filter(app):
-    from dashboard.filters import TokenFilter
-    from dashboard.runs import get_registry
+    from routescope.dashboard.filters import TokenFilter
+    from routescope.dashboard.runs import get_registry
 
     registry = get_registry()
     first = registry.query("0", "expert_load", TokenFilter(phase="prefill"))
@@ -439,7 +439,7 @@ def test_no_html_rendering_anywhere():
 def test_cli_bad_input_exits_2(runs, capsys):
     import argparse
 
-    from dashboard.command import add_dashboard_arguments, dashboard_command
+    from routescope.dashboard.command import add_dashboard_arguments, dashboard_command
 
     parser = argparse.ArgumentParser()
     add_dashboard_arguments(parser)

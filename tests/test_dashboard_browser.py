@@ -54,7 +54,7 @@ def server(tmp_path_factory):
     """The dashboard on a free loopback port serving two recorded runs (B calibrated)."""
     from werkzeug.serving import make_server
 
-    from dashboard.app import create_app
+    from routescope.dashboard.app import create_app
 
     root = tmp_path_factory.mktemp("browser")
     run_a = record_demo_run(root / "run_a", seed=0)

@@ -29,7 +29,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def app(runs):
-    from dashboard.app import create_app
+    from routescope.dashboard.app import create_app
 
     return create_app([runs["a"], runs["calibrated"]])
 
@@ -39,7 +39,7 @@ A, CAL = ({"run": key, "version": None} for key in ("0", "1"))
 
 # -- entanglement ------------------------------------------------------------------------
 def test_entanglement_is_normalised_and_transition_rows_carry_counts(app, runs):
-    from dashboard.pages import entanglement
+    from routescope.dashboard.pages import entanglement
 
     run = rs.open_run(runs["a"])
     ent = run.entanglement()
@@ -69,7 +69,7 @@ def test_entanglement_is_normalised_and_transition_rows_carry_counts(app, runs):
 
 # -- super experts -----------------------------------------------------------------------
 def test_super_experts_state_the_rule_and_link_channels(app, runs):
-    from dashboard.pages import super_experts
+    from routescope.dashboard.pages import super_experts
 
     scatter, listing, massive, msg = super_experts.update_super_experts(CAL)
     assert msg is None
@@ -109,9 +109,9 @@ def test_no_star_when_no_expert_meets_the_rule():
 
 # -- compare -----------------------------------------------------------------------------
 def test_compare_with_one_run_shows_guidance_only(runs, app):
-    from dashboard import runs as registry_module
-    from dashboard.app import create_app
-    from dashboard.pages import compare
+    from routescope.dashboard import runs as registry_module
+    from routescope.dashboard.app import create_app
+    from routescope.dashboard.pages import compare
 
     before = registry_module.get_registry()
     try:
@@ -125,7 +125,7 @@ def test_compare_with_one_run_shows_guidance_only(runs, app):
 
 # -- expert parallelism, specialization, tokens ------------------------------------------
 def test_overview_adds_ep_balancedness_for_an_ep_size(app, runs):
-    from dashboard.pages import overview
+    from routescope.dashboard.pages import overview
 
     options, value = overview.overview_controls(A, "#ep=4")
     run = rs.open_run(runs["a"])
@@ -142,7 +142,7 @@ def test_overview_adds_ep_balancedness_for_an_ep_size(app, runs):
 
 
 def test_specialization_lift_against_the_experts_own_share(app, runs):
-    from dashboard.pages import specialization
+    from routescope.dashboard.pages import specialization
 
     run = rs.open_run(runs["a"])
     layer = run.moe_layers[0]
@@ -169,7 +169,7 @@ def test_specialization_lift_against_the_experts_own_share(app, runs):
 
 
 def test_token_text_is_coloured_by_expert_and_labels_are_capped(app, runs):
-    from dashboard.pages import tokens
+    from routescope.dashboard.pages import tokens
     from routescope import plots
 
     run = rs.open_run(runs["a"])
@@ -223,8 +223,8 @@ def test_dead_experts_are_marked_on_compare_and_specialization_figures():
 def test_every_page_reads_its_controls_from_the_url(app, runs):
     from dash import no_update
 
-    from dashboard.pages import compare, entanglement, specialization, tokens
-    from dashboard.urlstate import fragment_for
+    from routescope.dashboard.pages import compare, entanglement, specialization, tokens
+    from routescope.dashboard.urlstate import fragment_for
 
     run = rs.open_run(runs["a"])
     layers = run.moe_layers
@@ -291,8 +291,8 @@ def test_serving_a_run_without_calibration_never_imports_torch(runs):
 
     code = f"""
 import sys
-from dashboard.app import create_app
-from dashboard.pages import compare, entanglement, load, overview, specialization, super_experts, timeline, tokens
+from routescope.dashboard.app import create_app
+from routescope.dashboard.pages import compare, entanglement, load, overview, specialization, super_experts, timeline, tokens
 create_app([{str(runs["a"])!r}, {str(runs["a"])!r}])
 st = {{"run": "0"}}
 overview.update_overview(st, "4")
@@ -314,7 +314,7 @@ print(sorted(m for m in ("torch", "transformers") if m in sys.modules), lanes[3]
 def test_every_callback_targets_a_property_its_component_has(app):
     """Each Output, Input and State names a component of the shell or of a page layout, and
     a property that component has (a Div has no `figure`: such a callback updates nothing)."""
-    from dashboard.pages import PAGES
+    from routescope.dashboard.pages import PAGES
 
     components: dict[str, object] = {}
 

@@ -25,8 +25,8 @@ def run_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def app(run_path):
-    from dashboard import runs as registry_module
-    from dashboard.app import create_app
+    from routescope.dashboard import runs as registry_module
+    from routescope.dashboard.app import create_app
 
     before = registry_module._CURRENT
     app = create_app([run_path])
@@ -62,7 +62,7 @@ def test_plots_export_the_gpu_load_figure():
 
 @pytest.mark.parametrize("method", ["lpt", "eplb"])
 def test_before_and_after_match_the_run_api(app, run, method):
-    from dashboard.pages import placement
+    from routescope.dashboard.pages import placement
 
     layer = run.moe_layers[1]
     fig, cards, layers, plan_div, msg, note = placement.update_placement(A, 4, 0, method, layer)
@@ -95,7 +95,7 @@ def test_before_and_after_match_the_run_api(app, run, method):
 
 
 def test_redundant_slots_replicate_and_split_the_load(app, run):
-    from dashboard.pages import placement
+    from routescope.dashboard.pages import placement
 
     layer = run.moe_layers[0]
     experts = run.num_experts(layer)
@@ -113,7 +113,7 @@ def test_redundant_slots_replicate_and_split_the_load(app, run):
 
 
 def test_fit_on_early_steps_evaluate_on_later_ones(app, run):
-    from dashboard.pages import placement
+    from routescope.dashboard.pages import placement
 
     steps = run.sql("SELECT min(step) AS lo, max(step) AS hi FROM tokens")
     split = (int(steps["lo"][0]) + int(steps["hi"][0])) // 2
@@ -152,7 +152,7 @@ def test_fit_on_early_steps_evaluate_on_later_ones(app, run):
     ],
 )
 def test_bad_control_values_give_a_message_not_a_traceback(app, run, ep, redundant, method, fit, says):
-    from dashboard.pages import placement
+    from routescope.dashboard.pages import placement
 
     fig, cards, layers, plan_div, msg, note = placement.update_placement(
         A, ep, redundant, method, run.moe_layers[0], fit
@@ -165,7 +165,7 @@ def test_bad_control_values_give_a_message_not_a_traceback(app, run, ep, redunda
 def test_controls_read_the_url_and_fall_back_to_defaults(app, run):
     from dash import no_update
 
-    from dashboard.pages import placement
+    from routescope.dashboard.pages import placement
 
     layers = run.moe_layers
     ep, red, method, options, layer, lo, hi, fit, hint = placement.placement_controls(
@@ -188,7 +188,7 @@ def test_controls_read_the_url_and_fall_back_to_defaults(app, run):
 
 
 def test_the_page_writes_its_controls_into_the_url(app):
-    from dashboard.urlstate import fragment_for
+    from routescope.dashboard.urlstate import fragment_for
 
     writers = [
         spec
@@ -208,7 +208,7 @@ def test_the_page_writes_its_controls_into_the_url(app):
 
 
 def test_default_ep_size_leaves_two_experts_per_gpu():
-    from dashboard.pages.placement import default_ep_size
+    from routescope.dashboard.pages.placement import default_ep_size
 
     assert [default_ep_size(e) for e in (64, 16, 8, 6, 4, 3, 2)] == [8, 8, 4, 2, 2, 1, 1]
     assert np.all([e % default_ep_size(e) == 0 for e in range(1, 70)])
@@ -221,8 +221,8 @@ def test_the_placement_page_never_imports_torch(run_path):
 
     code = f"""
 import sys
-from dashboard.app import create_app
-from dashboard.pages import placement
+from routescope.dashboard.app import create_app
+from routescope.dashboard.pages import placement
 create_app([{str(run_path)!r}])
 out = placement.update_placement({{"run": "0"}}, 2, 2, "eplb", None, 1)
 print(sorted(m for m in ("torch", "transformers") if m in sys.modules), out[4] is None)
@@ -233,9 +233,9 @@ print(sorted(m for m in ("torch", "transformers") if m in sys.modules), out[4] i
 
 
 def test_a_run_that_cannot_be_read_is_a_message(tmp_path, app):
-    from dashboard import runs as registry_module
-    from dashboard.app import create_app
-    from dashboard.pages import placement
+    from routescope.dashboard import runs as registry_module
+    from routescope.dashboard.app import create_app
+    from routescope.dashboard.pages import placement
 
     before = registry_module.get_registry()
     try:

@@ -55,7 +55,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def app(runs):
-    from dashboard.app import create_app
+    from routescope.dashboard.app import create_app
 
     return create_app([runs["a"], runs["two"]])
 
@@ -65,7 +65,7 @@ A, TWO = ({"run": key, "version": None} for key in ("0", "1"))
 
 # -- units -------------------------------------------------------------------------------
 def test_cards_and_notes_count_tokens_and_slots_apart(app, runs):
-    from dashboard.pages import load, overview
+    from routescope.dashboard.pages import load, overview
 
     run = rs.open_run(runs["a"])
     bal = run.balance()
@@ -82,7 +82,7 @@ def test_cards_and_notes_count_tokens_and_slots_apart(app, runs):
 
 # -- balance metrics on separate axes ----------------------------------------------------
 def test_balance_metrics_each_have_their_own_axis(app):
-    from dashboard.pages import compare, overview
+    from routescope.dashboard.pages import compare, overview
 
     fig = overview.update_overview(A)[2]
     axes = {trace.yaxis for trace in fig.data}
@@ -124,7 +124,7 @@ def test_dead_and_near_dead_experts_are_marked_in_figures():
 
 
 def test_a_dead_expert_reads_as_dead_in_details_and_alerts(app, runs):
-    from dashboard.pages import load, overview
+    from routescope.dashboard.pages import load, overview
 
     run = rs.open_run(runs["a"])
     decode = run.expert_load(where="phase = 'decode'")
@@ -142,8 +142,8 @@ def test_a_dead_expert_reads_as_dead_in_details_and_alerts(app, runs):
 
 # -- time --------------------------------------------------------------------------------
 def test_step_loads_and_balance_over_steps_agree_with_the_run_api(app, runs):
-    from dashboard import queries
-    from dashboard.filters import TokenFilter
+    from routescope.dashboard import queries
+    from routescope.dashboard.filters import TokenFilter
 
     run = rs.open_run(runs["a"])
     loads = queries.step_loads(run)
@@ -163,7 +163,7 @@ def test_step_loads_and_balance_over_steps_agree_with_the_run_api(app, runs):
 
 
 def test_time_page(app, runs):
-    from dashboard.pages import timeline
+    from routescope.dashboard.pages import timeline
 
     controls = timeline.time_controls(A, None, None, None, "#layer=2&color=share")
     layer, metric = controls[7], controls[11]
@@ -180,7 +180,7 @@ def test_time_page(app, runs):
 
 # -- ranks -------------------------------------------------------------------------------
 def test_rank_filter_and_per_rank_load(app, runs):
-    from dashboard.pages import load
+    from routescope.dashboard.pages import load
 
     controls = load.load_controls(TWO)
     assert [o["value"] for o in controls[8]] == ["all", "0", "1"]
@@ -201,7 +201,7 @@ def test_rank_filter_and_per_rank_load(app, runs):
 
 # -- state in the URL --------------------------------------------------------------------
 def test_url_fragment_round_trip_and_run_sync():
-    from dashboard.urlstate import read_fragment, steps_value, sync_run, write_fragment
+    from routescope.dashboard.urlstate import read_fragment, steps_value, sync_run, write_fragment
 
     frag = write_fragment("", {"phase": "decode", "run": "1", "steps": "2-5", "rank": "all"})
     assert frag == "#run=1&phase=decode&steps=2-5"
@@ -218,7 +218,7 @@ def test_url_fragment_round_trip_and_run_sync():
 def test_load_page_reads_and_writes_its_filters_in_the_url(app):
     from dash import no_update
 
-    from dashboard.pages import load
+    from routescope.dashboard.pages import load
 
     out = load.load_controls(A, None, None, None, "#run=0&phase=decode&layer=2&steps=1-3&color=share&rank=0")
     assert out[4] == [1, 3] and out[7] == 2 and out[9:13] == ("0", "decode", None, "share")
@@ -232,7 +232,7 @@ def test_load_page_reads_and_writes_its_filters_in_the_url(app):
 def test_step_boxes_apply_on_enter_and_follow_the_slider():
     from dash import no_update
 
-    from dashboard.components import sync_step_boxes
+    from routescope.dashboard.components import sync_step_boxes
 
     assert sync_step_boxes("load-steps", [2, 7], 0, 9, 0, 9) == (no_update, 2, 7)
     assert sync_step_boxes("load-step-from", [0, 9], 4, 9, 0, 9) == ([4, 9], 4, 9)
@@ -242,7 +242,7 @@ def test_step_boxes_apply_on_enter_and_follow_the_slider():
 
 # -- an expert's tokens: lift against overall frequency ----------------------------------
 def test_top_tokens_lift_against_overall_frequency(app, runs):
-    from dashboard import queries
+    from routescope.dashboard import queries
 
     run = rs.open_run(runs["a"])
     layer = run.moe_layers[0]
@@ -269,7 +269,7 @@ def test_top_tokens_lift_against_overall_frequency(app, runs):
 
 
 def test_small_sample_warning(app, runs):
-    from dashboard.pages import load
+    from routescope.dashboard.pages import load
 
     run = rs.open_run(runs["a"])
     decode_tokens = int(run.sql("SELECT count(*) AS n FROM tokens WHERE phase = 'decode'")["n"][0])

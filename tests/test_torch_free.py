@@ -43,7 +43,7 @@ with rs.open_run(run_a) as run:
         classified = rs.classify_super_experts(run.expert_activations(), run.manifest["num_hidden_layers"])
         assert "is_super" in classified.columns
         called.append("classify_super_experts")
-    import dashboard.queries as dq
+    import routescope.dashboard.queries as dq
     assert dq.summary(run)["tokens"] == run.manifest["tokens"]
     called.append("dashboard.queries")
 result = rs.compare(run_a, run_b)

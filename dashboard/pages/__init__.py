@@ -1,7 +1,7 @@
 """The dashboard's pages, one per module; each has PAGE (path, name, order), layout and
 register(app), which calls dash.register_page and attaches the page's callbacks."""
 
-from dashboard.pages import (
+from routescope.dashboard.pages import (
     compare,
     entanglement,
     load,

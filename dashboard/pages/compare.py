@@ -8,7 +8,7 @@ from typing import Any
 import dash
 from dash import Input, Output, State, dcc, html
 
-from dashboard.components import (
+from routescope.dashboard.components import (
     CHILDREN,
     FIGURE,
     KEEP,
@@ -21,8 +21,8 @@ from dashboard.components import (
     message,
     table,
 )
-from dashboard.runs import RunUnavailable, get_registry
-from dashboard.urlstate import read_fragment, register_fragment
+from routescope.dashboard.runs import RunUnavailable, get_registry
+from routescope.dashboard.urlstate import read_fragment, register_fragment
 from routescope import plots
 
 PAGE = {"path": "/compare", "name": "Compare", "order": 7, "title": "routescope · compare"}

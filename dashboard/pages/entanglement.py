@@ -10,9 +10,9 @@ from typing import Any
 import dash
 from dash import Input, Output, State, dcc, html
 
-from dashboard.components import FIGURE, KEEP, MESSAGE, OPTIONS, current, graph, guarded, labelled
-from dashboard.queries import PATHWAYS_MAX
-from dashboard.urlstate import int_value, pick, read_fragment, register_fragment
+from routescope.dashboard.components import FIGURE, KEEP, MESSAGE, OPTIONS, current, graph, guarded, labelled
+from routescope.dashboard.queries import PATHWAYS_MAX
+from routescope.dashboard.urlstate import int_value, pick, read_fragment, register_fragment
 from routescope import plots
 
 PAGE = {"path": "/entanglement", "name": "Entanglement", "order": 3, "title": "routescope · entanglement"}

@@ -10,7 +10,7 @@ from typing import Any
 import dash
 from dash import Input, Output, State, dcc, html, no_update
 
-from dashboard.components import (
+from routescope.dashboard.components import (
     CARD,
     CHILDREN,
     FIGURE,
@@ -30,8 +30,8 @@ from dashboard.components import (
     register_step_boxes,
     table,
 )
-from dashboard.queries import SMALL_SAMPLE_PER_EXPERT
-from dashboard.urlstate import int_value, pick, read_fragment, steps_value, write_fragment
+from routescope.dashboard.queries import SMALL_SAMPLE_PER_EXPERT
+from routescope.dashboard.urlstate import int_value, pick, read_fragment, steps_value, write_fragment
 from routescope import plots
 
 PAGE = {"path": "/load", "name": "Load", "order": 1, "title": "routescope · load"}

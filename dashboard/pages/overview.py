@@ -10,7 +10,7 @@ import dash
 import pandas as pd
 from dash import Input, Output, State, dcc, html, no_update
 
-from dashboard.components import (
+from routescope.dashboard.components import (
     CARD,
     CHILDREN,
     FIGURE,
@@ -24,8 +24,8 @@ from dashboard.components import (
     labelled,
     message,
 )
-from dashboard.queries import ALL
-from dashboard.urlstate import pick, read_fragment, write_fragment
+from routescope.dashboard.queries import ALL
+from routescope.dashboard.urlstate import pick, read_fragment, write_fragment
 from routescope import plots
 
 PAGE = {"path": "/", "name": "Overview", "order": 0, "title": "routescope · overview"}

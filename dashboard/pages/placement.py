@@ -11,7 +11,7 @@ import dash
 import pandas as pd
 from dash import Input, Output, State, dcc, html
 
-from dashboard.components import (
+from routescope.dashboard.components import (
     CAPTION,
     CARD,
     CHILDREN,
@@ -25,7 +25,7 @@ from dashboard.components import (
     labelled,
     table,
 )
-from dashboard.urlstate import int_value, pick, read_fragment, register_fragment
+from routescope.dashboard.urlstate import int_value, pick, read_fragment, register_fragment
 from routescope import plots
 from routescope.plots.placement import CAPTION as GPU_LOAD_CAPTION
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from dash import Input, Output, State, dcc, html, no_update
 
-from dashboard.components import (
+from routescope.dashboard.components import (
     FIGURE,
     KEEP,
     MESSAGE,
@@ -22,7 +22,7 @@ from dashboard.components import (
     labelled,
     message,
 )
-from dashboard.urlstate import int_value, pick, read_fragment, register_fragment
+from routescope.dashboard.urlstate import int_value, pick, read_fragment, register_fragment
 from routescope import plots
 
 BASELINES = ("uniform", "expert")

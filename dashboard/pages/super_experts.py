@@ -10,7 +10,7 @@ from typing import Any
 import dash
 from dash import Input, Output, html
 
-from dashboard.components import CHILDREN, FIGURE, MESSAGE, current, graph, guarded, message, table
+from routescope.dashboard.components import CHILDREN, FIGURE, MESSAGE, current, graph, guarded, message, table
 from routescope import plots
 
 PAGE = {"path": "/super-experts", "name": "Super Experts", "order": 5, "title": "routescope · super experts"}

@@ -9,7 +9,7 @@ from typing import Any
 import dash
 from dash import Input, Output, State, dcc, html, no_update
 
-from dashboard.components import (
+from routescope.dashboard.components import (
     FIGURE,
     KEEP,
     MESSAGE,
@@ -26,8 +26,8 @@ from dashboard.components import (
     message,
     register_step_boxes,
 )
-from dashboard.queries import MAX_STEP_BINS, balance_of_step_loads
-from dashboard.urlstate import int_value, pick, read_fragment, write_fragment
+from routescope.dashboard.queries import MAX_STEP_BINS, balance_of_step_loads
+from routescope.dashboard.urlstate import int_value, pick, read_fragment, write_fragment
 from routescope import plots
 
 PAGE = {"path": "/time", "name": "Time", "order": 2, "title": "routescope · time"}

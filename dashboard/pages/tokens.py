@@ -9,7 +9,7 @@ from typing import Any
 import dash
 from dash import Input, Output, State, dcc, html, no_update
 
-from dashboard.components import (
+from routescope.dashboard.components import (
     CHILDREN,
     FIGURE,
     KEEP,
@@ -21,7 +21,7 @@ from dashboard.components import (
     guarded,
     labelled,
 )
-from dashboard.urlstate import int_value, read_fragment, register_fragment
+from routescope.dashboard.urlstate import int_value, read_fragment, register_fragment
 from routescope import plots
 
 PAGE = {"path": "/tokens", "name": "Tokens", "order": 6, "title": "routescope · tokens"}
