@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
@@ -50,6 +51,12 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """A warning as one line on stderr, `routescope: warning: ...` (no file name or source line)."""
+    text = one_line(message if isinstance(message, BaseException) else Exception(message))
+    print(f"{PROG}: warning: {text.removeprefix('routescope: ')}", file=sys.stderr)
+
+
 @contextmanager
 def status(message: str) -> Iterator[None]:
     """A spinner on stderr while long work runs (plain and silent when stderr is not a terminal)."""
@@ -77,6 +84,23 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.add_argument("--html", metavar="FILE", help="also write a one-file HTML report")
+    add_skip_corrupt_argument(parser)
+
+
+def add_skip_corrupt_argument(parser: argparse.ArgumentParser) -> None:
+    """`--skip-corrupt` for every command that reads a run (open_run(..., skip_corrupt=True))."""
+    parser.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="read a run with corrupt or truncated parts: skip them (and the rows of the same "
+        "steps in the other tables) and say what was skipped",
+    )
+
+
+COUNTS_ONLY_SKIP = (
+    "this run holds per-expert counts only (imported from an engine's counters); "
+    "it needs per-token routing"
+)
 
 
 def collect_report(
@@ -97,9 +121,13 @@ def collect_report(
         "labels": run.labels,
         "tokens": m.get("tokens"),
         "complete": run.complete,
+        "skipped_corrupt_parts": m.get("skipped_corrupt_parts"),
         "where": where,
         "sample": m.get("sample"),
         "sample_seed": m.get("sample_seed"),
+        "verified": m.get("verified"),  # None: an imported or older run, which does not say
+        "unverified_reason": m.get("unverified_reason"),
+        "transformers": (m.get("versions") or {}).get("transformers"),
         "tokens_matched": run.token_count(where) if where else m.get("tokens"),
     }
     report: dict[str, Any] = {
@@ -107,11 +135,18 @@ def collect_report(
         "balance": run.balance(where=where, ep_size=ep_size),
         "dead_experts": run.dead_experts(where=where),
         "hot_experts": run.hot_experts(factor=hot_factor, where=where),
-        "entanglement": run.entanglement(where=where),
+        "entanglement": None,
+        "skipped": {},
         "super_experts": None,
         "super_expert_thresholds": None,
         "massive_activations": None,
     }
+    # Sections that need per-token routing: a counts-only run skips them and says why.
+    for name, section in (("entanglement", lambda: run.entanglement(where=where)),):
+        if run.manifest.get("counts_only"):
+            report["skipped"][name] = COUNTS_ONLY_SKIP
+        else:
+            report[name] = section()
     if run.has_table("expert_activations"):
         acts = run.expert_activations()
         classified = rs.classify_super_experts(acts, int(m.get("num_hidden_layers") or 0))
@@ -138,9 +173,15 @@ def _table(title: str, df: pd.DataFrame, columns: list[str], empty: str) -> Any:
     return table
 
 
-def _incomplete_banner(path: str) -> Any:
+def _incomplete_banner(path: str, skipped: list[str] | None = None) -> Any:
     from rich.panel import Panel
 
+    if skipped:
+        return Panel(
+            f"PARTIAL RUN: {len(skipped)} corrupt part(s) of {path} skipped ({', '.join(skipped)}).\n"
+            "The numbers below leave out the tokens, routing and steps those parts held.",
+            style="bold red",
+        )
     return Panel(
         f"INCOMPLETE RUN: {path} is still being written, or its recording crashed.\n"
         "The numbers below cover only the parts flushed so far.",
@@ -153,7 +194,13 @@ def output_console() -> Any:
     from rich.console import Console
 
     console = Console()
-    return console if console.is_terminal else Console(width=160)
+    console = console if console.is_terminal else Console(width=160)
+    console.on_broken_pipe = _raise_broken_pipe  # rich would exit 1; main() ends quietly with 0
+    return console
+
+
+def _raise_broken_pipe() -> NoReturn:
+    raise BrokenPipeError
 
 
 BALANCE_LEGEND = (
@@ -166,13 +213,18 @@ def render_report_tables(report: dict[str, Any]) -> None:
     console = output_console()
     facts = report["run"]
     if not facts["complete"]:
-        console.print(_incomplete_banner(facts["path"]))
+        console.print(_incomplete_banner(facts["path"], facts.get("skipped_corrupt_parts")))
     console.print(
         f"[bold]routescope report[/bold] {facts['path']}  model_type {facts['model_type']}  "
         f"tokens {facts['tokens']}  MoE layers {len(facts['moe_layers'])}  experts {fmt(facts['num_experts'])}  "
         f"top-k {fmt(facts['top_k'])}" + (f"  where: {facts['where']}" if facts["where"] else "")
     )
     sections = report_sections(report)
+    if facts.get("verified") is False:
+        console.print(
+            f"[yellow]Unverified: {facts.get('unverified_reason') or 'not in the verified table'} "
+            f"(recorded with transformers {facts.get('transformers') or '?'}).[/yellow]"
+        )
     if facts["sample"]:
         console.print(
             f"[yellow]Sampled run: every figure comes from {facts['sample']:.2%} of the sequences "
@@ -188,6 +240,9 @@ def render_report_tables(report: dict[str, Any]) -> None:
         console.print(_table(title, df, cols, empty))
         if title.startswith("Balance"):
             console.print(BALANCE_LEGEND.format(k=fmt(facts["top_k"])))
+    for name, reason in report.get("skipped", {}).items():
+        console.print()
+        console.print(f"[yellow]Skipped {name}: {reason}.[/yellow]")
     if not facts["complete"]:
         console.print()
         console.print("[bold red]INCOMPLETE RUN[/bold red]: see the warning at the top.")
@@ -211,7 +266,7 @@ def report_command(args: argparse.Namespace) -> int:
     import routescope as rs
 
     with status(f"analysing {args.run} …"):
-        run = rs.open_run(args.run)
+        run = rs.open_run(args.run, skip_corrupt=getattr(args, "skip_corrupt", False))
         try:
             report = collect_report(
                 run, where=args.where, hot_factor=args.hot_factor, ep_size=getattr(args, "ep_size", None)
@@ -223,6 +278,8 @@ def report_command(args: argparse.Namespace) -> int:
         finally:
             run.close()
     REPORT_RENDERERS["json" if args.json else "table"](report)
+    if args.html:  # on stderr, so `--json` output stays one JSON document
+        print(f"wrote {args.html}", file=sys.stderr)
     return 0
 
 
@@ -235,6 +292,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         "--hot-factor", type=float, default=2.0, help="hot: share >= factor / E (default 2.0)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    add_skip_corrupt_argument(parser)
 
 
 def render_compare_tables(result: Any) -> None:
@@ -288,8 +346,10 @@ def compare_command(args: argparse.Namespace) -> int:
     """What changed between two runs: load and balance deltas, dead/hot changes, router saturation."""
     import routescope as rs
 
+    skip = getattr(args, "skip_corrupt", False)
     with status(f"comparing {args.run_a} and {args.run_b} …"):
-        result = rs.compare(args.run_a, args.run_b, where=args.where, hot_factor=args.hot_factor)
+        with rs.open_run(args.run_a, skip_corrupt=skip) as a, rs.open_run(args.run_b, skip_corrupt=skip) as b:
+            result = rs.compare(a, b, where=args.where, hot_factor=args.hot_factor)
     COMPARE_RENDERERS["json" if args.json else "table"](result)
     return 0
 
@@ -343,17 +403,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args.handler(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            return int(args.handler(args) or 0)
     except (RouteScopeError, ValueError, FileNotFoundError) as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `routescope report RUN --json | head`
+    except BrokenPipeError:  # e.g. `routescope report RUN | head`: the reader has all it wants
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return 1
+        return 0
 
 
 if __name__ == "__main__":

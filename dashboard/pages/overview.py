@@ -112,6 +112,7 @@ def summary_block(info: dict[str, Any]) -> html.Div:
         ("tokens", f"{info['tokens']:,} in {info['sequences']:,} sequences"),
         ("labels", ", ".join(info["labels"]) or "(none)"),
         ("state", state),
+        ("verified", verified_text(info)),
         ("tables", ", ".join(info["tables"]) or "(none)"),
     ]
     rows = [
@@ -121,6 +122,15 @@ def summary_block(info: dict[str, Any]) -> html.Div:
         for k, v in facts
     ]
     return html.Table(html.Tbody(rows), id="overview-facts", style={"fontSize": "14px"})
+
+
+def verified_text(info: dict[str, Any]) -> str:
+    """Whether the model type and transformers version are in routescope's verified table."""
+    if info.get("verified") is None:
+        return "not stated (imported or older run)"
+    if info["verified"]:
+        return f"yes (transformers {info.get('transformers') or '?'})"
+    return f"NO: {info.get('unverified_reason') or 'not in the verified table'}"
 
 
 def per_layer(df: pd.DataFrame) -> pd.Series:

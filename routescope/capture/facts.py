@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from routescope.capture.discovery import RouterSite, stack_layers, text_config
+from routescope.capture.verified import warn_if_unverified
 from routescope.store.rundir import base_manifest
 
 
@@ -28,6 +29,12 @@ def model_manifest(model: nn.Module, sites: list[RouterSite], **extra: Any) -> d
     stacks = stack_layers(model)  # encoder-decoder: layers of both stacks, encoder first
     if stacks:
         extra["stacks"] = stacks
+    # the outer model type (a multimodal wrapper's, not its text model's) is what was tested
+    outer_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    verified, reason = warn_if_unverified(outer_type, transformers.__version__)
+    extra.setdefault("verified", verified)
+    if not verified:
+        extra.setdefault("unverified_reason", reason)
     return base_manifest(
         model_type=getattr(config, "model_type", type(model).__name__),
         num_hidden_layers=max(end for _, end in stacks.values())
