@@ -9,7 +9,6 @@ from typing import Any
 import dash
 import pandas as pd
 from dash import Input, Output, State, dcc, html, no_update
-
 from routescope.dashboard.components import (
     CARD,
     CHILDREN,
@@ -26,6 +25,7 @@ from routescope.dashboard.components import (
 )
 from routescope.dashboard.queries import ALL
 from routescope.dashboard.urlstate import pick, read_fragment, write_fragment
+
 from routescope import plots
 
 PAGE = {"path": "/", "name": "Overview", "order": 0, "title": "routescope · overview"}

@@ -61,6 +61,6 @@ def warn_if_unverified(model_type: str, transformers_version: str) -> tuple[bool
     if not verified and key not in _warned:
         _warned.add(key)
         warnings.warn(
-            f"routescope: {reason}; the run is marked \"verified\": false", UnverifiedModelWarning, stacklevel=3
+            f'routescope: {reason}; the run is marked "verified": false', UnverifiedModelWarning, stacklevel=3
         )
     return verified, reason
