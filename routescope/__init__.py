@@ -35,6 +35,7 @@ LAZY: dict[str, str] = {
     "prune_experts": "routescope.capture.pruning",
     "replay": "routescope.capture.replay",
     "ban_experts": "routescope.capture.banning",
+    "watch": "routescope.training.watch",
 }
 
 if TYPE_CHECKING:  # static checkers and IDEs see the lazy names as ordinary imports
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the lazy names as ordinary imp
     from routescope.capture.pruning import prune_experts
     from routescope.capture.recorder import Recorder, record
     from routescope.capture.replay import replay
+    from routescope.training.watch import watch
 
 
 def __getattr__(name: str) -> Any:
@@ -80,4 +82,5 @@ __all__ = [
     "prune_experts",
     "record",
     "replay",
+    "watch",
 ]

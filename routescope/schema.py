@@ -36,6 +36,10 @@ TOKEN_EXTRA_COLUMNS: dict[str, pa.DataType] = {
     "stack": pa.string(),  # encoder or decoder (encoder-decoder models have both)
 }
 TOKEN_EXTRA_DEFAULTS: dict[str, str] = {"modality": "text", "stack": "decoder"}
+# Token columns only some runs have: `train_step`, the optimizer step (1-based) whose gradients
+# a token's forward went into, in runs recorded by rs.watch(..., out_dir=...).
+TRAIN_STEP = "train_step"
+TOKEN_OPTIONAL_COLUMNS: dict[str, pa.DataType] = {TRAIN_STEP: pa.int32()}
 # Built-in token columns that specialization(by=...) accepts besides the run's labels.
 GROUPING_COLUMNS: tuple[str, ...] = ("phase", *TOKEN_EXTRA_COLUMNS)
 
@@ -106,6 +110,7 @@ TABLE_COLUMNS: dict[str, dict[str, pa.DataType]] = {
 RESERVED_LABELS = frozenset(
     set(TOKEN_COLUMNS)
     | set(TOKEN_EXTRA_COLUMNS)
+    | set(TOKEN_OPTIONAL_COLUMNS)
     | set(ROUTING_COLUMNS)
     | set(ROUTER_TOKENS_COLUMNS)
     | {"rank", "tokens", "share"}
@@ -122,7 +127,8 @@ def schema_for(table: str, labels: tuple[str, ...] = ()) -> pa.Schema:
     column of TOKEN_EXTRA_COLUMNS named in `labels`)."""
     fields = [pa.field(name, dtype, nullable=False) for name, dtype in TABLE_COLUMNS[table].items()]
     if table == TOKENS:
-        fields += [pa.field(label, TOKEN_EXTRA_COLUMNS.get(label, pa.string())) for label in labels]
+        typed = {**TOKEN_EXTRA_COLUMNS, **TOKEN_OPTIONAL_COLUMNS}
+        fields += [pa.field(label, typed.get(label, pa.string())) for label in labels]
     return pa.schema(fields)
 
 

@@ -65,6 +65,7 @@ class Recorder:
         seed: int = 0,
         layers: Any = None,
         max_pending_bytes: int = 256 << 20,
+        train_step: Any = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not allowed; use one of {', '.join(MODES)}")
@@ -74,6 +75,9 @@ class Recorder:
         self.seed = int(seed)
         self.only_layers = None if layers is None else sorted({int(x) for x in layers})
         self.max_pending_bytes = max_pending_bytes
+        # training (rs.watch): a callable giving the optimizer step (1-based) a forward's
+        # gradients go into, written as the tokens' train_step; None from it skips the forward
+        self.train_step = train_step
         self.model = model
         self.out_dir = Path(out_dir)
         self.router_stats = router_stats
@@ -375,6 +379,10 @@ class Recorder:
         inputs = bind_inputs(self._signatures[id(module)], args, kwargs)  # raises on packed inputs
         self._depth = 1
         self._forwards += 1
+        train_step = self.train_step() if self.train_step is not None else None
+        if self.train_step is not None and train_step is None:
+            self._step = None  # e.g. an evaluation forward inside a training run
+            return
         self._tracker.release(inputs.cache, self._submit_held)
         with self._labels_lock:
             labels = {name: self._labels.get(name) for name in self._label_names}
@@ -397,6 +405,7 @@ class Recorder:
             valid_flat=identity.valid.reshape(-1).float(),
             stack=self._stacks[id(module)].name,
             modality=token_modality(ids, kwargs, ids_by_modality=self._placeholder_ids),
+            train_step=train_step,
         )
         self._identity = identity
         self.steps += 1

@@ -35,6 +35,7 @@ class StepBuffers:
     valid_by_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
     stack: str = schema.STACK_DECODER  # encoder or decoder
     modality: torch.Tensor | None = None  # [B, S] int8 codes (capture/modality.py); None: all text
+    train_step: int | None = None  # optimizer step (rs.watch); None: not a training run
 
     @property
     def batch_tokens(self) -> int:
@@ -100,6 +101,7 @@ class StepBuffers:
             with_weights=with_weights,
             with_stats=bool(step.stats),
             stack=step.stack,
+            train_step=step.train_step,
         )
 
 
@@ -146,6 +148,7 @@ class HostStep:
     with_weights: bool
     with_stats: bool
     stack: str = schema.STACK_DECODER
+    train_step: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -174,6 +177,8 @@ class HostStep:
             ),
             "stack": np.full(n, self.stack, dtype=object),
         }
+        if self.train_step is not None:
+            tokens[schema.TRAIN_STEP] = np.full(n, self.train_step, dtype=np.int32)
         for label, value in self.labels.items():
             tokens[label] = np.full(n, value, dtype=object)
         per_layer = [self._layer_arrays(h, i, keep) for i in range(len(self.layers))]

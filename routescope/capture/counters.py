@@ -1,0 +1,266 @@
+"""Running routing totals of a model in training, kept on its device: what rs.watch reads per log.
+
+`rs.record` moves every routing decision to the host; a training run needs far less: per MoE
+layer, how many routing slots each expert got (`counts`), the summed softmax probability of
+each expert (`prob_sum`, for the load-balancing loss), the summed squared logsumexp of the
+router logits (`z_sum`, for the z-loss) and the token counts behind them. These accumulate in
+one float64 buffer per layer on the layer's own device; the hooks add to it with
+`index_add_` and masked sums, never `.item()`, so there is no host sync per layer per step.
+`read()` is the one sync: it concatenates the buffers, sums them over ranks when
+torch.distributed is running (one `all_reduce`), copies them to the host and zeroes them.
+
+Which tokens count: the recording rule (docs/capture.md): a position counts when its
+attention mask is 1 (no mask: every position). Positions whose label is -100 but whose mask
+is 1 (prompt tokens under completion-only loss) count: the router routed them and the
+experts ran on them. Packed (varlen) batches have no padding, so every position counts.
+
+Which forwards count: the forwards of the model (the outermost call) while it is in training
+mode (`model.train()`), so evaluation inside a training run is not mixed in. Router calls
+outside a forward of the model, such as the recomputation of activation checkpointing
+during backward, are ignored, so a checkpointed layer is not counted twice.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from routescope.capture.discovery import LogitsSite, RouterSite, find_logits_sites, find_routers
+from routescope.capture.identity import bind_inputs
+from routescope.errors import RouteScopeError
+
+
+@dataclass
+class LayerTotals:
+    """One MoE layer's totals since the previous read (host, summed over ranks)."""
+
+    layer: int
+    num_experts: int
+    top_k: int
+    counts: np.ndarray  # [E] routing slots per expert (every slot counts)
+    tokens: float  # tokens routed
+    prob_sum: np.ndarray | None  # [E] summed softmax(router logits); None without logits of width E
+    z_sum: float | None  # summed logsumexp(router logits)^2; None without logits
+    logit_tokens: float  # tokens behind prob_sum and z_sum
+
+
+class RoutingCounters:
+    """Context manager: hooks that keep per-layer routing totals on the device.
+
+    `only_training=True` counts only forwards made in training mode. `layers` restricts the
+    MoE layers (decoder-layer indices).
+    """
+
+    def __init__(self, model: nn.Module, layers: Any = None, only_training: bool = True) -> None:
+        self.model = model
+        self.only_training = only_training
+        self.sites: list[RouterSite] = find_routers(model)
+        if layers is not None:
+            wanted = sorted({int(x) for x in layers})
+            found = [site.layer for site in self.sites]
+            if not wanted or set(wanted) - set(found):
+                raise ValueError(f"layers={wanted} is not allowed: this model's MoE layers are {found}")
+            self.sites = [site for site in self.sites if site.layer in wanted]
+        self.logits_sites: list[LogitsSite] = find_logits_sites(model, [s.layer for s in self.sites])
+        # layout of a layer's buffer: counts[E], prob_sum[E], z_sum, logit_tokens, tokens
+        self._width = {site.layer: 2 * site.num_experts + 3 for site in self.sites}
+        self._buffers: dict[int, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._signature = inspect.signature(model.forward)
+        self._depth = 0
+        self._active = False
+        self._mask: torch.Tensor | None = None  # [tokens] float64 of the forward in flight
+        self._mask_by_device: dict[torch.device, torch.Tensor] = {}
+        self.forwards = 0  # forwards counted since the last read
+        self.mismatched = 0  # layer calls whose token count differed from the mask (all counted)
+
+    # -- hooks ---------------------------------------------------------------------------
+    def __enter__(self) -> RoutingCounters:
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._begin, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(self._end, always_call=True))
+            for site in self.sites:
+                if site.adapter.hook == "pre":
+                    handle = site.module.register_forward_pre_hook(self._pre_hook(site), with_kwargs=True)
+                else:
+                    handle = site.module.register_forward_hook(self._post_hook(site), with_kwargs=True)
+                self._handles.append(handle)
+            for logits_site in self.logits_sites:
+                self._handles.append(logits_site.module.register_forward_hook(self._logits_hook(logits_site)))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook (the totals stay readable)."""
+        while self._handles:
+            self._handles.pop().remove()
+        self._active, self._depth, self._mask = False, 0, None
+
+    def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._depth += 1
+        if self._depth > 1:
+            return  # the model called itself: the outer call is the forward
+        self._active = module.training or not self.only_training
+        if not self._active:
+            return
+        self.forwards += 1
+        self._mask, self._mask_by_device = self._token_mask(args, kwargs), {}
+
+    def _end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            self._active, self._mask, self._mask_by_device = False, None, {}
+
+    def _token_mask(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        try:
+            inputs = bind_inputs(self._signature, args, kwargs)
+        except (RouteScopeError, TypeError):
+            return None  # packed inputs: no padding, every position counts
+        mask = inputs.attention_mask
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return mask.detach().reshape(-1).to(torch.float64)
+        return None
+
+    def _mask_for(self, rows: int, device: torch.device) -> torch.Tensor | None:
+        """The forward's token mask on `device`, or None (count every row)."""
+        mask = self._mask
+        if mask is None:
+            return None
+        if mask.shape[0] != rows:
+            self.mismatched += 1
+            return None
+        if mask.device != device:
+            moved = self._mask_by_device.get(device)
+            if moved is None:
+                moved = self._mask_by_device[device] = mask.to(device, non_blocking=True)
+            return moved
+        return mask
+
+    def _buffer(self, layer: int, device: torch.device) -> torch.Tensor:
+        buffer = self._buffers.get(layer)
+        if buffer is None:
+            buffer = self._buffers[layer] = torch.zeros(
+                self._width[layer], dtype=torch.float64, device=device
+            )
+        return buffer
+
+    def _add_choice(self, site: RouterSite, indices: torch.Tensor) -> None:
+        if not self._active:
+            return
+        indices = indices.detach().reshape(indices.shape[0], -1)
+        rows, k = indices.shape
+        buffer = self._buffer(site.layer, indices.device)
+        mask = self._mask_for(rows, indices.device)
+        num_experts = site.num_experts
+        if mask is None:
+            weights = torch.ones(rows * k, dtype=torch.float64, device=indices.device)
+            tokens: Any = float(rows)
+        else:
+            weights = mask[:, None].expand(rows, k).reshape(-1)
+            tokens = mask.sum()
+        buffer[:num_experts].index_add_(0, indices.reshape(-1).long(), weights)
+        buffer[-1] += tokens
+
+    def _pre_hook(self, site: RouterSite):
+        extract = site.adapter.extract
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._active:
+                self._add_choice(site, extract(module, args, kwargs, None)[0])
+
+        return hook
+
+    def _post_hook(self, site: RouterSite):
+        extract = site.adapter.extract
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if self._active:
+                self._add_choice(site, extract(module, args, kwargs, output)[0])
+
+        return hook
+
+    def _logits_hook(self, site: LogitsSite):
+        num_experts = next(s.num_experts for s in self.sites if s.layer == site.layer)
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not self._active:
+                return
+            logits = output[site.index] if isinstance(output, (tuple, list)) else output
+            logits = logits.detach().reshape(-1, logits.shape[-1]).to(torch.float64)
+            rows = logits.shape[0]
+            buffer = self._buffer(site.layer, logits.device)
+            mask = self._mask_for(rows, logits.device)
+            squared = logits.logsumexp(-1).square()
+            if mask is None:
+                z, tokens = squared.sum(), float(rows)
+            else:
+                z, tokens = (squared * mask).sum(), mask.sum()
+            buffer[2 * num_experts] += z
+            buffer[2 * num_experts + 1] += tokens
+            if logits.shape[-1] == num_experts:
+                probs = logits.softmax(-1)
+                buffer[num_experts : 2 * num_experts] += (
+                    probs if mask is None else probs * mask[:, None]
+                ).sum(0)
+
+        return hook
+
+    # -- reading -------------------------------------------------------------------------
+    def read(self, reset: bool = True) -> list[LayerTotals]:
+        """The totals since the previous read, summed over ranks; one host sync."""
+        devices = [b.device for b in self._buffers.values()]
+        device = devices[0] if devices else torch.device("cpu")
+        parts = [
+            self._buffers[s.layer].to(device)
+            if s.layer in self._buffers
+            else torch.zeros(self._width[s.layer], dtype=torch.float64, device=device)
+            for s in self.sites
+        ]
+        flat = torch.cat(parts)
+        if _distributed():
+            import torch.distributed as dist
+
+            if dist.get_backend() == "nccl" and flat.device.type != "cuda":
+                flat = flat.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(flat)
+        host = flat.cpu().numpy()
+        if reset:
+            for buffer in self._buffers.values():
+                buffer.zero_()
+            self.forwards = 0
+        totals, offset = [], 0
+        with_logits = {s.layer for s in self.logits_sites}
+        for site in self.sites:
+            e = site.num_experts
+            chunk = host[offset : offset + self._width[site.layer]]
+            offset += self._width[site.layer]
+            has_logits = site.layer in with_logits
+            totals.append(
+                LayerTotals(
+                    layer=site.layer,
+                    num_experts=e,
+                    top_k=site.top_k,
+                    counts=chunk[:e].copy(),
+                    tokens=float(chunk[-1]),
+                    prob_sum=chunk[e : 2 * e].copy() if has_logits and chunk[e : 2 * e].any() else None,
+                    z_sum=float(chunk[2 * e]) if has_logits else None,
+                    logit_tokens=float(chunk[2 * e + 1]),
+                )
+            )
+        return totals
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
