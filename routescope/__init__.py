@@ -20,7 +20,13 @@ from routescope.analysis import Run, open_run
 from routescope.analysis.balance_frames import balance_from_loads
 from routescope.analysis.compare import compare
 from routescope.analysis.superexperts import classify_massive, classify_super_experts
-from routescope.errors import RouteScopeError, RunFormatError, UnsupportedModelError, WriterError
+from routescope.errors import (
+    RouteScopeError,
+    RunBusyError,
+    RunFormatError,
+    UnsupportedModelError,
+    WriterError,
+)
 from routescope.store.rundir import RunExistsError
 
 __version__ = "0.1.0"
@@ -65,6 +71,7 @@ __all__ = [
     "Recorder",
     "RouteScopeError",
     "Run",
+    "RunBusyError",
     "RunExistsError",
     "RunFormatError",
     "UnsupportedModelError",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class RouteScopeError(Exception):
     """Base class of routescope's own errors."""
@@ -17,3 +19,12 @@ class RunFormatError(RouteScopeError):
 
 class WriterError(RouteScopeError):
     """The background Parquet writer failed (disk full, read-only directory, ...)."""
+
+
+class RunBusyError(RouteScopeError):
+    """Another writer holds the run's lock (store/lock.py); `holder` says who, if it said."""
+
+    def __init__(self, message: str, holder: Any = None, lock_path: Any = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+        self.lock_path = lock_path

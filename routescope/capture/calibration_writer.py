@@ -30,14 +30,28 @@ def _columns(df: pd.DataFrame, table: str) -> dict[str, np.ndarray]:
 
 
 def write_calibration(
-    model: nn.Module, sites: list[ExpertSite], result: Calibration, out: str | Path
+    model: nn.Module,
+    sites: list[ExpertSite],
+    result: Calibration,
+    out: str | Path,
+    wait: bool | float = False,
 ) -> Path:
     """Write `expert_activations` and `hidden_stats` (rank 0) into run `out`, replacing earlier ones.
 
     A directory that is not a run yet gets a manifest (tokens 0, complete) so `open_run` reads it.
+    Holds the run's writer lock (rank 0) from reading the manifest to writing it back, so a
+    recording in progress is never overwritten: RunBusyError, or `wait` for it.
     """
     run_dir = Path(out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunDirectory(run_dir) as directory:
+        directory.lock(wait)
+        return _write_locked(model, sites, result, directory)
+
+
+def _write_locked(
+    model: nn.Module, sites: list[ExpertSite], result: Calibration, directory: RunDirectory
+) -> Path:
+    run_dir = directory.path
     manifest = read_manifest(run_dir) if (run_dir / MANIFEST_NAME).exists() else _new_manifest(model, sites)
     tables = {
         schema.EXPERT_ACTIVATIONS: _columns(result.experts, schema.EXPERT_ACTIVATIONS),
@@ -61,7 +75,7 @@ def write_calibration(
         "massive_abs": MASSIVE_ABS,
         "massive_median_ratio": MASSIVE_MEDIAN_RATIO,
     }
-    RunDirectory(run_dir).write_manifest(manifest)
+    directory.write_manifest(manifest)
     return run_dir
 
 

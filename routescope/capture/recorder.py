@@ -65,6 +65,7 @@ class Recorder:
         seed: int = 0,
         layers: Any = None,
         max_pending_bytes: int = 256 << 20,
+        wait: bool | float = False,
         train_step: Any = None,
     ) -> None:
         if mode not in MODES:
@@ -75,6 +76,7 @@ class Recorder:
         self.seed = int(seed)
         self.only_layers = None if layers is None else sorted({int(x) for x in layers})
         self.max_pending_bytes = max_pending_bytes
+        self.wait = wait  # for another writer of the same run and rank (store.lock)
         # training (rs.watch): a callable giving the optimizer step (1-based) a forward's
         # gradients go into, written as the tokens' train_step; None from it skips the forward
         self.train_step = train_step
@@ -148,23 +150,28 @@ class Recorder:
                     f"layers={self.only_layers} is not allowed: this model's MoE layers are {found}"
                 )
             self.sites = [site for site in self.sites if site.layer in self.only_layers]
-        self._prepare_directory()
-        self.writer = PartWriter(
-            self.out_dir,
-            rank=self.rank,
-            rows_per_part=self.rows_per_part,
-            flush_seconds=self.flush_seconds,
-            max_pending=self.max_pending,
-            max_pending_bytes=self.max_pending_bytes,
-            on_flush=self._on_flush,
-            observers=self.observers,
-        )
+        self._prepare_directory()  # takes the run's writer lock
+        try:
+            self.writer = PartWriter(
+                self.out_dir,
+                rank=self.rank,
+                rows_per_part=self.rows_per_part,
+                flush_seconds=self.flush_seconds,
+                max_pending=self.max_pending,
+                max_pending_bytes=self.max_pending_bytes,
+                on_flush=self._on_flush,
+                observers=self.observers,
+            )
+        except BaseException:
+            self._dir.close()
+            raise
         try:
             self._add_hooks()
             self._patch_generate()
         except BaseException:
             self._remove_hooks()
             self.writer.close()
+            self._dir.close()
             raise
         self._install_sigterm_handler()
         return self
@@ -190,7 +197,10 @@ class Recorder:
         if self._forwards and self._empty_forwards == self._forwards:
             self.skipped.add("forwards_without_routing", self._empty_forwards)
         clean = exc_type is None and writer_error is None
-        self._write_manifest(complete=clean)
+        try:
+            self._write_manifest(complete=clean)
+        finally:
+            self._dir.close()  # the lock goes after the last manifest write
         self._warn_skipped()
         if writer_error is not None:
             if exc_type is None:
@@ -229,7 +239,7 @@ class Recorder:
     def _prepare_directory(self) -> None:
         self._dir = RunDirectory(self.out_dir, self.rank, self.world_size)
         start = self._dir.prepare(
-            self.mode, [site.layer for site in self.sites], self.rank << SEQ_ID_RANK_SHIFT
+            self.mode, [site.layer for site in self.sites], self.rank << SEQ_ID_RANK_SHIFT, wait=self.wait
         )
         self._tokens_before, self._step_offset = start.tokens, start.steps
         self._next_seq_id = start.next_seq_id
@@ -237,8 +247,12 @@ class Recorder:
             if name not in self._label_names:
                 self._label_names.append(name)
         self._created_at = start.created_at
-        self.manifest = self._base_manifest()
-        self._write_manifest(complete=False)
+        try:
+            self.manifest = self._base_manifest()
+            self._write_manifest(complete=False)
+        except BaseException:
+            self._dir.close()
+            raise
 
     def _base_manifest(self) -> dict[str, Any]:
         return model_manifest(
@@ -488,7 +502,9 @@ def record(
     (steps queued before the model waits for the disk) and `max_pending_bytes` (host bytes
     they may hold, default 256 MiB); `rank`, `world_size`; `sample` (record a seeded
     fraction of sequences, e.g. 0.01, chosen by a hash of (seed, seq_id)) and `seed`;
-    `layers` (record only these MoE layers);
+    `layers` (record only these MoE layers); `wait` (another writer holds the run's lock,
+    store/lock.py: False raises RunBusyError naming it, True waits, a number waits that many
+    seconds);
     `handle_sigterm` (default True: SIGTERM ends the block like an exception, so the
     recorded steps are flushed and the manifest says `complete: false`); `observers`
     (callables given each finished step's tables, dict of table -> column arrays, on the

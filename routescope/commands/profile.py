@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 
 import routescope as rs
 from routescope.commands.inputs import TextRecord, bundled_corpus, bundled_model, read_texts
+from routescope.store.manifest import MANIFEST_NAME
+from routescope.store.rundir import RunDirectory, RunExistsError
 
 # --dtype choices: "auto" (the checkpoint's dtype) or a torch dtype, by name.
 DTYPES = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -34,6 +36,11 @@ def load_model(name: str | Path, device: str = "cpu", dtype: str = "auto") -> tu
     local = Path(text).expanduser()
     if not local.exists() and (text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text):
         raise FileNotFoundError(f"model path {text} does not exist")
+    if (local / MANIFEST_NAME).is_file():
+        raise ValueError(
+            f"--model {text} is a routescope run directory, not a model: pass a model folder or hub id "
+            f"(read the run with `routescope report {text}`)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(text)
         torch_dtype = "auto" if DTYPES[dtype] == "auto" else getattr(torch, DTYPES[dtype])
@@ -67,6 +74,7 @@ def profile_corpus(
     append: bool = False,
     router_stats: bool = True,
     progress: bool = True,
+    wait: bool | float = False,
 ) -> Path:
     """Record `model` on `records` into `out`; returns the run directory."""
     import torch
@@ -77,7 +85,7 @@ def profile_corpus(
     planned = list(batches(records, batch_size))
     seen = 0
     mode = "overwrite" if overwrite else "append" if append else "create"
-    with rs.record(model, out, router_stats=router_stats, mode=mode) as rec, torch.no_grad():
+    with rs.record(model, out, router_stats=router_stats, mode=mode, wait=wait) as rec, torch.no_grad():
         bar = tqdm(planned, desc="recording", unit="batch", disable=not progress)
         for labels, texts in bar:
             if labels:
@@ -136,6 +144,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
     parser.add_argument("--append", action="store_true", help="add to an existing run at --out")
+    parser.add_argument(
+        "--wait",
+        nargs="?",
+        type=float,
+        const=-1.0,
+        metavar="SECONDS",
+        help="another writer holds the run: wait for it (as long as it takes, or SECONDS) "
+        "instead of failing at once",
+    )
     parser.add_argument("--no-router-stats", action="store_true", help="skip router_stats / router_tokens")
 
 
@@ -149,9 +166,28 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--overwrite and --append exclude each other: pick one")
 
 
+def check_out(out: str | Path, overwrite: bool, append: bool) -> None:
+    """Refuse an --out that already holds a run before any model is loaded (what rs.record would say later)."""
+    run_dir = RunDirectory(out)
+    if not (overwrite or append) and ((Path(out) / MANIFEST_NAME).exists() or run_dir.own_parts_exist()):
+        raise RunExistsError(f"--out {out} already holds a routescope run; pass --overwrite or --append")
+
+
+def wait_option(value: float | None) -> bool | float:
+    """--wait: absent -> fail at once, bare -> wait as long as it takes, SECONDS -> that long."""
+    if value is None:
+        return False
+    if value == -1.0:
+        return True
+    if value < 0:
+        raise ValueError("--wait takes a number of seconds >= 0 (or nothing: wait as long as it takes)")
+    return value
+
+
 def profile_command(args: argparse.Namespace) -> int:
     """Record a model on text files, a folder or JSONL into a run directory."""
     _check(args)
+    check_out(args.out, args.overwrite, args.append)
     records = read_texts(args.data or bundled_corpus(), args.text_field, args.labels)
     model, tokenizer = load_model(args.model or bundled_model(), args.device, args.dtype)
     out = profile_corpus(
@@ -166,6 +202,7 @@ def profile_command(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         append=args.append,
         router_stats=not args.no_router_stats,
+        wait=wait_option(args.wait),
     )
     run = rs.open_run(out)
     print(f"recorded {run.manifest['tokens']} tokens into {out}")

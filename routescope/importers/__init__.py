@@ -87,16 +87,25 @@ def write_imported_run(
     model_type: str = "",
     overwrite: bool = False,
     sources: Sequence[str | Path] = (),
+    wait: bool | float = False,
 ) -> Path:
-    """Write `imported` as a run directory at `out` (refuses an existing run unless `overwrite`)."""
+    """Write `imported` as a run directory at `out` (refuses an existing run unless `overwrite`).
+
+    Holds the run's writer lock throughout (RunBusyError while another writer has it, or `wait`)."""
     out = check_output_dir(out)
     if not imported.moe_layers:
         named = ", ".join(str(s) for s in sources) or "the input"
         raise ImportFormatError(f"{named}: no MoE layer has any routed token; nothing to import")
     if (out / MANIFEST_NAME).exists() and not overwrite:
         raise RunExistsError(f"{out} already holds a routescope run; pass --overwrite to replace it")
-    run_dir = RunDirectory(out)
-    run_dir.prepare("overwrite" if overwrite else "create", imported.moe_layers)
+    with RunDirectory(out) as run_dir:
+        run_dir.prepare("overwrite" if overwrite else "create", imported.moe_layers, wait=wait)
+        _write_tables(imported, out)
+        run_dir.write_manifest(build_manifest(imported, model_type, sources))
+    return out
+
+
+def _write_tables(imported: ImportedRun, out: Path) -> None:
     tables: dict[str, Columns] = {}
     if imported.tokens is not None and imported.routing is not None:
         tables[schema.TOKENS] = imported.tokens
@@ -107,8 +116,6 @@ def write_imported_run(
     if tables:
         writer.submit(_Step(tables))
     writer.close()
-    run_dir.write_manifest(build_manifest(imported, model_type, sources))
-    return out
 
 
 def build_manifest(

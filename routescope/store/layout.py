@@ -33,3 +33,9 @@ def next_part_index(run_dir: Path, table: str, rank: int) -> int:
     if not existing:
         return 0
     return int(existing[-1].stem.split("-")[1]) + 1
+
+
+def lock_path(run_dir: Path, rank: int) -> Path:
+    """The writer lock of one rank (store/lock.py): RUN/.lock, or RUN/.lock.rank=R beside
+    manifest.rank=R.json. Not a table directory and not a part, so readers never see it."""
+    return Path(run_dir) / (".lock" if rank == 0 else f".lock.rank={rank}")

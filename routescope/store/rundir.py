@@ -10,6 +10,9 @@ through here, so the rules live in one place:
   reader merges), and a rank of a multi-rank run only ever removes its own files.
 - `base_manifest` is the one builder of the SPEC 3.1 keys.
 - `replace_parts` swaps a table's parts for new ones without a moment where neither exists.
+- One writer per rank at a time: `prepare` (or `lock`) takes the rank's writer lock
+  (`store.lock`: RUN/.lock, RUN/.lock.rank=R) before it reads the manifest, `close`
+  lets it go after the last manifest write; a second writer gets `RunBusyError` or waits.
 """
 
 from __future__ import annotations
@@ -26,7 +29,15 @@ import pyarrow.parquet as pq
 
 from routescope import schema
 from routescope.errors import RouteScopeError
-from routescope.store.layout import TMP_SUFFIX, list_tables, next_part_index, part_path, table_dir
+from routescope.store.layout import (
+    TMP_SUFFIX,
+    list_tables,
+    lock_path,
+    next_part_index,
+    part_path,
+    table_dir,
+)
+from routescope.store.lock import LockHolder, RunLock, lock_for
 from routescope.store.manifest import MANIFEST_NAME, read_manifest, write_manifest
 
 MODES = ("create", "overwrite", "append")
@@ -72,21 +83,67 @@ class Continuation:
 
 
 class RunDirectory:
-    """One rank's view of a run directory."""
+    """One rank's view of a run directory; a context manager that holds the rank's lock."""
 
     def __init__(self, path: str | Path, rank: int = 0, world_size: int = 1) -> None:
         self.path = Path(path)
         self.rank = rank
         self.world_size = world_size
+        self._lock: RunLock | None = None
+
+    # -- the writer lock (store.lock) --------------------------------------------------
+    def lock(self, wait: bool | float = False) -> LockHolder | None:
+        """Take this rank's writer lock (creating the directory); RunBusyError when another
+        writer holds it and `wait` runs out. Returns the dead holder taken over, if any."""
+        if self._lock is not None:
+            return None
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = lock_for(lock_path(self.path, self.rank), self.rank)
+        previous = lock.acquire(wait)
+        self._lock = lock
+        return previous
+
+    def close(self) -> None:
+        """Let the lock go (after the last manifest write)."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
+    def __enter__(self) -> RunDirectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_other_ranks_idle(self) -> None:
+        """A single process replaces every rank: none of a multi-rank job's ranks may be writing."""
+        for path in self.path.glob(".lock.rank=*"):
+            rank = path.name.rsplit("=", 1)[-1]
+            if not rank.isdigit() or int(rank) == self.rank:
+                continue
+            other = lock_for(path, int(rank))
+            other.acquire(wait=False)  # RunBusyError names the writing rank
+            other.release()
 
     @property
     def manifest_name(self) -> str:
         return MANIFEST_NAME if self.rank == 0 else f"manifest.rank={self.rank}.json"
 
-    def prepare(self, mode: str, moe_layers: list[int], first_seq_id: int = 0) -> Continuation:
-        """Make the directory ready for writing in `mode`; what an append continues from."""
+    def prepare(
+        self, mode: str, moe_layers: list[int], first_seq_id: int = 0, wait: bool | float = False
+    ) -> Continuation:
+        """Take the lock, then make the directory ready for writing in `mode`; what an append
+        continues from. The lock stays held until `close` (also released here on an error)."""
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not allowed; use one of {', '.join(MODES)}")
+        self.lock(wait)
+        try:
+            return self._prepare(mode, moe_layers, first_seq_id)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self, mode: str, moe_layers: list[int], first_seq_id: int) -> Continuation:
         start = Continuation(next_seq_id=first_seq_id)
         if (self.path / self.manifest_name).exists() or self.own_parts_exist():
             if mode == "create":
@@ -95,6 +152,8 @@ class RunDirectory:
                     "or mode='append' to add to it (CLI: --overwrite / --append)"
                 )
             if mode == "overwrite":
+                if self.world_size == 1:
+                    self._check_other_ranks_idle()
                 self.remove_run_files()
             else:
                 start = self._continuation(moe_layers, first_seq_id)
