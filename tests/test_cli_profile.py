@@ -128,3 +128,31 @@ def test_profile_append_max_tokens_and_the_existing_run_hint(corpus_slice, tmp_p
     assert run.manifest["tokens"] > first
     assert run.sql("SELECT count(*) - count(DISTINCT (seq_id, pos)) AS d FROM tokens").d[0] == 0
     assert main([*base, "--append", "--overwrite"]) == 2
+
+
+def test_profile_model_that_is_a_run_directory_says_so(corpus_slice, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["profile", "--data", str(corpus_slice), "--out", str(run), "--max-length", "8"]) == 0
+    capsys.readouterr()
+    assert main(["profile", "--model", str(run), "--data", str(corpus_slice), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a routescope run directory, not a model" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_profile_into_an_existing_run_refuses_before_loading_the_model(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text("{}", encoding="utf-8")
+    # a model path that does not exist: refusing the output first never reaches the model
+    code = main(["profile", "--model", str(tmp_path / "no-model"), "--out", str(run)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "already holds a routescope run" in err and "--append" in err
+    check = "import sys, routescope.cli as c; c.main(sys.argv[1:]); print('torch' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", check, "profile", "--out", str(run)], capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.strip() == "False", done.stderr  # no model (nor torch) was loaded

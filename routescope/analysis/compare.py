@@ -206,7 +206,11 @@ def compare(
                         f"layer {layer}: A has {a.num_experts(layer)} experts, B {b.num_experts(layer)}"
                     )
             for run, name in ((a, "A"), (b, "B")):
-                if not run.complete:
+                if run.skipped:
+                    notes.append(
+                        f"run {name} ({run.path}) is INCOMPLETE: {len(run.skipped)} corrupt part(s) skipped"
+                    )
+                elif not run.complete:
                     notes.append(f"run {name} ({run.path}) is INCOMPLETE: still recording or crashed")
             load = load_delta(a.expert_load(where=where), b.expert_load(where=where))
             balance = balance_delta(a.balance(where=where), b.balance(where=where))

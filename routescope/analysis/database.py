@@ -8,8 +8,13 @@ import duckdb
 import pyarrow.parquet as pq
 
 from routescope import schema
+from routescope.analysis.sqlfiles import Cte, compose, get_query
 from routescope.errors import RunFormatError
 from routescope.store.layout import list_parts
+
+# Tables filtered to one consistent view when a corrupt part was skipped (queries/consistency.sql),
+# in the order they are built: tokens first, the others read it.
+CONSISTENT = (schema.TOKENS, schema.ROUTING, schema.ROUTER_TOKENS, schema.ROUTER_STATS)
 
 _DUCK_TYPES = {
     "int64": "BIGINT",
@@ -33,7 +38,8 @@ def check_parts(parts: list[Path], skip_corrupt: bool) -> tuple[list[Path], list
             if not skip_corrupt:
                 raise RunFormatError(
                     f"corrupt or truncated Parquet part {part}: {exc} "
-                    "(open_run(..., skip_corrupt=True) reads the rest)"
+                    "(--skip-corrupt on the command line, open_run(..., skip_corrupt=True) in Python, "
+                    "reads the rest)"
                 ) from exc
             skipped.append(part)
         else:
@@ -56,26 +62,55 @@ def empty_select(table: str, labels: list[str]) -> str:
 def create_views(
     con: duckdb.DuckDBPyConnection, run_dir: Path, labels: list[str], skip_corrupt: bool = False
 ) -> list[Path]:
-    """(Re)create one view per table over its parts; returns the parts that were skipped."""
-    skipped: list[Path] = []
-    for table in schema.TABLE_COLUMNS:
-        parts, bad = check_parts(list_parts(run_dir, table), skip_corrupt)
-        skipped += bad
-        if not parts:
-            con.execute(f"CREATE OR REPLACE VIEW {table} AS {empty_select(table, labels)}")
-            continue
-        rel = con.read_parquet([str(p) for p in parts], hive_partitioning=True, union_by_name=True)
-        if table == schema.TOKENS:
-            # Parts written before a label existed lack its column: add it as NULL.
-            missing = [label for label in labels if label not in rel.columns]
-            added = [f'CAST(NULL AS VARCHAR) AS "{m}"' for m in missing]
-            # Parts written before the extra columns existed: their default (text, decoder).
-            added += [
-                f"'{value}'::VARCHAR AS {name}"
-                for name, value in schema.TOKEN_EXTRA_DEFAULTS.items()
-                if name not in rel.columns
-            ]
-            if added:
-                rel = rel.project(", ".join(["*", *added]))
-        rel.create_view(table, replace=True)
+    """(Re)create one view per table over its parts; returns the parts that were skipped.
+
+    When a part of tokens, routing, router_tokens or router_stats was skipped, those four views
+    keep only the tokens (and steps) every table still holds, so no metric counts a token
+    whose routing is gone, or routing whose token is gone (queries/consistency.sql).
+    """
+    found = {table: check_parts(list_parts(run_dir, table), skip_corrupt) for table in schema.TABLE_COLUMNS}
+    skipped = [part for _, bad in found.values() for part in bad]
+    filtered = any(found[table][1] for table in CONSISTENT)
+    for table, (parts, _) in found.items():
+        name = f"raw_{table}" if filtered and table in CONSISTENT else table
+        _create_view(con, name, table, parts, labels)
+    if filtered:
+        _consistent_views(con, {table: bool(parts or bad) for table, (parts, bad) in found.items()})
     return skipped
+
+
+def _consistent_views(con: duckdb.DuckDBPyConnection, present: dict[str, bool]) -> None:
+    """`tokens` keeps the tokens every per-token and per-step table still covers; the other
+    views of CONSISTENT keep the rows of those tokens and steps (queries/consistency.sql)."""
+    source = f"raw_{schema.TOKENS}"
+    for index, table in enumerate(t for t in CONSISTENT[1:] if present[t]):
+        name = f"raw_tokens_kept_{index}"
+        sql = compose(get_query(f"tokens_with_{table}").sql, [Cte("kept_tokens", f"SELECT * FROM {source}")])
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+        source = name
+    con.execute(f"CREATE OR REPLACE VIEW {schema.TOKENS} AS SELECT * FROM {source}")
+    for table in CONSISTENT[1:]:
+        con.execute(f"CREATE OR REPLACE VIEW {table} AS {get_query(f'consistent_{table}').sql}")
+
+
+def _create_view(
+    con: duckdb.DuckDBPyConnection, name: str, table: str, parts: list[Path], labels: list[str]
+) -> None:
+    """View `name` over the parts of `table` (typed and empty when there are none)."""
+    if not parts:
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {empty_select(table, labels)}")
+        return
+    rel = con.read_parquet([str(p) for p in parts], hive_partitioning=True, union_by_name=True)
+    if table == schema.TOKENS:
+        # Parts written before a label existed lack its column: add it as NULL.
+        missing = [label for label in labels if label not in rel.columns]
+        added = [f'CAST(NULL AS VARCHAR) AS "{m}"' for m in missing]
+        # Parts written before the extra columns existed: their default (text, decoder).
+        added += [
+            f"'{value}'::VARCHAR AS {column}"
+            for column, value in schema.TOKEN_EXTRA_DEFAULTS.items()
+            if column not in rel.columns
+        ]
+        if added:
+            rel = rel.project(", ".join(["*", *added]))
+    rel.create_view(name, replace=True)

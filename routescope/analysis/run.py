@@ -8,6 +8,7 @@ queries of `routescope/analysis/queries/`; the CLI, dashboard and notebooks call
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,26 @@ class Run:
         """Re-read the manifest and pick up parts written since the run was opened."""
         self.manifest = merge_rank_manifests(self.path, read_manifest(self.path))
         self.skipped = create_views(self.con, self.path, self.labels, skip_corrupt=self.skip_corrupt)
+        if self.skipped:
+            self._mark_skipped()
         return self
+
+    def _mark_skipped(self) -> None:
+        """After skipped corrupt parts: the manifest view counts what the views hold, says the run
+        is not complete and names the parts; one warning says the same."""
+        m = self.manifest
+        names = [str(p.relative_to(self.path)) for p in self.skipped]
+        recorded = m.get("tokens")
+        if not m.get("counts_only"):
+            m["tokens"] = int(self.con.execute("SELECT count(*) FROM tokens").fetchone()[0])
+        m.update(tokens_recorded=recorded, complete=False, skipped_corrupt_parts=names)
+        warnings.warn(
+            f"routescope: skipped {len(names)} corrupt part(s) of {self.path}: {', '.join(names)}; "
+            f"the run reads as {m['tokens']} of {recorded} recorded tokens, their routing and their "
+            "steps only (run.skipped lists the parts)",
+            RuntimeWarning,
+            stacklevel=5,  # the caller of open_run
+        )
 
     # -- manifest facts ----------------------------------------------------------------
     @property
@@ -186,6 +206,8 @@ class Run:
     def __repr__(self) -> str:
         m = self.manifest
         state = "complete" if self.complete else "INCOMPLETE"
+        if self.skipped:
+            state = f"PARTIAL: {len(self.skipped)} corrupt part(s) skipped"
         return (
             f"Run({str(self.path)!r}, model_type={m.get('model_type')!r}, "
             f"moe_layers={len(self.moe_layers)}, tokens={m.get('tokens')}, {state})"

@@ -38,7 +38,7 @@ def figure_sections(run: Any, report: dict[str, Any]) -> list[tuple[str, Any, st
             plots.caption("load_heatmap_lift"),
         ),
     ]
-    if len(run.moe_layers) > 1 and not report["entanglement"].empty:
+    if len(run.moe_layers) > 1 and report["entanglement"] is not None and not report["entanglement"].empty:
         sections.append(
             (
                 "Cross-layer entanglement",
@@ -137,6 +137,8 @@ def render_html(run: Any, report: dict[str, Any]) -> str:
     parts.append("<h2>Tables</h2>")
     for title, df, cols, empty in tables:
         parts.append(f"<h3>{html.escape(title)}</h3>{table_html(df, cols, empty)}")
+    for name, reason in report.get("skipped", {}).items():
+        parts.append(f"<p class='empty'>Skipped {html.escape(name)}: {html.escape(reason)}.</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -39,6 +39,11 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, help="engine file layout for --out and --loads-out")
     parser.add_argument("--loads-out", help="write the loads in the --format engine's layout")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    parser.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="read a run with corrupt or truncated parts: skip them and say what was skipped",
+    )
 
 
 def engine_facts(run: Any, ep_size: int) -> dict[str, Any]:
@@ -96,9 +101,13 @@ def placement_command(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--out {args.out}: use a {', '.join(TABLE_SUFFIXES)} file, or pass --format sglang|vllm"
         )
+    if args.format and not (args.out or args.loads_out):
+        raise ValueError(
+            f"--format {args.format} writes engine files: add --out FILE (the plan) or --loads-out FILE (the loads)"
+        )
     if args.loads_out and not args.format:
         raise ValueError("--loads-out needs --format sglang or --format vllm")
-    with rs.open_run(args.run) as run:
+    with rs.open_run(args.run, skip_corrupt=getattr(args, "skip_corrupt", False)) as run:
         plan = run.placement(
             args.ep_size,
             args.redundant,

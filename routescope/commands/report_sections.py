@@ -36,7 +36,7 @@ def fmt(value: Any) -> str:
 
 
 def report_sections(report: dict[str, Any]) -> list[Section]:
-    """The report's tables in order; a table whose data the run lacks is left out."""
+    """The report's tables in order; a table whose data the run lacks (None) is left out."""
     sections: list[Section] = [
         ("Balance per MoE layer", report["balance"], BALANCE_COLUMNS, "no MoE layer"),
         (
@@ -61,6 +61,7 @@ def report_sections(report: dict[str, Any]) -> list[Section]:
             "fewer than two MoE layers",
         ),
     ]
+    sections = [section for section in sections if section[1] is not None]
     if report.get("super_experts") is not None:
         th = report.get("super_expert_thresholds") or {}
         sections.append(
