@@ -138,7 +138,8 @@ LAYER_IMPORTS: dict[str, set[str]] = {
     "analysis": {"store", "base"},
     "plots": {"base"},
     "export": {"analysis", "base"},
-    "package": {"analysis", "capture", "store", "base"},  # routescope/__init__.py: the public API
+    "training": {"capture", "analysis", "store", "base"},  # rs.watch: above capture and analysis
+    "package": {"analysis", "capture", "training", "store", "base"},  # routescope/__init__.py: the public API
     "commands": {"package", "capture", "analysis", "importers", "export", "store", "plots", "base"},
     "cli": {"commands", "dashboard", "package", "analysis", "base"},
     "dashboard": {"dashboard", "package", "plots", "base"},  # the public API, nothing below it

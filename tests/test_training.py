@@ -1,0 +1,275 @@
+"""rs.watch on a real transformers Trainer and in a custom loop (issue 23).
+
+The reference for every scalar is the routers' own outputs, taken by the test's own forward
+hooks on the router modules (logits and chosen ids) and the model's attention mask, turned
+into numbers with numpy and transformers' `load_balancing_loss_func`. The same scalars are
+read back from the TensorBoard event file, and the losses and weights of a watched run equal
+those of a run without watch.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
+
+import routescope as rs
+from routescope.training import AlertRules
+from tests.tiny_models import build_tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+MODEL = "qwen2_moe"
+LAYERS = (0, 1)
+E, K = 4, 2
+
+
+def dataset(n: int = 16, seq: int = 12, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Right-padded rows (every third row has 4 pad positions, label -100 there)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(2, 128, (seq,), generator=g)
+        mask = torch.ones(seq, dtype=torch.long)
+        if i % 3 == 0:
+            mask[-4:], ids[-4:] = 0, 0
+        labels = ids.clone()
+        labels[mask == 0] = -100
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return rows
+
+
+class RouterTap:
+    """The test's own hooks: per forward, each router's logits and ids, and the mask."""
+
+    def __init__(self, model: torch.nn.Module, step_of=None) -> None:
+        self.forwards: list[dict] = []
+        self.step_of = step_of
+        self.handles = [model.register_forward_pre_hook(self._begin, with_kwargs=True)]
+        for layer in LAYERS:
+            gate = model.model.layers[layer].mlp.gate
+            self.handles.append(gate.register_forward_hook(self._router(layer)))
+
+    def _begin(self, module, args, kwargs) -> None:
+        if module.training:
+            step = self.step_of() if self.step_of else None
+            self.forwards.append({"mask": kwargs["attention_mask"].detach().clone(), "step": step})
+
+    def _router(self, layer: int):
+        def hook(module, args, output) -> None:
+            if module.training:
+                logits, _, indices = output
+                self.forwards[-1][layer] = (logits.detach().double().clone(), indices.detach().clone())
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def expected(forwards: list[dict]) -> dict[str, float]:
+    """SPEC 4.1 over the pooled tokens of `forwards`, from the routers' outputs."""
+    out: dict[str, float] = {}
+    masks = torch.cat([f["mask"].reshape(-1) for f in forwards]).bool()
+    z_layers, counts_all, probs_all = [], [], []
+    for layer in LAYERS:
+        logits = torch.cat([f[layer][0] for f in forwards])[masks]
+        ids = torch.cat([f[layer][1] for f in forwards])[masks]
+        counts = np.bincount(ids.reshape(-1).numpy(), minlength=E).astype(float)
+        m = counts.mean()
+        share = counts / counts.sum()
+        plogp = np.where(share > 0, share * np.log(np.where(share > 0, share, 1)), 0)
+        out[f"routing/layer_{layer}/cv"] = math.sqrt(((counts - m) ** 2).mean()) / m
+        out[f"routing/layer_{layer}/max_violation"] = (counts.max() - m) / m
+        out[f"routing/layer_{layer}/norm_entropy"] = -plogp.sum() / math.log(E)
+        out[f"routing/layer_{layer}/dead_fraction"] = float((counts == 0).mean())
+        z = float((logits.logsumexp(-1) ** 2).mean())
+        out[f"routing/layer_{layer}/z_loss"] = z
+        z_layers.append(z)
+        counts_all.append(counts)
+        probs_all.append(logits.softmax(-1).sum(0).numpy())
+    out["routing/z_loss"] = float(np.mean(z_layers))
+    if len(forwards) == 1:  # transformers' own function on one batch's logits
+        f = forwards[0]
+        logits = tuple(f[layer][0] for layer in LAYERS)
+        out["routing/aux_loss"] = float(load_balancing_loss_func(logits, E, K, f["mask"]))
+    else:
+        tokens = int(masks.sum()) * len(LAYERS)
+        out["routing/aux_loss"] = float(E * np.sum(sum(counts_all) / tokens * sum(probs_all) / tokens))
+    return out
+
+
+def trainer_for(tmp_path: Path, name: str, **args) -> Trainer:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_tiny_model(MODEL).train()
+    settings = dict(
+        per_device_train_batch_size=4,
+        max_steps=3,
+        logging_steps=1,
+        report_to=["tensorboard"],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+    )
+    settings.update(args)
+    return Trainer(
+        model=model, args=TrainingArguments(str(tmp_path / name), **settings), train_dataset=dataset()
+    )
+
+
+def train_logs(trainer: Trainer) -> list[dict]:
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def assert_close(got: dict, want: dict, rel: float = 1e-9) -> None:
+    for key, value in want.items():
+        assert key in got, f"{key} missing from {sorted(got)}"
+        # transformers' load_balancing_loss_func works in float32; ours in float64
+        tolerance = 1e-6 if key.endswith("aux_loss") else rel
+        assert got[key] == pytest.approx(value, rel=tolerance, abs=1e-12), key
+
+
+def tensorboard_scalars(output_dir: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = sorted(output_dir.rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def test_trainer_logs_the_routers_own_numbers_in_log_history_and_tensorboard(tmp_path):
+    plain = trainer_for(tmp_path, "plain")
+    plain.train()
+
+    trainer = trainer_for(tmp_path, "watched")
+    tap = RouterTap(trainer.model, step_of=lambda: trainer.state.global_step + 1)
+    watch = rs.watch(trainer, out_dir=tmp_path / "run")
+    try:
+        trainer.train()
+    finally:
+        tap.remove()
+    assert not watch.active  # hooks gone with train()
+
+    logs = train_logs(trainer)
+    assert [h["step"] for h in logs] == [1, 2, 3]
+    for log in logs:
+        assert_close(log, expected([f for f in tap.forwards if f["step"] == log["step"]]))
+        assert log["routing/tokens"] == sum(
+            int(f["mask"].sum()) for f in tap.forwards if f["step"] == log["step"]
+        )
+        worst = max(log[f"routing/layer_{layer}/max_violation"] for layer in LAYERS)
+        assert log["routing/max_violation_max"] == worst
+
+    # training unchanged: same losses, gradient norms and final weights as without watch
+    assert [h["loss"] for h in logs] == [h["loss"] for h in train_logs(plain)]
+    assert [h["grad_norm"] for h in logs] == [h["grad_norm"] for h in train_logs(plain)]
+    for (name, a), (_, b) in zip(
+        trainer.model.named_parameters(), plain.model.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+    # the same numbers in the TensorBoard event file (float32 there)
+    board = tensorboard_scalars(tmp_path / "watched")
+    for log in logs:
+        for key, value in log.items():
+            if key.startswith("routing/"):
+                assert board[f"train/{key}"][log["step"]] == pytest.approx(value, rel=1e-6), key
+
+    # out_dir: tokens carry the optimizer step; balance per step equals the logged scalars
+    with rs.open_run(tmp_path / "run") as run:
+        steps = run.sql("SELECT train_step, count(*) AS n FROM tokens GROUP BY 1 ORDER BY 1")
+        assert steps["train_step"].tolist() == [1, 2, 3]
+        assert str(run.sql("SELECT train_step FROM tokens LIMIT 1")["train_step"].dtype) == "int32"
+        assert steps["n"].tolist() == [int(log["routing/tokens"]) for log in logs]
+        for log in logs:
+            balance = run.balance(where=f"train_step = {log['step']}").set_index("layer")
+            for layer in LAYERS:
+                for metric in ("cv", "max_violation", "norm_entropy"):
+                    got = balance.loc[layer, metric]
+                    assert got == pytest.approx(log[f"routing/layer_{layer}/{metric}"], rel=1e-9)
+        assert run.manifest["complete"]
+        assert "alerts" in run.manifest["training"]
+
+
+def test_gradient_accumulation_pools_every_micro_batch_of_a_logged_step(tmp_path):
+    trainer = trainer_for(
+        tmp_path,
+        "accum",
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        logging_steps=2,
+        max_steps=4,
+    )
+    tap = RouterTap(trainer.model, step_of=lambda: trainer.state.global_step + 1)
+    rs.watch(trainer, out_dir=tmp_path / "run")
+    try:
+        trainer.train()
+    finally:
+        tap.remove()
+    logs = train_logs(trainer)
+    assert [h["step"] for h in logs] == [2, 4]
+    assert len(tap.forwards) == 8  # 4 optimizer steps x 2 micro-batches
+    for log in logs:
+        window = [f for f in tap.forwards if log["step"] - 2 < f["step"] <= log["step"]]
+        assert len(window) == 4
+        assert_close(log, expected(window))
+    with rs.open_run(tmp_path / "run") as run:
+        per_step = run.sql(
+            "SELECT train_step, count(DISTINCT step) AS forwards FROM tokens GROUP BY 1 ORDER BY 1"
+        )
+        assert per_step["train_step"].tolist() == [1, 2, 3, 4]
+        assert per_step["forwards"].tolist() == [2, 2, 2, 2]
+
+
+def test_custom_loop_end_step_returns_the_same_scalars_and_skips_eval(tmp_path):
+    model = build_tiny_model(MODEL).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rows = dataset(8)
+    batches = [{k: torch.stack([r[k] for r in rows[i : i + 4]]) for k in rows[0]} for i in (0, 4)]
+    tap = RouterTap(model)
+    got = []
+    try:
+        with rs.watch(model, out_dir=tmp_path / "run") as watch:
+            for batch in batches:
+                model.train()
+                model(**batch).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                model.eval()
+                with torch.no_grad():
+                    model(**batch)  # evaluation: neither counted nor recorded
+                got.append(watch.end_step())
+    finally:
+        tap.remove()
+    assert len(tap.forwards) == 2
+    for values, forward in zip(got, tap.forwards, strict=True):
+        assert_close(values, expected([forward]))
+    assert [h["train_step"] for h in watch.history] == [1, 2]
+    with rs.open_run(tmp_path / "run") as run:
+        assert run.sql("SELECT DISTINCT train_step FROM tokens ORDER BY 1")["train_step"].tolist() == [1, 2]
+
+
+def test_alerts_warn_once_and_reach_the_manifest(tmp_path, caplog):
+    model = build_tiny_model(MODEL).train()
+    batch = {k: torch.stack([r[k] for r in dataset(4)]) for k in dataset(1)[0]}
+    with caplog.at_level("WARNING", logger="routescope"):
+        with rs.watch(model, out_dir=tmp_path / "run", alerts=AlertRules(max_violation=0.0)) as watch:
+            for _ in range(3):
+                model(**batch)
+                watch.end_step()
+    warned = [r for r in caplog.records if "max_violation" in r.getMessage()]
+    assert len(warned) == len(LAYERS)  # once per layer, not once per step
+    with rs.open_run(tmp_path / "run") as run:
+        alerts = run.manifest["training"]["alerts"]
+    assert {(a["layer"], a["kind"]) for a in alerts} == {(layer, "max_violation") for layer in LAYERS}
