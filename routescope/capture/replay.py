@@ -139,6 +139,7 @@ class Replayer:
         self._histories: dict[int, _Histories] = {}
         self._pending: _Histories | None = None
         self._eos = _eos_ids(model)
+        self._pad = _pad_ids(model)
 
     # -- context manager ---------------------------------------------------------------
     def __enter__(self) -> Replayer:
@@ -291,7 +292,8 @@ class Replayer:
                 raise RouteScopeError(
                     f"{int(missing.sum())} of {int(valid.sum())} tokens of this forward are not in the run "
                     f"(first: batch row {b}, position {s}, token id {int(ids_host[b, s])}); tokens match "
-                    "when their sequence's token ids up to and including them are equal. Pass "
+                    "when their sequence's token ids up to and including them are equal. "
+                    f"{_padding_hint(ids_host, missing, mask, self._pad)}Pass "
                     "missing='router' to let the model's own router decide for them"
                 )
             self.fallback_tokens += int(missing.sum())
@@ -408,6 +410,27 @@ def _eos_ids(model: nn.Module) -> np.ndarray:
         eos = getattr(getattr(model, "config", None), "eos_token_id", None)
     values = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     return np.asarray([int(v) for v in values], dtype=np.int64)
+
+
+def _pad_ids(model: nn.Module) -> np.ndarray:
+    """Padding ids from the model's generation config (else its config)."""
+    ids = []
+    for config in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        pad = getattr(config, "pad_token_id", None)
+        ids += [] if pad is None else [pad] if isinstance(pad, int) else list(pad)
+    return np.asarray(sorted({int(v) for v in ids}), dtype=np.int64)
+
+
+def _padding_hint(ids: np.ndarray, missing: np.ndarray, mask: Any, pad: np.ndarray) -> str:
+    """A sentence for the 'not in the run' error when missing tokens are padding ids."""
+    padded = int((np.isin(ids, pad) & missing).sum()) if len(pad) else 0
+    if not padded:
+        return ""
+    how = "no attention_mask was passed" if mask is None else "the attention_mask marks them as real tokens"
+    return (
+        f"{padded} of the missing tokens are the padding id {', '.join(map(str, pad))} and {how}: "
+        "padding is never recorded, so call the model with the attention_mask the recording used. "
+    )
 
 
 def _cache_length(cache: Any) -> int:
