@@ -1,5 +1,9 @@
 """`routescope import {sglang,vllm} FILE --out RUN`: convert serving-engine routing dumps into a run.
 
+With `--model CONFIG` (and optionally `--prompts FILE`) FILE holds server responses, the
+rollouts RL frameworks replay (importers/responses.py); without it, recorder dumps and
+routed-experts arrays as before.
+
 The CLI (`routescope/cli.py`) registers `add_import_arguments` and `import_command`; the
 parsing lives in `routescope/importers/`.
 """
@@ -45,6 +49,18 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
         "entries of a decoder-layer axis, e.g. '1-26' (default: all-zero dense layers are dropped)",
     )
     for sub in (sglang, vllm):
+        sub.add_argument(
+            "--model",
+            metavar="CONFIG",
+            help="server responses (JSON lines or a JSON list): the served model's config.json or model folder, "
+            "which says which decoder layers are MoE (docs/replay.md)",
+        )
+        sub.add_argument(
+            "--prompts",
+            metavar="FILE",
+            help="with --model: prompt token ids, one list per line in the order of the response records, "
+            "for records that do not carry them",
+        )
         sub.add_argument("--out", required=True, help="run directory to write")
         sub.add_argument("--num-experts", type=int, help="routed experts per layer (default: from the dump)")
         sub.add_argument("--model-type", default="", help="model_type to put in the manifest")
@@ -54,6 +70,17 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
 def import_command(args: argparse.Namespace) -> int:
     """Convert SGLang expert-distribution dumps or vLLM routed_experts arrays into a run."""
     check_output_dir(args.out)
+    if args.model is not None:
+        return _import_responses(args)
+    if args.prompts is not None:
+        raise ValueError(
+            "--prompts goes with --model CONFIG (server responses); pass the served model's config"
+        )
+    if args.engine == "sglang" and any(str(f).lower().endswith((".json", ".jsonl")) for f in args.files):
+        raise ValueError(
+            f"{args.files[0]}: SGLang server responses need --model CONFIG (the served model's config.json or "
+            "folder) to know which decoder layers are MoE"
+        )
     if args.engine == "sglang":
         from routescope.importers.sglang import import_sglang
 
@@ -71,6 +98,28 @@ def import_command(args: argparse.Namespace) -> int:
     )
     kind = "expert counts" if imported.counts_only else f"{imported.token_count()} tokens"
     print(f"imported {kind} ({imported.engine} {imported.mode}, MoE layers {imported.moe_layers}) into {out}")
+    return 0
+
+
+def _import_responses(args: argparse.Namespace) -> int:
+    """Server responses (SGLang meta_info / sgl_ext, vLLM choices) with the model config."""
+    from routescope.importers.responses import import_response_file
+
+    if len(args.files) != 1:
+        raise ValueError(f"--model reads one file of server responses, got {len(args.files)} files")
+    imported, layout = import_response_file(args.engine, args.files[0], args.model, prompts=args.prompts)
+    out = write_imported_run(
+        imported,
+        args.out,
+        model_type=args.model_type or layout.model_type,
+        overwrite=args.overwrite,
+        sources=args.files,
+    )
+    extra = imported.extra
+    print(
+        f"imported {imported.token_count()} tokens of {extra['sequences']} sequences from {extra['requests']} "
+        f"{args.engine} responses (MoE layers {imported.moe_layers}) into {out}"
+    )
     return 0
 
 
