@@ -1,9 +1,10 @@
-"""Paths of the bundled tiny model and its held-out corpus (`data/` beside the package).
+"""Paths of the bundled tiny model and its held-out corpus.
 
 `rs.bundled.model_path()` and `rs.bundled.corpus_path()` are what notebooks, docs and the
-`demo` / `profile` / `super-experts` defaults use. $ROUTESCOPE_DATA points elsewhere (an
-installed package has no `data/` beside it). Both raise FileNotFoundError naming the path
-and what to do when the file is not there.
+`demo` / `profile` / `super-experts` defaults use. In a clone they live in `data/` at the
+repository root; an installed package carries the same files as package data in
+`routescope/_data/` (pyproject maps `data/` there). $ROUTESCOPE_DATA overrides both. Both
+raise FileNotFoundError naming the path and what to do when the file is not there.
 """
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ DATA_ENV = "ROUTESCOPE_DATA"
 
 
 def data_dir() -> Path:
-    """The bundled `data/` folder: $ROUTESCOPE_DATA, or `data/` beside the package."""
+    """The bundled data folder: $ROUTESCOPE_DATA, else `routescope/_data/` in an installed
+    package, else `data/` beside the package (a clone, or an editable install of one)."""
     env = os.environ.get(DATA_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "data"
+    if env:
+        return Path(env)
+    package = Path(__file__).resolve().parent
+    installed = package / "_data"
+    return installed if installed.is_dir() else package.parent / "data"
 
 
 def model_path() -> Path:
