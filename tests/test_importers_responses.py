@@ -29,7 +29,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -389,3 +392,15 @@ def test_layout_rules_agree_with_the_layers_record_finds(recordings):
     ).moe_layers == (0, 1, 2, 3)
     with pytest.raises(rs.RouteScopeError, match="no expert count, top-k in the model config"):
         load_layout({"num_hidden_layers": 4, "model_type": "llama"})
+
+
+def test_reading_responses_never_imports_torch(recordings, tmp_path):
+    rec = recordings["vllm"]
+    (tmp_path / "r.jsonl").write_text(json.dumps(vllm_newest(rec, 0)) + "\n")
+    (tmp_path / "config.json").write_text(rec.model.config.to_json_string())
+    code = (
+        "import sys; from routescope.importers.responses import import_response_file; "
+        f"import_response_file('vllm', {str(tmp_path / 'r.jsonl')!r}, {str(tmp_path)!r}); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
