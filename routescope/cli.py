@@ -22,6 +22,7 @@ import pandas as pd
 
 from routescope.dashboard.command import add_dashboard_arguments, dashboard_command
 from routescope.commands.attach import add_run_arguments, run_command
+from routescope.commands.check import add_check_arguments, check_command
 from routescope.commands.import_run import add_import_arguments, import_command
 from routescope.commands.placement import add_placement_arguments, placement_command
 from routescope.commands.profile import (
@@ -375,6 +376,7 @@ COMMANDS: dict[str, tuple[AddArguments, RunCommand]] = {
     "import": (add_import_arguments, import_command),
     "placement": (add_placement_arguments, placement_command),
     "run": (add_run_arguments, run_command),
+    "check": (add_check_arguments, check_command),
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pandas as pd
@@ -21,6 +21,9 @@ from routescope.analysis.display import run_html
 from routescope.errors import RunFormatError
 from routescope.store.layout import list_parts, list_tables
 from routescope.store.manifest import read_manifest
+
+if TYPE_CHECKING:
+    from routescope.analysis.verify import Verification
 
 # Ranks other than 0 of a multi-process recording write their own manifest fragment.
 RANK_MANIFEST_GLOB = "manifest.rank=*.json"
@@ -190,6 +193,14 @@ class Run:
     def hidden_stats(self) -> pd.DataFrame:
         """layer, max_abs, median_abs, channel, seq_id, pos of the residual stream from the calibration."""
         return metrics.hidden_stats(self)
+
+    def verify(self) -> Verification:
+        """Check SPEC 3.2's invariants on every part (unique keys, k rows per token and MoE layer,
+        the manifest's counts): a `Verification` with `ok`, `problems` and a printable report.
+        `routescope check RUN` prints the same (analysis/verify.py)."""
+        from routescope.analysis.verify import verify_run
+
+        return verify_run(self.path)
 
     def close(self) -> None:
         self.con.close()

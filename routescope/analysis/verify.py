@@ -1,0 +1,345 @@
+"""Checks a run against SPEC 3.2's invariants: `routescope check RUN` and `Run.verify()`.
+
+A run written by two writers at once (issue 27, before the writer lock) holds repeated
+`(seq_id, pos)` keys and a manifest that counts fewer tokens than its parts; a crash between
+a part and its manifest update leaves the count behind. `verify_run` finds each kind of
+damage and says what it found, so a user can tell whether an old run can be trusted.
+
+It reads the parts itself, in its own in-memory DuckDB, not through `Run`'s views: those
+views may hide rows to stay consistent (skipped corrupt parts), and a check must see every
+row. The SQL is `queries/verify.sql`; nothing here needs torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+import pyarrow.parquet as pq
+
+from routescope import schema
+from routescope.analysis.sqlfiles import get_query
+from routescope.errors import RunFormatError
+from routescope.store.layout import list_parts
+from routescope.store.lock import describe_lock
+from routescope.store.manifest import read_manifest
+
+EXAMPLES = 5  # offending keys shown per failed check
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One invariant: whether it holds, a sentence saying what was found, and examples."""
+
+    check: str
+    ok: bool
+    message: str
+    count: int = 0  # offending keys or rows (0 when ok)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What `verify_run` found: `ok` when every invariant holds; `notes` never fail a run."""
+
+    path: str
+    findings: list[Finding]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(f.ok for f in self.findings)
+
+    @property
+    def problems(self) -> list[Finding]:
+        return [f for f in self.findings if not f.ok]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "ok": self.ok,
+            "findings": [asdict(f) for f in self.findings],
+            "notes": list(self.notes),
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{'ok  ' if f.ok else 'FAIL'}  {f.check}: {f.message}" for f in self.findings]
+        lines += [f"note  {note}" for note in self.notes]
+        failed = len(self.problems)
+        verdict = "every invariant holds" if not failed else f"{failed} of {len(self.findings)} checks failed"
+        return "\n".join([*lines, f"{self.path}: {verdict}"])
+
+
+def verify_run(path: str | Path) -> Verification:
+    """Check the run at `path`. FileNotFoundError / RunFormatError when it is not a run at all;
+    damage inside a run (corrupt parts, repeated keys, wrong counts) is reported, not raised."""
+    from routescope.analysis.run import merge_rank_manifests
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no run at {path}: the path does not exist")
+    manifest = merge_rank_manifests(path, read_manifest(path))
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("SET enable_progress_bar = false")
+    except duckdb.Error:
+        pass
+    try:
+        corrupt = _create_views(con, path, manifest)
+        return _Checker(con, path, manifest, corrupt).run()
+    finally:
+        con.close()
+
+
+def _readable(parts: list[Path]) -> tuple[list[Path], list[Path]]:
+    good, bad = [], []
+    for part in parts:
+        try:
+            pq.read_metadata(part)
+        except Exception:
+            bad.append(part)
+        else:
+            good.append(part)
+    return good, bad
+
+
+def _create_views(con: duckdb.DuckDBPyConnection, path: Path, manifest: dict[str, Any]) -> list[Path]:
+    """check_tokens, check_routing and check_layers; returns the parts that cannot be read."""
+    corrupt: list[Path] = []
+    for table, view in ((schema.TOKENS, "check_tokens"), (schema.ROUTING, "check_routing")):
+        parts, bad = _readable(list_parts(path, table))
+        corrupt += bad
+        if not parts:
+            cols = {"seq_id": "BIGINT", "pos": "INTEGER", "rank": "INTEGER"}
+            cols.update(
+                {"stack": "VARCHAR"}
+                if table == schema.TOKENS
+                else {"layer": "SMALLINT", "slot": "TINYINT", "expert": "SMALLINT"}
+            )
+            select = ", ".join(f"CAST(NULL AS {t}) AS {c}" for c, t in cols.items())
+            con.execute(f"CREATE VIEW {view} AS SELECT {select} WHERE false")
+            continue
+        rel = con.read_parquet([str(p) for p in parts], hive_partitioning=True, union_by_name=True)
+        if table == schema.TOKENS and "stack" not in rel.columns:
+            rel = rel.project(f"*, '{schema.TOKEN_EXTRA_DEFAULTS['stack']}'::VARCHAR AS stack")
+        rel.create_view(view)
+    stacks = manifest.get("stacks") or {}
+    rows = []
+    for layer in manifest.get("moe_layers", []):
+        key = str(layer)
+        owner = next((name for name, (lo, hi) in stacks.items() if lo <= int(layer) < hi), None)
+        rows.append(
+            {
+                "layer": int(layer),
+                "num_experts": int(manifest["num_experts"][key]),
+                "top_k": int(manifest["top_k"][key]),
+                "stack": owner,
+            }
+        )
+    layers = pd.DataFrame(rows, columns=["layer", "num_experts", "top_k", "stack"])
+    layers = layers.astype({"layer": "int64", "num_experts": "int64", "top_k": "int64", "stack": "object"})
+    con.register("check_layers_df", layers)
+    con.execute("CREATE VIEW check_layers AS SELECT * FROM check_layers_df")
+    return corrupt
+
+
+class _Checker:
+    def __init__(
+        self, con: duckdb.DuckDBPyConnection, path: Path, manifest: dict[str, Any], corrupt: list[Path]
+    ) -> None:
+        self.con, self.path, self.manifest, self.corrupt = con, path, manifest, corrupt
+        self.notes: list[str] = []
+
+    def run(self) -> Verification:
+        checks: list[Callable[[], Finding]] = [
+            self.parts_readable,
+            self.unique_token_keys,
+            self.unique_routing_keys,
+            self.k_rows_per_token,
+            self.routing_has_tokens,
+            self.routing_in_range,
+            self.manifest_counts,
+            self.next_seq_id,
+        ]
+        findings = [check() for check in checks]
+        self._add_notes()
+        return Verification(str(self.path), findings, self.notes)
+
+    # -- helpers -----------------------------------------------------------------------
+    def _offending(self, name: str, count_sql: str) -> tuple[int, int, list[dict[str, Any]]]:
+        """(offending keys, `count_sql` summed over them, examples) of named query `name`; the
+        offending rows are kept once in a temporary table, so the query runs once."""
+        self.con.execute(f"CREATE OR REPLACE TEMP TABLE offending AS {get_query(name).sql}")
+        n, total = self.con.execute(f"SELECT count(*), coalesce({count_sql}, 0) FROM offending").fetchone()
+        examples = self.con.execute(f"SELECT * FROM offending ORDER BY ALL LIMIT {EXAMPLES}").df()
+        return int(n), int(total), _records(examples)
+
+    # -- the invariants ----------------------------------------------------------------
+    def parts_readable(self) -> Finding:
+        if not self.corrupt:
+            return Finding("parts_readable", True, "every tokens and routing part reads")
+        names = [str(p.relative_to(self.path)) for p in self.corrupt]
+        return Finding(
+            "parts_readable",
+            False,
+            f"{len(names)} corrupt or truncated part(s), left out of the other checks: {', '.join(names)}",
+            len(names),
+            [{"part": n} for n in names[:EXAMPLES]],
+        )
+
+    def unique_token_keys(self) -> Finding:
+        keys, copies, examples = self._offending("verify_duplicate_token_keys", "sum(copies)")
+        if not keys:
+            return Finding("unique_token_keys", True, "no (seq_id, pos) appears twice in tokens")
+        return Finding(
+            "unique_token_keys",
+            False,
+            f"{keys:,} (seq_id, pos) keys appear more than once in tokens ({copies - keys:,} extra rows); "
+            "two writers appended at once, and every metric counts those tokens twice",
+            keys,
+            examples,
+        )
+
+    def unique_routing_keys(self) -> Finding:
+        keys, copies, examples = self._offending("verify_duplicate_routing_keys", "sum(copies)")
+        if not keys:
+            return Finding(
+                "unique_routing_keys", True, "no (seq_id, pos, layer, slot) appears twice in routing"
+            )
+        return Finding(
+            "unique_routing_keys",
+            False,
+            f"{keys:,} (seq_id, pos, layer, slot) keys appear more than once in routing "
+            f"({copies - keys:,} extra rows)",
+            keys,
+            examples,
+        )
+
+    def k_rows_per_token(self) -> Finding:
+        if self.manifest.get("counts_only"):
+            return Finding("k_rows_per_token", True, "counts-only run: no per-token rows to check")
+        pairs, _, examples = self._offending("verify_routing_rows_per_token", "sum(rows)")
+        if not pairs:
+            return Finding(
+                "k_rows_per_token", True, "every token has exactly top_k routing rows in every MoE layer"
+            )
+        return Finding(
+            "k_rows_per_token",
+            False,
+            f"{pairs:,} (token, MoE layer) pairs do not have exactly top_k routing rows",
+            pairs,
+            examples,
+        )
+
+    def routing_has_tokens(self) -> Finding:
+        keys, rows, examples = self._offending("verify_routing_without_token", "sum(copies)")
+        if not keys:
+            return Finding("routing_has_tokens", True, "every routing row has its tokens row")
+        return Finding(
+            "routing_has_tokens",
+            False,
+            f"{rows:,} routing rows of {keys:,} (seq_id, pos) keys have no tokens row",
+            keys,
+            examples,
+        )
+
+    def routing_in_range(self) -> Finding:
+        groups, rows, examples = self._offending("verify_routing_out_of_range", "sum(copies)")
+        if not groups:
+            return Finding(
+                "routing_in_range", True, "every routing row is in a recorded MoE layer, slot < k, expert < E"
+            )
+        return Finding(
+            "routing_in_range",
+            False,
+            f"{rows:,} routing rows have a layer outside moe_layers, a slot >= top_k or an expert >= num_experts",
+            rows,
+            examples,
+        )
+
+    def _per_rank(self) -> pd.DataFrame:
+        return self.con.execute(get_query("verify_tokens_per_rank").sql).df()
+
+    def manifest_counts(self) -> Finding:
+        if self.manifest.get("counts_only"):
+            return Finding("manifest_counts", True, "counts-only run: its token count is an estimate")
+        found = {int(r.rank): int(r.tokens) for r in self._per_rank().itertuples()}
+        ranks = self.manifest.get("ranks") or [{"rank": 0, "tokens": int(self.manifest.get("tokens", 0))}]
+        said = {int(r["rank"]): int(r.get("tokens", 0)) for r in ranks}
+        wrong = [
+            {"rank": rank, "manifest_tokens": said.get(rank, 0), "token_rows": found.get(rank, 0)}
+            for rank in sorted(set(said) | set(found))
+            if said.get(rank, 0) != found.get(rank, 0)
+        ]
+        total = sum(found.values())
+        if not wrong:
+            return Finding("manifest_counts", True, f"the manifest's {total:,} tokens equal the token rows")
+        lines = "; ".join(
+            f"rank {w['rank']}: manifest {w['manifest_tokens']:,}, parts {w['token_rows']:,}" for w in wrong
+        )
+        return Finding(
+            "manifest_counts",
+            False,
+            f"the manifest's token count disagrees with the parts ({lines})",
+            len(wrong),
+            wrong,
+        )
+
+    def next_seq_id(self) -> Finding:
+        """Each rank's `next_seq_id` must lie above its ids, or the next append repeats them."""
+        said = _next_seq_ids(self.path, self.manifest)
+        wrong = [
+            {"rank": int(r.rank), "next_seq_id": said[int(r.rank)], "max_seq_id": int(r.max_seq_id)}
+            for r in self._per_rank().itertuples()
+            if int(r.rank) in said and int(r.max_seq_id) >= said[int(r.rank)]
+        ]
+        if not wrong:
+            return Finding("next_seq_id", True, "an append would start above every recorded seq_id")
+        return Finding(
+            "next_seq_id",
+            False,
+            "next_seq_id in the manifest is not above the recorded seq_ids, so an append would repeat them",
+            len(wrong),
+            wrong,
+        )
+
+    def _add_notes(self) -> None:
+        if not self.manifest.get("complete", False):
+            self.notes.append(
+                "the manifest says complete: false (still being written, or its writer stopped early): "
+                "counts may lag the parts while a writer is running"
+            )
+        for lock in sorted(self.path.glob(".lock*")):
+            holder = describe_lock(lock)
+            who = (
+                f"pid {holder['pid']} on {holder['host']} since {holder['started_at']}"
+                if holder
+                else "unknown"
+            )
+            self.notes.append(f"writer lock {lock.name} names {who} (a writer is running, or one died)")
+
+
+def _next_seq_ids(path: Path, manifest: dict[str, Any]) -> dict[int, int]:
+    """rank -> next_seq_id, from manifest.json and each manifest.rank=R.json that has one."""
+    out: dict[int, int] = {}
+    if "next_seq_id" in manifest:
+        out[int(manifest.get("rank", 0) or 0)] = int(manifest["next_seq_id"])
+    for fragment in path.glob("manifest.rank=*.json"):
+        try:
+            data = json.loads(fragment.read_text(encoding="utf-8"))
+            if "next_seq_id" in data:
+                out[int(data["rank"])] = int(data["next_seq_id"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RunFormatError(f"{fragment} is not a valid rank manifest: {exc}") from exc
+    return out
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    return [
+        {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()} for row in df.to_dict("records")
+    ]
