@@ -78,12 +78,10 @@ class Verification:
 def verify_run(path: str | Path) -> Verification:
     """Check the run at `path`. FileNotFoundError / RunFormatError when it is not a run at all;
     damage inside a run (corrupt parts, repeated keys, wrong counts) is reported, not raised."""
-    from routescope.analysis.run import merge_rank_manifests
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no run at {path}: the path does not exist")
-    manifest = merge_rank_manifests(path, read_manifest(path))
+    manifest = read_manifest(path)
     con = duckdb.connect(":memory:")
     try:
         con.execute("SET enable_progress_bar = false")
@@ -153,6 +151,7 @@ class _Checker:
         self, con: duckdb.DuckDBPyConnection, path: Path, manifest: dict[str, Any], corrupt: list[Path]
     ) -> None:
         self.con, self.path, self.manifest, self.corrupt = con, path, manifest, corrupt
+        self.ranks = _rank_manifests(path, manifest)
         self.notes: list[str] = []
 
     def run(self) -> Verification:
@@ -269,8 +268,7 @@ class _Checker:
         if self.manifest.get("counts_only"):
             return Finding("manifest_counts", True, "counts-only run: its token count is an estimate")
         found = {int(r.rank): int(r.tokens) for r in self._per_rank().itertuples()}
-        ranks = self.manifest.get("ranks") or [{"rank": 0, "tokens": int(self.manifest.get("tokens", 0))}]
-        said = {int(r["rank"]): int(r.get("tokens", 0)) for r in ranks}
+        said = {rank: int(m.get("tokens", 0)) for rank, m in self.ranks.items()}
         wrong = [
             {"rank": rank, "manifest_tokens": said.get(rank, 0), "token_rows": found.get(rank, 0)}
             for rank in sorted(set(said) | set(found))
@@ -292,7 +290,7 @@ class _Checker:
 
     def next_seq_id(self) -> Finding:
         """Each rank's `next_seq_id` must lie above its ids, or the next append repeats them."""
-        said = _next_seq_ids(self.path, self.manifest)
+        said = {rank: int(m["next_seq_id"]) for rank, m in self.ranks.items() if "next_seq_id" in m}
         wrong = [
             {"rank": int(r.rank), "next_seq_id": said[int(r.rank)], "max_seq_id": int(r.max_seq_id)}
             for r in self._per_rank().itertuples()
@@ -309,7 +307,7 @@ class _Checker:
         )
 
     def _add_notes(self) -> None:
-        if not self.manifest.get("complete", False):
+        if not all(m.get("complete", False) for m in self.ranks.values()):
             self.notes.append(
                 "the manifest says complete: false (still being written, or its writer stopped early): "
                 "counts may lag the parts while a writer is running"
@@ -324,19 +322,19 @@ class _Checker:
             self.notes.append(f"writer lock {lock.name} names {who} (a writer is running, or one died)")
 
 
-def _next_seq_ids(path: Path, manifest: dict[str, Any]) -> dict[int, int]:
-    """rank -> next_seq_id, from manifest.json and each manifest.rank=R.json that has one."""
-    out: dict[int, int] = {}
-    if "next_seq_id" in manifest:
-        out[int(manifest.get("rank", 0) or 0)] = int(manifest["next_seq_id"])
+def _rank_manifests(path: Path, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """rank -> its manifest: manifest.json (rank 0) and each manifest.rank=R.json; a rank of
+    `world_size` that left none counts as an empty, incomplete one."""
+    ranks = {int(manifest.get("rank", 0) or 0): manifest}
     for fragment in path.glob("manifest.rank=*.json"):
         try:
             data = json.loads(fragment.read_text(encoding="utf-8"))
-            if "next_seq_id" in data:
-                out[int(data["rank"])] = int(data["next_seq_id"])
+            ranks[int(data["rank"])] = data
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RunFormatError(f"{fragment} is not a valid rank manifest: {exc}") from exc
-    return out
+    for rank in range(int(manifest.get("world_size", 1) or 1)):
+        ranks.setdefault(rank, {"tokens": 0, "complete": False})
+    return ranks
 
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
