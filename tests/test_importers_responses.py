@@ -380,6 +380,20 @@ def test_vllm_bad_payloads_and_missing_model(recordings, tmp_path):
         )
 
 
+def test_sessions_must_continue_one_sequence_and_prompts_must_match_records(recordings):
+    rec = recordings["sglang"]
+    turn1 = sglang_native(rec, 0, end=PROMPT + 2, session_id="a")
+    turn2 = sglang_native(rec, 0, start=PROMPT + 1, session_id="a")
+    turn2["input_ids"] = [rec.ids[0][0], rec.ids[0][1] + 1, *rec.ids[0][2 : PROMPT + 3]]
+    turn2["output_ids"] = rec.ids[0][PROMPT + 3 :]
+    with pytest.raises(
+        rs.RouteScopeError, match=r"record 1 \(rid rid-0\): its prompt differs from its session's "
+    ):
+        import_responses("sglang", [turn1, turn2], rec.model.config)
+    with pytest.raises(rs.RouteScopeError, match="--prompts has 1 prompts for 2 response records"):
+        import_responses("sglang", [turn1, turn1], rec.model.config, prompts=[rec.ids[0][:PROMPT]])
+
+
 def test_layout_rules_agree_with_the_layers_record_finds(recordings):
     for engine, rec in recordings.items():
         sites = [
