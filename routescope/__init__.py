@@ -28,8 +28,7 @@ from routescope.errors import (
     WriterError,
 )
 from routescope.store.rundir import RunExistsError
-
-__version__ = "0.1.0"
+from routescope.version import __version__
 
 # Public names that need torch (or transformers): name -> module that defines it, imported
 # when the name is first read. Add a capture-side name here, never as an eager import.

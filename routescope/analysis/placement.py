@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from routescope.analysis.querying import counts_only, query
 from routescope.analysis.runview import RunView as Run  # a Protocol: run.py imports us, not back
 
 PLAN_COLUMNS = ["layer", "gpu", "slot", "expert"]
@@ -365,9 +366,7 @@ def step_loads(run: Run, where: str | None = None) -> pd.DataFrame:
     A counts-only run (imported per-expert counters) gives its loads summed over the selected
     steps as one row set with step 0.
     """
-    from routescope.analysis import metrics
-
-    if metrics.counts_only(run):
+    if counts_only(run):
         loads = run.expert_load(where=where)
         return loads.assign(step=0)[["step", "layer", "expert", "tokens"]]
-    return metrics.query(run, "step_expert_load", where=where)
+    return query(run, "step_expert_load", where=where)

@@ -23,7 +23,7 @@ def model_manifest(model: nn.Module, sites: list[RouterSite], **extra: Any) -> d
     """SPEC 3.1 keys for `model` and its router `sites`, plus model facts and `extra`."""
     import transformers
 
-    import routescope
+    from routescope.version import __version__
 
     config = text_config(model)
     stacks = stack_layers(model)  # encoder-decoder: layers of both stacks, encoder first
@@ -35,8 +35,13 @@ def model_manifest(model: nn.Module, sites: list[RouterSite], **extra: Any) -> d
     extra.setdefault("verified", verified)
     if not verified:
         extra.setdefault("unverified_reason", reason)
+    # a multimodal wrapper (kimi_k25, qwen3_vl_moe) is named by its own type; its text model's
+    # type, whose layers are recorded, is `text_model_type`
+    text_type = getattr(config, "model_type", None) or type(model).__name__
+    if text_type != outer_type:
+        extra.setdefault("text_model_type", text_type)
     return base_manifest(
-        model_type=getattr(config, "model_type", type(model).__name__),
+        model_type=outer_type,
         num_hidden_layers=max(end for _, end in stacks.values())
         if stacks
         else int(getattr(config, "num_hidden_layers", 0) or 0),
@@ -51,7 +56,7 @@ def model_manifest(model: nn.Module, sites: list[RouterSite], **extra: Any) -> d
         device=str(model_device(model)),
         dtype=str(model_dtype(model)),
         versions={
-            "routescope": routescope.__version__,
+            "routescope": __version__,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },

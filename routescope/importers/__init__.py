@@ -122,7 +122,7 @@ def build_manifest(
     imported: ImportedRun, model_type: str = "", sources: Sequence[str | Path] = ()
 ) -> dict[str, Any]:
     """The manifest.json of an imported run (SPEC 3.1 keys plus `imported_from`)."""
-    import routescope
+    from routescope.version import __version__
 
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     manifest = base_manifest(
@@ -142,7 +142,7 @@ def build_manifest(
             "files": [str(s) for s in sources],
             **imported.extra,
         },
-        versions={"routescope": routescope.__version__},
+        versions={"routescope": __version__},
         created_at=now,
         updated_at=now,
     )

@@ -14,7 +14,8 @@ Two layouts, both read per choice (OpenAI-compatible `choices`, or `outputs` of 
   tokens (`[output - 1, MoE layers, k]`; a trailing row for the last token is dropped).
 
 Token ids: `prompt_token_ids` (choice or response, with `return_token_ids`) or --prompts,
-and the choice's `token_ids`. Arrays may also be nested lists (offline outputs as JSON).
+and the choice's `token_ids`. Arrays may also be nested lists (offline outputs as JSON) or
+`{data, shape, dtype[, start]}` packs (a `start` there is the prompt start).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 
 from routescope.importers.errors import ImportFormatError
 from routescope.importers.model_layout import MoELayout
-from routescope.importers.responses import Lookup, Turn, session_of, start_of, to_moe_rows, token_ids
+from routescope.importers.response_turns import Lookup, Turn, session_of, start_of, to_moe_rows, token_ids
 from routescope.importers.vllm_files import decode_array
 
 PROMPT_KEYS = ("prompt_token_ids", "input_ids", "prompt_ids")
@@ -74,7 +75,11 @@ def turns_of(
             raise ImportFormatError(
                 f"{label}: no generated token ids ('token_ids'); ask with return_token_ids=true"
             )
-        start = start_of(find.get(START_KEY), label, START_KEY)
+        packed = part.get("routed_experts")
+        packed_start = (
+            packed.get("start") if isinstance(packed, dict) else None
+        )  # {data, shape, dtype, start}
+        start = start_of(find.get(START_KEY) if packed_start is None else packed_start, label, START_KEY)
         if response.get("prompt_routed_experts") is not None:
             rows = _split_rows(response, part, prompt_ids, output_ids, start, layout, label)
         else:
