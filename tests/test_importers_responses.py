@@ -260,6 +260,18 @@ def test_start_skips_a_known_prefix_kept_as_context(recordings, tmp_path):
     assert run_rows(tmp_path / "run") == rec.truth(0, start=3)
     with rs.open_run(tmp_path / "run") as run:
         assert run.sql("SELECT count(*) AS n FROM tokens")["n"][0] == PROMPT + NEW - 1
+    # the same rows as a {data, shape, dtype, start} pack, the start carried in the pack
+    rows = rec.rows[0][3:].astype(np.uint8)
+    pack = {
+        "data": base64.b64encode(rows.tobytes()).decode(),
+        "shape": list(rows.shape),
+        "dtype": "uint8",
+        "start": 3,
+    }
+    record = vllm_newest(rec, 0)
+    record["choices"][0]["routed_experts"] = pack
+    import_responses("vllm", [record], rec.model.config, out=tmp_path / "packed")
+    assert run_rows(tmp_path / "packed") == rec.truth(0, start=3)
 
 
 # -- R3 end to end ----------------------------------------------------------------------------
