@@ -273,3 +273,86 @@ def test_alerts_warn_once_and_reach_the_manifest(tmp_path, caplog):
     with rs.open_run(tmp_path / "run") as run:
         alerts = run.manifest["training"]["alerts"]
     assert {(a["layer"], a["kind"]) for a in alerts} == {(layer, "max_violation") for layer in LAYERS}
+
+
+def test_trl_sft_trainer_gets_the_scalars_beside_its_own_metrics(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = rs.bundled.model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).train()
+    lines = [line for line in rs.bundled.corpus_path().read_text().splitlines() if line.strip()][:16]
+    config = trl.SFTConfig(
+        str(tmp_path / "sft"),
+        max_length=32,
+        per_device_train_batch_size=4,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = trl.SFTTrainer(
+        model=model, args=config, train_dataset=Dataset.from_dict({"text": lines}), processing_class=tokenizer
+    )
+    masks: list[int] = []
+    handle = model.register_forward_pre_hook(
+        lambda m, a, kw: masks.append(int(kw["attention_mask"].sum())) if m.training else None,
+        with_kwargs=True,
+    )
+    rs.watch(trainer)
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    logs = train_logs(trainer)
+    assert len(logs) == 2
+    layers = [site.layer for site in rs.find_routers(model)]
+    for log, tokens in zip(logs, masks, strict=True):
+        assert "mean_token_accuracy" in log  # TRL's own metric, merged in its log()
+        assert log["routing/tokens"] == tokens
+        for layer in layers:
+            assert 0.0 <= log[f"routing/layer_{layer}/norm_entropy"] <= 1.0
+        assert log["routing/aux_loss"] > 0 and log["routing/z_loss"] > 0
+
+
+def test_two_processes_sum_the_counts_over_ranks(tmp_path):
+    """torchrun, gloo, accelerate under the Trainer: each log covers both ranks' tokens."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a free port (torchrun's port 0 does not rendezvous)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    worker = Path(__file__).with_name("training_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+    ]
+    done = subprocess.run(
+        [*command, str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    forwards = [f for rank in (0, 1) for f in torch.load(tmp_path / f"tap{rank}.pt")]
+    logs = [h for h in json.loads((tmp_path / "logs.json").read_text()) if "loss" in h]
+    assert [h["step"] for h in logs] == [1, 2]
+    for log in logs:
+        window = [f for f in forwards if f["step"] == log["step"]]
+        assert len(window) == 2  # one micro-batch per rank
+        assert_close(log, expected(window))
+    with rs.open_run(tmp_path / "run") as run:
+        assert run.sql("SELECT DISTINCT rank FROM tokens ORDER BY 1")["rank"].tolist() == [0, 1]
+        per_step = run.sql("SELECT train_step, count(*) AS n FROM tokens GROUP BY 1 ORDER BY 1")
+        assert per_step["n"].tolist() == [int(log["routing/tokens"]) for log in logs]
