@@ -118,6 +118,7 @@ RESERVED_LABELS = frozenset(
 
 PHASE_PREFILL = "prefill"
 PHASE_DECODE = "decode"
+PHASE_UNKNOWN = "unknown"  # an imported file that cannot tell prefill from decode (SPEC 3.2)
 STACK_ENCODER = "encoder"
 STACK_DECODER = "decoder"
 

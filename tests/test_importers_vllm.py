@@ -198,3 +198,23 @@ def test_moe_layers_that_fit_neither_reading_are_refused(tmp_path):
     np.save(tmp_path / "r.npy", capturer_rows(known_routing(3, seed=7)))
     with pytest.raises(ValueError, match=r"--moe-layers lists 3 layers up to 4.*layer axis of 4"):
         import_vllm(tmp_path / "r.npy", moe_layers=[2, 3, 4])
+
+
+# -- issue 26, item 12: a bare array does not know its phases --------------------------------
+def test_bare_npy_writes_phase_unknown(tmp_path):
+    np.save(tmp_path / "r.npy", capturer_rows(known_routing(5, seed=3)))
+    assert import_main(["vllm", str(tmp_path / "r.npy"), "--out", str(tmp_path / "run")]) == 0
+    with rs.open_run(tmp_path / "run") as run:
+        assert set(run.sql("SELECT DISTINCT phase FROM tokens").phase) == {"unknown"}
+        assert run.manifest["imported_from"]["phases_known"] is False
+        assert run.token_count("phase = 'prefill'") == 0
+
+
+def test_bare_npy_with_prompt_len_splits_prefill_and_decode(tmp_path):
+    np.save(tmp_path / "r.npy", capturer_rows(known_routing(5, seed=3)))
+    argv = ["vllm", str(tmp_path / "r.npy"), "--out", str(tmp_path / "run"), "--prompt-len", "3"]
+    assert import_main(argv) == 0
+    with rs.open_run(tmp_path / "run") as run:
+        phases = run.sql("SELECT pos, phase FROM tokens ORDER BY pos")
+        assert phases.phase.tolist() == ["prefill"] * 3 + ["decode"] * 2
+    assert import_main([*argv[:-1], "-1", "--overwrite"]) == 2

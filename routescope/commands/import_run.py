@@ -48,6 +48,12 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
         help="decoder-layer index of each entry of the layer axis (as many as the axis has), or the MoE "
         "entries of a decoder-layer axis, e.g. '1-26' (default: all-zero dense layers are dropped)",
     )
+    vllm.add_argument(
+        "--prompt-len",
+        type=int,
+        help="prompt tokens of each bare array (no prompt ids or length in the file): rows before it "
+        "are prefill, the rest decode (default: phase 'unknown')",
+    )
     for sub in (sglang, vllm):
         sub.add_argument(
             "--model",
@@ -91,7 +97,10 @@ def import_command(args: argparse.Namespace) -> int:
         from routescope.importers.vllm import import_vllm
 
         imported = import_vllm(
-            args.files[0], moe_layers=parse_layers(args.moe_layers), num_experts=args.num_experts
+            args.files[0],
+            moe_layers=parse_layers(args.moe_layers),
+            num_experts=args.num_experts,
+            prompt_len=args.prompt_len,
         )
     out = write_imported_run(
         imported, args.out, model_type=args.model_type, overwrite=args.overwrite, sources=args.files

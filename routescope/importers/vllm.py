@@ -28,12 +28,25 @@ from routescope.importers.vllm_files import EXPECTED, RequestData, read_requests
 
 
 def import_vllm(
-    path: str | Path, moe_layers: list[int] | None = None, num_experts: int | None = None
+    path: str | Path,
+    moe_layers: list[int] | None = None,
+    num_experts: int | None = None,
+    prompt_len: int | None = None,
 ) -> ImportedRun:
-    """Parse a file of routed-experts arrays into an ImportedRun (tokens + routing, no weights)."""
+    """Parse a file of routed-experts arrays into an ImportedRun (tokens + routing, no weights).
+
+    A bare array (no prompt ids or length beside it) cannot tell prompt rows from generated
+    ones: its phase is `unknown`, unless `prompt_len` gives the prompt length of such requests.
+    """
     if num_experts is not None and num_experts < 1:
         raise ValueError(f"--num-experts must be a positive integer, got {num_experts}")
+    if prompt_len is not None and prompt_len < 0:
+        raise ValueError(f"--prompt-len must be 0 or more, got {prompt_len}")
     path, requests = read_requests(path)
+    if prompt_len is not None:
+        for req in requests:
+            if req.prompt_ids is None and req.output_ids is None and req.prompt_len is None:
+                req.prompt_len = prompt_len
     width, top_k = _check_arrays(requests, path)
     split = any(r.prompt is not None or r.output is not None for r in requests)
     sequences, dropped, phases_known = _sequences(requests, path)
@@ -127,7 +140,11 @@ def _sequences(requests: list[RequestData], path: Path) -> tuple[list[dict[str, 
         keep = ~never
         if not keep.any():
             continue
-        phase = np.where(pos < plen, schema.PHASE_PREFILL, schema.PHASE_DECODE).astype(object)
+        phase = (
+            np.where(pos < plen, schema.PHASE_PREFILL, schema.PHASE_DECODE).astype(object)
+            if known
+            else np.full(len(pos), schema.PHASE_UNKNOWN, dtype=object)
+        )
         sequences.append(
             {
                 "seq_id": step,
@@ -166,7 +183,8 @@ def _combined(req: RequestData, path: Path) -> tuple[np.ndarray, np.ndarray, np.
         p = len(req.prompt_ids) if req.prompt_ids is not None else int(req.prompt_len)
         if n < p:
             raise ImportFormatError(f"{path}: {req.name} has {n} rows for a {p}-token prompt")
-        return rows, np.arange(n), _pad(req.prompt_ids or [], n), p, True
+        ids = req.prompt_ids if req.prompt_ids is not None else (req.token_ids or [])  # --prompt-len
+        return rows, np.arange(n), _pad(ids, n), p, True
     if req.token_ids is not None and len(req.token_ids) < n:
         raise ImportFormatError(f"{path}: {req.name} has {n} rows but only {len(req.token_ids)} token ids")
     return rows, np.arange(n), _pad(req.token_ids or [], n), n, False
