@@ -14,9 +14,9 @@ import plotly.graph_objects as go
 from dash import dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
+from routescope import plots
 from routescope.dashboard.filters import FilterError, TokenFilter
 from routescope.dashboard.runs import RunRegistry, RunUnavailable, get_registry
-from routescope import plots
 
 log = logging.getLogger("routescope.dashboard")
 

@@ -20,7 +20,6 @@ from typing import Any, NoReturn
 
 import pandas as pd
 
-from routescope.dashboard.command import add_dashboard_arguments, dashboard_command
 from routescope.commands.attach import add_run_arguments, run_command
 from routescope.commands.check import add_check_arguments, check_command
 from routescope.commands.import_run import add_import_arguments, import_command
@@ -33,6 +32,7 @@ from routescope.commands.profile import (
 )
 from routescope.commands.report_sections import fmt, report_sections
 from routescope.commands.super_experts import add_super_experts_arguments, super_experts_command
+from routescope.dashboard.command import add_dashboard_arguments, dashboard_command
 from routescope.errors import RouteScopeError
 
 AddArguments = Callable[[argparse.ArgumentParser], None]

@@ -169,8 +169,8 @@ def test_specialization_lift_against_the_experts_own_share(app, runs):
 
 
 def test_token_text_is_coloured_by_expert_and_labels_are_capped(app, runs):
-    from routescope.dashboard.pages import tokens
     from routescope import plots
+    from routescope.dashboard.pages import tokens
 
     run = rs.open_run(runs["a"])
     layer = run.moe_layers[-1]

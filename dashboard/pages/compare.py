@@ -8,6 +8,7 @@ from typing import Any
 import dash
 from dash import Input, Output, State, dcc, html
 
+from routescope import plots
 from routescope.dashboard.components import (
     CHILDREN,
     FIGURE,
@@ -23,7 +24,6 @@ from routescope.dashboard.components import (
 )
 from routescope.dashboard.runs import RunUnavailable, get_registry
 from routescope.dashboard.urlstate import read_fragment, register_fragment
-from routescope import plots
 
 PAGE = {"path": "/compare", "name": "Compare", "order": 7, "title": "routescope · compare"}
 

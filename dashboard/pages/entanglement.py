@@ -10,10 +10,10 @@ from typing import Any
 import dash
 from dash import Input, Output, State, dcc, html
 
+from routescope import plots
 from routescope.dashboard.components import FIGURE, KEEP, MESSAGE, OPTIONS, current, graph, guarded, labelled
 from routescope.dashboard.queries import PATHWAYS_MAX
 from routescope.dashboard.urlstate import int_value, pick, read_fragment, register_fragment
-from routescope import plots
 
 PAGE = {"path": "/entanglement", "name": "Entanglement", "order": 3, "title": "routescope · entanglement"}
 

@@ -10,6 +10,7 @@ from typing import Any
 import dash
 from dash import Input, Output, State, dcc, html, no_update
 
+from routescope import plots
 from routescope.dashboard.components import (
     CARD,
     CHILDREN,
@@ -32,7 +33,6 @@ from routescope.dashboard.components import (
 )
 from routescope.dashboard.queries import SMALL_SAMPLE_PER_EXPERT
 from routescope.dashboard.urlstate import int_value, pick, read_fragment, steps_value, write_fragment
-from routescope import plots
 
 PAGE = {"path": "/load", "name": "Load", "order": 1, "title": "routescope · load"}
 METRICS = ("lift", "share")

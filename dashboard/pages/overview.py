@@ -9,6 +9,8 @@ from typing import Any
 import dash
 import pandas as pd
 from dash import Input, Output, State, dcc, html, no_update
+
+from routescope import plots
 from routescope.dashboard.components import (
     CARD,
     CHILDREN,
@@ -25,8 +27,6 @@ from routescope.dashboard.components import (
 )
 from routescope.dashboard.queries import ALL
 from routescope.dashboard.urlstate import pick, read_fragment, write_fragment
-
-from routescope import plots
 
 PAGE = {"path": "/", "name": "Overview", "order": 0, "title": "routescope · overview"}
 MAX_ALERTS = 40

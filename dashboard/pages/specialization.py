@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from dash import Input, Output, State, dcc, html, no_update
 
+from routescope import plots
 from routescope.dashboard.components import (
     FIGURE,
     KEEP,
@@ -23,7 +24,6 @@ from routescope.dashboard.components import (
     message,
 )
 from routescope.dashboard.urlstate import int_value, pick, read_fragment, register_fragment
-from routescope import plots
 
 BASELINES = ("uniform", "expert")
 

@@ -10,8 +10,8 @@ from typing import Any
 import dash
 from dash import Input, Output, html
 
-from routescope.dashboard.components import CHILDREN, FIGURE, MESSAGE, current, graph, guarded, message, table
 from routescope import plots
+from routescope.dashboard.components import CHILDREN, FIGURE, MESSAGE, current, graph, guarded, message, table
 
 PAGE = {"path": "/super-experts", "name": "Super Experts", "order": 5, "title": "routescope · super experts"}
 

@@ -9,6 +9,7 @@ from typing import Any
 import dash
 from dash import Input, Output, State, dcc, html, no_update
 
+from routescope import plots
 from routescope.dashboard.components import (
     FIGURE,
     KEEP,
@@ -28,7 +29,6 @@ from routescope.dashboard.components import (
 )
 from routescope.dashboard.queries import MAX_STEP_BINS, balance_of_step_loads
 from routescope.dashboard.urlstate import int_value, pick, read_fragment, write_fragment
-from routescope import plots
 
 PAGE = {"path": "/time", "name": "Time", "order": 2, "title": "routescope · time"}
 METRICS = ("lift", "share")

@@ -9,6 +9,7 @@ from typing import Any
 import dash
 from dash import Input, Output, State, dcc, html, no_update
 
+from routescope import plots
 from routescope.dashboard.components import (
     CHILDREN,
     FIGURE,
@@ -22,7 +23,6 @@ from routescope.dashboard.components import (
     labelled,
 )
 from routescope.dashboard.urlstate import int_value, read_fragment, register_fragment
-from routescope import plots
 
 PAGE = {"path": "/tokens", "name": "Tokens", "order": 6, "title": "routescope · tokens"}
 
