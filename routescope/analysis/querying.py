@@ -17,6 +17,7 @@ import duckdb
 import pandas as pd
 
 from routescope import schema
+from routescope.analysis.cluster import QueryError  # the Spark engine's errors (pyspark stays unloaded)
 from routescope.analysis.runview import RunView as Run  # a Protocol: run.py imports us, not back
 from routescope.analysis.sqlfiles import Cte, compose, get_query
 
@@ -26,7 +27,14 @@ ROUTER_STATS_HINT = "record the run with rs.record(..., router_stats=True)"
 # Counts-only runs (manifest `counts_only: true`): a `where=` is a predicate over this relation.
 STEPS_TEMPLATE = "SELECT step FROM (SELECT DISTINCT step FROM expert_counts) WHERE ({where})"
 # DuckDB errors that a bad `where=` can raise while the query runs (after it bound).
-_RUNTIME_WHERE_ERRORS = (duckdb.ConversionException, duckdb.InvalidInputException, duckdb.OutOfRangeException)
+_RUNTIME_WHERE_ERRORS = (
+    duckdb.ConversionException,
+    duckdb.InvalidInputException,
+    duckdb.OutOfRangeException,
+    QueryError,
+)
+# Errors a `where=` that does not parse or bind raises, on either engine.
+_WHERE_ERRORS = (duckdb.Error, QueryError)
 
 
 # -- arguments --------------------------------------------------------------------------
@@ -112,7 +120,7 @@ def check_where(run: Run, where: str | None) -> str | None:
             if len(duckdb.extract_statements(selection)) != 1:
                 raise duckdb.ParserException("it must be one predicate, not several statements")
             run.con.execute(f"SELECT * FROM ({selection}) LIMIT 0").fetchall()
-        except duckdb.Error as exc:
+        except _WHERE_ERRORS as exc:
             raise ValueError(
                 f"invalid where clause {where!r}: this run holds expert counts only ({_counts_origin(run)}), "
                 f"so where= may only reference step, e.g. 'step >= 10' ({_duckdb_message(exc)})"
@@ -125,7 +133,7 @@ def check_where(run: Run, where: str | None) -> str | None:
                 f"invalid where clause {where!r}: it must be one predicate, not several statements"
             )
         run.con.execute(f"SELECT seq_id, pos FROM ({selection}) LIMIT 0").fetchall()
-    except duckdb.Error as exc:
+    except _WHERE_ERRORS as exc:
         raise ValueError(f"invalid where clause {where!r}: {_duckdb_message(exc)}") from None
     return where
 
@@ -194,13 +202,16 @@ _TABLE_IDS = itertools.count()
 
 
 def _snapshot(run: Run, layers: Mapping[str, list[int]]) -> tuple:
+    layer_key = tuple((k, tuple(v)) for k, v in sorted(layers.items()))
+    if hasattr(run.con, "catalog_state"):  # the Spark engine reports its own view generation
+        return run.con.catalog_state(), layer_key
     views = run.con.execute(
         "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal ORDER BY view_name"
     ).fetchall()
     variables = run.con.execute(
         "SELECT name, value::VARCHAR FROM duckdb_variables() ORDER BY name"
     ).fetchall()
-    return tuple(views), tuple(variables), tuple((k, tuple(v)) for k, v in sorted(layers.items()))
+    return tuple(views), tuple(variables), layer_key
 
 
 def build_counts_query(where: str | None, name: str = "expert_counts") -> tuple[str, frozenset[str]]:

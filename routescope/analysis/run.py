@@ -12,12 +12,11 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import duckdb
 import pandas as pd
 
 from routescope.analysis import metrics
-from routescope.analysis.database import create_views
 from routescope.analysis.display import run_html
+from routescope.analysis.engines import build_views, connect
 from routescope.errors import RunFormatError
 from routescope.store.layout import list_parts, list_tables
 from routescope.store.manifest import read_manifest
@@ -32,17 +31,19 @@ RANK_MANIFEST_GLOB = "manifest.rank=*.json"
 class Run:
     """A run directory opened for reading. Use `open_run(path)` to make one."""
 
-    def __init__(self, path: Path, skip_corrupt: bool = False, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        skip_corrupt: bool = False,
+        threads: int | None = None,
+        engine: str = "duckdb",
+        spark: Any = None,
+    ) -> None:
         self.path = Path(path)
         self.skip_corrupt = skip_corrupt
-        # DuckDB's own progress bar would print into the caller's terminal or notebook
-        self.con = duckdb.connect(":memory:")
-        try:
-            self.con.execute("SET enable_progress_bar = false")
-        except duckdb.Error:
-            pass  # Jupyter without ipywidgets: DuckDB refuses any progress-bar change (and draws none)
-        if threads:
-            self.con.execute(f"SET threads = {int(threads)}")
+        # "duckdb" (in process) or "spark" (the same named SQL through sqlglot; engines.py)
+        self.engine = engine
+        self.con = connect(engine, threads=threads, spark=spark)
         self.skipped: list[Path] = []
         self.manifest: dict[str, Any] = {}
         self.refresh()
@@ -50,7 +51,7 @@ class Run:
     def refresh(self) -> Run:
         """Re-read the manifest and pick up parts written since the run was opened."""
         self.manifest = merge_rank_manifests(self.path, read_manifest(self.path))
-        self.skipped = create_views(self.con, self.path, self.labels, skip_corrupt=self.skip_corrupt)
+        self.skipped = build_views(self.con, self.path, self.labels, skip_corrupt=self.skip_corrupt)
         if self.skipped:
             self._mark_skipped()
         return self
@@ -271,8 +272,9 @@ def merge_rank_manifests(run_dir: Path, manifest: dict[str, Any]) -> dict[str, A
     return merged
 
 
-def open_run(path: str | Path, skip_corrupt: bool = False) -> Run:
-    """Open a run directory for analysis.
+def open_run(path: str | Path, skip_corrupt: bool = False, engine: str = "duckdb", spark: Any = None) -> Run:
+    """Open a run directory for analysis, with DuckDB (default) or `engine="spark"` (the active
+    SparkSession, `spark=`, or a local one; the same calls give equal results).
 
     FileNotFoundError when `path` does not exist; RunFormatError (naming the file) when it
     is not a run or holds a corrupt part, unless `skip_corrupt=True`, which reads the rest
@@ -281,4 +283,4 @@ def open_run(path: str | Path, skip_corrupt: bool = False) -> Run:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no run at {path}: the path does not exist")
-    return Run(path, skip_corrupt=skip_corrupt)
+    return Run(path, skip_corrupt=skip_corrupt, engine=engine, spark=spark)

@@ -1,0 +1,189 @@
+"""The Spark engine: a run's tables as Spark views, answering the calls the metrics make.
+
+`rs.open_run(path, engine="spark")` gives the Run a `SparkConnection` instead of a DuckDB
+connection. The metric functions do not change: they compose the same named queries of
+`queries/*.sql` and call `con.execute(sql, params)`; this connection translates each
+statement with `dialect.to_spark` (sqlglot, DuckDB -> Spark SQL, parameters bound into the
+tree) and runs it on a Spark session. It implements the small part of DuckDB's connection
+API that analysis uses: `execute(...).df() / fetchone() / fetchall()`, `from_arrow(t).query`,
+and `CREATE TEMP TABLE x AS ...` / `DROP TABLE IF EXISTS x` for the shared-table cache.
+
+Each Run gets its own `SparkSession.newSession()` (same cluster, its own temp views), on
+the session passed in, the active one, or a new local one. pyspark is imported here only,
+on first use: reading with DuckDB never loads it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from routescope import schema
+from routescope.analysis.database import empty_select
+from routescope.analysis.dialect import to_spark
+from routescope.errors import RouteScopeError
+
+SPARK_HINT = 'the Spark engine needs pyspark and Java 17: pip install -e ".[spark]"'
+_CREATE_TEMP = re.compile(r"^\s*CREATE\s+TEMP(?:ORARY)?\s+TABLE\s+(\w+)\s+AS\s+(.*)$", re.I | re.S)
+_DROP = re.compile(r"^\s*DROP\s+TABLE\s+IF\s+EXISTS\s+(\w+)\s*$", re.I)
+_ARROW_IDS = itertools.count()
+
+
+class QueryError(RouteScopeError):
+    """Spark (or the translation) refused a statement; the message is the engine's."""
+
+
+def spark_session(spark: Any = None, master: str = "local[*]") -> Any:
+    """`spark`, else the active SparkSession, else a new local one (no UI, Arrow transfers)."""
+    if spark is not None:
+        return spark
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError as exc:
+        raise ImportError(SPARK_HINT) from exc
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    return (
+        SparkSession.builder.master(master)
+        .appName("routescope")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.sql.shuffle.partitions", "8")
+        .config("spark.sql.session.timeZone", "UTC")
+        .getOrCreate()
+    )
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    from pyspark.errors import PySparkException
+    from sqlglot.errors import SqlglotError
+
+    return (PySparkException, SqlglotError)
+
+
+def _message(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:500]
+
+
+class SparkResult:
+    """A statement's result, read the way DuckDB's are."""
+
+    def __init__(self, frame: Any) -> None:
+        self.frame = frame
+
+    def df(self) -> pd.DataFrame:
+        if self.frame is None:
+            return pd.DataFrame()
+        try:
+            return self.frame.toPandas()
+        except _errors() as exc:
+            raise QueryError(_message(exc)) from None
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        if self.frame is None:
+            return []
+        try:
+            return [tuple(row) for row in self.frame.collect()]
+        except _errors() as exc:
+            raise QueryError(_message(exc)) from None
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        rows = self.fetchall() if self.frame is None else [tuple(r) for r in self.frame.take(1)]
+        return rows[0] if rows else None
+
+
+class SparkRelation:
+    """`con.from_arrow(table).query(name, sql)`: a small in-memory table queried by name."""
+
+    def __init__(self, con: SparkConnection, table: pa.Table) -> None:
+        self.con, self.table = con, table
+
+    def query(self, name: str, sql: str) -> SparkResult:
+        frame = self.con.session.createDataFrame(self.table.to_pandas())
+        frame.createOrReplaceTempView(name)
+        return self.con.execute(sql)
+
+
+class SparkConnection:
+    """One Run's Spark session, spoken to like a DuckDB connection (see the module docstring)."""
+
+    engine = "spark"
+
+    def __init__(self, session: Any) -> None:
+        self.session = session.newSession()
+        self.session.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
+        self._generation = 0
+        self._cached: dict[str, Any] = {}
+
+    # -- the DuckDB calls analysis makes ------------------------------------------------
+    def execute(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None) -> SparkResult:
+        if params is not None and not isinstance(params, Mapping):
+            raise ValueError("the Spark engine binds parameters by name only: pass a dict ($name)")
+        drop = _DROP.match(sql)
+        if drop:
+            self._drop(drop.group(1))
+            return SparkResult(None)
+        create = _CREATE_TEMP.match(sql)
+        try:
+            if create:
+                frame = self.session.sql(to_spark(create.group(2), params)).cache()
+                frame.createOrReplaceTempView(create.group(1))
+                self._cached[create.group(1)] = frame
+                return SparkResult(None)
+            return SparkResult(self.session.sql(to_spark(sql, params)))
+        except _errors() as exc:
+            raise QueryError(_message(exc)) from None
+
+    def from_arrow(self, table: pa.Table) -> SparkRelation:
+        return SparkRelation(self, table)
+
+    def catalog_state(self) -> tuple[Any, ...]:
+        """What the shared-table cache keys on: changes whenever the views are rebuilt."""
+        return ("spark", self._generation)
+
+    def close(self) -> None:
+        for name in list(self._cached):
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        frame = self._cached.pop(name, None)
+        if frame is not None:
+            frame.unpersist()
+        self.session.catalog.dropTempView(name)
+
+    # -- views over a run's parts ---------------------------------------------------------
+    def create_views(self, parts: Mapping[str, tuple[str, list[str]]], labels: list[str]) -> None:
+        """One temp view per table: `parts[table]` = (table folder, part files), every rank as
+        one dataset with the hive column `rank`; a table without parts is an empty typed view."""
+        for table in schema.TABLE_COLUMNS:
+            base, files = parts.get(table, ("", []))
+            if not files:
+                frame = self.session.sql(to_spark(empty_select(table, labels)))
+            else:
+                frame = (
+                    self.session.read.option("basePath", base).option("mergeSchema", "true").parquet(*files)
+                )
+                if table == schema.TOKENS:
+                    frame = _with_token_defaults(frame, labels)
+            frame.createOrReplaceTempView(table)
+        self._generation += 1
+
+
+def _with_token_defaults(frame: Any, labels: list[str]) -> Any:
+    """Parts written before a label or an extra column existed: NULL labels, default extras."""
+    from pyspark.sql import functions as F
+
+    for label in labels:
+        if label not in frame.columns:
+            frame = frame.withColumn(label, F.lit(None).cast("string"))
+    for name, value in schema.TOKEN_EXTRA_DEFAULTS.items():
+        if name not in frame.columns:
+            frame = frame.withColumn(name, F.lit(value))
+    return frame
