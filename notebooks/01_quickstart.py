@@ -26,6 +26,7 @@
 
 # %%
 import json
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -156,3 +157,10 @@ by_domain.pivot(index="layer", columns="domain", values="cv")
 # %% [markdown]
 # Next: `02_load_balance` (layers, prefill vs decode, steps), `03_entanglement_and_specialization`,
 # `04_super_experts`, `05_compare_runs`.
+
+# %% [markdown]
+# The runs of this notebook were written to a temporary folder (`WORK`); the last cell
+# removes it. Skip it to keep them, e.g. to open them with `routescope dashboard`.
+
+# %%
+shutil.rmtree(WORK, ignore_errors=True)

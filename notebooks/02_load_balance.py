@@ -23,6 +23,7 @@
 
 # %%
 import json
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -171,3 +172,10 @@ fig
 # a step far above it concentrates its tokens on a few experts. In serving, this is the
 # per-batch imbalance that expert-parallel systems (EPLB) try to smooth by replicating
 # the hot experts.
+
+# %% [markdown]
+# The runs of this notebook were written to a temporary folder (`WORK`); the last cell
+# removes it. Skip it to keep them, e.g. to open them with `routescope dashboard`.
+
+# %%
+shutil.rmtree(WORK, ignore_errors=True)

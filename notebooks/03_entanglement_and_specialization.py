@@ -26,6 +26,7 @@
 
 # %%
 import json
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -158,3 +159,10 @@ vocab[vocab["layer"] == last].sort_values(["top_share", "occurrences"], ascendin
 # %%
 rep = run.repetition_rate()
 plots.repetition_figure(rep)
+
+# %% [markdown]
+# The runs of this notebook were written to a temporary folder (`WORK`); the last cell
+# removes it. Skip it to keep them, e.g. to open them with `routescope dashboard`.
+
+# %%
+shutil.rmtree(WORK, ignore_errors=True)

@@ -29,6 +29,7 @@
 
 # %%
 import json
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -192,3 +193,10 @@ pd.DataFrame(
 # whose pruning changes nothing is a false positive of the thresholds.
 # `find_super_experts` takes the percentile (`quantile`), the `ratio` and the `layers`
 # searched as parameters.
+
+# %% [markdown]
+# The runs of this notebook were written to a temporary folder (`WORK`); the last cell
+# removes it. Skip it to keep them, e.g. to open them with `routescope dashboard`.
+
+# %%
+shutil.rmtree(WORK, ignore_errors=True)

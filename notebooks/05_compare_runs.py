@@ -24,6 +24,7 @@
 
 # %%
 import json
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -167,3 +168,10 @@ plots.load_delta_heatmap(side_by_side(run_a.expert_load(where=code_only),
 # %%
 plots.balance_change_figure(side_by_side(run_a.balance(where=code_only),
                                          run_a.balance(where=multi_only), ["layer"]))
+
+# %% [markdown]
+# The runs of this notebook were written to a temporary folder (`WORK`); the last cell
+# removes it. Skip it to keep them, e.g. to open them with `routescope dashboard`.
+
+# %%
+shutil.rmtree(WORK, ignore_errors=True)

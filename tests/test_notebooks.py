@@ -111,8 +111,9 @@ def test_bundled_paths_and_their_errors(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
-def test_notebook_runs_top_to_bottom(path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Run in notebooks/ as Jupyter would; the notebooks find data/ through the package."""
+def test_notebook_runs_top_to_bottom(path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Run in notebooks/ as Jupyter would; the notebooks find data/ through the package, and
+    leave no temporary folder behind."""
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
@@ -121,6 +122,7 @@ def test_notebook_runs_top_to_bottom(path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebook's tempfile.mkdtemp lands here
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
         nb,
@@ -135,6 +137,8 @@ def test_notebook_runs_top_to_bottom(path: Path, monkeypatch: pytest.MonkeyPatch
         pytest.fail(f"{path.name} failed:\n{exc}", pytrace=False)
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, f"{path.name}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
+    left = sorted(p.name for p in tmp_path.glob("routescope-notebook-*"))
+    assert not left, f"{path.name} left its temporary folder(s) behind: {left}"
 
 
 # -- Run._repr_html_ ---------------------------------------------------------------------

@@ -79,9 +79,15 @@ def expert_lanes(lanes: pd.DataFrame, num_experts: int) -> go.Figure:
         ticktext=[tick_text(tokens.iloc[i]) for i in shown],
         tickangle=-90,
         automargin=True,
-        title="token" if every == 1 else f"token (every {every}th labelled)",
+        title="token" if every == 1 else f"token (every {ordinal(every)} labelled)",
     )
     fig.update_yaxes(title="MoE layer", type="category", autorange="reversed")
     fig = base_layout(fig, title, height=max(300, 190 + 26 * len(layers)))
     fig.update_layout(margin={"b": 110})
     return fig
+
+
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, ..., 21st, 22nd, 23rd, 101st."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
