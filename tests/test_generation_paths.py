@@ -78,20 +78,20 @@ def test_static_cache_generate_records_what_dynamic_records(model, tmp_path, dev
     assert rs.open_run(tmp_path / "static").sql("SELECT count(*) AS n FROM tokens").n[0] == 9 + 2 * 3
 
 
-def test_static_cache_with_compile_config_records_eagerly(model, tmp_path, device):
+def test_static_cache_with_compile_config_records_compiled(model, tmp_path, device):
+    """The decode steps run compiled and the graph records them (capture/compiled.py; inductor
+    and fullgraph in tests/test_compiled_capture.py)."""
     from transformers import CompileConfig
 
     ids, mask = padded_batch(device, "left", lengths=(6, 3))
+    config = CompileConfig(backend="eager")
+    config._compile_all_devices = True  # transformers compiles on CUDA only by default
     record_generate(model, tmp_path / "dynamic", ids, mask)
     record_generate(
-        model,
-        tmp_path / "compiled",
-        ids,
-        mask,
-        cache_implementation="static",
-        compile_config=CompileConfig(backend="eager"),
+        model, tmp_path / "compiled", ids, mask, cache_implementation="static", compile_config=config
     )
-    assert "_compiled_call" not in vars(model)
+    assert "_compiled_call" in vars(model)
+    del model._compiled_call
     assert_same_rows(rows(tmp_path / "compiled"), rows(tmp_path / "dynamic"), atol=1e-5)
 
 
@@ -216,27 +216,6 @@ def test_packed_inputs_are_refused(model, tmp_path, device):
     with pytest.raises(RouteScopeError, match="packed"):
         with rs.record(model, tmp_path / "run"):
             model(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=3, max_length_k=3)
-
-
-def test_compiled_models_are_refused_before_any_forward(model, tmp_path):
-    compiled = torch.compile(model, backend="eager")
-    with pytest.raises(RouteScopeError, match="torch.compile"):
-        with rs.record(compiled, tmp_path / "a"):
-            pass
-    model.compile(backend="eager")
-    try:
-        with pytest.raises(RouteScopeError, match="compiled in place"):
-            with rs.record(model, tmp_path / "b"):
-                pass
-    finally:
-        model._compiled_call_impl = None
-    model._compiled_call = model.__call__  # what generate(compile_config=...) leaves behind
-    try:
-        with pytest.raises(RouteScopeError, match="_compiled_call"):
-            with rs.record(model, tmp_path / "c"):
-                pass
-    finally:
-        del model._compiled_call
 
 
 def test_writer_error_is_not_hidden_when_the_block_raises(model, tmp_path, device):

@@ -1,10 +1,11 @@
-"""`generate` while recording: end-of-text ids for finished rows, refused paths, no compile.
+"""`generate` while recording: end-of-text ids for finished rows, refused paths.
 
 `record` puts a thin wrapper on the model instance's `generate` (removed on exit, like the
 hooks). The wrapper refuses beam search before the first forward, tells the sequence
-tracker the call's end-of-text ids, runs a `compile_config` call eagerly (hooks cannot
-run inside a compiled graph), and releases held steps when the call returns.
-`generate_batch` (continuous batching) is refused, and so are compiled models.
+tracker the call's end-of-text ids, and releases held steps when the call returns. A
+`compile_config` call runs compiled, recorded by the graph itself (`capture.compiled`),
+except for encoder-decoder models, whose compiled decode runs eagerly while recording.
+`generate_batch` (continuous batching) is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class GeneratePatch:
         self.after = after  # called with the step count before the call, when it returns
         self.steps: Callable[[], int] = lambda: 0
         self._patched: dict[str, Any] = {}
+        self.compile_ok = False  # False: a compile_config call runs eagerly (capture.compiled)
 
     def install(self, steps: Callable[[], int] | None = None) -> None:
         if steps is not None:
@@ -52,8 +54,9 @@ class GeneratePatch:
         def generate(*args: Any, **kwargs: Any) -> Any:
             config = kwargs.get("generation_config") or getattr(patch.model, "generation_config", None)
             check_generate_kwargs(kwargs, config)
-            if kwargs.get("compile_config") is not None or getattr(config, "compile_config", None):
-                kwargs["disable_compile"] = True  # hooks cannot run inside a compiled graph
+            compiles = kwargs.get("compile_config") is not None or getattr(config, "compile_config", None)
+            if compiles and not patch.compile_ok:
+                kwargs["disable_compile"] = True  # the steps could not be bracketed outside the graph
             eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
             previous = patch.tracker.eos_ids
             patch.tracker.eos_ids = _eos_tensor(eos)
@@ -67,26 +70,6 @@ class GeneratePatch:
         generate.__wrapped__ = original  # type: ignore[attr-defined]
         generate.__doc__ = original.__doc__
         return generate
-
-
-def check_not_compiled(model: nn.Module) -> None:
-    """Hooks inside a compiled graph are traced once and never run again: refuse up front."""
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        raise RouteScopeError(
-            "rs.record got a torch.compile'd module; record the model itself (the compiled "
-            "wrapper's `_orig_mod`) and compile after recording"
-        )
-    if getattr(model, "_compiled_call_impl", None) is not None:
-        raise RouteScopeError(
-            "this model was compiled in place (model.compile()); routescope's hooks cannot run inside "
-            "the compiled graph: record an uncompiled copy of the model"
-        )
-    if "_compiled_call" in vars(model):
-        raise RouteScopeError(
-            "this model holds a compiled forward from an earlier generate(compile_config=...) "
-            "(model._compiled_call); delete it (`del model._compiled_call`) before recording, "
-            "generate then runs eagerly while recording"
-        )
 
 
 def check_generate_kwargs(kwargs: dict[str, Any], config: Any) -> None:

@@ -20,6 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from routescope.capture.compiled import (
+    CompiledSink,
+    check_compilable,
+    drop_compiled_graphs,
+    is_compiled,
+    unwrap,
+)
 from routescope.capture.discovery import LogitsSite, RouterSite, find_logits_sites, find_routers, find_stacks
 from routescope.capture.facts import (
     install_sigterm_exit,
@@ -28,7 +35,7 @@ from routescope.capture.facts import (
     rank_and_world,
     restore_sigterm,
 )
-from routescope.capture.generation import GeneratePatch, check_not_compiled
+from routescope.capture.generation import GeneratePatch
 from routescope.capture.identity import SequenceTracker, Skipped, bind_inputs
 from routescope.capture.modality import placeholder_ids, token_modality
 from routescope.capture.step import HostStep, StepBuffers
@@ -80,7 +87,9 @@ class Recorder:
         # training (rs.watch): a callable giving the optimizer step (1-based) a forward's
         # gradients go into, written as the tokens' train_step; None from it skips the forward
         self.train_step = train_step
-        self.model = model
+        self.model = unwrap(model)  # torch.compile(model): hooks go on the model inside
+        self._compiled_given = self.model is not model
+        self._sink: CompiledSink | None = None  # compiled router hooks write here (capture.compiled)
         self.out_dir = Path(out_dir)
         self.router_stats = router_stats
         self.mode = mode
@@ -140,7 +149,8 @@ class Recorder:
 
     # -- context manager ---------------------------------------------------------------
     def __enter__(self) -> Recorder:
-        check_not_compiled(self.model)
+        if self._compiled_given or is_compiled(self.model):
+            check_compilable(self.model, len(find_stacks(self.model)))
         self.sites = find_routers(self.model)
         if self.only_layers is not None:
             found = [site.layer for site in self.sites]
@@ -301,14 +311,17 @@ class Recorder:
         }
         self._placeholder_ids = placeholder_ids(getattr(self.model, "config", None))
         for stack in self._stacks.values():
-            self._handles.append(stack.module.register_forward_pre_hook(self._begin_step, with_kwargs=True))
-            self._handles.append(stack.module.register_forward_hook(self._end_step, always_call=True))
-        for site in self.sites:
+            # eager even when transformers compiles the call: identity needs Python (capture.compiled)
+            begin, end = torch.compiler.disable(self._begin_step), torch.compiler.disable(self._end_step)
+            self._handles.append(stack.module.register_forward_pre_hook(begin, with_kwargs=True))
+            self._handles.append(stack.module.register_forward_hook(end, always_call=True))
+        self._sink = CompiledSink([site.layer for site in self.sites], [site.top_k for site in self.sites])
+        for slot, site in enumerate(self.sites):
             if site.adapter.hook == "pre":
-                hook = self._make_pre_hook(site)
+                hook = self._make_pre_hook(site, slot)
                 self._handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
             else:
-                hook = self._make_post_hook(site)
+                hook = self._make_post_hook(site, slot)
                 self._handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
         if self.router_stats:
             layers = [site.layer for site in self.sites]
@@ -326,6 +339,8 @@ class Recorder:
     def _remove_hooks(self) -> None:
         while self._handles:
             self._handles.pop().remove()
+        if self._sink is not None:
+            self._sink.close()
 
     def _stash(self, layer: int, compact: bool, indices: torch.Tensor, weights: torch.Tensor) -> None:
         """Keep one layer's decision: detached device tensors, ids compacted as they arrive."""
@@ -339,18 +354,26 @@ class Recorder:
         step.calls[layer] = step.calls.get(layer, 0) + 1
         self._overhead += time.perf_counter() - started
 
-    def _make_pre_hook(self, site: RouterSite):
+    def _make_pre_hook(self, site: RouterSite, slot: int):
         extract, layer, compact = site.adapter.extract, site.layer, site.num_experts < 2**15
+        sink = self._sink
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if torch.compiler.is_compiling():  # traced into the graph: write to the sink
+                sink.write(slot, *extract(module, args, kwargs, None))
+                return
             self._stash(layer, compact, *extract(module, args, kwargs, None))
 
         return hook
 
-    def _make_post_hook(self, site: RouterSite):
+    def _make_post_hook(self, site: RouterSite, slot: int):
         extract, layer, compact = site.adapter.extract, site.layer, site.num_experts < 2**15
+        sink = self._sink
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if torch.compiler.is_compiling():
+                sink.write(slot, *extract(module, args, kwargs, output))
+                return
             self._stash(layer, compact, *extract(module, args, kwargs, output))
 
         return hook
@@ -423,6 +446,11 @@ class Recorder:
         )
         self._identity = identity
         self.steps += 1
+        if self._compiled_given or is_compiled(self.model):
+            if not self._sink.graphs_dropped:  # a graph compiled before record has no hooks in it
+                drop_compiled_graphs(self.model)
+                self._sink.graphs_dropped = True
+            self._sink.begin(batch * seq_len, device)  # the graph, if it runs, writes there
 
     def _allocate_seq_ids(self, batch: int) -> np.ndarray:
         ids = np.arange(self._next_seq_id, self._next_seq_id + batch, dtype=np.int64)
@@ -443,8 +471,11 @@ class Recorder:
         if self._depth > 0:
             return
         step, self._step = self._step, None
+        compiled = self._sink.end() if self._sink is not None else {}
         if step is None:
             return
+        if compiled and not step.routing:
+            step.routing = compiled  # the forward ran compiled: no eager router hook fired
         if output is not None:
             self._tracker.adopt(self._identity, output)
         if output is None or not step.routing:
@@ -468,6 +499,7 @@ class Recorder:
     # -- generate: end-of-text ids, refused paths, compile (capture.generation) -------------
     def _patch_generate(self) -> None:
         self._generate_patch = GeneratePatch(self.model, self._tracker, self._after_generate)
+        self._generate_patch.compile_ok = len(self._stacks) == 1  # capture.compiled.check_compilable
         self._generate_patch.install(steps=lambda: self.steps)
 
     def _restore_generate(self) -> None:

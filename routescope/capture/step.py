@@ -201,6 +201,11 @@ class HostStep:
         row_width = sum(ks)  # routing rows per token, all layers
         # token-major order (seq_id, pos, layer, slot): the key columns compress to runs
         experts = np.concatenate([e.astype(np.int16) for e, _ in per_layer], axis=1)
+        if experts.size and experts.min() < 0:  # a compiled graph left a layer unwritten (capture.compiled)
+            raise RouteScopeError(
+                "a compiled forward did not write every recorded MoE layer's choice; record the "
+                "uncompiled model, and report the model type to routescope"
+            )
         columns = {
             "seq_id": np.repeat(seq, row_width),
             "pos": np.repeat(pos, row_width),

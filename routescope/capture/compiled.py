@@ -1,0 +1,189 @@
+"""Recording the compiled fast path: torch.compile, model.compile(), compiled `generate`.
+
+The eager recorder keeps each layer's decision from a Python hook. Under torch.compile the
+router hooks are traced into the graph (dynamo inlines every submodule call, hooks
+included), so from there on no Python runs per call: a decision has to be written by the
+graph itself. This module is that write, and the bookkeeping around it.
+
+- **Inside the graph.** Each router hook has a compiled branch (`torch.compiler.
+  is_compiling()`, a constant while tracing): it runs the adapter's extractor (pure tensor
+  code, traced like the model) and calls `routescope::record_choice`, a `torch.library`
+  custom op that copies the layer's expert ids (+1) and combine weights into preallocated
+  buffers. The op declares the buffers it mutates, so the graph keeps it, inductor orders it,
+  and `opcheck` checks it. Writing in place into fixed buffers is what CUDA graphs allow
+  (`mode="reduce-overhead"`): the buffers are marked static addresses
+  (`torch._dynamo.mark_static_address`), as transformers' StaticCache marks its K/V. No graph
+  break: the branch adds only tensor ops and one opaque op, also under `fullgraph=True`.
+- **Outside the graph, once per step.** The recorder's hooks on the model itself (token
+  identity, the step's start and end) are wrapped in `torch.compiler.disable`: transformers'
+  compiled calls (`model.compile()`, `generate`'s `get_compiled_call`) run them as frames of
+  their own, eagerly, and `torch.compile(model)` runs them outside dynamo anyway. At the
+  start of a step the sink selects the buffers for the step's token count (kept per count,
+  so a decode loop reuses the same addresses) and zeroes the ids in one foreach call; at the
+  end it reads them (ids - 1: a layer the graph did not write reads -1, refused on the
+  writer thread) into the step, which goes to the host in one copy like an eager step.
+- **Graphs compiled before `record`.** Dynamo does not guard on hooks
+  (`skip_nnmodule_hook_guards`, pytorch #117758), so a graph compiled without routescope's
+  hooks would keep running without them. The recorder therefore drops the compiled code of
+  the model's forward once, at the first compiled step it sees (`torch._dynamo.reset_code`
+  on that function's code: other compiled models whose forward is the same Python function
+  recompile once too), and that call recompiles with the capture in it. While a recording
+  runs, graphs are compiled with guards on hooks (`skip_nnmodule_hook_guards` off, restored
+  when the last recording ends): dynamo shares a graph between instances of one class, so
+  without them an unrecorded copy's graph could run for the recorded model. When the block
+  ends and the hooks go, those guards fail and dynamo recompiles once without them.
+
+The weights are those the compiled model itself passed on: inductor may fuse the router's
+softmax differently from eager, so they can differ from an eager recording by float
+rounding (about 1e-7 in the tests); expert ids are the same.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from routescope.errors import RouteScopeError
+
+# token counts whose buffers are kept (a decode loop uses one; prefills of many lengths more)
+MAX_SHAPES = 8
+
+
+@torch.library.custom_op("routescope::record_choice", mutates_args=("ids_out", "weights_out"))
+def record_choice(
+    ids_out: torch.Tensor, weights_out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+) -> None:
+    """Copy one layer's decision into its step buffers: ids + 1 (0 marks 'not written'), weights."""
+    ids_out.copy_(ids.reshape(ids_out.shape) + 1)
+    weights_out.copy_(weights.reshape(weights_out.shape))
+
+
+@record_choice.register_fake
+def _record_choice_fake(
+    ids_out: torch.Tensor, weights_out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+) -> None:
+    if ids.numel() != ids_out.numel() or weights.numel() != weights_out.numel():
+        raise RouteScopeError(
+            f"a router gave {tuple(ids.shape)} expert ids, but routescope's compiled buffer holds "
+            f"{tuple(ids_out.shape)} (tokens x top-k); this router layout cannot be recorded compiled"
+        )
+    return None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a `torch.compile(model)` wrapper (its hooks run outside dynamo)."""
+    return model._orig_mod if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether calls of `model` may run a compiled graph: `model.compile()`, or a compiled
+    forward kept by an earlier or running `generate(compile_config=...)`."""
+    return getattr(model, "_compiled_call_impl", None) is not None or "_compiled_call" in vars(model)
+
+
+def drop_compiled_graphs(model: nn.Module) -> bool:
+    """Drop the compiled code of `model`'s forward, so the next call compiles with the hooks
+    now on it. True if there was some."""
+    code = getattr(getattr(type(model), "forward", None), "__code__", None)
+    if code is None or not torch._dynamo.eval_frame._debug_get_cache_entry_list(code):
+        return False
+    torch._dynamo.reset_code(code)
+    return True
+
+
+def check_compilable(model: nn.Module, stacks: int) -> None:
+    """Compiled models whose steps routescope cannot bracket outside the graph: refused."""
+    if stacks > 1:
+        raise RouteScopeError(
+            "this encoder-decoder model is compiled; routescope records a compiled model's steps "
+            "around the model's own forward, and an encoder or decoder called inside the graph "
+            "cannot be bracketed without a graph break: record the uncompiled model"
+        )
+
+
+_guards_lock = threading.Lock()
+_guards_held = 0  # open sinks
+_guards_saved = True
+
+
+def _hold_hook_guards(hold: bool) -> None:
+    """While any recording runs, graphs compiled guard on module hooks. Dynamo skips those
+    guards by default, and it shares graphs between instances of one class: a graph compiled
+    for an unrecorded copy of the model would then also run for the recorded one, without
+    the capture (and the reverse)."""
+    global _guards_held, _guards_saved
+    config = torch._dynamo.config
+    with _guards_lock:
+        if hold:
+            if _guards_held == 0:
+                _guards_saved = config.skip_nnmodule_hook_guards
+                config.skip_nnmodule_hook_guards = False
+            _guards_held += 1
+        elif _guards_held > 0:
+            _guards_held -= 1
+            if _guards_held == 0:
+                config.skip_nnmodule_hook_guards = _guards_saved
+
+
+class CompiledSink:
+    """The buffers compiled router hooks write into, one (ids, weights) pair per layer and
+    token count; `current` is the pair list of the step in flight (None: eager)."""
+
+    def __init__(self, layers: list[int], top_k: list[int]) -> None:
+        self.layers = layers
+        self.top_k = top_k
+        self.current: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self.graphs_dropped = False  # the model's stale compiled code, once per recording
+        self._by_tokens: OrderedDict[tuple[int, torch.device], Any] = OrderedDict()
+        self._open = True
+        _hold_hook_guards(True)
+
+    def close(self) -> None:
+        """The recording ended: graphs compiled from now on may skip hook guards again."""
+        if self._open:
+            self._open = False
+            _hold_hook_guards(False)
+        self._by_tokens.clear()
+
+    def begin(self, tokens: int, device: torch.device) -> None:
+        """Select (or make) the buffers for a step of `tokens` tokens and mark them unwritten."""
+        key = (tokens, device)
+        buffers = self._by_tokens.get(key)
+        if buffers is None:
+            buffers = self._allocate(tokens, device)
+            self._by_tokens[key] = buffers
+            while len(self._by_tokens) > MAX_SHAPES:
+                self._by_tokens.popitem(last=False)
+        else:
+            self._by_tokens.move_to_end(key)
+        torch._foreach_zero_(buffers[0])
+        self.current = buffers
+
+    def _allocate(self, tokens: int, device: torch.device) -> Any:
+        ids = [torch.zeros(tokens, k, dtype=torch.int32, device=device) for k in self.top_k]
+        weights = [torch.zeros(tokens, k, dtype=torch.float32, device=device) for k in self.top_k]
+        for tensor in (*ids, *weights):
+            torch._dynamo.mark_static_address(tensor)  # CUDA graphs write only to static addresses
+        return ids, weights
+
+    def write(self, slot: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """Traced into the graph by the router hooks' compiled branch."""
+        buffers = self.current
+        if buffers is None:
+            raise RouteScopeError(
+                "a router ran compiled, but routescope did not see this model compiled: compile "
+                "the model with torch.compile(model) or model.compile(), or call it through generate"
+            )
+        record_choice(buffers[0][slot], buffers[1][slot], ids, weights)
+
+    def end(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The step's decisions by layer (fresh tensors: the buffers are reused next step)."""
+        buffers, self.current = self.current, None
+        if buffers is None:
+            return {}
+        ids, weights = buffers
+        return {layer: (ids[i] - 1, weights[i].clone()) for i, layer in enumerate(self.layers)}

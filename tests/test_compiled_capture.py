@@ -1,0 +1,181 @@
+"""Compiled models record what the eager recording of the same inputs records (capture/compiled.py):
+torch.compile(fullgraph=True), a model compiled and warmed up before `record`, and
+transformers' compiled static-cache generate, with inductor on CPU, no graph break and no
+recompile in steady state. Inductor compiles take about 30 s each here: the heavy tests
+are marked slow, and each compiles as few graphs as it can."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import routescope as rs
+from routescope.capture.compiled import record_choice
+from routescope.errors import RouteScopeError
+from tests.test_capture import padded_batch
+from tests.test_generation_paths import assert_same_rows, generate, rows
+from tests.tiny_models import build_tiny_seq2seq_model
+
+# inductor's fused router softmax may round differently from eager's
+WEIGHT_ATOL = 1e-6
+
+
+@pytest.fixture
+def model(tiny_model):
+    return tiny_model("qwen3_moe")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def forward(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def test_record_choice_passes_opcheck():
+    ids_out, weights_out = torch.zeros(6, 2, dtype=torch.int32), torch.zeros(6, 2)
+    ids, weights = torch.randint(0, 8, (6, 2)), torch.rand(6, 2)
+    torch.library.opcheck(record_choice, (ids_out, weights_out, ids, weights))
+    record_choice(ids_out, weights_out, ids, weights)
+    assert torch.equal(ids_out, (ids + 1).int()) and torch.equal(weights_out, weights)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_records_the_eager_rows(model, tmp_path):
+    ids, mask = padded_batch(torch.device("cpu"), "left", lengths=(6, 3))
+    with rs.record(model, tmp_path / "eager"):
+        eager_logits = forward(model, ids, mask)
+    compiled = torch.compile(model, fullgraph=True)
+    with rs.record(compiled, tmp_path / "compiled"):
+        logits = forward(compiled, ids, mask)
+        assert graphs() == 1
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            forward(compiled, ids, mask)  # steady state: the same graph, recorded again
+    assert not counters["graph_break"]
+    torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-5)
+    got, want = rows(tmp_path / "compiled"), rows(tmp_path / "eager")
+    assert len(got) == 2 * len(want)
+    half = got[got.seq_id < 2].reset_index(drop=True)
+    assert_same_rows(half, want, atol=WEIGHT_ATOL)
+    second = got[got.seq_id >= 2].assign(seq_id=lambda d: d.seq_id - 2).reset_index(drop=True)
+    assert_same_rows(second, want, atol=WEIGHT_ATOL)
+    # after the block, the compiled model runs as before (dynamo recompiles without the hooks)
+    torch.testing.assert_close(forward(compiled, ids, mask), logits)
+
+
+@pytest.mark.slow
+def test_model_compiled_and_warmed_before_record(model, tmp_path):
+    ids, mask = padded_batch(torch.device("cpu"), "right", lengths=(4, 6))
+    with rs.record(model, tmp_path / "eager"):
+        forward(model, ids, mask)
+    model.compile(fullgraph=True)
+    try:
+        forward(model, ids, mask)  # compiled and run before any recording
+        warm = graphs()
+        with rs.record(model, tmp_path / "compiled"):
+            forward(model, ids, mask)
+            assert graphs() == warm + 1  # one guarded recompile picks the capture up
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                forward(model, ids, mask)
+        assert not counters["graph_break"]
+    finally:
+        model._compiled_call_impl = None
+    got, want = rows(tmp_path / "compiled"), rows(tmp_path / "eager")
+    assert_same_rows(got[got.seq_id < 2].reset_index(drop=True), want, atol=WEIGHT_ATOL)
+    assert len(got) == 2 * len(want)
+
+
+@pytest.mark.slow
+def test_compiled_static_cache_generate_records_its_decode_steps(model, tmp_path):
+    from transformers import CompileConfig
+
+    ids, mask = padded_batch(torch.device("cpu"), "left", lengths=(6, 3))
+    config = CompileConfig(fullgraph=True)
+    config._compile_all_devices = True  # transformers compiles on CUDA only by default
+    with rs.record(model, tmp_path / "dynamic"):
+        want_out = generate(model, ids, mask, min_new_tokens=5, max_new_tokens=5)
+    with rs.record(model, tmp_path / "compiled"):
+        out = generate(
+            model,
+            ids,
+            mask,
+            min_new_tokens=5,
+            max_new_tokens=5,
+            cache_implementation="static",
+            compile_config=config,
+        )
+        assert "_compiled_call" in vars(model) and graphs() >= 1  # the decode steps ran compiled
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            again = generate(
+                model,
+                ids,
+                mask,
+                min_new_tokens=5,
+                max_new_tokens=5,
+                cache_implementation="static",
+                compile_config=config,
+            )
+    del model._compiled_call
+    assert not counters["graph_break"]
+    assert torch.equal(out, want_out) and torch.equal(again, want_out)
+    got, want = rows(tmp_path / "compiled"), rows(tmp_path / "dynamic")
+    assert set(got.phase) == {"prefill", "decode"}
+    assert_same_rows(got[got.seq_id < 2].reset_index(drop=True), want, atol=WEIGHT_ATOL)
+    second = got[got.seq_id >= 2].assign(seq_id=lambda d: d.seq_id - 2).reset_index(drop=True)
+    assert_same_rows(second, want, atol=WEIGHT_ATOL)
+
+
+@pytest.mark.parametrize("model_type", ["flint", "jetmoe"])
+def test_post_hook_routers_record_compiled(tiny_model, tmp_path, model_type):
+    """Routers read from a hook on their output (not the experts' call): the extractor is traced
+    too. aot_eager: the same dynamo graph as inductor, without its 30 s compile."""
+    model = tiny_model(model_type)
+    ids, mask = padded_batch(torch.device("cpu"), "left", lengths=(5, 3))
+    with rs.record(model, tmp_path / "eager"):
+        forward(model, ids, mask)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with rs.record(compiled, tmp_path / "compiled"):
+        forward(compiled, ids, mask)
+    assert not counters["graph_break"]
+    assert_same_rows(rows(tmp_path / "compiled"), rows(tmp_path / "eager"), atol=WEIGHT_ATOL)
+
+
+def test_compiled_encoder_decoder_is_refused(tmp_path):
+    model = build_tiny_seq2seq_model("switch_transformers")
+    with pytest.raises(RouteScopeError, match="encoder-decoder"):
+        with rs.record(torch.compile(model, backend="eager"), tmp_path / "run"):
+            pass
+
+
+def test_an_unrecorded_copy_compiled_first_never_runs_for_the_recorded_model(tiny_model, tmp_path):
+    """Dynamo shares graphs between instances of one class: while recording, graphs guard on hooks,
+    so the copy's graph (no capture) and the recorded model's graph never stand in for each other."""
+    plain, recorded = tiny_model("qwen3_moe"), tiny_model("qwen3_moe")
+    ids, mask = padded_batch(torch.device("cpu"), "left", lengths=(5, 3))
+    with rs.record(recorded, tmp_path / "eager"):
+        forward(recorded, ids, mask)
+    plain_compiled = torch.compile(plain, fullgraph=True, backend="aot_eager")
+    recorded_compiled = torch.compile(recorded, fullgraph=True, backend="aot_eager")
+    forward(plain_compiled, ids, mask)
+    with rs.record(recorded_compiled, tmp_path / "compiled"):
+        for _ in range(2):
+            forward(recorded_compiled, ids, mask)
+            forward(plain_compiled, ids, mask)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            forward(recorded_compiled, ids, mask)
+            forward(plain_compiled, ids, mask)
+    assert torch._dynamo.config.skip_nnmodule_hook_guards  # restored
+    got, want = rows(tmp_path / "compiled"), rows(tmp_path / "eager")
+    assert len(got) == 3 * len(want)
+    assert_same_rows(got[got.seq_id < 2].reset_index(drop=True), want, atol=WEIGHT_ATOL)
