@@ -19,8 +19,10 @@ from routescope import bundled
 from routescope.analysis import Run, open_run
 from routescope.analysis.balance_frames import balance_from_loads
 from routescope.analysis.compare import compare
+from routescope.analysis.runset import open_runs
 from routescope.analysis.superexperts import classify_massive, classify_super_experts
 from routescope.errors import (
+    EmptySelectionWarning,
     RouteScopeError,
     RunBusyError,
     RunFormatError,
@@ -67,6 +69,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "EmptySelectionWarning",
     "Recorder",
     "RouteScopeError",
     "Run",
@@ -85,6 +88,7 @@ __all__ = [
     "find_routers",
     "find_super_experts",
     "open_run",
+    "open_runs",
     "prune_experts",
     "record",
     "replay",

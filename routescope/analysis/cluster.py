@@ -148,6 +148,10 @@ class SparkConnection:
         """What the shared-table cache keys on: changes whenever the views are rebuilt."""
         return ("spark", self._generation)
 
+    def views_changed(self) -> None:
+        """Tell the shared-table cache that the views were rebuilt (runset.py builds its own)."""
+        self._generation += 1
+
     def close(self) -> None:
         for name in list(self._cached):
             self._drop(name)
@@ -173,7 +177,7 @@ class SparkConnection:
                 if table == schema.TOKENS:
                     frame = _with_token_defaults(frame, labels)
             frame.createOrReplaceTempView(table)
-        self._generation += 1
+        self.views_changed()
 
 
 def _with_token_defaults(frame: Any, labels: list[str]) -> Any:
