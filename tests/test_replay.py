@@ -20,7 +20,6 @@ NOT_REPLAYABLE = {
     "doge": "product_key",
     "jetmoe": "sorted_gating",
     "llama4": "llama4",
-    "longcat_flash": "zero_expert_router",
     "zaya": "skip_router",
 }
 # Model types whose combine weights follow none of adapters.WEIGHT_RULES: weights="recorded" only.

@@ -42,6 +42,11 @@ def _from_topk_router_output(module: nn.Module, args: tuple, kwargs: dict, outpu
     return output[2], output[1]
 
 
+def _with_topk_router_decision(output: Any, indices: torch.Tensor, weights: torch.Tensor) -> Any:
+    """A (logits, weights, indices) router output carrying another decision (routing replay)."""
+    return (output[0], weights.to(output[1].dtype), indices.to(output[2].dtype), *output[3:])
+
+
 def _from_dense_scores_router(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Decision:
     """Llama 4: returns (scores [tokens, E], logits); the choice is top-k of the logits and
     the applied weight is the score at each chosen expert."""
@@ -156,6 +161,9 @@ class Adapter:
     # rs.replay can force this kind's decision: the experts module is called with
     # (hidden_states, ids, weights) and a pre-hook swaps the ids and weights (capture/replay.py)
     replay: bool = False
+    # ... or, for a "post" row, the router's output rebuilt with other (ids, weights): a
+    # forward hook returns it, and the block routes by it as if the router had chosen so
+    with_decision: Callable[[Any, torch.Tensor, torch.Tensor], Any] | None = None
     expert_sets: int = 1  # separate expert sets per layer (text, vision), numbered one after another
 
 
@@ -191,6 +199,8 @@ ADAPTERS: tuple[Adapter, ...] = (
         extract=_from_topk_router_output,
         class_names=("LongcatFlashTopkRouter",),
         num_experts_attr="n_routed_experts",
+        replay=True,
+        with_decision=_with_topk_router_decision,
         note="LongCat-Flash: the router's (logits, weights, indices) are the decision; from "
         "transformers 5.25 the MoE block maps zero-compute (identity) choices to routed ids with "
         "weight 0 before the experts call, so the experts module no longer shows them",

@@ -4,7 +4,7 @@ Each choice of a banned expert moves to the token's next-best allowed expert (by
 router's own logits, among the experts it has not chosen), and the combine weights come
 from the family's weight rule (`adapters.WEIGHT_RULES`), so a renormalising router
 renormalises over the new choice. Tokens with no banned choice keep their routing exactly.
-It uses the experts-call hook of `rs.replay` (`forcing.py`); docs/replay.md.
+It uses the forcing hook of `rs.replay` (`forcing.py`); docs/replay.md.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from routescope.capture.discovery import LogitsSite, RouterSite, find_routers
 from routescope.capture.forcing import (
     check_forceable,
     find_weight_rule,
+    force_decision,
     logits_of,
-    replace_call,
     require_logits_sites,
 )
 from routescope.errors import RouteScopeError
@@ -49,10 +49,12 @@ def ban_experts(model: nn.Module, experts: Mapping[int, Iterable[int]]) -> Itera
     try:
         for site in chosen_sites:
             logits_site = logits_sites[site.layer]
-            handles.append(logits_site.module.register_forward_hook(state.logits_hook(logits_site)))
-            # prepend: rs.record's pre-hook, whenever it was added, sees the rerouted choice
-            hook = state.experts_hook(site, logits_site.module)
-            handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
+            # prepended: rs.record's hook, whenever it was added, sees the rerouted choice
+            handles.append(force_decision(site, state.decide(site, logits_site.module)))
+            # prepended after it: where the router itself is forced (LongCat), its logits come first
+            handles.append(
+                logits_site.module.register_forward_hook(state.logits_hook(logits_site), prepend=True)
+            )
         yield model
     finally:
         while handles:
@@ -84,11 +86,10 @@ class _BanState:
             self.masks[key] = mask.to(device)
         return self.masks[key]
 
-    def experts_hook(self, site: RouterSite, router: nn.Module):
-        extract, layer = site.adapter.extract, site.layer
+    def decide(self, site: RouterSite, router: nn.Module):
+        layer = site.layer
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            own_ids, own_weights = extract(module, args, kwargs, None)
+        def decide(own_ids: torch.Tensor, own_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             logits = self.logits.pop(layer, None)
             if logits is None or logits.shape[0] != own_ids.shape[0]:
                 raise RouteScopeError(
@@ -107,9 +108,9 @@ class _BanState:
                 rule = self.rules[layer] = find_weight_rule(router, logits, own_ids, own_weights, layer)
             rerouted = rule.compute(router, logits, ids).to(own_weights.dtype)
             weights = torch.where(hit.any(1, keepdim=True), rerouted, own_weights)
-            return replace_call(args, kwargs, ids, weights)
+            return ids, weights
 
-        return hook
+        return decide
 
 
 def _check_banned(sites: list[RouterSite], experts: Mapping[int, Iterable[int]]) -> dict[int, list[int]]:

@@ -1,13 +1,17 @@
-"""Forcing a routing decision into an experts call: the pieces `rs.replay` and `rs.ban_experts` share.
+"""Forcing a routing decision: the pieces `rs.replay` and `rs.ban_experts` share.
 
-Which MoE layers can be forced (adapter rows with `replay=True`: the experts module is
-called with `(hidden_states, ids, weights)`), where each layer's router logits appear, which
-of `adapters.WEIGHT_RULES` turns them into that family's combine weights, and the experts
-call rewritten with other ids and weights.
+Which MoE layers can be forced (adapter rows with `replay=True`), where each layer's router
+logits appear, which of `adapters.WEIGHT_RULES` turns them into that family's combine
+weights, and the hook that forces a decision: for a "pre" row the experts module is called
+with `(hidden_states, ids, weights)` and a pre-hook rewrites that call; for a "post" row (a
+router whose block transforms the choice before its experts, LongCat's zero-compute experts)
+a forward hook returns the router's output rebuilt with the new ids and weights
+(`Adapter.with_decision`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,7 +33,8 @@ def check_forceable(sites: list[RouterSite], what: str) -> None:
         forceable = ", ".join(a.name for a in ADAPTERS if a.replay)
         raise RouteScopeError(
             f"{what} cannot force router kind {kinds}: it swaps the ids and weights an experts module "
-            f"is called with, which only these kinds have: {forceable} (docs/models.md, Replay)"
+            f"is called with, or a router's (ids, weights) output, which only these kinds have: "
+            f"{forceable} (docs/models.md, Replay)"
         )
 
 
@@ -108,3 +113,31 @@ def replace_call(args: tuple, kwargs: dict, ids: torch.Tensor, weights: torch.Te
         else:
             kwargs[name] = value
     return tuple(args), kwargs
+
+
+Decide = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor] | None"]
+
+
+def force_decision(site: RouterSite, decide: Decide) -> torch.utils.hooks.RemovableHandle:
+    """Hook `site` so that `decide(own_ids, own_weights)` -> (ids, weights) replaces the
+    layer's decision (None: keep it). Prepended, so that any other hook on the module
+    (rs.record's) sees the forced decision, whichever was added first."""
+    adapter = site.adapter
+    if adapter.hook == "pre":
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            own_ids, own_weights = adapter.extract(module, args, kwargs, None)
+            new = decide(own_ids, own_weights)
+            return None if new is None else replace_call(args, kwargs, *new)
+
+        return site.module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
+    if adapter.with_decision is None:
+        raise RouteScopeError(f"router kind {adapter.name} has no way to force its decision")
+    with_decision = adapter.with_decision
+
+    def post_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        own_ids, own_weights = adapter.extract(module, args, {}, output)
+        new = decide(own_ids, own_weights)
+        return None if new is None else with_decision(output, *new)
+
+    return site.module.register_forward_hook(post_hook, prepend=True)

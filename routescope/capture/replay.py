@@ -27,8 +27,8 @@ from routescope.capture.discovery import LogitsSite, RouterSite, find_routers
 from routescope.capture.forcing import (
     check_forceable,
     find_weight_rule,
+    force_decision,
     logits_of,
-    replace_call,
     require_logits_sites,
 )
 from routescope.capture.identity import bind_inputs, output_cache, valid_tokens
@@ -60,12 +60,17 @@ class RunRouting:
 def load_run_routing(run: Run, layers: dict[int, int], with_weights: bool) -> RunRouting:
     """Read every token's routing for `layers` (layer -> k) from `run` into RunRouting."""
     tokens = run.con.execute(get_query("replay_tokens").sql).fetchnumpy()
-    seq, pos, tok = (np.asarray(tokens[c], dtype=np.int64) for c in ("seq_id", "pos", "token_id"))
-    n = len(seq)
-    keys = np.full(n, MISSING_KEY, dtype=np.uint64)
+    context = run.con.execute(get_query("replay_context_tokens").sql).fetchnumpy()  # ids only, no routing
+    seq, pos, tok = (
+        np.concatenate([np.asarray(t[c], dtype=np.int64) for t in (tokens, context)])
+        for c in ("seq_id", "pos", "token_id")
+    )
+    n = len(tokens["seq_id"])
+    keys = np.full(len(seq), MISSING_KEY, dtype=np.uint64)
     known = tok >= 0  # imported runs may lack token ids (-1): such tokens cannot be matched
     if known.any():
         keys[known] = content_keys(seq[known], pos[known], tok[known])
+    keys = keys[:n]  # the run's tokens; context tokens only completed their sequences' content
     experts = _per_layer(run, "replay_experts", "expert", layers, n, np.int16, -1)  # SMALLINT: 2 bytes
     weights = _per_layer(run, "replay_weights", "weight", layers, n, np.float32, 0) if with_weights else {}
     complete = np.ones(n, dtype=bool)
@@ -179,15 +184,18 @@ class Replayer:
             self.model.register_forward_hook(self._end_step, with_kwargs=True, always_call=True)
         )
         for site in self.sites:
-            # prepend: any other pre-hook (rs.record's) sees the replayed decision
-            hook = self._make_experts_hook(site)
-            self._handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
+            # prepended: any other hook (rs.record's) sees the replayed decision
+            self._handles.append(force_decision(site, self._make_decide(site)))
         if self.weights == "router":
             logits_sites = require_logits_sites(self.model, self.sites, "weights='router'")
             for layer, logits_site in logits_sites.items():
                 self._routers[layer] = logits_site.module
+                # prepended after the forcing hooks: where the router is the forced module
+                # (LongCat), its logits are taken before the decision is forced
                 self._handles.append(
-                    logits_site.module.register_forward_hook(self._make_logits_hook(logits_site))
+                    logits_site.module.register_forward_hook(
+                        self._make_logits_hook(logits_site), prepend=True
+                    )
                 )
 
     def _remove_hooks(self) -> None:
@@ -203,14 +211,15 @@ class Replayer:
 
         return hook
 
-    def _make_experts_hook(self, site: RouterSite):
-        extract, layer = site.adapter.extract, site.layer
+    def _make_decide(self, site: RouterSite):
+        layer = site.layer
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        def decide(
+            own_ids: torch.Tensor, own_weights: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor] | None:
             step = self._step
             if step is None:
                 return None  # not inside a forward of the replayed model
-            own_ids, own_weights = extract(module, args, kwargs, None)
             new_ids = step.experts[layer]
             if own_ids.shape[0] != new_ids.shape[0]:
                 raise RouteScopeError(
@@ -223,9 +232,9 @@ class Replayer:
             else:
                 chosen = self._router_weights(layer, ids, own_ids, own_weights)
             weights = torch.where(step.found, chosen, own_weights)
-            return replace_call(args, kwargs, ids, weights)
+            return ids, weights
 
-        return hook
+        return decide
 
     def _router_weights(
         self, layer: int, ids: torch.Tensor, own_ids: torch.Tensor, own_weights: torch.Tensor
