@@ -44,7 +44,11 @@ from tests.test_model_coverage import GAPS
 from tests.test_multimodal import MULTIMODAL_GAPS, MULTIMODAL_TYPES
 from tests.test_replay import NOT_REPLAYABLE, ROUTER_WEIGHT_GAPS
 from tests.tiny_models import SEQ2SEQ
+from transformers import AutoConfig
+# the causal LM a test builds carries its text config's type (llama4 -> llama4_text)
+recorded = {t: AutoConfig.for_model(t).get_text_config().model_type for t in installed_moe_types()}
 print(json.dumps({
+    "recorded_types": recorded,
     "version": transformers.__version__,
     "causal": installed_moe_types(),
     "gaps": sorted(GAPS),
@@ -154,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     table = json.loads(TABLE.read_text())
     known = set(table["model_types"])
+    recorded = listed["recorded_types"]
     types = sorted(set(listed["causal"]) | set(listed["multimodal"]) | set(listed["seq2seq"]))
-    new = [t for t in types if t not in known]
+    new = [t for t in types if recorded.get(t, t) not in known]
     print(
         f"transformers {listed['version']}: {len(types)} MoE types, {len(new)} new since the verified table "
         f"({table['transformers']['oldest']} to {table['transformers']['newest']}): {', '.join(new) or 'none'}"
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 replay = "weights='recorded' only (listed)"
             else:
                 replay = "replays"
-        is_new = model_type not in known
+        is_new = recorded.get(model_type, model_type) not in known
         if record in ("fails", "no tiny config") or replay == "fails":
             bad.append(model_type)
         if args.all or is_new or model_type in bad:
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 table["transformers"]["newest"], minor, key=lambda v: tuple(map(int, v.split(".")))
             )
             verified = (
-                {t for t in listed["causal"] if t not in listed["gaps"]}
+                {listed["recorded_types"][t] for t in listed["causal"] if t not in listed["gaps"]}
                 | set(listed["multimodal"])
                 | set(listed["seq2seq"])
             )
