@@ -22,7 +22,6 @@ from routescope.analysis.compare import compare
 from routescope.analysis.runset import open_runs
 from routescope.analysis.superexperts import classify_massive, classify_super_experts
 from routescope.errors import (
-    EmptySelectionWarning,
     RouteScopeError,
     RunBusyError,
     RunFormatError,
@@ -69,7 +68,6 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "EmptySelectionWarning",
     "Recorder",
     "RouteScopeError",
     "Run",
