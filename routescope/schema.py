@@ -19,6 +19,7 @@ ROUTER_TOKENS = "router_tokens"
 EXPERT_ACTIVATIONS = "expert_activations"
 HIDDEN_STATS = "hidden_stats"
 EXPERT_COUNTS = "expert_counts"
+CONTEXT_TOKENS = "context_tokens"
 
 TOKEN_COLUMNS: dict[str, pa.DataType] = {
     "seq_id": pa.int64(),
@@ -95,6 +96,16 @@ EXPERT_COUNTS_COLUMNS: dict[str, pa.DataType] = {
     "tokens": pa.int64(),
 }
 
+# Token ids without routing (imported runs): prompt positions whose routing the source never
+# returned (a server asked to skip a known prefix, rows never computed). Not tokens of the run
+# (SPEC 3.2 holds: every `tokens` row has k routing rows per MoE layer); they complete the
+# sequences' content, so later tokens still match by content (replay, compare).
+CONTEXT_TOKENS_COLUMNS: dict[str, pa.DataType] = {
+    "seq_id": pa.int64(),
+    "pos": pa.int32(),
+    "token_id": pa.int32(),
+}
+
 TABLE_COLUMNS: dict[str, dict[str, pa.DataType]] = {
     TOKENS: TOKEN_COLUMNS,
     ROUTING: ROUTING_COLUMNS,
@@ -103,6 +114,7 @@ TABLE_COLUMNS: dict[str, dict[str, pa.DataType]] = {
     EXPERT_ACTIVATIONS: EXPERT_ACTIVATIONS_COLUMNS,
     HIDDEN_STATS: HIDDEN_STATS_COLUMNS,
     EXPERT_COUNTS: EXPERT_COUNTS_COLUMNS,
+    CONTEXT_TOKENS: CONTEXT_TOKENS_COLUMNS,
 }
 
 # Label columns live in `tokens` beside the fixed columns, so their names must not clash

@@ -119,9 +119,13 @@ def recordings(tmp_path_factory):
 
 
 def run_rows(run_dir, seq_ids=None) -> set[tuple]:
-    """(token-id prefix, layer, slot, expert) of every routing row of a run."""
+    """(token-id prefix, layer, slot, expert) of every routing row of a run; context tokens (ids
+    without routing) complete the prefixes."""
     with rs.open_run(run_dir) as run:
-        tokens = run.sql("SELECT seq_id, pos, token_id FROM tokens ORDER BY seq_id, pos")
+        tokens = run.sql(
+            """SELECT seq_id, pos, token_id FROM tokens UNION ALL
+               SELECT seq_id, pos, token_id FROM context_tokens ORDER BY seq_id, pos"""
+        )
         routing = run.sql("SELECT seq_id, pos, layer, slot, expert FROM routing")
     ids = {s: g["token_id"].tolist() for s, g in tokens.groupby("seq_id")}
     assert all(g["pos"].tolist() == list(range(len(g))) for _, g in tokens.groupby("seq_id"))
@@ -179,6 +183,7 @@ def test_sglang_native_every_wire_dtype_imports_every_row(recordings, tmp_path, 
     with rs.open_run(tmp_path / "run") as run:
         assert run.moe_layers == [1, 2] and run.manifest["num_hidden_layers"] == 3
         assert run.manifest["tokens"] == 2 * (PROMPT + NEW - 1)  # the last generated token is absent
+        assert run.verify().ok
         phases = run.sql("SELECT phase, count(*) AS n FROM tokens GROUP BY phase ORDER BY phase")
     assert phases.to_dict("list") == {"phase": ["decode", "prefill"], "n": [2 * (NEW - 1), 2 * PROMPT]}
     assert imported.extra["context_tokens"] == 0
@@ -259,7 +264,12 @@ def test_start_skips_a_known_prefix_kept_as_context(recordings, tmp_path):
     assert imported.extra["context_tokens"] == 3
     assert run_rows(tmp_path / "run") == rec.truth(0, start=3)
     with rs.open_run(tmp_path / "run") as run:
-        assert run.sql("SELECT count(*) AS n FROM tokens")["n"][0] == PROMPT + NEW - 1
+        assert (
+            run.manifest["tokens"] == run.sql("SELECT count(*) AS n FROM tokens")["n"][0] == PROMPT + NEW - 4
+        )
+        context = run.sql("SELECT seq_id, pos, token_id FROM context_tokens ORDER BY pos")
+        assert context["pos"].tolist() == [0, 1, 2] and context["token_id"].tolist() == rec.ids[0][:3]
+        assert run.verify().ok  # every token of `tokens` has its k rows per MoE layer (SPEC 3.2)
     # the same rows as a {data, shape, dtype, start} pack, the start carried in the pack
     rows = rec.rows[0][3:].astype(np.uint8)
     pack = {

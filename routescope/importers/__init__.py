@@ -49,6 +49,7 @@ class ImportedRun:
     tokens: Columns | None = None  # per-token imports: tokens + routing
     routing: Columns | None = None
     expert_counts: Columns | None = None  # counts-only imports
+    context_tokens: Columns | None = None  # token ids without routing (schema.CONTEXT_TOKENS)
     labels: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -112,6 +113,8 @@ def _write_tables(imported: ImportedRun, out: Path) -> None:
         tables[schema.ROUTING] = imported.routing
     if imported.expert_counts is not None:
         tables[schema.EXPERT_COUNTS] = imported.expert_counts
+    if imported.context_tokens is not None:
+        tables[schema.CONTEXT_TOKENS] = imported.context_tokens
     writer = PartWriter(out, rank=0, flush_seconds=3600)
     if tables:
         writer.submit(_Step(tables))

@@ -21,9 +21,9 @@ position with the top-k ids of every MoE layer. This module places the turns:
   extends (equal token ids before `start`, and `start` at or past that sequence's last
   returned row). Rows from `start` on replace what earlier turns said for those positions.
 - **Context tokens.** Prompt positions before `start` that no earlier turn covered (a
-  lone later turn, or a `start` past the previous turn) are written to `tokens` with no
-  routing rows: their ids let later tokens match by content in replay, and the metrics,
-  which count routing rows, do not see them (`imported_from.context_tokens` counts them).
+  lone later turn, or a `start` past the previous turn) and rows never computed go to the
+  `context_tokens` table (ids only, `schema.CONTEXT_TOKENS`), not to `tokens`: every token
+  keeps its k routing rows per MoE layer, and later tokens still match by content in replay.
   The last generated token is not written: nothing follows it, and it has no routing.
 """
 
@@ -204,28 +204,35 @@ def _continued(sequences: list[_Sequence], ids: list[int], start: int) -> _Seque
 def to_imported_run(
     sequences: list[_Sequence], layout: MoELayout, engine: str, extra: dict[str, Any]
 ) -> ImportedRun:
-    """Sequences -> tokens and routing columns; positions after the last returned row are left out."""
-    chunks, context = [], 0
+    """Sequences -> tokens and routing (positions with returned rows) and context_tokens (ids only,
+    positions before a returned row that have none); positions after the last returned row are left out."""
+    chunks: list[dict[str, Any]] = []
+    context: dict[str, list[np.ndarray]] = {"seq_id": [], "pos": [], "token_id": []}
     for seq_id, seq in enumerate(sequences):
         n = seq.returned_end
         if n == 0:
             continue
         routed = (seq.experts[:n] >= 0).all(axis=(1, 2))
-        context += int((~routed).sum())
+        pos = np.arange(n)
+        ids = np.asarray(seq.ids[:n], dtype=np.int64)
+        context["seq_id"].append(np.full(int((~routed).sum()), seq_id, dtype=np.int64))
+        context["pos"].append(pos[~routed].astype(np.int32))
+        context["token_id"].append(ids[~routed].astype(np.int32))
         chunks.append(
             {
                 "seq_id": seq_id,
-                "experts": seq.experts[:n],
-                "pos": np.arange(n),
-                "token_ids": np.asarray(seq.ids[:n]),
-                "step": np.asarray(seq.step[:n]),
-                "phase": np.asarray(seq.phase[:n], dtype=object),
+                "experts": seq.experts[:n][routed],
+                "pos": pos[routed],
+                "token_ids": ids[routed],
+                "step": np.asarray(seq.step[:n])[routed],
+                "phase": np.asarray(seq.phase[:n], dtype=object)[routed],
             }
         )
     if not chunks:
         raise ImportFormatError("no record returned any routing row; nothing to import")
     layers = list(layout.moe_layers)
     tokens, routing, _ = sequences_to_tables(chunks, layers)
+    context_cols = {name: np.concatenate(parts) for name, parts in context.items()}
     return ImportedRun(
         engine=engine,
         mode="responses",
@@ -234,10 +241,11 @@ def to_imported_run(
         top_k={layer: layout.top_k for layer in layers},
         tokens=tokens,
         routing=routing,
+        context_tokens=context_cols if len(context_cols["pos"]) else None,
         extra={
             **extra,
             "sequences": len(chunks),
-            "context_tokens": context,
+            "context_tokens": len(context_cols["pos"]),
             "layer_numbering": f"decoder_layer (model config: {layout.rule})",
             "num_experts_inferred": False,
         },

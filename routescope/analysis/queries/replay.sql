@@ -4,6 +4,10 @@
 -- Every token of the run (seq_id, pos, token_id) in (seq_id, pos) order; the row number is the token index.
 SELECT seq_id, pos, token_id FROM tokens ORDER BY seq_id, pos
 
+-- name: replay_context_tokens
+-- Token ids without routing (imported prompt positions the server never returned): they complete the content keys.
+SELECT seq_id, pos, token_id FROM context_tokens
+
 -- name: replay_experts
 -- Every routing row as (token index in replay_tokens' order, layer, slot, expert); one pass over all layers.
 WITH t AS (
