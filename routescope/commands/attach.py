@@ -25,6 +25,8 @@ SITE_DIR = Path(__file__).resolve().parent / "attach_site"
 
 # -- parent: the command -------------------------------------------------------------------
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    from routescope.commands.profile import add_wait_argument  # not at top: the child imports this module
+
     parser.add_argument(
         "--out", required=True, metavar="RUN", help="run directory (a second model: RUN-2, ...)"
     )
@@ -38,6 +40,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing run")
     mode.add_argument("--append", action="store_true", help="add to an existing run")
+    add_wait_argument(parser)
     parser.add_argument(
         "command", nargs=argparse.REMAINDER, help="-- then the command to run, e.g. python script.py"
     )
@@ -56,12 +59,13 @@ def parse_labels(items: list[str]) -> dict[str, str]:
 
 
 def attach_config(args: argparse.Namespace) -> dict[str, Any]:
+    from routescope.commands.profile import wait_option
     from routescope.schema import check_labels
 
     labels = parse_labels(args.labels)
     check_labels(labels)  # a reserved or malformed name fails here, not in the child
     mode = "overwrite" if args.overwrite else "append" if args.append else "create"
-    options = {"mode": mode, "weights": not args.no_weights}
+    options = {"mode": mode, "weights": not args.no_weights, "wait": wait_option(args.wait)}
     return {
         "out": str(Path(args.out).resolve()),
         "labels": labels,

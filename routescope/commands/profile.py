@@ -144,15 +144,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
     parser.add_argument("--append", action="store_true", help="add to an existing run at --out")
-    parser.add_argument(
-        "--wait",
-        nargs="?",
-        type=float,
-        const=-1.0,
-        metavar="SECONDS",
-        help="another writer holds the run: wait for it (as long as it takes, or SECONDS) "
-        "instead of failing at once",
-    )
+    add_wait_argument(parser)
     parser.add_argument("--no-router-stats", action="store_true", help="skip router_stats / router_tokens")
 
 
@@ -171,6 +163,19 @@ def check_out(out: str | Path, overwrite: bool, append: bool) -> None:
     run_dir = RunDirectory(out)
     if not (overwrite or append) and ((Path(out) / MANIFEST_NAME).exists() or run_dir.own_parts_exist()):
         raise RunExistsError(f"--out {out} already holds a routescope run; pass --overwrite or --append")
+
+
+def add_wait_argument(parser: argparse.ArgumentParser) -> None:
+    """--wait [SECONDS] for the commands that write a run (store/lock.py: one writer at a time)."""
+    parser.add_argument(
+        "--wait",
+        nargs="?",
+        type=float,
+        const=-1.0,
+        metavar="SECONDS",
+        help="another writer holds the run: wait for it (as long as it takes, or SECONDS) "
+        "instead of failing at once",
+    )
 
 
 def wait_option(value: float | None) -> bool | float:
