@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks for a session that is lent a CUDA machine (never run by CI).
 # One short script, about 5 minutes on one H200: the capture tests on the GPU, then the
-# capture-overhead benchmark (prefill, generate, static-cache generate, compiled forward).
+# capture-overhead benchmark (prefill, generate, static-cache generate, and the recorded compiled
+# forward and compiled generate against unrecorded; CUDA graphs there with transformers' default).
 # Paste its output into benchmarks/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,9 @@ python -c "import torch, transformers; print('torch', torch.__version__, 'transf
 # capture exactness and generation paths on the GPU (tests take --device)
 timeout 300 python -m pytest -q -p no:cacheprovider --device cuda \
   tests/test_capture.py tests/test_generation_paths.py -x 2>&1 | tail -5
+# compiled capture: torch.compile(fullgraph=True), compiled before record, compiled static-cache
+# generate, and mode="reduce-overhead" (CUDA graphs write the static buffers; skipped on CPU)
+timeout 420 python -m pytest -q -p no:cacheprovider --device cuda tests/test_compiled_capture.py -x 2>&1 | tail -5
 # overhead, interleaved in one process (SPEC 7: <= 1.02 for prefill on a GPU)
-timeout 240 python benchmarks/capture_overhead.py --device cuda --layers 16 --experts 128 --top-k 8 \
+timeout 420 python benchmarks/capture_overhead.py --device cuda --layers 16 --experts 128 --top-k 8 \
   --hidden 1024 --batch 16 --seq 1024 --rounds 10 --decode-steps 32 --static-steps 32 --compiled

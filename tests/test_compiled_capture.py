@@ -38,6 +38,13 @@ def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def sequences(df, first: int, count: int):
+    """Rows of sequences first .. first+count-1, renumbered from 0."""
+    part = df[(df.seq_id >= first) & (df.seq_id < first + count)].copy()
+    part["seq_id"] -= first
+    return part.reset_index(drop=True)
+
+
 def forward(model, ids, mask):
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask).logits
@@ -52,8 +59,8 @@ def test_record_choice_passes_opcheck():
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph_records_the_eager_rows(model, tmp_path):
-    ids, mask = padded_batch(torch.device("cpu"), "left", lengths=(6, 3))
+def test_torch_compile_fullgraph_records_the_eager_rows(model, tmp_path, device):
+    ids, mask = padded_batch(device, "left", lengths=(6, 3))
     with rs.record(model, tmp_path / "eager"):
         eager_logits = forward(model, ids, mask)
     compiled = torch.compile(model, fullgraph=True)
@@ -66,17 +73,15 @@ def test_torch_compile_fullgraph_records_the_eager_rows(model, tmp_path):
     torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-5)
     got, want = rows(tmp_path / "compiled"), rows(tmp_path / "eager")
     assert len(got) == 2 * len(want)
-    half = got[got.seq_id < 2].reset_index(drop=True)
-    assert_same_rows(half, want, atol=WEIGHT_ATOL)
-    second = got[got.seq_id >= 2].assign(seq_id=lambda d: d.seq_id - 2).reset_index(drop=True)
-    assert_same_rows(second, want, atol=WEIGHT_ATOL)
+    assert_same_rows(sequences(got, 0, 2), want, atol=WEIGHT_ATOL)
+    assert_same_rows(sequences(got, 2, 2), want, atol=WEIGHT_ATOL)
     # after the block, the compiled model runs as before (dynamo recompiles without the hooks)
     torch.testing.assert_close(forward(compiled, ids, mask), logits)
 
 
 @pytest.mark.slow
-def test_model_compiled_and_warmed_before_record(model, tmp_path):
-    ids, mask = padded_batch(torch.device("cpu"), "right", lengths=(4, 6))
+def test_model_compiled_and_warmed_before_record(model, tmp_path, device):
+    ids, mask = padded_batch(device, "right", lengths=(4, 6))
     with rs.record(model, tmp_path / "eager"):
         forward(model, ids, mask)
     model.compile(fullgraph=True)
@@ -92,16 +97,16 @@ def test_model_compiled_and_warmed_before_record(model, tmp_path):
     finally:
         model._compiled_call_impl = None
     got, want = rows(tmp_path / "compiled"), rows(tmp_path / "eager")
-    assert_same_rows(got[got.seq_id < 2].reset_index(drop=True), want, atol=WEIGHT_ATOL)
+    assert_same_rows(sequences(got, 0, 2), want, atol=WEIGHT_ATOL)
     assert len(got) == 2 * len(want)
 
 
 @pytest.mark.slow
-def test_compiled_static_cache_generate_records_its_decode_steps(model, tmp_path):
+def test_compiled_static_cache_generate_records_its_decode_steps(model, tmp_path, device):
     from transformers import CompileConfig
 
-    ids, mask = padded_batch(torch.device("cpu"), "left", lengths=(6, 3))
-    config = CompileConfig(fullgraph=True)
+    ids, mask = padded_batch(device, "left", lengths=(6, 3))
+    config = CompileConfig(fullgraph=True, mode="default")  # reduce-overhead: the CUDA test below
     config._compile_all_devices = True  # transformers compiles on CUDA only by default
     with rs.record(model, tmp_path / "dynamic"):
         want_out = generate(model, ids, mask, min_new_tokens=5, max_new_tokens=5)
@@ -131,9 +136,8 @@ def test_compiled_static_cache_generate_records_its_decode_steps(model, tmp_path
     assert torch.equal(out, want_out) and torch.equal(again, want_out)
     got, want = rows(tmp_path / "compiled"), rows(tmp_path / "dynamic")
     assert set(got.phase) == {"prefill", "decode"}
-    assert_same_rows(got[got.seq_id < 2].reset_index(drop=True), want, atol=WEIGHT_ATOL)
-    second = got[got.seq_id >= 2].assign(seq_id=lambda d: d.seq_id - 2).reset_index(drop=True)
-    assert_same_rows(second, want, atol=WEIGHT_ATOL)
+    assert_same_rows(sequences(got, 0, 2), want, atol=WEIGHT_ATOL)
+    assert_same_rows(sequences(got, 2, 2), want, atol=WEIGHT_ATOL)
 
 
 @pytest.mark.parametrize("model_type", ["flint", "jetmoe"])
@@ -149,6 +153,45 @@ def test_post_hook_routers_record_compiled(tiny_model, tmp_path, model_type):
         forward(compiled, ids, mask)
     assert not counters["graph_break"]
     assert_same_rows(rows(tmp_path / "compiled"), rows(tmp_path / "eager"), atol=WEIGHT_ATOL)
+
+
+def test_reduce_overhead_cuda_graphs_record_the_eager_rows(model, tmp_path, device):
+    """CUDA graphs replay without Python: the buffers written inside the captured graph are all
+    that records a step (benchmarks/gpu_checks.sh runs this with --device cuda)."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    from transformers import CompileConfig
+
+    ids, mask = padded_batch(device, "left", lengths=(6, 3))
+    with rs.record(model, tmp_path / "eager"):
+        forward(model, ids, mask)
+        want_out = generate(model, ids, mask, min_new_tokens=6, max_new_tokens=6)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with rs.record(compiled, tmp_path / "graphs"):
+        for _ in range(3):  # warm-up run, capture, replay
+            forward(compiled, ids, mask)
+    assert not counters["graph_break"]
+    got, want = rows(tmp_path / "graphs"), rows(tmp_path / "eager")
+    for run in range(3):
+        assert_same_rows(sequences(got, 2 * run, 2), sequences(want, 0, 2), atol=1e-5)
+    config = CompileConfig(fullgraph=True)  # mode="reduce-overhead", transformers' default
+    with rs.record(model, tmp_path / "generate"):
+        out = generate(
+            model,
+            ids,
+            mask,
+            min_new_tokens=6,
+            max_new_tokens=6,
+            cache_implementation="static",
+            compile_config=config,
+        )
+    del model._compiled_call
+    assert torch.equal(out, want_out)
+    assert_same_rows(
+        rows(tmp_path / "generate"),
+        sequences(want, 2, 2),
+        atol=1e-5,
+    )
 
 
 def test_compiled_encoder_decoder_is_refused(tmp_path):
@@ -178,4 +221,4 @@ def test_an_unrecorded_copy_compiled_first_never_runs_for_the_recorded_model(tin
     assert torch._dynamo.config.skip_nnmodule_hook_guards  # restored
     got, want = rows(tmp_path / "compiled"), rows(tmp_path / "eager")
     assert len(got) == 3 * len(want)
-    assert_same_rows(got[got.seq_id < 2].reset_index(drop=True), want, atol=WEIGHT_ATOL)
+    assert_same_rows(sequences(got, 0, 2), want, atol=WEIGHT_ATOL)
