@@ -380,7 +380,9 @@ def placement(
     """The Placement page: a contiguous plan ("before") and a `method` plan ("after"), both
     built on the loads of steps <= fit_max_step (all tokens without it; the same plans as
     `run.placement(..., where="step <= X")`), and what each does on steps > fit_max_step
-    (the same tokens without it): per-GPU loads and `evaluate_placement`, also in sample."""
+    (the same tokens without it): per-GPU loads and `evaluate_placement`, also in sample, and
+    each plan's model-level figure (`model_imbalance`: Σ over layers of the busiest GPU ÷ Σ of the means)."""
+    from routescope.analysis.expert_parallel import model_imbalance
     from routescope.analysis.placement import build_plan, evaluate_placement, gpu_loads
 
     split = fit_max_step is not None
@@ -392,11 +394,13 @@ def placement(
         if split
         else fit_loads
     )
+    evaluation = {m: evaluate_placement(test_loads, p) for m, p in plans.items()}
     return {
         "method": method,
         "plan": plans[method],
         "gpu_loads": {m: gpu_loads(test_loads, p) for m, p in plans.items()},
-        "evaluation": {m: evaluate_placement(test_loads, p) for m, p in plans.items()},
+        "evaluation": evaluation,
+        "model": {m: model_imbalance(ev) for m, ev in evaluation.items()},
         "in_sample": {m: evaluate_placement(fit_loads, p) for m, p in plans.items()},
         "fit_slots": fit_loads.groupby("layer")["tokens"].sum().to_dict(),
         "test_slots": test_loads.groupby("layer")["tokens"].sum().to_dict(),

@@ -246,3 +246,21 @@ def test_a_run_that_cannot_be_read_is_a_message(tmp_path, app):
         assert controls[3] == [] and controls[8] is None  # no layer options, no hint, no exception
     finally:
         registry_module.set_registry(before)
+
+
+def test_the_step_figure_is_the_sum_of_busiest_gpus_over_the_sum_of_means(app, run):
+    """Issue 29: the page's model-level figure is `model_imbalance` (Σ max / Σ mean over
+    layers), on the cards, as the table's last row and as the last bar group."""
+    from routescope.analysis.expert_parallel import model_imbalance
+    from routescope.dashboard.pages import placement
+    from routescope.plots.placement import MODEL_LABEL
+
+    _fig, cards, layers, _plan, msg, _note = placement.update_placement(A, 4, 0, "lpt", run.moe_layers[0])
+    assert msg is None
+    loads = run.expert_load()
+    graph = layers.children[0]
+    for card, trace, m in zip(cards, graph.figure.data, ("contiguous", "lpt")):
+        expected = model_imbalance(evaluate_placement(loads, run.placement(4, method=m)))["imbalance"]
+        assert f"{MODEL_LABEL}: Σ max / Σ mean {expected:.3f}" in texts(card)
+        assert f"{expected:.4g}" in texts(layers)
+        assert list(trace.x)[-1] == MODEL_LABEL and trace.y[-1] == pytest.approx(expected)

@@ -1,6 +1,8 @@
 """Placement page: an expert-parallel plan for the run's loads, as per-GPU load bars with the
 contiguous layout ("before") next to the chosen plan ("after"), max / mean GPU load of each,
-and the plan's slots. An optional split builds the plan on steps <= X and evaluates it on
+per layer and for the step (Σ over layers of the busiest GPU ÷ Σ of the means, never loads
+added across layers: `routescope.analysis.expert_parallel.model_imbalance`), and the plan's
+slots. An optional split builds the plan on steps <= X and evaluates it on
 steps > X, since a plan is only worth what it does on future traffic (docs/placement.md)."""
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dash
 import pandas as pd
 from dash import Input, Output, State, dcc, html
 
+from routescope import plots
 from routescope.dashboard.components import (
     CAPTION,
     CARD,
@@ -26,8 +29,8 @@ from routescope.dashboard.components import (
     table,
 )
 from routescope.dashboard.urlstate import int_value, pick, read_fragment, register_fragment
-from routescope import plots
 from routescope.plots.placement import CAPTION as GPU_LOAD_CAPTION
+from routescope.plots.placement import IMBALANCE_CAPTION, MODEL_LABEL
 
 PAGE = {"path": "/placement", "name": "Placement", "order": 8, "title": "routescope · placement"}
 METHODS = ("contiguous", "lpt", "eplb")
@@ -219,6 +222,10 @@ def stat_cards(data: dict[str, Any], layer: int, labels: dict[str, str], split: 
             html.Div(f"max/mean {row['imbalance']:.3f}", className="placement-imbalance"),
             html.Div(f"max {row['max_gpu_load']:,.1f} · mean {row['mean_gpu_load']:,.1f} tokens per GPU"),
             html.Div(f"ep_balancedness {row['ep_balancedness']:.3f}"),
+            html.Div(
+                f"{MODEL_LABEL}: Σ max / Σ mean {data['model'][m]['imbalance']:.3f}",
+                className="placement-step-imbalance",
+            ),
         ]
         if split:
             fit_row = data["in_sample"][m].set_index("layer").loc[layer]
@@ -233,17 +240,34 @@ def stat_cards(data: dict[str, Any], layer: int, labels: dict[str, str], split: 
 
 
 def layer_table(data: dict[str, Any], method: str, split: bool) -> html.Div:
-    """max / mean GPU load per MoE layer, contiguous against the plan (out of sample with a split)."""
+    """max / mean GPU load per MoE layer and for the step (last row), contiguous against the
+    plan (out of sample with a split), as bars and as a table."""
+    from routescope.analysis.expert_parallel import model_imbalance
+
+    names = list(dict.fromkeys(("contiguous", method)))
+    per_layer = pd.concat([data["evaluation"][m].assign(plan=m) for m in names], ignore_index=True)
+    model = pd.DataFrame([{"plan": m, **data["model"][m]} for m in names])
+    figure = plots.imbalance_figure(per_layer, model)
     before = data["evaluation"]["contiguous"].set_index("layer")["imbalance"]
     after = data["evaluation"][method].set_index("layer")["imbalance"]
     df = pd.DataFrame({"layer": before.index, "before": before.to_numpy(), "after": after.to_numpy()})
+    step = {"layer": MODEL_LABEL, "before": data["model"]["contiguous"]["imbalance"]}
+    step["after"] = data["model"][method]["imbalance"]
     columns = [("layer", "layer"), ("before", "contiguous max/mean")]
     if method != "contiguous":
         columns.append(("after", f"{method} max/mean"))
     if split:
         df["in_sample"] = data["in_sample"][method].set_index("layer")["imbalance"].to_numpy()
+        step["in_sample"] = model_imbalance(data["in_sample"][method])["imbalance"]
         columns.append(("in_sample", f"{method} max/mean in sample"))
-    return table(df, columns, max_rows=len(df))
+    df = pd.concat([df.astype({"layer": object}), pd.DataFrame([step])], ignore_index=True)
+    return html.Div(
+        [
+            dcc.Graph(figure=figure, config={"displaylogo": False}, id="placement-step-figure"),
+            html.P(IMBALANCE_CAPTION, style=CAPTION),
+            table(df, columns, max_rows=len(df)),
+        ]
+    )
 
 
 def plan_table(data: dict[str, Any], layer: int) -> html.Div:

@@ -5,11 +5,21 @@ per GPU, or by an explicit plan); `ep_balance` gives mean / max of the per-GPU l
 selected tokens pooled, `ep_balance_step_mean` the mean over forward steps of each step's
 value (what SGLang logs). The ratio is SGLang's `compute_utilization_rate` and vLLM's EPLB
 balancedness. `metrics.balance(ep_size=..., placement=...)` calls these; plans are checked
-and evaluated by `placement.py`, so the metric and the placement tools agree. NumPy and
+and evaluated by `placement.py`, so the metric and the placement tools agree.
+
+`model_imbalance(evaluation)` is the one model-level figure of a placement: MoE layers run one
+after another and each waits for its own busiest GPU, so a forward step takes
+sum over layers of max_g G_{l,g}, against sum over layers of mean_g G_{l,g} under perfect
+balance. Adding each GPU's load over the layers first would hide every layer's imbalance (a
+plan that puts each layer's heaviest expert on GPU 0 piles up there in the sum while every
+layer is balanced well). `compare_plans` gives it per plan with the per-layer max / mean; the
+HTML report, the dashboard's Placement page and `routescope placement` use these. NumPy and
 pandas only.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -75,3 +85,39 @@ def ep_balance_step_mean(step_loads: pd.DataFrame, plan: pd.DataFrame) -> pd.Dat
     per_step["balancedness"] = per_step["sum"] / ep_size / per_step["max"]
     out = per_step.groupby(level="layer")["balancedness"].mean().rename("ep_balancedness_step_mean")
     return out.reset_index()
+
+
+def model_imbalance(evaluation: pd.DataFrame) -> dict[str, float]:
+    """The model-level figure of one plan from its `evaluate_placement` frame (one row per layer):
+    step_load = sum over layers of the busiest GPU's load, balanced_load = sum over layers of the
+    mean GPU load, imbalance = step_load / balanced_load (the step time relative to perfect
+    balance, 1.0 = even; NaN with no load) and ep_balancedness = its inverse."""
+    step = float(evaluation["max_gpu_load"].sum())
+    balanced = float(evaluation["mean_gpu_load"].sum())
+    ratio = step / balanced if balanced > 0 else float("nan")
+    return {
+        "step_load": step,
+        "balanced_load": balanced,
+        "imbalance": ratio,
+        "ep_balancedness": 1.0 / ratio if balanced > 0 else float("nan"),
+    }
+
+
+def compare_plans(
+    loads: pd.DataFrame, candidates: Mapping[str, pd.DataFrame]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per_layer, model) for named plans (e.g. {"contiguous": ..., "lpt": ...}) evaluated on
+    `loads` (layer, expert, tokens).
+
+    per_layer: plan, layer, max_gpu_load, mean_gpu_load, imbalance (max / mean), ep_balancedness.
+    model: plan, step_load, balanced_load, imbalance, ep_balancedness (`model_imbalance`), one
+    row per plan in the order given.
+    """
+    columns = ["layer", "max_gpu_load", "mean_gpu_load", "imbalance", "ep_balancedness"]
+    per_layer, model = [], []
+    for name, plan in candidates.items():
+        evaluation = plans.evaluate_placement(loads, plan)
+        per_layer.append(evaluation[columns].assign(plan=name))
+        model.append({"plan": name, **model_imbalance(evaluation)})
+    per_layer_frame = pd.concat(per_layer, ignore_index=True)[["plan", *columns]]
+    return per_layer_frame, pd.DataFrame(model)

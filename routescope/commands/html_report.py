@@ -21,8 +21,9 @@ TABLE_ROWS = 50  # rows of a table shown in the file before "… N more"
 EP_SIZES = (8, 4, 2)  # the placement section uses the first that splits the experts into several per GPU
 
 
-def figure_sections(run: Any, report: dict[str, Any]) -> list[tuple[str, Any, str]]:
-    """(heading, figure, caption) for each figure the run supports."""
+def figure_sections(run: Any, report: dict[str, Any]) -> list[tuple]:
+    """(heading, figure, caption) for each figure the run supports; the placement section adds
+    its numbers as an HTML table."""
     from routescope import plots
 
     where = report["run"].get("where")
@@ -60,10 +61,13 @@ def figure_sections(run: Any, report: dict[str, Any]) -> list[tuple[str, Any, st
     return sections
 
 
-def placement_section(run: Any, where: str | None) -> tuple[str, Any, str] | None:
-    """Per-GPU load, contiguous vs lpt, at the largest of EP_SIZES that leaves >= 2 experts per GPU."""
-    from routescope.analysis.placement import build_plan, gpu_loads
-    from routescope.plots.placement import CAPTION, gpu_load_figure
+def placement_section(run: Any, where: str | None) -> tuple[str, Any, str, str] | None:
+    """max / mean GPU load per layer and for the step (Σ max / Σ mean over layers), contiguous
+    vs lpt, at the largest of EP_SIZES that leaves >= 2 experts per GPU; the figure, its
+    caption, and the numbers as a table."""
+    from routescope.analysis.expert_parallel import compare_plans
+    from routescope.analysis.placement import build_plan
+    from routescope.plots.placement import IMBALANCE_CAPTION, imbalance_figure
 
     sizes = {run.num_experts(layer) for layer in run.moe_layers}
     if len(sizes) != 1:
@@ -75,9 +79,32 @@ def placement_section(run: Any, where: str | None) -> tuple[str, Any, str] | Non
     loads = run.expert_load(where=where)
     if not loads["tokens"].sum():
         return None
-    plans = {m: gpu_loads(loads, build_plan(loads, ep_size, 0, m)) for m in ("contiguous", "lpt")}
-    caption = f"{CAPTION} Example at ep_size={ep_size}; `routescope placement RUN --ep-size N` for others."
-    return (f"Expert-parallel placement, {ep_size} GPUs", gpu_load_figure(plans), caption)
+    per_layer, model = compare_plans(
+        loads, {m: build_plan(loads, ep_size, 0, m) for m in ("contiguous", "lpt")}
+    )
+    ranked = " < ".join(f"{r.plan} {r.imbalance:.3f}" for r in model.sort_values("imbalance").itertuples())
+    caption = (
+        f"{IMBALANCE_CAPTION} Step time relative to perfect balance at ep_size={ep_size}: {ranked}. "
+        "`routescope placement RUN --ep-size N` for other sizes and methods."
+    )
+    figure = imbalance_figure(per_layer, model, f"Busiest GPU ÷ mean GPU load, {ep_size} GPUs")
+    numbers = placement_table(per_layer, model)
+    columns = list(numbers.columns)
+    return (f"Expert-parallel placement, {ep_size} GPUs", figure, caption, table_html(numbers, columns, ""))
+
+
+def placement_table(per_layer: pd.DataFrame, model: pd.DataFrame) -> pd.DataFrame:
+    """One row per layer and a last `step` row (Σ max / Σ mean); per plan, max / mean GPU load
+    and ep_balancedness (mean / max)."""
+    wide = per_layer.pivot(index="layer", columns="plan", values=["imbalance", "ep_balancedness"])
+    rows = pd.DataFrame({"layer": [str(int(ly)) for ly in wide.index]})
+    step = {"layer": "step (Σ max / Σ mean)"}
+    for plan in model["plan"]:
+        total = model.set_index("plan").loc[plan]
+        for column, label in (("imbalance", "max/mean"), ("ep_balancedness", "ep_balancedness")):
+            rows[f"{plan} {label}"] = wide[(column, plan)].to_numpy()
+            step[f"{plan} {label}"] = total[column]
+    return pd.concat([rows, pd.DataFrame([step])], ignore_index=True)
 
 
 def table_html(df: pd.DataFrame | None, columns: list[str], empty: str) -> str:
@@ -129,10 +156,11 @@ def render_html(run: Any, report: dict[str, Any]) -> str:
         )
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     parts += [facts_html({**facts, "generated": stamp}), "<h2>Figures</h2>"]
-    for heading, fig, caption in figure_sections(run, report):
+    for heading, fig, caption, *numbers in figure_sections(run, report):
         parts.append(f"<h3>{html.escape(heading)}</h3>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False}))
         parts.append(f"<p class='caption'>{html.escape(caption)}</p>")
+        parts.extend(numbers)  # a section's numbers as an HTML table, where it has them
     tables = report_sections(report)
     parts.append("<h2>Tables</h2>")
     for title, df, cols, empty in tables:

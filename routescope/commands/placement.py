@@ -1,7 +1,8 @@
 """`routescope placement RUN --ep-size N`: build an expert-parallel plan from a run's loads.
 
-Prints, per MoE layer, the max / mean GPU load of the contiguous layout and of the plan, and
-writes the plan (`--out`: .csv, .parquet, or an engine file with `--format sglang|vllm`) and the
+Prints, per MoE layer, the max / mean GPU load of the contiguous layout and of the plan, then
+the same for the step (Σ over layers of the busiest GPU ÷ Σ of the means: layers run one after
+another, so loads are never added across layers; `expert_parallel.model_imbalance`), and writes the plan (`--out`: .csv, .parquet, or an engine file with `--format sglang|vllm`) and the
 loads (`--loads-out`) in the formats docs/placement.md describes. Reads the run only (no torch).
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from routescope.analysis.expert_parallel import model_imbalance
 from routescope.analysis.placement import METHODS, evaluate_placement, step_loads
 from routescope.export.placement import FORMATS, write_loads, write_plan
 
@@ -63,14 +65,18 @@ def engine_facts(run: Any, ep_size: int) -> dict[str, Any]:
     }
 
 
-def compare_to_contiguous(run: Any, plan: pd.DataFrame, args: argparse.Namespace) -> pd.DataFrame:
-    """Per layer: imbalance (max / mean GPU load) of the contiguous layout and of the plan."""
+def compare_to_contiguous(
+    run: Any, plan: pd.DataFrame, args: argparse.Namespace
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Per layer: imbalance (max / mean GPU load) of the contiguous layout and of the plan; and
+    the model-level figure of both (`model_imbalance`)."""
     where = args.evaluate_where if args.evaluate_where is not None else args.where
     loads = run.expert_load(where=where)
     base = run.placement(args.ep_size, args.redundant, "contiguous", where=args.where)
     before = evaluate_placement(loads, base)
     after = evaluate_placement(loads, plan)
-    return pd.DataFrame(
+    model = {"contiguous": model_imbalance(before), args.method: model_imbalance(after)}
+    per_layer = pd.DataFrame(
         {
             "layer": after["layer"],
             "routing_slots": after["routing_slots"].round().astype("int64"),
@@ -81,6 +87,7 @@ def compare_to_contiguous(run: Any, plan: pd.DataFrame, args: argparse.Namespace
             "ep_balancedness": after["ep_balancedness"],
         }
     )
+    return per_layer, model
 
 
 def write_table(path: Path, plan: pd.DataFrame) -> None:
@@ -116,7 +123,7 @@ def placement_command(args: argparse.Namespace) -> int:
             num_groups=args.num_groups,
             num_nodes=args.num_nodes,
         )
-        summary = compare_to_contiguous(run, plan, args)
+        summary, model = compare_to_contiguous(run, plan, args)
         written = []
         if args.out:
             if args.format:
@@ -135,12 +142,13 @@ def placement_command(args: argparse.Namespace) -> int:
     if args.json:
         doc = {
             "summary": summary.to_dict(orient="records"),
+            "model": model,
             "plan": plan.to_dict(orient="records"),
             "written": written,
         }
         print(json.dumps(doc, indent=2, default=float))
         return 0
-    print_summary(args, plan, summary, written)
+    print_summary(args, plan, summary, model, written)
     return 0
 
 
@@ -150,8 +158,27 @@ def _cell(value: object) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def step_row(summary: pd.DataFrame, model: dict[str, Any], method: str) -> list[object]:
+    """The table's last row: the step, Σ over layers of the busiest GPU ÷ Σ of the means."""
+    after = model[method]
+    cells = {
+        "layer": "step (Σ max / Σ mean)",
+        "routing_slots": int(summary["routing_slots"].sum()),
+        "contiguous_imbalance": model["contiguous"]["imbalance"],
+        f"{method}_imbalance": after["imbalance"],
+        "max_gpu_load": after["step_load"],
+        "mean_gpu_load": after["balanced_load"],
+        "ep_balancedness": after["ep_balancedness"],
+    }
+    return [cells[col] for col in summary.columns]
+
+
 def print_summary(
-    args: argparse.Namespace, plan: pd.DataFrame, summary: pd.DataFrame, written: list[str]
+    args: argparse.Namespace,
+    plan: pd.DataFrame,
+    summary: pd.DataFrame,
+    model: dict[str, Any],
+    written: list[str],
 ) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -168,6 +195,12 @@ def print_summary(
         table.add_column(col, justify="right")
     for row in summary.itertuples(index=False):
         table.add_row(*(_cell(v) for v in row))
+    table.add_section()
+    table.add_row(*(_cell(v) for v in step_row(summary, model, args.method)))
     console.print(table)
+    console.print(
+        "step: each layer waits for its busiest GPU, so the step takes Σ max over layers; "
+        "loads are not added across layers"
+    )
     for path in written:
         console.print(f"wrote {path}")
