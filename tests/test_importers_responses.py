@@ -284,6 +284,17 @@ def test_start_skips_a_known_prefix_kept_as_context(recordings, tmp_path):
     assert run_rows(tmp_path / "packed") == rec.truth(0, start=3)
 
 
+def test_vllm_0_21_rows_never_computed_become_context(recordings, tmp_path):
+    rec = recordings["vllm"]
+    record = vllm_split(rec, 0)
+    record["prompt_routed_experts"][0] = record["prompt_routed_experts"][1] = [[-1, -1], [-1, -1]]
+    imported = import_responses("vllm", [record], rec.model.config, out=tmp_path / "run")
+    assert imported.extra["context_tokens"] == 2
+    assert run_rows(tmp_path / "run") == rec.truth(0, start=2)
+    with rs.open_run(tmp_path / "run") as run:
+        assert run.verify().ok
+
+
 # -- R3 end to end ----------------------------------------------------------------------------
 @pytest.mark.parametrize("engine", ["sglang", "vllm"])
 def test_replay_gives_every_returned_token_its_routing(recordings, tmp_path, engine):
