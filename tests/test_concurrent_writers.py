@@ -18,6 +18,7 @@ import torch
 
 import routescope as rs
 from routescope.store.layout import lock_path
+from routescope.store.lock import ExclusiveFileLock
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -156,10 +157,43 @@ def test_busy_error_names_the_holder_and_wait_times_out(tmp_path, tiny_model):
         # another rank of a distributed job locks its own fragment: it is not refused
         with rs.record(model, out, rank=1, world_size=2):
             model(input_ids=torch.randint(1, 100, (1, 4)))
+        # a calibration into the run being recorded is refused too (after its pass)
+        batches = [{"input_ids": torch.randint(1, 100, (1, 4))}]
+        with pytest.raises(rs.RunBusyError):
+            rs.find_super_experts(model, batches, out=out, progress=False)
+        # readers never see the lock: not a table, not a part
+        with rs.open_run(out) as run:
+            assert lock_path(out, 0).exists() and all(not t.startswith(".") for t in run.tables)
+            assert "expert_activations" not in run.tables
     assert not list(out.glob(".lock*"))
     with rs.open_run(out) as run:
-        # both recorders hooked the model, so the rank-1 forward landed in both fragments
-        assert run.manifest["tokens"] == 8 and run.verify().ok
+        # both recorders hooked the model: the rank-1 and calibration forwards landed in rank 0 too
+        assert run.manifest["tokens"] == int(run.sql("SELECT count(*) AS n FROM tokens").n[0]) == 12
+        assert run.verify().ok
+
+
+def test_fallback_lock_without_flock_refuses_and_takes_over_from_a_dead_pid(tmp_path):
+    """Where a filesystem refuses flock: an O_EXCL lock file, stale once its pid is gone."""
+    path = tmp_path / ".lock"
+    first = ExclusiveFileLock(path)
+    first.acquire()
+    with pytest.raises(rs.RunBusyError, match=f"pid {os.getpid()}"):
+        ExclusiveFileLock(path).acquire()
+    first.release()
+    assert not path.exists()
+    script = (
+        f"from routescope.store.lock import ExclusiveFileLock; import time; "
+        f"ExclusiveFileLock({str(path)!r}).acquire(); print('ready', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert proc.stdout.readline().strip() == "ready"
+    with pytest.raises(rs.RunBusyError, match=f"pid {proc.pid}"):
+        ExclusiveFileLock(path).acquire()  # alive: busy
+    proc.kill()
+    proc.wait(timeout=30)
+    with pytest.warns(RuntimeWarning, match=f"took over the lock .* pid {proc.pid}"):
+        previous = ExclusiveFileLock(path).acquire()
+    assert previous is not None and previous.pid == proc.pid
 
 
 def test_profile_cli_twice_at_once_with_wait(tmp_path):
