@@ -6,8 +6,10 @@ expert preferences, 48 layers x 128 experts, top-8; reused from benchmarks/data/
 there). A plan is built on one window of forward steps and evaluated on it (in sample) and on
 another (out of sample: what the plan is worth on future traffic). Two splits: the first half
 of the steps then the second (the bundled corpus is ordered by domain, so this is traffic that
-drifts), and even steps then odd steps (the same mix). Numbers are max / mean GPU load (1.0 = even),
-averaged over MoE layers and at the worst layer; also the time to build each plan. For
+drifts), and even steps then odd steps (the same mix). Numbers are max / mean GPU load (1.0 = even):
+for the step (`model_imbalance`: Σ over layers of each layer's busiest GPU ÷ Σ of the means; layers
+run one after another, so loads are never added across layers) and at the worst layer; also the
+time to build each plan. For
 comparison at R = 0, the round-robin "greedy" of plumb-moe 0.1.0, re-implemented here.
 
     python benchmarks/placement.py                 # bundled run + 20M-row generated run
@@ -31,6 +33,7 @@ sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
 import routescope as rs  # noqa: E402
+from routescope.analysis.expert_parallel import model_imbalance  # noqa: E402
 from routescope.analysis.placement import build_plan, evaluate_placement  # noqa: E402
 
 METHODS = ("contiguous", "lpt", "eplb")
@@ -93,8 +96,8 @@ def measure(path: Path, name: str, configs: list[tuple[int, int]]) -> pd.DataFra
                     else:
                         plan = round_robin_plan(train, ep_size)
                     build_s = time.perf_counter() - t0
-                    inside = evaluate_placement(train, plan)["imbalance"]
-                    outside = evaluate_placement(test, plan)["imbalance"]
+                    inside = evaluate_placement(train, plan)
+                    outside = evaluate_placement(test, plan)
                     rows.append(
                         {
                             "run": name,
@@ -102,10 +105,10 @@ def measure(path: Path, name: str, configs: list[tuple[int, int]]) -> pd.DataFra
                             "ep_size": ep_size,
                             "R": redundant,
                             "method": method,
-                            "in_mean": inside.mean(),
-                            "in_worst": inside.max(),
-                            "out_mean": outside.mean(),
-                            "out_worst": outside.max(),
+                            "in_step": model_imbalance(inside)["imbalance"],
+                            "in_worst": inside["imbalance"].max(),
+                            "out_step": model_imbalance(outside)["imbalance"],
+                            "out_worst": outside["imbalance"].max(),
                             "build_s": build_s,
                         }
                     )
