@@ -53,7 +53,7 @@ if "--cli" in sys.argv:
     import contextlib, io
     from routescope.cli import main
     commands = {"cli report": ["report", run_a], "cli report --json": ["report", run_a, "--json"],
-                "cli compare": ["compare", run_a, run_b]}
+                "cli compare": ["compare", run_a, run_b], "cli check": ["check", run_a]}
     for name, argv in commands.items():
         with contextlib.redirect_stdout(io.StringIO()) as out:
             assert main(argv) == 0, argv
@@ -95,14 +95,14 @@ def test_reading_a_run_never_imports_torch(tiny_model, tmp_path: Path):
     assert result["heavy"] == [], f"reading imported {result['heavy']}"
     assert set(METRICS) <= set(result["called"])
     expected = {"classify_super_experts", "dashboard.queries", "compare"}
-    expected |= {"cli report", "cli report --json", "cli compare"}
+    expected |= {"cli report", "cli report --json", "cli compare", "cli check"}
     assert expected <= set(result["called"])
 
 
 def test_import_routescope_is_torch_free_and_capture_names_still_resolve():
     code = (
         "import sys, routescope as rs; assert 'torch' not in sys.modules, 'import routescope loaded torch';"
-        "names = [rs.record, rs.Recorder, rs.RunExistsError, rs.find_routers, rs.find_super_experts,"
+        "names = [rs.record, rs.Recorder, rs.RunExistsError, rs.RunBusyError, rs.find_routers, rs.find_super_experts,"
         " rs.classify_super_experts, rs.prune_experts];"
         "from routescope.capture import RouterSite, record;"
         "assert record is rs.record; print('torch' in sys.modules)"
