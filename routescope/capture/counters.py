@@ -75,7 +75,7 @@ class RoutingCounters:
         self._depth = 0
         self._active = False
         self._mask: torch.Tensor | None = None  # [tokens] float64 of the forward in flight
-        self._mask_by_device: dict[torch.device, torch.Tensor] = {}
+        self._mask_by_device: dict[Any, torch.Tensor] = {}  # (device, form) -> mask
         self.forwards = 0  # forwards counted since the last read
         self.mismatched = 0  # layer calls whose token count differed from the mask (all counted)
 
@@ -131,20 +131,27 @@ class RoutingCounters:
             return mask.detach().reshape(-1).to(torch.float64)
         return None
 
-    def _mask_for(self, rows: int, device: torch.device) -> torch.Tensor | None:
-        """The forward's token mask on `device`, or None (count every row)."""
+    def _mask_for(self, rows: int, device: torch.device, kind: Any) -> torch.Tensor | None:
+        """The forward's token mask on `device`, float64 or float32, or repeated k times per row
+        (kind = ("slots", k)); None: count every row. Each form is built once per forward."""
         mask = self._mask
         if mask is None:
             return None
         if mask.shape[0] != rows:
             self.mismatched += 1
             return None
-        if mask.device != device:
-            moved = self._mask_by_device.get(device)
-            if moved is None:
-                moved = self._mask_by_device[device] = mask.to(device, non_blocking=True)
-            return moved
-        return mask
+        key = (device, kind)
+        cached = self._mask_by_device.get(key)
+        if cached is None:
+            on_device = mask.to(device, non_blocking=True)
+            if kind == torch.float32:
+                cached = on_device.to(torch.float32)
+            elif isinstance(kind, tuple):
+                cached = on_device[:, None].expand(rows, kind[1]).reshape(-1)
+            else:
+                cached = on_device
+            self._mask_by_device[key] = cached
+        return cached
 
     def _buffer(self, layer: int, device: torch.device) -> torch.Tensor:
         buffer = self._buffers.get(layer)
@@ -155,21 +162,19 @@ class RoutingCounters:
         return buffer
 
     def _add_choice(self, site: RouterSite, indices: torch.Tensor) -> None:
-        if not self._active:
-            return
         indices = indices.detach().reshape(indices.shape[0], -1)
         rows, k = indices.shape
-        buffer = self._buffer(site.layer, indices.device)
-        mask = self._mask_for(rows, indices.device)
-        num_experts = site.num_experts
-        if mask is None:
-            weights = torch.ones(rows * k, dtype=torch.float64, device=indices.device)
-            tokens: Any = float(rows)
+        device = indices.device
+        buffer = self._buffer(site.layer, device)
+        slots = self._mask_for(rows, device, ("slots", k))
+        if slots is None:
+            buffer[: site.num_experts].index_add_(
+                0, indices.reshape(-1).long(), torch.ones(rows * k, dtype=torch.float64, device=device)
+            )
+            buffer[-1] += rows
         else:
-            weights = mask[:, None].expand(rows, k).reshape(-1)
-            tokens = mask.sum()
-        buffer[:num_experts].index_add_(0, indices.reshape(-1).long(), weights)
-        buffer[-1] += tokens
+            buffer[: site.num_experts].index_add_(0, indices.reshape(-1).long(), slots)
+            buffer[-1] += self._mask_for(rows, device, torch.float64).sum()
 
     def _pre_hook(self, site: RouterSite):
         extract = site.adapter.extract
@@ -196,22 +201,26 @@ class RoutingCounters:
             if not self._active:
                 return
             logits = output[site.index] if isinstance(output, (tuple, list)) else output
-            logits = logits.detach().reshape(-1, logits.shape[-1]).to(torch.float64)
+            # float32 arithmetic (the router's own precision or better), float64 running sums
+            logits = logits.detach().reshape(-1, logits.shape[-1]).float()
             rows = logits.shape[0]
             buffer = self._buffer(site.layer, logits.device)
-            mask = self._mask_for(rows, logits.device)
-            squared = logits.logsumexp(-1).square()
+            mask = self._mask_for(rows, logits.device, torch.float32)
+            top = logits.amax(-1, keepdim=True)
+            exp = (logits - top).exp_()
+            total = exp.sum(-1, keepdim=True)
+            squared = (top + total.log()).square_().reshape(-1)  # logsumexp^2
+            # one add into the buffer: [prob_sum (E, or nothing), z_sum, tokens]
             if mask is None:
-                z, tokens = squared.sum(), float(rows)
+                parts = [squared.sum(0, keepdim=True), squared.new_full((1,), float(rows))]
             else:
-                z, tokens = (squared * mask).sum(), mask.sum()
-            buffer[2 * num_experts] += z
-            buffer[2 * num_experts + 1] += tokens
+                parts = [torch.dot(squared, mask).reshape(1), mask.sum(0, keepdim=True)]
             if logits.shape[-1] == num_experts:
-                probs = logits.softmax(-1)
-                buffer[num_experts : 2 * num_experts] += (
-                    probs if mask is None else probs * mask[:, None]
-                ).sum(0)
+                probs = exp.div_(total)  # softmax
+                parts.insert(0, probs.sum(0) if mask is None else mask @ probs)
+                buffer[num_experts : 2 * num_experts + 2].add_(torch.cat(parts))
+            else:
+                buffer[2 * num_experts : 2 * num_experts + 2].add_(torch.cat(parts))
 
         return hook
 
