@@ -201,6 +201,9 @@ def test_sglang_openai_choices_and_prompts_file_via_cli(recordings, tmp_path, ca
             "sgl_ext": ext,
             "output_ids": native["output_ids"],
         }
+        if seq == 1:  # return_meta_info: output ids as (logprob, token_id, text) triples
+            logprobs = [[-0.5, token, "t"] for token in choice.pop("output_ids")]
+            choice["meta_info"] = {"output_token_logprobs": logprobs}
         records.append({"id": f"chatcmpl-{seq}", "choices": [choice]})
     (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "prompts.txt").write_text("".join(" ".join(map(str, ids[:PROMPT])) + "\n" for ids in rec.ids))

@@ -131,14 +131,8 @@ def _output_ids(find: Lookup, meta: dict, response: dict, label: str) -> list[in
     for source in (meta, response.get("meta_info")):
         logprobs = source.get("output_token_logprobs") if isinstance(source, dict) else None
         if isinstance(logprobs, list):  # (logprob, token_id, text) per generated token
-            return (
-                token_ids(
-                    [entry[1] if isinstance(entry, list) and len(entry) > 1 else None for entry in logprobs],
-                    label,
-                    "meta_info.output_token_logprobs token ids",
-                )
-                or []
-            )
+            ids = [entry[1] if isinstance(entry, list) and len(entry) > 1 else None for entry in logprobs]
+            return token_ids(ids, label, "meta_info.output_token_logprobs token ids") or []
     raise ImportFormatError(
         f"{label}: no output token ids (looked for output_ids, token_ids and meta_info.output_token_logprobs)"
     )
