@@ -222,3 +222,18 @@ def test_an_unrecorded_copy_compiled_first_never_runs_for_the_recorded_model(tin
     got, want = rows(tmp_path / "compiled"), rows(tmp_path / "eager")
     assert len(got) == 3 * len(want)
     assert_same_rows(sequences(got, 0, 2), want, atol=WEIGHT_ATOL)
+
+
+def test_compiled_router_stats_are_refused_and_compiled_generate_runs_eagerly(model, tmp_path):
+    from transformers import CompileConfig
+
+    with pytest.raises(RouteScopeError, match="router_stats"):
+        with rs.record(torch.compile(model, backend="eager"), tmp_path / "a", router_stats=True):
+            pass
+    config = CompileConfig(backend="eager")
+    config._compile_all_devices = True
+    ids, mask = padded_batch(torch.device("cpu"), "left", lengths=(4, 2))
+    with rs.record(model, tmp_path / "b", router_stats=True):
+        generate(model, ids, mask, cache_implementation="static", compile_config=config)
+    assert "_compiled_call" not in vars(model)  # statistics need the eager hooks
+    assert len(rs.open_run(tmp_path / "b").sql("SELECT * FROM router_stats")) > 0

@@ -95,8 +95,14 @@ def drop_compiled_graphs(model: nn.Module) -> bool:
     return True
 
 
-def check_compilable(model: nn.Module, stacks: int) -> None:
-    """Compiled models whose steps routescope cannot bracket outside the graph: refused."""
+def check_compilable(model: nn.Module, stacks: int, router_stats: bool = False) -> None:
+    """Compiled recordings routescope cannot do exactly: refused before the first forward."""
+    if router_stats:
+        raise RouteScopeError(
+            "router_stats=True is recorded eagerly only (its statistics are reduced over the step's "
+            "valid tokens, known outside the graph); record this compiled model without router_stats, "
+            "or record the uncompiled model with them"
+        )
     if stacks > 1:
         raise RouteScopeError(
             "this encoder-decoder model is compiled; routescope records a compiled model's steps "
@@ -178,7 +184,7 @@ class CompiledSink:
                 "a router ran compiled, but routescope did not see this model compiled: compile "
                 "the model with torch.compile(model) or model.compile(), or call it through generate"
             )
-        record_choice(buffers[0][slot], buffers[1][slot], ids, weights)
+        record_choice(buffers[0][slot], buffers[1][slot], ids.detach(), weights.detach())
 
     def end(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """The step's decisions by layer (fresh tensors: the buffers are reused next step)."""

@@ -41,7 +41,8 @@ from routescope.capture.modality import placeholder_ids, token_modality
 from routescope.capture.step import HostStep, StepBuffers
 from routescope.errors import RouteScopeError
 from routescope.schema import check_labels
-from routescope.store.rundir import MODES, RunDirectory
+from routescope.store.remote import is_remote, local_path, part_writer, run_directory
+from routescope.store.rundir import MODES
 from routescope.store.rundir import RunExistsError as RunExistsError  # re-exported: rs.RunExistsError
 from routescope.store.writer import PartWriter
 
@@ -74,6 +75,7 @@ class Recorder:
         max_pending_bytes: int = 256 << 20,
         wait: bool | float = False,
         train_step: Any = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not allowed; use one of {', '.join(MODES)}")
@@ -90,7 +92,9 @@ class Recorder:
         self.model = unwrap(model)  # torch.compile(model): hooks go on the model inside
         self._compiled_given = self.model is not model
         self._sink: CompiledSink | None = None  # compiled router hooks write here (capture.compiled)
-        self.out_dir = Path(out_dir)
+        # a local directory, or a URI on object storage with its fsspec options (store/remote.py)
+        self.storage_options = storage_options
+        self.out_dir: Any = out_dir if is_remote(out_dir) else local_path(out_dir)
         self.router_stats = router_stats
         self.mode = mode
         self.with_weights = weights
@@ -150,7 +154,7 @@ class Recorder:
     # -- context manager ---------------------------------------------------------------
     def __enter__(self) -> Recorder:
         if self._compiled_given or is_compiled(self.model):
-            check_compilable(self.model, len(find_stacks(self.model)))
+            check_compilable(self.model, len(find_stacks(self.model)), self.router_stats)
         self.sites = find_routers(self.model)
         if self.only_layers is not None:
             found = [site.layer for site in self.sites]
@@ -162,8 +166,9 @@ class Recorder:
             self.sites = [site for site in self.sites if site.layer in self.only_layers]
         self._prepare_directory()  # takes the run's writer lock
         try:
-            self.writer = PartWriter(
+            self.writer = part_writer(
                 self.out_dir,
+                storage_options=self.storage_options,
                 rank=self.rank,
                 rows_per_part=self.rows_per_part,
                 flush_seconds=self.flush_seconds,
@@ -247,7 +252,7 @@ class Recorder:
 
     # -- directory and manifest (the rules live in store.rundir) -----------------------
     def _prepare_directory(self) -> None:
-        self._dir = RunDirectory(self.out_dir, self.rank, self.world_size)
+        self._dir = run_directory(self.out_dir, self.rank, self.world_size, self.storage_options)
         start = self._dir.prepare(
             self.mode, [site.layer for site in self.sites], self.rank << SEQ_ID_RANK_SHIFT, wait=self.wait
         )
@@ -382,6 +387,8 @@ class Recorder:
         layer, index = site.layer, site.index
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if torch.compiler.is_compiling():
+                return  # statistics are eager only (capture.compiled.check_compilable)
             step = self._step
             if step is None:
                 return
@@ -499,7 +506,8 @@ class Recorder:
     # -- generate: end-of-text ids, refused paths, compile (capture.generation) -------------
     def _patch_generate(self) -> None:
         self._generate_patch = GeneratePatch(self.model, self._tracker, self._after_generate)
-        self._generate_patch.compile_ok = len(self._stacks) == 1  # capture.compiled.check_compilable
+        # capture.compiled.check_compilable: otherwise a compile_config call runs eagerly
+        self._generate_patch.compile_ok = len(self._stacks) == 1 and not self.router_stats
         self._generate_patch.install(steps=lambda: self.steps)
 
     def _restore_generate(self) -> None:
@@ -536,7 +544,8 @@ def record(
     fraction of sequences, e.g. 0.01, chosen by a hash of (seed, seq_id)) and `seed`;
     `layers` (record only these MoE layers); `wait` (another writer holds the run's lock,
     store/lock.py: False raises RunBusyError naming it, True waits, a number waits that many
-    seconds);
+    seconds); `storage_options` (fsspec options, e.g. endpoint and keys, when `out_dir` is a URI
+    such as s3://bucket/runs/x: parts and manifest are stored there, docs/object_storage.md);
     `handle_sigterm` (default True: SIGTERM ends the block like an exception, so the
     recorded steps are flushed and the manifest says `complete: false`); `observers`
     (callables given each finished step's tables, dict of table -> column arrays, on the
