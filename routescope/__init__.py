@@ -22,6 +22,7 @@ from routescope.analysis.compare import compare
 from routescope.analysis.runset import open_runs
 from routescope.analysis.superexperts import classify_massive, classify_super_experts
 from routescope.errors import (
+    EmptySelectionWarning,
     RouteScopeError,
     RunBusyError,
     RunFormatError,
@@ -68,6 +69,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "EmptySelectionWarning",
     "Recorder",
     "RouteScopeError",
     "Run",

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 import pandas as pd
 
+from routescope.analysis.querying import quiet_selection
 from routescope.commands.attach import add_run_arguments, run_command
 from routescope.commands.check import add_check_arguments, check_command
 from routescope.commands.import_run import add_import_arguments, import_command
@@ -55,7 +56,13 @@ def one_line(exc: BaseException) -> str:
 def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
     """A warning as one line on stderr, `routescope: warning: ...` (no file name or source line)."""
     text = one_line(message if isinstance(message, BaseException) else Exception(message))
+    if text in _SHOWN:  # the same warning from another call site of one command: once is enough
+        return
+    _SHOWN.add(text)
     print(f"{PROG}: warning: {text.removeprefix('routescope: ')}", file=sys.stderr)
+
+
+_SHOWN: set[str] = set()
 
 
 @contextmanager
@@ -266,7 +273,8 @@ def report_command(args: argparse.Namespace) -> int:
     """Terminal summary of a run: balance, dead and hot experts, entanglement, Super Experts."""
     import routescope as rs
 
-    with status(f"analysing {args.run} …"):
+    # the report says itself when --where selects nothing (no warning per metric)
+    with status(f"analysing {args.run} …"), quiet_selection():
         run = rs.open_run(args.run, skip_corrupt=getattr(args, "skip_corrupt", False))
         try:
             report = collect_report(
@@ -406,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with warnings.catch_warnings():
+            _SHOWN.clear()
             warnings.showwarning = show_warning
             return int(args.handler(args) or 0)
     except (RouteScopeError, ValueError, FileNotFoundError) as exc:

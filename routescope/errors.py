@@ -28,3 +28,7 @@ class RunBusyError(RouteScopeError):
         super().__init__(message)
         self.holder = holder
         self.lock_path = lock_path
+
+
+class EmptySelectionWarning(RuntimeWarning):
+    """A metric's or plan's `where=` selects no token of the run: its numbers are NaN or zero."""

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from routescope.analysis import metrics
 from routescope.analysis.content import match_by_content
+from routescope.analysis.querying import quiet_selection, selected_nothing, warn_if_empty
 from routescope.analysis.run import Run, open_run
 from routescope.store.layout import list_parts
 
@@ -192,12 +193,19 @@ def compare(
     hot_factor: float = 2.0,
     max_share: float = 0.0,
 ) -> Comparison:
-    """Compare run B against run A (paths or open Runs); `where` filters the tokens of both."""
+    """Compare run B against run A (paths or open Runs); `where` filters the tokens of both.
+    A `where` that selects no token of a run warns and says so in `notes`."""
     a, close_a = _open(run_a)
     try:
         b, close_b = _open(run_b)
         try:
             notes = []
+            for run, name in ((a, "A"), (b, "B")):
+                if selected_nothing(run, where):
+                    warn_if_empty(run, where, f"compare() run {name}")
+                    notes.append(
+                        f"where={where!r} selects no token of run {name}: its numbers are NaN or zero"
+                    )
             if a.moe_layers != b.moe_layers:
                 notes.append(f"MoE layers differ: A {a.moe_layers}, B {b.moe_layers}")
             for layer in set(a.moe_layers) & set(b.moe_layers):
@@ -212,16 +220,17 @@ def compare(
                     )
                 elif not run.complete:
                     notes.append(f"run {name} ({run.path}) is INCOMPLETE: still recording or crashed")
-            load = load_delta(a.expert_load(where=where), b.expert_load(where=where))
-            balance = balance_delta(a.balance(where=where), b.balance(where=where))
-            changes = expert_changes(
-                load,
-                a.dead_experts(max_share=max_share, where=where),
-                b.dead_experts(max_share=max_share, where=where),
-                a.hot_experts(factor=hot_factor, where=where),
-                b.hot_experts(factor=hot_factor, where=where),
-            )
-            saturation, more = router_saturation(a, b, where=where)
+            with quiet_selection():  # said once above, not once per metric
+                load = load_delta(a.expert_load(where=where), b.expert_load(where=where))
+                balance = balance_delta(a.balance(where=where), b.balance(where=where))
+                changes = expert_changes(
+                    load,
+                    a.dead_experts(max_share=max_share, where=where),
+                    b.dead_experts(max_share=max_share, where=where),
+                    a.hot_experts(factor=hot_factor, where=where),
+                    b.hot_experts(factor=hot_factor, where=where),
+                )
+                saturation, more = router_saturation(a, b, where=where)
             return Comparison(str(a.path), str(b.path), load, balance, changes, saturation, notes + more)
         finally:
             if close_b:

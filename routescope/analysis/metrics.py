@@ -25,6 +25,7 @@ from routescope.analysis.querying import (  # noqa: F401 - compare, placement an
     check_label,
     check_layer,
     check_where,
+    checks_selection,
     counts_only,
     layer_params,
     query,
@@ -35,11 +36,13 @@ from routescope.analysis.runview import RunView as Run  # a Protocol: run.py imp
 from routescope.analysis.sqlfiles import get_query
 
 
+@checks_selection
 def expert_load(run: Run, where: str | None = None) -> pd.DataFrame:
     """layer, expert, tokens, share: every expert of every MoE layer, zero-load ones included."""
     return query(run, "expert_load", where=where, uses=("expert_counts",))
 
 
+@checks_selection
 def balance(
     run: Run,
     where: str | None = None,
@@ -68,6 +71,7 @@ def balance(
     return df
 
 
+@checks_selection
 def step_expert_loads(run: Run, where: str | None = None) -> pd.DataFrame:
     """step, layer, expert, tokens: routing rows per forward step (summed over ranks), from
     routing or, on a counts-only run, from its per-step `expert_counts`."""
@@ -103,6 +107,7 @@ def _with_aux_loss(run: Run, df: pd.DataFrame, where: str | None, aux_loss: bool
     return df.merge(aux, on="layer", how="left").merge(per_step, on="layer", how="left")
 
 
+@checks_selection
 def dead_experts(run: Run, max_share: float = 0.0, where: str | None = None) -> pd.DataFrame:
     """Experts with share <= max_share, with tokens_seen T and p_uniform_miss = (1 − k/E)^T."""
     if not 0.0 <= float(max_share) <= 1.0:
@@ -110,6 +115,7 @@ def dead_experts(run: Run, max_share: float = 0.0, where: str | None = None) -> 
     return query(run, "dead_experts", where=where, uses=("expert_counts",), max_share=float(max_share))
 
 
+@checks_selection
 def hot_experts(run: Run, factor: float = 2.0, where: str | None = None) -> pd.DataFrame:
     """Experts with share >= factor / E; ratio = share · E."""
     if not float(factor) > 0:
@@ -118,6 +124,7 @@ def hot_experts(run: Run, factor: float = 2.0, where: str | None = None) -> pd.D
 
 
 # -- co-activation and entanglement (SPEC 4.3, 4.4) ------------------------------------
+@checks_selection
 def coactivation(run: Run, layer: int, where: str | None = None) -> pd.DataFrame:
     """expert_a, expert_b, count, p_b_given_a over every ordered pair of distinct experts of `layer`."""
     require_routing(run, "coactivation")
@@ -165,6 +172,7 @@ def pair_counts_table(observed: pd.DataFrame, permuted: pd.DataFrame) -> pa.Tabl
     return pa.Table.from_pandas(both, preserve_index=False)
 
 
+@checks_selection
 def entanglement(run: Run, where: str | None = None, seed: int = 0) -> pd.DataFrame:
     """Per consecutive pair of MoE layers: MI of the slot-0 experts, normalized, H(B|A),
     top-1 predictability and the MI of a seeded permutation of B (`baseline_mutual_info_bits`)."""
@@ -181,6 +189,7 @@ def entanglement(run: Run, where: str | None = None, seed: int = 0) -> pd.DataFr
     return out.astype({"tokens": "float64"}).fillna({"tokens": 0}).astype({"tokens": "int64"})
 
 
+@checks_selection
 def transition(run: Run, layer: int, next_layer: int, where: str | None = None) -> pd.DataFrame:
     """Full co-routing matrix of slot-0 experts between two MoE layers: expert_a, expert_b, count, p_b_given_a."""
     require_routing(run, "transition")
@@ -188,6 +197,7 @@ def transition(run: Run, layer: int, next_layer: int, where: str | None = None) 
     return query(run, "transition", where=where, layer=layer, next_layer=next_layer)
 
 
+@checks_selection
 def pathways(run: Run, top: int = 20, where: str | None = None) -> pd.DataFrame:
     """The `top` most frequent slot-0 expert paths through all MoE layers: path, count, share."""
     require_routing(run, "pathways")
@@ -199,6 +209,7 @@ def pathways(run: Run, top: int = 20, where: str | None = None) -> pd.DataFrame:
 
 
 # -- specialization (SPEC 4.5) ----------------------------------------------------------
+@checks_selection
 def specialization(run: Run, by: str, where: str | None = None) -> pd.DataFrame:
     """<by>, layer, expert, tokens, share, lift: each label value's load and its lift over 1/E."""
     require_routing(run, "specialization")
@@ -212,6 +223,7 @@ OLMOE_MIN_OCCURRENCES = 10
 VOCAB_KEYS = {"token": "vocab_counts_token", "next_token": "vocab_counts_next_token"}
 
 
+@checks_selection
 def vocab_specialization(
     run: Run, where: str | None = None, min_occurrences: int = 1, by: str = "token"
 ) -> pd.DataFrame:
@@ -236,6 +248,7 @@ def vocab_specialization(
     )
 
 
+@checks_selection
 def token_specialization(run: Run, where: str | None = None, min_occurrences: int = 1) -> pd.DataFrame:
     """Per layer, OLMoE's "token specialization": the mean over token ids of top_share, for the
     input tokens (`specialization`) and the ground-truth next tokens (`next_token_specialization`),
@@ -263,6 +276,7 @@ def token_specialization(run: Run, where: str | None = None, min_occurrences: in
     ]
 
 
+@checks_selection
 def repetition_rate(run: Run, where: str | None = None) -> pd.DataFrame:
     """Per layer: consecutive token pairs, repeats of the slot-0 expert, rate, baseline 1/E, Σ p_e²;
     and (k >= 2) repeats_top2, repetition_rate_top2 (top-2 sets share an expert, Mixtral Table 5's

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from routescope.analysis.querying import counts_only, query
+from routescope.analysis.querying import checks_selection, counts_only, query
 from routescope.analysis.runview import RunView as Run  # a Protocol: run.py imports us, not back
 
 PLAN_COLUMNS = ["layer", "gpu", "slot", "expert"]
@@ -347,6 +347,7 @@ def evaluate_placement(loads: pd.DataFrame, plan: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+@checks_selection(name="placement")
 def plan_for_run(
     run: Run,
     ep_size: int,
@@ -360,6 +361,7 @@ def plan_for_run(
     return build_plan(run.expert_load(where=where), ep_size, redundant, method, num_groups, num_nodes)
 
 
+@checks_selection
 def step_loads(run: Run, where: str | None = None) -> pd.DataFrame:
     """`step, layer, expert, tokens` per forward step (named query `step_expert_load`).
 

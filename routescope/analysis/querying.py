@@ -8,10 +8,15 @@ user text that enters SQL is the `where=` predicate, composed as
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
+import warnings
 import weakref
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, TypeVar
 
 import duckdb
 import pandas as pd
@@ -20,6 +25,7 @@ from routescope import schema
 from routescope.analysis.cluster import QueryError  # the Spark engine's errors (pyspark stays unloaded)
 from routescope.analysis.runview import RunView as Run  # a Protocol: run.py imports us, not back
 from routescope.analysis.sqlfiles import Cte, compose, get_query
+from routescope.errors import EmptySelectionWarning
 
 # The only place user text enters SQL: a notebook-style filter over the tokens view.
 WHERE_TEMPLATE = "SELECT * FROM tokens WHERE ({where})"
@@ -136,6 +142,73 @@ def check_where(run: Run, where: str | None) -> str | None:
     except _WHERE_ERRORS as exc:
         raise ValueError(f"invalid where clause {where!r}: {_duckdb_message(exc)}") from None
     return where
+
+
+# -- empty selections ------------------------------------------------------------------
+# Set while a checked call runs, so the metrics it calls (balance -> expert_load, compare ->
+# every metric) do not check and warn again; `quiet_selection()` sets it to silence them.
+_CHECKING: ContextVar[bool] = ContextVar("routescope_selection_checked", default=False)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def selected_nothing(run: Run, where: str | None) -> bool:
+    """True when `where` is given and selects no token (no step of a counts-only run)."""
+    where = check_where(run, where)
+    if where is None:
+        return False
+    template = STEPS_TEMPLATE if counts_only(run) else WHERE_TEMPLATE
+    sql = f"SELECT NOT EXISTS ({template.format(where=where)})"
+    try:
+        return bool(run.con.execute(sql).fetchone()[0])
+    except _RUNTIME_WHERE_ERRORS as exc:
+        raise ValueError(f"invalid where clause {where!r}: {_duckdb_message(exc)}") from None
+
+
+def warn_if_empty(run: Run, where: str | None, what: str, stacklevel: int = 2) -> None:
+    """An EmptySelectionWarning naming `what` and the predicate when `where` selects nothing."""
+    if selected_nothing(run, where):
+        total = run.manifest.get("tokens")
+        warnings.warn(
+            f"routescope: {what}: where={where!r} selects no token of {run.path} ({total} tokens): "
+            "the result is NaN or zero, not a measurement",
+            EmptySelectionWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
+def checks_selection(func: F | None = None, *, name: str | None = None) -> Any:
+    """Decorate a metric or plan `func(run, ..., where=...)`: warn once, at the outermost checked
+    call, when its `where=` selects no token. `name` is what the warning calls it (default the
+    function's name)."""
+    if func is None:
+        return functools.partial(checks_selection, name=name)
+    signature = inspect.signature(func)
+    what = f"{name or func.__name__}()"
+
+    @functools.wraps(func)
+    def checked(run: Run, *args: Any, **kwargs: Any) -> Any:
+        if _CHECKING.get():
+            return func(run, *args, **kwargs)
+        token = _CHECKING.set(True)
+        try:
+            where = signature.bind_partial(run, *args, **kwargs).arguments.get("where")
+            # stacklevel: warn_if_empty -> checked -> Run method -> the caller
+            warn_if_empty(run, where, what, stacklevel=3)
+            return func(run, *args, **kwargs)
+        finally:
+            _CHECKING.reset(token)
+
+    return checked  # type: ignore[return-value]
+
+
+@contextmanager
+def quiet_selection() -> Iterator[None]:
+    """Checked calls inside the block do not warn (callers that report an empty selection themselves)."""
+    token = _CHECKING.set(True)
+    try:
+        yield
+    finally:
+        _CHECKING.reset(token)
 
 
 # -- composition ------------------------------------------------------------------------
