@@ -26,6 +26,7 @@ EXPECTED = {
     "03_entanglement_and_specialization.ipynb",
     "04_super_experts.ipynb",
     "05_compare_runs.ipynb",
+    "06_training.ipynb",
 }
 CELL_TIMEOUT_S = 300
 # What a notebook may import from routescope: the package itself and its public helpers.
