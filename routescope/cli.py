@@ -92,6 +92,13 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.add_argument("--html", metavar="FILE", help="also write a one-file HTML report")
+    parser.add_argument(
+        "--follow",
+        action="store_true",
+        help="a run still being written: print the latest step's balance (train_step for a training "
+        "run) each time a new step lands, until the run is complete",
+    )
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between reads with --follow")
     add_skip_corrupt_argument(parser)
 
 
@@ -273,6 +280,12 @@ def report_command(args: argparse.Namespace) -> int:
     """Terminal summary of a run: balance, dead and hot experts, entanglement, Super Experts."""
     import routescope as rs
 
+    if getattr(args, "follow", False):
+        from routescope.commands.follow import follow
+
+        with quiet_selection():
+            follow(args.run, interval=args.interval, where=args.where)
+        return 0
     # the report says itself when --where selects nothing (no warning per metric)
     with status(f"analysing {args.run} …"), quiet_selection():
         run = rs.open_run(args.run, skip_corrupt=getattr(args, "skip_corrupt", False))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow.parquet as pq
@@ -28,12 +29,15 @@ _DUCK_TYPES = {
 }
 
 
-def check_parts(parts: list[Path], skip_corrupt: bool) -> tuple[list[Path], list[Path]]:
-    """Read every part's footer; a corrupt or truncated one raises RunFormatError naming it."""
+def check_parts(
+    parts: list[Path], skip_corrupt: bool, filesystem: Any = None
+) -> tuple[list[Path], list[Path]]:
+    """Read every part's footer; a corrupt or truncated one raises RunFormatError naming it.
+    `filesystem`: the fsspec filesystem of a run on object storage (parts are its keys)."""
     good, skipped = [], []
     for part in parts:
         try:
-            pq.read_metadata(part)
+            pq.read_metadata(part, filesystem=filesystem)
         except Exception as exc:
             if not skip_corrupt:
                 raise RunFormatError(
@@ -69,6 +73,14 @@ def create_views(
     whose routing is gone, or routing whose token is gone (queries/consistency.sql).
     """
     found = {table: check_parts(list_parts(run_dir, table), skip_corrupt) for table in schema.TABLE_COLUMNS}
+    return views_over_parts(con, found, labels)
+
+
+def views_over_parts(
+    con: duckdb.DuckDBPyConnection, found: dict[str, tuple[list[Any], list[Any]]], labels: list[str]
+) -> list[Any]:
+    """`create_views` on parts already listed and checked: table -> (good parts, skipped parts),
+    each a path or a URL DuckDB can open (a run on object storage). Returns the skipped parts."""
     skipped = [part for _, bad in found.values() for part in bad]
     filtered = any(found[table][1] for table in CONSISTENT)
     for table, (parts, _) in found.items():

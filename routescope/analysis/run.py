@@ -226,22 +226,26 @@ class Run:
         )
 
 
-def merge_rank_manifests(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def merge_rank_manifests(
+    run_dir: Path, manifest: dict[str, Any], fragments: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Fold the fragments of ranks 1..W-1 (`manifest.rank=R.json`) into rank 0's manifest.
 
     `tokens` becomes the sum over ranks, `labels` their union, `complete` is true only when
     every rank of `world_size` left a complete fragment, and `ranks` lists each rank's
     tokens, steps and completeness (a rank that never wrote a fragment shows as missing).
+    `fragments` (name -> JSON text) stands for the files of `run_dir` (a run on object storage).
     """
     world_size = int(manifest.get("world_size", 1) or 1)
-    fragments = sorted(Path(run_dir).glob(RANK_MANIFEST_GLOB))
-    if world_size <= 1 and not fragments:
+    paths = sorted(Path(run_dir).glob(RANK_MANIFEST_GLOB)) if fragments is None else sorted(fragments)
+    if world_size <= 1 and not paths:
         return manifest
     merged = dict(manifest)
     per_rank = {int(manifest.get("rank", 0)): manifest}
-    for path in fragments:
+    for path in paths:
         try:
-            fragment = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8") if fragments is None else fragments[path]
+            fragment = json.loads(text)
             per_rank[int(fragment["rank"])] = fragment
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RunFormatError(f"{path} is not a valid rank manifest: {exc}") from exc

@@ -41,7 +41,7 @@ from routescope.capture.modality import placeholder_ids, token_modality
 from routescope.capture.step import HostStep, StepBuffers
 from routescope.errors import RouteScopeError
 from routescope.schema import check_labels
-from routescope.store.rundir import MODES, RunDirectory
+from routescope.store.remote import MODES, part_writer, run_directory, run_location
 from routescope.store.rundir import RunExistsError as RunExistsError  # re-exported: rs.RunExistsError
 from routescope.store.writer import PartWriter
 
@@ -74,6 +74,7 @@ class Recorder:
         max_pending_bytes: int = 256 << 20,
         wait: bool | float = False,
         train_step: Any = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not allowed; use one of {', '.join(MODES)}")
@@ -90,7 +91,7 @@ class Recorder:
         self.model = unwrap(model)  # torch.compile(model): hooks go on the model inside
         self._compiled_given = self.model is not model
         self._sink: CompiledSink | None = None  # compiled router hooks write here (capture.compiled)
-        self.out_dir = Path(out_dir)
+        self.out_dir = run_location(out_dir, storage_options)  # a Path, or a URI (store/remote.py)
         self.router_stats = router_stats
         self.mode = mode
         self.with_weights = weights
@@ -162,7 +163,7 @@ class Recorder:
             self.sites = [site for site in self.sites if site.layer in self.only_layers]
         self._prepare_directory()  # takes the run's writer lock
         try:
-            self.writer = PartWriter(
+            self.writer = part_writer(
                 self.out_dir,
                 rank=self.rank,
                 rows_per_part=self.rows_per_part,
@@ -247,7 +248,7 @@ class Recorder:
 
     # -- directory and manifest (the rules live in store.rundir) -----------------------
     def _prepare_directory(self) -> None:
-        self._dir = RunDirectory(self.out_dir, self.rank, self.world_size)
+        self._dir = run_directory(self.out_dir, self.rank, self.world_size)
         start = self._dir.prepare(
             self.mode, [site.layer for site in self.sites], self.rank << SEQ_ID_RANK_SHIFT, wait=self.wait
         )
@@ -539,7 +540,7 @@ def record(
     fraction of sequences, e.g. 0.01, chosen by a hash of (seed, seq_id)) and `seed`;
     `layers` (record only these MoE layers); `wait` (another writer holds the run's lock,
     store/lock.py: False raises RunBusyError naming it, True waits, a number waits that many
-    seconds);
+    seconds); `storage_options` (fsspec's, for an s3:// or gs:// `out_dir`: docs/object_storage.md);
     `handle_sigterm` (default True: SIGTERM ends the block like an exception, so the
     recorded steps are flushed and the manifest says `complete: false`); `observers`
     (callables given each finished step's tables, dict of table -> column arrays, on the

@@ -228,21 +228,23 @@ class PartWriter:
         if self.on_flush is not None:
             self.on_flush(self.tokens_written)
 
+    def parquet_options(self, table: pa.Table) -> dict[str, Any]:
+        """How every part is encoded (local and object-storage writers alike)."""
+        split = [c for c in _BYTE_STREAM_SPLIT if c in table.column_names]
+        return {
+            "compression": self.compression,
+            "use_dictionary": [c for c in table.column_names if c not in split],
+            "use_byte_stream_split": split or False,
+            "write_statistics": True,
+        }
+
     def _write_table(self, name: str, table: pa.Table) -> None:
         if name not in self._next_index:
             self._next_index[name] = next_part_index(self.run_dir, name, self.rank)
         path = part_path(self.run_dir, name, self.rank, self._next_index[name])
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + TMP_SUFFIX)
-        split = [c for c in _BYTE_STREAM_SPLIT if c in table.column_names]
-        pq.write_table(
-            table,
-            tmp,
-            compression=self.compression,
-            use_dictionary=[c for c in table.column_names if c not in split],
-            use_byte_stream_split=split or False,
-            write_statistics=True,
-        )
+        pq.write_table(table, tmp, **self.parquet_options(table))
         os.replace(tmp, path)
         self._next_index[name] += 1
         self.parts_written.append(path)

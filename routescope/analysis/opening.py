@@ -1,0 +1,109 @@
+"""`rs.open_run`: a run directory on the local disk, or a run on object storage by URI.
+
+A URI such as `s3://bucket/runs/x` or `gs://...` opens a `RemoteRun`: the manifest (and
+rank fragments) are read as objects, the parts are listed under the prefix and checked
+through the run's fsspec filesystem, and DuckDB reads them through that same filesystem
+(`register_filesystem`: no DuckDB extension, no credentials of its own). The Spark engine
+is handed the part URLs (`s3://` as `s3a://`), which Spark reads with its own Hadoop
+configuration. `file://` URIs and plain paths open the local `Run`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from routescope import schema
+from routescope.analysis.database import check_parts, views_over_parts
+from routescope.analysis.engines import is_spark
+from routescope.analysis.run import Run, merge_rank_manifests
+from routescope.analysis.run import open_run as open_local_run
+from routescope.store.remote import ObjectStore, is_remote, local_path, read_remote_manifest
+
+# Spark's Hadoop filesystem for S3 is s3a; gs and abfs keep their names.
+SPARK_SCHEMES = {"s3": "s3a"}
+
+
+class RemoteRun(Run):
+    """A run on object storage, read in place (see the module docstring)."""
+
+    def __init__(
+        self,
+        uri: str,
+        storage_options: dict[str, Any] | None = None,
+        skip_corrupt: bool = False,
+        engine: str = "duckdb",
+        spark: Any = None,
+    ) -> None:
+        self.store = ObjectStore(uri, storage_options)
+        self.uri = self.store.uri
+        self._registered = False
+        super().__init__(Path(self.store.root), skip_corrupt=skip_corrupt, engine=engine, spark=spark)
+
+    def refresh(self) -> RemoteRun:
+        self.store.fs.invalidate_cache()
+        fragments = {
+            key.rsplit("/", 1)[-1]: self.store.fs.cat_file(key).decode("utf-8")
+            for key in self.store.glob("manifest.rank=*.json")
+        }
+        self.manifest = merge_rank_manifests(self.path, read_remote_manifest(self.store), fragments)
+        found = {}
+        for table in schema.TABLE_COLUMNS:
+            good, bad = check_parts(self.store.list_parts(table), self.skip_corrupt, self.store.fs)
+            found[table] = ([self._url(k) for k in good], [self._url(k) for k in bad])
+        if is_spark(self.con):
+            self.con.create_views(
+                {t: (self._url(self.store.key(t)), good) for t, (good, _) in found.items()}, self.labels
+            )
+            self.skipped = [p for _, bad in found.values() for p in bad]
+        else:
+            if not self._registered:
+                self.con.register_filesystem(self.store.fs)
+                self._registered = True
+            self.skipped = views_over_parts(self.con, found, self.labels)
+        if self.skipped:
+            self._mark_skipped()
+        return self
+
+    def _url(self, key: str) -> str:
+        url = self.store.url(key)
+        if is_spark(self.con):
+            scheme, rest = url.split("://", 1)
+            return f"{SPARK_SCHEMES.get(scheme, scheme)}://{rest}"
+        return url
+
+    def _mark_skipped(self) -> None:
+        names = [str(p) for p in self.skipped]
+        self.manifest.update(complete=False, skipped_corrupt_parts=names)
+
+    @property
+    def tables(self) -> list[str]:
+        return self.store.list_tables()
+
+    def has_table(self, table: str) -> bool:
+        return bool(self.store.list_parts(table))
+
+    def __repr__(self) -> str:
+        return f"RemoteRun({self.uri!r}, tokens={self.manifest.get('tokens')})"
+
+
+def open_run(
+    path: str | Path,
+    skip_corrupt: bool = False,
+    engine: str = "duckdb",
+    spark: Any = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Run:
+    """Open a run for analysis: a directory, or a URI (s3://, gs://, file://, ...) with fsspec
+    `storage_options`; `engine="spark"` answers the same calls on Spark (equal results).
+
+    FileNotFoundError when there is no run there; RunFormatError (naming the file) when it is
+    not a run or holds a corrupt part, unless `skip_corrupt=True`, which reads the rest and lists
+    the skipped parts in `Run.skipped`.
+    """
+    if is_remote(path):
+        store = ObjectStore(str(path), storage_options)
+        if not store.fs.exists(store.root):
+            raise FileNotFoundError(f"no run at {path}: nothing is stored under that prefix")
+        return RemoteRun(str(path), storage_options, skip_corrupt=skip_corrupt, engine=engine, spark=spark)
+    return open_local_run(local_path(path), skip_corrupt=skip_corrupt, engine=engine, spark=spark)
