@@ -357,3 +357,45 @@ def test_two_processes_sum_the_counts_over_ranks(tmp_path):
         assert run.sql("SELECT DISTINCT rank FROM tokens ORDER BY 1")["rank"].tolist() == [0, 1]
         per_step = run.sql("SELECT train_step, count(*) AS n FROM tokens GROUP BY 1 ORDER BY 1")
         assert per_step["n"].tolist() == [int(log["routing/tokens"]) for log in logs]
+
+
+def test_report_follow_prints_each_new_train_step_of_a_live_run(tmp_path):
+    """A run written by a training loop in another thread: --follow prints the steps as they land."""
+    import threading
+
+    from routescope.cli import main
+    from routescope.commands.follow import follow
+
+    model = build_tiny_model(MODEL).train()
+    rows = dataset(12)
+    batches = [{k: torch.stack([r[k] for r in rows[i : i + 4]]) for k in rows[0]} for i in (0, 4, 8)]
+    step_done = [threading.Event() for _ in batches]
+    printed: list[str] = []
+    shown_step = threading.Event()
+
+    def emit(line: str) -> None:
+        printed.append(line)
+        if line.startswith("train_step"):
+            shown_step.set()
+
+    def train() -> None:
+        with rs.watch(
+            model, out_dir=tmp_path / "run", flush_seconds=0.05, alerts=AlertRules(max_violation=0.0)
+        ) as w:
+            for batch, done in zip(batches, step_done, strict=True):
+                model(**batch).loss.backward()
+                w.end_step()
+                w.recorder.flush()
+                done.set()
+                shown_step.wait(10)  # the next step lands only once the follower showed this one
+                shown_step.clear()
+
+    worker = threading.Thread(target=train)
+    worker.start()
+    shown = follow(tmp_path / "run", interval=0.05, timeout=60, emit=emit)
+    worker.join(30)
+    headers = [line.split(":")[0] for line in printed if line.startswith("train_step")]
+    assert headers == ["train_step 1", "train_step 2", "train_step 3"] and shown == 3
+    assert any(line.startswith("alert: layer 0 max_violation") for line in printed)
+    # the command line: on a finished run it prints the last step and returns
+    assert main(["report", str(tmp_path / "run"), "--follow", "--interval", "0.01"]) == 0

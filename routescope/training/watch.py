@@ -82,6 +82,7 @@ class Watch:
                     options.setdefault("layers", self.layers)
                 recorder = Recorder(self.model, self.out_dir, train_step=self._recorded_step, **options)
                 self.recorder = recorder.__enter__()
+                self._note_alerts()
         except BaseException:
             counters.close()
             raise
@@ -95,8 +96,16 @@ class Watch:
             counters.close()
         recorder, self.recorder = self.recorder, None
         if recorder is not None:
-            recorder.manifest["training"] = {"alerts": self.alerts.raised, "prefix": self.prefix}
+            self._note_alerts(recorder)
             recorder.__exit__(type(exc) if exc else None, exc, None)
+
+    def _note_alerts(self, recorder: Recorder | None = None) -> None:
+        """Put the alerts in the manifest: the recorder writes it at its next flush, so a
+        dashboard or `report --follow` on the live run sees them. The key exists from the start,
+        so the writer thread never sees the dict change size, only a value replaced."""
+        recorder = recorder or self.recorder
+        if recorder is not None:
+            recorder.manifest["training"] = {"alerts": list(self.alerts.raised), "prefix": self.prefix}
 
     def __enter__(self) -> Watch:
         return self.start()
@@ -122,7 +131,8 @@ class Watch:
         if values:
             step = self.current_step() - (1 if self._step_source is not None else 0)
             self.history.append({"train_step": step, **values})
-            self.alerts.check(values, step)
+            if self.alerts.check(values, step):
+                self._note_alerts()
         return values
 
     def end_step(self, read: bool = True) -> dict[str, float] | None:
