@@ -60,6 +60,8 @@ def summary(run: rs.Run) -> dict[str, Any]:
         "created_at": m.get("created_at"),
         "updated_at": m.get("updated_at"),
         "tables": run.tables,
+        # routing alerts rs.watch raised while training (docs/training.md), kept live in the manifest
+        "training_alerts": list((m.get("training") or {}).get("alerts") or []),
     }
 
 

@@ -19,6 +19,7 @@ import torch
 import routescope as rs
 from routescope.store.layout import lock_path
 from routescope.store.lock import ExclusiveFileLock
+from routescope.store.manifest import write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -214,3 +215,22 @@ def test_profile_cli_twice_at_once_with_wait(tmp_path):
     said = sorted(int(text.split("recorded ")[1].split()[0]) for _, text in results)
     assert said[1] == 2 * said[0]  # the second printed the run's total after the first's
     assert_consistent(out, said[1])
+
+
+def test_append_after_a_crash_between_parts_and_manifest_continues_from_the_parts(tmp_path, tiny_model):
+    """A writer killed after a flush's parts landed but before its manifest update leaves a
+    manifest behind its parts; the next writer (taking the lock over) must not hand out the
+    parts' seq ids again."""
+    model = tiny_model("mixtral")
+    out = tmp_path / "run"
+    ids = torch.randint(1, 100, (2, 6))
+    with rs.record(model, out) as rec, torch.no_grad():
+        model(input_ids=ids)
+        rec.flush()
+        stale = dict(rec.manifest)  # the manifest after the first flush ...
+        model(input_ids=ids)  # ... and a second flush whose manifest update never happened
+    write_manifest(out, {**stale, "complete": False})
+    with pytest.warns(RuntimeWarning, match="continuing from the parts"):
+        with rs.record(model, out, mode="append"), torch.no_grad():
+            model(input_ids=ids)
+    assert_consistent(out, 36)

@@ -87,7 +87,8 @@ def update_overview(state: Any, ep: Any = None) -> tuple:
     hot = registry.query(key, "hot_experts")
     near = near_dead(registry.query(key, "expert_load"))
     cards = kpi_cards(bal, dead, hot, near)
-    return summary, cards, plots.balance_figure(bal), alerts(dead, hot, near), None
+    found = alerts(dead, hot, near, info.get("training_alerts"))
+    return summary, cards, plots.balance_figure(bal), found, None
 
 
 def near_dead(load: pd.DataFrame) -> pd.DataFrame:
@@ -177,9 +178,25 @@ def kpi_cards(bal: pd.DataFrame, dead: pd.DataFrame, hot: pd.DataFrame, near: pd
     return cards
 
 
-def alerts(dead: pd.DataFrame, hot: pd.DataFrame, near: pd.DataFrame | None = None) -> html.Div:
+def training_alert_text(alert: dict[str, Any]) -> str:
+    """One line for an alert rs.watch raised during training (manifest `training.alerts`)."""
+    where = f"training: layer {alert['layer']} at train step {alert['train_step']}: "
+    if alert["kind"] == "max_violation":
+        return where + f"max_violation {alert['value']:.3f} passed {alert['reference']:.3f}"
+    return where + f"dead fraction rose from {alert['reference']:.3f} to {alert['value']:.3f}"
+
+
+def alerts(
+    dead: pd.DataFrame,
+    hot: pd.DataFrame,
+    near: pd.DataFrame | None = None,
+    training: list[dict[str, Any]] | None = None,
+) -> html.Div:
     near = near if near is not None else pd.DataFrame(columns=["layer", "expert", "tokens", "share", "lift"])
-    items: list[Any] = []
+    items: list[Any] = [
+        html.Li(training_alert_text(a), className="overview-training-alert", style={"color": "#b00020"})
+        for a in (training or [])[:MAX_ALERTS]
+    ]
     for _, row in dead.head(MAX_ALERTS).iterrows():
         layer, e = int(row["layer"]), int(row["expert"])
         evidence = ""
@@ -200,7 +217,7 @@ def alerts(dead: pd.DataFrame, hot: pd.DataFrame, near: pd.DataFrame | None = No
                 f"{row['ratio']:.1f}× uniform"
             )
         )
-    more = len(dead) + len(near) + len(hot) - len(items)
+    more = len(training or []) + len(dead) + len(near) + len(hot) - len(items)
     if more > 0:
         items.append(html.Li(f"… and {more} more"))
     if not items:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,13 +194,81 @@ class RunDirectory:
                 f"cannot append to {self.path}: it was recorded with MoE layers {old.get('moe_layers')}, "
                 f"this model has {list(moe_layers)}"
             )
-        return Continuation(
+        start = Continuation(
             tokens=int(old.get("tokens", 0)),
             steps=int(old.get("steps", 0)),
             next_seq_id=int(old.get("next_seq_id", first_seq_id)),
             labels=list(old.get("labels", [])),
             created_at=old.get("created_at"),
         )
+        if not old.get("complete", False):
+            start = self._reconcile(start)
+        return start
+
+    def _reconcile(self, start: Continuation) -> Continuation:
+        """The previous writer stopped early (killed between a flush's parts and its manifest
+        update): continue from what its parts hold, so no seq_id is handed out twice and the
+        token count matches the parts."""
+        extent = parts_extent(self.path, self.rank)
+        fixed = Continuation(
+            tokens=extent.token_rows,
+            steps=max(start.steps, extent.next_step),
+            next_seq_id=max(start.next_seq_id, extent.next_seq_id),
+            labels=start.labels,
+            created_at=start.created_at,
+        )
+        if (fixed.tokens, fixed.next_seq_id) != (start.tokens, start.next_seq_id):
+            warnings.warn(
+                f"routescope: {self.path / self.manifest_name} was left incomplete and behind its parts "
+                f"(tokens {start.tokens}, next_seq_id {start.next_seq_id}); continuing from the parts "
+                f"(tokens {fixed.tokens}, next_seq_id {fixed.next_seq_id})",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        return fixed
+
+
+@dataclass(frozen=True)
+class PartsExtent:
+    """What one rank's parts hold: token rows, and the first seq_id and step above all of them."""
+
+    token_rows: int = 0
+    next_seq_id: int = 0
+    next_step: int = 0
+
+
+def parts_extent(run_dir: str | Path, rank: int) -> PartsExtent:
+    """Read from the parts' footers (row counts, column statistics) of every table of `rank`;
+    a part without statistics is read for those columns. Unreadable parts are left out."""
+    rows, seq_id, step = 0, -1, -1
+    for table in list_tables(Path(run_dir)):
+        for path in sorted(table_dir(Path(run_dir), table, rank).glob("part-*.parquet")):
+            try:
+                meta = pq.read_metadata(path)
+            except Exception:
+                continue
+            if table == schema.TOKENS:
+                rows += meta.num_rows
+            names = meta.schema.names
+            for column in ("seq_id", "step"):
+                if column not in names or meta.num_rows == 0:
+                    continue
+                top = _column_max(path, meta, names.index(column), column)
+                if column == "seq_id":
+                    seq_id = max(seq_id, top)
+                else:
+                    step = max(step, top)
+    return PartsExtent(rows, seq_id + 1, step + 1)
+
+
+def _column_max(path: Path, meta: Any, index: int, column: str) -> int:
+    tops = []
+    for group in range(meta.num_row_groups):
+        stats = meta.row_group(group).column(index).statistics
+        if stats is None or not stats.has_min_max:
+            return int(pq.read_table(path, columns=[column])[column].to_numpy().max())
+        tops.append(int(stats.max))
+    return max(tops) if tops else -1
 
 
 def replace_parts(run_dir: str | Path, tables: dict[str, pa.Table], rank: int = 0) -> list[Path]:
