@@ -399,3 +399,39 @@ def test_report_follow_prints_each_new_train_step_of_a_live_run(tmp_path):
     assert any(line.startswith("alert: layer 0 max_violation") for line in printed)
     # the command line: on a finished run it prints the last step and returns
     assert main(["report", str(tmp_path / "run"), "--follow", "--interval", "0.01"]) == 0
+
+
+def test_dashboard_follows_a_training_run_and_shows_its_alerts(tmp_path):
+    """While rs.watch is still writing: the Time view's steps extend as parts land (no restart)
+    and the Overview lists the training alerts from the live manifest."""
+    pytest.importorskip("dash")
+    import routescope.dashboard.runs as registry_module
+    from routescope.dashboard.app import create_app, run_state
+    from routescope.dashboard.pages import overview, timeline
+    from tests.test_dashboard import texts
+
+    model = build_tiny_model(MODEL).train()
+    batch = {k: torch.stack([r[k] for r in dataset(4)]) for k in dataset(1)[0]}
+    watch = rs.watch(
+        model, out_dir=tmp_path / "run", flush_seconds=3600, alerts=AlertRules(max_violation=0.0)
+    )
+    before = registry_module._CURRENT
+    watch.start()
+    try:
+        model(**batch).loss.backward()
+        watch.end_step()
+        watch.recorder.flush()
+        create_app([tmp_path / "run"])
+        first = run_state("0")[0]
+        steps_max = timeline.time_controls(first)[3]
+        assert "training: layer 0 at train step 1: max_violation" in texts(overview.update_overview(first)[3])
+        for _ in range(2):
+            model(**batch).loss.backward()
+            watch.end_step()
+        watch.recorder.flush()
+        later = run_state("0")[0]
+        assert later["version"] != first["version"]
+        assert timeline.time_controls(later)[3] == steps_max + 2
+    finally:
+        watch.stop()
+        registry_module._CURRENT = before
