@@ -389,8 +389,15 @@ def test_bad_payloads_are_refused_naming_the_request(recordings, tmp_path, capsy
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 
-def test_vllm_bad_payloads_and_missing_model(recordings, tmp_path):
+def test_vllm_bad_payloads_and_missing_model(recordings, tmp_path, capsys):
     rec = recordings["vllm"]
+    (tmp_path / "r.json").write_text(json.dumps(vllm_newest(rec, 0)))
+    (tmp_path / "config.json").write_text(rec.model.config.to_json_string())
+    argv = ["vllm", str(tmp_path / "r.json"), "--model", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert import_main([*argv, "--num-experts", "8"]) == 2
+    assert "--num-experts do not apply to server responses" in capsys.readouterr().err
+    assert import_main(["sglang", str(tmp_path / "r.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "SGLang server responses need --model CONFIG" in capsys.readouterr().err
     wrong = vllm_newest(rec, 0)
     wrong["choices"][0]["token_ids"] = wrong["choices"][0]["token_ids"][:-2]
     with pytest.raises(

@@ -110,12 +110,27 @@ def import_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# Options of the dump / array importers that a model config answers for server responses.
+_DUMP_OPTIONS = {
+    "--num-experts": "num_experts",
+    "--top-k": "top_k",
+    "--tp-size": "tp_size",
+    "--moe-layers": "moe_layers",
+}
+
+
 def _import_responses(args: argparse.Namespace) -> int:
     """Server responses (SGLang meta_info / sgl_ext, vLLM choices) with the model config."""
     from routescope.importers.responses import import_response_file
 
     if len(args.files) != 1:
         raise ValueError(f"--model reads one file of server responses, got {len(args.files)} files")
+    given = [option for option, attr in _DUMP_OPTIONS.items() if getattr(args, attr, None) is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} do not apply to server responses: --model CONFIG gives the MoE layers, "
+            "experts and top-k"
+        )
     imported, layout = import_response_file(args.engine, args.files[0], args.model, prompts=args.prompts)
     out = write_imported_run(
         imported,
