@@ -47,7 +47,7 @@ WRITER = textwrap.dedent(
             for _ in range(4):
                 model(input_ids=ids)
                 rec.flush()
-                time.sleep(0.15)
+                time.sleep(0.4)  # hold the lock ~2 s: the other writer, started with it, finds it held
     except rs.RunBusyError as exc:
         print("busy:", exc, flush=True)
         sys.exit(3)
