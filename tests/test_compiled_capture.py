@@ -51,11 +51,12 @@ def forward(model, ids, mask):
 
 
 def test_record_choice_passes_opcheck():
-    ids_out, weights_out = torch.zeros(6, 2, dtype=torch.int32), torch.zeros(6, 2)
+    ids_out, weights_out = torch.zeros(8, 2, dtype=torch.int32), torch.zeros(8, 2)
     ids, weights = torch.randint(0, 8, (6, 2)), torch.rand(6, 2)
     torch.library.opcheck(record_choice, (ids_out, weights_out, ids, weights))
     record_choice(ids_out, weights_out, ids, weights)
-    assert torch.equal(ids_out, (ids + 1).int()) and torch.equal(weights_out, weights)
+    assert torch.equal(ids_out[:6], (ids + 1).int()) and torch.equal(weights_out[:6], weights)
+    assert not ids_out[6:].any()  # rows past the step's tokens are left alone
 
 
 @pytest.mark.slow
@@ -237,3 +238,19 @@ def test_compiled_router_stats_are_refused_and_compiled_generate_runs_eagerly(mo
         generate(model, ids, mask, cache_implementation="static", compile_config=config)
     assert "_compiled_call" not in vars(model)  # statistics need the eager hooks
     assert len(rs.open_run(tmp_path / "b").sql("SELECT * FROM router_stats")) > 0
+
+
+def test_new_lengths_do_not_recompile_once_dynamic(model, tmp_path):
+    """The buffers are one set per recording, grown to the largest step: a new length reuses the
+    dynamic graph dynamo made at the second shape, as it does unrecorded."""
+    batches = [padded_batch(torch.device("cpu"), "left", lengths=(n, n - 2), seed=n) for n in (5, 7, 9)]
+    with rs.record(model, tmp_path / "eager"):
+        for ids, mask in batches:
+            forward(model, ids, mask)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with rs.record(compiled, tmp_path / "compiled"):
+        forward(compiled, *batches[0])
+        forward(compiled, *batches[1])  # a second shape: dynamo marks the length dynamic
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            forward(compiled, *batches[2])
+    assert_same_rows(rows(tmp_path / "compiled"), rows(tmp_path / "eager"), atol=WEIGHT_ATOL)

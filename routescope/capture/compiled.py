@@ -18,9 +18,10 @@ graph itself. This module is that write, and the bookkeeping around it.
   identity, the step's start and end) are wrapped in `torch.compiler.disable`: transformers'
   compiled calls (`model.compile()`, `generate`'s `get_compiled_call`) run them as frames of
   their own, eagerly, and `torch.compile(model)` runs them outside dynamo anyway. At the
-  start of a step the sink selects the buffers for the step's token count (kept per count,
-  so a decode loop reuses the same addresses) and zeroes the ids in one foreach call; at the
-  end it reads them (ids - 1: a layer the graph did not write reads -1, refused on the
+  start of a step the sink makes sure its buffers (one set per recording, on each layer's
+  device, grown to the largest step seen, so a decode loop always writes the same
+  addresses) hold the step's tokens and zeroes those ids in one foreach call; at the end it
+  reads them (ids - 1: a layer the graph did not write reads -1, refused on the
   writer thread) into the step, which goes to the host in one copy like an eager step.
 - **Graphs compiled before `record`.** Dynamo does not guard on hooks
   (`skip_nnmodule_hook_guards`, pytorch #117758), so a graph compiled without routescope's
@@ -41,7 +42,6 @@ rounding (about 1e-7 in the tests); expert ids are the same.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -49,27 +49,30 @@ from torch import nn
 
 from routescope.errors import RouteScopeError
 
-# token counts whose buffers are kept (a decode loop uses one; prefills of many lengths more)
-MAX_SHAPES = 8
+# buffers hold at least this many tokens; they grow to the largest step seen (a power of two)
+MIN_TOKENS = 64
 
 
 @torch.library.custom_op("routescope::record_choice", mutates_args=("ids_out", "weights_out"))
 def record_choice(
     ids_out: torch.Tensor, weights_out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
 ) -> None:
-    """Copy one layer's decision into its step buffers: ids + 1 (0 marks 'not written'), weights."""
-    ids_out.copy_(ids.reshape(ids_out.shape) + 1)
-    weights_out.copy_(weights.reshape(weights_out.shape))
+    """Copy one layer's decision into the first rows of its buffers: ids + 1 (0 marks 'not
+    written'), weights. The buffers hold [capacity, k]; the step's tokens come first."""
+    k = ids_out.shape[1]
+    ids, weights = ids.reshape(-1, k), weights.reshape(-1, k)
+    ids_out[: ids.shape[0]].copy_(ids + 1)
+    weights_out[: weights.shape[0]].copy_(weights)
 
 
 @record_choice.register_fake
 def _record_choice_fake(
     ids_out: torch.Tensor, weights_out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
 ) -> None:
-    if ids.numel() != ids_out.numel() or weights.numel() != weights_out.numel():
+    if ids.shape[-1] != ids_out.shape[-1] or weights.shape[-1] != weights_out.shape[-1]:
         raise RouteScopeError(
             f"a router gave {tuple(ids.shape)} expert ids, but routescope's compiled buffer holds "
-            f"{tuple(ids_out.shape)} (tokens x top-k); this router layout cannot be recorded compiled"
+            f"top-{ids_out.shape[-1]} choices; this router layout cannot be recorded compiled"
         )
     return None
 
@@ -136,15 +139,19 @@ def _hold_hook_guards(hold: bool) -> None:
 
 
 class CompiledSink:
-    """The buffers compiled router hooks write into, one (ids, weights) pair per layer and
-    token count; `current` is the pair list of the step in flight (None: eager)."""
+    """The buffers compiled router hooks write into: per layer, expert ids and weights for up
+    to `capacity` tokens, on the layer's device. One set per recording (stable addresses for
+    CUDA graphs), grown when a step has more tokens; `current` is None outside a step."""
 
-    def __init__(self, layers: list[int], top_k: list[int]) -> None:
-        self.layers = layers
-        self.top_k = top_k
+    def __init__(self, sites: list[Any]) -> None:
+        self.layers = [site.layer for site in sites]
+        self.top_k = [site.top_k for site in sites]
+        self.devices = [_device_of(site.module) for site in sites]
         self.current: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self.graphs_dropped = False  # the model's stale compiled code, once per recording
-        self._by_tokens: OrderedDict[tuple[int, torch.device], Any] = OrderedDict()
+        self.capacity = 0
+        self._buffers: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._tokens = 0
         self._open = True
         _hold_hook_guards(True)
 
@@ -153,25 +160,24 @@ class CompiledSink:
         if self._open:
             self._open = False
             _hold_hook_guards(False)
-        self._by_tokens.clear()
+        self._buffers, self.current = None, None
 
     def begin(self, tokens: int, device: torch.device) -> None:
-        """Select (or make) the buffers for a step of `tokens` tokens and mark them unwritten."""
-        key = (tokens, device)
-        buffers = self._by_tokens.get(key)
-        if buffers is None:
-            buffers = self._allocate(tokens, device)
-            self._by_tokens[key] = buffers
-            while len(self._by_tokens) > MAX_SHAPES:
-                self._by_tokens.popitem(last=False)
-        else:
-            self._by_tokens.move_to_end(key)
-        torch._foreach_zero_(buffers[0])
-        self.current = buffers
+        """Make the buffers hold a step of `tokens` tokens and mark those rows unwritten."""
+        if self._buffers is None or tokens > self.capacity:
+            # a new size: the next compiled call recompiles (as it would for the new shape)
+            self.capacity = max(MIN_TOKENS, 1 << (tokens - 1).bit_length())
+            self._buffers = self._allocate(self.capacity, device)
+        torch._foreach_zero_([ids[:tokens] for ids in self._buffers[0]])
+        self._tokens = tokens
+        self.current = self._buffers
 
-    def _allocate(self, tokens: int, device: torch.device) -> Any:
-        ids = [torch.zeros(tokens, k, dtype=torch.int32, device=device) for k in self.top_k]
-        weights = [torch.zeros(tokens, k, dtype=torch.float32, device=device) for k in self.top_k]
+    def _allocate(self, capacity: int, device: torch.device) -> Any:
+        devices = [d or device for d in self.devices]
+        ids = [torch.zeros(capacity, k, dtype=torch.int32, device=d) for k, d in zip(self.top_k, devices)]
+        weights = [
+            torch.zeros(capacity, k, dtype=torch.float32, device=d) for k, d in zip(self.top_k, devices)
+        ]
         for tensor in (*ids, *weights):
             torch._dynamo.mark_static_address(tensor)  # CUDA graphs write only to static addresses
         return ids, weights
@@ -191,5 +197,12 @@ class CompiledSink:
         buffers, self.current = self.current, None
         if buffers is None:
             return {}
-        ids, weights = buffers
-        return {layer: (ids[i] - 1, weights[i].clone()) for i, layer in enumerate(self.layers)}
+        n, (ids, weights) = self._tokens, buffers
+        return {layer: (ids[i][:n] - 1, weights[i][:n].clone()) for i, layer in enumerate(self.layers)}
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    """Where a router module lives (a device_map spreads layers over devices); None: unknown."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return None

@@ -316,7 +316,7 @@ class Recorder:
             begin, end = torch.compiler.disable(self._begin_step), torch.compiler.disable(self._end_step)
             self._handles.append(stack.module.register_forward_pre_hook(begin, with_kwargs=True))
             self._handles.append(stack.module.register_forward_hook(end, always_call=True))
-        self._sink = CompiledSink([site.layer for site in self.sites], [site.top_k for site in self.sites])
+        self._sink = CompiledSink(self.sites)
         for slot, site in enumerate(self.sites):
             if site.adapter.hook == "pre":
                 hook = self._make_pre_hook(site, slot)
