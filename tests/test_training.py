@@ -435,3 +435,11 @@ def test_dashboard_follows_a_training_run_and_shows_its_alerts(tmp_path):
     finally:
         watch.stop()
         registry_module._CURRENT = before
+
+
+def test_recording_options_without_out_dir_are_refused():
+    model = build_tiny_model(MODEL)
+    with pytest.raises(ValueError, match="need out_dir"):
+        rs.watch(model, sample=0.1)
+    with pytest.raises(TypeError, match="Trainer"):
+        rs.watch(object())

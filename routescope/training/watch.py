@@ -53,6 +53,11 @@ class Watch:
         step_source: Callable[[], int] | None = None,
         **record_options: Any,
     ) -> None:
+        if record_options and out_dir is None:
+            raise ValueError(
+                f"rs.watch options {sorted(record_options)} are recording options: they need out_dir=; "
+                "without it the allowed options are layers, prefix and alerts"
+            )
         self.model = model
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.layers = layers
