@@ -211,13 +211,24 @@ class FileLock:
         """One attempt: (taken, dead holder found in the file)."""
         if fcntl is None:
             raise OSError(errno.ENOSYS, "flock is not available")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            try:
+                fd, created = os.open(self.path, os.O_RDWR), False
+            except FileNotFoundError:
+                return False, None  # released between the two opens: try again
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 return False, None
+            except OSError as exc:
+                if created and exc.errno in _NO_FLOCK:
+                    # flock refused here: leave no empty file for the O_EXCL fallback to trip on
+                    self.path.unlink(missing_ok=True)
+                raise
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
