@@ -99,6 +99,13 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         "run) each time a new step lands, until the run is complete",
     )
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between reads with --follow")
+    parser.add_argument(
+        "--engine",
+        choices=("duckdb", "spark"),
+        default="duckdb",
+        help="query engine: duckdb (in process, default) or spark (the active or a local SparkSession; "
+        'pip install -e ".[spark]"); RUN may be a URI such as s3://bucket/runs/x',
+    )
     add_skip_corrupt_argument(parser)
 
 
@@ -288,7 +295,9 @@ def report_command(args: argparse.Namespace) -> int:
         return 0
     # the report says itself when --where selects nothing (no warning per metric)
     with status(f"analysing {args.run} …"), quiet_selection():
-        run = rs.open_run(args.run, skip_corrupt=getattr(args, "skip_corrupt", False))
+        run = rs.open_run(
+            args.run, skip_corrupt=getattr(args, "skip_corrupt", False), engine=getattr(args, "engine", "duckdb")
+        )
         try:
             report = collect_report(
                 run, where=args.where, hot_factor=args.hot_factor, ep_size=getattr(args, "ep_size", None)
