@@ -16,6 +16,14 @@ from typing import Any
 import routescope as rs
 
 PHASES = ("prefill", "decode")
+
+
+def step_axis(run: rs.Run) -> str:
+    """The column a page's steps mean: `train_step` (optimizer step) in a training run recorded
+    by rs.watch (its manifest has `training`), else the forward counter `step`."""
+    return "train_step" if "training" in run.manifest else "step"
+
+
 _VAR_PREFIX = "routescope_dashboard_"
 
 
@@ -81,10 +89,11 @@ class TokenFilter:
             out.append(("phase = {}", self.phase))
         if self.label is not None and self.value is not None:
             out.append((quote_identifier(self.label) + " = {}", self.value))
+        axis = step_axis(run)  # a fixed column name, never user text
         if self.step_min is not None:
-            out.append(("step >= {}", int(self.step_min)))
+            out.append((axis + " >= {}", int(self.step_min)))
         if self.step_max is not None:
-            out.append(("step <= {}", int(self.step_max)))
+            out.append((axis + " <= {}", int(self.step_max)))
         if self.rank is not None:
             out.append(("rank = {}", int(self.rank)))
         return out

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 import routescope as rs
-from routescope.dashboard.filters import TokenFilter, quote_identifier
+from routescope.dashboard.filters import TokenFilter, quote_identifier, step_axis
 
 ALL = TokenFilter()
 MAX_LABEL_VALUES = 200  # per label in a filter dropdown
@@ -68,7 +68,8 @@ def summary(run: rs.Run) -> dict[str, Any]:
 def filter_choices(run: rs.Run) -> dict[str, Any]:
     """Phases, label values (most frequent first, capped) and the step range present."""
     phases = run.sql("SELECT DISTINCT phase FROM tokens ORDER BY phase")["phase"].dropna().tolist()
-    steps = run.sql("SELECT min(step) AS lo, max(step) AS hi FROM tokens")
+    axis = step_axis(run)  # optimizer steps in a training run
+    steps = run.sql(f"SELECT min({axis}) AS lo, max({axis}) AS hi FROM tokens")
     lo, hi = steps["lo"].iloc[0], steps["hi"].iloc[0]
     values: dict[str, list[str]] = {}
     for label in run.labels:
@@ -222,7 +223,8 @@ def step_loads(run: rs.Run, flt: TokenFilter = ALL, max_bins: int = MAX_STEP_BIN
     layer, expert, tokens (L_e within the bin), share (within bin and layer), lift (share × E).
     """
     pred, params = flt.sql(run, alias="t")
-    bounds = run.sql(f"SELECT min(t.step) AS lo, max(t.step) AS hi FROM tokens t WHERE {pred}", params)
+    axis = step_axis(run)  # `step`, or `train_step` in a training run: a fixed column name
+    bounds = run.sql(f"SELECT min(t.{axis}) AS lo, max(t.{axis}) AS hi FROM tokens t WHERE {pred}", params)
     lo, hi = bounds["lo"].iloc[0], bounds["hi"].iloc[0]
     columns = ["step_lo", "step_hi", "layer", "expert", "tokens", "share", "lift"]
     if pd.isna(lo):
@@ -230,8 +232,8 @@ def step_loads(run: rs.Run, flt: TokenFilter = ALL, max_bins: int = MAX_STEP_BIN
     lo, hi = int(lo), int(hi)
     width = max(1, math.ceil((hi - lo + 1) / max(1, int(max_bins))))
     counts = run.sql(
-        "SELECT (t.step - ?) // ? AS bin, r.layer, r.expert, count(*) AS tokens FROM routing r "
-        f"JOIN (SELECT {TOKEN_KEY} AS key, t.step FROM tokens t WHERE {pred}) t ON {ROUTING_KEY} = t.key "
+        f"SELECT (t.{axis} - ?) // ? AS bin, r.layer, r.expert, count(*) AS tokens FROM routing r "
+        f"JOIN (SELECT {TOKEN_KEY} AS key, t.{axis} FROM tokens t WHERE {pred}) t ON {ROUTING_KEY} = t.key "
         "GROUP BY ALL",
         [lo, width, *params],
     )

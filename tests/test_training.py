@@ -431,7 +431,10 @@ def test_dashboard_follows_a_training_run_and_shows_its_alerts(tmp_path):
         watch.recorder.flush()
         later = run_state("0")[0]
         assert later["version"] != first["version"]
-        assert timeline.time_controls(later)[3] == steps_max + 2
+        assert timeline.time_controls(later)[3] == steps_max + 2 == 3  # optimizer steps 1..3
+        heat, balance = timeline.update_time(later, "all", None, None, None, "all", 0, "lift")[:2]
+        assert heat.layout.xaxis.title.text == "optimizer step (binned)"
+        assert list(balance.data[0].x) == [1, 2, 3]
     finally:
         watch.stop()
         registry_module._CURRENT = before

@@ -27,6 +27,7 @@ from routescope.dashboard.components import (
     message,
     register_step_boxes,
 )
+from routescope.dashboard.filters import step_axis
 from routescope.dashboard.queries import MAX_STEP_BINS, balance_of_step_loads
 from routescope.dashboard.urlstate import int_value, pick, read_fragment, write_fragment
 
@@ -127,7 +128,8 @@ def update_time(
     loads = registry.query(key, "step_loads", flt)
     balance = balance_of_step_loads(loads)  # pandas over the cached counts: no second pass
     run = registry.run(key)
-    heat = plots.step_heatmap(loads, layer, run.num_experts(layer), value=metric)
+    axis = "optimizer step" if step_axis(run) == "train_step" else "forward step"
+    heat = plots.step_heatmap(loads, layer, run.num_experts(layer), value=metric, axis=axis)
     bins = loads["step_lo"].nunique() if len(loads) else 0
     width = int((loads["step_hi"] - loads["step_lo"]).max() + 1) if len(loads) else 0
     note = (
@@ -140,7 +142,7 @@ def update_time(
         msg = message("All selected tokens come from one step bin: nothing changes over time here.", "info")
     return (
         heat,
-        plots.balance_over_steps_figure(balance, layer),
+        plots.balance_over_steps_figure(balance, layer, axis=axis),
         msg,
         note,
         plots.caption(f"step_heatmap_{metric}"),

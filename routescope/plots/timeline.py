@@ -18,7 +18,9 @@ from routescope.plots.style import (
 )
 
 
-def step_heatmap(steps: pd.DataFrame, layer: int, num_experts: int, value: str = "lift") -> go.Figure:
+def step_heatmap(
+    steps: pd.DataFrame, layer: int, num_experts: int, value: str = "lift", axis: str = "forward step"
+) -> go.Figure:
     """Expert × step-bin load of one layer: `steps` has step_lo, step_hi, layer, expert, tokens,
     share (within the bin and layer) and lift (share × E). Dead cells are black."""
     if value not in ("share", "lift"):
@@ -40,7 +42,7 @@ def step_heatmap(steps: pd.DataFrame, layer: int, num_experts: int, value: str =
     )
     fig = go.Figure(load_trace(x, experts, share, lift, tokens, value, hover))
     fig.update_layout(plot_bgcolor=DEAD_COLOR)
-    fig.update_xaxes(title="forward step (binned)", type="category", showgrid=False, zeroline=False)
+    fig.update_xaxes(title=f"{axis} (binned)", type="category", showgrid=False, zeroline=False)
     fig.update_yaxes(
         title="expert",
         autorange="reversed",
@@ -54,7 +56,9 @@ def step_heatmap(steps: pd.DataFrame, layer: int, num_experts: int, value: str =
 MAX_COLOURED_LAYERS = 8  # more layers than this: one highlighted, the rest grey
 
 
-def balance_over_steps_figure(balance: pd.DataFrame, highlight: int | None = None) -> go.Figure:
+def balance_over_steps_figure(
+    balance: pd.DataFrame, highlight: int | None = None, axis: str = "forward step"
+) -> go.Figure:
     """cv, max_violation, balancedness, norm_entropy per step bin (`step_lo`), each metric on
     its own axis. Up to MAX_COLOURED_LAYERS layers get a line and colour each; with more,
     `highlight` (default: the first layer) is drawn in colour over the others in thin grey,
@@ -88,7 +92,7 @@ def balance_over_steps_figure(balance: pd.DataFrame, highlight: int | None = Non
                 trace.marker.color = line["color"]
                 if name == "other layers":
                     trace.mode = "lines"
-    fig.update_xaxes(title_text="forward step")
+    fig.update_xaxes(title_text=axis)
     legend_on_top(fig, y=1.1)
     fig = base_layout(fig, title, height=560)
     fig.update_layout(margin={"t": 90})
