@@ -200,6 +200,53 @@ def duckdb_suite(path: Path) -> tuple[dict[str, float], dict[str, pd.DataFrame]]
 EXTRA_TIMES: dict[str, list[float]] = {}
 
 
+def spark_suite(path: Path, master: str) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
+    """The same suite through `rs.open_run(path, engine="spark")` on a local Spark session
+    (`master`, e.g. local[2]); the session's start is not counted, the first query is."""
+    from pyspark.sql import SparkSession
+
+    spark = (
+        SparkSession.builder.master(master)
+        .appName("routescope-benchmark")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.driver.memory", "6g")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    times: dict[str, float] = {}
+    out: dict[str, pd.DataFrame] = {}
+    times["open_run"], run = timed(lambda: rs.open_run(path, engine="spark", spark=spark))
+    for name in ("expert_load", "balance", "dead_experts", "hot_experts", "entanglement"):
+        times[name], out[name] = timed(getattr(run, name))
+    run.close()
+    return times, out
+
+
+def spark_vs_duckdb(path: Path, rows: int, master: str, duck: dict[str, float], out: dict[str, Any]) -> None:
+    """Print the Spark suite beside DuckDB's best pass, with rows per second per core."""
+    cores = int(master.split("[")[1].rstrip("]")) if "[" in master and "*" not in master else os.cpu_count()
+    cpu0 = time.process_time()
+    times, spark_out = spark_suite(path, master)
+    print(
+        f"  spark ({master}): {sum(times.values()):.2f} s wall ({time.process_time() - cpu0:.2f} s CPU in Python)"
+    )
+    for name, df in out.items():
+        pd.testing.assert_frame_equal(
+            df.reset_index(drop=True), spark_out[name].reset_index(drop=True), check_dtype=False, rtol=1e-9
+        )
+    print("  spark results equal duckdb's")
+    print(f"\n{'step':<16}{'duckdb best':>14}{'spark ' + master:>18}")
+    for name in times:
+        print(f"{name:<16}{duck[name]:>14.2f}{times[name]:>18.2f}")
+    for label, total in (("duckdb", sum(duck.values())), ("spark", sum(times.values()))):
+        print(
+            f"{label}: total {total:.2f} s, {rows / total / 1e6:.1f} M rows/s, "
+            f"{rows / total / cores / 1e6:.2f} M rows/s per core ({cores} cores)"
+        )
+
+
 # -- the same metrics in pandas --------------------------------------------------------
 def pandas_suite(
     path: Path, mode: str, experts: int, k: int, seed: int
@@ -307,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--regenerate", action="store_true", help="write the data even if it exists")
     ap.add_argument("--repeat", type=int, default=3, help="DuckDB suite repetitions (best is reported)")
     ap.add_argument("--pandas", choices=("full", "layer", "skip"), default="full")
+    ap.add_argument(
+        "--spark",
+        metavar="MASTER",
+        help="also run the suite on Spark, e.g. local[2] (pip install -e '.[spark]')",
+    )
     args = ap.parse_args(argv)
 
     rows = int(args.rows)
@@ -378,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, values in EXTRA_TIMES.items():
         print(f"{name:<16}{values[0]:>14.2f}{min(values):>14.2f}{'-':>12}  (not in the total)")
     print(f"load average after: {load_average()}")
+    if args.spark:
+        spark_vs_duckdb(path, real_rows, args.spark, best, out)
+        print(f"load average after spark: {load_average()}")
     return 0
 
 
