@@ -446,3 +446,20 @@ def test_recording_options_without_out_dir_are_refused():
         rs.watch(model, sample=0.1)
     with pytest.raises(TypeError, match="Trainer"):
         rs.watch(object())
+
+
+def test_a_loop_that_never_calls_train_still_counts_its_training_forwards(tmp_path):
+    """from_pretrained loads in eval mode: forwards with gradients on are training forwards."""
+    model = build_tiny_model(MODEL)  # eval mode
+    batch = {k: torch.stack([r[k] for r in dataset(4)]) for k in dataset(1)[0]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "router calls outside a forward" warning either
+        with rs.watch(model, out_dir=tmp_path / "run") as watch:
+            model(**batch).loss.backward()
+            values = watch.end_step()
+            with torch.no_grad():
+                model(**batch)  # evaluation: not counted, not recorded
+            assert watch.end_step() == {}  # nothing counted since the previous read
+    assert values["routing/tokens"] == int(batch["attention_mask"].sum())
+    with rs.open_run(tmp_path / "run") as run:
+        assert run.manifest["tokens"] == values["routing/tokens"]

@@ -14,8 +14,9 @@ attention mask is 1 (no mask: every position). Positions whose label is -100 but
 is 1 (prompt tokens under completion-only loss) count: the router routed them and the
 experts ran on them. Packed (varlen) batches have no padding, so every position counts.
 
-Which forwards count: the forwards of the model (the outermost call) while it is in training
-mode (`model.train()`), so evaluation inside a training run is not mixed in. Router calls
+Which forwards count: the forwards of the model (the outermost call) that train: in training
+mode (`model.train()`) or with gradients on (`is_training_forward`), so evaluation inside a
+training run (eval mode under `torch.no_grad()`) is not mixed in. Router calls
 outside a forward of the model, such as the recomputation of activation checkpointing
 during backward, are ignored, so a checkpointed layer is not counted twice.
 """
@@ -52,7 +53,7 @@ class LayerTotals:
 class RoutingCounters:
     """Context manager: hooks that keep per-layer routing totals on the device.
 
-    `only_training=True` counts only forwards made in training mode. `layers` restricts the
+    `only_training=True` counts only training forwards (`is_training_forward`). `layers` restricts the
     MoE layers (decoder-layer indices).
     """
 
@@ -110,7 +111,7 @@ class RoutingCounters:
         self._depth += 1
         if self._depth > 1:
             return  # the model called itself: the outer call is the forward
-        self._active = module.training or not self.only_training
+        self._active = not self.only_training or is_training_forward(module)
         if not self._active:
             return
         self.forwards += 1
@@ -267,6 +268,13 @@ class RoutingCounters:
                 )
             )
         return totals
+
+
+def is_training_forward(model: nn.Module) -> bool:
+    """A forward that trains: the model is in training mode, or gradients are on (a custom loop
+    that never called `model.train()` on a `from_pretrained` model, which loads in eval mode).
+    Evaluation runs under `torch.no_grad()` in eval mode, as the Trainer's does."""
+    return model.training or torch.is_grad_enabled()
 
 
 def _distributed() -> bool:

@@ -108,6 +108,7 @@ class Recorder:
         self._step: StepBuffers | None = None
         self._depth = 0
         self._ignored_calls = 0
+        self._skipping = False  # inside a forward that train_step said not to record
         # The model thread takes only the labels lock (never held during disk I/O); the
         # manifest lock serialises manifest writes (writer thread and exit).
         self._labels_lock = threading.Lock()
@@ -348,7 +349,8 @@ class Recorder:
         started = time.perf_counter()
         step = self._step
         if step is None:
-            self._ignored_calls += 1
+            if not self._skipping:  # a forward train_step skipped is not a call outside a forward
+                self._ignored_calls += 1
             return
         indices = indices.detach()
         step.routing[layer] = (indices.to(torch.int16) if compact else indices, weights.detach())
@@ -421,7 +423,7 @@ class Recorder:
         self._forwards += 1
         train_step = self.train_step() if self.train_step is not None else None
         if self.train_step is not None and train_step is None:
-            self._step = None  # e.g. an evaluation forward inside a training run
+            self._step, self._skipping = None, True  # e.g. an evaluation forward inside a training run
             return
         self._tracker.release(inputs.cache, self._submit_held)
         with self._labels_lock:
@@ -473,6 +475,7 @@ class Recorder:
         self._depth -= 1
         if self._depth > 0:
             return
+        self._skipping = False
         step, self._step = self._step, None
         compiled = self._sink.end() if self._sink is not None else {}
         if step is None:

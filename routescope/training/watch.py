@@ -31,7 +31,7 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback
 
-from routescope.capture.counters import RoutingCounters
+from routescope.capture.counters import RoutingCounters, is_training_forward
 from routescope.capture.recorder import Recorder
 from routescope.training.alerts import AlertRules, Alerts
 from routescope.training.scalars import PREFIX, routing_scalars
@@ -124,7 +124,7 @@ class Watch:
         return self._step_source() if self._step_source is not None else self.train_step
 
     def _recorded_step(self) -> int | None:
-        return self.current_step() if self.model.training else None
+        return self.current_step() if is_training_forward(self.model) else None
 
     def scalars(self) -> dict[str, float]:
         """Read the device totals (one host sync, summed over ranks) and name the scalars.
