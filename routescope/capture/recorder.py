@@ -85,9 +85,7 @@ class Recorder:
         self.only_layers = None if layers is None else sorted({int(x) for x in layers})
         self.max_pending_bytes = max_pending_bytes
         self.wait = wait  # for another writer of the same run and rank (store.lock)
-        # training (rs.watch): a callable giving the optimizer step (1-based) a forward's
-        # gradients go into, written as the tokens' train_step; None from it skips the forward
-        self.train_step = train_step
+        self.train_step = train_step  # rs.watch: () -> optimizer step (train_step); None: skip
         self.model = unwrap(model)  # torch.compile(model): hooks go on the model inside
         self._compiled_given = self.model is not model
         self._sink: CompiledSink | None = None  # compiled router hooks write here (capture.compiled)
@@ -107,8 +105,7 @@ class Recorder:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._step: StepBuffers | None = None
         self._depth = 0
-        self._ignored_calls = 0
-        self._skipping = False  # inside a forward that train_step said not to record
+        self._ignored_calls, self._skipping = 0, False  # _skipping: in a forward train_step skipped
         # The model thread takes only the labels lock (never held during disk I/O); the
         # manifest lock serialises manifest writes (writer thread and exit).
         self._labels_lock = threading.Lock()
