@@ -80,6 +80,7 @@ CALLS = {
     "specialization": lambda r: r.specialization(by="domain"),
     "where": lambda r: r.balance(where="phase = 'prefill' AND domain = 'code'"),
     "coactivation": lambda r: r.coactivation(3),
+    "vocab_specialization": lambda r: r.vocab_specialization(),
     "sql": lambda r: r.sql(
         "SELECT layer, count(*) AS n FROM routing WHERE expert = $e GROUP BY layer ORDER BY layer", {"e": 0}
     ),

@@ -12,6 +12,8 @@ leaves as they are, and writes Spark SQL. The rewrites, each for one reason:
 - `list[a:b]` (1-based, inclusive) becomes `slice(list, a, b - a + 1)`; `len(list)` `size`;
 - `COLUMNS(lambda c: c = $label)` (a column chosen by a bound name) becomes that column,
   quoted; the caller has checked the name is one of the run's labels;
+- `first(x ORDER BY n DESC, k)` becomes `min_by(x, struct(-n, k))` (the DESC keys of the
+  named queries are counts), and a row value `min((a, b, c))` a `struct`;
 - a decimal literal such as `1.0` is a DOUBLE (DuckDB divides to DOUBLE, Spark to DECIMAL);
 - `AS [NOT] MATERIALIZED` hints on CTEs are DuckDB's only and are dropped.
 
@@ -112,6 +114,17 @@ def _rewrite(node: Any) -> Any:
             this=exp.Sub(this=end.copy(), expression=start.copy()), expression=exp.Literal.number(1)
         )
         return exp.Anonymous(this="SLICE", expressions=[node.this, start, exp.Paren(this=count)])
+    if isinstance(node, exp.First) and isinstance(node.this, exp.Order):
+        # first(x ORDER BY k1 DESC, k2): the x of the smallest (-k1, k2); DESC keys are numeric here
+        keys = [
+            exp.Neg(this=exp.Paren(this=o.this.copy())) if o.args.get("desc") else o.this.copy()
+            for o in node.this.expressions
+        ]
+        return exp.Anonymous(
+            this="MIN_BY", expressions=[node.this.this.copy(), exp.Anonymous(this="STRUCT", expressions=keys)]
+        )
+    if isinstance(node, exp.Tuple) and isinstance(node.parent, (exp.Min, exp.Max)):
+        return exp.Anonymous(this="STRUCT", expressions=[e.copy() for e in node.expressions])
     if isinstance(node, exp.Literal) and not node.is_string and "." in node.this:
         return exp.Cast(this=node.copy(), to=exp.DataType.build("DOUBLE"))
     return node
