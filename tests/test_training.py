@@ -463,3 +463,21 @@ def test_a_loop_that_never_calls_train_still_counts_its_training_forwards(tmp_pa
     assert values["routing/tokens"] == int(batch["attention_mask"].sum())
     with rs.open_run(tmp_path / "run") as run:
         assert run.manifest["tokens"] == values["routing/tokens"]
+
+
+def test_a_rising_dead_fraction_warns_once_per_layer(caplog):
+    from routescope.training.alerts import Alerts
+
+    alerts = Alerts(AlertRules(max_violation=None), "routing")
+    key = "routing/layer_{}/dead_fraction"
+    with caplog.at_level("WARNING", logger="routescope"):
+        assert alerts.check({key.format(0): 0.0, key.format(1): 0.25}, 1) == []  # the baselines
+        assert alerts.check({key.format(0): 0.0, key.format(1): 0.25}, 2) == []  # no rise
+        raised = alerts.check({key.format(0): 0.25, key.format(1): 0.25}, 3)
+        assert alerts.check({key.format(0): 0.5, key.format(1): 0.25}, 4) == []  # already said
+    assert [(a["layer"], a["kind"], a["reference"], a["train_step"]) for a in raised] == [
+        (0, "dead_fraction_rise", 0.0, 3)
+    ]
+    assert [r.getMessage() for r in caplog.records] == [
+        "routescope: layer 0 at train step 3: dead fraction rose from 0.000 to 0.250"
+    ]
