@@ -133,7 +133,9 @@ class SparkConnection:
         create = _CREATE_TEMP.match(sql)
         try:
             if create:
-                frame = self.session.sql(to_spark(create.group(2), params)).cache()
+                # computed now and kept with its lineage cut, so later statements read the result
+                # (a lazily cached plan was not matched by the views that read it: they rescanned)
+                frame = self.session.sql(to_spark(create.group(2), params)).localCheckpoint(eager=True)
                 frame.createOrReplaceTempView(create.group(1))
                 self._cached[create.group(1)] = frame
                 return SparkResult(None)
