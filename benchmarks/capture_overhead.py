@@ -7,10 +7,11 @@ Compares routescope against a naive hook that calls .tolist() in the hook, and a
         [--decode-steps 16] [--static-steps 16] [--compiled]
 
 `--static-steps N` times `generate(cache_implementation="static")` with and without
-recording; `--compiled` times a `torch.compile`d forward against eager, with and without
-recording (a compiled model is recorded through its eager original: routescope refuses a
-compiled module, so the cost of recording a compiled deployment is eager-recorded time
-over compiled time).
+recording; `--compiled` times a `torch.compile(fullgraph=True)` forward and transformers'
+compiled static-cache `generate` (`--compiled-steps` new tokens, decode steps compiled),
+each recorded against unrecorded (capture/compiled.py). Two copies of the model with the
+same weights: one recorded inside one long `rs.record` block (entering and leaving a
+block recompiles), one never recorded; their calls are interleaved.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         "--decode-steps", type=int, default=0, help="also time generate() with this many new tokens"
     )
     parser.add_argument("--static-steps", type=int, default=0, help="also time static-cache generate()")
-    parser.add_argument("--compiled", action="store_true", help="also time a torch.compile'd forward")
+    parser.add_argument("--compiled", action="store_true", help="also time the compiled paths")
+    parser.add_argument("--compiled-steps", type=int, default=16, help="new tokens of compiled generate")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     model = build(args)
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.static_steps:
         static_generate(model, ids, mask, args, tmp)
     if args.compiled:
-        compiled_forward(model, plain, args, tmp)
+        compiled_paths(model, ids, mask, args, tmp)
     print(f"storage: {rows} routing rows, {on_disk / rows:.3f} bytes/row with float32 weights")
     with rs.record(model, tmp / "noweights", weights=False):
         plain()
@@ -228,33 +231,58 @@ def static_generate(model, ids, mask, args, tmp: Path) -> None:
     )
 
 
-def compiled_forward(model, plain, args, tmp: Path) -> None:
-    compiled = torch.compile(model)
-    batch = {"input_ids": torch.randint(1, 4000, (args.batch, args.seq), device=args.device)}
+def compiled_paths(model, ids, mask, args, tmp: Path) -> None:
+    """Recorded compiled forward and compiled decode against the same, unrecorded."""
+    from transformers import CompileConfig
 
-    def run_compiled():
-        compiled(**batch)
+    copy = deepcopy(model)
+    plain, recorded = torch.compile(copy, fullgraph=True), torch.compile(model, fullgraph=True)
+    config = CompileConfig(fullgraph=True)
+    config._compile_all_devices = True  # transformers compiles on CUDA only by default
+    prompt = {"input_ids": ids[:, :32], "attention_mask": mask[:, :32]}
 
-    for _ in range(3):  # compile and warm up
-        run_compiled()
-    count = iter(range(10**6))
+    def forward(m):
+        return lambda: timed(lambda: m(input_ids=ids, attention_mask=mask), args.device)
 
-    def eager_recorded():
-        with rs.record(model, tmp / f"eager{next(count)}", flush_seconds=1e9):
-            return timed(plain, args.device)
+    def decode(m):
+        def gen():
+            m.generate(
+                **prompt,
+                max_new_tokens=args.compiled_steps,
+                min_new_tokens=args.compiled_steps,
+                do_sample=False,
+                pad_token_id=0,
+                cache_implementation="static",
+                compile_config=config,
+            )
 
-    med = interleaved(
-        {
-            "eager": lambda: timed(plain, args.device),
-            "eager+routescope": eager_recorded,
-            "compiled": lambda: timed(run_compiled, args.device),
-        },
-        args.rounds,
+        return lambda: timed(gen, args.device)
+
+    variants = {
+        "compiled forward": forward(plain),
+        "compiled forward+routescope": forward(recorded),
+        "compiled generate": decode(copy),
+        "compiled generate+routescope": decode(model),
+    }
+    with rs.record(recorded, tmp / "compiled", flush_seconds=1e9):
+        started = time.perf_counter()
+        for _ in range(3):  # compile (decode: a static graph, then a dynamic one) and warm up
+            for variant in variants.values():
+                variant()
+        print(f"compiled paths: compiled and warmed up in {time.perf_counter() - started:.0f}s")
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            med = interleaved(variants, args.rounds)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    for what in ("compiled forward", "compiled generate"):
+        base, rec = med[what], med[what + "+routescope"]
+        steps = f" {args.compiled_steps} tokens" if "generate" in what else ""
+        print(f"{what}{steps}: none {base:.4f}s, routescope {rec:.4f}s, ratio {rec / base:.3f}")
+    run = rs.open_run(tmp / "compiled")
+    print(
+        "compiled run:",
+        run.sql("SELECT phase, count(*) AS tokens FROM tokens GROUP BY 1 ORDER BY 1").to_dict("list"),
     )
-    base = med["eager"]
-    for name, value in med.items():
-        print(f"compiled variant {name:<18}{value:>10.4f}s ratio to eager {value / base:.3f}")
-    print(f"recording a compiled deployment costs {med['eager+routescope'] / med['compiled']:.3f}x its time")
 
 
 if __name__ == "__main__":
