@@ -8,11 +8,14 @@ The server is moto in server mode (an S3 emulator, not AWS), started by this mod
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -26,6 +29,7 @@ pytest.importorskip("s3fs", reason='object storage needs s3fs: pip install -e ".
 pytest.importorskip("moto", reason="the S3-API test server is moto: pip install 'moto[server]'")
 
 BUCKET = "routescope-test"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _free_port() -> int:
@@ -100,12 +104,17 @@ def recorded(s3, tmp_path_factory):
 
 def test_a_run_recorded_to_s3_reads_back_equal_to_a_local_one(s3, recorded):
     local, uri = recorded
-    with rs.open_run(local) as a, rs.open_run(uri, storage_options=s3["options"]) as b:
+    with (
+        rs.open_run(local) as a,
+        rs.open_run(uri, storage_options=s3["options"]) as b,
+        rs.open_run(f"file://{local}") as c,  # a file:// URI is the local disk
+    ):
         assert b.manifest["complete"] and b.manifest["tokens"] == a.manifest["tokens"] == 108
         assert len(b.store.list_parts("routing")) > 1  # several parts, all on the server
         pd.testing.assert_frame_equal(_rows(a), _rows(b))
         for call in (lambda r: r.balance(), lambda r: r.specialization("domain"), lambda r: r.entanglement()):
             pd.testing.assert_frame_equal(call(a), call(b))
+        pd.testing.assert_frame_equal(_rows(a), _rows(c))
 
 
 def test_an_upload_interrupted_mid_part_leaves_a_readable_run(s3, recorded):
@@ -129,6 +138,41 @@ def test_an_upload_interrupted_mid_part_leaves_a_readable_run(s3, recorded):
     with rs.open_run(uri, storage_options=s3["options"]) as run:
         assert not run.skipped
         pd.testing.assert_frame_equal(before, _rows(run))
+
+
+def test_a_writer_killed_while_recording_to_s3_leaves_a_readable_run(s3):
+    """SIGKILL (no handler runs, no upload completes) while a process records to the server."""
+    uri = f"s3://{BUCKET}/runs/killed"
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        import routescope as rs
+        from tests.tiny_models import build_tiny_model
+        model = build_tiny_model("mixtral")
+        ids = torch.randint(1, 100, (2, 8))
+        with rs.record(model, {uri!r}, storage_options={s3["options"]!r}) as rec:
+            for i in range(100000):
+                model(input_ids=ids)
+                if i < 3:
+                    rec.flush()
+                if i == 3:
+                    print("ready", flush=True)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    with rs.open_run(uri, storage_options=s3["options"]) as run:
+        assert run.complete is False and not run.skipped
+        tokens = int(run.sql("SELECT count(*) AS n FROM tokens").n[0])
+        assert tokens >= 3 * 16 and tokens == run.manifest["tokens"]
+        assert int(run.sql("SELECT count(*) AS n FROM routing").n[0]) == tokens * 2 * 2
+        holder = run.store.read_json(".lock")  # the dead writer's lock object stays until its lease ends
+        assert holder["pid"] == proc.pid
 
 
 def test_one_writer_at_a_time_on_object_storage(s3):

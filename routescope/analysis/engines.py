@@ -3,8 +3,7 @@
 `connect` makes the connection a Run keeps as `run.con`; `build_views` (re)creates the
 table views on it. Both engines are fed by the same named SQL (`queries/*.sql`): DuckDB runs
 it as written, Spark through `dialect.to_spark` (see `cluster.py`). A run on object storage
-(`s3://`, `gs://`, ...) is read through its fsspec filesystem, which DuckDB is given with
-`register_filesystem` (no DuckDB extension is downloaded).
+is `opening.RemoteRun`, which gives DuckDB its fsspec filesystem.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from routescope.store.layout import list_parts
 ENGINES = ("duckdb", "spark")
 
 
-def connect(engine: str = "duckdb", threads: int | None = None, spark: Any = None, fs: Any = None) -> Any:
+def connect(engine: str = "duckdb", threads: int | None = None, spark: Any = None) -> Any:
     """A DuckDB connection, or a `SparkConnection` on `spark` / the active / a local session."""
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} is not allowed; use one of {', '.join(map(repr, ENGINES))}")
@@ -37,8 +36,6 @@ def connect(engine: str = "duckdb", threads: int | None = None, spark: Any = Non
         pass  # Jupyter without ipywidgets: DuckDB refuses any progress-bar change (and draws none)
     if threads:
         con.execute(f"SET threads = {int(threads)}")
-    if fs is not None:
-        con.register_filesystem(fs)
     return con
 
 
