@@ -117,6 +117,22 @@ def test_a_run_recorded_to_s3_reads_back_equal_to_a_local_one(s3, recorded):
         pd.testing.assert_frame_equal(_rows(a), _rows(c))
 
 
+def test_runs_on_s3_and_on_disk_read_as_one(s3, recorded):
+    local, uri = recorded
+    with (
+        rs.open_run(local) as one,
+        rs.open_runs([uri, local], storage_options=s3["options"]) as both,
+        rs.open_runs(f"s3://{BUCKET}/runs/tin*", storage_options=s3["options"]) as globbed,
+    ):
+        assert both.manifest["tokens"] == 216 and [r["run"] for r in both.manifest["runs"]] == ["tiny", "run"]
+        per_run = both.sql("SELECT run, count(*) AS n FROM routing GROUP BY run ORDER BY run")
+        assert per_run["n"].tolist() == [108 * 4, 108 * 4]  # 2 MoE layers x top-2 per token
+        doubled = one.expert_load().assign(tokens=lambda d: d.tokens * 2)
+        pd.testing.assert_frame_equal(both.expert_load(), doubled)
+        assert globbed.manifest["runs"][0]["run"] == "tiny"
+        pd.testing.assert_frame_equal(globbed.balance(), one.balance())
+
+
 def test_an_upload_interrupted_mid_part_leaves_a_readable_run(s3, recorded):
     """A writer killed while uploading its next part leaves an unfinished multipart upload, which
     the store never shows as an object: the run reads as before."""

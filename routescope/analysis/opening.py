@@ -24,6 +24,22 @@ from routescope.store.remote import ObjectStore, is_remote, local_path, read_rem
 SPARK_SCHEMES = {"s3": "s3a"}
 
 
+def remote_manifest(store: ObjectStore) -> dict[str, Any]:
+    """A run's manifest on object storage, its rank fragments merged (as `merge_rank_manifests`)."""
+    store.fs.invalidate_cache()
+    fragments = {
+        key.rsplit("/", 1)[-1]: store.fs.cat_file(key).decode("utf-8")
+        for key in store.glob("manifest.rank=*.json")
+    }
+    return merge_rank_manifests(Path(store.root), read_remote_manifest(store), fragments)
+
+
+def spark_url(url: str) -> str:
+    """The URL Spark's Hadoop filesystems know the object at `url` by (s3:// is s3a://)."""
+    scheme, rest = url.split("://", 1)
+    return f"{SPARK_SCHEMES.get(scheme, scheme)}://{rest}"
+
+
 class RemoteRun(Run):
     """A run on object storage, read in place (see the module docstring)."""
 
@@ -41,12 +57,7 @@ class RemoteRun(Run):
         super().__init__(Path(self.store.root), skip_corrupt=skip_corrupt, engine=engine, spark=spark)
 
     def refresh(self) -> RemoteRun:
-        self.store.fs.invalidate_cache()
-        fragments = {
-            key.rsplit("/", 1)[-1]: self.store.fs.cat_file(key).decode("utf-8")
-            for key in self.store.glob("manifest.rank=*.json")
-        }
-        self.manifest = merge_rank_manifests(self.path, read_remote_manifest(self.store), fragments)
+        self.manifest = remote_manifest(self.store)
         found = {}
         for table in schema.TABLE_COLUMNS:
             good, bad = check_parts(self.store.list_parts(table), self.skip_corrupt, self.store.fs)
@@ -67,10 +78,7 @@ class RemoteRun(Run):
 
     def _url(self, key: str) -> str:
         url = self.store.url(key)
-        if is_spark(self.con):
-            scheme, rest = url.split("://", 1)
-            return f"{SPARK_SCHEMES.get(scheme, scheme)}://{rest}"
-        return url
+        return spark_url(url) if is_spark(self.con) else url
 
     def _mark_skipped(self) -> None:
         names = [str(p) for p in self.skipped]
