@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from routescope.analysis import metrics
 from routescope.analysis.content import match_by_content
 from routescope.analysis.querying import quiet_selection, selected_nothing, warn_if_empty
 from routescope.analysis.run import Run, open_run
+from routescope.analysis.saturation import keys_fit, saturation_table
 from routescope.store.layout import list_parts
 
 BALANCE_METRICS = ("cv", "max_violation", "balancedness", "norm_entropy", "aux_loss", "aux_loss_step_mean")
@@ -161,13 +161,14 @@ def router_saturation(run_a: Run, run_b: Run, where: str | None = None) -> tuple
         "num_experts": [run_a.num_experts(layer) for layer in layers],
         "top_k": top_k,
     }
-    pairs, counts = match_by_content(content_tokens(run_a, where), content_tokens(run_b, where))
-    name = "content_pairs"
-    run_a.con.register(name, pa.table(pairs))
-    try:
-        df = metrics.query(run_a, "router_saturation", where=where, layers=layer_values, b_routing=b_routing)
-    finally:
-        run_a.con.unregister(name)
+    tokens_a, tokens_b = content_tokens(run_a, where), content_tokens(run_b, where)
+    pairs, counts = match_by_content(tokens_a, tokens_b)
+    slots = max(max(run_a.top_k(layer), run_b.top_k(layer)) for layer in layers)
+    # the scan reads rows in file order: not through the joined views of a run with skipped parts
+    packed = not run_a.skipped and keys_fit(
+        (tokens_a["seq_id"], tokens_a["pos"]), (tokens_b["seq_id"], tokens_b["pos"])
+    )
+    df = saturation_table(run_a.con, pairs, layers, layer_values["top_k"], slots, b_routing, scan=packed)
     selected, matched, keyless = counts["selected_a"], counts["matched"], counts["keyless_a"]
     if matched == 0:
         notes.append(
