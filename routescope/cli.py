@@ -296,7 +296,9 @@ def report_command(args: argparse.Namespace) -> int:
     # the report says itself when --where selects nothing (no warning per metric)
     with status(f"analysing {args.run} …"), quiet_selection():
         run = rs.open_run(
-            args.run, skip_corrupt=getattr(args, "skip_corrupt", False), engine=getattr(args, "engine", "duckdb")
+            args.run,
+            skip_corrupt=getattr(args, "skip_corrupt", False),
+            engine=getattr(args, "engine", "duckdb"),
         )
         try:
             report = collect_report(
