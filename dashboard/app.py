@@ -23,11 +23,14 @@ from routescope.dashboard.urlstate import sync_run
 REFRESH_MS = 3000  # how often a run that is still being written is re-read
 
 
-def create_app(run_paths: Sequence[str | Path], refresh_ms: int = REFRESH_MS) -> dash.Dash:
-    """A Dash app serving the runs at `run_paths` (opened lazily, problems shown on the page)."""
+def create_app(
+    run_paths: Sequence[str | Path], refresh_ms: int = REFRESH_MS, skip_corrupt: bool = False
+) -> dash.Dash:
+    """A Dash app serving the runs at `run_paths` (opened lazily, problems shown on the page);
+    `skip_corrupt` opens them with open_run(..., skip_corrupt=True)."""
     if not run_paths:
         raise ValueError("create_app needs at least one run directory")
-    registry = RunRegistry(run_paths)
+    registry = RunRegistry(run_paths, skip_corrupt=skip_corrupt)
     for name, func in QUERIES.items():
         registry.register_query(name, func)
     set_registry(registry)
@@ -158,14 +161,18 @@ def register_shell_callbacks(app: dash.Dash) -> None:
 
 
 def serve(
-    run_paths: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8050, debug: bool = False
+    run_paths: Sequence[str | Path],
+    host: str = "127.0.0.1",
+    port: int = 8050,
+    debug: bool = False,
+    skip_corrupt: bool = False,
 ) -> None:
     """Serve the dashboard for `run_paths` until interrupted (loopback only by default).
 
     Served by waitress (a pure-Python production WSGI server) when it is installed, so no
     "development server" warning; `debug=True` uses Flask's reloading development server.
     """
-    app = create_app(run_paths)
+    app = create_app(run_paths, skip_corrupt=skip_corrupt)
     if not debug:
         try:
             from waitress import serve as waitress_serve

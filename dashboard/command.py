@@ -26,17 +26,22 @@ def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
     parser.add_argument("--port", type=int, default=8050, help="port to listen on (default 8050)")
+    parser.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="open runs with corrupt or truncated parts without them (the rest stays consistent)",
+    )
 
 
-def check_runs(paths: list[str]) -> str | None:
+def check_runs(paths: list[str], skip_corrupt: bool = False) -> str | None:
     """None when every path is a run the dashboard can show, else the first problem."""
     import routescope as rs
 
     for path in paths:
-        problem = check_run_path(path)
+        problem = check_run_path(path, skip_corrupt)
         if problem:
             return problem
-        with rs.open_run(path) as run:
+        with rs.open_run(path, skip_corrupt=skip_corrupt) as run:
             if run.complete and not run.manifest.get("tokens"):
                 return f"{path}: the run is complete but holds no tokens; there is nothing to show"
     return None
@@ -65,7 +70,8 @@ def dashboard_command(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         print(f"routescope dashboard: --port {args.port} is not a port number (1-65535)", file=sys.stderr)
         return 2
-    problem = check_runs(args.runs)
+    skip = getattr(args, "skip_corrupt", False)
+    problem = check_runs(args.runs, skip)
     if problem:
         print(f"routescope dashboard: {problem}", file=sys.stderr)
         return 2
@@ -80,11 +86,15 @@ def dashboard_command(args: argparse.Namespace) -> int:
     from routescope.dashboard.app import serve
 
     for path in args.runs:
-        with rs.open_run(path) as run:
-            if not run.complete:
+        with rs.open_run(path, skip_corrupt=skip) as run:
+            if run.skipped:
+                print(
+                    f"note: {Path(path)}: {len(run.skipped)} corrupt part(s) skipped; the pages show the rest"
+                )
+            elif not run.complete:
                 print(f"note: {Path(path)} is still being written (or stopped early); the pages re-read it")
     if not is_loopback(args.host):
         print(f"warning: serving on {args.host}: anyone who can reach this address can view these runs")
     print(f"routescope dashboard: http://{args.host}:{args.port}/  (Ctrl+C to stop)")
-    serve(args.runs, host=args.host, port=args.port)
+    serve(args.runs, host=args.host, port=args.port, skip_corrupt=skip)
     return 0

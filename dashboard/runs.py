@@ -45,7 +45,7 @@ def describe_open_error(path: Path, exc: BaseException) -> str:
     return f"{path}: cannot be opened ({type(exc).__name__}: {exc})"
 
 
-def check_run_path(path: str | Path) -> str | None:
+def check_run_path(path: str | Path, skip_corrupt: bool = False) -> str | None:
     """None when `path` opens as a run, else one line saying why not (used by the CLI)."""
     path = Path(path)
     if not path.exists():
@@ -53,7 +53,7 @@ def check_run_path(path: str | Path) -> str | None:
     if not path.is_dir():
         return f"{path}: not a directory"
     try:
-        rs.open_run(path).close()
+        rs.open_run(path, skip_corrupt=skip_corrupt).close()
     except Exception as exc:
         return describe_open_error(path, exc)
     return None
@@ -62,7 +62,10 @@ def check_run_path(path: str | Path) -> str | None:
 class RunRegistry:
     """The served runs, keyed by their index on the command line as a string."""
 
-    def __init__(self, paths: Sequence[str | Path], cache_size: int = 512) -> None:
+    def __init__(
+        self, paths: Sequence[str | Path], cache_size: int = 512, skip_corrupt: bool = False
+    ) -> None:
+        self.skip_corrupt = skip_corrupt  # open every run with open_run(..., skip_corrupt=True)
         self.slots: dict[str, RunSlot] = {str(i): RunSlot(Path(p)) for i, p in enumerate(paths)}
         self._cached = functools.lru_cache(maxsize=cache_size)(self._compute)
         self._queries: dict[str, Callable[..., Any]] = {}
@@ -94,7 +97,7 @@ class RunRegistry:
         with slot.lock:
             if slot.run is None:
                 try:
-                    slot.run = rs.open_run(slot.path)
+                    slot.run = rs.open_run(slot.path, skip_corrupt=self.skip_corrupt)
                     slot.error = None
                 except Exception as exc:
                     slot.error = describe_open_error(slot.path, exc)

@@ -166,3 +166,18 @@ def test_report_piped_into_head_exits_0_quietly(extra, tmp_path):
     rc, _, err = done.stdout.partition("\n")
     assert rc.strip() == "0", done.stdout + done.stderr
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_dashboard_takes_skip_corrupt(tmp_path, capsys):
+    from routescope.dashboard.command import check_runs
+    from routescope.dashboard.runs import RunRegistry
+
+    run = partial_run(tmp_path / "run", "routing")
+    assert main(["dashboard", str(run), "--port", "0"]) == 2  # bad port: refused before any run opens
+    capsys.readouterr()
+    problem = check_runs([str(run)])
+    assert problem and "part-00000.parquet" in problem and "--skip-corrupt" in problem
+    with pytest.warns(RuntimeWarning, match="skipped 1 corrupt part"):
+        assert check_runs([str(run)], skip_corrupt=True) is None
+        opened = RunRegistry([run], skip_corrupt=True).run("0")
+    assert opened.skipped and opened.token_count() == (STEPS - 1) * PER_STEP
