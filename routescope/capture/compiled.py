@@ -92,8 +92,13 @@ def drop_compiled_graphs(model: nn.Module) -> bool:
     """Drop the compiled code of `model`'s forward, so the next call compiles with the hooks
     now on it. True if there was some."""
     code = getattr(getattr(type(model), "forward", None), "__code__", None)
-    if code is None or not torch._dynamo.eval_frame._debug_get_cache_entry_list(code):
+    if code is None:
         return False
+    try:  # a debugging helper of dynamo's; if it goes, drop unconditionally
+        if not torch._dynamo.eval_frame._debug_get_cache_entry_list(code):
+            return False
+    except AttributeError:
+        pass
     torch._dynamo.reset_code(code)
     return True
 

@@ -528,7 +528,9 @@ def record(
 ) -> Recorder:
     """Record every routing decision of `model` into the run directory `out_dir`.
 
-    Use as a context manager around plain forwards and `model.generate(...)`. On exit, also
+    Use as a context manager around plain forwards and `model.generate(...)`, compiled or
+    not (`torch.compile(model)`, `model.compile()`, a `compile_config`: the graph records
+    itself, capture/compiled.py). On exit, also
     on an exception, every hook is removed, recorded steps are flushed and the manifest is
     written (`complete` is true only after a clean exit).
 
