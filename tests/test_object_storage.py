@@ -203,6 +203,13 @@ def test_one_writer_at_a_time_on_object_storage(s3):
     first.close()
     second.lock()
     second.close()
+    # an idle holder keeps its lock: the lease is renewed while it is held
+    idle = ObjectLock(first.store, ".lock", lease=1.0)
+    idle.acquire()
+    time.sleep(1.5)
+    with pytest.raises(RunBusyError):
+        ObjectLock(first.store, ".lock", lease=1.0).acquire(wait=False)
+    idle.release()
     # a holder that stopped without releasing: its lease runs out and the next writer takes over
     stale = ObjectLock(first.store, ".lock", lease=-1.0)
     stale.acquire()

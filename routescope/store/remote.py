@@ -13,8 +13,9 @@ changes is how "a reader never sees a half-written part" is kept without renames
 - **One writer per rank** (issue 27 on object storage): `ObjectLock` takes the lock object
   `RUN/.lock` (or `.lock.rank=R`) with a conditional create (`If-None-Match: *`), which the
   store grants to exactly one of several writers. It holds the holder's details and a lease
-  expiry; the holder renews the lease at every manifest write, and a successor takes over
-  a lock whose lease ran out (a writer that died without releasing), with a warning. It
+  expiry; the holder renews the lease at every manifest write and from a small thread every
+  third of the lease (so an idle writer keeps it), and a successor takes over a lock whose
+  lease ran out (a writer that died without releasing), with a warning. It
   implements `store.lock.RunLock`, so `RunDirectory` uses it as it uses `FileLock`.
 
 `RemoteRunDirectory` and `RemotePartWriter` are the store's two writers with these file
@@ -25,6 +26,7 @@ them. fsspec (and s3fs / gcsfs for a cloud) are imported only for such a locatio
 from __future__ import annotations
 
 import json
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -142,6 +144,17 @@ class ObjectLock:
         self.key = store.key(name)
         self.path = Path(self.key)
         self._mine: LockHolder | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _keep_alive(self) -> None:
+        """Renew the lease every third of it while held: an idle writer (no flush for a while)
+        keeps its lock; a dead one stops renewing and its lease runs out."""
+        while not self._stop.wait(max(self.lease / 3, 0.05)):
+            try:
+                self.renew()
+            except Exception:
+                pass  # the next manifest write renews it too; a store outage must not kill the writer
 
     def _body(self, holder: LockHolder) -> bytes:
         return json.dumps({**asdict(holder), "expires": time.time() + self.lease}, sort_keys=True).encode()
@@ -166,6 +179,12 @@ class ObjectLock:
             try:
                 self.store.put(self.key, self._body(mine), create_only=True)
                 self._mine = mine
+                if self.lease > 0:
+                    self._stop.clear()
+                    self._renewer = threading.Thread(
+                        target=self._keep_alive, name="routescope-lease", daemon=True
+                    )
+                    self._renewer.start()
                 return taken_over
             except FileExistsError:
                 pass
@@ -190,6 +209,10 @@ class ObjectLock:
             self.store.put(self.key, self._body(self._mine))
 
     def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+            self._renewer = None
         if self._mine is None:
             return
         holder, _ = self._read()
