@@ -191,10 +191,10 @@ class CompiledSink:
         """Traced into the graph by the router hooks' compiled branch."""
         buffers = self.current
         if buffers is None:
-            raise RouteScopeError(
-                "a router ran compiled, but routescope did not see this model compiled: compile "
-                "the model with torch.compile(model) or model.compile(), or call it through generate"
-            )
+            # no step is being recorded (an input without ids, a skipped forward) or the model
+            # was compiled some other way: this graph variant writes nothing, and the forward
+            # records nothing
+            return
         record_choice(buffers[0][slot], buffers[1][slot], ids.detach(), weights.detach())
 
     def end(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
