@@ -107,7 +107,8 @@ def open_run(
 
     FileNotFoundError when there is no run there; RunFormatError (naming the file) when it is
     not a run or holds a corrupt part, unless `skip_corrupt=True`, which reads the rest and lists
-    the skipped parts in `Run.skipped`.
+    the skipped parts in `Run.skipped` (with a warning; the views then keep only the tokens,
+    routing and steps every table still holds, and `run.manifest` says so: docs/reliability.md).
     """
     if is_remote(path):
         store = ObjectStore(str(path), storage_options)

@@ -282,7 +282,8 @@ def open_run(path: str | Path, skip_corrupt: bool = False, engine: str = "duckdb
 
     FileNotFoundError when `path` does not exist; RunFormatError (naming the file) when it
     is not a run or holds a corrupt part, unless `skip_corrupt=True`, which reads the rest
-    and lists the skipped parts in `Run.skipped`.
+    and lists the skipped parts in `Run.skipped` (with a warning; the views then keep only the
+    tokens, routing and steps every table still holds, and `run.manifest` says so).
     """
     path = Path(path)
     if not path.exists():
