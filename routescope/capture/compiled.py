@@ -192,8 +192,7 @@ class CompiledSink:
         buffers = self.current
         if buffers is None:
             # no step is being recorded (an input without ids, a skipped forward) or the model
-            # was compiled some other way: this graph variant writes nothing, and the forward
-            # records nothing
+            # was compiled some other way: this graph variant writes nothing
             return
         record_choice(buffers[0][slot], buffers[1][slot], ids.detach(), weights.detach())
 
