@@ -120,8 +120,7 @@ def add_skip_corrupt_argument(parser: argparse.ArgumentParser) -> None:
 
 
 COUNTS_ONLY_SKIP = (
-    "this run holds per-expert counts only (imported from an engine's counters); "
-    "it needs per-token routing"
+    "this run holds per-expert counts only (imported from an engine's counters); it needs per-token routing"
 )
 
 

@@ -134,7 +134,9 @@ def test_profile_model_that_is_a_run_directory_says_so(corpus_slice, tmp_path, c
     run = tmp_path / "run"
     assert main(["profile", "--data", str(corpus_slice), "--out", str(run), "--max-length", "8"]) == 0
     capsys.readouterr()
-    assert main(["profile", "--model", str(run), "--data", str(corpus_slice), "--out", str(tmp_path / "b")]) == 2
+    assert (
+        main(["profile", "--model", str(run), "--data", str(corpus_slice), "--out", str(tmp_path / "b")]) == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a routescope run directory, not a model" in err
     assert not (tmp_path / "b").exists()
@@ -153,6 +155,9 @@ def test_profile_into_an_existing_run_refuses_before_loading_the_model(tmp_path,
     assert code == 2 and "already holds a routescope run" in err and "--append" in err
     check = "import sys, routescope.cli as c; c.main(sys.argv[1:]); print('torch' in sys.modules)"
     done = subprocess.run(
-        [sys.executable, "-c", check, "profile", "--out", str(run)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", check, "profile", "--out", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.stdout.strip() == "False", done.stderr  # no model (nor torch) was loaded
