@@ -53,7 +53,11 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     # a tiny vocabulary
     # its config refuses a head_dim that NVFP4 key/value rounding cannot use (5.25)
     "kolibri1_1": dict(
-        head_dim=16, index_num_heads=2, num_hidden_layers=3, mlp_only_layers=[0], mlp_only_intermediate_size=64
+        head_dim=16,
+        index_num_heads=2,
+        num_hidden_layers=3,
+        mlp_only_layers=[0],
+        mlp_only_intermediate_size=64,
     ),
     "inkling2_text": dict(unpadded_vocab_size=128, eos_token_id=1),
     "inkling2_loop_text": dict(unpadded_vocab_size=128, eos_token_id=1),
