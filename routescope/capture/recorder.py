@@ -9,7 +9,6 @@ and on to the background writer (`store.writer`).
 from __future__ import annotations
 
 import inspect
-import math
 import threading
 import time
 import warnings
@@ -38,7 +37,7 @@ from routescope.capture.facts import (
 from routescope.capture.generation import GeneratePatch
 from routescope.capture.identity import SequenceTracker, Skipped, bind_inputs
 from routescope.capture.modality import placeholder_ids, token_modality
-from routescope.capture.step import HostStep, StepBuffers
+from routescope.capture.step import HostStep, StepBuffers, router_statistics
 from routescope.errors import RouteScopeError
 from routescope.schema import check_labels
 from routescope.store.remote import MODES, part_writer, run_directory, run_location
@@ -392,13 +391,7 @@ class Recorder:
             if logits.shape[0] != step.valid_flat.shape[0]:
                 self.skipped.add("router_stats_shape_mismatch")
                 return
-            probs = logits.softmax(-1)
-            weight = step.valid_on(logits.device)
-            prob_sum = (probs * weight[:, None]).sum(0, dtype=torch.float64)
-            entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / math.log(probs.shape[-1])
-            top2 = probs.topk(min(2, probs.shape[-1]), dim=-1).values
-            margin = top2[:, 0] - top2[:, -1] if top2.shape[-1] > 1 else top2[:, 0]
-            step.stats[layer] = (prob_sum, entropy, margin)
+            step.stats[layer] = router_statistics(logits, step.valid_on(logits.device))
 
         return hook
 
@@ -542,7 +535,7 @@ def record(
     fraction of sequences, e.g. 0.01, chosen by a hash of (seed, seq_id)) and `seed`;
     `layers` (record only these MoE layers); `wait` (another writer holds the run's lock,
     store/lock.py: False raises RunBusyError naming it, True waits, a number waits that many
-    seconds); `storage_options` (fsspec's, for an s3:// or gs:// `out_dir`: docs/object_storage.md);
+    seconds); `storage_options` (fsspec's, for an s3:// or gs:// `out_dir`: docs/spark_and_object_storage.md);
     `handle_sigterm` (default True: SIGTERM ends the block like an exception, so the
     recorded steps are flushed and the manifest says `complete: false`); `observers`
     (callables given each finished step's tables, dict of table -> column arrays, on the

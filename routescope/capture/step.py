@@ -7,6 +7,7 @@ the end (non-blocking into pinned memory on CUDA), and submits a HostStep to the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -243,3 +244,15 @@ class HostStep:
             schema.ROUTER_STATS: {c: np.concatenate(v) for c, v in stats.items()},
             schema.ROUTER_TOKENS: {c: np.concatenate(v) for c, v in rtok.items()},
         }
+
+
+def router_statistics(logits: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """router_stats / router_tokens of one layer from its [tokens, E] float logits, on the
+    logits' device: (sum of softmax over valid tokens, float64; normalised entropy and
+    top-1 minus top-2 margin per token)."""
+    probs = logits.softmax(-1)
+    prob_sum = (probs * valid[:, None]).sum(0, dtype=torch.float64)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / math.log(probs.shape[-1])
+    top2 = probs.topk(min(2, probs.shape[-1]), dim=-1).values
+    margin = top2[:, 0] - top2[:, -1] if top2.shape[-1] > 1 else top2[:, 0]
+    return prob_sum, entropy, margin
