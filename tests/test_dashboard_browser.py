@@ -34,7 +34,7 @@ PAGES = {
     "/super-experts": 2,
     "/tokens": 1,
     "/compare": 3,
-    "/placement": 1,
+    "/placement": 2,  # per-GPU load, and the step figure (max/mean per layer and over the step)
 }
 
 pytestmark = [
