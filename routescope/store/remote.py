@@ -37,10 +37,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from routescope import schema
-from routescope.errors import RouteScopeError, RunFormatError
+from routescope.errors import RunFormatError
 from routescope.store.lock import LockHolder, _busy, _deadline
 from routescope.store.manifest import MANIFEST_NAME, REQUIRED_KEYS
-from routescope.store.rundir import MODES, Continuation, RunDirectory, RunExistsError
+from routescope.store.rundir import MODES, RunDirectory
 from routescope.store.writer import PartWriter
 
 __all__ = ["MODES", "ObjectStore", "RemoteLocation", "part_writer", "run_directory", "run_location"]
@@ -253,24 +253,27 @@ class RemoteRunDirectory(RunDirectory):
                 other.acquire(wait=False)
                 other.release()
 
-    def _prepare(self, mode: str, moe_layers: list[int], first_seq_id: int) -> Continuation:
-        start = Continuation(next_seq_id=first_seq_id)
-        if self.store.exists(self.manifest_name) or self.own_parts_exist():
-            if mode == "create":
-                raise RunExistsError(
-                    f"{self.uri} already holds a routescope run; pass mode='overwrite' to replace it "
-                    "or mode='append' to add to it (CLI: --overwrite / --append)"
-                )
-            if mode == "overwrite":
-                if self.world_size == 1:
-                    self._check_other_ranks_idle()
-                self.remove_run_files()
-            else:
-                start = self._continuation(moe_layers, first_seq_id)
-        return start
+    # -- the file operations RunDirectory's shared rules (create, overwrite, append) use --
+    @property
+    def where(self) -> str:
+        return self.uri
 
-    def own_parts_exist(self) -> bool:
-        return any(self.store.list_parts(table, str(self.rank)) for table in self.store.list_tables())
+    @property
+    def _filesystem(self) -> Any:
+        return self.store.fs
+
+    def _has_manifest(self) -> bool:
+        return self.store.exists(self.manifest_name)
+
+    def _read_own_manifest(self) -> dict[str, Any]:
+        return read_remote_manifest(self.store, self.manifest_name)
+
+    def _own_parts(self) -> dict[str, list[Any]]:
+        self.store.fs.invalidate_cache()  # another process may have written parts since the last listing
+        return {table: self.store.list_parts(table, str(self.rank)) for table in self.store.list_tables()}
+
+    def _make_ready(self) -> None:
+        pass  # a key prefix needs no folder
 
     def remove_run_files(self) -> None:
         ranks = "*" if self.world_size == 1 else str(self.rank)
@@ -288,21 +291,6 @@ class RemoteRunDirectory(RunDirectory):
         if renew is not None:
             renew()
         return Path(key)
-
-    def _continuation(self, moe_layers: list[int], first_seq_id: int) -> Continuation:
-        old = read_remote_manifest(self.store, self.manifest_name)
-        if [int(x) for x in old.get("moe_layers", [])] != list(moe_layers):
-            raise RouteScopeError(
-                f"cannot append to {self.uri}: it was recorded with MoE layers {old.get('moe_layers')}, "
-                f"this model has {list(moe_layers)}"
-            )
-        return Continuation(
-            tokens=int(old.get("tokens", 0)),
-            steps=int(old.get("steps", 0)),
-            next_seq_id=int(old.get("next_seq_id", first_seq_id)),
-            labels=list(old.get("labels", [])),
-            created_at=old.get("created_at"),
-        )
 
 
 class RemotePartWriter(PartWriter):

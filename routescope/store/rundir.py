@@ -146,10 +146,10 @@ class RunDirectory:
 
     def _prepare(self, mode: str, moe_layers: list[int], first_seq_id: int) -> Continuation:
         start = Continuation(next_seq_id=first_seq_id)
-        if (self.path / self.manifest_name).exists() or self.own_parts_exist():
+        if self._has_manifest() or self.own_parts_exist():
             if mode == "create":
                 raise RunExistsError(
-                    f"{self.path} already holds a routescope run; pass mode='overwrite' to replace it "
+                    f"{self.where} already holds a routescope run; pass mode='overwrite' to replace it "
                     "or mode='append' to add to it (CLI: --overwrite / --append)"
                 )
             if mode == "overwrite":
@@ -158,15 +158,40 @@ class RunDirectory:
                 self.remove_run_files()
             else:
                 start = self._continuation(moe_layers, first_seq_id)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._make_ready()
         return start
+
+    # -- file operations a run directory on object storage swaps (store/remote.py) ----------
+    @property
+    def where(self) -> str:
+        """The run's location, as messages name it."""
+        return str(self.path)
+
+    _filesystem: Any = None  # the fsspec filesystem parts are read through (None: the local disk)
+
+    def _has_manifest(self) -> bool:
+        return (self.path / self.manifest_name).exists()
+
+    def _read_own_manifest(self) -> dict[str, Any]:
+        if self.rank == 0:
+            return read_manifest(self.path)
+        return json.loads((self.path / self.manifest_name).read_text(encoding="utf-8"))
+
+    def _own_parts(self) -> dict[str, list[Any]]:
+        """table -> this rank's finished parts."""
+        if not self.path.is_dir():
+            return {}
+        return {
+            table: sorted(table_dir(self.path, table, self.rank).glob("part-*.parquet"))
+            for table in list_tables(self.path)
+        }
+
+    def _make_ready(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
 
     def own_parts_exist(self) -> bool:
         """Only this rank's parts: other ranks of the same run may already have flushed theirs."""
-        return self.path.is_dir() and any(
-            any(table_dir(self.path, table, self.rank).glob("part-*.parquet"))
-            for table in list_tables(self.path)
-        )
+        return any(self._own_parts().values())
 
     def remove_run_files(self) -> None:
         """A single process replaces every rank of an earlier run; a rank of a multi-rank run
@@ -185,13 +210,10 @@ class RunDirectory:
         return write_manifest(self.path, manifest, name=self.manifest_name)
 
     def _continuation(self, moe_layers: list[int], first_seq_id: int) -> Continuation:
-        if self.rank == 0:
-            old = read_manifest(self.path)
-        else:
-            old = json.loads((self.path / self.manifest_name).read_text(encoding="utf-8"))
+        old = self._read_own_manifest()
         if [int(x) for x in old.get("moe_layers", [])] != list(moe_layers):
             raise RouteScopeError(
-                f"cannot append to {self.path}: it was recorded with MoE layers {old.get('moe_layers')}, "
+                f"cannot append to {self.where}: it was recorded with MoE layers {old.get('moe_layers')}, "
                 f"this model has {list(moe_layers)}"
             )
         start = Continuation(
@@ -209,7 +231,7 @@ class RunDirectory:
         """The previous writer stopped early (killed between a flush's parts and its manifest
         update): continue from what its parts hold, so no seq_id is handed out twice and the
         token count matches the parts."""
-        extent = parts_extent(self.path, self.rank)
+        extent = parts_extent(self._own_parts(), self._filesystem)
         fixed = Continuation(
             tokens=extent.token_rows,
             steps=max(start.steps, extent.next_step),
@@ -219,7 +241,7 @@ class RunDirectory:
         )
         if (fixed.tokens, fixed.next_seq_id) != (start.tokens, start.next_seq_id):
             warnings.warn(
-                f"routescope: {self.path / self.manifest_name} was left incomplete and behind its parts "
+                f"routescope: {self.where}/{self.manifest_name} was left incomplete and behind its parts "
                 f"(tokens {start.tokens}, next_seq_id {start.next_seq_id}); continuing from the parts "
                 f"(tokens {fixed.tokens}, next_seq_id {fixed.next_seq_id})",
                 RuntimeWarning,
@@ -237,14 +259,15 @@ class PartsExtent:
     next_step: int = 0
 
 
-def parts_extent(run_dir: str | Path, rank: int) -> PartsExtent:
-    """Read from the parts' footers (row counts, column statistics) of every table of `rank`;
-    a part without statistics is read for those columns. Unreadable parts are left out."""
+def parts_extent(parts: dict[str, list[Any]], filesystem: Any = None) -> PartsExtent:
+    """Read from the footers (row counts, column statistics) of `parts` (table -> one rank's
+    parts; keys of `filesystem`, an fsspec filesystem, for a run on object storage); a part
+    without statistics is read for those columns. Unreadable parts are left out."""
     rows, seq_id, step = 0, -1, -1
-    for table in list_tables(Path(run_dir)):
-        for path in sorted(table_dir(Path(run_dir), table, rank).glob("part-*.parquet")):
+    for table, paths in parts.items():
+        for path in paths:
             try:
-                meta = pq.read_metadata(path)
+                meta = pq.read_metadata(path, filesystem=filesystem)
             except Exception:
                 continue
             if table == schema.TOKENS:
@@ -253,7 +276,7 @@ def parts_extent(run_dir: str | Path, rank: int) -> PartsExtent:
             for column in ("seq_id", "step"):
                 if column not in names or meta.num_rows == 0:
                     continue
-                top = _column_max(path, meta, names.index(column), column)
+                top = _column_max(path, meta, names.index(column), column, filesystem)
                 if column == "seq_id":
                     seq_id = max(seq_id, top)
                 else:
@@ -261,12 +284,12 @@ def parts_extent(run_dir: str | Path, rank: int) -> PartsExtent:
     return PartsExtent(rows, seq_id + 1, step + 1)
 
 
-def _column_max(path: Path, meta: Any, index: int, column: str) -> int:
+def _column_max(path: Any, meta: Any, index: int, column: str, filesystem: Any = None) -> int:
     tops = []
     for group in range(meta.num_row_groups):
         stats = meta.row_group(group).column(index).statistics
         if stats is None or not stats.has_min_max:
-            return int(pq.read_table(path, columns=[column])[column].to_numpy().max())
+            return int(pq.read_table(path, columns=[column], filesystem=filesystem)[column].to_numpy().max())
         tops.append(int(stats.max))
     return max(tops) if tops else -1
 
