@@ -11,7 +11,7 @@ configuration. `file://` URIs and plain paths open the local `Run`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from routescope import schema
 from routescope.analysis.database import check_parts, views_over_parts
@@ -19,6 +19,9 @@ from routescope.analysis.engines import is_spark
 from routescope.analysis.run import Run, merge_rank_manifests
 from routescope.analysis.run import open_run as open_local_run
 from routescope.store.remote import ObjectStore, is_remote, local_path, read_remote_manifest
+
+if TYPE_CHECKING:
+    from routescope.analysis.verify import Verification
 
 # Spark's Hadoop filesystem for S3 is s3a; gs and abfs keep their names.
 SPARK_SCHEMES = {"s3": "s3a"}
@@ -53,6 +56,7 @@ class RemoteRun(Run):
     ) -> None:
         self.store = ObjectStore(uri, storage_options)
         self.uri = self.store.uri
+        self.storage_options = storage_options
         self._registered = False
         super().__init__(Path(self.store.root), skip_corrupt=skip_corrupt, engine=engine, spark=spark)
 
@@ -90,6 +94,12 @@ class RemoteRun(Run):
 
     def has_table(self, table: str) -> bool:
         return bool(self.store.list_parts(table))
+
+    def verify(self) -> Verification:
+        """`Run.verify()` on the objects under this run's prefix (analysis/verify.py)."""
+        from routescope.analysis.verify import verify_run
+
+        return verify_run(self.uri, self.storage_options)
 
     def __repr__(self) -> str:
         return f"RemoteRun({self.uri!r}, tokens={self.manifest.get('tokens')})"

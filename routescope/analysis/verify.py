@@ -7,7 +7,9 @@ damage and says what it found, so a user can tell whether an old run can be trus
 
 It reads the parts itself, in its own in-memory DuckDB, not through `Run`'s views: those
 views may hide rows to stay consistent (skipped corrupt parts), and a check must see every
-row. The SQL is `queries/verify.sql`; nothing here needs torch.
+row. The SQL is `queries/verify.sql`; nothing here needs torch. A run on object storage
+(`s3://...`) is read through its fsspec filesystem (`store.remote.ObjectStore`), which the
+check's DuckDB is given as `rs.open_run` gives it to the Run's (analysis/opening.py).
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from typing import Any
 
 import duckdb
 import pandas as pd
-import pyarrow.parquet as pq
 
 from routescope import schema
+from routescope.analysis.database import check_parts
 from routescope.analysis.sqlfiles import get_query
 from routescope.errors import RunFormatError
 from routescope.store.layout import list_parts
 from routescope.store.lock import describe_lock
 from routescope.store.manifest import read_manifest
+from routescope.store.remote import ObjectStore, is_remote, local_path, read_remote_manifest
 
 EXAMPLES = 5  # offending keys shown per failed check
 
@@ -75,42 +78,88 @@ class Verification:
         return "\n".join([*lines, f"{self.path}: {verdict}"])
 
 
-def verify_run(path: str | Path) -> Verification:
-    """Check the run at `path`. FileNotFoundError / RunFormatError when it is not a run at all;
-    damage inside a run (corrupt parts, repeated keys, wrong counts) is reported, not raised."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no run at {path}: the path does not exist")
-    manifest = read_manifest(path)
+@dataclass(frozen=True)
+class _RunFiles:
+    """The files of the run being checked: a local directory, or a prefix on object storage."""
+
+    path: Path  # the directory, or the store's bucket/prefix
+    store: ObjectStore | None = None
+
+    @property
+    def name(self) -> str:
+        return self.store.uri if self.store else str(self.path)
+
+    @property
+    def fs(self) -> Any:
+        return self.store.fs if self.store else None
+
+    def manifest(self) -> dict[str, Any]:
+        return read_remote_manifest(self.store) if self.store else read_manifest(self.path)
+
+    def parts(self, table: str) -> list[str]:
+        """All ranks' parts: local paths, or keys of `fs`."""
+        return self.store.list_parts(table) if self.store else [str(p) for p in list_parts(self.path, table)]
+
+    def url(self, part: str) -> str:
+        return self.store.url(part) if self.store else part
+
+    def relative(self, part: str) -> str:
+        return str(Path(part).relative_to(self.path))
+
+    def fragments(self) -> dict[str, str]:
+        """manifest.rank=R.json name -> text."""
+        if self.store:
+            keys = self.store.glob("manifest.rank=*.json")
+            return {key.rsplit("/", 1)[-1]: self.store.fs.cat_file(key).decode("utf-8") for key in keys}
+        return {p.name: p.read_text(encoding="utf-8") for p in self.path.glob("manifest.rank=*.json")}
+
+    def locks(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """(name, holder) of each writer lock file or object."""
+        if self.store:
+            found = []
+            for key in self.store.glob(".lock*"):
+                try:
+                    found.append((key.rsplit("/", 1)[-1], json.loads(self.store.fs.cat_file(key))))
+                except (OSError, ValueError):
+                    found.append((key.rsplit("/", 1)[-1], None))
+            return found
+        return [(p.name, describe_lock(p)) for p in sorted(self.path.glob(".lock*"))]
+
+
+def verify_run(path: str | Path, storage_options: dict[str, Any] | None = None) -> Verification:
+    """Check the run at `path`, a directory or a URI (s3://, gs://, ...; fsspec `storage_options`).
+    FileNotFoundError / RunFormatError when it is not a run at all; damage inside a run
+    (corrupt parts, repeated keys, wrong counts) is reported, not raised."""
+    if is_remote(path):
+        store = ObjectStore(str(path), storage_options)
+        store.fs.invalidate_cache()
+        if not store.fs.exists(store.root):
+            raise FileNotFoundError(f"no run at {path}: nothing is stored under that prefix")
+        files = _RunFiles(Path(store.root), store)
+    else:
+        files = _RunFiles(local_path(path))
+        if not files.path.exists():
+            raise FileNotFoundError(f"no run at {files.path}: the path does not exist")
+    manifest = files.manifest()
     con = duckdb.connect(":memory:")
     try:
         con.execute("SET enable_progress_bar = false")
     except duckdb.Error:
         pass
     try:
-        corrupt = _create_views(con, path, manifest)
-        return _Checker(con, path, manifest, corrupt).run()
+        if files.store:
+            con.register_filesystem(files.fs)
+        corrupt = _create_views(con, files, manifest)
+        return _Checker(con, files, manifest, corrupt).run()
     finally:
         con.close()
 
 
-def _readable(parts: list[Path]) -> tuple[list[Path], list[Path]]:
-    good, bad = [], []
-    for part in parts:
-        try:
-            pq.read_metadata(part)
-        except Exception:
-            bad.append(part)
-        else:
-            good.append(part)
-    return good, bad
-
-
-def _create_views(con: duckdb.DuckDBPyConnection, path: Path, manifest: dict[str, Any]) -> list[Path]:
+def _create_views(con: duckdb.DuckDBPyConnection, files: _RunFiles, manifest: dict[str, Any]) -> list[str]:
     """check_tokens, check_routing and check_layers; returns the parts that cannot be read."""
-    corrupt: list[Path] = []
+    corrupt: list[str] = []
     for table, view in ((schema.TOKENS, "check_tokens"), (schema.ROUTING, "check_routing")):
-        parts, bad = _readable(list_parts(path, table))
+        parts, bad = check_parts(files.parts(table), True, files.fs)
         corrupt += bad
         if not parts:
             cols = {"seq_id": "BIGINT", "pos": "INTEGER", "rank": "INTEGER"}
@@ -122,7 +171,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, path: Path, manifest: dict[str
             select = ", ".join(f"CAST(NULL AS {t}) AS {c}" for c, t in cols.items())
             con.execute(f"CREATE VIEW {view} AS SELECT {select} WHERE false")
             continue
-        rel = con.read_parquet([str(p) for p in parts], hive_partitioning=True, union_by_name=True)
+        rel = con.read_parquet([files.url(p) for p in parts], hive_partitioning=True, union_by_name=True)
         if table == schema.TOKENS and "stack" not in rel.columns:
             rel = rel.project(f"*, '{schema.TOKEN_EXTRA_DEFAULTS['stack']}'::VARCHAR AS stack")
         rel.create_view(view)
@@ -148,10 +197,10 @@ def _create_views(con: duckdb.DuckDBPyConnection, path: Path, manifest: dict[str
 
 class _Checker:
     def __init__(
-        self, con: duckdb.DuckDBPyConnection, path: Path, manifest: dict[str, Any], corrupt: list[Path]
+        self, con: duckdb.DuckDBPyConnection, files: _RunFiles, manifest: dict[str, Any], corrupt: list[str]
     ) -> None:
-        self.con, self.path, self.manifest, self.corrupt = con, path, manifest, corrupt
-        self.ranks = _rank_manifests(path, manifest)
+        self.con, self.files, self.manifest, self.corrupt = con, files, manifest, corrupt
+        self.ranks = _rank_manifests(files, manifest)
         self.notes: list[str] = []
 
     def run(self) -> Verification:
@@ -167,7 +216,7 @@ class _Checker:
         ]
         findings = [check() for check in checks]
         self._add_notes()
-        return Verification(str(self.path), findings, self.notes)
+        return Verification(self.files.name, findings, self.notes)
 
     # -- helpers -----------------------------------------------------------------------
     def _offending(self, name: str, count_sql: str) -> tuple[int, int, list[dict[str, Any]]]:
@@ -182,7 +231,7 @@ class _Checker:
     def parts_readable(self) -> Finding:
         if not self.corrupt:
             return Finding("parts_readable", True, "every tokens and routing part reads")
-        names = [str(p.relative_to(self.path)) for p in self.corrupt]
+        names = [self.files.relative(p) for p in self.corrupt]
         return Finding(
             "parts_readable",
             False,
@@ -312,26 +361,25 @@ class _Checker:
                 "the manifest says complete: false (still being written, or its writer stopped early): "
                 "counts may lag the parts while a writer is running"
             )
-        for lock in sorted(self.path.glob(".lock*")):
-            holder = describe_lock(lock)
+        for name, holder in self.files.locks():
             who = (
                 f"pid {holder['pid']} on {holder['host']} since {holder['started_at']}"
                 if holder
                 else "unknown"
             )
-            self.notes.append(f"writer lock {lock.name} names {who} (a writer is running, or one died)")
+            self.notes.append(f"writer lock {name} names {who} (a writer is running, or one died)")
 
 
-def _rank_manifests(path: Path, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
+def _rank_manifests(files: _RunFiles, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """rank -> its manifest: manifest.json (rank 0) and each manifest.rank=R.json; a rank of
     `world_size` that left none counts as an empty, incomplete one."""
     ranks = {int(manifest.get("rank", 0) or 0): manifest}
-    for fragment in path.glob("manifest.rank=*.json"):
+    for fragment, text in files.fragments().items():
         try:
-            data = json.loads(fragment.read_text(encoding="utf-8"))
+            data = json.loads(text)
             ranks[int(data["rank"])] = data
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise RunFormatError(f"{fragment} is not a valid rank manifest: {exc}") from exc
+            raise RunFormatError(f"{files.name}/{fragment} is not a valid rank manifest: {exc}") from exc
     for rank in range(int(manifest.get("world_size", 1) or 1)):
         ranks.setdefault(rank, {"tokens": 0, "complete": False})
     return ranks

@@ -2,7 +2,9 @@
 
 Exit codes: 0 every invariant holds; 1 the run is damaged (repeated keys, missing routing
 rows, a manifest that disagrees with its parts, corrupt parts); 2 bad input (no such path,
-not a run), as every command. The checks are `Run.verify()` (analysis/verify.py).
+not a run), as every command. The checks are `Run.verify()` (analysis/verify.py). RUN may be
+a URI (s3://, gs://, ...), reached with the environment's credentials (`AWS_*` for S3), as
+`routescope report` reaches it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ EXIT_DAMAGED = 1
 
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN", help="run directory")
+    parser.add_argument("run", metavar="RUN", help="run directory or URI (s3://, gs://, ...)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
 
 
