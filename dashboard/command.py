@@ -2,7 +2,9 @@
 
 routescope/cli.py registers `add_dashboard_arguments` and `dashboard_command`. Every run is
 checked before the server starts: a missing path, a directory that is not a run, or a
-finished run without tokens ends with exit code 2 and one line on stderr.
+finished run without tokens ends with exit code 2 and one line on stderr. A RUN may be a URI
+(s3://, gs://, ...), reached with the environment's credentials (`AWS_*` for S3) as
+`routescope report` reaches it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import argparse
 import ipaddress
 import socket
 import sys
-from pathlib import Path
 
 from routescope.dashboard.runs import check_run_path
 
@@ -20,7 +21,10 @@ LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
 def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "runs", nargs="+", metavar="RUN", help="run directories to serve (only these can be opened)"
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="run directories or URIs (s3://...) to serve (only these can be opened)",
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
@@ -88,11 +92,9 @@ def dashboard_command(args: argparse.Namespace) -> int:
     for path in args.runs:
         with rs.open_run(path, skip_corrupt=skip) as run:
             if run.skipped:
-                print(
-                    f"note: {Path(path)}: {len(run.skipped)} corrupt part(s) skipped; the pages show the rest"
-                )
+                print(f"note: {path}: {len(run.skipped)} corrupt part(s) skipped; the pages show the rest")
             elif not run.complete:
-                print(f"note: {Path(path)} is still being written (or stopped early); the pages re-read it")
+                print(f"note: {path} is still being written (or stopped early); the pages re-read it")
     if not is_loopback(args.host):
         print(f"warning: serving on {args.host}: anyone who can reach this address can view these runs")
     print(f"routescope dashboard: http://{args.host}:{args.port}/  (Ctrl+C to stop)")

@@ -231,7 +231,7 @@ def current(state: Any, require_tokens: bool = True) -> tuple[RunRegistry, str]:
     key = state["run"]
     registry.run(key)  # RunUnavailable for an unknown key or a run that does not open
     if require_tokens and registry.query(key, "summary")["tokens"] == 0:
-        name = registry.slots[key].path.name
+        name = registry.slots[key].name
         raise RunUnavailable(f"{name} holds no tokens yet: there is nothing to draw.")
     return registry, key
 

@@ -1,7 +1,8 @@
 """The runs a dashboard may open: the paths named on the command line, nothing else.
 
 `RunRegistry` maps run keys ("0", "1", ...) to those paths, opens each lazily through the
-public API (`routescope.open_run`), serialises access to its DuckDB connection with a lock,
+public API (`routescope.open_run`; a URI such as `s3://bucket/run` opens the run on object
+storage with the environment's credentials, `AWS_*` for S3, as `routescope report` does), serialises access to its DuckDB connection with a lock,
 and caches query results per (run, version, query, arguments). Page callbacks call
 `registry.query(key, name, *args)`; an unknown key raises `RunUnavailable`.
 """
@@ -13,7 +14,7 @@ import functools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import routescope as rs
@@ -23,11 +24,18 @@ class RunUnavailable(Exception):
     """A run key that is not one of the served runs, or a run that cannot be opened."""
 
 
+def run_location(path: str | Path) -> str | Path:
+    """A URI (s3://, gs://, file://, ...) stays text, as `rs.open_run` takes it (a Path would fold
+    its "//"); anything else is a local directory."""
+    text = str(path)
+    return text if "://" in text else Path(text)
+
+
 @dataclass
 class RunSlot:
-    """One served run: its path, the opened Run (or why it could not be opened), a lock."""
+    """One served run: its path or URI, the opened Run (or why it could not be opened), a lock."""
 
-    path: Path
+    path: str | Path
     run: rs.Run | None = None
     error: str | None = None
     lock: threading.RLock = None  # type: ignore[assignment]
@@ -35,11 +43,18 @@ class RunSlot:
     def __post_init__(self) -> None:
         self.lock = threading.RLock()
 
+    @property
+    def name(self) -> str:
+        """The directory's (or the URI's last key part's) name."""
+        if isinstance(self.path, Path):
+            return self.path.name or str(self.path)
+        return PurePosixPath(self.path.split("://", 1)[1]).name or self.path
 
-def describe_open_error(path: Path, exc: BaseException) -> str:
+
+def describe_open_error(path: str | Path, exc: BaseException) -> str:
     """One line naming what is wrong with a run path, for a page message or the CLI."""
     if isinstance(exc, FileNotFoundError):
-        return f"{path}: no such directory"
+        return f"{path}: no such directory" if isinstance(path, Path) else str(exc)
     if isinstance(exc, rs.RunFormatError):
         return str(exc)
     return f"{path}: cannot be opened ({type(exc).__name__}: {exc})"
@@ -47,10 +62,10 @@ def describe_open_error(path: Path, exc: BaseException) -> str:
 
 def check_run_path(path: str | Path, skip_corrupt: bool = False) -> str | None:
     """None when `path` opens as a run, else one line saying why not (used by the CLI)."""
-    path = Path(path)
-    if not path.exists():
+    path = run_location(path)
+    if isinstance(path, Path) and not path.exists():
         return f"{path}: no such directory"
-    if not path.is_dir():
+    if isinstance(path, Path) and not path.is_dir():
         return f"{path}: not a directory"
     try:
         rs.open_run(path, skip_corrupt=skip_corrupt).close()
@@ -66,7 +81,7 @@ class RunRegistry:
         self, paths: Sequence[str | Path], cache_size: int = 512, skip_corrupt: bool = False
     ) -> None:
         self.skip_corrupt = skip_corrupt  # open every run with open_run(..., skip_corrupt=True)
-        self.slots: dict[str, RunSlot] = {str(i): RunSlot(Path(p)) for i, p in enumerate(paths)}
+        self.slots: dict[str, RunSlot] = {str(i): RunSlot(run_location(p)) for i, p in enumerate(paths)}
         self._cached = functools.lru_cache(maxsize=cache_size)(self._compute)
         self._queries: dict[str, Callable[..., Any]] = {}
 
@@ -76,7 +91,7 @@ class RunRegistry:
         return list(self.slots)
 
     def name(self, key: str) -> str:
-        return f"{key}: {self._slot(key).path.name or self._slot(key).path}"
+        return f"{key}: {self._slot(key).name}"
 
     def options(self) -> list[dict[str, str]]:
         """Dropdown options: one per served run, labelled by index and directory name."""
