@@ -1,6 +1,8 @@
 """Runs on object storage: record a tiny model straight to an S3-API server and read it back equal
 to the same recording on the local disk; an upload interrupted mid-part leaves a readable run;
-one writer per run through the conditional-create lock object; the CLI reads an s3:// run.
+one writer per run through the conditional-create lock object; an append after a writer
+that stopped early continues from its parts; the CLI (report, check, compare, placement) and
+the dashboard's run registry read an s3:// run.
 
 The server is moto in server mode (an S3 emulator, not AWS), started by this module on
 127.0.0.1 and spoken to over loopback with s3fs, as a real bucket would be.
@@ -8,6 +10,7 @@ The server is moto in server mode (an S3 emulator, not AWS), started by this mod
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -189,6 +192,8 @@ def test_a_writer_killed_while_recording_to_s3_leaves_a_readable_run(s3):
         assert int(run.sql("SELECT count(*) AS n FROM routing").n[0]) == tokens * 2 * 2
         holder = run.store.read_json(".lock")  # the dead writer's lock object stays until its lease ends
         assert holder["pid"] == proc.pid
+        notes = run.verify().notes  # check names the lock object left behind, and the incomplete manifest
+        assert any(f"writer lock .lock names pid {proc.pid}" in note for note in notes), notes
 
 
 def test_one_writer_at_a_time_on_object_storage(s3):
@@ -217,15 +222,110 @@ def test_one_writer_at_a_time_on_object_storage(s3):
         assert RemoteRunDirectory(uri, storage_options=s3["options"]).lock() is not None
 
 
-def test_the_report_command_reads_an_s3_run(s3, recorded, monkeypatch, capsys):
-    from routescope.cli import main
-
-    _, uri = recorded
+@pytest.fixture
+def aws_env(s3, monkeypatch):
+    """Credentials and endpoint from the environment, as the CLI and the dashboard reach a bucket."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3["endpoint"])
+
+
+def test_the_report_command_reads_an_s3_run(recorded, aws_env, capsys):
+    from routescope.cli import main
+
+    _, uri = recorded
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["report", uri, "--json"]) == 0
     assert '"tokens": 108' in capsys.readouterr().out
+
+
+def test_check_reads_an_s3_run_and_finds_a_planted_duplicate_part(s3, recorded, aws_env, capsys):
+    from routescope.cli import main
+
+    _, uri = recorded
+    with rs.open_run(uri, storage_options=s3["options"]) as run:
+        result = run.verify()
+        fs, root = run.store.fs, run.store.root
+    assert result.ok, str(result)
+    assert result.path == uri and len(result.findings) == 8
+    assert main(["check", uri]) == 0
+    assert "every invariant holds" in capsys.readouterr().out
+    # the same run under another prefix, with a tokens and a routing part stored twice
+    dup = f"s3://{BUCKET}/runs/duplicated"
+    fs.copy(root, dup[len("s3://") :], recursive=True)
+    for table in ("tokens", "routing"):
+        part = f"{dup[len('s3://') :]}/{table}/rank=0/part-00000.parquet"
+        fs.pipe_file(part.replace("part-00000", "part-09999"), fs.cat_file(part))
+    fs.invalidate_cache()
+    assert main(["check", dup]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  unique_token_keys" in out and "FAIL  unique_routing_keys" in out
+    assert "FAIL  manifest_counts" in out and f"{dup}: " in out
+    assert main(["check", f"s3://{BUCKET}/runs/no-such-run"]) == 2
+    assert "nothing is stored under that prefix" in capsys.readouterr().err
+
+
+def test_compare_and_placement_commands_read_an_s3_run(recorded, aws_env, capsys):
+    from routescope.cli import main
+
+    local, uri = recorded
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["compare", uri, str(local), "--json"]) == 0
+        compared = capsys.readouterr().out
+        assert main(["placement", uri, "--ep-size", "2", "--json"]) == 0
+        placed = capsys.readouterr().out
+        assert main(["placement", str(local), "--ep-size", "2", "--json"]) == 0
+    assert compared.strip() and placed.strip() == capsys.readouterr().out.strip()
+
+
+def test_the_dashboard_serves_an_s3_run(recorded, aws_env):
+    from routescope.dashboard import runs as registry_module
+    from routescope.dashboard.app import create_app
+    from routescope.dashboard.command import check_runs
+    from routescope.dashboard.pages import overview
+
+    _, uri = recorded
+    assert check_runs([uri]) is None
+    assert "nothing is stored under that prefix" in check_runs([f"s3://{BUCKET}/runs/none"])
+    before = registry_module._CURRENT
+    try:
+        app = create_app([uri])
+        registry = registry_module.get_registry()
+        assert registry.options() == [{"label": "0: tiny", "value": "0"}]
+        _summary, cards, _fig, _alerts, msg = overview.update_overview({"run": "0", "version": None})
+        assert msg is None and len(cards) == 2
+        assert registry.run("0").manifest["tokens"] == 108
+        assert app.server.test_client().get("/").status_code == 200
+    finally:
+        registry_module.get_registry().close()
+        registry_module._CURRENT = before
+
+
+def test_an_append_after_an_incomplete_writer_on_s3_continues_from_its_parts(s3):
+    """As on a local disk (tests/test_concurrent_writers.py): a manifest left behind its parts
+    (a writer killed between a flush's parts and its manifest update) must not make the next
+    writer hand out the parts' seq ids again."""
+    from routescope.store.remote import ObjectStore
+
+    torch.manual_seed(0)
+    model = build_tiny_model("mixtral")
+    uri, options = f"s3://{BUCKET}/runs/appended", s3["options"]
+    ids = torch.randint(1, 100, (2, 6))
+    with rs.record(model, uri, storage_options=options) as rec, torch.no_grad():
+        model(input_ids=ids)
+        rec.flush()
+        stale = dict(rec.manifest)  # the manifest after the first flush ...
+        model(input_ids=ids)  # ... and a second flush whose manifest update never happened
+    store = ObjectStore(uri, options)
+    store.put(store.key("manifest.json"), json.dumps({**stale, "complete": False}).encode())
+    with pytest.warns(RuntimeWarning, match="continuing from the parts"):
+        with rs.record(model, uri, mode="append", storage_options=options), torch.no_grad():
+            model(input_ids=ids)
+    with rs.open_run(uri, storage_options=options) as run:
+        rows = run.sql("SELECT count(*) AS n, count(DISTINCT (seq_id, pos)) AS k FROM tokens").iloc[0]
+        assert rows.n == rows.k == 36 == run.manifest["tokens"] and run.complete
+        result = run.verify()
+        assert result.ok, str(result)
