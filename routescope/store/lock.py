@@ -204,8 +204,16 @@ class FileLock:
                     )
                 return previous
             if deadline is not None and time.monotonic() >= deadline:
-                raise _busy(self.path, self.holder(), waited=wait not in (False, 0, 0.0))
+                raise _busy(self.path, self._named_holder(), waited=wait not in (False, 0, 0.0))
             time.sleep(POLL_SECONDS)
+
+    def _named_holder(self, patience: float = 1.0) -> LockHolder | None:
+        """The holder, given a moment to write its details: a writer that has just won the
+        flock writes them right after, and the error should name it."""
+        until = time.monotonic() + patience
+        while (holder := self.holder()) is None and time.monotonic() < until:
+            time.sleep(0.02)
+        return holder
 
     def _try(self) -> tuple[bool, LockHolder | None]:
         """One attempt: (taken, dead holder found in the file)."""
