@@ -79,7 +79,7 @@ class Recording:
             self.model = build_tiny_model(model_type, seed=3, **overrides)
         self.layout = load_layout(self.model.config)
         prompts = torch.randint(2, 100, (2, PROMPT), generator=torch.Generator().manual_seed(5))
-        run_dir = tmp_path / f"recorded_{engine}"
+        run_dir = self.run_dir = tmp_path / f"recorded_{engine}"
         with torch.no_grad(), rs.record(self.model, run_dir):
             out = self.model.generate(
                 input_ids=prompts,
@@ -285,6 +285,17 @@ def test_start_skips_a_known_prefix_kept_as_context(recordings, tmp_path):
     record["choices"][0]["routed_experts"] = pack
     import_responses("vllm", [record], rec.model.config, out=tmp_path / "packed")
     assert run_rows(tmp_path / "packed") == rec.truth(0, start=3)
+
+
+def test_compare_aligns_an_import_with_context_tokens_to_the_recording(recordings, tmp_path):
+    """The prompt prefix a server returned no routing for is in context_tokens; compare's
+    content keys use it, so every imported token matches its recorded twin exactly."""
+    rec = recordings["vllm"]
+    import_responses("vllm", [vllm_newest(rec, 0, start=3)], rec.model.config, out=tmp_path / "run")
+    result = rs.compare(rec.run_dir, tmp_path / "run")
+    sat = result.saturation
+    assert (sat["tokens_matched"] == PROMPT + NEW - 4).all(), sat
+    assert (sat["saturation"] == 1.0).all() and (sat["top1_agreement"] == 1.0).all()
 
 
 def test_vllm_0_21_rows_never_computed_become_context(recordings, tmp_path):

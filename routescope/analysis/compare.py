@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from routescope import schema
 from routescope.analysis import metrics
 from routescope.analysis.content import match_by_content
 from routescope.analysis.querying import quiet_selection, selected_nothing, warn_if_empty
@@ -129,8 +130,10 @@ def expert_changes(
 
 
 def content_tokens(run: Run, where: str | None) -> dict[str, np.ndarray]:
-    """seq_id, pos, token_id of every token of `run`, and `selected` by `where`."""
-    df = metrics.query(run, "content_tokens", where=where)
+    """seq_id, pos, token_id of every token of `run`, and `selected` by `where`; an imported
+    run's context tokens (prompt ids the server returned no routing for) complete the prefixes."""
+    name = "content_tokens_with_context" if run.has_table(schema.CONTEXT_TOKENS) else "content_tokens"
+    df = metrics.query(run, name, where=where)
     return {name: df[name].to_numpy() for name in ("seq_id", "pos", "token_id", "selected")}
 
 

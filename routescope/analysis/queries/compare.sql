@@ -9,6 +9,16 @@ FROM tokens t
 LEFT JOIN selected_tokens s ON s.seq_id = t.seq_id AND s.pos = t.pos
 ORDER BY t.seq_id, t.pos
 
+-- name: content_tokens_with_context
+-- content_tokens plus the run's context_tokens (ids without routing, imported prompts): they complete prefixes, never selected.
+SELECT t.seq_id, t.pos, t.token_id, s.seq_id IS NOT NULL AS selected
+FROM tokens t
+LEFT JOIN selected_tokens s ON s.seq_id = t.seq_id AND s.pos = t.pos
+UNION ALL
+SELECT c.seq_id, c.pos, c.token_id, false AS selected
+FROM context_tokens c
+ORDER BY seq_id, pos
+
 -- name: saturation_cells_a
 -- Run A's routing rows of the matched tokens as (cell, expert): cell = pair · layers · slots + layer rank · slots + slot
 -- (INTEGER or BIGINT, the type of `pair`).
