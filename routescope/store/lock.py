@@ -154,6 +154,14 @@ def _busy(path: Path, holder: LockHolder | None, waited: bool) -> RunBusyError:
     )
 
 
+def _warn_taken_over(path: Path, previous: LockHolder, why: str) -> None:
+    warnings.warn(
+        f"routescope: took over the lock of {path.parent} from {previous.describe()}, {why}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def _read(path: Path) -> LockHolder | None:
     try:
         return LockHolder.parse(path.read_text(encoding="utf-8"))
@@ -196,12 +204,7 @@ class FileLock:
                 return previous
             if taken:
                 if previous is not None:
-                    warnings.warn(
-                        f"routescope: took over the lock of {self.path.parent} from {previous.describe()}, "
-                        "which ended without releasing it",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
+                    _warn_taken_over(self.path, previous, "which ended without releasing it")
                 return previous
             if deadline is not None and time.monotonic() >= deadline:
                 raise _busy(self.path, self._named_holder(), waited=wait not in (False, 0, 0.0))
@@ -316,12 +319,7 @@ class ExclusiveFileLock:
                     os.fsync(fh.fileno())
                 self.me = me
                 if previous is not None:
-                    warnings.warn(
-                        f"routescope: took over the lock of {self.path.parent} from {previous.describe()}, "
-                        "which is no longer running",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
+                    _warn_taken_over(self.path, previous, "which is no longer running")
                 return previous
             if deadline is not None and time.monotonic() >= deadline:
                 raise _busy(self.path, self.holder(), waited=wait not in (False, 0, 0.0))
