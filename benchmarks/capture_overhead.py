@@ -9,7 +9,7 @@ Compares routescope against a naive hook that calls .tolist() in the hook, and a
 `--static-steps N` times `generate(cache_implementation="static")` with and without
 recording; `--compiled` times a `torch.compile(fullgraph=True)` forward and transformers'
 compiled static-cache `generate` (`--compiled-steps` new tokens, decode steps compiled),
-each recorded against unrecorded (capture/compiled.py). Two copies of the model with the
+each recorded against unrecorded (capture/recording/compiled.py). Two copies of the model with the
 same weights: one recorded inside one long `rs.record` block (entering and leaving a
 block recompiles), one never recorded; their calls are interleaved.
 """

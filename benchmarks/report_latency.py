@@ -5,7 +5,7 @@ as `routescope demo` does) into a temporary run, then times fresh processes, int
 round by round in a shuffled order:
 
 - `report RUN` (and `report /nonexistent`, the bad-input path) as the CLI runs it now;
-- the same with the capture layer imported first (`routescope.capture.recorder` and
+- the same with the capture layer imported first (`routescope.capture.recording.recorder` and
   `.activations`, i.e. torch and its model code), which is what every `import routescope`
   did before capture was made lazy: the old path;
 - `import routescope` alone, both ways.
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-OLD_IMPORTS = "import routescope.capture.recorder, routescope.capture.activations; "
+OLD_IMPORTS = "import routescope.capture.recording.recorder, routescope.capture.calibration.activations; "
 CLI = "import sys; from routescope.cli import main; code = main(sys.argv[1:]); sys.exit(code)"
 
 

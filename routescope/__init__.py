@@ -35,23 +35,23 @@ from routescope.version import __version__
 # Public names that need torch (or transformers): name -> module that defines it, imported
 # when the name is first read. Add a capture-side name here, never as an eager import.
 LAZY: dict[str, str] = {
-    "Recorder": "routescope.capture.recorder",
-    "record": "routescope.capture.recorder",
+    "Recorder": "routescope.capture.recording.recorder",
+    "record": "routescope.capture.recording.recorder",
     "find_routers": "routescope.capture.discovery",
-    "find_super_experts": "routescope.capture.activations",
-    "prune_experts": "routescope.capture.pruning",
-    "replay": "routescope.capture.replay",
-    "ban_experts": "routescope.capture.banning",
+    "find_super_experts": "routescope.capture.calibration.activations",
+    "prune_experts": "routescope.capture.control.pruning",
+    "replay": "routescope.capture.control.replay",
+    "ban_experts": "routescope.capture.control.banning",
     "watch": "routescope.training.watch",
 }
 
 if TYPE_CHECKING:  # static checkers and IDEs see the lazy names as ordinary imports
-    from routescope.capture.activations import find_super_experts
-    from routescope.capture.banning import ban_experts
+    from routescope.capture.calibration.activations import find_super_experts
+    from routescope.capture.control.banning import ban_experts
+    from routescope.capture.control.pruning import prune_experts
+    from routescope.capture.control.replay import replay
     from routescope.capture.discovery import find_routers
-    from routescope.capture.pruning import prune_experts
-    from routescope.capture.recorder import Recorder, record
-    from routescope.capture.replay import replay
+    from routescope.capture.recording.recorder import Recorder, record
     from routescope.training.watch import watch
 
 

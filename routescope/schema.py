@@ -33,7 +33,7 @@ TOKEN_COLUMNS: dict[str, pa.DataType] = {
 # without them (recorded earlier, or imported) the default value. Each groups tokens like a
 # label does: where="modality = 'image'", specialization(by="stack").
 TOKEN_EXTRA_COLUMNS: dict[str, pa.DataType] = {
-    "modality": pa.string(),  # text, image, video, audio (capture/modality.py)
+    "modality": pa.string(),  # text, image, video, audio (capture/recording/modality.py)
     "stack": pa.string(),  # encoder or decoder (encoder-decoder models have both)
 }
 TOKEN_EXTRA_DEFAULTS: dict[str, str] = {"modality": "text", "stack": "decoder"}

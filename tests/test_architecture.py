@@ -170,9 +170,9 @@ LAYER_IMPORTS: dict[str, set[str]] = {
 # - the Super Expert calibration classifies what it measured with the torch-free classifier
 #   (analysis/superexperts.py), the one home of the SPEC 4.6 thresholds and their defaults.
 ALLOWED_EDGES = {
-    ("routescope.capture.replay", "analysis"),
-    ("routescope.capture.activations", "analysis"),
-    ("routescope.capture.calibration_writer", "analysis"),
+    ("routescope.capture.control.replay", "analysis"),
+    ("routescope.capture.calibration.activations", "analysis"),
+    ("routescope.capture.calibration.writer", "analysis"),
 }
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import routescope as rs
-from routescope.capture.recorder import RunExistsError
+from routescope.capture.recording.recorder import RunExistsError
 
 EXACT_TYPES = [
     "mixtral",

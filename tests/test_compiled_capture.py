@@ -1,4 +1,4 @@
-"""Compiled models record what the eager recording of the same inputs records (capture/compiled.py):
+"""Compiled models record what the eager recording of the same inputs records (capture/recording/compiled.py):
 torch.compile(fullgraph=True), a model compiled and warmed up before `record`, and
 transformers' compiled static-cache generate, with inductor on CPU, no graph break and no
 recompile in steady state. Inductor compiles take about 30 s each here: the heavy tests
@@ -11,7 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import routescope as rs
-from routescope.capture.compiled import record_choice
+from routescope.capture.recording.compiled import record_choice
 from routescope.errors import RouteScopeError
 from tests.test_capture import padded_batch
 from tests.test_generation_paths import assert_same_rows, generate, rows

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import routescope as rs
-from routescope.capture.recorder import SEQ_ID_RANK_SHIFT
+from routescope.capture.recording.recorder import SEQ_ID_RANK_SHIFT
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_BATCHES = 6

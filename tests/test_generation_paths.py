@@ -79,7 +79,7 @@ def test_static_cache_generate_records_what_dynamic_records(model, tmp_path, dev
 
 
 def test_static_cache_with_compile_config_records_compiled(model, tmp_path, device):
-    """The decode steps run compiled and the graph records them (capture/compiled.py; inductor
+    """The decode steps run compiled and the graph records them (capture/recording/compiled.py; inductor
     and fullgraph in tests/test_compiled_capture.py)."""
     from transformers import CompileConfig
 
@@ -246,7 +246,7 @@ def _manifest(run_dir):
 
 
 def test_sample_records_a_seeded_fraction_of_sequences(model, tmp_path, device):
-    from routescope.capture.identity import sampled
+    from routescope.capture.recording.identity import sampled
 
     ids = torch.randint(1, 100, (16, 4), generator=torch.Generator().manual_seed(6)).to(device)
     with rs.record(model, tmp_path / "run", sample=0.5, seed=3), torch.no_grad():

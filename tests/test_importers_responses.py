@@ -40,7 +40,7 @@ import torch
 
 import routescope as rs
 from routescope.commands.import_run import main as import_main
-from routescope.importers.model_layout import load_layout
+from routescope.importers.core.model_layout import load_layout
 from routescope.importers.responses import import_responses
 from tests.tiny_models import build_tiny_model
 

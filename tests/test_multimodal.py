@@ -15,7 +15,14 @@ import pytest
 import torch
 
 from routescope.capture.discovery import find_routers
-from routescope.capture.modality import IMAGE, MODALITIES, TEXT, VIDEO, modality_names, token_modality
+from routescope.capture.recording.modality import (
+    IMAGE,
+    MODALITIES,
+    TEXT,
+    VIDEO,
+    modality_names,
+    token_modality,
+)
 from tests.conftest import _LIVE_MODELS
 from tests.tiny_models import (
     IMAGE_TOKEN,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import routescope as rs
-from routescope.capture.activations import MedianSample, calibrate, massive_layer_count
+from routescope.capture.calibration.activations import MedianSample, calibrate, massive_layer_count
 from tests import analysis_reference as ref
 
 BEAM = dict(num_hidden_layers=3, mlp_layer_types=["dense", "sparse", "sparse"], n_group=2, topk_group=1)

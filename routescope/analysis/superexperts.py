@@ -2,7 +2,7 @@
 
 `classify_super_experts` flags the experts whose largest output stands out; `classify_massive`
 the residual-stream layers with massive activations; `Calibration` holds one pass's result.
-The calibration pass itself (hooks on a live model) is `routescope.capture.activations`; the
+The calibration pass itself (hooks on a live model) is `routescope.capture.calibration.activations`; the
 CLI's `report`, the dashboard and `rs.classify_super_experts` read recorded tables with this,
 without torch.
 """

@@ -10,16 +10,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 LAZY: dict[str, str] = {
-    "Recorder": "routescope.capture.recorder",
-    "RunExistsError": "routescope.capture.recorder",
-    "record": "routescope.capture.recorder",
+    "Recorder": "routescope.capture.recording.recorder",
+    "RunExistsError": "routescope.capture.recording.recorder",
+    "record": "routescope.capture.recording.recorder",
     "RouterSite": "routescope.capture.discovery",
     "find_routers": "routescope.capture.discovery",
 }
 
 if TYPE_CHECKING:
     from routescope.capture.discovery import RouterSite, find_routers
-    from routescope.capture.recorder import Recorder, RunExistsError, record
+    from routescope.capture.recording.recorder import Recorder, RunExistsError, record
 
 
 def __getattr__(name: str) -> Any:

@@ -159,7 +159,7 @@ class Adapter:
     top_k: int = 0  # a router kind whose k is fixed by its design (Switch: 1); 0: read it from the model
     note: str = ""
     # rs.replay can force this kind's decision: the experts module is called with
-    # (hidden_states, ids, weights) and a pre-hook swaps the ids and weights (capture/replay.py)
+    # (hidden_states, ids, weights) and a pre-hook swaps the ids and weights (capture/control/replay.py)
     replay: bool = False
     # ... or, for a "post" row, the router's output rebuilt with other (ids, weights): a
     # forward hook returns it, and the block routes by it as if the router had chosen so

@@ -1,7 +1,7 @@
 """Which experts a MoE model has: per MoE layer its fused routed-experts module and its shared experts.
 
 `find_expert_sites` builds on the router discovery (`capture/discovery.py`); the Super Expert
-calibration (`capture/activations.py`) and `rs.prune_experts` (`capture/pruning.py`) use it.
+calibration (`capture/calibration/activations.py`) and `rs.prune_experts` (`capture/control/pruning.py`) use it.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ import argparse
 import sys
 
 from routescope.errors import RouteScopeError
-from routescope.importers import parse_layers, write_imported_run
-from routescope.importers.errors import one_clean_line
-from routescope.importers.files import check_output_dir
+from routescope.importers.core.errors import one_clean_line
+from routescope.importers.core.files import check_output_dir
+from routescope.importers.core.tables import parse_layers, write_imported_run
 
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,7 @@
 """`routescope super-experts`: calibrate a model on a corpus and print its Super Experts.
 
 The CLI (`routescope/cli.py`) registers `add_super_experts_arguments` and
-`super_experts_command`; the work is `routescope.capture.activations.calibrate`, imported
+`super_experts_command`; the work is `routescope.capture.calibration.activations.calibrate`, imported
 when the command runs (building the CLI's parser stays torch-free).
 """
 
@@ -78,7 +78,7 @@ def calibration_texts(records: list[TextRecord], max_texts: int) -> list[str]:
 
 def super_experts_command(args: argparse.Namespace) -> int:
     """Find Super Experts and massive activations with a calibration pass (optionally into a run)."""
-    from routescope.capture.activations import calibrate
+    from routescope.capture.calibration.activations import calibrate
 
     _check(args)
     records = read_texts(args.data or bundled_corpus(), args.text_field, [])

@@ -2,7 +2,7 @@
 
 RL frameworks keep each generation's response with the experts the server routed every
 token to, and replay that routing in training (R3, docs/replay.md). The engine modules
-(`sglang_responses.py`, `vllm_responses.py`) decode one record into `Turn`s: the prompt
+(`sglang/responses.py`, `vllm/responses.py`) decode one record into `Turn`s: the prompt
 and output token ids, the first position the routing covers, and one row per covered
 position with the top-k ids of every MoE layer. This module places the turns:
 
@@ -11,7 +11,7 @@ position with the top-k ids of every MoE layer. This module places the turns:
   the last generated token has no row because the server never runs it through the model.
   A row count that differs is refused, naming the request.
 - **Layers.** Rows hold every decoder layer (dense ones zero), or the MoE layers only
-  (vLLM 0.21). Which layers are MoE comes from the model config (`model_layout.py`), never
+  (vLLM 0.21). Which layers are MoE comes from the model config (`core/model_layout.py`), never
   from looking for zeros: zero is also a valid expert id.
 - **Sessions.** The turns of one multi-turn conversation continue one sequence (one
   `seq_id`): the second turn's prompt repeats the first turn's tokens and sets `start` to
@@ -38,17 +38,15 @@ from typing import Any
 import numpy as np
 
 from routescope import schema
-from routescope.importers import (
+from routescope.importers.core.files import check_input_file, clean_text
+from routescope.importers.core.model_layout import MoELayout, load_layout
+from routescope.importers.core.tables import (
     ImportedRun,
     ImportFormatError,
     sequences_to_tables,
-    sglang_responses,
-    vllm_responses,
     write_imported_run,
 )
-from routescope.importers.files import check_input_file, clean_text
-from routescope.importers.model_layout import MoELayout, load_layout
-from routescope.importers.response_turns import (  # noqa: F401 - older imports read them here
+from routescope.importers.core.turns import (  # noqa: F401 - older imports read them here
     Lookup,
     Turn,
     session_of,
@@ -56,6 +54,8 @@ from routescope.importers.response_turns import (  # noqa: F401 - older imports 
     to_moe_rows,
     token_ids,
 )
+from routescope.importers.sglang import responses as sglang_responses
+from routescope.importers.vllm import responses as vllm_responses
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from routescope.analysis.balance_frames import balance_from_loads
-from routescope.capture.counters import LayerTotals
+from routescope.capture.recording.counters import LayerTotals
 
 PREFIX = "routing"
 LAYER_METRICS = ("cv", "max_violation", "norm_entropy", "dead_fraction", "z_loss")

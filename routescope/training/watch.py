@@ -31,8 +31,8 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback
 
-from routescope.capture.counters import RoutingCounters, is_training_forward
-from routescope.capture.recorder import Recorder
+from routescope.capture.recording.counters import RoutingCounters, is_training_forward
+from routescope.capture.recording.recorder import Recorder
 from routescope.training.alerts import AlertRules, Alerts
 from routescope.training.scalars import PREFIX, routing_scalars
 

@@ -1,4 +1,4 @@
--- Routing replay (capture/replay.py): a run's decisions laid out per token, so a model can be made to follow them.
+-- Routing replay (capture/control/replay.py): a run's decisions laid out per token, so a model can be made to follow them.
 
 -- name: replay_tokens
 -- Every token of the run (seq_id, pos, token_id) in (seq_id, pos) order; the row number is the token index.

@@ -1,5 +1,5 @@
 -- The Super Experts calibration table (SPEC 4.6); classification lives in
--- routescope.capture.activations.classify_super_experts, the one place of its thresholds.
+-- routescope.capture.calibration.activations.classify_super_experts, the one place of its thresholds.
 
 -- name: expert_activations
 -- Per (layer, expert, shared), over all calibration parts: max |down-proj output|, its channel, tokens seen.

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from routescope.importers.errors import ImportFormatError
-from routescope.importers.model_layout import MoELayout
-from routescope.importers.response_turns import Lookup, Turn, session_of, start_of, to_moe_rows, token_ids
-from routescope.importers.vllm_files import decode_array
+from routescope.importers.core.errors import ImportFormatError
+from routescope.importers.core.model_layout import MoELayout
+from routescope.importers.core.turns import Lookup, Turn, session_of, start_of, to_moe_rows, token_ids
+from routescope.importers.vllm.files import decode_array
 
 PROMPT_KEYS = ("prompt_token_ids", "input_ids", "prompt_ids")
 START_KEY = "routed_experts_prompt_start"

@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 from routescope.capture.adapters import WeightRule
-from routescope.capture.discovery import LogitsSite, RouterSite, find_routers
-from routescope.capture.forcing import (
+from routescope.capture.control.forcing import (
     check_forceable,
     find_weight_rule,
     force_decision,
     logits_of,
     require_logits_sites,
 )
+from routescope.capture.discovery import LogitsSite, RouterSite, find_routers
 from routescope.errors import RouteScopeError
 
 

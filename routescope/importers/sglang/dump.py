@@ -1,6 +1,6 @@
 """Reading SGLang expert-distribution dumps: loading, mode detection, records, maps, rank copies.
 
-Shared by the per-token importer (`sglang.py`) and the count importer (`sglang_counts.py`).
+Shared by the per-token importer (`importer.py`) and the count importer (`counts.py`).
 Layouts follow sgl-project/sglang `python/sglang/srt/eplb/expert_distribution.py`
 (`_DetailAccumulator.dump`, `_StatAccumulator.dump`), the older
 `python/sglang/srt/managers/expert_distribution.py`, and the oldest CSV dump; see
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from routescope.importers.errors import ImportFormatError
-from routescope.importers.files import check_input_file, load_torch_file
+from routescope.importers.core.errors import ImportFormatError
+from routescope.importers.core.files import check_input_file, load_torch_file
 
 EXPECTED = (
     "an SGLang expert-distribution dump: a torch.save'd dict with 'records' (per_token / per_pass mode; "

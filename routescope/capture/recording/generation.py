@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from routescope.capture.identity import SequenceTracker
+from routescope.capture.recording.identity import SequenceTracker
 from routescope.errors import RouteScopeError
 
 

@@ -1,7 +1,7 @@
 """Import SGLang expert-distribution-recorder dumps into a run directory.
 
-`import_sglang` loads the files (`sglang_dump.py`), then converts per-token dumps here
-(tokens + routing) and count dumps in `sglang_counts.py` (counts-only runs). The layouts
+`import_sglang` loads the files (`dump.py`), then converts per-token dumps here
+(tokens + routing) and count dumps in `counts.py` (counts-only runs). The layouts
 follow sgl-project/sglang `python/sglang/srt/eplb/expert_distribution.py` (older releases:
 `python/sglang/srt/managers/expert_distribution.py`); docs/scale_out.md cites the commits
 and lists every conversion rule.
@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from routescope import schema
-from routescope.importers import ImportedRun, ImportFormatError, sequences_to_tables
-from routescope.importers.sglang_counts import import_counts
-from routescope.importers.sglang_dump import (
+from routescope.importers.core.tables import ImportedRun, ImportFormatError, sequences_to_tables
+from routescope.importers.sglang.counts import import_counts
+from routescope.importers.sglang.dump import (
     Record,
     Skipped,
     as_array,
@@ -53,7 +53,7 @@ def import_sglang(
     """Parse dumps of one recorder mode (e.g. one file per rank) into an ImportedRun.
 
     `tp_size`: how many ranks saw the same tokens (plain tensor parallelism); None detects
-    identical rank data in record dumps (see `sglang_dump.collapse_rank_copies`).
+    identical rank data in record dumps (see `dump.collapse_rank_copies`).
     """
     for name, value in (("--top-k", top_k), ("--num-experts", num_experts), ("--tp-size", tp_size)):
         if value is not None and value < 1:

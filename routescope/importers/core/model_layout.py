@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from routescope.importers.errors import ImportFormatError
+from routescope.importers.core.errors import ImportFormatError
 
 ConfigDict = Mapping[str, Any]
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from routescope.capture.activations import ExpertSite, find_expert_sites
+from routescope.capture.calibration.activations import ExpertSite, find_expert_sites
 
 SHARED = "shared"  # (layer, "shared"): every shared expert of that layer
 

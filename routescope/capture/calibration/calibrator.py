@@ -1,8 +1,8 @@
-"""The scoped hooks of one Super Expert calibration pass (used by `capture/activations.py`).
+"""The scoped hooks of one Super Expert calibration pass (used by `capture/calibration/activations.py`).
 
 A pre-hook on each fused experts module recomputes every hit expert's down-projection
-(`capture/recompute.py`), a forward hook on each shared expert and one on each decoder
-layer; all update the device-side maxima of `capture/maxima.py`. Every handle is removed in
+(`capture/calibration/recompute.py`), a forward hook on each shared expert and one on each decoder
+layer; all update the device-side maxima of `capture/calibration/maxima.py`. Every handle is removed in
 `close`, also when adding hooks fails halfway.
 """
 
@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from routescope.capture.adapters import _arg
+from routescope.capture.calibration.maxima import ExpertMaxima, HiddenMaxima
+from routescope.capture.calibration.recompute import expert_down_output
 from routescope.capture.experts import ExpertSite, SharedExpert
-from routescope.capture.maxima import ExpertMaxima, HiddenMaxima
-from routescope.capture.recompute import expert_down_output
 from routescope.errors import RouteScopeError
 
 

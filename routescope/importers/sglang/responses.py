@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from routescope.importers.errors import ImportFormatError
-from routescope.importers.model_layout import MoELayout
-from routescope.importers.response_turns import Lookup, Turn, session_of, start_of, to_moe_rows, token_ids
+from routescope.importers.core.errors import ImportFormatError
+from routescope.importers.core.model_layout import MoELayout
+from routescope.importers.core.turns import Lookup, Turn, session_of, start_of, to_moe_rows, token_ids
 
 # The dtypes SGLang sends (routed_experts_wire._WIRE_DTYPES), little-endian on the wire.
 WIRE_DTYPES = {"int32": np.dtype("<i4"), "uint16": np.dtype("<u2"), "uint8": np.dtype("u1")}

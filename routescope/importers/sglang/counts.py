@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from routescope.importers import ImportedRun, ImportFormatError, counts_to_table
-from routescope.importers.sglang_dump import (
+from routescope.importers.core.tables import ImportedRun, ImportFormatError, counts_to_table
+from routescope.importers.sglang.dump import (
     Dump,
     Skipped,
     as_array,

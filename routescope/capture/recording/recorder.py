@@ -19,13 +19,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from routescope.capture.compiled import (
-    CompiledSink,
-    check_compilable,
-    drop_compiled_graphs,
-    is_compiled,
-    unwrap,
-)
 from routescope.capture.discovery import LogitsSite, RouterSite, find_logits_sites, find_routers, find_stacks
 from routescope.capture.facts import (
     install_sigterm_exit,
@@ -34,10 +27,17 @@ from routescope.capture.facts import (
     rank_and_world,
     restore_sigterm,
 )
-from routescope.capture.generation import GeneratePatch
-from routescope.capture.identity import SequenceTracker, Skipped, bind_inputs
-from routescope.capture.modality import placeholder_ids, token_modality
-from routescope.capture.step import HostStep, StepBuffers, router_statistics
+from routescope.capture.recording.compiled import (
+    CompiledSink,
+    check_compilable,
+    drop_compiled_graphs,
+    is_compiled,
+    unwrap,
+)
+from routescope.capture.recording.generation import GeneratePatch
+from routescope.capture.recording.identity import SequenceTracker, Skipped, bind_inputs
+from routescope.capture.recording.modality import placeholder_ids, token_modality
+from routescope.capture.recording.step import HostStep, StepBuffers, router_statistics
 from routescope.errors import RouteScopeError
 from routescope.schema import check_labels
 from routescope.store.remote import MODES, part_writer, run_directory, run_location
@@ -523,7 +523,7 @@ def record(
 
     Use as a context manager around plain forwards and `model.generate(...)`, compiled or
     not (`torch.compile(model)`, `model.compile()`, a `compile_config`: the graph records
-    itself, capture/compiled.py). On exit, also
+    itself, capture/recording/compiled.py). On exit, also
     on an exception, every hook is removed, recorded steps are flushed and the manifest is
     written (`complete` is true only after a clean exit).
 

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from routescope.importers.errors import ImportFormatError, one_clean_line
+from routescope.importers.core.errors import ImportFormatError, one_clean_line
 
 # NumPy's pickle entry points for arrays and scalars, under the module names NumPy 2
 # (numpy._core) and NumPy 1 (numpy.core) write; nothing else is added to torch's allowlist.

@@ -1,7 +1,7 @@
 """Super Expert calibration (SPEC 4.6) and residual-stream statistics (massive activations).
 
 `find_super_experts` and `calibrate` run the model over a few calibration batches with the
-scoped hooks of `capture/calibrator.py` and turn the device-side maxima into DataFrames,
+scoped hooks of `capture/calibration/calibrator.py` and turn the device-side maxima into DataFrames,
 classified by `routescope.analysis.superexperts`; with `out=` they also write the
 `expert_activations` and `hidden_stats` tables of a run. The jobs live in their own modules:
 experts.py (which experts a model has), recompute.py (one expert's output), maxima.py
@@ -35,9 +35,11 @@ from routescope.analysis.superexperts import (
     classify_super_experts,
     massive_layer_count,
 )
-from routescope.capture.calibration_inputs import iter_model_inputs, model_device, token_shape
-from routescope.capture.calibration_writer import write_calibration
-from routescope.capture.calibrator import Calibrator
+from routescope.capture.calibration.calibrator import Calibrator
+from routescope.capture.calibration.inputs import iter_model_inputs, model_device, token_shape
+from routescope.capture.calibration.maxima import MEDIAN_SAMPLE_CAP, ExpertMaxima, HiddenMaxima, MedianSample
+from routescope.capture.calibration.recompute import expert_down_output
+from routescope.capture.calibration.writer import write_calibration
 from routescope.capture.discovery import text_config
 from routescope.capture.experts import (
     SHARED_EXPERT_NAMES,
@@ -48,8 +50,6 @@ from routescope.capture.experts import (
     find_expert_sites,
     is_recomputable_experts,
 )
-from routescope.capture.maxima import MEDIAN_SAMPLE_CAP, ExpertMaxima, HiddenMaxima, MedianSample
-from routescope.capture.recompute import expert_down_output
 
 
 def calibrate(

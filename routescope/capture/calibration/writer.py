@@ -2,7 +2,7 @@
 
 `write_calibration` writes both (rank 0) through the store (`store.rundir.replace_parts`),
 replacing an earlier calibration's parts, and records the thresholds in the manifest (a directory that
-is not a run yet gets a fresh manifest). Called by `capture/activations.py`.
+is not a run yet gets a fresh manifest). Called by `capture/calibration/activations.py`.
 """
 
 from __future__ import annotations

@@ -23,15 +23,15 @@ from routescope.analysis.content import MISSING_KEY, content_keys
 from routescope.analysis.run import Run, open_run
 from routescope.analysis.sqlfiles import get_query
 from routescope.capture.adapters import WeightRule
-from routescope.capture.discovery import LogitsSite, RouterSite, find_routers
-from routescope.capture.forcing import (
+from routescope.capture.control.forcing import (
     check_forceable,
     find_weight_rule,
     force_decision,
     logits_of,
     require_logits_sites,
 )
-from routescope.capture.identity import bind_inputs, output_cache, valid_tokens
+from routescope.capture.discovery import LogitsSite, RouterSite, find_routers
+from routescope.capture.recording.identity import bind_inputs, output_cache, valid_tokens
 from routescope.errors import RouteScopeError
 
 WEIGHTS = ("recorded", "router")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from routescope import schema
-from routescope.capture.modality import modality_names
+from routescope.capture.recording.modality import modality_names
 from routescope.errors import RouteScopeError
 
 
@@ -35,7 +35,7 @@ class StepBuffers:
     calls: dict[int, int] = field(default_factory=dict)
     valid_by_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
     stack: str = schema.STACK_DECODER  # encoder or decoder
-    modality: torch.Tensor | None = None  # [B, S] int8 codes (capture/modality.py); None: all text
+    modality: torch.Tensor | None = None  # [B, S] int8 codes (capture/recording/modality.py); None: all text
     train_step: int | None = None  # optimizer step (rs.watch); None: not a training run
 
     @property

@@ -1,4 +1,4 @@
-"""What the engine decoders (`sglang_responses.py`, `vllm_responses.py`) build and share: the
+"""What the engine decoders (`sglang/responses.py`, `vllm/responses.py`) build and share: the
 `Turn` a response record becomes, a key looked up across a record's nested dicts, and the
 checks of token ids, starts, sessions and routed-expert rows. `responses.py` places the
 turns into sequences; keeping these here lets it import the decoders without a cycle.
@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from routescope.importers.errors import ImportFormatError
-from routescope.importers.model_layout import MoELayout
+from routescope.importers.core.errors import ImportFormatError
+from routescope.importers.core.model_layout import MoELayout
 
 
 @dataclass

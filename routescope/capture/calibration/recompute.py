@@ -1,7 +1,7 @@
 """One expert's down-projection recomputed from a fused experts module's own weights.
 
 A hook on the fused module never sees one expert's output, so the calibrator
-(`capture/calibrator.py`) recomputes it here for the tokens routed to that expert, in the
+(`capture/calibration/calibrator.py`) recomputes it here for the tokens routed to that expert, in the
 layout the module declares (`ExpertsLayout`: transposed, bias, gated).
 """
 

@@ -11,7 +11,7 @@ for every token, the top-k expert ids of each layer. Two response layouts exist:
   `prompt_routed_experts` and `prompt_token_ids` at the response level, each choice's
   `routed_experts` and `token_ids` for the generated part.
 
-`vllm_files.py` reads the files; this module places rows at their positions and phases,
+`files.py` reads the files; this module places rows at their positions and phases,
 picks the MoE layers and builds the tables. docs/scale_out.md lists the rules.
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from routescope import schema
-from routescope.importers import ImportedRun, ImportFormatError, sequences_to_tables
-from routescope.importers.vllm_files import EXPECTED, RequestData, read_requests
+from routescope.importers.core.tables import ImportedRun, ImportFormatError, sequences_to_tables
+from routescope.importers.vllm.files import EXPECTED, RequestData, read_requests
 
 
 def import_vllm(

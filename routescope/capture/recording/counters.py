@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from routescope.capture.discovery import LogitsSite, RouterSite, find_logits_sites, find_routers
-from routescope.capture.identity import bind_inputs
+from routescope.capture.recording.identity import bind_inputs
 from routescope.errors import RouteScopeError
 
 

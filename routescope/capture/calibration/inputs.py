@@ -1,6 +1,6 @@
 """Calibration batches turned into model inputs: dicts passed through, text tokenized.
 
-Used by `capture/activations.py`; a batch that is neither raises ValueError naming its number.
+Used by `capture/calibration/activations.py`; a batch that is neither raises ValueError naming its number.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from routescope.importers.errors import ImportFormatError
-from routescope.importers.files import check_input_file, clean_text, load_torch_file
+from routescope.importers.core.errors import ImportFormatError
+from routescope.importers.core.files import check_input_file, clean_text, load_torch_file
 
 EXPECTED = (
     "vLLM routed experts: integer arrays [num_tokens, layers, top_k] as .npy / .npz, a .pt of tensors, "

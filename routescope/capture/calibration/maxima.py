@@ -2,7 +2,7 @@
 
 `ExpertMaxima` (max |output| per expert, its channel, tokens seen), `HiddenMaxima` (max |h| of
 a decoder layer's residual stream and where it was) and `MedianSample` (a bounded uniform
-sample of |h| for the median). Updated by the hooks of `capture/calibrator.py`.
+sample of |h| for the median). Updated by the hooks of `capture/calibration/calibrator.py`.
 """
 
 from __future__ import annotations

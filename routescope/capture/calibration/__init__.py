@@ -1,0 +1,1 @@
+"""Super Expert calibration: per-expert output maxima and massive activations of a live model."""

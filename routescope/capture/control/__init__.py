@@ -1,0 +1,1 @@
+"""Model control: replaying recorded routing, banning experts, forcing a router's choice, pruning."""

@@ -1,0 +1,1 @@
+"""Recording: the hooks, step buffers, token identity and compiled sink of `rs.record`."""
