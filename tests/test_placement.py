@@ -122,6 +122,74 @@ def test_replicate_minimises_the_largest_per_replica_load():
         assert max(weight / counts) == pytest.approx(best)
 
 
+# DeepSeek EPLB's README example (github.com/deepseek-ai/EPLB): 2 layers x 12 experts, 16
+# physical slots, 4 groups, 2 nodes, 8 GPUs; its printed phy2log, two slots per GPU.
+DEEPSEEK_WEIGHT = np.array(
+    [
+        [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+        [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
+    ]
+)
+DEEPSEEK_PHY2LOG = np.array(
+    [
+        [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+        [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
+    ]
+)
+
+
+def _per_gpu(plan: pd.DataFrame, layer: int) -> list[list[int]]:
+    rows = plan[plan["layer"] == layer]
+    return [sorted(rows.loc[rows["gpu"] == g, "expert"].tolist()) for g in range(int(rows["gpu"].max()) + 1)]
+
+
+def test_eplb_matches_deepseeks_example_and_never_doubles_an_expert_on_a_gpu():
+    loads = pd.DataFrame(
+        [(layer, e, int(w)) for layer, row in enumerate(DEEPSEEK_WEIGHT) for e, w in enumerate(row)],
+        columns=["layer", "expert", "tokens"],
+    )
+    plan = build_plan(loads, ep_size=8, redundant=4, method="eplb", num_groups=4, num_nodes=2)
+    theirs = pd.DataFrame(
+        [
+            (layer, p // 2, p % 2, int(e))
+            for layer, row in enumerate(DEEPSEEK_PHY2LOG)
+            for p, e in enumerate(row)
+        ],
+        columns=["layer", "gpu", "slot", "expert"],
+    )
+    assert _per_gpu(plan, 0) == _per_gpu(theirs, 0)  # layer 0: DeepSeek's plan exactly
+    np.testing.assert_allclose(max_loads(loads, plan), max_loads(loads, theirs))  # 156.0, 179.5
+    for layer in (0, 1):
+        for gpu, held in enumerate(_per_gpu(plan, layer)):
+            assert len(set(held)) == len(held), f"layer {layer} GPU {gpu} holds {held}"
+
+
+@pytest.mark.parametrize("method", ["lpt", "eplb"])
+@pytest.mark.parametrize("seed", range(6))
+def test_a_doubled_expert_stays_only_when_no_swap_could_remove_it(method, seed):
+    """A GPU holding one expert twice is left only when every swap that would undo it raises the
+    busiest GPU (checked by brute force over all single swaps)."""
+    loads = zipf_loads(seed, 16, layers=2, skew=1.6)
+    plan = build_plan(loads, ep_size=4, redundant=8, method=method)
+    worst = max_loads(loads, plan)
+    for layer, rows in plan.groupby("layer"):
+        weight = loads[loads.layer == layer].sort_values("expert")["tokens"].to_numpy(dtype=float)
+        experts, gpus = rows["expert"].to_numpy(), rows["gpu"].to_numpy()
+        share = weight[experts] / np.bincount(experts, minlength=16)[experts]
+        load = np.bincount(gpus, weights=share, minlength=4)
+        for i in range(len(experts)):
+            if np.sum((gpus == gpus[i]) & (experts == experts[i])) < 2:
+                continue
+            for j in range(len(experts)):
+                g, h = gpus[i], gpus[j]
+                if h == g or experts[j] == experts[i]:
+                    continue
+                if experts[i] in experts[gpus == h] or experts[j] in experts[gpus == g]:
+                    continue
+                pair = max(load[g] - share[i] + share[j], load[h] - share[j] + share[i])
+                assert pair > worst[layer] * (1 + 1e-9), f"layer {layer}: slot {i} could move to GPU {h}"
+
+
 def test_eplb_hierarchical_keeps_each_group_on_one_node():
     num_experts, groups, nodes, ep_size = 16, 4, 2, 4
     loads = zipf_loads(0, num_experts)

@@ -131,6 +131,48 @@ def _gpu_max(weight: np.ndarray, experts: np.ndarray, gpu: np.ndarray, ep_size: 
     return float(np.bincount(gpu, weights=slot_loads(weight, experts), minlength=ep_size).max())
 
 
+def spread_replicas(
+    weight: np.ndarray, experts: np.ndarray, gpu: np.ndarray, ep_size: int, gpus_per_node: int | None = None
+) -> np.ndarray:
+    """GPU per slot with no expert held twice by one GPU, where a swap allows it without raising
+    the busiest GPU's load.
+
+    A second replica on the GPU that already holds the expert balances nothing and wastes a slot.
+    Each such replica is swapped with a slot of another GPU (of the same node when `gpus_per_node`
+    is given: EPLB's hierarchical plan keeps each expert group on its node) that holds a different
+    expert neither GPU would then hold twice; of the swaps that keep both GPUs at or below the
+    current busiest load, the one with the lowest resulting pair maximum wins (then the closest
+    slot load, then the lowest GPU). A duplicate no such swap can remove stays.
+    """
+    gpu = gpu.copy()
+    share = slot_loads(weight, experts)
+    per_node = gpus_per_node or ep_size
+    for _ in range(len(experts)):
+        load = np.bincount(gpu, weights=share, minlength=ep_size)
+        held = [set(experts[gpu == g].tolist()) for g in range(ep_size)]
+        _, first, counts = np.unique(gpu * len(weight) + experts, return_index=True, return_counts=True)
+        if not (counts > 1).any():
+            break
+        dup = int(first[np.argmax(counts > 1)])
+        g, e, w = int(gpu[dup]), int(experts[dup]), share[dup]
+        best: tuple[float, float, int] | None = None
+        pick = -1
+        for j in range(len(experts)):
+            h, f, v = int(gpu[j]), int(experts[j]), share[j]
+            if h == g or h // per_node != g // per_node or f == e or e in held[h] or f in held[g]:
+                continue
+            pair = max(load[g] - w + v, load[h] - v + w)
+            if pair > load.max() * (1 + 1e-12):
+                continue
+            key = (pair, abs(v - w), h)
+            if best is None or key < best:
+                best, pick = key, j
+        if pick < 0:
+            break
+        gpu[dup], gpu[pick] = gpu[pick], g
+    return gpu
+
+
 # -- methods: each returns (expert, gpu) per physical slot of one layer -------------------
 def contiguous_layer(
     weight: np.ndarray, ep_size: int, num_physical: int, **_: Any
@@ -162,7 +204,8 @@ def lpt_layer(weight: np.ndarray, ep_size: int, num_physical: int, **_: Any) -> 
         candidates.append(
             _pad_with_local_copies(weight, *lpt_layer(weight, ep_size, len(weight)), num_physical, ep_size)
         )
-    return min(candidates, key=lambda c: _gpu_max(weight, c[0], c[1], ep_size))
+    experts, gpu = min(candidates, key=lambda c: _gpu_max(weight, c[0], c[1], ep_size))
+    return experts, spread_replicas(weight, experts, gpu, ep_size)
 
 
 def _pad_with_local_copies(
@@ -206,8 +249,8 @@ def eplb_layer(
         base = eplb_layer(weight, ep_size, num_experts, num_groups, num_nodes)
         padded = _pad_with_local_copies(weight, *base, num_physical, ep_size)
         if _gpu_max(weight, *padded, ep_size) < _gpu_max(weight, *plan, ep_size):
-            return padded
-    return plan
+            plan = padded
+    return plan[0], spread_replicas(weight, *plan, ep_size, gpus_per_node)
 
 
 LAYER_METHODS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
