@@ -196,6 +196,52 @@ def test_imports_point_down_the_layers():
     assert not wrong, "imports against the layering of docs/architecture.md: " + "; ".join(sorted(wrong))
 
 
+# Rooms inside a layer (docs/architecture.md, "The tree"): a room imports the shared floor of
+# its layer and never a sibling room, except the listed edges.
+ROOMS = {
+    "routescope.capture": {"recording", "control", "calibration"},
+    "routescope.importers": {"core", "sglang", "vllm", "megatron"},
+}
+SHARED_ROOMS = {"routescope.importers": {"core"}}  # rooms every other room may import
+ALLOWED_ROOM_EDGES = {
+    # replay matches tokens the way the recorder identifies them
+    ("routescope.capture.control", "routescope.capture.recording"),
+}
+
+
+def room_of(module: str) -> tuple[str, str] | None:
+    for floor, rooms in ROOMS.items():
+        rest = module.removeprefix(floor + ".").split(".")
+        if module.startswith(floor + ".") and rest[0] in rooms and len(rest) >= 1:
+            return floor, rest[0]
+    return None
+
+
+def test_rooms_do_not_import_their_siblings():
+    wrong = []
+    for module, targets in import_graph(everywhere=True).items():
+        here = room_of(module)
+        if here is None:
+            continue
+        floor, room = here
+        for target in targets:
+            there = room_of(target)
+            if there is None or there[0] != floor or there[1] == room:
+                continue
+            if there[1] in SHARED_ROOMS.get(floor, set()):
+                continue
+            if (f"{floor}.{room}", f"{floor}.{there[1]}") not in ALLOWED_ROOM_EDGES:
+                wrong.append(f"{module} -> {target}")
+    assert not wrong, "a room imports a sibling room (docs/architecture.md, The tree): " + "; ".join(wrong)
+
+
+def test_every_room_exists():
+    names = set(modules())
+    for floor, rooms in ROOMS.items():
+        for room in rooms - {"megatron"}:
+            assert f"{floor}.{room}" in names, f"{floor}.{room} is missing"
+
+
 def test_no_module_in_routescope_is_too_long():
     lengths = {
         p.relative_to(REPO).as_posix(): len(p.read_text(encoding="utf-8").splitlines())

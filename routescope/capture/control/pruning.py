@@ -3,7 +3,7 @@
 `rs.prune_experts(model, [(layer, expert), ...])` is a context manager. Inside the block the
 experts' down-projection weights (and biases) are zero, as the Super Experts paper's code
 prunes them; on exit (also on an exception) the saved values are copied back bit for bit.
-It shares expert discovery with the calibration (`activations.find_expert_sites`).
+It shares expert discovery with the calibration (`capture/experts.py`, `find_expert_sites`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from routescope.capture.calibration.activations import ExpertSite, find_expert_sites
+from routescope.capture.experts import ExpertSite, find_expert_sites
 
 SHARED = "shared"  # (layer, "shared"): every shared expert of that layer
 
