@@ -49,16 +49,25 @@ class ImportedRun:
     context_tokens: Columns | None = None  # token ids without routing (schema.CONTEXT_TOKENS)
     labels: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # per-token imports that keep each source rank's parts apart (the run's `rank` column):
+    # rank -> {table name: columns}; used instead of tokens / routing
+    rank_tables: dict[int, dict[str, Columns]] | None = None
 
     @property
     def counts_only(self) -> bool:
-        return self.routing is None
+        return self.routing is None and not self.rank_tables
+
+    @property
+    def router_stats(self) -> bool:
+        return any(schema.ROUTER_STATS in tables for tables in (self.rank_tables or {}).values())
 
     @property
     def moe_layers(self) -> list[int]:
         return sorted(self.num_experts)
 
     def token_count(self) -> int:
+        if self.rank_tables:
+            return sum(len(t[schema.TOKENS]["seq_id"]) for t in self.rank_tables.values() if schema.TOKENS in t)
         if self.tokens is not None:
             return len(self.tokens["seq_id"])
         counts = self.expert_counts or {}
@@ -104,6 +113,10 @@ def write_imported_run(
 
 
 def _write_tables(imported: ImportedRun, out: Path) -> None:
+    for rank, rank_tables in sorted((imported.rank_tables or {}).items()):
+        rank_writer = PartWriter(out, rank=rank, flush_seconds=3600)
+        rank_writer.submit(_Step(rank_tables))
+        rank_writer.close()
     tables: dict[str, Columns] = {}
     if imported.tokens is not None and imported.routing is not None:
         tables[schema.TOKENS] = imported.tokens
@@ -133,7 +146,7 @@ def build_manifest(
         top_k=dict(sorted(imported.top_k.items())),
         counts_only=imported.counts_only,
         weights_recorded=False,
-        router_stats=False,
+        router_stats=imported.router_stats,
         rank=0,
         world_size=1,
         imported_from={
