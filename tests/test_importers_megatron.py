@@ -129,9 +129,9 @@ class Recording:
         """[B, T, k] ranked experts of recorded step `step` (rows ordered by seq_id, pos)."""
         part = self.routing[(self.routing.step == step) & (self.routing.layer == layer)]
         seqs = sorted(part.seq_id.unique())
-        t = part.pos.max() + 1
-        out = np.full((len(seqs), t, K), -1)
-        out[np.searchsorted(seqs, part.seq_id), part.pos, part.slot] = part.expert
+        first = part.pos.min()  # a decode step holds one position per sequence
+        out = np.full((len(seqs), part.pos.max() + 1 - first, K), -1)
+        out[np.searchsorted(seqs, part.seq_id), part.pos - first, part.slot] = part.expert
         return out
 
     def step_logits(self, step: int, layer: int) -> torch.Tensor:
@@ -203,11 +203,13 @@ def test_training_loads_ranks_and_first_choices_equal_the_recording(training, tm
     # loads per layer and trace step equal the recorded forwards of that (rank, iteration)
     truth: dict[tuple, int] = {}
     for forward, (_, iteration) in enumerate(plan):
-        for (step, layer, expert), n in loads(rec.routing[rec.routing.step == forward]).items():
+        for (_step, layer, expert), n in loads(rec.routing[rec.routing.step == forward]).items():
             truth[(iteration, layer, expert)] = truth.get((iteration, layer, expert), 0) + n
     assert loads(run) == truth
     # tokens per rank, and one sequence per (rank, iteration, micro-batch)
-    per_rank = run.sql("SELECT rank, count(*) AS n, count(DISTINCT seq_id) AS seqs FROM tokens GROUP BY rank ORDER BY rank")
+    per_rank = run.sql(
+        "SELECT rank, count(*) AS n, count(DISTINCT seq_id) AS seqs FROM tokens GROUP BY rank ORDER BY rank"
+    )
     assert per_rank.values.tolist() == [[0, 20, 2], [1, 20, 2]]
     assert set(run.sql("SELECT DISTINCT phase FROM tokens").phase) == {"prefill"}
     assert run.sql("SELECT max(pos) AS p FROM tokens").p[0] == 9  # rows of one [T * B] forward
@@ -236,7 +238,7 @@ def test_training_router_stats_come_from_the_logits(training, tmp_path):
     assert got.tokens.tolist() == want.tokens.tolist()
     assert got.step.tolist() == [100 if s == 2 else 101 for s in want.step]
     np.testing.assert_allclose(got.prob_sum, want.prob_sum, rtol=0.05, atol=0.05)  # bf16 logits
-    assert run.sql("SELECT count(*) AS n FROM router_tokens").n[0] == 20
+    assert run.sql("SELECT count(*) AS n FROM router_tokens").n[0] == 20 * 2  # rank 1's tokens, 2 layers
     entropy = run.sql("SELECT avg(entropy) AS h, avg(margin) AS m FROM router_tokens")
     recorded = rec.router_tokens.merge(
         rec.routing[rec.routing.step.isin([2, 3])][["seq_id"]].drop_duplicates(), on="seq_id"
@@ -246,7 +248,7 @@ def test_training_router_stats_come_from_the_logits(training, tmp_path):
 
 
 def test_unknown_slot_order_is_said_not_guessed(training, tmp_path):
-    rec, trace, _ = training
+    _rec, trace, _ = training
     run = imported(trace, tmp_path / "run")
     imp = run.manifest["imported_from"]
     assert imp["slot_order_unknown_tokens"] == 20  # rank 0: ascending ids, no logits
@@ -291,7 +293,9 @@ def test_inference_steps_and_phases_equal_the_recording(tmp_path):
             writer.add(step, layer, np.sort(rows, axis=1))  # hook path: routing_map.nonzero()
     run = imported(tmp_path / "trace", tmp_path / "run", mode="inference", num_experts=E)
     assert loads(run) == loads(rec.routing)
-    phases = run.sql("SELECT step, min(phase) AS p, max(phase) AS q, count(*) AS n FROM tokens GROUP BY step ORDER BY step")
+    phases = run.sql(
+        "SELECT step, min(phase) AS p, max(phase) AS q, count(*) AS n FROM tokens GROUP BY step ORDER BY step"
+    )
     recorded = rec.routing[rec.routing.slot == 0].groupby("step").agg(p=("phase", "min"), n=("phase", "size"))
     assert phases.p.tolist() == phases.q.tolist() == recorded.p.tolist() == ["prefill", "decode", "decode"]
     assert phases.n.tolist() == (recorded.n // len(rec.moe)).tolist()
@@ -314,7 +318,12 @@ def test_mtp_layer_0_stays_apart_from_decoder_layer_0(tmp_path):
     ]  # fmt: skip
     run = imported(tmp_path / "trace", tmp_path / "run", mode="training")
     assert run.moe_layers == [0, 1, 2]
-    assert run.manifest["imported_from"]["layers"]["2"] == {"block": "mtp", "layer": 0, "stage": 0, "mtp_idx": 0}
+    assert run.manifest["imported_from"]["layers"]["2"] == {
+        "block": "mtp",
+        "layer": 0,
+        "stage": 0,
+        "mtp_idx": 0,
+    }
     assert run.manifest["imported_from"]["layers"]["0"] == {"block": "decoder", "layer": 0, "stage": 0}
     truth = {(7, layer, e): n for (_, layer, e), n in loads(rec.routing).items()}
     assert loads(run) == truth  # layer 0 holds the decoder's loads only, layer 2 the MTP's
@@ -347,7 +356,9 @@ def test_num_experts_from_the_router_state_or_refused(training, tmp_path):
     only_rank0 = tmp_path / "trace"
     only_rank0.mkdir()
     shutil.copy(trace / "router_trace_rank0.jsonl", only_rank0)
-    with pytest.raises(ImportFormatError, match=r"cannot tell the number of experts.*--num-experts E.*E >= 4"):
+    with pytest.raises(
+        ImportFormatError, match=r"cannot tell the number of experts.*--num-experts E.*E >= 4"
+    ):
         import_megatron(only_rank0)
     gate = rec.model.model.layers[1].mlp.gate
     state = {("decoder", None, 1): {"weight": gate.weight.detach().float(), "expert_bias": None,
@@ -378,7 +389,9 @@ def test_truncated_last_line_is_named_or_skipped_and_counted(bad_copy, tmp_path)
     path = bad_copy / "router_trace_rank1.jsonl"
     text = path.read_text()
     path.write_text(text[: len(text) - 40])  # a killed job: the last record is cut off
-    with pytest.raises(ImportFormatError, match=r"router_trace_rank1\.jsonl:4: the last line is cut off.*--skip-corrupt"):
+    with pytest.raises(
+        ImportFormatError, match=r"router_trace_rank1\.jsonl:4: the last line is cut off.*--skip-corrupt"
+    ):
         import_megatron(bad_copy)
     imp = import_megatron(bad_copy, skip_corrupt=True)
     assert imp.extra["skipped_records"]["counts"] == {"truncated_line": 1}
@@ -388,16 +401,26 @@ def test_truncated_last_line_is_named_or_skipped_and_counted(bad_copy, tmp_path)
 
 
 def test_missing_rank_inconsistent_topk_and_id_out_of_range(bad_copy):
-    _rewrite(bad_copy / "router_trace_rank1.jsonl", 2, lambda r: r.update(topk=3, top_indices=[[0, 1, 2]] * 10))
+    with pytest.raises(ImportFormatError, match=r"--num-experts 3, but the logits sidecar holds \[4\]"):
+        import_megatron(bad_copy, num_experts=3)
+    _rewrite(bad_copy / "router_trace_rank0.jsonl", 3, lambda r: r["top_indices"][5].__setitem__(1, 4))
+    with pytest.raises(ImportFormatError, match=r"rank0\.jsonl:3: expert id 4 >= 4 experts"):
+        import_megatron(bad_copy)
+    imp = import_megatron(bad_copy, skip_corrupt=True)
+    assert imp.extra["skipped_records"]["counts"] == {"bad_expert_id": 1}
+    _rewrite(
+        bad_copy / "router_trace_rank1.jsonl", 2, lambda r: r.update(topk=3, top_indices=[[0, 1, 2]] * 10)
+    )
     with pytest.raises(ImportFormatError, match=r"rank1\.jsonl:2: topk 3 for decoder layer 2.*topk 2"):
         import_megatron(bad_copy)
     imp = import_megatron(bad_copy, skip_corrupt=True)
-    assert imp.extra["skipped_records"]["counts"] == {"inconsistent_topk": 1}
-    with pytest.raises(ImportFormatError, match=r"rank0\.jsonl:\d+: expert id 3 >= 3 experts"):
-        import_megatron(bad_copy, num_experts=3, skip_corrupt=False)
-    (bad_copy / "router_trace_rank0.jsonl").rename(bad_copy / "router_trace_rank2.jsonl")
+    assert imp.extra["skipped_records"]["counts"] == {"bad_expert_id": 1, "inconsistent_topk": 1}
+    (bad_copy / "router_trace_rank0.jsonl").unlink()
     with pytest.raises(ImportFormatError, match=r"router_trace_rank0\.jsonl: missing"):
         import_megatron(bad_copy)
+    imp = import_megatron(bad_copy, skip_corrupt=True)
+    assert imp.extra["skipped_records"]["counts"]["missing_rank"] == 1
+    assert sorted(imp.rank_tables) == [1] and imp.extra["ranks"] == [1]
 
 
 def test_cli_bad_input_exits_2_with_one_line_and_keeps_an_existing_run(bad_copy, tmp_path, capsys):

@@ -22,7 +22,12 @@ import pandas as pd
 from routescope import schema
 from routescope.analysis import metrics
 from routescope.analysis.content import match_by_content
-from routescope.analysis.querying import first_choice_unknown, quiet_selection, selected_nothing, warn_if_empty
+from routescope.analysis.querying import (
+    first_choice_unknown,
+    quiet_selection,
+    selected_nothing,
+    warn_if_empty,
+)
 from routescope.analysis.run import Run, open_run
 from routescope.analysis.saturation import keys_fit, saturation_table
 from routescope.store.layout import list_parts

@@ -16,7 +16,7 @@ import numpy as np
 from routescope import schema
 from routescope.importers.core.errors import ImportFormatError, RunExistsError
 from routescope.importers.core.files import check_output_dir
-from routescope.store.manifest import MANIFEST_NAME
+from routescope.store.manifest import MANIFEST_NAME, write_manifest
 from routescope.store.rundir import RunDirectory, base_manifest
 from routescope.store.writer import PartWriter
 
@@ -67,7 +67,9 @@ class ImportedRun:
 
     def token_count(self) -> int:
         if self.rank_tables:
-            return sum(len(t[schema.TOKENS]["seq_id"]) for t in self.rank_tables.values() if schema.TOKENS in t)
+            return sum(
+                len(t[schema.TOKENS]["seq_id"]) for t in self.rank_tables.values() if schema.TOKENS in t
+            )
         if self.tokens is not None:
             return len(self.tokens["seq_id"])
         counts = self.expert_counts or {}
@@ -108,8 +110,34 @@ def write_imported_run(
     with RunDirectory(out) as run_dir:
         run_dir.prepare("overwrite" if overwrite else "create", imported.moe_layers, wait=wait)
         _write_tables(imported, out)
-        run_dir.write_manifest(build_manifest(imported, model_type, sources))
+        manifest = build_manifest(imported, model_type, sources)
+        for rank, fragment in _rank_manifests(imported, manifest).items():
+            write_manifest(out, fragment, name=f"manifest.rank={rank}.json")
+        run_dir.write_manifest(manifest)
     return out
+
+
+def _rank_manifests(imported: ImportedRun, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """With `rank_tables`: `manifest` becomes rank 0's (world_size = ranks) and ranks 1.. get
+    their fragments (manifest.rank=R.json), each counting its own tokens and steps, as a
+    multi-rank recording leaves them."""
+    if not imported.rank_tables:
+        return {}
+    world = max(imported.rank_tables) + 1
+    fragments = {}
+    for rank in range(world):
+        tokens = imported.rank_tables.get(rank, {}).get(schema.TOKENS, {})
+        counts = {
+            "rank": rank,
+            "world_size": world,
+            "tokens": len(tokens.get("seq_id", ())),
+            "steps": len(np.unique(tokens["step"])) if len(tokens.get("step", ())) else 0,
+        }
+        if rank == 0:
+            manifest.update(counts)
+        else:
+            fragments[rank] = {**manifest, **counts}
+    return fragments
 
 
 def _write_tables(imported: ImportedRun, out: Path) -> None:

@@ -26,7 +26,12 @@ from routescope import schema
 from routescope.importers.core.errors import ImportFormatError
 from routescope.importers.core.tables import ImportedRun, sequences_to_tables
 from routescope.importers.megatron.layers import LayerMap, build_layer_map
-from routescope.importers.megatron.sidecars import LogitsFile, logit_statistics, rank_by_logits, router_state_experts
+from routescope.importers.megatron.sidecars import (
+    LogitsFile,
+    logit_statistics,
+    rank_by_logits,
+    router_state_experts,
+)
 from routescope.importers.megatron.trace import (
     Skips,
     TraceRecord,
@@ -114,14 +119,18 @@ def _num_experts(trace_dir: Path, records: list[TraceRecord], given: int | None)
             )
         return given, "--num-experts"
     if len(widths) > 1:
-        raise ImportFormatError(f"{trace_dir}: the logits sidecars disagree on the experts per token: {sorted(widths)}")
+        raise ImportFormatError(
+            f"{trace_dir}: the logits sidecars disagree on the experts per token: {sorted(widths)}"
+        )
     if widths:
         return widths.pop(), "logits sidecar shape"
     states = sorted(trace_dir.glob("router_state_rank*.pt"))
     if states:
         counts = {e for path in states for e in router_state_experts(path).values()}
         if len(counts) > 1:
-            raise ImportFormatError(f"{states[0]}: routers have different numbers of experts {sorted(counts)}")
+            raise ImportFormatError(
+                f"{states[0]}: routers have different numbers of experts {sorted(counts)}"
+            )
         return counts.pop(), "router-state dump"
     seen = max((int(r.top.max()) for r in records if r.top.size), default=-1)
     raise ImportFormatError(
@@ -135,7 +144,9 @@ def _ids_below(records: list[TraceRecord], experts: int, skips: Skips) -> list[T
     kept = []
     for record in records:
         if record.top.size and int(record.top.max()) >= experts:
-            skips.bad(record.where, "bad_expert_id", f"expert id {int(record.top.max())} >= {experts} experts")
+            skips.bad(
+                record.where, "bad_expert_id", f"expert id {int(record.top.max())} >= {experts} experts"
+            )
             continue
         kept.append(record)
     return kept
@@ -145,14 +156,22 @@ class _Builder:
     """Groups records into sequences and builds each owner rank's tables."""
 
     def __init__(
-        self, trace_dir: Path, layer_map: LayerMap, experts: int, mode: str | None, decode_max: int, skips: Skips
+        self,
+        trace_dir: Path,
+        layer_map: LayerMap,
+        experts: int,
+        mode: str | None,
+        decode_max: int,
+        skips: Skips,
     ) -> None:
         self.trace_dir, self.layer_map, self.experts, self.mode = trace_dir, layer_map, experts, mode
         self.decode_max, self.skips = decode_max, skips
         self.layers = sorted(set(layer_map.ids.values()))
         self.column = {layer: i for i, layer in enumerate(self.layers)}
         # (owner, step, micro-batch) -> [(record, ranked ids, order known, logits or None)]
-        self.groups: dict[tuple[int, int, int], list[tuple[TraceRecord, np.ndarray, bool, Any]]] = defaultdict(list)
+        self.groups: dict[tuple[int, int, int], list[tuple[TraceRecord, np.ndarray, bool, Any]]] = (
+            defaultdict(list)
+        )
         self.orders: Counter = Counter()
         self.ties = 0
         self.unknown_tokens = 0
@@ -176,7 +195,9 @@ class _Builder:
             self.orders[order] += 1
             micro_batch = seen[(record.step, record.key)]
             seen[(record.step, record.key)] += 1
-            self.groups[(owner, record.step, micro_batch)].append((record, ranked, order != "unknown", logits))
+            self.groups[(owner, record.step, micro_batch)].append(
+                (record, ranked, order != "unknown", logits)
+            )
 
     def slot_order(self) -> str:
         """'logits', 'written', 'unknown' or 'mixed' over every imported record."""
@@ -223,7 +244,9 @@ class _Builder:
             layer = self.layer_map.layer_id(record)
             column = self.column[layer]
             if (experts[:, column] >= 0).any():
-                self.skips.bad(record.where, "duplicate_layer", "a second record of this layer for the same tokens")
+                self.skips.bad(
+                    record.where, "duplicate_layer", "a second record of this layer for the same tokens"
+                )
                 continue
             experts[:, column, : ranked.shape[1]] = ranked
             filled = True
@@ -254,7 +277,13 @@ class _Builder:
         return schema.PHASE_UNKNOWN
 
     def _add_stats(
-        self, stats: dict[str, list[np.ndarray]], seq_id: int, step: int, layer: int, ranked: np.ndarray, logits: np.ndarray
+        self,
+        stats: dict[str, list[np.ndarray]],
+        seq_id: int,
+        step: int,
+        layer: int,
+        ranked: np.ndarray,
+        logits: np.ndarray,
     ) -> None:
         n, e = logits.shape
         prob_sum, entropy, margin = logit_statistics(logits)

@@ -63,9 +63,7 @@ def build_layer_map(
 ) -> LayerMap:
     """Run layer ids for every key the ranks wrote; refuses ranks of one stage that disagree."""
     if stages < 1 or world % stages:
-        raise ImportFormatError(
-            f"--pipeline-stages {stages} does not divide the {world} ranks of the trace"
-        )
+        raise ImportFormatError(f"--pipeline-stages {stages} does not divide the {world} ranks of the trace")
     per_stage = world // stages
     decoder = [key[2] for keys in keys_by_rank.values() for key in keys if key[0] == "decoder"]
     mtp = [key[2] for keys in keys_by_rank.values() for key in keys if key[0] == "mtp"]

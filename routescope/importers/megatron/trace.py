@@ -75,7 +75,9 @@ class Skips:
 def find_trace_files(trace_dir: Path, skips: Skips) -> dict[int, Path]:
     """rank -> trace file; a gap in the ranks is a missing rank (an error unless skip_corrupt)."""
     if not trace_dir.exists():
-        raise FileNotFoundError(f"{trace_dir} does not exist; expected the --moe-routing-trace-path directory")
+        raise FileNotFoundError(
+            f"{trace_dir} does not exist; expected the --moe-routing-trace-path directory"
+        )
     if not trace_dir.is_dir():
         raise ImportFormatError(
             f"{trace_dir} is a file; give the directory Megatron wrote (--moe-routing-trace-path), "
@@ -106,7 +108,7 @@ def read_trace_file(path: Path, rank: int, skips: Skips) -> list[TraceRecord]:
     size = path.stat().st_size
     with (
         open(path, "rb") as handle,
-        tqdm(total=size, unit="B", unit_scale=True, desc=f"rank {rank}", leave=False) as bar,
+        tqdm(total=size, unit="B", unit_scale=True, desc=f"rank {rank}", leave=False, disable=None) as bar,
     ):
         for number, raw in enumerate(handle, start=1):
             bar.update(len(raw))
@@ -117,7 +119,9 @@ def read_trace_file(path: Path, rank: int, skips: Skips) -> list[TraceRecord]:
                 obj = json.loads(raw)
             except ValueError as exc:
                 if not raw.endswith(b"\n"):
-                    skips.bad(where, "truncated_line", "the last line is cut off (the job was killed while writing)")
+                    skips.bad(
+                        where, "truncated_line", "the last line is cut off (the job was killed while writing)"
+                    )
                 else:
                     skips.bad(where, "bad_json", f"not a JSON object ({exc.msg} at column {exc.colno})")
                 continue
@@ -140,7 +144,11 @@ def _record(obj: Any, path: Path, line: int, rank: int, skips: Skips) -> TraceRe
     missing = [key for key in ("step", "layer", "rank", "num_tokens", "topk") if _int(obj, key) is None]
     if missing or "top_indices" not in obj:
         missing += [] if "top_indices" in obj else ["top_indices"]
-        skips.bad(where, "bad_record", f"missing or non-integer {', '.join(missing)} (not a Megatron router trace record)")
+        skips.bad(
+            where,
+            "bad_record",
+            f"missing or non-integer {', '.join(missing)} (not a Megatron router trace record)",
+        )
         return None
     if obj["rank"] != rank:
         skips.bad(where, "bad_record", f"rank {obj['rank']} in a file named for rank {rank}")
@@ -148,7 +156,11 @@ def _record(obj: Any, path: Path, line: int, rank: int, skips: Skips) -> TraceRe
     block = obj.get("block", "decoder")
     mtp_idx = _int(obj, "mtp_idx")
     if block not in BLOCKS or (block == "mtp") != (mtp_idx is not None):
-        skips.bad(where, "bad_record", f"block {block!r} with mtp_idx {obj.get('mtp_idx')!r}; expected decoder, or mtp with mtp_idx")
+        skips.bad(
+            where,
+            "bad_record",
+            f"block {block!r} with mtp_idx {obj.get('mtp_idx')!r}; expected decoder, or mtp with mtp_idx",
+        )
         return None
     if obj.get("stage", "pre_dispatch") != "pre_dispatch":
         skips.bad(where, "bad_record", f"stage {obj.get('stage')!r}; only 'pre_dispatch' records are known")
@@ -158,7 +170,7 @@ def _record(obj: Any, path: Path, line: int, rank: int, skips: Skips) -> TraceRe
         top = np.asarray(obj["top_indices"], dtype=np.int64)
     except (ValueError, TypeError, OverflowError):
         top = None
-    if top is None or top.shape != (n, k) and not (n == 0 and top.size == 0):
+    if top is None or (top.shape != (n, k) and not (n == 0 and top.size == 0)):
         shape = "ragged rows" if top is None else f"shape {list(top.shape)}"
         skips.bad(where, "inconsistent_topk", f"top_indices has {shape}, but num_tokens {n} and topk {k}")
         return None
@@ -170,7 +182,9 @@ def _record(obj: Any, path: Path, line: int, rank: int, skips: Skips) -> TraceRe
     if "logit_offset" in obj:
         offset, nbytes, shape = obj.get("logit_offset"), obj.get("logit_bytes"), obj.get("logit_shape")
         if not (isinstance(offset, int) and isinstance(nbytes, int) and isinstance(shape, list)):
-            skips.bad(where, "bad_logits", "logit_offset / logit_bytes / logit_shape are not integers and a list")
+            skips.bad(
+                where, "bad_logits", "logit_offset / logit_bytes / logit_shape are not integers and a list"
+            )
             return None
         logits_at = (offset, nbytes, shape)
     return TraceRecord(path, line, rank, obj["step"], block, mtp_idx, obj["layer"], top, logits_at)
