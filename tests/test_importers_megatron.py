@@ -269,6 +269,7 @@ def test_report_and_dashboard_queries_work_on_the_import(training, tmp_path, cap
     printed = capsys.readouterr().out
     assert "unknown slot order" in printed  # entanglement is skipped, and says why
     assert cli_main(["check", str(out)]) == 0
+    assert cli_main(["placement", str(out), "--ep-size", "2"]) == 0
     from routescope.dashboard import queries
 
     run = rs.open_run(out)
