@@ -277,7 +277,14 @@ def test_report_and_dashboard_queries_work_on_the_import(training, tmp_path, cap
     assert not queries.balance(run).empty
     assert not queries.step_loads(run).empty
     ranks = queries.rank_loads(run)
-    assert not ranks.empty
+    assert sorted(ranks["rank"].unique()) == [0, 1]
+    from routescope.dashboard.app import create_app
+    from routescope.dashboard.pages import entanglement
+
+    create_app([out])
+    state = {"run": "0", "version": None}
+    *_figures, message = entanglement.update_entanglement(state, "1-2", 10)
+    assert "unknown slot order" in str(message)  # the page says why instead of lowest-id pairs
 
 
 # -- inference with decode steps ----------------------------------------------------------
