@@ -358,6 +358,21 @@ def test_pipeline_stages_are_renumbered_and_join_the_same_tokens(tmp_path):
         import_megatron(tmp_path / "trace", num_experts=E)
 
 
+def test_tensor_parallel_copies_are_kept_once(training, tmp_path):
+    """Without sequence parallelism the TP ranks of one data-parallel slot trace the same tokens."""
+    _, trace, _ = training
+    copy = tmp_path / "trace"
+    shutil.copytree(trace, copy)
+    lines = (copy / "router_trace_rank1.jsonl").read_text().splitlines()
+    (copy / "router_trace_rank2.jsonl").write_text(
+        "".join(line.replace('"rank": 1', '"rank": 2') + "\n" for line in lines)
+    )
+    shutil.copy(copy / "logits_rank1.bin", copy / "logits_rank2.bin")
+    plain, copied = import_megatron(trace), import_megatron(copy)
+    assert copied.extra["rank_copies"] == {"2": 1} and copied.extra["ranks"] == [0, 1, 2]
+    assert copied.token_count() == plain.token_count() == 40
+
+
 # -- the number of experts ----------------------------------------------------------------
 def test_num_experts_from_the_router_state_or_refused(training, tmp_path):
     rec, trace, _ = training

@@ -16,6 +16,7 @@ whose order is unknown carry label `slot_order = 'unknown'` and the manifest say
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,8 @@ def import_megatron(
     skips = Skips(skip_corrupt)
     files = find_trace_files(trace_dir, skips)
     by_rank = {rank: read_trace_file(path, rank, skips) for rank, path in files.items()}
+    copies = _rank_copies(by_rank)
+    by_rank = {rank: records for rank, records in by_rank.items() if rank not in copies}
     everything, top_k_by_key = check_topk([r for rank in sorted(by_rank) for r in by_rank[rank]], skips)
     experts, experts_from = _num_experts(trace_dir, everything, num_experts)
     kept = set(map(id, _ids_below(everything, experts, skips)))
@@ -96,6 +99,7 @@ def import_megatron(
         "slot_order_unknown_tokens": builder.unknown_tokens,
         "slot_order_ties": builder.ties,
         "skipped_records": skips.as_dict(),
+        "rank_copies": {str(rank): first for rank, first in sorted(copies.items())},
     }
     return ImportedRun(
         engine="megatron",
@@ -107,6 +111,26 @@ def import_megatron(
         extra=extra,
         rank_tables=rank_tables,
     )
+
+
+def _rank_copies(by_rank: dict[int, list[TraceRecord]]) -> dict[int, int]:
+    """rank -> the earlier rank whose trace it repeats record for record (tensor-parallel ranks
+    without sequence parallelism route the same tokens): one copy is kept, or every count doubles."""
+    first: dict[bytes, int] = {}
+    copies = {}
+    for rank in sorted(by_rank):
+        if not by_rank[rank]:
+            continue
+        digest = hashlib.sha256()
+        for r in by_rank[rank]:
+            digest.update(repr((r.step, r.key, r.top.shape)).encode())
+            digest.update(np.ascontiguousarray(r.top).tobytes())
+        key = digest.digest()
+        if key in first:
+            copies[rank] = first[key]
+        else:
+            first[key] = rank
+    return copies
 
 
 def _num_experts(trace_dir: Path, records: list[TraceRecord], given: int | None) -> tuple[int, str]:
@@ -230,7 +254,7 @@ class _Builder:
         self, seq_id: int, step: int, first: bool, group: list, stats: dict[str, list[np.ndarray]]
     ) -> dict[str, Any] | None:
         n = group[0][0].top.shape[0]
-        experts = np.full((n, len(self.layers), max(g[1].shape[1] for g in group)), -1, dtype=np.int64)
+        experts = np.full((n, len(self.layers), max(g[1].shape[1] for g in group)), -1, dtype=np.int16)
         known = True
         filled = False
         for record, ranked, order_known, logits in group:

@@ -25,6 +25,7 @@ from routescope.importers.core.errors import ImportFormatError
 TRACE_GLOB = "router_trace_rank*.jsonl"
 _TRACE_NAME = re.compile(r"router_trace_rank(\d+)\.jsonl$")
 BLOCKS = ("decoder", "mtp")
+MAX_EXPERT_ID = np.iinfo(np.int16).max  # routing.expert is SMALLINT
 SKIP_HINT = "pass --skip-corrupt to skip such records and count them"
 LayerKey = tuple[str, int | None, int]  # (block, mtp_idx, layer) as Megatron keys a router
 
@@ -175,9 +176,11 @@ def _record(obj: Any, path: Path, line: int, rank: int, skips: Skips) -> TraceRe
         skips.bad(where, "inconsistent_topk", f"top_indices has {shape}, but num_tokens {n} and topk {k}")
         return None
     top = top.reshape(n, k)
-    if top.size and top.min() < 0:
-        skips.bad(where, "bad_expert_id", f"expert id {int(top.min())} < 0")
+    if top.size and (top.min() < 0 or top.max() > MAX_EXPERT_ID):
+        bad = int(top.min()) if top.min() < 0 else int(top.max())
+        skips.bad(where, "bad_expert_id", f"expert id {bad} is not in 0..{MAX_EXPERT_ID}")
         return None
+    top = top.astype(np.int16)  # the routing table's type; a quarter of the memory
     logits_at = None
     if "logit_offset" in obj:
         offset, nbytes, shape = obj.get("logit_offset"), obj.get("logit_bytes"), obj.get("logit_shape")
