@@ -73,18 +73,19 @@ def rank_by_logits(top: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, int
 
 def logit_statistics(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """As the recorder computes them from router logits (capture/recording/step.py,
-    `router_statistics`): per-expert sum of the softmax (float64), and per token the
-    entropy normalised by log E and the top-1 minus top-2 probability margin."""
-    x = logits.astype(np.float64)
-    x = x - x.max(axis=1, keepdims=True) if len(x) else x
-    probs = np.exp(x)
-    probs /= probs.sum(axis=1, keepdims=True) if len(x) else 1.0
-    prob_sum = probs.sum(axis=0)
-    num_experts = probs.shape[1]
-    entropy = -(probs * np.log(np.clip(probs, 1e-30, None))).sum(axis=1) / max(np.log(num_experts), 1e-30)
+    `router_statistics`): per-expert sum of the softmax (accumulated in float64), and per
+    token the entropy normalised by log E and the top-1 minus top-2 probability margin."""
+    num_experts = logits.shape[1]
+    if not len(logits):
+        empty = np.zeros(0, dtype=np.float32)
+        return np.zeros(num_experts), empty, empty
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True), dtype=np.float32)
+    probs /= probs.sum(axis=1, keepdims=True)
+    prob_sum = probs.sum(axis=0, dtype=np.float64)
+    entropy = -(probs * np.log(np.maximum(probs, 1e-30))).sum(axis=1) / max(np.log(num_experts), 1e-30)
     if num_experts > 1:
-        top2 = -np.sort(-probs, axis=1)[:, :2]
-        margin = top2[:, 0] - top2[:, 1]
+        top2 = np.partition(probs, num_experts - 2, axis=1)[:, -2:]  # [second, first]
+        margin = top2[:, 1] - top2[:, 0]
     else:
         margin = probs[:, 0]
     return prob_sum, entropy.astype(np.float32), margin.astype(np.float32)
