@@ -457,6 +457,10 @@ def test_cli_bad_input_exits_2_with_one_line_and_keeps_an_existing_run(bad_copy,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "router_trace_rank0.jsonl:1: rank 5 in a file named for rank 0" in err[0]
     assert sorted(p.name for p in out.rglob("*")) == before  # nothing already imported is lost
+    args = ["import", "megatron", str(bad_copy), "--out", str(out), "--overwrite", "--skip-corrupt"]
+    assert cli_main(args) == 0
+    assert "skipped: 1 bad_record" in capsys.readouterr().out
+    assert rs.open_run(out).manifest["imported_from"]["skipped_records"]["counts"] == {"bad_record": 1}
     assert cli_main(["import", "megatron", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
