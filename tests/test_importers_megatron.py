@@ -258,6 +258,11 @@ def test_unknown_slot_order_is_said_not_guessed(training, tmp_path):
             metric()
     assert not run.entanglement(where="slot_order <> 'unknown'").empty
     assert run.balance()["tokens"].sum() > 0  # loads need no slot order
+    from routescope.analysis.compare import router_saturation
+
+    saturation, notes = router_saturation(run, run)
+    assert saturation["top1_agreement"].isna().all()
+    assert any("unknown slot order" in note and "top1_agreement is NaN" in note for note in notes)
 
 
 def test_report_and_dashboard_queries_work_on_the_import(training, tmp_path, capsys):
