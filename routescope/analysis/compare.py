@@ -22,12 +22,7 @@ import pandas as pd
 from routescope import schema
 from routescope.analysis import metrics
 from routescope.analysis.content import match_by_content
-from routescope.analysis.querying import (
-    first_choice_unknown,
-    quiet_selection,
-    selected_nothing,
-    warn_if_empty,
-)
+from routescope.analysis.querying import quiet_selection, selected_nothing, warn_if_empty
 from routescope.analysis.run import Run, open_run
 from routescope.analysis.saturation import keys_fit, saturation_table
 from routescope.store.layout import list_parts
@@ -159,6 +154,10 @@ def router_saturation(run_a: Run, run_b: Run, where: str | None = None) -> tuple
     for run, name in ((run_a, "A"), (run_b, "B")):
         if metrics.counts_only(run):
             return empty, [f"run {name} holds expert counts only: router saturation needs per-token routing"]
+        if str((run.manifest.get("imported_from") or {}).get("token_ids", "")).startswith("none"):
+            return empty, [
+                f"run {name} has no token ids (token_id -1): router saturation matches tokens by content"
+            ]
     if not b_routing or not run_b.has_table("tokens"):
         return empty, [f"{run_b.path} has no tokens or routing parts yet: no router saturation"]
     top_k = [min(run_a.top_k(layer), run_b.top_k(layer)) for layer in layers]
@@ -192,11 +191,6 @@ def router_saturation(run_a: Run, run_b: Run, where: str | None = None) -> tuple
             f"{keyless} selected tokens of A lack an earlier position of their sequence in the run, "
             "so their content is unknown and they match nothing"
         )
-    for run, name in ((run_a, "A"), (run_b, "B")):
-        why = first_choice_unknown(run, "top1_agreement", where)
-        if why:  # slot 0 is the lowest id there, not the first choice: no top-1 agreement
-            df["top1_agreement"] = float("nan")
-            notes.append(f"run {name}: {why}; top1_agreement is NaN")
     return df.astype({"tokens_matched": "int64"}), notes
 
 
