@@ -276,6 +276,9 @@ def test_report_and_dashboard_queries_work_on_the_import(training, tmp_path, cap
     assert "unknown slot order" in printed  # entanglement is skipped, and says why
     assert cli_main(["check", str(out)]) == 0
     assert cli_main(["placement", str(out), "--ep-size", "2"]) == 0
+    capsys.readouterr()
+    assert cli_main(["compare", str(out), str(out)]) == 0
+    assert "no token ids" in capsys.readouterr().out
     from routescope.dashboard import queries
 
     run = rs.open_run(out)
