@@ -417,7 +417,7 @@ def _rewrite(path: Path, line: int, change) -> None:
     path.write_text("".join(lines))
 
 
-def test_truncated_last_line_is_named_or_skipped_and_counted(bad_copy, tmp_path):
+def test_truncated_last_line_is_named_or_skipped_and_counted(bad_copy, tmp_path, capsys):
     path = bad_copy / "router_trace_rank1.jsonl"
     text = path.read_text()
     path.write_text(text[: len(text) - 40])  # a killed job: the last record is cut off
@@ -430,6 +430,8 @@ def test_truncated_last_line_is_named_or_skipped_and_counted(bad_copy, tmp_path)
     assert imp.token_count() == 40  # the tokens stay; only layer 2 of the last step is gone
     run = imported(bad_copy, tmp_path / "run", skip_corrupt=True)
     assert run.sql("SELECT count(*) AS n FROM routing WHERE layer = 2").n[0] == (40 - 10) * K
+    assert cli_main(["check", str(tmp_path / "run")]) == 1  # the 10 tokens without layer 2 are reported
+    assert "FAIL  k_rows_per_token" in capsys.readouterr().out
 
 
 def test_missing_rank_inconsistent_topk_and_id_out_of_range(bad_copy):
