@@ -27,7 +27,7 @@ E, K = 4, 2
 
 
 # -- the tracer's output, as router_trace.py writes it ------------------------------------
-def trace_line(step, block, layer, rank, top, mtp_idx=None, logits_at=None) -> str:
+def trace_line(step, block, layer, rank, top, mtp_idx=None, logits_at=None, hs_at=None) -> str:
     """One record: keys in the tracer's order (_make_index_record, then the sidecars, then
     top_indices appended by _flush_records_to_disk), serialised with json.dumps."""
     record = {
@@ -41,6 +41,8 @@ def trace_line(step, block, layer, rank, top, mtp_idx=None, logits_at=None) -> s
     }
     if mtp_idx is not None:
         record["mtp_idx"] = int(mtp_idx)
+    if hs_at is not None:
+        record["hs_offset"], record["hs_bytes"], record["hs_shape"] = hs_at
     if logits_at is not None:
         record["logit_offset"], record["logit_bytes"], record["logit_shape"] = logits_at
     record["top_indices"] = torch.as_tensor(top, dtype=torch.int32).tolist()
@@ -50,9 +52,10 @@ def trace_line(step, block, layer, rank, top, mtp_idx=None, logits_at=None) -> s
 class TraceWriter:
     """router_trace_rank{r}.jsonl and logits_rank{r}.bin of one rank."""
 
-    def __init__(self, trace_dir: Path, rank: int, logits: bool = False) -> None:
+    def __init__(self, trace_dir: Path, rank: int, logits: bool = False, hidden: bool = False) -> None:
         trace_dir.mkdir(parents=True, exist_ok=True)
-        self.rank, self.logits = rank, logits
+        self.rank, self.logits, self.hidden = rank, logits, hidden
+        self.hs_bin, self.hs_offset = trace_dir / f"hidden_states_rank{rank}.bin", 0
         self.jsonl = trace_dir / f"router_trace_rank{rank}.jsonl"
         self.bin = trace_dir / f"logits_rank{rank}.bin"
         self.jsonl.write_text("")
@@ -60,8 +63,14 @@ class TraceWriter:
             self.bin.write_bytes(b"")
         self.offset = 0
 
-    def add(self, step, layer, top, logits=None, block="decoder", mtp_idx=None) -> None:
-        at = None
+    def add(self, step, layer, top, logits=None, block="decoder", mtp_idx=None, hidden=None) -> None:
+        at = hs_at = None
+        if self.hidden and hidden is not None:  # the hidden-state sidecar comes before the logits
+            data = torch.as_tensor(hidden).to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
+            with open(self.hs_bin, "ab") as f:
+                f.write(data)
+            hs_at = (self.hs_offset, len(data), list(hidden.shape))
+            self.hs_offset += len(data)
         if self.logits and logits is not None:
             data = torch.as_tensor(logits).to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
             with open(self.bin, "ab") as f:
@@ -69,7 +78,7 @@ class TraceWriter:
             at = (self.offset, len(data), list(logits.shape))
             self.offset += len(data)
         with open(self.jsonl, "a") as f:
-            f.write(trace_line(step, block, layer, self.rank, top, mtp_idx, at))
+            f.write(trace_line(step, block, layer, self.rank, top, mtp_idx, at, hs_at))
 
 
 # -- recordings ---------------------------------------------------------------------------
@@ -91,6 +100,7 @@ class Recording:
         self.model, self.run_dir = model, run_dir
         self.moe = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")]
         self.logits: list[dict[int, torch.Tensor]] = []
+        self.hidden_flat: list[dict[int, torch.Tensor]] = []  # the router's input [B * T, H]
         hooks = [model.model.layers[i].mlp.gate.register_forward_pre_hook(self._hook(i)) for i in self.moe]
         try:
             with torch.no_grad(), rs.record(model, run_dir, router_stats=True):
@@ -120,8 +130,10 @@ class Recording:
         def hook(module, inputs):
             if not self.logits or layer in self.logits[-1]:  # a layer firing again: the next forward
                 self.logits.append({})
+                self.hidden_flat.append({})
             x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
             self.logits[-1][layer] = F.linear(x, module.weight.float())
+            self.hidden_flat[-1][layer] = x
 
         return hook
 
@@ -137,6 +149,16 @@ class Recording:
     def step_logits(self, step: int, layer: int) -> torch.Tensor:
         b, t, _ = self.experts(step, layer).shape
         return self.logits[step][layer].reshape(b, t, -1)
+
+    @property
+    def hidden(self) -> list[dict[int, torch.Tensor]]:
+        """Per forward and MoE layer the router input [B, T, H]."""
+        out = []
+        for step, layers in enumerate(self.hidden_flat):
+            out.append(
+                {layer: x.reshape(*self.experts(step, layer).shape[:2], -1) for layer, x in layers.items()}
+            )
+        return out
 
 
 def training_rows(x) -> np.ndarray:
@@ -323,15 +345,17 @@ def test_inference_steps_and_phases_equal_the_recording(tmp_path):
 def test_mtp_layer_0_stays_apart_from_decoder_layer_0(tmp_path):
     ids = torch.randint(2, 100, (2, 6), generator=torch.Generator().manual_seed(3))
     rec = Recording(tiny(seed=2, num_hidden_layers=3), tmp_path / "recorded", batches=[ids])
-    writer = TraceWriter(tmp_path / "trace", 0, logits=True)
+    writer = TraceWriter(tmp_path / "trace", 0, logits=True, hidden=True)
     for layer in rec.moe:  # recorded layer 2 plays the MTP head's layer 0
         block, mtp_idx, number = ("mtp", 0, 0) if layer == 2 else ("decoder", None, layer)
         logits = torch.as_tensor(training_rows(rec.step_logits(0, layer)))
-        writer.add(7, number, np.sort(training_rows(rec.experts(0, layer)), axis=1), logits, block, mtp_idx)
+        hidden = torch.as_tensor(training_rows(rec.hidden[0][layer]))
+        top = np.sort(training_rows(rec.experts(0, layer)), axis=1)
+        writer.add(7, number, top, logits, block, mtp_idx, hidden)
     text = (tmp_path / "trace" / "router_trace_rank0.jsonl").read_text().splitlines()
     assert list(json.loads(text[2])) == [
         "step", "stage", "block", "layer", "rank", "num_tokens", "topk", "mtp_idx",
-        "logit_offset", "logit_bytes", "logit_shape", "top_indices",
+        "hs_offset", "hs_bytes", "hs_shape", "logit_offset", "logit_bytes", "logit_shape", "top_indices",
     ]  # fmt: skip
     run = imported(tmp_path / "trace", tmp_path / "run", mode="training")
     assert run.moe_layers == [0, 1, 2]
