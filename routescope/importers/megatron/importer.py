@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from routescope import schema
 from routescope.importers.core.errors import ImportFormatError
@@ -234,7 +235,8 @@ class _Builder:
         first_step = {}
         for owner, step, _ in sorted(self.groups):
             first_step.setdefault(owner, step)
-        for seq_id, key in enumerate(sorted(self.groups)):
+        keys = sorted(self.groups)
+        for seq_id, key in enumerate(tqdm(keys, desc="sequences", unit="seq", leave=False, disable=None)):
             owner, step, _ = key
             seq = self._sequence(seq_id, step, step == first_step[owner], self.groups[key], stats[owner])
             if seq is not None:
