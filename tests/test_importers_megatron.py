@@ -384,6 +384,10 @@ def test_pipeline_stages_are_renumbered_and_join_the_same_tokens(tmp_path):
     assert run.sql("SELECT count(*) AS n FROM tokens").n[0] == 8
     assert loads(run) == {(3, layer, e): n for (_, layer, e), n in loads(rec.routing).items()}
     assert run.manifest["imported_from"]["layers"]["3"] == {"block": "decoder", "layer": 1, "stage": 1}
+    spaced = import_megatron(tmp_path / "trace", num_experts=E, pipeline_stages=2, layers_per_stage=5)
+    assert spaced.moe_layers == [0, 1, 5, 6]  # stage 1 starts at 5 (e.g. uneven stages, dense layers)
+    with pytest.raises(ImportFormatError, match="--pipeline-stages 3 does not divide the 2 ranks"):
+        import_megatron(tmp_path / "trace", num_experts=E, pipeline_stages=3)
     # stages whose layers differ, without --pipeline-stages: refused with the hint
     lines = writers[1].jsonl.read_text().splitlines(keepends=True)
     writers[1].jsonl.write_text(lines[0])
