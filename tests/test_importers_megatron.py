@@ -339,6 +339,19 @@ def test_inference_steps_and_phases_equal_the_recording(tmp_path):
     assert phases.p.tolist() == phases.q.tolist() == recorded.p.tolist() == ["prefill", "decode", "decode"]
     assert phases.n.tolist() == (recorded.n // len(rec.moe)).tolist()
     assert run.manifest["imported_from"]["num_experts_from"] == "--num-experts"
+    assert run.manifest["imported_from"]["slot_order"] == "unknown"
+    # the sink path (--moe-enable-routing-replay) writes the router's ranked top-k indices:
+    # rows that are not ascending show it, and their order is kept as the first choice
+    sink = TraceWriter(tmp_path / "sink", 0)
+    for step in steps:
+        for layer in rec.moe:
+            sink.add(step, layer, rec.experts(step, layer).reshape(-1, K))
+    ranked = imported(tmp_path / "sink", tmp_path / "sink_run", mode="inference", num_experts=E)
+    assert ranked.manifest["imported_from"]["slot_order"] == "written"
+    assert ranked.manifest["imported_from"]["slot_order_unknown_tokens"] == 0
+    trans = ranked.transition(*rec.moe)
+    got = {(int(a), int(b)): int(n) for a, b, n in trans[["expert_a", "expert_b", "count"]].values if n}
+    assert got == first_choice_pairs(rec.routing)
 
 
 # -- MTP colliding with decoder layer 0 ----------------------------------------------------
