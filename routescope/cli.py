@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import pandas as pd
 
-from routescope.analysis.querying import quiet_selection
+from routescope.analysis.querying import first_choice_unknown, quiet_selection
 from routescope.commands.attach import add_run_arguments, run_command
 from routescope.commands.check import add_check_arguments, check_command
 from routescope.commands.import_run import add_import_arguments, import_command
@@ -166,6 +166,8 @@ def collect_report(
     for name, section in (("entanglement", lambda: run.entanglement(where=where)),):
         if run.manifest.get("counts_only"):
             report["skipped"][name] = COUNTS_ONLY_SKIP
+        elif why := first_choice_unknown(run, name, where):  # an import without slot order
+            report["skipped"][name] = why
         else:
             report[name] = section()
     if run.has_table("expert_activations"):

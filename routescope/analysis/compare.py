@@ -154,6 +154,10 @@ def router_saturation(run_a: Run, run_b: Run, where: str | None = None) -> tuple
     for run, name in ((run_a, "A"), (run_b, "B")):
         if metrics.counts_only(run):
             return empty, [f"run {name} holds expert counts only: router saturation needs per-token routing"]
+        if str((run.manifest.get("imported_from") or {}).get("token_ids", "")).startswith("none"):
+            return empty, [
+                f"run {name} has no token ids (token_id -1): router saturation matches tokens by content"
+            ]
     if not b_routing or not run_b.has_table("tokens"):
         return empty, [f"{run_b.path} has no tokens or routing parts yet: no router saturation"]
     top_k = [min(run_a.top_k(layer), run_b.top_k(layer)) for layer in layers]

@@ -29,6 +29,7 @@ from routescope.analysis.querying import (  # noqa: F401 - compare, placement an
     counts_only,
     layer_params,
     query,
+    require_first_choice,
     require_routing,
     token_count,
 )
@@ -177,6 +178,7 @@ def entanglement(run: Run, where: str | None = None, seed: int = 0) -> pd.DataFr
     """Per consecutive pair of MoE layers: MI of the slot-0 experts, normalized, H(B|A),
     top-1 predictability and the MI of a seeded permutation of B (`baseline_mutual_info_bits`)."""
     require_routing(run, "entanglement")
+    require_first_choice(run, "entanglement", where)
     observed = query(run, "top1_pair_counts", where=where, uses=("top1_paths",))
     table = pair_counts_table(observed, permute_pairs(observed, seed))
     info = get_query("pair_information")
@@ -193,6 +195,7 @@ def entanglement(run: Run, where: str | None = None, seed: int = 0) -> pd.DataFr
 def transition(run: Run, layer: int, next_layer: int, where: str | None = None) -> pd.DataFrame:
     """Full co-routing matrix of slot-0 experts between two MoE layers: expert_a, expert_b, count, p_b_given_a."""
     require_routing(run, "transition")
+    require_first_choice(run, "transition", where)
     layer, next_layer = check_layer(run, layer), check_layer(run, next_layer)
     return query(run, "transition", where=where, layer=layer, next_layer=next_layer)
 
@@ -201,6 +204,7 @@ def transition(run: Run, layer: int, next_layer: int, where: str | None = None) 
 def pathways(run: Run, top: int = 20, where: str | None = None) -> pd.DataFrame:
     """The `top` most frequent slot-0 expert paths through all MoE layers: path, count, share."""
     require_routing(run, "pathways")
+    require_first_choice(run, "pathways", where)
     if int(top) != top or int(top) < 1:
         raise ValueError(f"top must be a positive integer, got {top!r}")
     df = query(run, "pathways", where=where, uses=("top1_paths",), top=int(top))
@@ -282,6 +286,7 @@ def repetition_rate(run: Run, where: str | None = None) -> pd.DataFrame:
     and (k >= 2) repeats_top2, repetition_rate_top2 (top-2 sets share an expert, Mixtral Table 5's
     "first or second choice") with baseline_top2 = 1 − C(E−2,2)/C(E,2)."""
     require_routing(run, "repetition_rate")
+    require_first_choice(run, "repetition_rate", where)
     return query(run, "repetition_rate", where=where, uses=("top1_paths",))
 
 

@@ -99,6 +99,31 @@ def require_routing(run: Run, metric: str) -> None:
         )
 
 
+def first_choice_unknown(run: Run, metric: str, where: str | None = None) -> str | None:
+    """Why `metric` (which reads slot 0 as the first choice) cannot run on the selected tokens,
+    or None: an import whose slot order is unknown (manifest imported_from.slot_order_unknown_tokens,
+    token label slot_order = 'unknown') has the lowest expert id in slot 0, not the first choice."""
+    imported = run.manifest.get("imported_from") or {}
+    if not imported.get("slot_order_unknown_tokens") or counts_only(run):
+        return None
+    unknown = int(query(run, "unknown_slot_order_tokens", where=where)["tokens"].iloc[0])
+    if not unknown:
+        return None
+    return (
+        f"{metric} needs each token's first choice, but {unknown} selected tokens of this "
+        f"{imported.get('engine', 'imported')} import have an unknown slot order (slot 0 is their lowest "
+        "expert id; trace with the logits sidecar, e.g. Megatron's --moe-routing-trace-capture-logits); "
+        "select the others with where=\"slot_order <> 'unknown'\""
+    )
+
+
+def require_first_choice(run: Run, metric: str, where: str | None = None) -> None:
+    """ValueError when `first_choice_unknown` says why `metric` cannot run."""
+    why = first_choice_unknown(run, metric, where)
+    if why:
+        raise ValueError(why)
+
+
 def token_count(run: Run, where: str | None = None) -> int:
     """Tokens `where` selects (every token without it). Counts-only runs: their manifest count."""
     where = check_where(run, where)

@@ -1,4 +1,4 @@
-"""`routescope import {sglang,vllm} FILE --out RUN`: convert serving-engine routing dumps into a run.
+"""`routescope import {sglang,vllm} FILE --out RUN` (and `import megatron DIR`, commands/import_megatron.py): convert serving-engine routing dumps into a run.
 
 With `--model CONFIG` (and optionally `--prompts FILE`) FILE holds server responses, the
 rollouts RL frameworks replay (importers/responses.py); without it, recorder dumps and
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from routescope.commands.import_megatron import add_megatron_parser, import_megatron_command
 from routescope.errors import RouteScopeError
 from routescope.importers.core.errors import one_clean_line
 from routescope.importers.core.files import check_output_dir
@@ -20,7 +21,7 @@ from routescope.importers.core.tables import parse_layers, write_imported_run
 
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
-    engines = parser.add_subparsers(dest="engine", metavar="{sglang,vllm}", required=True)
+    engines = parser.add_subparsers(dest="engine", metavar="{sglang,vllm,megatron}", required=True)
     sglang = engines.add_parser(
         "sglang",
         help="SGLang expert-distribution-recorder dumps (per_token, per_pass, stat, stat_approx)",
@@ -71,10 +72,13 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--num-experts", type=int, help="routed experts per layer (default: from the dump)")
         sub.add_argument("--model-type", default="", help="model_type to put in the manifest")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
+    add_megatron_parser(engines)
 
 
 def import_command(args: argparse.Namespace) -> int:
-    """Convert SGLang expert-distribution dumps or vLLM routed_experts arrays into a run."""
+    """Convert SGLang expert-distribution dumps, vLLM routed_experts arrays or Megatron router traces into a run."""
+    if args.engine == "megatron":
+        return import_megatron_command(args)
     check_output_dir(args.out)
     if args.model is not None:
         return _import_responses(args)

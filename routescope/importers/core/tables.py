@@ -16,7 +16,7 @@ import numpy as np
 from routescope import schema
 from routescope.importers.core.errors import ImportFormatError, RunExistsError
 from routescope.importers.core.files import check_output_dir
-from routescope.store.manifest import MANIFEST_NAME
+from routescope.store.manifest import MANIFEST_NAME, write_manifest
 from routescope.store.rundir import RunDirectory, base_manifest
 from routescope.store.writer import PartWriter
 
@@ -49,16 +49,27 @@ class ImportedRun:
     context_tokens: Columns | None = None  # token ids without routing (schema.CONTEXT_TOKENS)
     labels: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # per-token imports that keep each source rank's parts apart (the run's `rank` column):
+    # rank -> {table name: columns}; used instead of tokens / routing
+    rank_tables: dict[int, dict[str, Columns]] | None = None
 
     @property
     def counts_only(self) -> bool:
-        return self.routing is None
+        return self.routing is None and not self.rank_tables
+
+    @property
+    def router_stats(self) -> bool:
+        return any(schema.ROUTER_STATS in tables for tables in (self.rank_tables or {}).values())
 
     @property
     def moe_layers(self) -> list[int]:
         return sorted(self.num_experts)
 
     def token_count(self) -> int:
+        if self.rank_tables:
+            return sum(
+                len(t[schema.TOKENS]["seq_id"]) for t in self.rank_tables.values() if schema.TOKENS in t
+            )
         if self.tokens is not None:
             return len(self.tokens["seq_id"])
         counts = self.expert_counts or {}
@@ -99,11 +110,41 @@ def write_imported_run(
     with RunDirectory(out) as run_dir:
         run_dir.prepare("overwrite" if overwrite else "create", imported.moe_layers, wait=wait)
         _write_tables(imported, out)
-        run_dir.write_manifest(build_manifest(imported, model_type, sources))
+        manifest = build_manifest(imported, model_type, sources)
+        for rank, fragment in _rank_manifests(imported, manifest).items():
+            write_manifest(out, fragment, name=f"manifest.rank={rank}.json")
+        run_dir.write_manifest(manifest)
     return out
 
 
+def _rank_manifests(imported: ImportedRun, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """With `rank_tables`: `manifest` becomes rank 0's (world_size = ranks) and ranks 1.. get
+    their fragments (manifest.rank=R.json), each counting its own tokens and steps, as a
+    multi-rank recording leaves them."""
+    if not imported.rank_tables:
+        return {}
+    world = max(imported.rank_tables) + 1
+    fragments = {}
+    for rank in range(world):
+        tokens = imported.rank_tables.get(rank, {}).get(schema.TOKENS, {})
+        counts = {
+            "rank": rank,
+            "world_size": world,
+            "tokens": len(tokens.get("seq_id", ())),
+            "steps": len(np.unique(tokens["step"])) if len(tokens.get("step", ())) else 0,
+        }
+        if rank == 0:
+            manifest.update(counts)
+        else:
+            fragments[rank] = {**manifest, **counts}
+    return fragments
+
+
 def _write_tables(imported: ImportedRun, out: Path) -> None:
+    for rank, rank_tables in sorted((imported.rank_tables or {}).items()):
+        rank_writer = PartWriter(out, rank=rank, flush_seconds=3600)
+        rank_writer.submit(_Step(rank_tables))
+        rank_writer.close()
     tables: dict[str, Columns] = {}
     if imported.tokens is not None and imported.routing is not None:
         tables[schema.TOKENS] = imported.tokens
@@ -133,7 +174,7 @@ def build_manifest(
         top_k=dict(sorted(imported.top_k.items())),
         counts_only=imported.counts_only,
         weights_recorded=False,
-        router_stats=False,
+        router_stats=imported.router_stats,
         rank=0,
         world_size=1,
         imported_from={
