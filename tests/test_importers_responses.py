@@ -296,6 +296,11 @@ def test_compare_aligns_an_import_with_context_tokens_to_the_recording(recording
     sat = result.saturation
     assert (sat["tokens_matched"] == PROMPT + NEW - 4).all(), sat
     assert (sat["saturation"] == 1.0).all() and (sat["top1_agreement"] == 1.0).all()
+    assert (sat["exact_match"] == 1.0).all()
+    agreement = result.token_agreement.iloc[0]
+    assert agreement["any_layer_differs"] == 0.0
+    # B's tokens: PROMPT + NEW - 4 routed, 3 context tokens with no routing
+    assert agreement["missing_routes"] == pytest.approx(3 / (3 + PROMPT + NEW - 4))
 
 
 def test_vllm_0_21_rows_never_computed_become_context(recordings, tmp_path):

@@ -195,7 +195,9 @@ def router_agreement(
     packed = not run_a.skipped and keys_fit(
         (tokens_a["seq_id"], tokens_a["pos"]), (tokens_b["seq_id"], tokens_b["pos"])
     )
-    agreement = agreement_table(run_a.con, pairs, layers, layer_values["top_k"], slots, b_routing, scan=packed)
+    agreement = agreement_table(
+        run_a.con, pairs, layers, layer_values["top_k"], slots, b_routing, scan=packed
+    )
     routed_b = tokens_b["routed"].astype(bool)
     missing = float((~routed_b).mean()) if len(routed_b) else math.nan
     summary = token_agreement(agreement.tokens_matched, agreement.tokens_differing, missing, len(layers))
