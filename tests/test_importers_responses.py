@@ -344,6 +344,19 @@ def test_replay_gives_every_returned_token_its_routing(recordings, tmp_path, eng
         got = run_rows(tmp_path / "inside")
         assert rec.truth(0) | rec.truth(1, start=2) <= got
         assert not rec.truth(1, end=2) <= got  # the perturbed routers route the context tokens elsewhere
+        # the R3 check of docs/replay.md: the training forward recorded, compared with the rollout
+        with torch.no_grad(), rs.record(model, tmp_path / "own"):
+            model(input_ids=ids)  # no replay: the perturbed routers' own choices
+        returned = ids.numel() - 4  # tokens the rollout has routing for
+        missing = 2 / (returned + 2)  # sequence 1's two context tokens, over B's tokens
+        for recorded, differs in (("inside", 0.0), ("own", None)):
+            agreement = rs.compare(tmp_path / recorded, tmp_path / "run").token_agreement.iloc[0]
+            assert agreement["tokens_matched"] == returned
+            assert agreement["missing_routes"] == pytest.approx(missing)
+            if differs is None:
+                assert agreement["any_layer_differs"] > 0.5
+            else:
+                assert agreement["any_layer_differs"] == differs
     finally:
         with torch.no_grad():
             for name, p in model.named_parameters():
