@@ -108,3 +108,19 @@ def test_a_run_compared_with_itself_agrees_everywhere(two_models):
     result = rs.compare(path_a, path_a)
     assert (result.saturation["exact_match"] == 1.0).all()
     assert result.token_agreement["any_layer_differs"].iloc[0] == 0.0
+
+
+def test_runs_with_different_k_never_match_exactly(tmp_path):
+    """A's top-2 are B's first two of three: every A expert is in B (saturation over the
+    smaller k is 1), yet no top-k set is equal."""
+    from tests.synthetic import sample_topk, write_run
+
+    rng = np.random.default_rng(0)
+    top3 = sample_topk(rng, np.full((60, 6), 1 / 6), 3)
+    tokens = np.arange(60) % 17
+    write_run(tmp_path / "a", {0: top3[:, :2].copy()}, 6, seq_len=20, token_id=tokens)
+    write_run(tmp_path / "b", {0: top3}, 6, seq_len=20, token_id=tokens)
+    result = rs.compare(tmp_path / "a", tmp_path / "b")
+    row = result.saturation.iloc[0]
+    assert row["tokens_matched"] == 60 and row["saturation"] == 1.0 and row["exact_match"] == 0.0
+    assert result.token_agreement["any_layer_differs"].iloc[0] == 1.0
