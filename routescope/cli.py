@@ -348,7 +348,14 @@ def render_compare_tables(result: Any) -> None:
         (
             "Router saturation (tokens with the same content, token ids up to them, in both runs)",
             result.saturation,
-            ["layer", "top_k", "tokens_matched", "saturation", "top1_agreement"],
+            ["layer", "top_k", "tokens_matched", "saturation", "top1_agreement", "exact_match"],
+            "no token in common",
+        ),
+        (
+            "Token agreement over all common layers (any_layer_differs: R3's statistic; "
+            "missing_routes: B's tokens with no routing)",
+            result.token_agreement,
+            ["tokens_matched", "any_layer_differs", "missing_routes", "layers"],
             "no token in common",
         ),
     ]

@@ -124,9 +124,13 @@ def test_compare_command(run_dir, capsys):
     assert main(["compare", str(run_dir), str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "Router saturation" in out and "Balance per MoE layer" in out
+    assert "exact_match" in out and "any_layer_differs" in out and "missing_routes" in out
     assert main(["compare", str(run_dir), str(run_dir), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert all(row["saturation"] == 1.0 for row in doc["saturation"])
+    assert all(row["saturation"] == 1.0 and row["exact_match"] == 1.0 for row in doc["saturation"])
+    (agreement,) = doc["token_agreement"]  # a run against itself: every token agrees in every layer
+    assert agreement["any_layer_differs"] == 0.0 and agreement["missing_routes"] == 0.0
+    assert agreement["tokens_matched"] == doc["saturation"][0]["tokens_matched"]
 
 
 def test_command_table_and_help(capsys):

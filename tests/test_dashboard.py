@@ -333,13 +333,16 @@ def test_compare(app, runs):
     opts_a, a, _opts_b, b = compare.compare_controls(state("a"))
     assert (a, b) == ("0", "1") and len(opts_a) == 6
     delta, bal, sat, summary, _msg, style = compare.update_compare(state("a"), "0", "1")
-    assert delta.data[0].type == "heatmap" and traces_with_data(bal) == 8 and traces_with_data(sat) == 2
+    assert delta.data[0].type == "heatmap" and traces_with_data(bal) == 8 and traces_with_data(sat) == 3
     assert style == {}
     for metric in ("cv", "max_violation", "balancedness", "norm_entropy", "tokens_matched"):
         assert metric in texts(summary)
     assert "changed state" in texts(summary)
     expected = rs.compare(runs["a"], runs["b"])
     assert list(sat.data[0].y) == pytest.approx(expected.saturation["saturation"].tolist())
+    assert list(sat.data[2].y) == pytest.approx(expected.saturation["exact_match"].tolist())
+    differs = expected.token_agreement["any_layer_differs"].iloc[0]
+    assert f"{differs:.1%} have a different top-k set in at least one layer" in texts(summary)
     for matched in expected.saturation["tokens_matched"]:
         assert str(matched) in texts(summary)
     # the same run on both sides: guidance only, the figures hidden

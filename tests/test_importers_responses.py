@@ -296,6 +296,11 @@ def test_compare_aligns_an_import_with_context_tokens_to_the_recording(recording
     sat = result.saturation
     assert (sat["tokens_matched"] == PROMPT + NEW - 4).all(), sat
     assert (sat["saturation"] == 1.0).all() and (sat["top1_agreement"] == 1.0).all()
+    assert (sat["exact_match"] == 1.0).all()
+    agreement = result.token_agreement.iloc[0]
+    assert agreement["any_layer_differs"] == 0.0
+    # B's tokens: PROMPT + NEW - 4 routed, 3 context tokens with no routing
+    assert agreement["missing_routes"] == pytest.approx(3 / (3 + PROMPT + NEW - 4))
 
 
 def test_vllm_0_21_rows_never_computed_become_context(recordings, tmp_path):
@@ -339,6 +344,19 @@ def test_replay_gives_every_returned_token_its_routing(recordings, tmp_path, eng
         got = run_rows(tmp_path / "inside")
         assert rec.truth(0) | rec.truth(1, start=2) <= got
         assert not rec.truth(1, end=2) <= got  # the perturbed routers route the context tokens elsewhere
+        # the R3 check of docs/replay.md: the training forward recorded, compared with the rollout
+        with torch.no_grad(), rs.record(model, tmp_path / "own"):
+            model(input_ids=ids)  # no replay: the perturbed routers' own choices
+        returned = ids.numel() - 4  # tokens the rollout has routing for
+        missing = 2 / (returned + 2)  # sequence 1's two context tokens, over B's tokens
+        for recorded, differs in (("inside", 0.0), ("own", None)):
+            agreement = rs.compare(tmp_path / recorded, tmp_path / "run").token_agreement.iloc[0]
+            assert agreement["tokens_matched"] == returned
+            assert agreement["missing_routes"] == pytest.approx(missing)
+            if differs is None:
+                assert agreement["any_layer_differs"] > 0.5
+            else:
+                assert agreement["any_layer_differs"] == differs
     finally:
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -48,11 +48,11 @@ def dataset(n: int = 16, seq: int = 12, seed: int = 0) -> list[dict[str, torch.T
 class RouterTap:
     """The test's own hooks: per forward, each router's logits and ids, and the mask."""
 
-    def __init__(self, model: torch.nn.Module, step_of=None) -> None:
+    def __init__(self, model: torch.nn.Module, step_of=None, layers=LAYERS) -> None:
         self.forwards: list[dict] = []
         self.step_of = step_of
         self.handles = [model.register_forward_pre_hook(self._begin, with_kwargs=True)]
-        for layer in LAYERS:
+        for layer in layers:
             gate = model.model.layers[layer].mlp.gate
             self.handles.append(gate.register_forward_hook(self._router(layer)))
 
@@ -74,11 +74,18 @@ class RouterTap:
             handle.remove()
 
 
-def expected(forwards: list[dict]) -> dict[str, float]:
-    """SPEC 4.1 over the pooled tokens of `forwards`, from the routers' outputs."""
+def gini_by_pairs(counts: np.ndarray) -> float:
+    """Gini coefficient by its definition: sum_ij |L_i - L_j| / (2 E^2 mean)."""
+    return float(np.abs(counts[:, None] - counts[None, :]).sum() / (2 * len(counts) ** 2 * counts.mean()))
+
+
+def expected(forwards: list[dict], detail: str = "layers") -> dict[str, float]:
+    """SPEC 4.1 from the routers' outputs: balance over the pooled tokens of `forwards`; the
+    losses per forward (transformers' own load_balancing_loss_func on that forward's logits),
+    averaged over the forwards."""
     out: dict[str, float] = {}
     masks = torch.cat([f["mask"].reshape(-1) for f in forwards]).bool()
-    z_layers, counts_all, probs_all = [], [], []
+    z_layers, z_pooled, counts_all, probs_all = [], [], [], []
     for layer in LAYERS:
         logits = torch.cat([f[layer][0] for f in forwards])[masks]
         ids = torch.cat([f[layer][1] for f in forwards])[masks]
@@ -90,19 +97,38 @@ def expected(forwards: list[dict]) -> dict[str, float]:
         out[f"routing/layer_{layer}/max_violation"] = (counts.max() - m) / m
         out[f"routing/layer_{layer}/norm_entropy"] = -plogp.sum() / math.log(E)
         out[f"routing/layer_{layer}/dead_fraction"] = float((counts == 0).mean())
-        z = float((logits.logsumexp(-1) ** 2).mean())
+        out[f"routing/layer_{layer}/gini"] = gini_by_pairs(counts)
+        per_forward_z = [
+            float((f[layer][0][f["mask"].reshape(-1).bool()].logsumexp(-1) ** 2).mean()) for f in forwards
+        ]
+        z = float(np.mean(per_forward_z))
         out[f"routing/layer_{layer}/z_loss"] = z
+        out[f"routing/layer_{layer}/aux_loss"] = float(
+            np.mean([float(load_balancing_loss_func((f[layer][0],), E, K, f["mask"])) for f in forwards])
+        )
         z_layers.append(z)
+        z_pooled.append(float((logits.logsumexp(-1) ** 2).mean()))
         counts_all.append(counts)
         probs_all.append(logits.softmax(-1).sum(0).numpy())
     out["routing/z_loss"] = float(np.mean(z_layers))
-    if len(forwards) == 1:  # transformers' own function on one batch's logits
-        f = forwards[0]
-        logits = tuple(f[layer][0] for layer in LAYERS)
-        out["routing/aux_loss"] = float(load_balancing_loss_func(logits, E, K, f["mask"]))
-    else:
-        tokens = int(masks.sum()) * len(LAYERS)
-        out["routing/aux_loss"] = float(E * np.sum(sum(counts_all) / tokens * sum(probs_all) / tokens))
+    out["routing/z_loss_pooled"] = float(np.mean(z_pooled))
+    out["routing/aux_loss"] = float(
+        np.mean(
+            [
+                float(load_balancing_loss_func(tuple(f[layer][0] for layer in LAYERS), E, K, f["mask"]))
+                for f in forwards
+            ]
+        )
+    )
+    tokens = int(masks.sum()) * len(LAYERS)
+    out["routing/aux_loss_pooled"] = float(E * np.sum(sum(counts_all) / tokens * sum(probs_all) / tokens))
+    for metric in ("cv", "max_violation", "gini"):
+        values = [out[f"routing/layer_{layer}/{metric}"] for layer in LAYERS]
+        out[f"routing/{metric}_p50"] = float(np.percentile(values, 50))
+        out[f"routing/{metric}_p95"] = float(np.percentile(values, 95))
+    out["routing/gini_max"] = max(out[f"routing/layer_{layer}/gini"] for layer in LAYERS)
+    if detail == "brief":
+        out = {k: v for k, v in out.items() if "/layer_" not in k}
     return out
 
 
@@ -136,7 +162,7 @@ def assert_close(got: dict, want: dict, rel: float = 1e-9) -> None:
         assert key in got, f"{key} missing from {sorted(got)}"
         # from the logits: float32 arithmetic (the router's precision; transformers' own
         # load_balancing_loss_func works in float32 too); from the counts: exact
-        tolerance = 1e-6 if key.endswith(("aux_loss", "z_loss")) else rel
+        tolerance = 1e-6 if key.endswith(("aux_loss", "z_loss", "_pooled")) else rel
         assert got[key] == pytest.approx(value, rel=tolerance, abs=1e-12), key
 
 

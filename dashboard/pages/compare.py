@@ -121,7 +121,7 @@ def tables(result: Any) -> html.Div:
     sat = result.saturation
     sat_columns = [
         (c, c.replace("_", " "))
-        for c in ("layer", "top_k", "tokens_matched", "saturation", "top1_agreement")
+        for c in ("layer", "top_k", "tokens_matched", "saturation", "top1_agreement", "exact_match")
         if c in sat.columns
     ]
     changes = result.expert_changes
@@ -134,6 +134,7 @@ def tables(result: Any) -> html.Div:
             table(bal, columns, max_rows=200),
             html.H4("Router saturation per layer (tokens_matched: tokens of A whose content is in B)"),
             table(sat, sat_columns, max_rows=200),
+            agreement_summary(result.token_agreement),
             html.H4(f"Experts that changed state ({len(changes)})"),
             table(
                 changes,
@@ -151,6 +152,20 @@ def tables(result: Any) -> html.Div:
         ],
         id="compare-table",
     )
+
+
+def agreement_summary(agreement: Any) -> html.P:
+    """R3's statistics over all common layers (SPEC 4.7), in one sentence."""
+    if agreement is None or not len(agreement) or not agreement["tokens_matched"].iloc[0]:
+        return html.P("Token agreement: no token of A has its content in B.", id="compare-agreement")
+    row = agreement.iloc[0]
+    text = (
+        f"Token agreement over {int(row['layers'])} common MoE layers: {int(row['tokens_matched']):,} "
+        f"tokens matched; {row['any_layer_differs']:.1%} have a different top-k set in at least one "
+        f"layer (the R3 statistic); {row['missing_routes']:.1%} of B's tokens have no routing "
+        "(context tokens of an import)."
+    )
+    return html.P(text, id="compare-agreement")
 
 
 def register(app: dash.Dash) -> None:

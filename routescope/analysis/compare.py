@@ -3,7 +3,8 @@
 Per layer and expert the load and share deltas, per layer the balance metrics of both runs
 and their change, the experts that died or became hot, and router saturation (OLMoE): how
 many of a token's top-k experts stay the same for the same token in both runs, tokens
-matched by content (SPEC 4.7, `content.py`). Run B's routing parts are read inside run A's
+matched by content (SPEC 4.7, `content.py`), with the exact agreement of the sets and, over
+all layers, R3's statistics (`token_agreement`: any_layer_differs, missing_routes). Run B's routing parts are read inside run A's
 DuckDB connection, so no routing table is copied.
 Used by the `compare` command of the CLI and by notebooks.
 """
@@ -24,11 +25,13 @@ from routescope.analysis import metrics
 from routescope.analysis.content import match_by_content
 from routescope.analysis.querying import quiet_selection, selected_nothing, warn_if_empty
 from routescope.analysis.run import Run, open_run
-from routescope.analysis.saturation import keys_fit, saturation_table
+from routescope.analysis.saturation import agreement_table, keys_fit
 from routescope.store.layout import list_parts
 
 BALANCE_METRICS = ("cv", "max_violation", "balancedness", "norm_entropy", "aux_loss", "aux_loss_step_mean")
 CHANGES = ("died", "revived", "became_hot", "cooled")
+SATURATION_COLUMNS = ["layer", "top_k", "tokens_matched", "saturation", "top1_agreement", "exact_match"]
+AGREEMENT_COLUMNS = ["tokens_matched", "any_layer_differs", "missing_routes", "layers"]
 
 
 @dataclass
@@ -40,14 +43,17 @@ class Comparison:
     load: pd.DataFrame  # layer, expert, tokens_a, tokens_b, tokens_delta, share_a, share_b, share_delta
     balance: pd.DataFrame  # layer, then <metric>_a, <metric>_b, <metric>_delta per balance metric
     expert_changes: pd.DataFrame  # layer, expert, change, share_a, share_b
-    saturation: pd.DataFrame  # layer, top_k, tokens_matched, saturation, top1_agreement
+    saturation: pd.DataFrame  # layer, top_k, tokens_matched, saturation, top1_agreement, exact_match
     notes: list[str] = field(default_factory=list)
+    # one row over all common layers: tokens_matched, any_layer_differs, missing_routes, layers
+    token_agreement: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=AGREEMENT_COLUMNS))
 
     def tables(self) -> dict[str, pd.DataFrame]:
         return {
             "balance": self.balance,
             "expert_changes": self.expert_changes,
             "saturation": self.saturation,
+            "token_agreement": self.token_agreement,
             "load": self.load,
         }
 
@@ -63,9 +69,11 @@ class Comparison:
     def __repr__(self) -> str:
         changes = self.expert_changes["change"].value_counts().to_dict() if len(self.expert_changes) else {}
         sat = self.saturation["saturation"].mean() if len(self.saturation) else math.nan
+        differs = self.token_agreement["any_layer_differs"].iloc[0] if len(self.token_agreement) else math.nan
         return (
             f"Comparison({self.run_a!r} -> {self.run_b!r}: {len(self.balance)} layers, "
-            f"expert changes {changes or 'none'}, mean saturation {sat:.3f})"
+            f"expert changes {changes or 'none'}, mean saturation {sat:.3f}, "
+            f"tokens differing in any layer {differs:.3f})"
         )
 
     def _repr_html_(self) -> str:
@@ -134,12 +142,25 @@ def content_tokens(run: Run, where: str | None) -> dict[str, np.ndarray]:
     run's context tokens (prompt ids the server returned no routing for) complete the prefixes."""
     name = "content_tokens_with_context" if run.has_table(schema.CONTEXT_TOKENS) else "content_tokens"
     df = metrics.query(run, name, where=where)
-    return {name: df[name].to_numpy() for name in ("seq_id", "pos", "token_id", "selected")}
+    return {name: df[name].to_numpy() for name in ("seq_id", "pos", "token_id", "selected", "routed")}
 
 
 def router_saturation(run_a: Run, run_b: Run, where: str | None = None) -> tuple[pd.DataFrame, list[str]]:
-    """Per common MoE layer: tokens_matched, mean |topk_A ∩ topk_B| / k and slot-0 agreement
-    over the tokens whose content (token ids from position 0 up to them) is in both runs.
+    """Per common MoE layer: tokens_matched, saturation, top1_agreement and exact_match over the
+    tokens whose content is in both runs (`router_agreement`'s first table)."""
+    saturation, _, notes = router_agreement(run_a, run_b, where)
+    return saturation, notes
+
+
+def router_agreement(
+    run_a: Run, run_b: Run, where: str | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """SPEC 4.7 over the tokens whose content (token ids from position 0 up to them) is in both
+    runs. Per common MoE layer: tokens_matched, mean |topk_A ∩ topk_B| / k (saturation), slot-0
+    agreement and exact_match (the top-k sets equal). Over all common layers, one row:
+    tokens_matched, any_layer_differs (the fraction of matched tokens whose set differs in at
+    least one layer), missing_routes (the fraction of B's tokens with no routing: an import's
+    context tokens; over all of B's tokens, since `where` cannot select context tokens), layers.
 
     `where` selects tokens in each run; seq_ids, batch order and batch size do not matter.
     """
@@ -147,19 +168,22 @@ def router_saturation(run_a: Run, run_b: Run, where: str | None = None) -> tuple
     layers = [layer for layer in run_a.moe_layers if layer in set(run_b.moe_layers)]
     skipped = set(run_b.skipped)
     b_routing = [str(p) for p in list_parts(run_b.path, "routing") if p not in skipped]
-    columns = ["layer", "top_k", "tokens_matched", "saturation", "top1_agreement"]
-    empty = pd.DataFrame(columns=columns)
+    empty = pd.DataFrame(columns=SATURATION_COLUMNS)
+
+    def nothing(note: str) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+        return empty, token_agreement(0, 0, math.nan, len(layers)), [note]
+
     if not layers:
-        return empty, ["the runs share no MoE layer: no router saturation"]
+        return nothing("the runs share no MoE layer: no router saturation")
     for run, name in ((run_a, "A"), (run_b, "B")):
         if metrics.counts_only(run):
-            return empty, [f"run {name} holds expert counts only: router saturation needs per-token routing"]
+            return nothing(f"run {name} holds expert counts only: router saturation needs per-token routing")
         if str((run.manifest.get("imported_from") or {}).get("token_ids", "")).startswith("none"):
-            return empty, [
+            return nothing(
                 f"run {name} has no token ids (token_id -1): router saturation matches tokens by content"
-            ]
+            )
     if not b_routing or not run_b.has_table("tokens"):
-        return empty, [f"{run_b.path} has no tokens or routing parts yet: no router saturation"]
+        return nothing(f"{run_b.path} has no tokens or routing parts yet: no router saturation")
     top_k = [min(run_a.top_k(layer), run_b.top_k(layer)) for layer in layers]
     if any(run_a.top_k(layer) != run_b.top_k(layer) for layer in layers):
         notes.append("top-k differs between the runs: saturation divides by the smaller k")
@@ -175,7 +199,12 @@ def router_saturation(run_a: Run, run_b: Run, where: str | None = None) -> tuple
     packed = not run_a.skipped and keys_fit(
         (tokens_a["seq_id"], tokens_a["pos"]), (tokens_b["seq_id"], tokens_b["pos"])
     )
-    df = saturation_table(run_a.con, pairs, layers, layer_values["top_k"], slots, b_routing, scan=packed)
+    agreement = agreement_table(
+        run_a.con, pairs, layers, layer_values["top_k"], slots, b_routing, scan=packed
+    )
+    routed_b = tokens_b["routed"].astype(bool)
+    missing = float((~routed_b).mean()) if len(routed_b) else math.nan
+    summary = token_agreement(agreement.tokens_matched, agreement.tokens_differing, missing, len(layers))
     selected, matched, keyless = counts["selected_a"], counts["matched"], counts["keyless_a"]
     if matched == 0:
         notes.append(
@@ -191,7 +220,19 @@ def router_saturation(run_a: Run, run_b: Run, where: str | None = None) -> tuple
             f"{keyless} selected tokens of A lack an earlier position of their sequence in the run, "
             "so their content is unknown and they match nothing"
         )
-    return df.astype({"tokens_matched": "int64"}), notes
+    return agreement.per_layer.astype({"tokens_matched": "int64"}), summary, notes
+
+
+def token_agreement(matched: int, differing: int, missing_routes: float, layers: int) -> pd.DataFrame:
+    """The one-row `token_agreement` table (NaN any_layer_differs when no token matched)."""
+    return pd.DataFrame(
+        {
+            "tokens_matched": np.array([matched], dtype=np.int64),
+            "any_layer_differs": [differing / matched if matched else math.nan],
+            "missing_routes": [missing_routes],
+            "layers": np.array([layers], dtype=np.int64),
+        }
+    )
 
 
 def compare(
@@ -238,8 +279,17 @@ def compare(
                     a.hot_experts(factor=hot_factor, where=where),
                     b.hot_experts(factor=hot_factor, where=where),
                 )
-                saturation, more = router_saturation(a, b, where=where)
-            return Comparison(str(a.path), str(b.path), load, balance, changes, saturation, notes + more)
+                saturation, agreement, more = router_agreement(a, b, where=where)
+            return Comparison(
+                str(a.path),
+                str(b.path),
+                load,
+                balance,
+                changes,
+                saturation,
+                notes=notes + more,
+                token_agreement=agreement,
+            )
         finally:
             if close_b:
                 b.close()

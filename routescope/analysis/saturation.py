@@ -3,8 +3,10 @@
 `compare.router_saturation` matches tokens by content (`content.py`) and hands the pairs
 here. Each run's routing is turned into a [pairs, layers, slots] array of expert ids, and
 the overlap |topk_A ∩ topk_B| of every (pair, layer) is a comparison of two small arrays in
-NumPy, chunk by chunk. The SQL join of both runs' routing rows on (pair, layer, expert) that
-this replaces took 10-15 s of compare's 17-23 s at 100M routing rows (benchmarks/RESULTS.md).
+NumPy, chunk by chunk; the same overlap gives the exact agreement of the sets (the overlap
+is all of both) and the tokens whose set differs in any layer (R3's statistic). The SQL join of both runs'
+routing rows on (pair, layer, expert) that this replaces took 10-15 s of compare's 17-23 s
+at 100M routing rows (benchmarks/RESULTS.md).
 
 How a run's array is filled, fastest first:
 
@@ -20,6 +22,7 @@ How a run's array is filled, fastest first:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -48,6 +51,15 @@ def keys_fit(*columns: tuple[np.ndarray, np.ndarray]) -> bool:
     return True
 
 
+@dataclass
+class Agreement:
+    """`agreement_table`'s result: per layer, and over all layers per matched token."""
+
+    per_layer: pd.DataFrame  # layer, top_k, tokens_matched, saturation, top1_agreement, exact_match
+    tokens_matched: int
+    tokens_differing: int  # matched tokens whose top-k set differs in at least one layer
+
+
 def saturation_table(
     con: Any,
     pairs: dict[str, np.ndarray],
@@ -57,32 +69,65 @@ def saturation_table(
     b_routing: list[str],
     scan: bool = True,
 ) -> pd.DataFrame:
-    """layer, top_k, tokens_matched, saturation, top1_agreement over `pairs` (a_seq_id, a_pos,
-    b_seq_id, b_pos). Run A is `con`'s `routing` view; run B is read from `b_routing`.
+    """layer, top_k, tokens_matched, saturation, top1_agreement, exact_match (see `agreement_table`)."""
+    return agreement_table(con, pairs, layers, top_k, slots, b_routing, scan).per_layer
+
+
+def agreement_table(
+    con: Any,
+    pairs: dict[str, np.ndarray],
+    layers: list[int],
+    top_k: list[int],
+    slots: int,
+    b_routing: list[str],
+    scan: bool = True,
+) -> Agreement:
+    """Per layer over `pairs` (a_seq_id, a_pos, b_seq_id, b_pos): tokens_matched, saturation
+    (mean |topk_A ∩ topk_B| / k), top1_agreement (slot 0 equal), exact_match (the top-k sets
+    equal); and the matched tokens whose set differs in at least one layer (R3's statistic).
+    Run A is `con`'s `routing` view; run B is read from `b_routing`.
     `slots`: the largest k of either run; `top_k`: the k each layer's saturation divides by;
-    `scan`: try the scan (the token keys fit, see `keys_fit`) before the join."""
+    `scan`: try the scan (the token keys fit, see `keys_fit`) before the join. Both ways fill
+    the same arrays, so every number comes from the same comparison."""
     n = len(pairs["a_seq_id"])
     shared = np.zeros(len(layers), dtype=np.int64)
     same_top1 = np.zeros(len(layers), dtype=np.int64)
+    same_set = np.zeros(len(layers), dtype=np.int64)
+    differing = 0
     if n:
         a, b = _cells(con, pairs, layers, slots, b_routing, scan)
+        # equal sets (ids are distinct; absent slots hold -1 in A and -2 in B and never match):
+        # the overlap is every id of A and every id of B, and there is at least one. With every
+        # slot filled on both sides (the usual case) that is: the overlap is `slots`.
+        filled = bool((a >= 0).all() and (b >= 0).all())
         for start in range(0, n, CHUNK_PAIRS):
             ca, cb = a[start : start + CHUNK_PAIRS], b[start : start + CHUNK_PAIRS]
-            shared += (ca[..., :, None] == cb[..., None, :]).sum(axis=(0, 2, 3))
+            overlap = (ca[..., :, None] == cb[..., None, :]).sum(axis=(2, 3))  # [chunk, layers]
+            shared += overlap.sum(axis=0)
             same_top1 += (ca[..., 0] == cb[..., 0]).sum(axis=0)
+            if filled:
+                equal = overlap == slots
+            else:
+                size_a, size_b = (ca >= 0).sum(axis=-1), (cb >= 0).sum(axis=-1)
+                equal = (overlap == size_a) & (overlap == size_b) & (size_a > 0)
+            same_set += equal.sum(axis=0)
+            differing += int((~equal).any(axis=1).sum())
     k = np.asarray(top_k, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         saturation = shared / (n * k) if n else np.full(len(layers), np.nan)
         top1 = same_top1 / n if n else np.full(len(layers), np.nan)
-    return pd.DataFrame(
+        exact = same_set / n if n else np.full(len(layers), np.nan)
+    per_layer = pd.DataFrame(
         {
             "layer": np.asarray(layers, dtype=np.int16),
             "top_k": np.asarray(top_k, dtype=np.int32),
             "tokens_matched": np.full(len(layers), n, dtype=np.int64),
             "saturation": saturation,
             "top1_agreement": top1,
+            "exact_match": exact,
         }
     )
+    return Agreement(per_layer, n, differing)
 
 
 def _cells(

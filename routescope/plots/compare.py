@@ -8,6 +8,7 @@ import plotly.graph_objects as go
 
 from routescope.plots.load import balance_panels, balance_subplots
 from routescope.plots.style import (
+    BASELINE_COLOR,
     DIVERGING_SCALE,
     RUN_COLORS,
     base_layout,
@@ -88,7 +89,8 @@ def balance_change_figure(balance: pd.DataFrame) -> go.Figure:
 
 
 def saturation_figure(saturation: pd.DataFrame) -> go.Figure:
-    """Router saturation per layer (`compare(a, b).saturation`): top-k overlap and top-1 agreement."""
+    """Router saturation per layer (`compare(a, b).saturation`): top-k overlap, top-1 agreement
+    and exact agreement of the top-k sets."""
     title = "Router saturation"
     if saturation.empty or not saturation["tokens_matched"].fillna(0).astype(int).any():
         return empty_figure("no token appears in both runs (same sequence, position and token id)", title)
@@ -114,6 +116,16 @@ def saturation_figure(saturation: pd.DataFrame) -> go.Figure:
             hovertemplate="%{x}<br>top-1 agreement %{y:.3f}<extra></extra>",
         )
     )
+    if "exact_match" in saturation.columns:
+        fig.add_trace(
+            go.Bar(
+                x=x,
+                y=saturation["exact_match"],
+                name="exact top-k match",
+                marker_color=BASELINE_COLOR,
+                hovertemplate="%{x}<br>same top-k set for %{y:.3f} of the tokens<extra></extra>",
+            )
+        )
     fig.update_layout(barmode="group")
     fig.update_xaxes(title="MoE layer", type="category")
     fig.update_yaxes(title="fraction", range=[0, 1.02])

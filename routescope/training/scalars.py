@@ -4,18 +4,29 @@
 with the totals since the previous one. The balance formulas come from
 `analysis.balance_frames.balance_from_loads`, the same arithmetic `Run.balance` runs in SQL,
 so a watched run and a recorded run report the same numbers for the same tokens.
+
+The losses are what the model trains on: `aux_loss` and `z_loss` are the values of each
+forward (transformers' `load_balancing_loss_func` over that forward's logits, the number TRL
+logs as `aux_loss`), averaged over the forwards of the window. A value pooled over the
+window's tokens is reported only under a `_pooled` name: pooling two means is not the mean
+of the products, so the two differ even for equal micro-batches.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pandas as pd
 
-from routescope.analysis.balance_frames import balance_from_loads
-from routescope.capture.recording.counters import LayerTotals
+from routescope.analysis.balance_frames import balance_from_loads, gini
+from routescope.capture.recording.counters import LayerTotals, WindowTotals
 
 PREFIX = "routing"
-LAYER_METRICS = ("cv", "max_violation", "norm_entropy", "dead_fraction", "z_loss")
+DETAILS = ("brief", "layers")
+Detail = Literal["brief", "layers"]
+LAYER_METRICS = ("cv", "max_violation", "norm_entropy", "dead_fraction", "gini", "aux_loss", "z_loss")
+PERCENTILES = (50, 95)  # cross-layer percentiles of cv, max_violation and gini (numpy linear)
 
 
 def layer_key(layer: int, metric: str, prefix: str = PREFIX) -> str:
@@ -23,16 +34,32 @@ def layer_key(layer: int, metric: str, prefix: str = PREFIX) -> str:
     return f"{prefix}/layer_{layer}/{metric}"
 
 
-def routing_scalars(totals: list[LayerTotals], prefix: str = PREFIX) -> dict[str, float]:
-    """Named scalars over the tokens since the previous log; layers that saw no token are left out.
+def is_layer_key(key: str, prefix: str = PREFIX) -> bool:
+    return key.startswith(f"{prefix}/layer_")
 
-    Per layer: cv, max_violation, norm_entropy (SPEC 4.1 over the routing slots), dead_fraction
-    (experts with no slot / E), z_loss (mean over tokens of logsumexp(logits)^2). Model level:
-    aux_loss (transformers' load_balancing_loss_func over all MoE layers), z_loss (mean of the
-    layers'), max_violation_max (the worst layer), dead_fraction_mean, cv_mean,
-    norm_entropy_min, tokens (tokens routed per layer, summed over ranks).
+
+def check_detail(detail: str) -> str:
+    if detail not in DETAILS:
+        raise ValueError(f"detail={detail!r} is not allowed: use 'brief' (model aggregates only) or 'layers'")
+    return detail
+
+
+def routing_scalars(
+    totals: WindowTotals | list[LayerTotals], prefix: str = PREFIX, detail: Detail = "layers"
+) -> dict[str, float]:
+    """Named scalars over the forwards since the previous log; layers that saw no token are left out.
+
+    Per layer (detail="layers"): cv, max_violation, norm_entropy (SPEC 4.1 over the routing slots),
+    dead_fraction (experts with no slot / E), gini (of the expert loads), aux_loss and z_loss (per
+    forward, averaged over the window's forwards). Model aggregates (always): aux_loss (per forward:
+    load_balancing_loss_func over every layer of that forward, averaged), z_loss (the mean of the
+    layers'), aux_loss_pooled and z_loss_pooled (over the window's tokens), max_violation_max,
+    dead_fraction_mean, cv_mean, norm_entropy_min, gini_mean, gini_max, the cross-layer p50 and
+    p95 of cv, max_violation and gini, and tokens (tokens routed per layer, summed over ranks).
     """
-    seen = [t for t in totals if t.tokens > 0 and t.counts.sum() > 0]
+    check_detail(detail)
+    window = totals if isinstance(totals, WindowTotals) else WindowTotals(list(totals), 0.0, 0.0, 0.0)
+    seen = [t for t in window.layers if t.tokens > 0 and t.counts.sum() > 0]
     if not seen:
         return {}
     loads = pd.DataFrame(
@@ -43,33 +70,49 @@ def routing_scalars(totals: list[LayerTotals], prefix: str = PREFIX) -> dict[str
         }
     )
     balance = balance_from_loads(loads, ["layer"]).set_index("layer")
-    out: dict[str, float] = {}
-    z_values = []
+    balance["gini"] = pd.Series({t.layer: gini(t.counts) for t in seen})
+    balance["dead_fraction"] = pd.Series({t.layer: float((t.counts == 0).mean()) for t in seen})
+    per_layer: dict[str, float] = {}
+    z_forward, z_pooled = [], []
     for t in seen:
         row = balance.loc[t.layer]
-        out[layer_key(t.layer, "cv", prefix)] = float(row["cv"])
-        out[layer_key(t.layer, "max_violation", prefix)] = float(row["max_violation"])
-        out[layer_key(t.layer, "norm_entropy", prefix)] = float(row["norm_entropy"])
-        out[layer_key(t.layer, "dead_fraction", prefix)] = float((t.counts == 0).sum() / t.num_experts)
+        for metric in ("cv", "max_violation", "norm_entropy", "dead_fraction", "gini"):
+            per_layer[layer_key(t.layer, metric, prefix)] = float(row[metric])
+        if t.aux_forwards > 0:
+            per_layer[layer_key(t.layer, "aux_loss", prefix)] = t.aux_forward_sum / t.aux_forwards
+        if t.z_forwards > 0:
+            z = t.z_forward_sum / t.z_forwards
+            per_layer[layer_key(t.layer, "z_loss", prefix)] = z
+            z_forward.append(z)
         if t.z_sum is not None and t.logit_tokens > 0:
-            z = t.z_sum / t.logit_tokens
-            out[layer_key(t.layer, "z_loss", prefix)] = z
-            z_values.append(z)
-    aux = aux_loss(seen)
-    if aux is not None:
-        out[f"{prefix}/aux_loss"] = aux
-    if z_values:
-        out[f"{prefix}/z_loss"] = float(np.mean(z_values))
+            z_pooled.append(t.z_sum / t.logit_tokens)
+    out: dict[str, float] = per_layer if detail == "layers" else {}
+    if window.aux_forwards > 0:
+        out[f"{prefix}/aux_loss"] = window.aux_forward_sum / window.aux_forwards
+    if z_forward:
+        out[f"{prefix}/z_loss"] = float(np.mean(z_forward))
+    pooled = aux_loss_pooled(seen)
+    if pooled is not None:
+        out[f"{prefix}/aux_loss_pooled"] = pooled
+    if z_pooled:
+        out[f"{prefix}/z_loss_pooled"] = float(np.mean(z_pooled))
     out[f"{prefix}/max_violation_max"] = float(balance["max_violation"].max())
-    out[f"{prefix}/dead_fraction_mean"] = float(np.mean([(t.counts == 0).mean() for t in seen]))
+    out[f"{prefix}/dead_fraction_mean"] = float(balance["dead_fraction"].mean())
     out[f"{prefix}/cv_mean"] = float(balance["cv"].mean())
     out[f"{prefix}/norm_entropy_min"] = float(balance["norm_entropy"].min())
+    out[f"{prefix}/gini_mean"] = float(balance["gini"].mean())
+    out[f"{prefix}/gini_max"] = float(balance["gini"].max())
+    for metric in ("cv", "max_violation", "gini"):
+        values = balance[metric].to_numpy(dtype=np.float64)
+        for q in PERCENTILES:
+            out[f"{prefix}/{metric}_p{q}"] = float(np.percentile(values, q))
     out[f"{prefix}/tokens"] = float(max(t.tokens for t in seen))
     return out
 
 
-def aux_loss(totals: list[LayerTotals]) -> float | None:
-    """transformers' `load_balancing_loss_func` over all MoE layers, from totals.
+def aux_loss_pooled(totals: list[LayerTotals]) -> float | None:
+    """transformers' `load_balancing_loss_func` over all MoE layers, from the window's totals:
+    as if the whole window were one forward (it is not what the model trained on; `_pooled`).
 
     That function concatenates every layer's logits, so with T_l tokens in layer l:
     E * sum_e (sum_l L_le / sum_l T_l) * (sum_l P_le / sum_l T_l), P the summed softmax

@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 from routescope.capture.recording.counters import RoutingCounters, is_training_forward
 from routescope.capture.recording.recorder import Recorder
 from routescope.training.alerts import AlertRules, Alerts
-from routescope.training.scalars import PREFIX, routing_scalars
+from routescope.training.scalars import PREFIX, Detail, check_detail, is_layer_key, routing_scalars
 
 logger = logging.getLogger("routescope")
 
@@ -49,6 +49,7 @@ class Watch:
         *,
         layers: Any = None,
         prefix: str = PREFIX,
+        detail: Detail = "layers",
         alerts: AlertRules | None = None,
         step_source: Callable[[], int] | None = None,
         **record_options: Any,
@@ -56,8 +57,9 @@ class Watch:
         if record_options and out_dir is None:
             raise ValueError(
                 f"rs.watch options {sorted(record_options)} are recording options: they need out_dir=; "
-                "without it the allowed options are layers, prefix and alerts"
+                "without it the allowed options are layers, prefix, detail and alerts"
             )
+        self.detail = check_detail(detail)
         self.model = model
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.layers = layers
@@ -129,15 +131,18 @@ class Watch:
     def scalars(self) -> dict[str, float]:
         """Read the device totals (one host sync, summed over ranks) and name the scalars.
 
-        Empty when nothing was counted since the previous read."""
+        Empty when nothing was counted since the previous read. The alerts see every layer's
+        values; with detail="brief" only the model aggregates are returned (and logged)."""
         if self.counters is None:
             return {}
         values = routing_scalars(self.counters.read(), self.prefix)
         if values:
             step = self.current_step() - (1 if self._step_source is not None else 0)
-            self.history.append({"train_step": step, **values})
             if self.alerts.check(values, step):
                 self._note_alerts()
+            if self.detail == "brief":
+                values = {k: v for k, v in values.items() if not is_layer_key(k, self.prefix)}
+            self.history.append({"train_step": step, **values})
         return values
 
     def end_step(self, read: bool = True) -> dict[str, float] | None:
@@ -171,11 +176,15 @@ def watch(target: Any, out_dir: str | Path | None = None, **options: Any) -> Wat
     """Routing health per logged step of a transformers `Trainer` (or subclass), or of a model.
 
     With a trainer: every training log (each `logging_steps`) gets, for each MoE layer `l`,
-    `routing/layer_{l}/{cv,max_violation,norm_entropy,dead_fraction,z_loss}`, and
-    `routing/aux_loss`, `routing/z_loss`, `routing/max_violation_max`,
+    `routing/layer_{l}/{cv,max_violation,norm_entropy,dead_fraction,gini,aux_loss,z_loss}`
+    (detail="layers", the default), and the model aggregates `routing/aux_loss`,
+    `routing/z_loss` (per forward, averaged over the window's forwards: what the model adds to
+    its loss; TRL's `aux_loss`), `routing/{aux_loss,z_loss}_pooled`, `routing/max_violation_max`,
     `routing/dead_fraction_mean`, `routing/cv_mean`, `routing/norm_entropy_min`,
-    `routing/tokens`, over the tokens of every micro-batch since the previous log, summed
-    over ranks; they land in `trainer.state.log_history` and in every `report_to` reporter.
+    `routing/gini_{mean,max}`, `routing/{cv,max_violation,gini}_{p50,p95}` (across layers),
+    `routing/tokens`, over every micro-batch since the previous log, summed over ranks; they
+    land in `trainer.state.log_history` and in every `report_to` reporter. detail="brief" logs
+    the model aggregates only (a 48-layer model would otherwise log hundreds of series).
     Call before `trainer.train()`.
 
     With a model (custom loop): use the returned `Watch` as a context manager and call
@@ -183,7 +192,8 @@ def watch(target: Any, out_dir: str | Path | None = None, **options: Any) -> Wat
 
     `out_dir`: also record the tokens (all, or `sample=` a fraction of sequences) with an
     INTEGER `train_step` column, the optimizer step their gradients went into (1-based).
-    Options: `layers`, `prefix` (default "routing"), `alerts` (an `AlertRules`), and any
+    Options: `layers`, `prefix` (default "routing"), `detail` ("layers" or "brief"), `alerts`
+    (an `AlertRules`), and any
     `rs.record` option (`sample`, `weights`, `mode`, default 'overwrite', ...).
     """
     if isinstance(target, nn.Module):

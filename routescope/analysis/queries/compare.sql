@@ -4,18 +4,18 @@
 
 -- name: content_tokens
 -- Every token of the run with `selected` = whether `where=` keeps it (content keys need whole sequences).
-SELECT t.seq_id, t.pos, t.token_id, s.seq_id IS NOT NULL AS selected
+SELECT t.seq_id, t.pos, t.token_id, s.seq_id IS NOT NULL AS selected, true AS routed
 FROM tokens t
 LEFT JOIN selected_tokens s ON s.seq_id = t.seq_id AND s.pos = t.pos
 ORDER BY t.seq_id, t.pos
 
 -- name: content_tokens_with_context
--- content_tokens plus the run's context_tokens (ids without routing, imported prompts): they complete prefixes, never selected.
-SELECT t.seq_id, t.pos, t.token_id, s.seq_id IS NOT NULL AS selected
+-- content_tokens plus the run's context_tokens (ids without routing, imported prompts): they complete prefixes, never selected, not routed.
+SELECT t.seq_id, t.pos, t.token_id, s.seq_id IS NOT NULL AS selected, true AS routed
 FROM tokens t
 LEFT JOIN selected_tokens s ON s.seq_id = t.seq_id AND s.pos = t.pos
 UNION ALL
-SELECT c.seq_id, c.pos, c.token_id, false AS selected
+SELECT c.seq_id, c.pos, c.token_id, false AS selected, false AS routed
 FROM context_tokens c
 ORDER BY seq_id, pos
 
