@@ -19,6 +19,7 @@ from routescope import bundled
 from routescope.analysis import Run, open_run
 from routescope.analysis.balance_frames import balance_from_loads
 from routescope.analysis.compare import compare
+from routescope.analysis.doctor_rules import DoctorThresholds
 from routescope.analysis.runset import open_runs
 from routescope.analysis.superexperts import classify_massive, classify_super_experts
 from routescope.errors import (
@@ -69,6 +70,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "DoctorThresholds",
     "EmptySelectionWarning",
     "Recorder",
     "RouteScopeError",
