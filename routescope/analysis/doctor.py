@@ -116,7 +116,8 @@ def damage_findings(ctx: Context) -> list[dict[str, Any]]:
                 None,
                 None,
                 None,
-                "the recorder could not record: " + ", ".join(f"{k} = {v:,}" for k, v in sorted(lost.items())),
+                "the recorder could not record: "
+                + ", ".join(f"{k} = {v:,}" for k, v in sorted(lost.items())),
                 "docs/capture.md explains each reason; the numbers leave that work out",
             )
         )
@@ -310,7 +311,7 @@ OK_TEXT = {
     "unverified_model": "the model type and transformers version are in the verified table",
     "dead_expert": "every expert received tokens (or too few tokens to tell)",
     "hot_expert": "no expert's share stands above {hot:g}x uniform beyond chance",
-    "layer_collapse": "no layer's expert diversity is at or below {collapse:g}",
+    "layer_collapse": "no layer's spread of effective experts is at or below {collapse:g}",
     "layer_imbalance": "every layer's cv and Gini are below {cv:g} and {gini:g}, or within chance",
     "routing_drift": "no expert dies and no layer's balance changes between steps beyond chance",
     "near_ties": "no token's top-1 and top-2 probabilities are within {margin:.4g}",
@@ -343,7 +344,10 @@ def doctor(
         for kind in names:
             if kind not in raised:
                 text = OK_TEXT[kind].format(
-                    hot=th.hot_factor, collapse=th.collapse_diversity, cv=th.cv_band, gini=th.gini_band,
+                    hot=th.hot_factor,
+                    collapse=th.collapse_spread,
+                    cv=th.cv_band,
+                    gini=th.gini_band,
                     margin=th.near_tie_margin,
                 )
                 rows.append(finding("ok", kind, None, None, None, f"{name}: {text}", ""))
@@ -371,9 +375,7 @@ def verdict(findings: pd.DataFrame) -> dict[str, Any]:
     else:
         kinds = serious.groupby("finding", sort=False).size()
         parts = ", ".join(f"{name} x{n}" for name, n in kinds.items())
-        headline = (
-            f"{worst}: {counts['critical']} critical, {counts['warning']} warning finding(s): {parts}"
-        )
+        headline = f"{worst}: {counts['critical']} critical, {counts['warning']} warning finding(s): {parts}"
     return {"severity": worst, "counts": counts, "headline": headline}
 
 

@@ -46,8 +46,10 @@ def drift_findings(
         steps, matrix = step_matrix(step_loads, layer, num_experts)
         if len(steps) < 2:
             continue
-        out += _dying_experts(layer, steps, matrix, top_k, th, expert_tests, sql)
-        out += _balance_change(layer, steps, matrix, top_k, th, len(layers), sql)
+        dying = _dying_experts(layer, steps, matrix, top_k, th, expert_tests, sql)
+        change = _balance_change(layer, steps, matrix, top_k, th, len(layers), sql)
+        # an expert dying moves the layer's cv at the same step: one finding says it
+        out += dying + [c for c in change if c["step"] not in {d["step"] for d in dying}]
     return out
 
 

@@ -40,9 +40,11 @@ class DoctorThresholds:
     # Megatron-Core's healthy bands: coefficient of variation and Gini of expert loads < 0.3.
     cv_band: float = 0.3
     gini_band: float = 0.3
-    # NeMo Automodel's expert_diversity exp(H) / E: at or below this a layer is collapsed
-    # (a quarter of the experts effectively in use); never below k / E, the least possible.
-    collapse_diversity: float = 0.25
+    # Collapse: the effective number of experts exp(H) (NeMo Automodel's expert_diversity times
+    # E) measured between its least, k (every token to the same k experts), and E (uniform):
+    # spread = (exp(H) - k) / (E - k); at or below this a layer is collapsed. Our choice (no
+    # published band): 0.1 leaves 2.6 of 8 experts (k = 2) or 20 of 128 (k = 8) in use.
+    collapse_spread: float = 0.1
     # Drift: a change point needs this many steps on each side, and the pooled cv must move by
     # at least cv_band (the width of the healthy band) across it.
     drift_min_steps: int = 2
@@ -62,7 +64,7 @@ class DoctorThresholds:
                 raise ValueError(f"DoctorThresholds.{name} must lie in (0, 1], got {value!r}")
         if not 0.0 <= float(self.dead_share) < 1.0:
             raise ValueError(f"DoctorThresholds.dead_share must lie in [0, 1), got {self.dead_share!r}")
-        for name in ("hot_factor", "cv_band", "gini_band", "collapse_diversity", "near_tie_margin"):
+        for name in ("hot_factor", "cv_band", "gini_band", "collapse_spread", "near_tie_margin"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"DoctorThresholds.{name} must be positive, got {getattr(self, name)!r}")
         if int(self.drift_min_steps) < 1 or int(self.top_findings) < 1:
@@ -83,7 +85,7 @@ def hot_tail_probability(load: float, tokens: float, top_k: int, num_experts: in
         return 1.0
     from scipy import stats
 
-    return float(stats.binom.sf(int(load) - 1, int(round(tokens)), min(1.0, top_k / num_experts)))
+    return float(stats.binom.sf(int(load) - 1, round(tokens), min(1.0, top_k / num_experts)))
 
 
 def gini(loads: np.ndarray) -> float:
@@ -214,8 +216,9 @@ def judge_layer(
     layer_cv, layer_gini, layer_div = cv(x), gini(x), diversity(x)
     p_uniform = uniformity_p_value(x, top_k)
     if p_uniform < th.alpha / max(layers, 1):
-        least = top_k / num_experts
-        if layer_div <= max(th.collapse_diversity, least * (1 + 1e-9)):
+        effective = layer_div * num_experts
+        spread = (effective - top_k) / (num_experts - top_k) if num_experts > top_k else 1.0
+        if spread <= th.collapse_spread:
             out.append(
                 finding(
                     "critical",
@@ -223,13 +226,13 @@ def judge_layer(
                     layer,
                     None,
                     step,
-                    f"expert diversity exp(H)/E = {layer_div:.3f} (collapsed at or below "
-                    f"{max(th.collapse_diversity, least):.3f}): about {layer_div * num_experts:.1f} of "
-                    f"{num_experts} experts effectively used; cv {layer_cv:.3f}, Gini {layer_gini:.3f}; "
+                    f"about {effective:.2f} of {num_experts} experts effectively used (exp(H), expert "
+                    f"diversity {layer_div:.3f}), k = {top_k}: spread (exp(H) - k)/(E - k) = {spread:.3f}, "
+                    f"collapsed at or below {th.collapse_spread:g}; cv {layer_cv:.3f}, Gini {layer_gini:.3f}; "
                     f"uniform routing gives loads this uneven with probability {in_words(p_uniform)}",
                     "the router sends most tokens to a few experts: check the load-balancing loss "
                     "(is it on, is its coefficient > 0) and the router's learning rate",
-                    magnitude=1.0 + (1.0 - layer_div),
+                    magnitude=1.0 + (1.0 - spread),
                 )
             )
         elif layer_cv >= th.cv_band or layer_gini >= th.gini_band:
