@@ -357,3 +357,18 @@ def test_a_tiny_model_is_healthy_and_a_banned_expert_is_found(tmp_path):
         drift = rows(run.doctor(), "routing_drift")
     died = drift[drift["expert"].notna()]
     assert list(zip(died["layer"], died["expert"], died["step"])) == [(1, 2, 5)]
+
+
+def test_report_starts_with_the_verdict(tmp_path, capsys):
+    dead = write_run(tmp_path / "dead", {0: np.tile([[0, 1], [2, 3]], (1000, 1))}, E)
+    assert main(["report", str(dead)]) == 0
+    out = capsys.readouterr().out
+    assert out.index("DOCTOR critical") < out.index("Balance per MoE layer")
+    assert main(["report", str(dead), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["doctor"]["verdict"]["severity"] == "critical"
+    assert doc["doctor"]["groups"][0]["finding"] == "dead_expert"
+    html_path = tmp_path / "r.html"
+    assert main(["report", str(dead), "--html", str(html_path)]) == 0
+    text = html_path.read_text()
+    assert text.index("id='doctor-verdict'") < text.index("<h2>Figures</h2>")

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from routescope.analysis.doctor import exit_code, group_findings, verdict
-from routescope.analysis.doctor_rules import DoctorThresholds
+from routescope.analysis.doctor_rules import SEVERITY_RANK, DoctorThresholds
 
 STYLE = {"critical": "bold red", "warning": "yellow", "info": "cyan", "ok": "green"}
 
@@ -75,8 +75,16 @@ def findings_document(findings: pd.DataFrame, path: str) -> dict[str, Any]:
     }
 
 
-def render_findings(findings: pd.DataFrame, path: str, limit: int | None, console: Any = None) -> None:
-    """Verdict, the findings grouped, then the top `limit` findings (None: all) with evidence."""
+def render_findings(
+    findings: pd.DataFrame,
+    path: str,
+    limit: int | None,
+    console: Any = None,
+    least: str = "info",
+    passed: bool = True,
+) -> None:
+    """Verdict, the findings grouped, then the top `limit` findings (None: all) of severity
+    `least` or worse with their evidence; `passed` also lists the checks that found nothing."""
     from rich.console import Console
     from rich.table import Table
 
@@ -92,7 +100,7 @@ def render_findings(findings: pd.DataFrame, path: str, limit: int | None, consol
                 for g in groups.itertuples(index=False)
             )
         )
-    shown = findings[findings["severity"] != "ok"]
+    shown = findings[findings["severity"].map(SEVERITY_RANK) >= max(SEVERITY_RANK[least], 1)]
     top = shown if limit is None else shown.head(limit)
     if not top.empty:
         table = Table(show_edge=False, header_style="bold", show_lines=False)
@@ -111,10 +119,10 @@ def render_findings(findings: pd.DataFrame, path: str, limit: int | None, consol
         console.print(table)
     more = len(shown) - len(top)
     if more > 0:
-        console.print(f"… {more} more finding(s): routescope doctor {path} --all (or --json)")
-    passed = findings[findings["severity"] == "ok"]
-    if len(passed):
-        console.print(f"[green]passed:[/green] {', '.join(passed['finding'])}")
+        console.print(f"… {more} more: routescope doctor {path} --all (or --json) lists every finding")
+    ok = findings[findings["severity"] == "ok"]
+    if passed and len(ok):
+        console.print(f"[green]passed:[/green] {', '.join(ok['finding'])}")
 
 
 def doctor_command(args: argparse.Namespace) -> int:
