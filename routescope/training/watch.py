@@ -132,11 +132,12 @@ class Watch:
         Empty when nothing was counted since the previous read."""
         if self.counters is None:
             return {}
-        values = routing_scalars(self.counters.read(), self.prefix)
+        totals = self.counters.read()
+        values = routing_scalars(totals, self.prefix)
         if values:
             step = self.current_step() - (1 if self._step_source is not None else 0)
             self.history.append({"train_step": step, **values})
-            if self.alerts.check(values, step):
+            if self.alerts.check(values, step, totals):  # the doctor's rules read the counts
                 self._note_alerts()
         return values
 
