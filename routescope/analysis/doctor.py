@@ -141,7 +141,7 @@ def verified_findings(ctx: Context) -> list[dict[str, Any]]:
                 None,
                 f"model type {m.get('model_type')!r} with transformers {version}: {why}",
                 "check a few routing rows against the model's own router output before trusting the "
-                "numbers (docs/verified.md), or record with a verified transformers version",
+                "numbers (docs/models.md), or record with a verified transformers version",
             )
         ]
     return [
