@@ -372,3 +372,49 @@ def test_report_starts_with_the_verdict(tmp_path, capsys):
     assert main(["report", str(dead), "--html", str(html_path)]) == 0
     text = html_path.read_text()
     assert text.index("id='doctor-verdict'") < text.index("<h2>Figures</h2>")
+
+
+def test_the_evidence_bar_equals_scipy_stats():
+    """The doctor computes its tails with scipy.special (light to import); scipy.stats is the reference."""
+    from scipy import stats
+
+    from routescope.analysis.doctor_rules import change_p_value, hot_tail_probability, uniformity_p_value
+
+    for tokens, k, num_experts in [(100, 2, 8), (5000, 8, 128), (37, 1, 4)]:
+        loads = np.arange(0, tokens + 3)
+        ours = hot_tail_probability(loads, tokens, k, num_experts)
+        assert np.allclose(ours, stats.binom.sf(loads - 1, tokens, k / num_experts), rtol=1e-12, atol=0)
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 100, 20).astype(float), rng.integers(1, 100, 20).astype(float)
+    assert uniformity_p_value(a, 2) == pytest.approx(stats.chisquare(a).pvalue, rel=1e-9)
+    reference = stats.chi2_contingency(np.vstack([a, b]), correction=False)[1]
+    assert change_p_value(a, b) == pytest.approx(reference, rel=1e-9)
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_step_loads_equal_the_metric(tmp_path, decode):
+    """The doctor's join by sequence (prefill-only runs) gives metrics.step_expert_loads' counts;
+    a run whose sequences span steps takes the metric itself."""
+    from routescope.analysis import metrics
+    from routescope.analysis.doctor import step_loads
+
+    rng = np.random.default_rng(11)
+    tokens = 1200
+    seq_len = 40
+    step = np.arange(tokens) // 200 if not decode else np.arange(tokens) % seq_len // 10
+    path = write_run(
+        tmp_path / "s", {0: uniform(rng, tokens), 3: uniform(rng, tokens)}, E, seq_len=seq_len, step=step
+    )
+    with rs.open_run(path) as run:
+        ours = step_loads(run, None).reset_index(drop=True)
+        reference = metrics.step_expert_loads(run).reset_index(drop=True)
+        fast = (
+            int(
+                run.sql(
+                    "SELECT count(*) AS n FROM (SELECT seq_id FROM tokens GROUP BY seq_id HAVING min(step) <> max(step))"
+                )["n"].iloc[0]
+            )
+            == 0
+        )
+    assert fast is not decode
+    pd.testing.assert_frame_equal(ours, reference, check_dtype=False)

@@ -59,6 +59,16 @@ def show_sql(name: str, **values: int | float) -> str:
     return " ".join(text.split())
 
 
+def step_loads(run: Run, where: str | None) -> pd.DataFrame:
+    """step, layer, expert, tokens: `metrics.step_expert_loads`, or the same counts joined by
+    seq_id alone when nothing is filtered and no sequence spans steps (a prefill-only run):
+    the join on (seq_id, pos) is most of the doctor's time on a large run."""
+    one_step = where is None and not counts_only(run)
+    if one_step and int(query(run, "doctor_sequences_over_steps")["sequences"].iloc[0]) == 0:
+        return query(run, "doctor_step_loads_by_sequence")
+    return metrics.step_expert_loads(run, where=where)
+
+
 # -- the checks -----------------------------------------------------------------------------
 def damage_findings(ctx: Context) -> list[dict[str, Any]]:
     """Cheap invariants, parts against manifest (the full check is `routescope check`). One
@@ -256,9 +266,8 @@ def capacity_findings(ctx: Context) -> list[dict[str, Any]]:
                 int(row.layer),
                 None,
                 None,
-                f"{int(row.dropped):,} of {int(row.slots):,} routing slots ({share:.2%}) of "
-                f"{int(row.dropped_tokens):,} tokens recorded with weight 0: the expert capacity dropped "
-                "them (no expert ran for that slot)",
+                f"{int(row.dropped):,} of {int(row.slots):,} routing slots ({share:.2%}) recorded with "
+                "weight 0: the expert capacity dropped them (no expert ran for that slot)",
                 "raise the capacity factor, or balance the load so fewer experts overflow",
                 sql=show_sql("show_dropped_slots", layer=int(row.layer)),
                 magnitude=share,
@@ -333,7 +342,7 @@ def doctor(
     where = metrics.check_where(run, where)
     ctx = Context(run, th, where)
     ctx.loads = metrics.expert_load(run, where=where)
-    ctx.step_loads = metrics.step_expert_loads(run, where=where)
+    ctx.step_loads = step_loads(run, where)
     rows: list[dict[str, Any]] = []
     from tqdm.auto import tqdm
 

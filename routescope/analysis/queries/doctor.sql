@@ -6,8 +6,7 @@
 SELECT
     layer,
     count(*)::BIGINT AS slots,
-    count(*) FILTER (WHERE weight = 0)::BIGINT AS dropped,
-    count(DISTINCT CASE WHEN weight = 0 THEN (seq_id, pos) END)::BIGINT AS dropped_tokens
+    count(*) FILTER (WHERE weight = 0)::BIGINT AS dropped
 FROM selected_routing
 GROUP BY layer
 ORDER BY layer
@@ -63,3 +62,19 @@ WHERE layer = $layer AND weight = 0 ORDER BY seq_id, pos, slot LIMIT 100
 -- The calibration's largest expert outputs (Super Experts stand far above the rest).
 SELECT layer, expert, shared, max_abs_output, channel FROM expert_activations
 ORDER BY max_abs_output DESC LIMIT 20
+
+-- name: doctor_sequences_over_steps
+-- Sequences whose tokens lie in more than one forward step (decode); none lets the step loads join routing by seq_id alone.
+SELECT count(*)::BIGINT AS sequences
+FROM (SELECT seq_id FROM tokens GROUP BY seq_id HAVING min(step) <> max(step))
+
+-- name: doctor_step_loads_by_sequence
+-- Routing rows per (step, layer, expert) when every sequence lies in one step: routing joined to its sequence's step (a join on seq_id, not on (seq_id, pos)).
+WITH sequence_step AS (
+    SELECT seq_id, min(step) AS step FROM tokens GROUP BY seq_id
+)
+SELECT s.step, r.layer, r.expert, count(*)::BIGINT AS tokens
+FROM routing r
+JOIN sequence_step s USING (seq_id)
+GROUP BY s.step, r.layer, r.expert
+ORDER BY s.step, r.layer, r.expert
