@@ -418,3 +418,75 @@ def test_step_loads_equal_the_metric(tmp_path, decode):
         )
     assert fast is not decode
     pd.testing.assert_frame_equal(ours, reference, check_dtype=False)
+
+
+# -- more findings planted on tiny models ---------------------------------------------------
+def tiny_qwen(seed: int = 0) -> torch.nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_tiny_model("qwen3_moe", seed=seed).eval()
+
+
+def record_batches(model, path, steps: int = 6, **options):
+    generator = torch.Generator().manual_seed(0)
+    with rs.record(model, path, **options), torch.no_grad():
+        for _ in range(steps):
+            model(input_ids=torch.randint(1, 128, (8, 32), generator=generator))
+    return rs.open_run(path)
+
+
+def test_a_tiny_model_routed_to_two_experts_collapses(tmp_path):
+    """Experts 0 and 1 of layer 1 banned: every token takes 2 and 3 (k = 2 of 4)."""
+    model = tiny_qwen()
+    with rs.ban_experts(model, {1: [0, 1]}):
+        run = record_batches(model, tmp_path / "run")
+    with run:
+        df = run.doctor()
+    assert list(rows(df, "layer_collapse")["layer"]) == [1]
+    assert set(zip(rows(df, "dead_expert")["layer"], rows(df, "dead_expert")["expert"])) == {(1, 0), (1, 1)}
+    hot = rows(df, "hot_expert")
+    assert set(zip(hot["layer"], hot["expert"])) == {(1, 2), (1, 3)}  # each takes 2x its fair share
+    assert exit_code(df) == 3
+
+
+def test_a_tiny_model_whose_router_barely_separates_has_near_ties(tmp_path):
+    model = tiny_qwen()
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate.weight.mul_(1e-4)  # logits ~0: top-1 and top-2 within bf16's step
+    with record_batches(model, tmp_path / "run", router_stats=True) as run:
+        ties = rows(run.doctor(), "near_ties")
+    assert list(ties.loc[ties["severity"] == "warning", "layer"]) == [0]
+
+
+def test_a_tiny_model_with_a_planted_super_expert(tmp_path):
+    model = tiny_qwen()
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj[1].mul_(1e4)  # expert 1 of layer 0: massive outputs
+    generator = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(1, 128, (4, 16), generator=generator)} for _ in range(2)]
+    with record_batches(model, tmp_path / "run") as run:
+        pass
+    rs.find_super_experts(model, batches, out=tmp_path / "run", progress=False)
+    with rs.open_run(tmp_path / "run") as run:
+        supers = rows(run.doctor(), "super_experts")
+    assert (0, 1) in set(zip(supers["layer"], supers["expert"]))
+    assert set(supers["severity"]) == {"info"}
+
+
+def test_switch_capacity_drops_on_a_tiny_model(tmp_path):
+    """Switch Transformers with expert capacity 1: the dropped slots are recorded with weight 0."""
+    from tests.tiny_models import build_tiny_seq2seq_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_tiny_seq2seq_model("switch_transformers", expert_capacity=1).eval()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 100, (2, 7), generator=generator)
+    with rs.record(model, tmp_path / "run"), torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=ids[:, :4])
+    with rs.open_run(tmp_path / "run") as run:
+        drops = rows(run.doctor(), "capacity_drops")
+        zero = run.sql("SELECT layer, count(*) AS n FROM routing WHERE weight = 0 GROUP BY layer")
+    assert len(drops) and set(drops["layer"]) == set(zero["layer"])
+    for row in drops.itertuples(index=False):
+        assert f"{int(zero.loc[zero['layer'] == row.layer, 'n'].iloc[0]):,} of" in row.evidence
