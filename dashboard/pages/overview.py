@@ -19,6 +19,7 @@ from routescope.dashboard.components import (
     FIGURE,
     KEEP,
     MESSAGE,
+    MESSAGE_STYLES,
     OPTIONS,
     ROW,
     current,
@@ -179,10 +180,22 @@ def layer_health(bal: pd.DataFrame, load: pd.DataFrame, findings: pd.DataFrame) 
 
 
 def verdict_block(findings: pd.DataFrame) -> html.Div:
-    """The doctor's verdict as the page's first line."""
+    """The doctor's verdict as the page's first line (its own class: a critical verdict is a
+    finding about the run, not an error of the page)."""
     v = rs.doctor_verdict(findings)
-    box = message(f"Doctor: {v['headline']}", VERDICT_KIND[v["severity"]])
-    return html.Div(box, id="overview-verdict-text", className=f"rs-verdict rs-verdict-{v['severity']}")
+    style = {
+        **MESSAGE_STYLES[VERDICT_KIND[v["severity"]]],
+        "padding": "8px 12px",
+        "borderRadius": "6px",
+        "margin": "8px 0",
+        "fontWeight": "bold",
+    }
+    return html.Div(
+        f"Doctor: {v['headline']}",
+        id="overview-verdict-text",
+        className=f"rs-verdict rs-verdict-{v['severity']}",
+        style=style,
+    )
 
 
 def near_dead(load: pd.DataFrame) -> pd.DataFrame:
