@@ -490,3 +490,33 @@ def test_switch_capacity_drops_on_a_tiny_model(tmp_path):
     assert len(drops) and set(drops["layer"]) == set(zero["layer"])
     for row in drops.itertuples(index=False):
         assert f"{int(zero.loc[zero['layer'] == row.layer, 'n'].iloc[0]):,} of" in row.evidence
+
+
+def test_a_counts_only_import_gets_the_load_findings(tmp_path):
+    """An SGLang `stat` import holds per-expert counts per step: dead, hot and drift findings
+    work on them; margins and weights it does not have are "not measured"."""
+    from routescope.importers import ImportedRun, counts_to_table, write_imported_run
+
+    layers, steps = [1, 3], 6
+    counts = np.zeros((steps, len(layers), E), dtype=np.int64)
+    rng = np.random.default_rng(12)
+    for s in range(steps):
+        counts[s, 0] = rng.multinomial(400 * K, np.ones(E) / E)
+        probs = np.ones(E)
+        probs[4] = 0.0  # expert 4 of layer 3 never chosen
+        counts[s, 1] = rng.multinomial(400 * K, probs / probs.sum())
+    imported = ImportedRun(
+        engine="sglang",
+        mode="stat",
+        num_hidden_layers=4,
+        num_experts={layer: E for layer in layers},
+        top_k={layer: K for layer in layers},
+        expert_counts=counts_to_table(counts, layers),
+    )
+    path = write_imported_run(imported, tmp_path / "run")
+    with rs.open_run(path) as run:
+        df = run.doctor()
+    dead = rows(df, "dead_expert")
+    assert list(zip(dead["layer"], dead["expert"], dead["step"])) == [(3, 4, 0)]
+    assert "not measured" in rows(df, "near_ties").iloc[0]["evidence"]
+    assert "not measured" in rows(df, "capacity_drops").iloc[0]["evidence"]
