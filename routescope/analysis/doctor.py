@@ -363,13 +363,38 @@ def doctor(
     return sort_findings(pd.DataFrame(rows, columns=COLUMNS))
 
 
+# Within a severity, kinds in this order; the ranking takes each kind's largest first, then each
+# kind's second, ... so ten lines show every kind of trouble before the tenth hot expert.
+KIND_ORDER = (
+    "damaged_run",
+    "layer_collapse",
+    "dead_expert",
+    "routing_drift",
+    "layer_imbalance",
+    "hot_expert",
+    "capacity_drops",
+    "near_ties",
+    "unverified_model",
+    "incomplete_run",
+    "unrecorded_work",
+    "super_experts",
+)
+
+
 def sort_findings(df: pd.DataFrame) -> pd.DataFrame:
-    """Most severe first; within a severity, the most telling (largest magnitude) first."""
+    """Most severe first; within a severity, round-robin over the kinds (each kind's largest
+    magnitude first, kinds in KIND_ORDER), so the top of the table covers every kind."""
     out = df.astype({"layer": "Int64", "expert": "Int64", "step": "Int64", "magnitude": "float64"})
-    rank = out["severity"].map(SEVERITY_RANK)
-    order = pd.DataFrame({"rank": -rank, "magnitude": -out["magnitude"]}).sort_values(
-        ["rank", "magnitude"], kind="stable"
-    )
+    kind = out["finding"].map({name: i for i, name in enumerate(KIND_ORDER)}).fillna(len(KIND_ORDER))
+    within = out.groupby(["severity", "finding"])["magnitude"].rank(method="first", ascending=False)
+    order = pd.DataFrame(
+        {
+            "rank": -out["severity"].map(SEVERITY_RANK),
+            "within": within,
+            "kind": kind,
+            "magnitude": -out["magnitude"],
+        }
+    ).sort_values(["rank", "within", "kind", "magnitude"], kind="stable")
     return out.loc[order.index].reset_index(drop=True)
 
 
