@@ -316,7 +316,7 @@ CHECKS: dict[str, tuple[Check, tuple[str, ...]]] = {
     "Super Experts": (super_expert_findings, ()),
 }
 OK_TEXT = {
-    "damaged_run": "the manifest's token count matches the parts, and no part was skipped",
+    "damaged_run": "no part was skipped, and a complete run's manifest counts the tokens its parts hold",
     "unverified_model": "the model type and transformers version are in the verified table",
     "dead_expert": "every expert received tokens (or too few tokens to tell)",
     "hot_expert": "no expert's share stands above {hot:g}x uniform beyond chance",
