@@ -111,6 +111,11 @@ def hot_experts(run: rs.Run, flt: TokenFilter = ALL) -> pd.DataFrame:
     return flt.call_with_where(run, run.hot_experts)
 
 
+def doctor(run: rs.Run, flt: TokenFilter = ALL) -> pd.DataFrame:
+    """run.doctor(): the findings that head the Overview (SPEC 4.8)."""
+    return flt.call_with_where(run, run.doctor)
+
+
 def coactivation(run: rs.Run, layer: int, flt: TokenFilter = ALL) -> pd.DataFrame:
     check_layer(run, layer)
     return flt.call_with_where(run, run.coactivation, layer)
@@ -461,6 +466,7 @@ QUERIES = {
     "balance": balance,
     "dead_experts": dead_experts,
     "hot_experts": hot_experts,
+    "doctor": doctor,
     "coactivation": coactivation,
     "entanglement": entanglement,
     "transition": transition,

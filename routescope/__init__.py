@@ -19,6 +19,9 @@ from routescope import bundled
 from routescope.analysis import Run, open_run
 from routescope.analysis.balance_frames import balance_from_loads
 from routescope.analysis.compare import compare
+from routescope.analysis.doctor import group_findings
+from routescope.analysis.doctor import verdict as doctor_verdict
+from routescope.analysis.doctor_rules import SEVERITIES, DoctorThresholds, gini
 from routescope.analysis.runset import open_runs
 from routescope.analysis.superexperts import classify_massive, classify_super_experts
 from routescope.errors import (
@@ -69,6 +72,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "SEVERITIES",
+    "DoctorThresholds",
     "EmptySelectionWarning",
     "Recorder",
     "RouteScopeError",
@@ -85,8 +90,11 @@ __all__ = [
     "classify_massive",
     "classify_super_experts",
     "compare",
+    "doctor_verdict",
     "find_routers",
     "find_super_experts",
+    "gini",
+    "group_findings",
     "open_run",
     "open_runs",
     "prune_experts",

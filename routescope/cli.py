@@ -23,6 +23,7 @@ import pandas as pd
 from routescope.analysis.querying import first_choice_unknown, quiet_selection
 from routescope.commands.attach import add_run_arguments, run_command
 from routescope.commands.check import add_check_arguments, check_command
+from routescope.commands.doctor import add_doctor_arguments, doctor_command
 from routescope.commands.import_run import add_import_arguments, import_command
 from routescope.commands.placement import add_placement_arguments, placement_command
 from routescope.commands.profile import (
@@ -40,6 +41,7 @@ AddArguments = Callable[[argparse.ArgumentParser], None]
 RunCommand = Callable[[argparse.Namespace], int]
 PROG = "routescope"
 TABLE_ROWS = 20  # rows of a long table printed before "… N more"
+TOP_FINDINGS = 10  # the doctor's findings `report` shows under its verdict (DoctorThresholds.top_findings)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -153,6 +155,8 @@ def collect_report(
     }
     report: dict[str, Any] = {
         "run": facts,
+        # the verdict first (SPEC 4.8): the same findings as `routescope doctor`
+        "doctor": run.doctor(where=where) if facts["tokens_matched"] else None,
         "balance": run.balance(where=where, ep_size=ep_size),
         "dead_experts": run.dead_experts(where=where),
         "hot_experts": run.hot_experts(factor=hot_factor, where=where),
@@ -243,6 +247,10 @@ def render_report_tables(report: dict[str, Any]) -> None:
         f"top-k {fmt(facts['top_k'])}" + (f"  where: {facts['where']}" if facts["where"] else "")
     )
     sections = report_sections(report)
+    if report.get("doctor") is not None:
+        from routescope.commands.doctor import render_findings
+
+        render_findings(report["doctor"], facts["path"], TOP_FINDINGS, console, least="warning", passed=False)
     if facts.get("verified") is False:
         console.print(
             f"[yellow]Unverified: {facts.get('unverified_reason') or 'not in the verified table'} "
@@ -273,8 +281,16 @@ def render_report_tables(report: dict[str, Any]) -> None:
 
 def render_report_json(report: dict[str, Any]) -> None:
     from routescope.analysis.metrics import to_records
+    from routescope.commands.doctor import findings_document
 
     doc = {k: (to_records(v) if isinstance(v, pd.DataFrame) else v) for k, v in report.items()}
+    if report.get("doctor") is not None:
+        found = findings_document(report["doctor"], report["run"]["path"])
+        doc["doctor"] = {
+            "verdict": found["verdict"],
+            "groups": found["groups"],
+            "findings": found["findings"],
+        }
     print(json.dumps(doc, indent=2, default=str))
 
 
@@ -417,6 +433,7 @@ COMMANDS: dict[str, tuple[AddArguments, RunCommand]] = {
     "placement": (add_placement_arguments, placement_command),
     "run": (add_run_arguments, run_command),
     "check": (add_check_arguments, check_command),
+    "doctor": (add_doctor_arguments, doctor_command),
 }
 
 

@@ -215,10 +215,13 @@ def test_create_app_reads_nothing_until_asked(tmp_path):
 def test_overview(app, runs):
     from routescope.dashboard.pages import overview
 
-    summary, cards, fig, _alerts, msg = overview.update_overview(state("a"))
+    summary, layers_view, fig, _alerts, msg, verdict = overview.update_overview(state("a"))
     run = rs.open_run(runs["a"])
     assert msg is None
-    assert len(cards) == len(run.moe_layers)
+    health = layers_view.children[0].figure  # one layers x metric view, one row per MoE layer
+    assert list(health.data[0].y) == [f"L{layer}" for layer in run.moe_layers]
+    assert texts(verdict).startswith("Doctor: ")
+    assert rs.doctor_verdict(run.doctor())["headline"] in texts(verdict)
     assert traces_with_data(fig) == 4
     assert "complete" in texts(summary)
     assert run.manifest["model_type"] in texts(summary)

@@ -26,7 +26,7 @@ LAUNCH_ARGS = [
 ]
 # path -> number of figures that must render with data
 PAGES = {
-    "/": 1,
+    "/": 2,  # the layers x metric health view, and the balance across layers
     "/load": 3,
     "/time": 2,
     "/entanglement": 3,

@@ -68,14 +68,11 @@ def test_cards_and_notes_count_tokens_and_slots_apart(app, runs):
     from routescope.dashboard.pages import load, overview
 
     run = rs.open_run(runs["a"])
-    bal = run.balance()
-    _summary, cards, _fig, _alerts, _msg = overview.update_overview(A)
-    for card, (_, row) in zip(cards, bal.iterrows()):
-        text = texts(card)
-        k = run.top_k(int(row["layer"]))
-        tokens = int(run.sql("SELECT count(*) AS n FROM tokens")["n"][0])
-        assert f"{tokens:,} tokens" in text and f"k={k}" in text
-        assert f"{tokens * k:,} routing slots" in text
+    health = overview.update_overview(A)[1].children[0].figure.data[0]
+    column = list(health.x).index("tokens")
+    tokens = int(run.sql("SELECT count(*) AS n FROM tokens")["n"][0])
+    assert [row[column] for row in health.text] == [f"{tokens:,}"] * len(run.moe_layers)  # tokens, not slots
+    k = run.top_k(run.moe_layers[0])
     note = load.update_load(A, "all", None, None, None, "lift", None, None)[5]
     assert f"{tokens:,} tokens, {tokens * k:,} routing slots (k = {k})" in note
 
@@ -133,11 +130,14 @@ def test_a_dead_expert_reads_as_dead_in_details_and_alerts(app, runs):
     text = texts(load.show_expert(A, click, "decode", None, None, None, None))
     assert "Dead under this filter" in text and "nan" not in text
     alerts = texts(overview.update_overview(A)[3])
-    expected_near = overview.near_dead(run.expert_load())
-    for _, row in expected_near.iterrows():
-        assert f"near-dead: layer {int(row['layer'])} expert {int(row['expert'])}:" in alerts
-    for _, row in run.dead_experts().iterrows():
-        assert f"dead: layer {int(row['layer'])} expert {int(row['expert'])}: no token" in alerts
+    findings = run.doctor()
+    shown = findings[findings["severity"] != "ok"]
+    for row in shown.head(overview.TOP_ALERTS).itertuples(index=False):  # the ten that matter most
+        assert overview.finding_text(row) in alerts
+    dead = shown[shown["finding"] == "dead_expert"]
+    assert set(zip(dead["layer"], dead["expert"])) == set(
+        zip(run.dead_experts()["layer"], run.dead_experts()["expert"])
+    )  # every dead expert is a finding, with its evidence
 
 
 # -- time --------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ with rs.open_run(run_a) as run:
     import routescope.dashboard.queries as dq
     assert dq.summary(run)["tokens"] == run.manifest["tokens"]
     called.append("dashboard.queries")
+    assert {"severity", "finding", "evidence", "sql"} <= set(run.doctor().columns)
+    called.append("doctor")
 result = rs.compare(run_a, run_b)
 assert len(result.saturation) == len(layers)
 called.append("compare")
@@ -59,6 +61,10 @@ if "--cli" in sys.argv:
             assert main(argv) == 0, argv
         assert out.getvalue().strip(), argv
         called.append(name)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(["doctor", run_a]) in (0, 1, 3)  # healthy, warnings, critical: not bad input
+    assert "DOCTOR" in out.getvalue()
+    called.append("cli doctor")
 heavy = sorted(m for m in ("torch", "transformers", "accelerate", "safetensors") if m in sys.modules)
 print(json.dumps({"called": called, "heavy": heavy}))
 """
@@ -94,8 +100,8 @@ def test_reading_a_run_never_imports_torch(tiny_model, tmp_path: Path):
     result = _read_in_fresh_interpreter(str(run_a), str(run_b), "--cli")
     assert result["heavy"] == [], f"reading imported {result['heavy']}"
     assert set(METRICS) <= set(result["called"])
-    expected = {"classify_super_experts", "dashboard.queries", "compare"}
-    expected |= {"cli report", "cli report --json", "cli compare", "cli check"}
+    expected = {"classify_super_experts", "dashboard.queries", "compare", "doctor"}
+    expected |= {"cli report", "cli report --json", "cli compare", "cli check", "cli doctor"}
     assert expected <= set(result["called"])
 
 

@@ -494,7 +494,7 @@ def test_a_loop_that_never_calls_train_still_counts_its_training_forwards(tmp_pa
 def test_a_rising_dead_fraction_warns_once_per_layer(caplog):
     from routescope.training.alerts import Alerts
 
-    alerts = Alerts(AlertRules(max_violation=None), "routing")
+    alerts = Alerts(AlertRules(dead_rise=1e-9), "routing")
     key = "routing/layer_{}/dead_fraction"
     with caplog.at_level("WARNING", logger="routescope"):
         assert alerts.check({key.format(0): 0.0, key.format(1): 0.25}, 1) == []  # the baselines

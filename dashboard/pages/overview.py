@@ -1,5 +1,7 @@
-"""Overview page: what the run is (from the manifest), per-layer balance cards, the balance
-chart across layers, and alerts for dead and hot experts."""
+"""Overview page: the doctor's verdict first (SPEC 4.8), then what the run is (from the
+manifest), the layers x metric view (one row per MoE layer, coloured by the doctor's bands,
+rows ordered by any metric), the balance chart across layers, and the alerts: grouped,
+the ten that matter most, then "N more" opening the full table (issue 33 item 4)."""
 
 from __future__ import annotations
 
@@ -10,13 +12,14 @@ import dash
 import pandas as pd
 from dash import Input, Output, State, dcc, html, no_update
 
+import routescope as rs
 from routescope import plots
 from routescope.dashboard.components import (
-    CARD,
     CHILDREN,
     FIGURE,
     KEEP,
     MESSAGE,
+    MESSAGE_STYLES,
     OPTIONS,
     ROW,
     current,
@@ -24,32 +27,64 @@ from routescope.dashboard.components import (
     guarded,
     labelled,
     message,
+    table,
 )
 from routescope.dashboard.queries import ALL
 from routescope.dashboard.urlstate import pick, read_fragment, write_fragment
 
 PAGE = {"path": "/", "name": "Overview", "order": 0, "title": "routescope · overview"}
-MAX_ALERTS = 40
+TOP_ALERTS = 10  # alerts listed before "N more" (DoctorThresholds.top_findings)
+MAX_TABLE = 2000  # rows of the full findings table sent to the browser
+ORDER_OPTIONS = [
+    ("layer", "layer"),
+    ("findings", "doctor's worst finding"),
+    ("cv", "cv"),
+    ("gini", "Gini"),
+    ("max_violation", "max_violation"),
+    ("dead", "dead experts"),
+    ("hot", "hot experts"),
+    ("norm_entropy", "norm_entropy"),
+]
+VERDICT_KIND = {"ok": "info", "info": "info", "warning": "warning", "critical": "error"}
 
 
 def layout(**_query: Any) -> html.Div:
     return html.Div(
         [
             html.H2("Overview"),
+            html.Div(id="overview-verdict"),
             html.Div(id="overview-message"),
             html.Div(id="overview-summary"),
-            html.H3("Per layer"),
-            labelled(
-                "expert-parallel size (adds ep_balancedness)",
-                dcc.Dropdown(
-                    id="overview-ep", options=[{"label": "off", "value": "off"}], value="off", clearable=False
-                ),
-                "320px",
-            ),
-            html.Div(id="overview-kpis", style={**ROW, "marginTop": "8px"}),
-            graph("overview-balance", "balance_figure"),
             html.H3("Alerts"),
             html.Div(id="overview-alerts"),
+            html.H3("Per layer"),
+            html.Div(
+                [
+                    labelled(
+                        "expert-parallel size (adds ep_balancedness)",
+                        dcc.Dropdown(
+                            id="overview-ep",
+                            options=[{"label": "off", "value": "off"}],
+                            value="off",
+                            clearable=False,
+                        ),
+                        "320px",
+                    ),
+                    labelled(
+                        "order layers by (worst first)",
+                        dcc.Dropdown(
+                            id="overview-order",
+                            options=[{"label": t, "value": v} for v, t in ORDER_OPTIONS],
+                            value="layer",
+                            clearable=False,
+                        ),
+                        "260px",
+                    ),
+                ],
+                style=ROW,
+            ),
+            html.Div(id="overview-kpis", style={"marginTop": "8px"}),
+            graph("overview-balance", "balance_figure"),
         ]
     )
 
@@ -71,24 +106,96 @@ def overview_fragment(fragment: Any, ep: Any) -> Any:
     return no_update if new == (fragment or "") else new
 
 
-@guarded([CHILDREN, CHILDREN, FIGURE, CHILDREN, MESSAGE])
-def update_overview(state: Any, ep: Any = None) -> tuple:
-    """(summary, KPI cards, balance figure, alerts, message) for the selected run; with an EP
-    size, the cards add ep_balancedness (SPEC 4.1, experts placed contiguously)."""
+@guarded([CHILDREN, CHILDREN, FIGURE, CHILDREN, MESSAGE, CHILDREN])
+def update_overview(state: Any, ep: Any = None, order: Any = "layer") -> tuple:
+    """(summary, layers x metric view, balance figure, alerts, message, verdict) for the
+    selected run; with an EP size the view adds ep_balancedness (SPEC 4.1, experts placed
+    contiguously); `order` sorts its rows by a metric, worst first."""
     registry, key = current(state, require_tokens=False)
     info = registry.query(key, "summary")
     summary = summary_block(info)
     if info["tokens"] == 0:
         note = "This run holds no tokens yet" + ("." if info["complete"] else "; it is still being written.")
-        return summary, None, plots.empty_figure("no tokens"), None, message(note, "warning")
+        return summary, None, plots.empty_figure("no tokens"), None, message(note, "warning"), None
     ep_size = int(ep) if ep not in (None, "", "off") else None
     bal = registry.query(key, "balance", ALL, ep_size)
-    dead = registry.query(key, "dead_experts")
-    hot = registry.query(key, "hot_experts")
-    near = near_dead(registry.query(key, "expert_load"))
-    cards = kpi_cards(bal, dead, hot, near)
-    found = alerts(dead, hot, near, info.get("training_alerts"))
-    return summary, cards, plots.balance_figure(bal), found, None
+    load = registry.query(key, "expert_load")
+    findings = registry.query(key, "doctor", ALL)
+    health = layer_health(bal, load, findings)
+    view = dcc.Graph(
+        id="overview-layer-health",
+        figure=plots.layer_health_figure(health, health_bands(), order or "layer"),
+        config={"displaylogo": False},
+    )
+    layers_view = html.Div(
+        [view, html.P(plots.caption("layer_health_figure"), style={"color": "#555", "fontSize": "13px"})]
+    )
+    found = alerts(findings, info.get("training_alerts"))
+    return summary, layers_view, plots.balance_figure(bal), found, None, verdict_block(findings)
+
+
+def health_bands() -> dict[str, float]:
+    """The doctor's bands the layer view colours by (DoctorThresholds' defaults)."""
+    th = rs_thresholds()
+    return {
+        "cv": th.cv_band,
+        "gini": th.gini_band,
+        "hot_factor": th.hot_factor,
+        "dead_fraction": th.dead_fraction_band,
+    }
+
+
+def rs_thresholds() -> Any:
+    return rs.DoctorThresholds()
+
+
+def layer_health(bal: pd.DataFrame, load: pd.DataFrame, findings: pd.DataFrame) -> pd.DataFrame:
+    """One row per MoE layer: its balance, Gini, dead / near-dead / hot counts, and the number
+    and worst severity of the doctor's warnings about it."""
+    rank = {name: i for i, name in enumerate(rs.SEVERITIES)}
+    th = rs_thresholds()
+    out = bal.copy()
+    if load.empty:
+        return out
+    loads = load.assign(lift=load["share"] * load.groupby("layer")["expert"].transform("count"))
+    per_layer = loads.groupby("layer").agg(
+        dead=("tokens", lambda t: int((t == 0).sum())),
+        near_dead=("lift", lambda v: int(((v > 0) & (v <= plots.NEAR_DEAD_LIFT)).sum())),
+        hot=("lift", lambda v: int((v >= th.hot_factor).sum())),
+        gini=("tokens", lambda t: rs.gini(t.to_numpy())),
+    )
+    out = out.merge(per_layer.reset_index().astype({"layer": out["layer"].dtype}), on="layer", how="left")
+    about = findings[findings["layer"].notna() & findings["severity"].isin(["warning", "critical"])]
+    counts = about.groupby("layer").size()
+    worst = (
+        findings[findings["layer"].notna()].groupby("layer")["severity"].agg(lambda s: max(s, key=rank.get))
+    )
+    layers = out["layer"].astype(int)
+    out["worst"] = [worst.get(layer, "ok") for layer in layers]
+    out["findings"] = [
+        f"{int(counts.get(layer, 0))} {out_worst}" if counts.get(layer, 0) else out_worst
+        for layer, out_worst in zip(layers, out["worst"])
+    ]
+    return out
+
+
+def verdict_block(findings: pd.DataFrame) -> html.Div:
+    """The doctor's verdict as the page's first line (its own class: a critical verdict is a
+    finding about the run, not an error of the page)."""
+    v = rs.doctor_verdict(findings)
+    style = {
+        **MESSAGE_STYLES[VERDICT_KIND[v["severity"]]],
+        "padding": "8px 12px",
+        "borderRadius": "6px",
+        "margin": "8px 0",
+        "fontWeight": "bold",
+    }
+    return html.Div(
+        f"Doctor: {v['headline']}",
+        id="overview-verdict-text",
+        className=f"rs-verdict rs-verdict-{v['severity']}",
+        style=style,
+    )
 
 
 def near_dead(load: pd.DataFrame) -> pd.DataFrame:
@@ -134,97 +241,89 @@ def verified_text(info: dict[str, Any]) -> str:
     return f"NO: {info.get('unverified_reason') or 'not in the verified table'}"
 
 
-def per_layer(df: pd.DataFrame) -> pd.Series:
-    return df.groupby("layer").size() if len(df) else pd.Series(dtype=int)
-
-
-def kpi_cards(bal: pd.DataFrame, dead: pd.DataFrame, hot: pd.DataFrame, near: pd.DataFrame) -> list[html.Div]:
-    """One card per MoE layer. Units: tokens are tokens; routing slots are tokens × k."""
-    cards = []
-    dead_n, hot_n, near_n = per_layer(dead), per_layer(hot), per_layer(near)
-    for _, row in bal.iterrows():
-        layer = int(row["layer"])
-        tokens = int(row["tokens"])
-        k = int(row["top_k"]) if "top_k" in row and pd.notna(row["top_k"]) else None
-        slots = (
-            int(row["routing_slots"]) if "routing_slots" in row and pd.notna(row["routing_slots"]) else None
-        )
-        n_dead, n_near = int(dead_n.get(layer, 0)), int(near_n.get(layer, 0))
-        lines = [
-            html.Div(plots.layer_name(layer), style={"fontWeight": "bold"}),
-            html.Div(f"{tokens:,} tokens · E={int(row['num_experts'])}" + (f" · k={k}" if k else "")),
-            html.Div(f"{slots:,} routing slots" if slots is not None else ""),
-            html.Div(f"cv {row['cv']:.3f} · max_vio {row['max_violation']:.2f}"),
-            html.Div(f"balancedness {row['balancedness']:.3f}"),
-            html.Div(f"norm_entropy {row['norm_entropy']:.3f}"),
-            html.Div(
-                f"dead {n_dead} · near-dead {n_near} · hot {int(hot_n.get(layer, 0))}",
-                className="overview-kpi-dead" if n_dead or n_near else None,
-                style={"color": "#b00020", "fontWeight": "bold"} if n_dead or n_near else None,
-            ),
-        ]
-        if "ep_balancedness" in row and pd.notna(row["ep_balancedness"]):
-            lines.append(
-                html.Div(
-                    f"ep_balancedness {row['ep_balancedness']:.3f} (EP={int(row['ep_size'])})",
-                    className="overview-kpi-ep",
-                )
-            )
-        if "aux_loss" in row and pd.notna(row["aux_loss"]):
-            lines.append(html.Div(f"aux_loss {row['aux_loss']:.4f}"))
-        cards.append(
-            html.Div(lines, className="overview-kpi", style={**CARD, "fontSize": "12px", "minWidth": "150px"})
-        )
-    return cards
+def finding_text(row: Any) -> str:
+    """One alert line: finding, where, evidence."""
+    where = []
+    for col, word in (("layer", "layer"), ("expert", "expert"), ("step", "step")):
+        value = getattr(row, col)
+        if value is not None and not pd.isna(value):
+            where.append(f"{word} {int(value)}")
+    return f"{row.finding}: {' '.join(where) or 'run'}: {row.evidence}"
 
 
 def training_alert_text(alert: dict[str, Any]) -> str:
     """One line for an alert rs.watch raised during training (manifest `training.alerts`)."""
-    where = f"training: layer {alert['layer']} at train step {alert['train_step']}: "
+    where = f"training: layer {alert['layer']} at train step {alert['train_step']}: {alert['kind']}: "
+    if alert.get("text"):
+        return where + alert["text"]
     if alert["kind"] == "max_violation":
         return where + f"max_violation {alert['value']:.3f} passed {alert['reference']:.3f}"
     return where + f"dead fraction rose from {alert['reference']:.3f} to {alert['value']:.3f}"
 
 
-def alerts(
-    dead: pd.DataFrame,
-    hot: pd.DataFrame,
-    near: pd.DataFrame | None = None,
-    training: list[dict[str, Any]] | None = None,
-) -> html.Div:
-    near = near if near is not None else pd.DataFrame(columns=["layer", "expert", "tokens", "share", "lift"])
-    items: list[Any] = [
-        html.Li(training_alert_text(a), className="overview-training-alert", style={"color": "#b00020"})
-        for a in (training or [])[:MAX_ALERTS]
-    ]
-    for _, row in dead.head(MAX_ALERTS).iterrows():
-        layer, e = int(row["layer"]), int(row["expert"])
-        evidence = ""
-        if "p_uniform_miss" in row and pd.notna(row["p_uniform_miss"]):
-            evidence = f" (a uniform router would miss it with probability {row['p_uniform_miss']:.2g})"
-        items.append(html.Li(f"dead: layer {layer} expert {e}: no token routed to it{evidence}"))
-    for _, row in near.head(MAX_ALERTS).iterrows():
-        items.append(
-            html.Li(
-                f"near-dead: layer {int(row['layer'])} expert {int(row['expert'])}: {int(row['tokens']):,} "
-                f"tokens routed to it, share {row['share']:.4f} ({row['lift']:.2f}× uniform)"
+SEVERITY_COLOR = {"critical": "#b00020", "warning": "#8a5a00", "info": "#1a4a73"}
+
+
+def alerts(findings: pd.DataFrame, training: list[dict[str, Any]] | None = None) -> html.Div:
+    """The doctor's findings grouped, the TOP_ALERTS that matter most (most severe, then the
+    largest), then "N more" opening the full table; rs.watch's training alerts below."""
+    shown = findings[findings["severity"] != "ok"]
+    parts: list[Any] = []
+    groups = rs.group_findings(findings)
+    if not groups.empty:
+        parts.append(
+            html.Ul(
+                [
+                    html.Li(
+                        f"{g.finding} ({g.severity}): {g.count}"
+                        + (f" in {g.layers} layer(s)" if g.layers else ""),
+                        style={"color": SEVERITY_COLOR.get(g.severity)},
+                    )
+                    for g in groups.itertuples(index=False)
+                ],
+                id="overview-alert-groups",
             )
         )
-    for _, row in hot.head(MAX_ALERTS).iterrows():
-        items.append(
-            html.Li(
-                f"hot: layer {int(row['layer'])} expert {int(row['expert'])}: share {row['share']:.3f}, "
-                f"{row['ratio']:.1f}× uniform"
+        parts.append(
+            html.Ol(
+                [
+                    html.Li(
+                        [
+                            html.B(f"{row.severity} "),
+                            finding_text(row),
+                            html.Br(),
+                            html.Small(f"→ {row.suggestion}"),
+                        ],
+                        style={"color": SEVERITY_COLOR.get(row.severity), "marginBottom": "4px"},
+                    )
+                    for row in shown.head(TOP_ALERTS).itertuples(index=False)
+                ],
+                id="overview-alert-list",
             )
         )
-    more = len(training or []) + len(dead) + len(near) + len(hot) - len(items)
-    if more > 0:
-        items.append(html.Li(f"… and {more} more"))
-    if not items:
-        return message(
-            "No dead, near-dead or hot experts (near-dead: share ≤ 0.1/E; hot: share ≥ 2/E).", "info"
-        )
-    return html.Ul(items, id="overview-alert-list")
+        more = len(shown) - TOP_ALERTS
+        if more > 0:
+            columns = [(c, c) for c in ("severity", "finding", "layer", "expert", "step", "evidence", "sql")]
+            parts.append(
+                html.Details(
+                    [
+                        html.Summary(f"… and {more} more: the full table"),
+                        table(shown.astype(object).where(shown.notna(), "–"), columns, max_rows=MAX_TABLE),
+                    ],
+                    id="overview-alert-more",
+                )
+            )
+    if training:
+        lines = [
+            html.Li(training_alert_text(a), className="overview-training-alert")
+            for a in training[:TOP_ALERTS]
+        ]
+        if len(training) > TOP_ALERTS:
+            lines.append(html.Li(f"… and {len(training) - TOP_ALERTS} more training alerts"))
+        parts += [html.H4("During training (rs.watch)"), html.Ul(lines, style={"color": "#b00020"})]
+    if not parts:
+        return message("No findings: every check of the doctor passed.", "info")
+    return html.Div(parts)
 
 
 def register(app: dash.Dash) -> None:
@@ -235,8 +334,10 @@ def register(app: dash.Dash) -> None:
         Output("overview-balance", "figure"),
         Output("overview-alerts", "children"),
         Output("overview-message", "children"),
+        Output("overview-verdict", "children"),
         Input("app-version", "data"),
         Input("overview-ep", "value"),
+        Input("overview-order", "value"),
     )(update_overview)
     app.callback(
         Output("overview-ep", "options"),

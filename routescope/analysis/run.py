@@ -22,6 +22,7 @@ from routescope.store.layout import list_parts, list_tables
 from routescope.store.manifest import read_manifest
 
 if TYPE_CHECKING:
+    from routescope.analysis.doctor_rules import DoctorThresholds
     from routescope.analysis.verify import Verification
 
 # Ranks other than 0 of a multi-process recording write their own manifest fragment.
@@ -194,6 +195,19 @@ class Run:
     def hidden_stats(self) -> pd.DataFrame:
         """layer, max_abs, median_abs, channel, seq_id, pos of the residual stream from the calibration."""
         return metrics.hidden_stats(self)
+
+    def doctor(
+        self,
+        thresholds: DoctorThresholds | None = None,
+        where: str | None = None,
+        progress: bool = False,
+    ) -> pd.DataFrame:
+        """One row per finding (SPEC 4.8): severity, finding, layer, expert, step, evidence, sql,
+        suggestion, most severe first; every threshold is a field of `rs.DoctorThresholds`
+        (docs/doctor.md). `routescope doctor RUN` prints the same (analysis/doctor.py)."""
+        from routescope.analysis.doctor import doctor
+
+        return doctor(self, thresholds=thresholds, where=where, progress=progress)
 
     def verify(self) -> Verification:
         """Check SPEC 3.2's invariants on every part (unique keys, k rows per token and MoE layer,

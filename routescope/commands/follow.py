@@ -66,9 +66,9 @@ def follow(
                     shown += 1
             alerts = run.manifest.get("training", {}).get("alerts", [])
             for alert in alerts[alerts_seen:]:
+                detail = alert.get("text") or f"{alert['value']:.3f}"  # older runs: no text
                 emit(
-                    f"alert: layer {alert['layer']} {alert['kind']} {alert['value']:.3f} "
-                    f"at train_step {alert['train_step']}"
+                    f"alert: layer {alert['layer']} {alert['kind']} {detail} at train_step {alert['train_step']}"
                 )
             alerts_seen = len(alerts)
             if complete or (timeout is not None and time.monotonic() - started > timeout):

@@ -134,8 +134,26 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;ma
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.85em}td,th{padding:2px 10px;text-align:right}
 table.facts th{text-align:left;color:#555}.caption{color:#555;font-size:.85em}
-.banner{background:#fdd;border:1px solid #c00;padding:.6em;font-weight:bold}.empty,.more{color:#777}
+.banner{background:#fdd;border:1px solid #c00;padding:.6em;font-weight:bold}.verdict{font-weight:bold}.empty,.more{color:#777}
 """
+
+
+def doctor_html(findings: pd.DataFrame | None) -> list[str]:
+    """The doctor's verdict and its most telling warnings (SPEC 4.8), first in the file."""
+    if findings is None:
+        return []
+    from routescope.analysis.doctor import verdict
+
+    v = verdict(findings)
+    serious = findings[findings["severity"].isin(["critical", "warning"])]
+    cls = "banner" if v["severity"] == "critical" else "verdict"
+    parts = [f"<p class='{cls}' id='doctor-verdict'>Doctor: {html.escape(v['headline'])}</p>"]
+    if not serious.empty:
+        cols = ["severity", "finding", "layer", "expert", "step", "evidence", "suggestion"]
+        parts.append(table_html(serious.head(10), cols, "").replace("text-align: right;", ""))
+        if len(serious) > 10:
+            parts.append(f"<p class='more'>… {len(serious) - 10} more: routescope doctor RUN --all</p>")
+    return parts
 
 
 def render_html(run: Any, report: dict[str, Any]) -> str:
@@ -154,6 +172,7 @@ def render_html(run: Any, report: dict[str, Any]) -> str:
             "<p class='banner'>INCOMPLETE RUN: still being written, or its recording crashed; "
             "the numbers cover only the parts flushed so far.</p>"
         )
+    parts += doctor_html(report.get("doctor"))
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     parts += [facts_html({**facts, "generated": stamp}), "<h2>Figures</h2>"]
     for heading, fig, caption, *numbers in figure_sections(run, report):

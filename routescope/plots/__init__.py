@@ -13,6 +13,7 @@ from __future__ import annotations
 from routescope.plots.captions import CAPTIONS, caption
 from routescope.plots.compare import balance_change_figure, load_delta_heatmap, saturation_figure
 from routescope.plots.entanglement import entanglement_figure, pathway_sankey, transition_heatmap
+from routescope.plots.health import layer_health_figure
 from routescope.plots.load import balance_figure, coactivation_heatmap, expert_bars, load_heatmap
 from routescope.plots.placement import gpu_load_figure, imbalance_figure
 from routescope.plots.specialization import repetition_figure, specialization_heatmap
@@ -64,6 +65,7 @@ __all__ = [
     "expert_state",
     "gpu_load_figure",
     "imbalance_figure",
+    "layer_health_figure",
     "layer_name",
     "load_delta_heatmap",
     "load_heatmap",

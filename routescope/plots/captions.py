@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 CAPTIONS = {
+    "layer_health_figure": "One row per MoE layer, one column per metric: green is healthy, yellow at the doctor's band (cv and Gini 0.3, a hot expert at 2x uniform, dead experts 5 %), red far past it; the doctor column is the layer's worst finding. Order the rows by a metric to see the worst layers first.",
     "balance_figure": "One panel per metric, each on its own axis; the dotted line is an even load: cv and max_violation 0 (lower is better), balancedness and norm_entropy 1 (higher is better).",
     "load_heatmap_share": "Each cell is the share of a layer's routing slots (tokens × k) that went to that expert; a uniform router gives every cell 1/E. Black cells with × are dead (no token), ○ marks near-dead (≤ 0.1 × uniform). Click a cell for that expert's details.",
     "load_heatmap_lift": "Each cell is the expert's share × E: white = uniform (1.0), red = more load, blue = less, log scale saturating at 1/8 and 8. Black cells with × are dead (no token), ○ marks near-dead (≤ 0.1 × uniform). Click a cell for that expert's details.",

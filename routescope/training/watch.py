@@ -135,10 +135,11 @@ class Watch:
         values; with detail="brief" only the model aggregates are returned (and logged)."""
         if self.counters is None:
             return {}
-        values = routing_scalars(self.counters.read(), self.prefix)
+        totals = self.counters.read()
+        values = routing_scalars(totals, self.prefix)
         if values:
             step = self.current_step() - (1 if self._step_source is not None else 0)
-            if self.alerts.check(values, step):
+            if self.alerts.check(values, step, totals.layers):  # the doctor's rules read the counts
                 self._note_alerts()
             if self.detail == "brief":
                 values = {k: v for k, v in values.items() if not is_layer_key(k, self.prefix)}
