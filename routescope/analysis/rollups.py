@@ -27,7 +27,7 @@ from routescope import schema
 from routescope.analysis.runview import RunView as Run
 from routescope.analysis.sqlfiles import Cte, compose, get_query
 from routescope.store.layout import TMP_SUFFIX, list_parts, part_path
-from routescope.store.rollups import part_rollups
+from routescope.store.rollups import compact, coverage, part_rollups
 
 ROLLUPS = schema.ROLLUP_TABLES
 PREV = schema.ROLLUP_PREVIOUS
@@ -70,15 +70,20 @@ def part_name(part: Any) -> str:
 
 
 def covered(found: dict[str, tuple[list[Any], list[Any]]], table: str) -> bool:
-    """True when `table`'s parts are exactly one per routing part, none older (local parts)."""
+    """True when `table`'s parts cover every routing part exactly once (store/rollups.py
+    `coverage`), none covers a part that is gone, and none is older than a part it covers."""
     if table not in found or any(found.get(t, ([], []))[1] for t in (table, schema.TOKENS, schema.ROUTING)):
         return False
     routing = {part_name(p): p for p in found[schema.ROUTING][0]}
     rollup = {part_name(p): p for p in found[table][0]}
-    if not routing or set(routing) != set(rollup):
+    if not routing:
         return False
-    for name, part in rollup.items():
-        if isinstance(part, Path) and part.stat().st_mtime < routing[name].stat().st_mtime:
+    cover, stale = coverage(list(routing), list(rollup))
+    if stale or any(len(c) != 1 for c in cover.values()):
+        return False
+    for name, (part,) in cover.items():
+        local = rollup[part]
+        if isinstance(local, Path) and local.stat().st_mtime < routing[name].stat().st_mtime:
             return False
     return True
 
@@ -163,23 +168,34 @@ def _write(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) 
 
 
 def missing_parts(run_dir: Path) -> dict[str, list[str]]:
-    """Per rollup table: the routing parts (rank=R/part-N) it lacks or holds older than the part."""
+    """Per rollup table: the routing parts (rank=R/part-N) it does not cover exactly once with
+    a part at least as new. Their covering parts are removed by `build_rollups`."""
     routing = {part_name(p): p for p in list_parts(run_dir, schema.ROUTING)}
     out = {}
     for table in ROLLUPS:
         have = {part_name(p): p for p in list_parts(run_dir, table)}
+        cover, _ = coverage(list(routing), list(have))
         out[table] = sorted(
             name
-            for name, part in routing.items()
-            if name not in have or have[name].stat().st_mtime < part.stat().st_mtime
+            for name, parts in cover.items()
+            if len(parts) != 1 or have[parts[0]].stat().st_mtime < routing[name].stat().st_mtime
         )
     return out
 
 
-def stale_parts(run_dir: Path) -> list[Path]:
-    """Rollup parts whose routing part is gone."""
-    routing = {part_name(p) for p in list_parts(run_dir, schema.ROUTING)}
-    return [p for t in ROLLUPS for p in list_parts(run_dir, t) if part_name(p) not in routing]
+def _clear(run_dir: Path, missing: dict[str, list[str]]) -> None:
+    """Remove the rollup parts that cover nothing or cover a part about to be rebuilt (a range
+    part goes whole: its other parts are rebuilt with it)."""
+    routing = [part_name(p) for p in list_parts(run_dir, schema.ROUTING)]
+    for table in ROLLUPS:
+        have = {part_name(p): p for p in list_parts(run_dir, table)}
+        cover, stale = coverage(routing, list(have))
+        doomed = set(stale) | {p for name in missing[table] for p in cover[name]}
+        for name in doomed:
+            have[name].unlink()
+        if doomed:  # parts a removed range part covered must be rebuilt too
+            cover, _ = coverage(routing, [n for n in have if n not in doomed])
+            missing[table] = sorted(n for n, parts in cover.items() if not parts)
 
 
 def build_rollups(
@@ -189,12 +205,11 @@ def build_rollups(
     parts of each table were written. `progress(iterable, total, description)` wraps the loop
     over routing parts (a tqdm bar on the command line)."""
     run_dir = Path(run.path)
-    for part in stale_parts(run_dir):
-        part.unlink()
     missing = missing_parts(run_dir)
     if force:
         every = sorted(part_name(p) for p in list_parts(run_dir, schema.ROUTING))
         missing = {t: every for t in ROLLUPS}
+    _clear(run_dir, missing)
     counts_todo = sorted(set(missing[schema.ROLLUP_EXPERT_COUNTS]) | set(missing[schema.ROLLUP_TOP1_PAIRS]))
     repetition_todo = missing[schema.ROLLUP_REPETITION]
     written = {t: 0 for t in ROLLUPS}
@@ -218,6 +233,8 @@ def build_rollups(
         else:
             names = [n for n in repetition_todo if n.startswith(f"rank={item}/")]
             written[schema.ROLLUP_REPETITION] += _build_repetition(run, run_dir, item, names)
+    for rank in _ranks([part_name(p) for p in list_parts(run_dir, schema.ROLLUP_TOP1_PAIRS)]):
+        compact(run_dir, schema.ROLLUP_TOP1_PAIRS, rank)
     run.refresh()
     return written
 
@@ -228,7 +245,7 @@ def _ranks(names: list[str]) -> list[int]:
 
 def _rank_tokens(run: Run, rank: int) -> pa.Table:
     """The tokens of one rank as the tokens view shows them (defaults and NULL labels filled)."""
-    table = run.con.execute("SELECT * EXCLUDE (rank) FROM tokens WHERE rank = ?", [rank]).to_arrow_table()
+    table = run.con.sql("SELECT * EXCLUDE (rank) FROM tokens WHERE rank = ?", params=[rank]).to_arrow_table()
     return table if isinstance(table, pa.Table) else table.read_all()
 
 
@@ -253,7 +270,7 @@ def _build_repetition(run: Run, run_dir: Path, rank: int, names: list[str]) -> i
         Cte("a_tokens", f"SELECT seq_id, pos, {a_cols} FROM tokens WHERE rank = $rank"),
     ]
     sql = compose(get_query("rollup_repetition_rows").sql, ctes)
-    table = con.execute(sql, {"names": names, "rank": rank}).to_arrow_table()
+    table = con.sql(sql, params={"names": names, "rank": rank}).to_arrow_table()
     table = table if isinstance(table, pa.Table) else table.read_all()
     con.execute("DROP VIEW IF EXISTS routescope_index_routing")
     by_part = table.group_by("part").aggregate([]) if table.num_rows else None

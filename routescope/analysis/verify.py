@@ -30,6 +30,7 @@ from routescope.errors import RunFormatError
 from routescope.store.layout import list_parts
 from routescope.store.lock import describe_lock
 from routescope.store.manifest import read_manifest
+from routescope.store.rollups import coverage
 from routescope.store.remote import ObjectStore, is_remote, local_path, read_remote_manifest
 
 EXAMPLES = 5  # offending keys shown per failed check
@@ -364,12 +365,15 @@ class _Checker:
         if not any(self.files.parts(t) for t in schema.ROLLUP_TABLES):
             self.notes.append("no rollup tables: `routescope index RUN` builds them (metrics read routing meanwhile)")
             return Finding("rollups_match", True, "no rollups to check")
-        lacking = sorted(
-            {n for t in schema.ROLLUP_TABLES for n in routing if n not in {_part_name(p) for p in self.files.parts(t)}}
-        )
+        lacking, stale = set(), []
+        for table in schema.ROLLUP_TABLES:
+            cover, gone = coverage(list(routing), [_part_name(p) for p in self.files.parts(table)])
+            lacking |= {n for n, parts in cover.items() if len(parts) != 1}
+            stale += [f"{table}/{n}" for n in gone]
+        lacking = sorted(lacking)
         if lacking:
             self.notes.append(
-                f"{len(lacking)} routing part(s) have no rollups ({', '.join(lacking[:EXAMPLES])}"
+                f"{len(lacking)} routing part(s) are not covered once by each rollup table ({', '.join(lacking[:EXAMPLES])}"
                 f"{', ...' if len(lacking) > EXAMPLES else ''}): `routescope index RUN` builds them"
             )
         common = sorted(set(routing) & set(counts))
@@ -383,7 +387,6 @@ class _Checker:
             diff = self.con.execute(f"({raw} EXCEPT {rolled}) UNION ALL ({rolled} EXCEPT {raw})").fetchall()
             if diff:
                 wrong.append({"part": name, "cells": len(diff)})
-        stale = sorted(n for n in counts if n not in routing)
         wrong += [{"part": n, "cells": "no routing part"} for n in stale]
         if not wrong:
             return Finding("rollups_match", True, f"the rollups of {len(common)} routing part(s) match their counts")

@@ -15,14 +15,23 @@ pos and token_id (step, phase, modality, stack, train_step when present, the lab
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from routescope import schema
+from routescope.store.layout import TMP_SUFFIX, table_dir
 
 EXPERT_COUNTS = schema.ROLLUP_EXPERT_COUNTS
 TOP1_PAIRS = schema.ROLLUP_TOP1_PAIRS
+# Per-step columns left out of rollup_top1_pairs: with them its rows would be nearly one per
+# token and layer pair; without them a compacted part holds at most E² cells per layer pair
+# and label value (a `where=` over the step reads `routing` for entanglement).
+PAIR_FREE = ("step", schema.TRAIN_STEP)
 # Dense counting (np.bincount) up to this many cells; sparse (np.unique) beyond.
 _DENSE_CELLS = 1 << 24
 
@@ -128,8 +137,20 @@ def part_rollups(tokens: pa.Table, routing: pa.Table) -> dict[str, pa.Table]:
     token_group[tok] = group[slot0]
     complete = (path >= 0).all(axis=1)
     complete[n_tokens - 1] = False
+    pair_dims = [d for d in dims if d not in PAIR_FREE]
     if n_layers >= 2 and complete.any():
         p, tg = path[complete], token_group[complete]
+        # regroup by the pair dimensions (the groups without their step)
+        pair_groups = groups[pair_dims] if pair_dims else pd.DataFrame(index=groups.index)
+        if pair_dims:
+            regroup = pair_groups.groupby(pair_dims, dropna=False, sort=True).ngroup().to_numpy(dtype=np.int64)
+        else:
+            regroup = np.zeros(len(groups), dtype=np.int64)
+        tg = regroup[tg]
+        first_of = np.zeros(int(regroup.max()) + 1, dtype=np.int64)
+        first_of[regroup[::-1]] = np.arange(len(regroup) - 1, -1, -1)
+        pair_groups = pair_groups.iloc[first_of].reset_index(drop=True)
+        n_groups = len(pair_groups)
         step = np.arange(n_layers - 1, dtype=np.int64)
         pair_keys = (((tg[:, None] * (n_layers - 1) + step[None, :]) * width + p[:, :-1]) * width + p[:, 1:]).ravel()
         pair_cells = n_groups * (n_layers - 1) * width * width
@@ -137,7 +158,7 @@ def part_rollups(tokens: pa.Table, routing: pa.Table) -> dict[str, pa.Table]:
         g, rest = np.divmod(key_pairs, (n_layers - 1) * width * width)
         idx, rest = np.divmod(rest, width * width)
         pairs = {
-            **_with_dims(groups, g, dims, tokens),
+            **_with_dims(pair_groups, g, pair_dims, tokens),
             "layer": pa.array(layers[idx], pa.int16()),
             "next_layer": pa.array(layers[idx + 1], pa.int16()),
             "expert_a": pa.array(rest // width, pa.int16()),
@@ -146,3 +167,90 @@ def part_rollups(tokens: pa.Table, routing: pa.Table) -> dict[str, pa.Table]:
         }
         out[TOP1_PAIRS] = pa.table(pairs)
     return out
+
+
+# -- compaction --------------------------------------------------------------------------
+# A rollup part `part-A-B.parquet` covers routing parts A..B of its rank (`part-A.parquet`
+# covers part A). Compacting many one-part pair rollups into one range part sums equal keys,
+# so the table is bounded by the distinct cells, not by the number of parts.
+
+
+def covered_range(name: str) -> tuple[int, int]:
+    """(first, last) routing part index a rollup part file name covers."""
+    stem = name.rsplit("/", 1)[-1].removesuffix(".parquet")
+    bits = stem.split("-")[1:]
+    return int(bits[0]), int(bits[-1])
+
+
+def sum_rows(table: pa.Table, measures: list[str]) -> pa.Table:
+    """Rows with equal keys summed (keys: every column but `measures`), sorted by key."""
+    keys = [c for c in table.column_names if c not in measures]
+    out = table.group_by(keys, use_threads=False).aggregate([(m, "sum") for m in measures])
+    summed = {f"{m}_sum": m for m in measures}
+    out = out.rename_columns([summed.get(c, c) for c in out.column_names]).select(table.column_names)
+    return out.sort_by([(k, "ascending") for k in keys])
+
+
+def rank_and_range(name: str) -> tuple[int, int, int]:
+    """(rank, first, last) of 'rank=R/part-A[-B].parquet'."""
+    rank = int(name.split("/")[0].split("=")[1])
+    return (rank, *covered_range(name))
+
+
+def coverage(routing: list[str], rollup: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """For part names 'rank=R/part-...': each routing part -> the rollup parts covering it, and
+    the rollup parts that cover no routing part (stale)."""
+    by_rank: dict[int, list[tuple[int, str]]] = {}
+    for name in routing:
+        rank, index, _ = rank_and_range(name)
+        by_rank.setdefault(rank, []).append((index, name))
+    cover: dict[str, list[str]] = {name: [] for name in routing}
+    stale = []
+    for name in rollup:
+        rank, first, last = rank_and_range(name)
+        hits = [r for i, r in by_rank.get(rank, []) if first <= i <= last]
+        if not hits:
+            stale.append(name)
+        for r in hits:
+            cover[r].append(name)
+    return cover, stale
+
+
+def compact(run_dir: Path, table: str, rank: int) -> Path | None:
+    """Merge `table`'s one-part rollups of `rank` into one range part (equal keys summed);
+    written atomically before the one-part files go, so a crash between leaves a double cover
+    that readers refuse (they read routing) and `routescope index` repairs."""
+    folder = table_dir(run_dir, table, rank)
+    if not folder.is_dir():
+        return None
+    ranges = [covered_range(p.name) for p in folder.glob("part-*-*.parquet")]
+    singles = []
+    for p in sorted(folder.glob("part-*.parquet")):
+        if len(p.stem.split("-")) != 2:
+            continue
+        index = covered_range(p.name)[0]
+        if any(a <= index <= b for a, b in ranges):
+            p.unlink()  # left by a crash after its range part was written: the range part has it
+        else:
+            singles.append(p)
+    if len(singles) < 2:
+        return None
+    tables = [pq.read_table(p) for p in singles]
+    tables = [t.drop(["rank"]) if "rank" in t.column_names else t for t in tables]
+    whole = pa.concat_tables(tables, promote_options="default")
+    merged = sum_rows(whole, [m for m in schema.ROLLUP_MEASURES[table] if m not in _KEYS[table]])
+    first, last = covered_range(singles[0].name)[0], covered_range(singles[-1].name)[1]
+    path = folder / f"part-{first:05d}-{last:05d}.parquet"
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    pq.write_table(merged, tmp, compression="zstd")
+    os.replace(tmp, path)
+    for p in singles:
+        p.unlink()
+    return path
+
+
+_KEYS = {
+    EXPERT_COUNTS: ("layer", "expert"),
+    TOP1_PAIRS: ("layer", "next_layer", "expert_a", "expert_b"),
+    schema.ROLLUP_REPETITION: ("layer",),
+}

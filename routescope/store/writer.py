@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from routescope import schema
 from routescope.errors import WriterError
 from routescope.store.layout import TMP_SUFFIX, next_part_index, part_path
-from routescope.store.rollups import part_rollups
+from routescope.store.rollups import TOP1_PAIRS, compact, part_rollups
 
 Columns = dict[str, np.ndarray]
 
@@ -123,11 +123,17 @@ class PartWriter:
         self.raise_if_failed()
 
     def close(self) -> None:
-        """Flush, stop the thread, and re-raise a failure it had."""
+        """Flush, stop the thread, and re-raise a failure it had. The pair rollups written
+        part by part are then compacted into one part (store/rollups.py)."""
         if self._thread.is_alive():
             self._queue.put(_CLOSE)
             self._thread.join()
         self.raise_if_failed()
+        if self.rollups:
+            try:
+                compact(self.run_dir, TOP1_PAIRS, self.rank)
+            except Exception:
+                self.rollup_errors += 1
 
     def raise_if_failed(self) -> None:
         if self._error is not None:
