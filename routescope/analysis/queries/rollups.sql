@@ -132,8 +132,12 @@ WITH pairs AS (
 firsts AS (
     SELECT layer, expert, sum(first) AS n FROM selected_rollup GROUP BY layer, expert HAVING sum(first) > 0
 ),
+totals AS (
+    -- a join, not a window: DuckDB 1.x/2.0 computed sum() OVER here before the rank filter
+    SELECT layer, sum(n) AS total FROM firsts GROUP BY layer
+),
 shares AS (
-    SELECT layer, n / sum(n) OVER (PARTITION BY layer) AS p FROM firsts
+    SELECT f.layer, f.n / t.total AS p FROM firsts f JOIN totals t USING (layer)
 ),
 marginal AS (
     SELECT layer, sum(p * p) AS baseline FROM shares GROUP BY layer
