@@ -23,8 +23,8 @@ import pandas as pd
 from routescope.analysis.querying import quiet_selection
 from routescope.commands.attach import add_run_arguments, run_command
 from routescope.commands.check import add_check_arguments, check_command
-from routescope.commands.index import add_index_arguments, index_command
 from routescope.commands.import_run import add_import_arguments, import_command
+from routescope.commands.index import add_index_arguments, index_command
 from routescope.commands.placement import add_placement_arguments, placement_command
 from routescope.commands.profile import (
     add_demo_arguments,

@@ -31,7 +31,12 @@ ROLLUP_NON_DIMENSIONS = frozenset({"seq_id", "pos", "token_id", "rank"})
 # Measure columns after the dimensions (rollup_repetition also has prev_<dimension> columns:
 # the dimensions of the earlier token of each pair).
 ROLLUP_MEASURES: dict[str, dict[str, pa.DataType]] = {
-    ROLLUP_EXPERT_COUNTS: {"layer": pa.int16(), "expert": pa.int16(), "tokens": pa.int64(), "first": pa.int64()},
+    ROLLUP_EXPERT_COUNTS: {
+        "layer": pa.int16(),
+        "expert": pa.int16(),
+        "tokens": pa.int64(),
+        "first": pa.int64(),
+    },
     ROLLUP_TOP1_PAIRS: {
         "layer": pa.int16(),
         "next_layer": pa.int16(),
@@ -39,7 +44,12 @@ ROLLUP_MEASURES: dict[str, dict[str, pa.DataType]] = {
         "expert_b": pa.int16(),
         "count": pa.int64(),
     },
-    ROLLUP_REPETITION: {"layer": pa.int16(), "pairs": pa.int64(), "repeats": pa.int64(), "repeats_top2": pa.int64()},
+    ROLLUP_REPETITION: {
+        "layer": pa.int16(),
+        "pairs": pa.int64(),
+        "repeats": pa.int64(),
+        "repeats_top2": pa.int64(),
+    },
 }
 ROLLUP_TABLES: tuple[str, ...] = tuple(ROLLUP_MEASURES)
 ROLLUP_PREVIOUS = "prev_"  # prefix of rollup_repetition's earlier-token dimension columns

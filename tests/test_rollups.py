@@ -23,7 +23,7 @@ import routescope as rs
 from routescope import schema
 from routescope.analysis import metrics
 from routescope.analysis.querying import rollup_twin
-from routescope.analysis.rollups import build_rollups, missing_parts, without_rollups
+from routescope.analysis.rollups import missing_parts, without_rollups
 from routescope.cli import main
 from tests.synthetic import write_run
 
@@ -76,21 +76,27 @@ def recorded(tmp_path_factory):
         model(input_ids=ids)
         rec.set_labels(domain="math")
         model.generate(
-            input_ids=ids[:2, :6], attention_mask=torch.ones(2, 6, dtype=torch.long), max_new_tokens=5,
+            input_ids=ids[:2, :6],
+            attention_mask=torch.ones(2, 6, dtype=torch.long),
+            max_new_tokens=5,
             do_sample=False,
         )
     with rs.record(model, out, mode="append", labels={"domain": "prose"}, rows_per_part=1):
         model(input_ids=ids[:, :7])
     with rs.record(model, out, rank=1, world_size=2, labels={"domain": "code"}, rows_per_part=1):
         model.generate(
-            input_ids=ids[1:, :4], attention_mask=torch.ones(2, 4, dtype=torch.long), max_new_tokens=3,
+            input_ids=ids[1:, :4],
+            attention_mask=torch.ones(2, 4, dtype=torch.long),
+            max_new_tokens=3,
             do_sample=False,
         )
     return out
 
 
 def test_the_writer_writes_rollups_beside_each_routing_part(recorded):
-    routing = sorted(p.relative_to(recorded / "routing") for p in (recorded / "routing").glob("rank=*/*.parquet"))
+    routing = sorted(
+        p.relative_to(recorded / "routing") for p in (recorded / "routing").glob("rank=*/*.parquet")
+    )
     counts = sorted(
         p.relative_to(recorded / schema.ROLLUP_EXPERT_COUNTS)
         for p in (recorded / schema.ROLLUP_EXPERT_COUNTS).glob("rank=*/*.parquet")
@@ -161,8 +167,14 @@ def test_synthetic_run_indexed_by_the_command(tmp_path, capsys):
     labels = {"domain": [["code", "math", None][i % 3] for i in range(tokens)]}
     out = tmp_path / "syn"
     write_run(
-        out, chosen, experts, seq_len=20, labels=labels, parts=3,
-        step=np.arange(tokens) // 40, phase=["prefill" if i % 20 < 12 else "decode" for i in range(tokens)],
+        out,
+        chosen,
+        experts,
+        seq_len=20,
+        labels=labels,
+        parts=3,
+        step=np.arange(tokens) // 40,
+        phase=["prefill" if i % 20 < 12 else "decode" for i in range(tokens)],
     )
     with rs.open_run(out) as run:
         before = {w: run.entanglement(where=w) for w in (None, "domain = 'math'")}

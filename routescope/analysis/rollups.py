@@ -88,7 +88,9 @@ def covered(found: dict[str, tuple[list[Any], list[Any]]], table: str) -> bool:
     return True
 
 
-def create_rollup_views(con: duckdb.DuckDBPyConnection, found: dict[str, tuple[list[Any], list[Any]]], labels: list[str]) -> None:
+def create_rollup_views(
+    con: duckdb.DuckDBPyConnection, found: dict[str, tuple[list[Any], list[Any]]], labels: list[str]
+) -> None:
     """One view per covered rollup table (labels missing from older parts read NULL, the extra
     token columns their default, as in `tokens`); no view for the others."""
     for table in ROLLUPS:
@@ -97,7 +99,12 @@ def create_rollup_views(con: duckdb.DuckDBPyConnection, found: dict[str, tuple[l
             continue
         rel = con.read_parquet([str(p) for p in found[table][0]], hive_partitioning=True, union_by_name=True)
         prefixes = [""] + ([PREV] if table == schema.ROLLUP_REPETITION else [])
-        added = [f'CAST(NULL AS VARCHAR) AS "{p}{lb}"' for p in prefixes for lb in labels if p + lb not in rel.columns]
+        added = [
+            f'CAST(NULL AS VARCHAR) AS "{p}{lb}"'
+            for p in prefixes
+            for lb in labels
+            if p + lb not in rel.columns
+        ]
         added += [
             f"'{value}'::VARCHAR AS {p}{column}"
             for p in prefixes
@@ -277,7 +284,11 @@ def _build_repetition(run: Run, run_dir: Path, rank: int, names: list[str]) -> i
     present = set(by_part["part"].to_pylist()) if by_part is not None else set()
     empty = table.schema.remove(table.schema.get_field_index("part"))
     for name in names:
-        rows = table.filter(pa.compute.equal(table["part"], name)).drop(["part"]) if name in present else empty.empty_table()
+        rows = (
+            table.filter(pa.compute.equal(table["part"], name)).drop(["part"])
+            if name in present
+            else empty.empty_table()
+        )
         _write(rows, run_dir / schema.ROLLUP_REPETITION / name)
     return len(names)
 
@@ -288,4 +299,4 @@ def rollup_bytes(run_dir: Path) -> dict[str, int]:
     return {t: sum(p.stat().st_size for p in list_parts(run_dir, t)) for t in tables}
 
 
-__all__ = ["build_rollups", "create_rollup_views", "missing_parts", "selected_rollup", "part_path"]
+__all__ = ["build_rollups", "create_rollup_views", "missing_parts", "part_path", "selected_rollup"]

@@ -30,8 +30,8 @@ from routescope.errors import RunFormatError
 from routescope.store.layout import list_parts
 from routescope.store.lock import describe_lock
 from routescope.store.manifest import read_manifest
-from routescope.store.rollups import coverage
 from routescope.store.remote import ObjectStore, is_remote, local_path, read_remote_manifest
+from routescope.store.rollups import coverage
 
 EXAMPLES = 5  # offending keys shown per failed check
 
@@ -363,7 +363,9 @@ class _Checker:
         routing = {_part_name(p): p for p in self.files.parts(schema.ROUTING) if p not in self.corrupt}
         counts = {_part_name(p): p for p in self.files.parts(schema.ROLLUP_EXPERT_COUNTS)}
         if not any(self.files.parts(t) for t in schema.ROLLUP_TABLES):
-            self.notes.append("no rollup tables: `routescope index RUN` builds them (metrics read routing meanwhile)")
+            self.notes.append(
+                "no rollup tables: `routescope index RUN` builds them (metrics read routing meanwhile)"
+            )
             return Finding("rollups_match", True, "no rollups to check")
         lacking, stale = set(), []
         for table in schema.ROLLUP_TABLES:
@@ -389,7 +391,9 @@ class _Checker:
                 wrong.append({"part": name, "cells": len(diff)})
         wrong += [{"part": n, "cells": "no routing part"} for n in stale]
         if not wrong:
-            return Finding("rollups_match", True, f"the rollups of {len(common)} routing part(s) match their counts")
+            return Finding(
+                "rollups_match", True, f"the rollups of {len(common)} routing part(s) match their counts"
+            )
         names = ", ".join(w["part"] for w in wrong[:EXAMPLES])
         return Finding(
             "rollups_match",

@@ -15,7 +15,9 @@ from typing import Any
 
 def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN", help="run directory")
-    parser.add_argument("--force", action="store_true", help="rebuild every rollup part, not only missing ones")
+    parser.add_argument(
+        "--force", action="store_true", help="rebuild every rollup part, not only missing ones"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -38,7 +40,11 @@ def index_command(args: argparse.Namespace) -> int:
 
     written = build_rollups(run, force=args.force, progress=progress)
     done = ", ".join(f"{table}: {n} part(s)" for table, n in written.items())
-    print(f"{args.run}: rollups written ({done})" if any(written.values()) else f"{args.run}: rollups up to date")
+    print(
+        f"{args.run}: rollups written ({done})"
+        if any(written.values())
+        else f"{args.run}: rollups up to date"
+    )
     return 0
 
 

@@ -68,7 +68,9 @@ def _token_groups(tokens: pa.Table, dims: list[str]) -> tuple[np.ndarray, pd.Dat
     return ids, frame.iloc[first].reset_index(drop=True)
 
 
-def _with_dims(groups: pd.DataFrame, ids: np.ndarray, dims: list[str], tokens: pa.Table) -> dict[str, pa.Array]:
+def _with_dims(
+    groups: pd.DataFrame, ids: np.ndarray, dims: list[str], tokens: pa.Table
+) -> dict[str, pa.Array]:
     """The dimension columns of rollup rows whose group ids are `ids`, typed as in `tokens`."""
     out = {}
     for name in dims:
@@ -83,20 +85,30 @@ def part_rollups(tokens: pa.Table, routing: pa.Table) -> dict[str, pa.Table]:
     under NULL dimensions, so an unfiltered sum still equals `routing`'s count."""
     dims = dimension_columns(tokens.column_names)
     measures = {c for table in schema.ROLLUP_MEASURES.values() for c in table}
-    if routing.num_rows == 0 or measures & set(dims) or any(d.startswith(schema.ROLLUP_PREVIOUS) for d in dims):
+    if (
+        routing.num_rows == 0
+        or measures & set(dims)
+        or any(d.startswith(schema.ROLLUP_PREVIOUS) for d in dims)
+    ):
         return {}  # a label named like a measure column: no rollups, readers use routing
     group_of_token, groups = _token_groups(tokens, dims)
-    token_keys = (tokens["seq_id"].to_numpy().astype(np.int64) << 32) + tokens["pos"].to_numpy().astype(np.int64)
+    token_keys = (tokens["seq_id"].to_numpy().astype(np.int64) << 32) + tokens["pos"].to_numpy().astype(
+        np.int64
+    )
     order = np.argsort(token_keys, kind="stable")
     sorted_keys = token_keys[order]
-    r_keys = (routing["seq_id"].to_numpy().astype(np.int64) << 32) + routing["pos"].to_numpy().astype(np.int64)
+    r_keys = (routing["seq_id"].to_numpy().astype(np.int64) << 32) + routing["pos"].to_numpy().astype(
+        np.int64
+    )
     at = np.minimum(np.searchsorted(sorted_keys, r_keys), max(len(sorted_keys) - 1, 0))
     found = sorted_keys[at] == r_keys if len(sorted_keys) else np.zeros(len(r_keys), dtype=bool)
     token_index = np.where(found, order[at] if len(order) else 0, -1)
     if not found.all():  # routing without its token: one extra all-NULL group
         missing = len(groups)
         groups = pd.concat([groups, pd.DataFrame({d: [None] for d in dims})], ignore_index=True)
-        group = np.where(found, group_of_token[np.maximum(token_index, 0)] if len(group_of_token) else 0, missing)
+        group = np.where(
+            found, group_of_token[np.maximum(token_index, 0)] if len(group_of_token) else 0, missing
+        )
     else:
         group = group_of_token[token_index]
     n_groups = len(groups)
@@ -143,7 +155,9 @@ def part_rollups(tokens: pa.Table, routing: pa.Table) -> dict[str, pa.Table]:
         # regroup by the pair dimensions (the groups without their step)
         pair_groups = groups[pair_dims] if pair_dims else pd.DataFrame(index=groups.index)
         if pair_dims:
-            regroup = pair_groups.groupby(pair_dims, dropna=False, sort=True).ngroup().to_numpy(dtype=np.int64)
+            regroup = (
+                pair_groups.groupby(pair_dims, dropna=False, sort=True).ngroup().to_numpy(dtype=np.int64)
+            )
         else:
             regroup = np.zeros(len(groups), dtype=np.int64)
         tg = regroup[tg]
@@ -152,7 +166,9 @@ def part_rollups(tokens: pa.Table, routing: pa.Table) -> dict[str, pa.Table]:
         pair_groups = pair_groups.iloc[first_of].reset_index(drop=True)
         n_groups = len(pair_groups)
         step = np.arange(n_layers - 1, dtype=np.int64)
-        pair_keys = (((tg[:, None] * (n_layers - 1) + step[None, :]) * width + p[:, :-1]) * width + p[:, 1:]).ravel()
+        pair_keys = (
+            ((tg[:, None] * (n_layers - 1) + step[None, :]) * width + p[:, :-1]) * width + p[:, 1:]
+        ).ravel()
         pair_cells = n_groups * (n_layers - 1) * width * width
         key_pairs, pair_counts = _count(pair_keys, pair_cells)
         g, rest = np.divmod(key_pairs, (n_layers - 1) * width * width)
