@@ -231,12 +231,20 @@ def step_loads(run: rs.Run, flt: TokenFilter = ALL, max_bins: int = MAX_STEP_BIN
         return pd.DataFrame(columns=columns)
     lo, hi = int(lo), int(hi)
     width = max(1, math.ceil((hi - lo + 1) / max(1, int(max_bins))))
-    counts = run.sql(
-        f"SELECT (t.{axis} - ?) // ? AS bin, r.layer, r.expert, count(*) AS tokens FROM routing r "
-        f"JOIN (SELECT {TOKEN_KEY} AS key, t.{axis} FROM tokens t WHERE {pred}) t ON {ROUTING_KEY} = t.key "
-        "GROUP BY ALL",
-        [lo, width, *params],
-    )
+    if "rollup_expert_counts" in run.rollups and axis == "step":  # summed rollup rows (SPEC 3.3)
+        pred, params = flt.sql(run)
+        counts = run.sql(
+            f"SELECT (step - ?) // ? AS bin, layer, expert, sum(tokens)::BIGINT AS tokens "
+            f"FROM rollup_expert_counts WHERE step IS NOT NULL AND {pred} GROUP BY ALL HAVING sum(tokens) > 0",
+            [lo, width, *params],
+        )
+    else:
+        counts = run.sql(
+            f"SELECT (t.{axis} - ?) // ? AS bin, r.layer, r.expert, count(*) AS tokens FROM routing r "
+            f"JOIN (SELECT {TOKEN_KEY} AS key, t.{axis} FROM tokens t WHERE {pred}) t ON {ROUTING_KEY} = t.key "
+            "GROUP BY ALL",
+            [lo, width, *params],
+        )
     frames = []
     for layer in run.moe_layers:
         bins = counts.loc[counts["layer"] == layer, "bin"].unique()
@@ -279,7 +287,14 @@ def balance_of_step_loads(loads: pd.DataFrame) -> pd.DataFrame:
 
 def rank_loads(run: rs.Run, flt: TokenFilter = ALL) -> pd.DataFrame:
     """Load per (rank, layer, expert), every expert present: rank, layer, expert, tokens, share."""
-    if flt.is_empty:  # routing carries its rank (from the part's path): no join needed
+    if "rollup_expert_counts" in run.rollups:  # summed rollup rows (SPEC 3.3)
+        pred, params = flt.sql(run)
+        counts = run.sql(
+            "SELECT rank, layer, expert, sum(tokens)::BIGINT AS tokens FROM rollup_expert_counts "
+            f"WHERE step IS NOT NULL AND {pred} GROUP BY ALL HAVING sum(tokens) > 0",
+            params,
+        )
+    elif flt.is_empty:  # routing carries its rank (from the part's path): no join needed
         counts = run.sql("SELECT rank, layer, expert, count(*) AS tokens FROM routing GROUP BY ALL")
     else:
         pred, params = flt.sql(run, alias="t")
