@@ -235,3 +235,30 @@ def test_index_bad_input_exits_2(tmp_path, capsys):
     assert main(["index", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope" in err[0]
+
+
+def test_the_dashboard_builds_missing_rollups_on_first_open(tmp_path):
+    import time
+
+    from routescope.dashboard.queries import ALL, step_loads
+    from routescope.dashboard.runs import RunRegistry
+
+    rng = np.random.default_rng(5)
+    chosen = {ly: np.argsort(rng.random((120, 6)), axis=1)[:, :2] for ly in (0, 1)}
+    out = tmp_path / "syn"
+    write_run(
+        out, chosen, 6, seq_len=12, labels={"domain": ["a", "b"] * 60}, parts=2, step=np.arange(120) // 12
+    )
+    with rs.open_run(out) as run:
+        expected = step_loads(run, ALL)
+    registry = RunRegistry([out], build_rollups=True)
+    run = registry.run("0")
+    assert registry.rollup_state("0") in ("building", "ready")
+    deadline = time.monotonic() + 120
+    while registry.rollup_state("0") == "building" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert registry.rollup_state("0") == "ready"
+    with registry._slot("0").lock:
+        assert sorted(run.rollups) == sorted(schema.ROLLUP_TABLES)
+        pd.testing.assert_frame_equal(step_loads(run, ALL), expected, check_dtype=False)
+    registry.close()
