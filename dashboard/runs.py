@@ -135,7 +135,12 @@ class RunRegistry:
         run = slot.run
         if not self.build_rollups or slot.rollups is not None or not isinstance(slot.path, Path):
             return
-        if not run.complete or run.skipped or run.manifest.get("counts_only") or len(run.rollups) == 3:
+        if (
+            not run.complete
+            or run.skipped
+            or run.manifest.get("counts_only")
+            or len(run.rollups) == len(rs.Run.ROLLUP_TABLES)
+        ):
             return
         slot.rollups = "building"
 

@@ -27,6 +27,7 @@ CONTEXT_TOKENS = "context_tokens"
 ROLLUP_EXPERT_COUNTS = "rollup_expert_counts"
 ROLLUP_TOP1_PAIRS = "rollup_top1_pairs"
 ROLLUP_REPETITION = "rollup_repetition"
+ROLLUP_COACTIVATION = "rollup_coactivation"
 ROLLUP_NON_DIMENSIONS = frozenset({"seq_id", "pos", "token_id", "rank"})
 # Measure columns after the dimensions (rollup_repetition also has prev_<dimension> columns:
 # the dimensions of the earlier token of each pair).
@@ -49,6 +50,12 @@ ROLLUP_MEASURES: dict[str, dict[str, pa.DataType]] = {
         "pairs": pa.int64(),
         "repeats": pa.int64(),
         "repeats_top2": pa.int64(),
+    },
+    ROLLUP_COACTIVATION: {
+        "layer": pa.int16(),
+        "expert_a": pa.int16(),
+        "expert_b": pa.int16(),
+        "count": pa.int64(),
     },
 }
 ROLLUP_TABLES: tuple[str, ...] = tuple(ROLLUP_MEASURES)

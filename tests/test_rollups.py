@@ -141,6 +141,7 @@ def test_rollups_answer_the_questions_they_can(indexed):
         assert rollup_twin(run, "expert_counts", where) is not None, where
         assert rollup_twin(run, "repetition_rate", where) is not None, where
     assert rollup_twin(run, "top1_pair_counts", "domain = 'code'") is not None
+    assert rollup_twin(run, "coactivation", "phase = 'decode' AND rank = 0") is not None
     # the pair rollups keep no step, and no rollup keeps positions or token ids
     assert rollup_twin(run, "top1_pair_counts", "step >= 2") is None
     for where in ROUTING_WHERES:

@@ -238,6 +238,7 @@ ROLLUP_TWINS: dict[str, tuple[str, tuple[str, ...]]] = {
     "specialization": ("rollup_specialization", (schema.ROLLUP_EXPERT_COUNTS,)),
     "top1_pair_counts": ("rollup_top1_pair_counts", (schema.ROLLUP_TOP1_PAIRS,)),
     "transition": ("rollup_transition", (schema.ROLLUP_TOP1_PAIRS,)),
+    "coactivation": ("rollup_coactivation", (schema.ROLLUP_EXPERT_COUNTS, schema.ROLLUP_COACTIVATION)),
     "repetition_rate": ("rollup_repetition_rate", (schema.ROLLUP_EXPERT_COUNTS, schema.ROLLUP_REPETITION)),
 }
 

@@ -27,7 +27,7 @@ from routescope import schema
 from routescope.analysis.runview import RunView as Run
 from routescope.analysis.sqlfiles import Cte, compose, get_query
 from routescope.store.layout import TMP_SUFFIX, list_parts, part_path
-from routescope.store.rollups import compact, coverage, part_rollups
+from routescope.store.rollups import COMPACTED, compact, coverage, part_rollups
 
 ROLLUPS = schema.ROLLUP_TABLES
 PREV = schema.ROLLUP_PREVIOUS
@@ -36,6 +36,7 @@ SELECTED = {
     schema.ROLLUP_EXPERT_COUNTS: "selected_rollup",
     schema.ROLLUP_TOP1_PAIRS: "selected_pairs",
     schema.ROLLUP_REPETITION: "selected_repetition",
+    schema.ROLLUP_COACTIVATION: "selected_coactivation",
 }
 _ENABLED: ContextVar[bool] = ContextVar("routescope_rollups", default=True)
 
@@ -217,7 +218,7 @@ def build_rollups(
         every = sorted(part_name(p) for p in list_parts(run_dir, schema.ROUTING))
         missing = {t: every for t in ROLLUPS}
     _clear(run_dir, missing)
-    counts_todo = sorted(set(missing[schema.ROLLUP_EXPERT_COUNTS]) | set(missing[schema.ROLLUP_TOP1_PAIRS]))
+    counts_todo = sorted(set().union(*(missing[t] for t in ROLLUPS if t != schema.ROLLUP_REPETITION)))
     repetition_todo = missing[schema.ROLLUP_REPETITION]
     written = {t: 0 for t in ROLLUPS}
     wrap = progress or (lambda it, total, desc: it)
@@ -240,8 +241,9 @@ def build_rollups(
         else:
             names = [n for n in repetition_todo if n.startswith(f"rank={item}/")]
             written[schema.ROLLUP_REPETITION] += _build_repetition(run, run_dir, item, names)
-    for rank in _ranks([part_name(p) for p in list_parts(run_dir, schema.ROLLUP_TOP1_PAIRS)]):
-        compact(run_dir, schema.ROLLUP_TOP1_PAIRS, rank)
+    for table in COMPACTED:
+        for rank in _ranks([part_name(p) for p in list_parts(run_dir, table)]):
+            compact(run_dir, table, rank)
     run.refresh()
     return written
 

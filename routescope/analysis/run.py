@@ -102,6 +102,8 @@ class Run:
     def has_table(self, table: str) -> bool:
         return bool(list_parts(self.path, table))
 
+    ROLLUP_TABLES = schema.ROLLUP_TABLES  # every rollup table a run can have (SPEC 3.3)
+
     @property
     def rollups(self) -> list[str]:
         """The rollup tables (SPEC 3.3) that cover every routing part: metrics read them."""

@@ -28,6 +28,8 @@ from routescope.store.layout import TMP_SUFFIX, table_dir
 
 EXPERT_COUNTS = schema.ROLLUP_EXPERT_COUNTS
 TOP1_PAIRS = schema.ROLLUP_TOP1_PAIRS
+COACTIVATION = schema.ROLLUP_COACTIVATION
+COMPACTED = (TOP1_PAIRS, COACTIVATION)  # tables without the step: compacted at close and by index
 # Per-step columns left out of rollup_top1_pairs: with them its rows would be nearly one per
 # token and layer pair; without them a compacted part holds at most E² cells per layer pair
 # and label value (a `where=` over the step reads `routing` for entanglement).
@@ -139,16 +141,13 @@ def part_rollups(tokens: pa.Table, routing: pa.Table) -> dict[str, pa.Table]:
 
     # slot-0 expert of every token at every layer of this part; tokens missing one are left out,
     # as `top1_paths` leaves them out
-    slot0 = slot == 0
-    tok = np.where(found, token_index, -1)[slot0]
-    n_tokens = max(len(token_keys), 1) + 1
-    tok = np.where(tok < 0, n_tokens - 1, tok)  # orphan rows share one row, dropped below
-    path = np.full((n_tokens, n_layers), -1, dtype=np.int64)
-    path[tok, layer_pos[slot0]] = expert[slot0]
-    token_group = np.full(n_tokens, -1, dtype=np.int64)
-    token_group[tok] = group[slot0]
+    slot0 = (slot == 0) & found
+    local_ids, local = np.unique(token_index[slot0], return_inverse=True)  # the part's tokens, 0..n-1
+    path = np.full((len(local_ids), n_layers), -1, dtype=np.int64)
+    path[local, layer_pos[slot0]] = expert[slot0]
+    token_group = np.full(len(local_ids), -1, dtype=np.int64)
+    token_group[local] = group[slot0]
     complete = (path >= 0).all(axis=1)
-    complete[n_tokens - 1] = False
     pair_dims = [d for d in dims if d not in PAIR_FREE]
     if n_layers >= 2 and complete.any():
         p, tg = path[complete], token_group[complete]
@@ -182,7 +181,74 @@ def part_rollups(tokens: pa.Table, routing: pa.Table) -> dict[str, pa.Table]:
             "count": pa.array(pair_counts, pa.int64()),
         }
         out[TOP1_PAIRS] = pa.table(pairs)
+        out[COACTIVATION] = _coactivation(
+            routing,
+            found,
+            token_index,
+            group,
+            regroup,
+            pair_groups,
+            pair_dims,
+            tokens,
+            layers,
+            layer_pos,
+            width,
+        )
     return out
+
+
+def _coactivation(
+    routing: pa.Table,
+    found: np.ndarray,
+    token_index: np.ndarray,
+    group: np.ndarray,
+    regroup: np.ndarray,
+    pair_groups: pd.DataFrame,
+    pair_dims: list[str],
+    tokens: pa.Table,
+    layers: np.ndarray,
+    layer_pos: np.ndarray,
+    width: int,
+) -> pa.Table:
+    """Unordered pairs {a, b} (a < b) of experts chosen for the same token in one layer: the
+    ordered counts of SPEC 4.3 are these counts both ways round."""
+    slot = routing["slot"].to_numpy().astype(np.int64)
+    k = int(slot.max()) + 1
+    n_layers = len(layers)
+    keep = found
+    # the part's own tokens, numbered 0..n-1 (the tokens table may hold a whole rank)
+    local_ids, local = np.unique(token_index[keep], return_inverse=True)
+    cell = (local * n_layers + layer_pos[keep]) * k + slot[keep]
+    n_cells = max(len(local_ids), 1) * n_layers * k
+    chosen = np.full(n_cells, -1, dtype=np.int64)
+    chosen[cell] = routing["expert"].to_numpy().astype(np.int64)[keep]
+    chosen = chosen.reshape(-1, n_layers, k)
+    tok_group = np.full(len(chosen), -1, dtype=np.int64)
+    tok_group[local] = regroup[group[keep]]
+    g_cells = len(pair_groups) * n_layers * width * width
+    keys_all, counts_all = [], []
+    layer_ids = np.arange(n_layers, dtype=np.int64)
+    for i in range(k):
+        for j in range(i + 1, k):
+            a, b = chosen[:, :, i], chosen[:, :, j]
+            ok = (a >= 0) & (b >= 0) & (tok_group[:, None] >= 0)
+            lo, hi = np.minimum(a, b), np.maximum(a, b)
+            key = ((tok_group[:, None] * n_layers + layer_ids[None, :]) * width + lo) * width + hi
+            keys_all.append(key[ok])
+    keys = np.concatenate(keys_all) if keys_all else np.zeros(0, dtype=np.int64)
+    uniq, counts = _count(keys, g_cells)
+    g, rest = np.divmod(uniq, n_layers * width * width)
+    lp, rest = np.divmod(rest, width * width)
+    del counts_all
+    return pa.table(
+        {
+            **_with_dims(pair_groups, g, pair_dims, tokens),
+            "layer": pa.array(layers[lp], pa.int16()),
+            "expert_a": pa.array(rest // width, pa.int16()),
+            "expert_b": pa.array(rest % width, pa.int16()),
+            "count": pa.array(counts, pa.int64()),
+        }
+    )
 
 
 # -- compaction --------------------------------------------------------------------------
@@ -267,6 +333,7 @@ def compact(run_dir: Path, table: str, rank: int) -> Path | None:
 
 _KEYS = {
     EXPERT_COUNTS: ("layer", "expert"),
+    COACTIVATION: ("layer", "expert_a", "expert_b"),
     TOP1_PAIRS: ("layer", "next_layer", "expert_a", "expert_b"),
     schema.ROLLUP_REPETITION: ("layer",),
 }

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from routescope import schema
 from routescope.errors import WriterError
 from routescope.store.layout import TMP_SUFFIX, next_part_index, part_path
-from routescope.store.rollups import TOP1_PAIRS, compact, part_rollups
+from routescope.store.rollups import COMPACTED, compact, part_rollups
 
 Columns = dict[str, np.ndarray]
 
@@ -130,10 +130,11 @@ class PartWriter:
             self._thread.join()
         self.raise_if_failed()
         if self.rollups:
-            try:
-                compact(self.run_dir, TOP1_PAIRS, self.rank)
-            except Exception:
-                self.rollup_errors += 1
+            for table in COMPACTED:
+                try:
+                    compact(self.run_dir, table, self.rank)
+                except Exception:
+                    self.rollup_errors += 1
 
     def raise_if_failed(self) -> None:
         if self._error is not None:

@@ -158,3 +158,30 @@ FROM layer_info o
 LEFT JOIN pairs p USING (layer)
 LEFT JOIN marginal m USING (layer)
 ORDER BY o.layer
+
+-- name: rollup_coactivation
+-- As `coactivation` of layer $layer, from the selected rollup rows: unordered pair counts both ways round, P(b | a) = count / L_a.
+WITH pairs AS (
+    SELECT expert_a, expert_b, sum(count) AS n FROM selected_coactivation WHERE layer = $layer GROUP BY ALL
+),
+both_ways AS (
+    SELECT expert_a, expert_b, n FROM pairs
+    UNION ALL
+    SELECT expert_b AS expert_a, expert_a AS expert_b, n FROM pairs
+),
+loads AS (
+    SELECT expert, sum(tokens) AS n FROM selected_rollup WHERE layer = $layer GROUP BY expert
+),
+experts AS (
+    SELECT unnest(range(num_experts))::SMALLINT AS expert FROM layer_info WHERE layer = $layer
+)
+SELECT
+    a.expert AS expert_a,
+    b.expert AS expert_b,
+    coalesce(p.n, 0)::BIGINT AS count,
+    coalesce(p.n, 0) / nullif(l.n, 0) AS p_b_given_a
+FROM experts a
+JOIN experts b ON b.expert <> a.expert
+LEFT JOIN both_ways p ON p.expert_a = a.expert AND p.expert_b = b.expert
+LEFT JOIN loads l ON l.expert = a.expert
+ORDER BY expert_a, expert_b
