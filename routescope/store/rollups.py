@@ -324,7 +324,7 @@ def compact(run_dir: Path, table: str, rank: int) -> Path | None:
     first, last = covered_range(singles[0].name)[0], covered_range(singles[-1].name)[1]
     path = folder / f"part-{first:05d}-{last:05d}.parquet"
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    pq.write_table(merged, tmp, compression="zstd")
+    pq.write_table(merged, tmp, compression="zstd", compression_level=9)  # written once: worth it
     os.replace(tmp, path)
     for p in singles:
         p.unlink()
