@@ -245,25 +245,15 @@ def step_loads(run: rs.Run, flt: TokenFilter = ALL, max_bins: int = MAX_STEP_BIN
             "GROUP BY ALL",
             [lo, width, *params],
         )
-    frames = []
-    for layer in run.moe_layers:
-        bins = counts.loc[counts["layer"] == layer, "bin"].unique()
-        grid = pd.MultiIndex.from_product(
-            [sorted(bins), range(run.num_experts(layer))], names=["bin", "expert"]
-        )
-        part = (
-            counts[counts["layer"] == layer]
-            .set_index(["bin", "expert"])["tokens"]
-            .reindex(grid, fill_value=0)
-            .reset_index()
-        )
-        part["layer"] = layer
-        frames.append(part)
-    df = (
-        pd.concat(frames, ignore_index=True)
-        if frames
-        else pd.DataFrame(columns=["bin", "expert", "tokens", "layer"])
+    # every expert of a layer in every bin where that layer routed anything (zero when idle)
+    experts = pd.DataFrame(
+        [(layer, e) for layer in run.moe_layers for e in range(run.num_experts(layer))],
+        columns=["layer", "expert"],
     )
+    counts = counts.astype({"bin": "int64", "layer": "int64", "expert": "int64"})
+    grid = counts[["bin", "layer"]].drop_duplicates().merge(experts, on="layer")
+    df = grid.merge(counts, on=["bin", "layer", "expert"], how="left").fillna({"tokens": 0})
+    df["tokens"] = df["tokens"].astype("int64")
     df["step_lo"] = lo + df["bin"].astype(int) * width
     df["step_hi"] = (df["step_lo"] + width - 1).clip(upper=hi)
     total = df.groupby(["bin", "layer"])["tokens"].transform("sum")
