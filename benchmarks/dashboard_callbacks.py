@@ -179,7 +179,14 @@ def callbacks(registry: Any) -> list[tuple[str, Callable[[], Any]]]:
             lambda: timeline.update_time(st, "prefill", "domain", "code", None, "all", layer, "share"),
         ),
         ("entanglement: controls", lambda: entanglement.entanglement_controls(st)),
-        ("entanglement: update (pair, top 30)", lambda: entanglement.update_entanglement(st, None, 30)),
+        (
+            "entanglement: entanglement_figures (MI, pair)",
+            lambda: entanglement.entanglement_figures(st, None),
+        ),
+        (
+            "entanglement: update_pathways (top 30, own callback)",
+            lambda: entanglement.update_pathways(st, 30),
+        ),
         ("specialization: controls", lambda: specialization.specialization_controls(st)),
         (
             "specialization: update_specialization",
