@@ -156,13 +156,23 @@ def callbacks(registry: Any) -> list[tuple[str, Callable[[], Any]]]:
         ("load: load_controls", lambda: load.load_controls(st)),
         ("load: load_label_values", lambda: load.load_label_values(st, "domain")),
         (
-            "load: update_load (all tokens)",
-            lambda: load.update_load(st, "all", None, None, None, "lift", layer),
+            "load: load_figures (all tokens)",
+            lambda: load.load_figures(st, "all", None, None, None, "lift", layer),
         ),
         (
-            "load: update_load (phase+label+steps)",
-            lambda: load.update_load(
+            "load: load_figures (phase+label+steps)",
+            lambda: load.load_figures(
                 st, "prefill", "domain", "code", [steps["step_min"], mid], "share", layer
+            ),
+        ),
+        (
+            "load: update_coactivation (all tokens, own callback)",
+            lambda: load.update_coactivation(st, "all", None, None, None, layer),
+        ),
+        (
+            "load: update_coactivation (phase+label+steps, own callback)",
+            lambda: load.update_coactivation(
+                st, "prefill", "domain", "code", [steps["step_min"], mid], layer
             ),
         ),
         (
