@@ -233,7 +233,9 @@ def build_rollups(
             routing = pq.read_table(
                 run_dir / schema.ROUTING / item, columns=["seq_id", "pos", "layer", "slot", "expert"]
             )
-            rows = part_rollups(token_cache[rank], routing)
+            rows = part_rollups(
+                token_cache[rank], routing, coactivation=item in missing[schema.ROLLUP_COACTIVATION]
+            )
             for table, data in rows.items():
                 if item in missing[table]:
                     _write(data, run_dir / table / item)

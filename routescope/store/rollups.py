@@ -43,6 +43,14 @@ def dimension_columns(token_columns: list[str]) -> list[str]:
     return [c for c in token_columns if c not in schema.ROLLUP_NON_DIMENSIONS]
 
 
+def _local(index: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values, each value's rank among them) of non-negative ints below `size`, in O(n)."""
+    present = np.zeros(max(size, 1), dtype=bool)
+    present[index] = True
+    rank = np.cumsum(present) - 1
+    return np.flatnonzero(present), rank[index]
+
+
 def _count(keys: np.ndarray, cells: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(distinct keys, count per key) of non-negative int64 keys below `cells`, zero counts dropped."""
     if cells <= _DENSE_CELLS:
@@ -74,16 +82,23 @@ def _with_dims(
     groups: pd.DataFrame, ids: np.ndarray, dims: list[str], tokens: pa.Table
 ) -> dict[str, pa.Array]:
     """The dimension columns of rollup rows whose group ids are `ids`, typed as in `tokens`."""
-    out = {}
-    for name in dims:
-        values = groups[name].to_numpy()[ids]
-        out[name] = pa.array(values, type=tokens.schema.field(name).type, from_pandas=True)
-    return out
+    if not dims:
+        return {}
+    small = pa.table(
+        {
+            name: pa.array(groups[name].to_numpy(), type=tokens.schema.field(name).type, from_pandas=True)
+            for name in dims
+        }
+    )
+    taken = small.take(pa.array(ids, pa.int64()))
+    return {name: taken[name].combine_chunks() for name in dims}
 
 
-def part_rollups(tokens: pa.Table, routing: pa.Table) -> dict[str, pa.Table]:
+def part_rollups(tokens: pa.Table, routing: pa.Table, coactivation: bool = False) -> dict[str, pa.Table]:
     """`rollup_expert_counts` and `rollup_top1_pairs` rows of `routing` (its tokens in `tokens`,
-    which may hold more tokens than the part routes). Routing rows whose token is absent count
+    which may hold more tokens than the part routes), and with `coactivation` the
+    `rollup_coactivation` rows (k(k-1)/2 pairs per token and layer: several times the cost of
+    the others, so the writer leaves them to `routescope index`). Routing rows whose token is absent count
     under NULL dimensions, so an unfiltered sum still equals `routing`'s count."""
     dims = dimension_columns(tokens.column_names)
     measures = {c for table in schema.ROLLUP_MEASURES.values() for c in table}
@@ -142,27 +157,24 @@ def part_rollups(tokens: pa.Table, routing: pa.Table) -> dict[str, pa.Table]:
     # slot-0 expert of every token at every layer of this part; tokens missing one are left out,
     # as `top1_paths` leaves them out
     slot0 = (slot == 0) & found
-    local_ids, local = np.unique(token_index[slot0], return_inverse=True)  # the part's tokens, 0..n-1
+    local_ids, local = _local(token_index[slot0], len(tokens))  # the part's tokens, 0..n-1
     path = np.full((len(local_ids), n_layers), -1, dtype=np.int64)
     path[local, layer_pos[slot0]] = expert[slot0]
     token_group = np.full(len(local_ids), -1, dtype=np.int64)
     token_group[local] = group[slot0]
     complete = (path >= 0).all(axis=1)
     pair_dims = [d for d in dims if d not in PAIR_FREE]
+    # the pair tables' groups: the dimension groups without their step
+    pair_groups = groups[pair_dims] if pair_dims else pd.DataFrame(index=groups.index)
+    if pair_dims:
+        regroup = pair_groups.groupby(pair_dims, dropna=False, sort=True).ngroup().to_numpy(dtype=np.int64)
+    else:
+        regroup = np.zeros(len(groups), dtype=np.int64)
+    first_of = np.zeros(int(regroup.max()) + 1, dtype=np.int64)
+    first_of[regroup[::-1]] = np.arange(len(regroup) - 1, -1, -1)
+    pair_groups = pair_groups.iloc[first_of].reset_index(drop=True)
     if n_layers >= 2 and complete.any():
-        p, tg = path[complete], token_group[complete]
-        # regroup by the pair dimensions (the groups without their step)
-        pair_groups = groups[pair_dims] if pair_dims else pd.DataFrame(index=groups.index)
-        if pair_dims:
-            regroup = (
-                pair_groups.groupby(pair_dims, dropna=False, sort=True).ngroup().to_numpy(dtype=np.int64)
-            )
-        else:
-            regroup = np.zeros(len(groups), dtype=np.int64)
-        tg = regroup[tg]
-        first_of = np.zeros(int(regroup.max()) + 1, dtype=np.int64)
-        first_of[regroup[::-1]] = np.arange(len(regroup) - 1, -1, -1)
-        pair_groups = pair_groups.iloc[first_of].reset_index(drop=True)
+        p, tg = path[complete], regroup[token_group[complete]]
         n_groups = len(pair_groups)
         step = np.arange(n_layers - 1, dtype=np.int64)
         pair_keys = (
@@ -181,6 +193,7 @@ def part_rollups(tokens: pa.Table, routing: pa.Table) -> dict[str, pa.Table]:
             "count": pa.array(pair_counts, pa.int64()),
         }
         out[TOP1_PAIRS] = pa.table(pairs)
+    if coactivation and n_layers >= 1 and complete.any():
         out[COACTIVATION] = _coactivation(
             routing,
             found,
@@ -217,7 +230,7 @@ def _coactivation(
     n_layers = len(layers)
     keep = found
     # the part's own tokens, numbered 0..n-1 (the tokens table may hold a whole rank)
-    local_ids, local = np.unique(token_index[keep], return_inverse=True)
+    local_ids, local = _local(token_index[keep], len(tokens))
     cell = (local * n_layers + layer_pos[keep]) * k + slot[keep]
     n_cells = max(len(local_ids), 1) * n_layers * k
     chosen = np.full(n_cells, -1, dtype=np.int64)
@@ -226,20 +239,17 @@ def _coactivation(
     tok_group = np.full(len(chosen), -1, dtype=np.int64)
     tok_group[local] = regroup[group[keep]]
     g_cells = len(pair_groups) * n_layers * width * width
-    keys_all, counts_all = [], []
-    layer_ids = np.arange(n_layers, dtype=np.int64)
-    for i in range(k):
-        for j in range(i + 1, k):
-            a, b = chosen[:, :, i], chosen[:, :, j]
-            ok = (a >= 0) & (b >= 0) & (tok_group[:, None] >= 0)
-            lo, hi = np.minimum(a, b), np.maximum(a, b)
-            key = ((tok_group[:, None] * n_layers + layer_ids[None, :]) * width + lo) * width + hi
-            keys_all.append(key[ok])
-    keys = np.concatenate(keys_all) if keys_all else np.zeros(0, dtype=np.int64)
+    first, second = np.triu_indices(k, 1)  # every unordered slot pair
+    a, b = chosen[:, :, first], chosen[:, :, second]  # (tokens, layers, pairs)
+    ok = (a >= 0) & (b >= 0) & (tok_group[:, None, None] >= 0)
+    layer_ids = np.arange(n_layers, dtype=np.int64)[None, :, None]
+    keys = (
+        (tok_group[:, None, None] * n_layers + layer_ids) * width + np.minimum(a, b)
+    ) * width + np.maximum(a, b)
+    keys = keys[ok]
     uniq, counts = _count(keys, g_cells)
     g, rest = np.divmod(uniq, n_layers * width * width)
     lp, rest = np.divmod(rest, width * width)
-    del counts_all
     return pa.table(
         {
             **_with_dims(pair_groups, g, pair_dims, tokens),
