@@ -133,15 +133,16 @@ def part_rollups(tokens: pa.Table, routing: pa.Table, coactivation: bool = False
     expert = routing["expert"].to_numpy().astype(np.int64)
     slot = routing["slot"].to_numpy()
     width = int(expert.max()) + 1
-    layers = np.unique(layer)
-    layer_pos = np.searchsorted(layers, layer)
+    layers = np.flatnonzero(np.bincount(layer))  # layer ids are small: no sort
+    position = np.zeros(int(layers[-1]) + 1, dtype=np.int64)
+    position[layers] = np.arange(len(layers))
+    layer_pos = position[layer]
     n_layers = len(layers)
 
     cells = n_groups * n_layers * width
     keys = (group * n_layers + layer_pos) * width + expert
     key_all, rows = _count(keys, cells)
-    is_first = (slot == 0).astype(np.float64)
-    key_first, firsts = _count(keys, cells, is_first)
+    key_first, firsts = _count(keys[slot == 0], cells)
     first = np.zeros(len(key_all), dtype=np.int64)
     first[np.searchsorted(key_all, key_first)] = firsts
     g, rest = np.divmod(key_all, n_layers * width)
