@@ -156,13 +156,23 @@ def callbacks(registry: Any) -> list[tuple[str, Callable[[], Any]]]:
         ("load: load_controls", lambda: load.load_controls(st)),
         ("load: load_label_values", lambda: load.load_label_values(st, "domain")),
         (
-            "load: update_load (all tokens)",
-            lambda: load.update_load(st, "all", None, None, None, "lift", layer),
+            "load: load_figures (all tokens)",
+            lambda: load.load_figures(st, "all", None, None, None, "lift", layer),
         ),
         (
-            "load: update_load (phase+label+steps)",
-            lambda: load.update_load(
+            "load: load_figures (phase+label+steps)",
+            lambda: load.load_figures(
                 st, "prefill", "domain", "code", [steps["step_min"], mid], "share", layer
+            ),
+        ),
+        (
+            "load: update_coactivation (all tokens, own callback)",
+            lambda: load.update_coactivation(st, "all", None, None, None, layer),
+        ),
+        (
+            "load: update_coactivation (phase+label+steps, own callback)",
+            lambda: load.update_coactivation(
+                st, "prefill", "domain", "code", [steps["step_min"], mid], layer
             ),
         ),
         (
@@ -179,7 +189,14 @@ def callbacks(registry: Any) -> list[tuple[str, Callable[[], Any]]]:
             lambda: timeline.update_time(st, "prefill", "domain", "code", None, "all", layer, "share"),
         ),
         ("entanglement: controls", lambda: entanglement.entanglement_controls(st)),
-        ("entanglement: update (pair, top 30)", lambda: entanglement.update_entanglement(st, None, 30)),
+        (
+            "entanglement: entanglement_figures (MI, pair)",
+            lambda: entanglement.entanglement_figures(st, None),
+        ),
+        (
+            "entanglement: update_pathways (top 30, own callback)",
+            lambda: entanglement.update_pathways(st, 30),
+        ),
         ("specialization: controls", lambda: specialization.specialization_controls(st)),
         (
             "specialization: update_specialization",

@@ -24,13 +24,17 @@ REFRESH_MS = 3000  # how often a run that is still being written is re-read
 
 
 def create_app(
-    run_paths: Sequence[str | Path], refresh_ms: int = REFRESH_MS, skip_corrupt: bool = False
+    run_paths: Sequence[str | Path],
+    refresh_ms: int = REFRESH_MS,
+    skip_corrupt: bool = False,
+    build_rollups: bool = False,
 ) -> dash.Dash:
     """A Dash app serving the runs at `run_paths` (opened lazily, problems shown on the page);
-    `skip_corrupt` opens them with open_run(..., skip_corrupt=True)."""
+    `skip_corrupt` opens them with open_run(..., skip_corrupt=True); `build_rollups` builds the
+    rollup tables of a finished local run that lacks them, in the background, on its first open."""
     if not run_paths:
         raise ValueError("create_app needs at least one run directory")
-    registry = RunRegistry(run_paths, skip_corrupt=skip_corrupt)
+    registry = RunRegistry(run_paths, skip_corrupt=skip_corrupt, build_rollups=build_rollups)
     for name, func in QUERIES.items():
         registry.register_query(name, func)
     set_registry(registry)
@@ -130,6 +134,13 @@ def run_state(run_key: Any) -> tuple[Any, Any, bool]:
         return state, message(note, "warning"), False
     if not run.manifest.get("tokens"):
         return state, message(f"{run.path.name}: this run holds no tokens.", "warning"), True
+    building = registry.rollup_state(run_key)
+    if building == "building":  # the page polls until the rollups are in (the version then changes)
+        note = (
+            f"{run.path.name}: building its rollup tables (routescope index), once; until then pages "
+            "read the routing rows and are slower."
+        )
+        return state, message(note, "info"), False
     return state, None, True
 
 
@@ -172,7 +183,7 @@ def serve(
     Served by waitress (a pure-Python production WSGI server) when it is installed, so no
     "development server" warning; `debug=True` uses Flask's reloading development server.
     """
-    app = create_app(run_paths, skip_corrupt=skip_corrupt)
+    app = create_app(run_paths, skip_corrupt=skip_corrupt, build_rollups=True)
     if not debug:
         try:
             from waitress import serve as waitress_serve

@@ -236,31 +236,29 @@ def step_loads(run: rs.Run, flt: TokenFilter = ALL, max_bins: int = MAX_STEP_BIN
         return pd.DataFrame(columns=columns)
     lo, hi = int(lo), int(hi)
     width = max(1, math.ceil((hi - lo + 1) / max(1, int(max_bins))))
-    counts = run.sql(
-        f"SELECT (t.{axis} - ?) // ? AS bin, r.layer, r.expert, count(*) AS tokens FROM routing r "
-        f"JOIN (SELECT {TOKEN_KEY} AS key, t.{axis} FROM tokens t WHERE {pred}) t ON {ROUTING_KEY} = t.key "
-        "GROUP BY ALL",
-        [lo, width, *params],
-    )
-    frames = []
-    for layer in run.moe_layers:
-        bins = counts.loc[counts["layer"] == layer, "bin"].unique()
-        grid = pd.MultiIndex.from_product(
-            [sorted(bins), range(run.num_experts(layer))], names=["bin", "expert"]
+    if "rollup_expert_counts" in run.rollups and axis == "step":  # summed rollup rows (SPEC 3.3)
+        pred, params = flt.sql(run)
+        counts = run.sql(
+            f"SELECT (step - ?) // ? AS bin, layer, expert, sum(tokens)::BIGINT AS tokens "
+            f"FROM rollup_expert_counts WHERE step IS NOT NULL AND {pred} GROUP BY ALL HAVING sum(tokens) > 0",
+            [lo, width, *params],
         )
-        part = (
-            counts[counts["layer"] == layer]
-            .set_index(["bin", "expert"])["tokens"]
-            .reindex(grid, fill_value=0)
-            .reset_index()
+    else:
+        counts = run.sql(
+            f"SELECT (t.{axis} - ?) // ? AS bin, r.layer, r.expert, count(*) AS tokens FROM routing r "
+            f"JOIN (SELECT {TOKEN_KEY} AS key, t.{axis} FROM tokens t WHERE {pred}) t ON {ROUTING_KEY} = t.key "
+            "GROUP BY ALL",
+            [lo, width, *params],
         )
-        part["layer"] = layer
-        frames.append(part)
-    df = (
-        pd.concat(frames, ignore_index=True)
-        if frames
-        else pd.DataFrame(columns=["bin", "expert", "tokens", "layer"])
+    # every expert of a layer in every bin where that layer routed anything (zero when idle)
+    experts = pd.DataFrame(
+        [(layer, e) for layer in run.moe_layers for e in range(run.num_experts(layer))],
+        columns=["layer", "expert"],
     )
+    counts = counts.astype({"bin": "int64", "layer": "int64", "expert": "int64"})
+    grid = counts[["bin", "layer"]].drop_duplicates().merge(experts, on="layer")
+    df = grid.merge(counts, on=["bin", "layer", "expert"], how="left").fillna({"tokens": 0})
+    df["tokens"] = df["tokens"].astype("int64")
     df["step_lo"] = lo + df["bin"].astype(int) * width
     df["step_hi"] = (df["step_lo"] + width - 1).clip(upper=hi)
     total = df.groupby(["bin", "layer"])["tokens"].transform("sum")
@@ -284,7 +282,14 @@ def balance_of_step_loads(loads: pd.DataFrame) -> pd.DataFrame:
 
 def rank_loads(run: rs.Run, flt: TokenFilter = ALL) -> pd.DataFrame:
     """Load per (rank, layer, expert), every expert present: rank, layer, expert, tokens, share."""
-    if flt.is_empty:  # routing carries its rank (from the part's path): no join needed
+    if "rollup_expert_counts" in run.rollups:  # summed rollup rows (SPEC 3.3)
+        pred, params = flt.sql(run)
+        counts = run.sql(
+            "SELECT rank, layer, expert, sum(tokens)::BIGINT AS tokens FROM rollup_expert_counts "
+            f"WHERE step IS NOT NULL AND {pred} GROUP BY ALL HAVING sum(tokens) > 0",
+            params,
+        )
+    elif flt.is_empty:  # routing carries its rank (from the part's path): no join needed
         counts = run.sql("SELECT rank, layer, expert, count(*) AS tokens FROM routing GROUP BY ALL")
     else:
         pred, params = flt.sql(run, alias="t")

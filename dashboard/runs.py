@@ -39,6 +39,7 @@ class RunSlot:
     run: rs.Run | None = None
     error: str | None = None
     lock: threading.RLock = None  # type: ignore[assignment]
+    rollups: str | None = None  # "building", "ready" or "failed: ..." once a build was started
 
     def __post_init__(self) -> None:
         self.lock = threading.RLock()
@@ -78,9 +79,14 @@ class RunRegistry:
     """The served runs, keyed by their index on the command line as a string."""
 
     def __init__(
-        self, paths: Sequence[str | Path], cache_size: int = 512, skip_corrupt: bool = False
+        self,
+        paths: Sequence[str | Path],
+        cache_size: int = 512,
+        skip_corrupt: bool = False,
+        build_rollups: bool = False,
     ) -> None:
         self.skip_corrupt = skip_corrupt  # open every run with open_run(..., skip_corrupt=True)
+        self.build_rollups = build_rollups  # build missing rollups of finished local runs on first open
         self.slots: dict[str, RunSlot] = {str(i): RunSlot(run_location(p)) for i, p in enumerate(paths)}
         self._cached = functools.lru_cache(maxsize=cache_size)(self._compute)
         self._queries: dict[str, Callable[..., Any]] = {}
@@ -116,15 +122,51 @@ class RunRegistry:
                     slot.error = None
                 except Exception as exc:
                     slot.error = describe_open_error(slot.path, exc)
+                else:
+                    self._start_rollups(slot)
             if slot.run is None:
                 raise RunUnavailable(slot.error)
             return slot.run
 
+    def _start_rollups(self, slot: RunSlot) -> None:
+        """On the first open of a finished local run whose rollups (SPEC 3.3) are missing, build
+        them on a thread with a connection of its own; the pages read routing meanwhile, and
+        the run's views are refreshed (and caches dropped, through `version`) when they are in."""
+        run = slot.run
+        if not self.build_rollups or slot.rollups is not None or not isinstance(slot.path, Path):
+            return
+        if (
+            not run.complete
+            or run.skipped
+            or run.manifest.get("counts_only")
+            or len(run.rollups) == len(rs.Run.ROLLUP_TABLES)
+        ):
+            return
+        slot.rollups = "building"
+
+        def build() -> None:
+            try:
+                with rs.open_run(slot.path) as own:
+                    own.build_rollups()
+                with slot.lock:
+                    slot.run.refresh()
+                slot.rollups = "ready"
+            except Exception as exc:  # the pages keep reading routing
+                slot.rollups = f"failed: {exc}"
+
+        threading.Thread(target=build, name="routescope-rollups", daemon=True).start()
+
+    def rollup_state(self, key: str) -> str | None:
+        """None (nothing built here), "building", "ready" or "failed: ..."."""
+        return self._slot(key).rollups
+
     def version(self, key: str) -> tuple:
-        """What identifies the data of a run now: changes when a live run grows."""
+        """What identifies the data of a run now: changes when a live run grows (or its
+        rollups come in)."""
         run = self.run(key)
         m = run.manifest
-        return (m.get("tokens"), m.get("updated_at"), m.get("complete"), len(run.tables))
+        slot = self._slot(key)
+        return (m.get("tokens"), m.get("updated_at"), m.get("complete"), len(run.tables), slot.rollups)
 
     def refresh(self, key: str) -> tuple:
         """Re-read a run that is still being written; returns its new version."""

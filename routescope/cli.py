@@ -25,6 +25,7 @@ from routescope.commands.attach import add_run_arguments, run_command
 from routescope.commands.check import add_check_arguments, check_command
 from routescope.commands.doctor import add_doctor_arguments, doctor_command
 from routescope.commands.import_run import add_import_arguments, import_command
+from routescope.commands.index import add_index_arguments, index_command
 from routescope.commands.placement import add_placement_arguments, placement_command
 from routescope.commands.profile import (
     add_demo_arguments,
@@ -434,6 +435,7 @@ COMMANDS: dict[str, tuple[AddArguments, RunCommand]] = {
     "run": (add_run_arguments, run_command),
     "check": (add_check_arguments, check_command),
     "doctor": (add_doctor_arguments, doctor_command),
+    "index": (add_index_arguments, index_command),
 }
 
 

@@ -20,6 +20,46 @@ EXPERT_ACTIVATIONS = "expert_activations"
 HIDDEN_STATS = "hidden_stats"
 EXPERT_COUNTS = "expert_counts"
 CONTEXT_TOKENS = "context_tokens"
+# Rollup tables (SPEC 3.3, docs/run_format.md): small summaries of `routing`; rollup part N
+# summarises routing part N of the same rank. Their key columns are the token *dimensions*:
+# every tokens column except ROLLUP_NON_DIMENSIONS (step, phase, modality, stack, train_step
+# when present, the labels), typed as in tokens.
+ROLLUP_EXPERT_COUNTS = "rollup_expert_counts"
+ROLLUP_TOP1_PAIRS = "rollup_top1_pairs"
+ROLLUP_REPETITION = "rollup_repetition"
+ROLLUP_COACTIVATION = "rollup_coactivation"
+ROLLUP_NON_DIMENSIONS = frozenset({"seq_id", "pos", "token_id", "rank"})
+# Measure columns after the dimensions (rollup_repetition also has prev_<dimension> columns:
+# the dimensions of the earlier token of each pair).
+ROLLUP_MEASURES: dict[str, dict[str, pa.DataType]] = {
+    ROLLUP_EXPERT_COUNTS: {
+        "layer": pa.int16(),
+        "expert": pa.int16(),
+        "tokens": pa.int64(),
+        "first": pa.int64(),
+    },
+    ROLLUP_TOP1_PAIRS: {
+        "layer": pa.int16(),
+        "next_layer": pa.int16(),
+        "expert_a": pa.int16(),
+        "expert_b": pa.int16(),
+        "count": pa.int64(),
+    },
+    ROLLUP_REPETITION: {
+        "layer": pa.int16(),
+        "pairs": pa.int64(),
+        "repeats": pa.int64(),
+        "repeats_top2": pa.int64(),
+    },
+    ROLLUP_COACTIVATION: {
+        "layer": pa.int16(),
+        "expert_a": pa.int16(),
+        "expert_b": pa.int16(),
+        "count": pa.int64(),
+    },
+}
+ROLLUP_TABLES: tuple[str, ...] = tuple(ROLLUP_MEASURES)
+ROLLUP_PREVIOUS = "prev_"  # prefix of rollup_repetition's earlier-token dimension columns
 
 TOKEN_COLUMNS: dict[str, pa.DataType] = {
     "seq_id": pa.int64(),

@@ -82,7 +82,7 @@ def test_clean_run_passes_and_exits_0(tmp_path, capsys):
     build_run(tmp_path / "run")
     with rs.open_run(tmp_path / "run") as run:
         result = run.verify()
-    assert result.ok and not result.problems and len(result.findings) == 8
+    assert result.ok and not result.problems and len(result.findings) == 9  # + rollups_match
     assert main(["check", str(tmp_path / "run")]) == 0
     assert "every invariant holds" in capsys.readouterr().out
 

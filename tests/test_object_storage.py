@@ -249,7 +249,7 @@ def test_check_reads_an_s3_run_and_finds_a_planted_duplicate_part(s3, recorded, 
         result = run.verify()
         fs, root = run.store.fs, run.store.root
     assert result.ok, str(result)
-    assert result.path == uri and len(result.findings) == 8
+    assert result.path == uri and len(result.findings) == 9  # + rollups_match
     assert main(["check", uri]) == 0
     assert "every invariant holds" in capsys.readouterr().out
     # the same run under another prefix, with a tokens and a routing part stored twice

@@ -44,7 +44,9 @@ def layout(**_query: Any) -> html.Div:
                 ),
                 "360px",
             ),
-            graph("entanglement-sankey", "pathway_sankey"),
+            # pathways need every token's path (one pass over routing, no rollup can hold them):
+            # their own callback, with a spinner, so the figures above never wait for them
+            dcc.Loading(graph("entanglement-sankey", "pathway_sankey"), type="dot"),
         ]
     )
 
@@ -70,25 +72,42 @@ def entanglement_controls(state: Any, pair_now: Any = None, fragment: Any = None
     return options, pair_now if pair_now in values else (values[0] if values else None), top
 
 
-@guarded([FIGURE, FIGURE, FIGURE, MESSAGE])
-def update_entanglement(state: Any, pair: Any, top: Any) -> tuple:
-    """(MI figure, transition heatmap, Sankey, message)."""
+ONE_LAYER = "this model has one MoE layer: no pairs"
+
+
+@guarded([FIGURE, FIGURE, MESSAGE])
+def entanglement_figures(state: Any, pair: Any) -> tuple:
+    """(MI figure, transition heatmap, message): the page's first view, from the pair rollups."""
     registry, key = current(state)
     run = registry.run(key)
     layers = run.moe_layers
     if len(layers) < 2:
-        empty = plots.empty_figure("this model has one MoE layer: no pairs")
-        return empty, empty, empty, None
+        empty = plots.empty_figure(ONE_LAYER)
+        return empty, empty, None
     ent = registry.query(key, "entanglement")
     a, b = parse_pair(pair, layers)
     trans = registry.query(key, "transition", a, b)
-    paths = registry.query(key, "pathways", int(top or 10))
     return (
         plots.entanglement_figure(ent),
         plots.transition_heatmap(trans, a, b, run.num_experts(a), run.num_experts(b)),
-        plots.pathway_sankey(paths, layers),
         None,
     )
+
+
+@guarded([FIGURE])
+def update_pathways(state: Any, top: Any) -> Any:
+    """The Sankey of the most frequent top-1 pathways (reads every token's path)."""
+    registry, key = current(state)
+    layers = registry.run(key).moe_layers
+    if len(layers) < 2:
+        return plots.empty_figure(ONE_LAYER)
+    return plots.pathway_sankey(registry.query(key, "pathways", int(top or 10)), layers)
+
+
+def update_entanglement(state: Any, pair: Any, top: Any) -> tuple:
+    """(MI figure, transition heatmap, Sankey, message): both callbacks' outputs at once."""
+    mi, trans, msg = entanglement_figures(state, pair)
+    return mi, trans, update_pathways(state, top), msg
 
 
 def parse_pair(pair: Any, layers: list[int]) -> tuple[int, int]:
@@ -119,9 +138,12 @@ def register(app: dash.Dash) -> None:
     app.callback(
         Output("entanglement-mi", "figure"),
         Output("entanglement-transition", "figure"),
-        Output("entanglement-sankey", "figure"),
         Output("entanglement-message", "children"),
         Input("app-version", "data"),
         Input("entanglement-pair", "value"),
+    )(entanglement_figures)
+    app.callback(
+        Output("entanglement-sankey", "figure"),
+        Input("app-version", "data"),
         Input("entanglement-top", "value"),
-    )(update_entanglement)
+    )(update_pathways)

@@ -67,7 +67,11 @@ def layout(**_query: Any) -> html.Div:
             html.Div(
                 [
                     html.Div(graph("load-bars", "expert_bars"), style={"flex": "1 1 480px"}),
-                    html.Div(graph("load-coactivation", "coactivation_heatmap"), style={"flex": "1 1 420px"}),
+                    # its own callback with a spinner: under a step filter it reads every routing row
+                    html.Div(
+                        dcc.Loading(graph("load-coactivation", "coactivation_heatmap"), type="dot"),
+                        style={"flex": "1 1 420px"},
+                    ),
                 ],
                 style={"display": "flex", "gap": "12px", "flexWrap": "wrap"},
             ),
@@ -168,7 +172,6 @@ def small_sample_note(slots: int, num_experts: int) -> str | None:
     )
 
 
-@guarded([FIGURE, FIGURE, FIGURE, CHILDREN, MESSAGE, CHILDREN, KEEP])
 def update_load(
     state: Any,
     phase: Any,
@@ -179,7 +182,42 @@ def update_load(
     layer: Any,
     rank: Any = None,
 ) -> tuple:
-    """(heatmap, bars, co-activation, per-rank load, message, filter note, heatmap caption).
+    """(heatmap, bars, co-activation, per-rank load, message, filter note, heatmap caption):
+    both callbacks' outputs at once."""
+    heat, bars, rank_fig, msg, note, caption = load_figures(
+        state, phase, label, value, steps, metric, layer, rank
+    )
+    co = update_coactivation(state, phase, label, value, steps, layer, rank)
+    return heat, bars, co, rank_fig, msg, note, caption
+
+
+@guarded([FIGURE])
+def update_coactivation(
+    state: Any, phase: Any, label: Any, value: Any, steps: Any, layer: Any, rank: Any = None
+) -> Any:
+    """The co-activation heatmap of one layer (from rollup_coactivation, or routing under a step filter)."""
+    registry, key = current(state)
+    flt = filter_from(key, phase, label, value, steps, rank)
+    layers = registry.query(key, "summary")["moe_layers"]
+    layer = int(layer) if layer is not None else layers[0]
+    run = registry.run(key)
+    return plots.coactivation_heatmap(
+        registry.query(key, "coactivation", layer, flt), run.num_experts(layer), layer
+    )
+
+
+@guarded([FIGURE, FIGURE, CHILDREN, MESSAGE, CHILDREN, KEEP])
+def load_figures(
+    state: Any,
+    phase: Any,
+    label: Any,
+    value: Any,
+    steps: Any,
+    metric: Any,
+    layer: Any,
+    rank: Any = None,
+) -> tuple:
+    """(heatmap, bars, per-rank load, message, filter note, heatmap caption): the first view.
 
     The per-rank load is a captioned graph when the run has two ranks or more, else one line.
     """
@@ -193,9 +231,6 @@ def update_load(
     heat = plots.load_heatmap(load, value=metric)
     bars = plots.expert_bars(load, layer)
     run = registry.run(key)
-    co = plots.coactivation_heatmap(
-        registry.query(key, "coactivation", layer, flt), run.num_experts(layer), layer
-    )
     several = len(registry.query(key, "filter_choices")["ranks"]) > 1
     ranks = registry.query(key, "rank_loads", flt) if several else None
     if ranks is not None and ranks["rank"].nunique() > 1:
@@ -214,7 +249,7 @@ def update_load(
         msg = message("No token matches this filter.", "warning")
     else:
         msg = message(small_sample_note(slots, max(info["num_experts"])), "warning")
-    return heat, bars, co, rank_fig, msg, note, plots.caption(f"load_heatmap_{metric}")
+    return heat, bars, rank_fig, msg, note, plots.caption(f"load_heatmap_{metric}")
 
 
 @guarded([CHILDREN])
@@ -336,7 +371,6 @@ def register(app: dash.Dash) -> None:
     app.callback(
         Output("load-heatmap", "figure"),
         Output("load-bars", "figure"),
-        Output("load-coactivation", "figure"),
         Output("load-ranks", "children"),
         Output("load-message", "children"),
         Output("load-filter-note", "children"),
@@ -349,7 +383,17 @@ def register(app: dash.Dash) -> None:
         Input("load-metric", "value"),
         Input("load-layer", "value"),
         Input("load-rank", "value"),
-    )(update_load)
+    )(load_figures)
+    app.callback(
+        Output("load-coactivation", "figure"),
+        Input("app-version", "data"),
+        Input("load-phase", "value"),
+        Input("load-label", "value"),
+        Input("load-value", "value"),
+        Input("load-steps", "value"),
+        Input("load-layer", "value"),
+        Input("load-rank", "value"),
+    )(update_coactivation)
     app.callback(
         Output("load-detail", "children"),
         Input("app-version", "data"),

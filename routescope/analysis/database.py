@@ -9,6 +9,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from routescope import schema
+from routescope.analysis.rollups import create_rollup_views
 from routescope.analysis.sqlfiles import Cte, compose, get_query
 from routescope.errors import RunFormatError
 from routescope.store.layout import list_parts
@@ -73,6 +74,8 @@ def create_views(
     whose routing is gone, or routing whose token is gone (queries/consistency.sql).
     """
     found = {table: check_parts(list_parts(run_dir, table), skip_corrupt) for table in schema.TABLE_COLUMNS}
+    # rollups: a corrupt one is not fatal (readers fall back to routing), so always skipped
+    found.update({table: check_parts(list_parts(run_dir, table), True) for table in schema.ROLLUP_TABLES})
     return views_over_parts(con, found, labels)
 
 
@@ -81,8 +84,10 @@ def views_over_parts(
 ) -> list[Any]:
     """`create_views` on parts already listed and checked: table -> (good parts, skipped parts),
     each a path or a URL DuckDB can open (a run on object storage). Returns the skipped parts."""
+    rollups = {t: found.pop(t) for t in schema.ROLLUP_TABLES if t in found}
     skipped = [part for _, bad in found.values() for part in bad]
     filtered = any(found[table][1] for table in CONSISTENT)
+    create_rollup_views(con, {**found, **rollups}, labels)
     for table, (parts, _) in found.items():
         name = f"raw_{table}" if filtered and table in CONSISTENT else table
         _create_view(con, name, table, parts, labels)

@@ -197,7 +197,10 @@ def transition(run: Run, layer: int, next_layer: int, where: str | None = None) 
     require_routing(run, "transition")
     require_first_choice(run, "transition", where)
     layer, next_layer = check_layer(run, layer), check_layer(run, next_layer)
-    return query(run, "transition", where=where, layer=layer, next_layer=next_layer)
+    layers = sorted(run.moe_layers)
+    consecutive = layers.index(layer) + 1 < len(layers) and layers[layers.index(layer) + 1] == next_layer
+    # the rollups keep pairs of consecutive MoE layers only
+    return query(run, "transition", where=where, rollup=consecutive, layer=layer, next_layer=next_layer)
 
 
 @checks_selection

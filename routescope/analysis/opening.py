@@ -66,6 +66,10 @@ class RemoteRun(Run):
         for table in schema.TABLE_COLUMNS:
             good, bad = check_parts(self.store.list_parts(table), self.skip_corrupt, self.store.fs)
             found[table] = ([self._url(k) for k in good], [self._url(k) for k in bad])
+        if not is_spark(self.con):  # rollup views (analysis/rollups.py); a corrupt rollup is only skipped
+            for table in schema.ROLLUP_TABLES:
+                good, bad = check_parts(self.store.list_parts(table), True, self.store.fs)
+                found[table] = ([self._url(k) for k in good], [self._url(k) for k in bad])
         if is_spark(self.con):
             self.con.create_views(
                 {t: (self._url(self.store.key(t)), good) for t, (good, _) in found.items()}, self.labels

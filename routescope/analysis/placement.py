@@ -339,6 +339,8 @@ def check_plan(plan: pd.DataFrame, num_experts: int) -> int:
     if plan.empty:
         raise ValueError("the placement plan has no rows")
     ep_size = int(plan["gpu"].max()) + 1
+    if _plan_is_valid(plan, num_experts, ep_size):  # one vectorised pass; the loop below names faults
+        return ep_size
     for layer, rows in plan.groupby("layer"):
         per_gpu = rows.groupby("gpu")["slot"].agg(["count", "nunique", "min", "max"])
         if len(per_gpu) != ep_size or per_gpu.index.min() != 0:
@@ -360,6 +362,25 @@ def check_plan(plan: pd.DataFrame, num_experts: int) -> int:
                 f"layer {layer}: experts {absent[:10]} have no slot; every expert needs at least one"
             )
     return ep_size
+
+
+def _plan_is_valid(plan: pd.DataFrame, num_experts: int, ep_size: int) -> bool:
+    """check_plan's rules for every layer at once (True: valid); False sends check_plan to the
+    per-layer loop that says which rule a layer breaks."""
+    per_gpu = plan.groupby(["layer", "gpu"])["slot"].agg(["count", "nunique", "min", "max"])
+    gpus = per_gpu.reset_index().groupby("layer")["gpu"].agg(["count", "min", "max"])
+    if not ((gpus["count"] == ep_size) & (gpus["min"] == 0) & (gpus["max"] == ep_size - 1)).all():
+        return False
+    slots = per_gpu.groupby(level="layer")["count"].transform("first")
+    if not ((per_gpu["count"] == slots) & (per_gpu["nunique"] == slots) & (per_gpu["min"] == 0)).all():
+        return False
+    if not (per_gpu["max"] == slots - 1).all():
+        return False
+    experts = plan["expert"].to_numpy()
+    if len(experts) and (experts.min() < 0 or experts.max() >= num_experts):
+        return False
+    covered = plan.groupby("layer")["expert"].nunique()
+    return bool((covered == num_experts).all())
 
 
 def gpu_loads(loads: pd.DataFrame, plan: pd.DataFrame) -> pd.DataFrame:

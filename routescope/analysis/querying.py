@@ -23,6 +23,7 @@ import pandas as pd
 
 from routescope import schema
 from routescope.analysis.cluster import QueryError  # the Spark engine's errors (pyspark stays unloaded)
+from routescope.analysis.rollups import rollup_ctes
 from routescope.analysis.runview import RunView as Run  # a Protocol: run.py imports us, not back
 from routescope.analysis.sqlfiles import Cte, compose, get_query
 from routescope.errors import EmptySelectionWarning
@@ -254,17 +255,42 @@ def layer_params(
     }
 
 
+# Queries with a twin over the rollup tables (queries/rollups.sql): name -> (twin, rollups read).
+# `expert_counts` keeps its name: its `layer_expert_counts` CTE then sums rollup rows.
+ROLLUP_TWINS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "expert_counts": ("expert_counts", (schema.ROLLUP_EXPERT_COUNTS,)),
+    "step_expert_load": ("rollup_step_expert_load", (schema.ROLLUP_EXPERT_COUNTS,)),
+    "specialization": ("rollup_specialization", (schema.ROLLUP_EXPERT_COUNTS,)),
+    "top1_pair_counts": ("rollup_top1_pair_counts", (schema.ROLLUP_TOP1_PAIRS,)),
+    "transition": ("rollup_transition", (schema.ROLLUP_TOP1_PAIRS,)),
+    "coactivation": ("rollup_coactivation", (schema.ROLLUP_EXPERT_COUNTS, schema.ROLLUP_COACTIVATION)),
+    "repetition_rate": ("rollup_repetition_rate", (schema.ROLLUP_EXPERT_COUNTS, schema.ROLLUP_REPETITION)),
+}
+
+
+def rollup_twin(run: Run, name: str, where: str | None) -> tuple[str, dict[str, str]] | None:
+    """(twin query, its rollup CTEs) when `name` can be answered from the run's rollups."""
+    if name not in ROLLUP_TWINS or counts_only(run):
+        return None
+    twin, tables = ROLLUP_TWINS[name]
+    ctes = rollup_ctes(run, where, tables)
+    return None if ctes is None else (twin, ctes)
+
+
 def build_query(
     name: str,
     where: str | None,
     uses: Sequence[str | tuple[str, str]] = (),
     tables: Mapping[str, str] | None = None,
+    rollups: Mapping[str, str] | None = None,
 ) -> tuple[str, frozenset[str]]:
     """The SQL of query `name` behind the selection CTEs and the named CTEs in `uses` (in that
     order), and the parameters it reads. A `uses` entry (cte, query) names query `query`'s CTE
     `cte`, so one body can read either of two inputs. `tables` maps a CTE name to a cached
-    table that replaces it."""
+    table that replaces it. `rollups` (CTE name -> SQL of selected rollup rows, from
+    `rollup_twin`) are put in front, and `layer_expert_counts` then sums rollup rows."""
     tables = tables or {}
+    rollups = rollups or {}
     aliased = [(u, u) if isinstance(u, str) else (u[0], u[1]) for u in uses]
     selection = get_query("all_tokens").sql if where is None else WHERE_TEMPLATE.format(where=where)
     routing = get_query("all_routing" if where is None else "filtered_routing")
@@ -273,7 +299,13 @@ def build_query(
         Cte("layer_info", get_query("layer_info").sql),
         Cte("selected_tokens", selection, materialized=False),
         Cte("selected_routing", routing.sql, materialized=False),
-        Cte("layer_expert_counts", get_query("routing_expert_counts").sql),
+        *(Cte(cte, sql, materialized=False) for cte, sql in rollups.items()),
+        Cte(
+            "layer_expert_counts",
+            get_query(
+                "rollup_layer_expert_counts" if "selected_rollup" in rollups else "routing_expert_counts"
+            ).sql,
+        ),
         *(Cte(u, f"SELECT * FROM {tables[u]}" if u in tables else get_query(q).sql) for u, q in aliased),
     ]
     body = get_query(name)
@@ -334,7 +366,8 @@ def cached_table(run: Run, name: str, where: str | None, layers: Mapping[str, li
             run.con.execute(f"DROP TABLE IF EXISTS {table}")
         state = {"snapshot": snapshot, "tables": {}}
         _CACHE[run] = state
-    key = (name, where)
+    twin = None if name == "imported_expert_counts" else rollup_twin(run, name, where)
+    key = (name, where, twin is not None)
     if key not in state["tables"]:
         if len(state["tables"]) >= CACHE_LIMIT:  # forget the oldest selection
             oldest = next(iter(state["tables"]))
@@ -342,7 +375,9 @@ def cached_table(run: Run, name: str, where: str | None, layers: Mapping[str, li
         table = f"routescope_cache_{next(_TABLE_IDS)}"
         # A counts-only run's per-(layer, expert) counts come from its `expert_counts` table.
         sql, needed = (
-            build_counts_query(where) if name == "imported_expert_counts" else build_query(name, where)
+            build_counts_query(where)
+            if name == "imported_expert_counts"
+            else build_query(name, where, rollups=None if twin is None else twin[1])
         )
         run.con.execute(f"CREATE TEMP TABLE {table} AS {sql}", _bind(name, needed, layers))
         state["tables"][key] = table
@@ -361,14 +396,20 @@ def query(
     where: str | None = None,
     uses: Sequence[str | tuple[str, str]] = (),
     layers: Sequence[int] | Mapping[str, list[int]] | None = None,
+    rollup: bool = True,
     **params: Any,
 ) -> pd.DataFrame:
-    """Run named query `name` over the tokens selected by `where`, binding `params` by name."""
+    """Run named query `name` over the tokens selected by `where`, binding `params` by name.
+    With `rollup` (default) a query with a rollup twin reads the rollups when they can answer."""
     where = check_where(run, where)
     layer_values = layer_params(run, layers)
     try:
+        twin = rollup_twin(run, name, where) if rollup else None
+        rollups = None
+        if twin is not None and twin[0] != name:  # a rollup twin reads no per-token CTE
+            name, rollups, uses = twin[0], twin[1], ()
         tables = {u: cached_table(run, _source(run, u), where, layer_values) for u in uses if u in CACHED}
-        sql, needed = build_query(name, where, uses, tables)
+        sql, needed = build_query(name, where, uses, tables, rollups)
         return run.con.execute(sql, _bind(name, needed, {**layer_values, **params})).df()
     except _RUNTIME_WHERE_ERRORS as exc:
         if where is None:

@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from routescope import schema
 from routescope.analysis import metrics
 from routescope.analysis.display import run_html
 from routescope.analysis.engines import build_views, connect
+from routescope.analysis.rollups import build_rollups, has_view
 from routescope.errors import RunFormatError
 from routescope.store.layout import list_parts, list_tables
 from routescope.store.manifest import read_manifest
@@ -100,6 +102,17 @@ class Run:
 
     def has_table(self, table: str) -> bool:
         return bool(list_parts(self.path, table))
+
+    ROLLUP_TABLES = schema.ROLLUP_TABLES  # every rollup table a run can have (SPEC 3.3)
+
+    @property
+    def rollups(self) -> list[str]:
+        """The rollup tables (SPEC 3.3) that cover every routing part: metrics read them."""
+        return [table for table in schema.ROLLUP_TABLES if has_view(self, table)]
+
+    def build_rollups(self, force: bool = False, progress: Any = None) -> dict[str, int]:
+        """Write the rollup parts this run lacks (`routescope index`); returns parts written per table."""
+        return build_rollups(self, force=force, progress=progress)
 
     # -- queries -----------------------------------------------------------------------
     def sql(self, query: str, params: dict[str, Any] | list[Any] | None = None) -> pd.DataFrame:

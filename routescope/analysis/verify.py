@@ -31,6 +31,7 @@ from routescope.store.layout import list_parts
 from routescope.store.lock import describe_lock
 from routescope.store.manifest import read_manifest
 from routescope.store.remote import ObjectStore, is_remote, local_path, read_remote_manifest
+from routescope.store.rollups import coverage
 
 EXAMPLES = 5  # offending keys shown per failed check
 
@@ -213,6 +214,7 @@ class _Checker:
             self.routing_in_range,
             self.manifest_counts,
             self.next_seq_id,
+            self.rollups_match,
         ]
         findings = [check() for check in checks]
         self._add_notes()
@@ -355,6 +357,53 @@ class _Checker:
             wrong,
         )
 
+    def rollups_match(self) -> Finding:
+        """Rollup parts (SPEC 3.3) hold the counts of the routing part of the same name; a routing
+        part without them is a note (readers use routing), a rollup that disagrees a failure."""
+        routing = {_part_name(p): p for p in self.files.parts(schema.ROUTING) if p not in self.corrupt}
+        counts = {_part_name(p): p for p in self.files.parts(schema.ROLLUP_EXPERT_COUNTS)}
+        if not any(self.files.parts(t) for t in schema.ROLLUP_TABLES):
+            self.notes.append(
+                "no rollup tables: `routescope index RUN` builds them (metrics read routing meanwhile)"
+            )
+            return Finding("rollups_match", True, "no rollups to check")
+        lacking, stale = set(), []
+        for table in schema.ROLLUP_TABLES:
+            cover, gone = coverage(list(routing), [_part_name(p) for p in self.files.parts(table)])
+            lacking |= {n for n, parts in cover.items() if len(parts) != 1}
+            stale += [f"{table}/{n}" for n in gone]
+        lacking = sorted(lacking)
+        if lacking:
+            self.notes.append(
+                f"{len(lacking)} routing part(s) are not covered once by each rollup table ({', '.join(lacking[:EXAMPLES])}"
+                f"{', ...' if len(lacking) > EXAMPLES else ''}): `routescope index RUN` builds them"
+            )
+        common = sorted(set(routing) & set(counts))
+        wrong: list[dict[str, Any]] = []
+        for name in common:
+            raw = f"SELECT layer, expert, count(*) AS n FROM read_parquet('{_sql_text(routing[name], self.files)}') GROUP BY ALL"
+            rolled = (
+                "SELECT layer, expert, sum(tokens) AS n "
+                f"FROM read_parquet('{_sql_text(counts[name], self.files)}') GROUP BY ALL"
+            )
+            diff = self.con.execute(f"({raw} EXCEPT {rolled}) UNION ALL ({rolled} EXCEPT {raw})").fetchall()
+            if diff:
+                wrong.append({"part": name, "cells": len(diff)})
+        wrong += [{"part": n, "cells": "no routing part"} for n in stale]
+        if not wrong:
+            return Finding(
+                "rollups_match", True, f"the rollups of {len(common)} routing part(s) match their counts"
+            )
+        names = ", ".join(w["part"] for w in wrong[:EXAMPLES])
+        return Finding(
+            "rollups_match",
+            False,
+            f"{len(wrong)} rollup part(s) disagree with routing ({names}): rebuild them with "
+            "`routescope index --force RUN`",
+            len(wrong),
+            wrong[:EXAMPLES],
+        )
+
     def _add_notes(self) -> None:
         if not all(m.get("complete", False) for m in self.ranks.values()):
             self.notes.append(
@@ -383,6 +432,16 @@ def _rank_manifests(files: _RunFiles, manifest: dict[str, Any]) -> dict[int, dic
     for rank in range(int(manifest.get("world_size", 1) or 1)):
         ranks.setdefault(rank, {"tokens": 0, "complete": False})
     return ranks
+
+
+def _sql_text(part: str, files: _RunFiles) -> str:
+    """A part's path or URL as a SQL string literal body (read_parquet takes no bound list here)."""
+    return files.url(part).replace("'", "''")
+
+
+def _part_name(part: str) -> str:
+    """'<table-free> rank=R/part-NNNNN.parquet' of a part path or key."""
+    return "/".join(str(part).replace("\\", "/").rsplit("/", 2)[-2:])
 
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from routescope import schema
 from routescope.errors import WriterError
 from routescope.store.layout import TMP_SUFFIX, next_part_index, part_path
+from routescope.store.rollups import COMPACTED, compact, part_rollups
 
 Columns = dict[str, np.ndarray]
 
@@ -55,6 +56,7 @@ class PartWriter:
         on_flush: Callable[[int], None] | None = None,
         compression: str = "zstd",
         observers: list[Callable[[dict[str, Columns]], None]] | None = None,
+        rollups: bool = True,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.rank = rank
@@ -63,6 +65,10 @@ class PartWriter:
         self.flush_seconds = flush_seconds
         self.compression = compression
         self.on_flush = on_flush
+        # rollup_* parts (store/rollups.py) beside each routing part; a failure to compute them
+        # is counted in `rollup_errors` and never loses routing (readers then use `routing`)
+        self.rollups = rollups
+        self.rollup_errors = 0
         # Called on this thread with each step's tables (e.g. a metrics exporter). The list is
         # kept by reference, so observers added while recording take effect; their errors are
         # counted in `observer_errors` and never stop the writer.
@@ -117,11 +123,18 @@ class PartWriter:
         self.raise_if_failed()
 
     def close(self) -> None:
-        """Flush, stop the thread, and re-raise a failure it had."""
+        """Flush, stop the thread, and re-raise a failure it had. The pair rollups written
+        part by part are then compacted into one part (store/rollups.py)."""
         if self._thread.is_alive():
             self._queue.put(_CLOSE)
             self._thread.join()
         self.raise_if_failed()
+        if self.rollups:
+            for table in COMPACTED:
+                try:
+                    compact(self.run_dir, table, self.rank)
+                except Exception:
+                    self.rollup_errors += 1
 
     def raise_if_failed(self) -> None:
         if self._error is not None:
@@ -216,10 +229,17 @@ class PartWriter:
             return
         tokens_added = 0
         order = sorted(self._buffers, key=lambda n: n == schema.TOKENS)
+        whole = {name: pa.concat_tables(self._buffers.pop(name), promote_options="default") for name in order}
+        rollups = self._rollups(whole)
         for name in order:
-            tables = self._buffers.pop(name)
-            table = pa.concat_tables(tables, promote_options="default")
+            table = whole[name]
             self._write_table(name, table)
+            if name == schema.ROUTING:
+                # rollup part N summarises routing part N: written after it, before tokens
+                index = self._next_index[schema.ROUTING] - 1
+                for rollup, rows in rollups.items():
+                    self._next_index[rollup] = index
+                    self._write_table(rollup, rows)
             if name == schema.TOKENS:
                 tokens_added = table.num_rows
         self._buffered_rows = 0
@@ -227,6 +247,15 @@ class PartWriter:
         self.tokens_written += tokens_added
         if self.on_flush is not None:
             self.on_flush(self.tokens_written)
+
+    def _rollups(self, tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
+        if not self.rollups or schema.ROUTING not in tables or schema.TOKENS not in tables:
+            return {}
+        try:
+            return part_rollups(tables[schema.TOKENS], tables[schema.ROUTING])
+        except Exception:
+            self.rollup_errors += 1
+            return {}
 
     def parquet_options(self, table: pa.Table) -> dict[str, Any]:
         """How every part is encoded (local and object-storage writers alike)."""

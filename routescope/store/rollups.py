@@ -1,0 +1,350 @@
+"""Rollup rows of one routing part (SPEC 3.3 `rollup_*`), computed with NumPy from host arrays.
+
+The writer calls `part_rollups` on the tokens and routing it is about to write, on its own
+thread, and writes each result as `rollup_<name>/rank=R/part-NNNNN.parquet` with the routing
+part's number: rollup part N summarises routing part N, so a reader knows which parts its
+rollups cover by their names alone (analysis/rollups.py), a crash leaves at worst a routing part
+without its rollup (readers then fall back to `routing`; `check` names it), and append and
+ranks follow the parts. `routescope index` calls the same function on the parts of runs that
+lack rollups (imported or older runs).
+
+Every rollup row is keyed by the token's *dimensions*: every `tokens` column except seq_id,
+pos and token_id (step, phase, modality, stack, train_step when present, the labels), so a
+`where=` over those columns selects whole rollup rows and gives the same counts as over tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from routescope import schema
+from routescope.store.layout import TMP_SUFFIX, table_dir
+
+EXPERT_COUNTS = schema.ROLLUP_EXPERT_COUNTS
+TOP1_PAIRS = schema.ROLLUP_TOP1_PAIRS
+COACTIVATION = schema.ROLLUP_COACTIVATION
+COMPACTED = (TOP1_PAIRS, COACTIVATION)  # tables without the step: compacted at close and by index
+# Per-step columns left out of rollup_top1_pairs: with them its rows would be nearly one per
+# token and layer pair; without them a compacted part holds at most E² cells per layer pair
+# and label value (a `where=` over the step reads `routing` for entanglement).
+PAIR_FREE = ("step", schema.TRAIN_STEP)
+# Dense counting (np.bincount) up to this many cells; sparse (np.unique) beyond.
+_DENSE_CELLS = 1 << 24
+
+
+def dimension_columns(token_columns: list[str]) -> list[str]:
+    """The rollup key columns a tokens table with these columns gives (its order kept)."""
+    return [c for c in token_columns if c not in schema.ROLLUP_NON_DIMENSIONS]
+
+
+def _local(index: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values, each value's rank among them) of non-negative ints below `size`, in O(n)."""
+    present = np.zeros(max(size, 1), dtype=bool)
+    present[index] = True
+    rank = np.cumsum(present) - 1
+    return np.flatnonzero(present), rank[index]
+
+
+def _count(keys: np.ndarray, cells: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct keys, count per key) of non-negative int64 keys below `cells`, zero counts dropped."""
+    if cells <= _DENSE_CELLS:
+        counts = np.bincount(keys, weights=weights, minlength=cells)
+        present = np.flatnonzero(counts)
+        return present, counts[present].astype(np.int64)
+    if weights is None:
+        uniq, counts = np.unique(keys, return_counts=True)
+        return uniq, counts.astype(np.int64)
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    counts = np.bincount(inverse, weights=weights, minlength=len(uniq)).astype(np.int64)
+    keep = counts > 0
+    return uniq[keep], counts[keep]
+
+
+def _token_groups(tokens: pa.Table, dims: list[str]) -> tuple[np.ndarray, pd.DataFrame]:
+    """Per token the id of its dimension tuple, and the tuples (one row per id)."""
+    frame = tokens.select(dims).to_pandas()
+    if not dims or len(frame) == 0:
+        return np.zeros(len(frame), dtype=np.int64), frame.iloc[:1] if dims else pd.DataFrame(index=[0])
+    grouped = frame.groupby(dims, dropna=False, sort=True)
+    ids = grouped.ngroup().to_numpy(dtype=np.int64)
+    first = np.zeros(int(ids.max()) + 1, dtype=np.int64)
+    first[ids[::-1]] = np.arange(len(ids) - 1, -1, -1)  # first row of each group
+    return ids, frame.iloc[first].reset_index(drop=True)
+
+
+def _with_dims(
+    groups: pd.DataFrame, ids: np.ndarray, dims: list[str], tokens: pa.Table
+) -> dict[str, pa.Array]:
+    """The dimension columns of rollup rows whose group ids are `ids`, typed as in `tokens`."""
+    if not dims:
+        return {}
+    small = pa.table(
+        {
+            name: pa.array(groups[name].to_numpy(), type=tokens.schema.field(name).type, from_pandas=True)
+            for name in dims
+        }
+    )
+    taken = small.take(pa.array(ids, pa.int64()))
+    return {name: taken[name].combine_chunks() for name in dims}
+
+
+def part_rollups(tokens: pa.Table, routing: pa.Table, coactivation: bool = False) -> dict[str, pa.Table]:
+    """`rollup_expert_counts` and `rollup_top1_pairs` rows of `routing` (its tokens in `tokens`,
+    which may hold more tokens than the part routes), and with `coactivation` the
+    `rollup_coactivation` rows (k(k-1)/2 pairs per token and layer: several times the cost of
+    the others, so the writer leaves them to `routescope index`). Routing rows whose token is absent count
+    under NULL dimensions, so an unfiltered sum still equals `routing`'s count."""
+    dims = dimension_columns(tokens.column_names)
+    measures = {c for table in schema.ROLLUP_MEASURES.values() for c in table}
+    if (
+        routing.num_rows == 0
+        or measures & set(dims)
+        or any(d.startswith(schema.ROLLUP_PREVIOUS) for d in dims)
+    ):
+        return {}  # a label named like a measure column: no rollups, readers use routing
+    group_of_token, groups = _token_groups(tokens, dims)
+    token_keys = (tokens["seq_id"].to_numpy().astype(np.int64) << 32) + tokens["pos"].to_numpy().astype(
+        np.int64
+    )
+    order = np.argsort(token_keys, kind="stable")
+    sorted_keys = token_keys[order]
+    r_keys = (routing["seq_id"].to_numpy().astype(np.int64) << 32) + routing["pos"].to_numpy().astype(
+        np.int64
+    )
+    at = np.minimum(np.searchsorted(sorted_keys, r_keys), max(len(sorted_keys) - 1, 0))
+    found = sorted_keys[at] == r_keys if len(sorted_keys) else np.zeros(len(r_keys), dtype=bool)
+    token_index = np.where(found, order[at] if len(order) else 0, -1)
+    if not found.all():  # routing without its token: one extra all-NULL group
+        missing = len(groups)
+        groups = pd.concat([groups, pd.DataFrame({d: [None] for d in dims})], ignore_index=True)
+        group = np.where(
+            found, group_of_token[np.maximum(token_index, 0)] if len(group_of_token) else 0, missing
+        )
+    else:
+        group = group_of_token[token_index]
+    n_groups = len(groups)
+    layer = routing["layer"].to_numpy().astype(np.int64)
+    expert = routing["expert"].to_numpy().astype(np.int64)
+    slot = routing["slot"].to_numpy()
+    width = int(expert.max()) + 1
+    layers = np.flatnonzero(np.bincount(layer))  # layer ids are small: no sort
+    position = np.zeros(int(layers[-1]) + 1, dtype=np.int64)
+    position[layers] = np.arange(len(layers))
+    layer_pos = position[layer]
+    n_layers = len(layers)
+
+    cells = n_groups * n_layers * width
+    keys = (group * n_layers + layer_pos) * width + expert
+    key_all, rows = _count(keys, cells)
+    key_first, firsts = _count(keys[slot == 0], cells)
+    first = np.zeros(len(key_all), dtype=np.int64)
+    first[np.searchsorted(key_all, key_first)] = firsts
+    g, rest = np.divmod(key_all, n_layers * width)
+    counts = {
+        **_with_dims(groups, g, dims, tokens),
+        "layer": pa.array(layers[rest // width], pa.int16()),
+        "expert": pa.array(rest % width, pa.int16()),
+        "tokens": pa.array(rows, pa.int64()),
+        "first": pa.array(first, pa.int64()),
+    }
+    out = {EXPERT_COUNTS: pa.table(counts)}
+
+    # slot-0 expert of every token at every layer of this part; tokens missing one are left out,
+    # as `top1_paths` leaves them out
+    slot0 = (slot == 0) & found
+    local_ids, local = _local(token_index[slot0], len(tokens))  # the part's tokens, 0..n-1
+    path = np.full((len(local_ids), n_layers), -1, dtype=np.int64)
+    path[local, layer_pos[slot0]] = expert[slot0]
+    token_group = np.full(len(local_ids), -1, dtype=np.int64)
+    token_group[local] = group[slot0]
+    complete = (path >= 0).all(axis=1)
+    pair_dims = [d for d in dims if d not in PAIR_FREE]
+    # the pair tables' groups: the dimension groups without their step
+    pair_groups = groups[pair_dims] if pair_dims else pd.DataFrame(index=groups.index)
+    if pair_dims:
+        regroup = pair_groups.groupby(pair_dims, dropna=False, sort=True).ngroup().to_numpy(dtype=np.int64)
+    else:
+        regroup = np.zeros(len(groups), dtype=np.int64)
+    first_of = np.zeros(int(regroup.max()) + 1, dtype=np.int64)
+    first_of[regroup[::-1]] = np.arange(len(regroup) - 1, -1, -1)
+    pair_groups = pair_groups.iloc[first_of].reset_index(drop=True)
+    if n_layers >= 2 and complete.any():
+        p, tg = path[complete], regroup[token_group[complete]]
+        n_groups = len(pair_groups)
+        step = np.arange(n_layers - 1, dtype=np.int64)
+        pair_keys = (
+            ((tg[:, None] * (n_layers - 1) + step[None, :]) * width + p[:, :-1]) * width + p[:, 1:]
+        ).ravel()
+        pair_cells = n_groups * (n_layers - 1) * width * width
+        key_pairs, pair_counts = _count(pair_keys, pair_cells)
+        g, rest = np.divmod(key_pairs, (n_layers - 1) * width * width)
+        idx, rest = np.divmod(rest, width * width)
+        pairs = {
+            **_with_dims(pair_groups, g, pair_dims, tokens),
+            "layer": pa.array(layers[idx], pa.int16()),
+            "next_layer": pa.array(layers[idx + 1], pa.int16()),
+            "expert_a": pa.array(rest // width, pa.int16()),
+            "expert_b": pa.array(rest % width, pa.int16()),
+            "count": pa.array(pair_counts, pa.int64()),
+        }
+        out[TOP1_PAIRS] = pa.table(pairs)
+    if coactivation and n_layers >= 1 and complete.any():
+        out[COACTIVATION] = _coactivation(
+            routing,
+            found,
+            token_index,
+            group,
+            regroup,
+            pair_groups,
+            pair_dims,
+            tokens,
+            layers,
+            layer_pos,
+            width,
+        )
+    return out
+
+
+def _coactivation(
+    routing: pa.Table,
+    found: np.ndarray,
+    token_index: np.ndarray,
+    group: np.ndarray,
+    regroup: np.ndarray,
+    pair_groups: pd.DataFrame,
+    pair_dims: list[str],
+    tokens: pa.Table,
+    layers: np.ndarray,
+    layer_pos: np.ndarray,
+    width: int,
+) -> pa.Table:
+    """Unordered pairs {a, b} (a < b) of experts chosen for the same token in one layer: the
+    ordered counts of SPEC 4.3 are these counts both ways round."""
+    slot = routing["slot"].to_numpy().astype(np.int64)
+    k = int(slot.max()) + 1
+    n_layers = len(layers)
+    keep = found
+    # the part's own tokens, numbered 0..n-1 (the tokens table may hold a whole rank)
+    local_ids, local = _local(token_index[keep], len(tokens))
+    cell = (local * n_layers + layer_pos[keep]) * k + slot[keep]
+    n_cells = max(len(local_ids), 1) * n_layers * k
+    chosen = np.full(n_cells, -1, dtype=np.int64)
+    chosen[cell] = routing["expert"].to_numpy().astype(np.int64)[keep]
+    chosen = chosen.reshape(-1, n_layers, k)
+    tok_group = np.full(len(chosen), -1, dtype=np.int64)
+    tok_group[local] = regroup[group[keep]]
+    g_cells = len(pair_groups) * n_layers * width * width
+    first, second = np.triu_indices(k, 1)  # every unordered slot pair
+    a, b = chosen[:, :, first], chosen[:, :, second]  # (tokens, layers, pairs)
+    ok = (a >= 0) & (b >= 0) & (tok_group[:, None, None] >= 0)
+    layer_ids = np.arange(n_layers, dtype=np.int64)[None, :, None]
+    keys = (
+        (tok_group[:, None, None] * n_layers + layer_ids) * width + np.minimum(a, b)
+    ) * width + np.maximum(a, b)
+    keys = keys[ok]
+    uniq, counts = _count(keys, g_cells)
+    g, rest = np.divmod(uniq, n_layers * width * width)
+    lp, rest = np.divmod(rest, width * width)
+    return pa.table(
+        {
+            **_with_dims(pair_groups, g, pair_dims, tokens),
+            "layer": pa.array(layers[lp], pa.int16()),
+            "expert_a": pa.array(rest // width, pa.int16()),
+            "expert_b": pa.array(rest % width, pa.int16()),
+            "count": pa.array(counts, pa.int64()),
+        }
+    )
+
+
+# -- compaction --------------------------------------------------------------------------
+# A rollup part `part-A-B.parquet` covers routing parts A..B of its rank (`part-A.parquet`
+# covers part A). Compacting many one-part pair rollups into one range part sums equal keys,
+# so the table is bounded by the distinct cells, not by the number of parts.
+
+
+def covered_range(name: str) -> tuple[int, int]:
+    """(first, last) routing part index a rollup part file name covers."""
+    stem = name.rsplit("/", 1)[-1].removesuffix(".parquet")
+    bits = stem.split("-")[1:]
+    return int(bits[0]), int(bits[-1])
+
+
+def sum_rows(table: pa.Table, measures: list[str]) -> pa.Table:
+    """Rows with equal keys summed (keys: every column but `measures`), sorted by key."""
+    keys = [c for c in table.column_names if c not in measures]
+    out = table.group_by(keys, use_threads=False).aggregate([(m, "sum") for m in measures])
+    summed = {f"{m}_sum": m for m in measures}
+    out = out.rename_columns([summed.get(c, c) for c in out.column_names]).select(table.column_names)
+    return out.sort_by([(k, "ascending") for k in keys])
+
+
+def rank_and_range(name: str) -> tuple[int, int, int]:
+    """(rank, first, last) of 'rank=R/part-A[-B].parquet'."""
+    rank = int(name.split("/")[0].split("=")[1])
+    return (rank, *covered_range(name))
+
+
+def coverage(routing: list[str], rollup: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """For part names 'rank=R/part-...': each routing part -> the rollup parts covering it, and
+    the rollup parts that cover no routing part (stale)."""
+    by_rank: dict[int, list[tuple[int, str]]] = {}
+    for name in routing:
+        rank, index, _ = rank_and_range(name)
+        by_rank.setdefault(rank, []).append((index, name))
+    cover: dict[str, list[str]] = {name: [] for name in routing}
+    stale = []
+    for name in rollup:
+        rank, first, last = rank_and_range(name)
+        hits = [r for i, r in by_rank.get(rank, []) if first <= i <= last]
+        if not hits:
+            stale.append(name)
+        for r in hits:
+            cover[r].append(name)
+    return cover, stale
+
+
+def compact(run_dir: Path, table: str, rank: int) -> Path | None:
+    """Merge `table`'s one-part rollups of `rank` into one range part (equal keys summed);
+    written atomically before the one-part files go, so a crash between leaves a double cover
+    that readers refuse (they read routing) and `routescope index` repairs."""
+    folder = table_dir(run_dir, table, rank)
+    if not folder.is_dir():
+        return None
+    ranges = [covered_range(p.name) for p in folder.glob("part-*-*.parquet")]
+    singles = []
+    for p in sorted(folder.glob("part-*.parquet")):
+        if len(p.stem.split("-")) != 2:
+            continue
+        index = covered_range(p.name)[0]
+        if any(a <= index <= b for a, b in ranges):
+            p.unlink()  # left by a crash after its range part was written: the range part has it
+        else:
+            singles.append(p)
+    if len(singles) < 2:
+        return None
+    tables = [pq.read_table(p) for p in singles]
+    tables = [t.drop(["rank"]) if "rank" in t.column_names else t for t in tables]
+    whole = pa.concat_tables(tables, promote_options="default")
+    merged = sum_rows(whole, [m for m in schema.ROLLUP_MEASURES[table] if m not in _KEYS[table]])
+    first, last = covered_range(singles[0].name)[0], covered_range(singles[-1].name)[1]
+    path = folder / f"part-{first:05d}-{last:05d}.parquet"
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    pq.write_table(merged, tmp, compression="zstd", compression_level=9)  # written once: worth it
+    os.replace(tmp, path)
+    for p in singles:
+        p.unlink()
+    return path
+
+
+_KEYS = {
+    EXPERT_COUNTS: ("layer", "expert"),
+    COACTIVATION: ("layer", "expert_a", "expert_b"),
+    TOP1_PAIRS: ("layer", "next_layer", "expert_a", "expert_b"),
+    schema.ROLLUP_REPETITION: ("layer",),
+}
