@@ -597,7 +597,7 @@ def test_hidden_median_past_the_cap_is_not_channel_aliased(tiny_model, monkeypat
     """A real model with hidden size 64 (a multiple of 8) whose embedding channels 0, 8, 16, ...
     are scaled ×1000: with the cap far below the values seen, median_abs must stay near the
     exact median of |h| (a stride-8 sample would keep only the scaled channels)."""
-    from routescope.capture import activations
+    from routescope.capture.calibration import activations
 
     model = tiny_model("mixtral", hidden_size=64, head_dim=16)
     with torch.no_grad():

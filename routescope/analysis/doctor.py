@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from routescope import schema
 from routescope.analysis import metrics
 from routescope.analysis.doctor_drift import drift_findings
 from routescope.analysis.doctor_rules import SEVERITY_RANK, DoctorThresholds, finding, judge_layer
@@ -60,10 +61,15 @@ def show_sql(name: str, **values: int | float) -> str:
 
 
 def step_loads(run: Run, where: str | None) -> pd.DataFrame:
-    """step, layer, expert, tokens: `metrics.step_expert_loads`, or the same counts joined by
-    seq_id alone when nothing is filtered and no sequence spans steps (a prefill-only run):
-    the join on (seq_id, pos) is most of the doctor's time on a large run."""
-    one_step = where is None and not counts_only(run)
+    """step, layer, expert, tokens: `metrics.step_expert_loads` (from `rollup_expert_counts`
+    when the run has it), or without rollups the same counts joined by seq_id alone when nothing
+    is filtered and no sequence spans steps (a prefill-only run): the join on (seq_id, pos) is
+    most of the doctor's time on a large run without rollups."""
+    one_step = (
+        where is None
+        and not counts_only(run)
+        and schema.ROLLUP_EXPERT_COUNTS not in getattr(run, "rollups", ())
+    )
     if one_step and int(query(run, "doctor_sequences_over_steps")["sequences"].iloc[0]) == 0:
         return query(run, "doctor_step_loads_by_sequence")
     return metrics.step_expert_loads(run, where=where)
