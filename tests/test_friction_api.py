@@ -34,10 +34,15 @@ def test_no_cache_deprecation_warning_under_recording(tiny_model, tmp_path, capl
     logging.Logger.warning_once.cache_clear()
     model = tiny_model("qwen2_moe")
     ids = torch.randint(1, 100, (2, 6))
-    with caplog.at_level(logging.WARNING):
-        with rs.record(model, tmp_path / "run"):
-            model(input_ids=ids, use_cache=False)
-            model(input_ids=ids, use_cache=True)
+    logger = logging.getLogger("transformers")  # does not propagate to the root logger
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="transformers"):
+            with rs.record(model, tmp_path / "run"):
+                model(input_ids=ids, use_cache=False)
+                model(input_ids=ids, use_cache=True)
+    finally:
+        logger.removeHandler(caplog.handler)
     deprecated = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
     assert deprecated == []
     assert rs.open_run(tmp_path / "run").manifest["tokens"] == 24
