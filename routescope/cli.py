@@ -3,7 +3,8 @@
 COMMANDS maps each command name to (add_arguments, run): add_arguments fills the command's
 argparse sub-parser, run takes the parsed namespace and returns the exit code. Add a
 command by adding one entry. Bad input (RouteScopeError, ValueError, FileNotFoundError, a
-usage error) ends with one line on stderr, `routescope: error: ...`, and exit code 2.
+usage error) ends with one line on stderr, `routescope: error: ...`, and exit code 2; a run
+that another writer holds (RunBusyError) ends the same way with exit code 4 (EXIT_BUSY).
 The commands here only call the public API (`rs.open_run`, Run methods, `rs.compare`).
 """
 
@@ -34,11 +35,13 @@ from routescope.commands.profile import (
 from routescope.commands.report_sections import fmt, report_sections
 from routescope.commands.super_experts import add_super_experts_arguments, super_experts_command
 from routescope.dashboard.command import add_dashboard_arguments, dashboard_command
-from routescope.errors import RouteScopeError
+from routescope.errors import RouteScopeError, RunBusyError
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
 RunCommand = Callable[[argparse.Namespace], int]
 PROG = "routescope"
+# Exit codes besides 0 and 2 (bad input); `doctor` uses 3 for critical findings.
+EXIT_BUSY = 4  # another writer holds the run (RunBusyError): retry later or pass --wait
 TABLE_ROWS = 20  # rows of a long table printed before "… N more"
 
 
@@ -440,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
             _SHOWN.clear()
             warnings.showwarning = show_warning
             return int(args.handler(args) or 0)
+    except RunBusyError as exc:  # its own code: a script can retry later, or pass --wait
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_BUSY
     except (RouteScopeError, ValueError, FileNotFoundError) as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 2

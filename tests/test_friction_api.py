@@ -46,3 +46,42 @@ def test_no_cache_deprecation_warning_under_recording(tiny_model, tmp_path, capl
     deprecated = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
     assert deprecated == []
     assert rs.open_run(tmp_path / "run").manifest["tokens"] == 24
+
+
+def test_end_step_returns_its_train_step(tiny_model) -> None:
+    """Item 11: the dict end_step() returns names the optimizer step it closed."""
+    model = tiny_model("qwen2_moe").train()
+    ids = torch.randint(1, 100, (2, 5))
+    with rs.watch(model) as watch:
+        got = []
+        for _ in range(2):
+            model(input_ids=ids)
+            got.append(watch.end_step())
+        assert watch.end_step() == {}  # nothing counted since the previous read
+    assert [g["train_step"] for g in got] == [1, 2]
+    assert all(g["routing/tokens"] == 10 for g in got)
+    assert [h["train_step"] for h in watch.history] == [1, 2]
+
+
+def test_replayer_rules_print_short(tiny_model, tmp_path) -> None:
+    """Item 11: replayer.rules reads as one short WeightRule('name') per layer, not a function repr."""
+    model = tiny_model("qwen2_moe")
+    ids = torch.randint(1, 100, (2, 5))
+    with rs.record(model, tmp_path / "run"), torch.no_grad():
+        model(input_ids=ids)
+    with rs.replay(model, tmp_path / "run", weights="router") as replayer, torch.no_grad():
+        model(input_ids=ids)
+    assert replayer.rules, "weights='router' found no rule"
+    text = repr(replayer.rules)
+    assert "function" not in text and "<" not in text
+    assert all(repr(rule) == f"WeightRule({rule.name!r})" for rule in replayer.rules.values())
+
+
+def test_import_sglang_help_describes_every_input(capsys) -> None:
+    """Item 11: `import sglang --help` names .pt dumps, the .csv layout and server responses."""
+    from routescope.cli import main
+
+    assert main(["import", "sglang", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in (".pt", ".csv", ".jsonl", "server responses", "--model", "per_token", "stat"):
+        assert needle in text, needle

@@ -23,12 +23,20 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     engines = parser.add_subparsers(dest="engine", metavar="{sglang,vllm}", required=True)
     sglang = engines.add_parser(
         "sglang",
-        help="SGLang expert-distribution-recorder dumps (per_token, per_pass, stat, stat_approx)",
-        description="Convert SGLang ExpertDistributionRecorder .pt dumps; per_token mode gives tokens + "
-        "routing, the count modes a counts-only run (table expert_counts).",
+        help="SGLang expert-distribution-recorder dumps (.pt, .csv) or server responses (.json, .jsonl)",
+        description="Convert what SGLang writes into a run. Accepted inputs: (1) ExpertDistributionRecorder "
+        ".pt dumps, one per rank: per_token mode gives tokens + routing, the count modes (per_pass, stat, "
+        "stat_approx) a counts-only run (table expert_counts; --top-k required); (2) the oldest layout, "
+        "expert_distribution_rank{R}_timestamp{T}.csv counts; (3) with --model CONFIG, server responses "
+        "(JSON lines or a JSON list of /generate records whose meta_info carries routed_experts, as "
+        "RL rollouts keep them; --prompts for records without prompt ids). docs/replay.md has the layouts.",
     )
     sglang.add_argument(
-        "files", nargs="+", metavar="FILE", help=".pt dump(s) (or oldest-layout .csv), one per rank"
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help=".pt dump(s) or oldest-layout .csv, one per rank; or one .json/.jsonl of server responses "
+        "with --model",
     )
     sglang.add_argument("--top-k", type=int, help="experts per token (required for the count modes)")
     sglang.add_argument(

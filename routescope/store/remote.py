@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from routescope import schema
 from routescope.errors import RunFormatError
-from routescope.store.lock import LockHolder, _busy, _deadline
+from routescope.store.lock import LockHolder, _busy, _deadline, acquire_announced
 from routescope.store.manifest import MANIFEST_NAME, REQUIRED_KEYS
 from routescope.store.rundir import MODES, RunDirectory
 from routescope.store.writer import PartWriter
@@ -241,7 +241,7 @@ class RemoteRunDirectory(RunDirectory):
         if self._lock is not None:
             return None
         lock = ObjectLock(self.store, self._lock_name(self.rank), self.rank)
-        previous = lock.acquire(wait)
+        previous = acquire_announced(lock, wait, self.store.uri)
         self._lock = lock
         return previous
 
