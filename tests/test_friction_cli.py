@@ -49,3 +49,52 @@ def test_wait_message_in_python_names_the_holder(tmp_path, tiny_model) -> None:
             with pytest.raises(rs.RunBusyError, match="after waiting"):
                 with rs.record(model, out, mode="append", wait=0.2):
                     pass
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Twelve records of the bundled corpus, one label value (so batches are full)."""
+    import json
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parent.parent / "data" / "sample.jsonl"
+    rows = [json.loads(line) for line in sample.read_text(encoding="utf-8").splitlines()][:12]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps({"text": r["text"]}) for r in rows), encoding="utf-8")
+    return path
+
+
+def test_profile_max_tokens_is_honoured_and_counts_are_right(corpus, tmp_path, capsys) -> None:
+    """Item 2: --max-tokens T records exactly T prompt tokens (the last batch is cut), the number
+    of batches not recorded is counted by the command (not tqdm's lagging bar.n), and --append
+    prints what this command recorded, with the run's total beside it."""
+    out = tmp_path / "run"
+    base = ["profile", "--data", str(corpus), "--out", str(out), "--max-length", "16", "--batch-size", "2"]
+    base += ["--no-router-stats"]
+    assert main([*base, "--max-tokens", "37"]) == 0  # 6 batches of 2 rows, <= 32 tokens per batch
+    captured = capsys.readouterr()
+    run = rs.open_run(out)
+    assert run.manifest["tokens"] == 37 == run.token_count()
+    assert run.verify().ok
+    batches_run = int(run.sql("SELECT count(DISTINCT step) AS n FROM tokens").n[0])
+    said = captured.out + captured.err
+    assert f"{6 - batches_run} batches not recorded" in said and "cut to" in said, said
+    assert "recorded 37 tokens into" in captured.out
+    assert main([*base, "--append", "--max-tokens", "20"]) == 0
+    said = capsys.readouterr().out
+    assert "recorded 20 tokens into" in said and "(the run now holds 57)" in said
+    run = rs.open_run(out)
+    assert run.manifest["tokens"] == 57 and run.verify().ok
+
+
+def test_profile_append_line_names_this_commands_tokens(corpus, tmp_path, capsys) -> None:
+    """Item 2: `recorded N` is this command's tokens; the run's total is said separately."""
+    out = tmp_path / "run"
+    base = ["profile", "--data", str(corpus), "--out", str(out), "--max-length", "8", "--batch-size", "4"]
+    base += ["--no-router-stats", "--max-tokens", "30"]
+    assert main(base) == 0
+    first = capsys.readouterr().out
+    assert main([*base, "--append"]) == 0
+    second = capsys.readouterr().out
+    assert "recorded 30 tokens into" in first and "recorded 30 tokens into" in second
+    assert "(the run now holds 60)" in second
