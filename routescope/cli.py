@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 import pandas as pd
 
 from routescope.analysis.querying import quiet_selection
+from routescope.analysis.quick_check import quick_check
 from routescope.commands.attach import add_run_arguments, run_command
 from routescope.commands.check import add_check_arguments, check_command
 from routescope.commands.import_run import add_import_arguments, import_command
@@ -134,8 +135,10 @@ def collect_report(
     import routescope as rs
 
     m = run.manifest
+    damage = getattr(run, "damage", None)
     facts = {
-        "path": str(run.path),
+        "path": getattr(run, "uri", None) or str(run.path),  # a run on object storage keeps its s3://
+        "damage": quick_check(run) if damage is None else damage,  # cheap invariants (quick_check.py)
         "model_type": m.get("model_type"),
         "model_name": m.get("model_name"),
         "num_hidden_layers": m.get("num_hidden_layers"),
@@ -213,6 +216,17 @@ def _incomplete_banner(path: str, skipped: list[str] | None = None) -> Any:
     )
 
 
+def _damage_banner(path: str, problems: list[str]) -> Any:
+    from rich.panel import Panel
+
+    lines = "\n".join(f"- {p}" for p in problems)
+    return Panel(
+        f"DAMAGED RUN: {path}\n{lines}\nThe numbers below cannot be trusted: run `routescope check {path}` "
+        "for every failed invariant.",
+        style="bold red",
+    )
+
+
 def output_console() -> Any:
     """stdout console; wide when stdout is a file or pipe so tables are not truncated."""
     from rich.console import Console
@@ -238,6 +252,8 @@ def render_report_tables(report: dict[str, Any]) -> None:
     facts = report["run"]
     if not facts["complete"]:
         console.print(_incomplete_banner(facts["path"], facts.get("skipped_corrupt_parts")))
+    if facts.get("damage"):
+        console.print(_damage_banner(facts["path"], facts["damage"]))
     console.print(
         f"[bold]routescope report[/bold] {facts['path']}  model_type {facts['model_type']}  "
         f"tokens {facts['tokens']}  MoE layers {len(facts['moe_layers'])}  experts {fmt(facts['num_experts'])}  "
@@ -270,6 +286,11 @@ def render_report_tables(report: dict[str, Any]) -> None:
     if not facts["complete"]:
         console.print()
         console.print("[bold red]INCOMPLETE RUN[/bold red]: see the warning at the top.")
+    if facts.get("damage"):
+        console.print()
+        console.print(
+            f"[bold red]DAMAGED RUN[/bold red]: see the warning at the top (routescope check {facts['path']})."
+        )
 
 
 def render_report_json(report: dict[str, Any]) -> None:
