@@ -100,9 +100,16 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         "--follow",
         action="store_true",
         help="a run still being written: print the latest step's balance (train_step for a training "
-        "run) each time a new step lands, until the run is complete",
+        "run) each time a new step lands, until the run is complete. It sees what the writer has "
+        "flushed: a part every flush_seconds (default 10 s; rs.record / rs.watch(..., flush_seconds=1), "
+        "profile --flush-seconds) or when rows_per_part fill",
     )
-    parser.add_argument("--interval", type=float, default=2.0, help="seconds between reads with --follow")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=2.0,
+        help="seconds between reads with --follow (default 2; steps still appear only as the writer flushes)",
+    )
     parser.add_argument(
         "--engine",
         choices=("duckdb", "spark"),

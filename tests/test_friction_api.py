@@ -85,3 +85,40 @@ def test_import_sglang_help_describes_every_input(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     for needle in (".pt", ".csv", ".jsonl", "server responses", "--model", "per_token", "stat"):
         assert needle in text, needle
+
+
+def test_watch_flush_seconds_makes_steps_visible_while_training(tiny_model, tmp_path) -> None:
+    """Item 8: rs.watch(..., out_dir=, flush_seconds=) is the writer's flush interval, so a
+    reader (`report --follow`, the dashboard) sees each step soon after it ends."""
+    import time
+
+    model = tiny_model("qwen2_moe").train()
+    ids = torch.randint(1, 100, (2, 5))
+    out = tmp_path / "run"
+    with rs.watch(model, out_dir=out, flush_seconds=0.2) as watch:
+        model(input_ids=ids)
+        watch.end_step()
+        model(input_ids=ids)  # a forward of step 2: the step-1 tokens are finished
+        deadline = time.monotonic() + 5  # well under the default flush_seconds (10 s)
+        seen: list[int] = []
+        while time.monotonic() < deadline and 1 not in seen:
+            time.sleep(0.1)
+            try:
+                with rs.open_run(out) as run:
+                    seen = run.sql("SELECT DISTINCT train_step FROM tokens")["train_step"].tolist()
+            except (FileNotFoundError, rs.RunFormatError):
+                continue
+        assert 1 in seen, "step 1 was not flushed while the block ran"
+        assert watch.recorder is not None and watch.recorder.flush_seconds == 0.2
+        watch.end_step()
+
+
+def test_follow_help_says_it_follows_the_writers_flush(capsys) -> None:
+    """Item 8: `report --help` says --follow sees what the writer flushed, and how to set it."""
+    from routescope.cli import main
+
+    assert main(["report", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "flush_seconds" in text and "--flush-seconds" in text and "--interval" in text
+    assert main(["profile", "--help"]) == 0
+    assert "--flush-seconds" in capsys.readouterr().out

@@ -101,6 +101,7 @@ def profile_corpus(
     router_stats: bool = True,
     progress: bool = True,
     wait: bool | float = False,
+    flush_seconds: float = 10.0,
 ) -> Profiled:
     """Record `model` on `records` into `out`.
 
@@ -115,7 +116,10 @@ def profile_corpus(
     planned = list(batches(records, batch_size))
     seen = done = 0
     mode = "overwrite" if overwrite else "append" if append else "create"
-    with rs.record(model, out, router_stats=router_stats, mode=mode, wait=wait) as rec, torch.no_grad():
+    record = rs.record(
+        model, out, router_stats=router_stats, mode=mode, wait=wait, flush_seconds=flush_seconds
+    )
+    with record as rec, torch.no_grad():
         before = rec.tokens  # the run's tokens when this command took the lock (append)
         bar = tqdm(planned, desc="recording", unit="batch", disable=not progress)
         for labels, texts in bar:
@@ -191,6 +195,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
     parser.add_argument("--append", action="store_true", help="add to an existing run at --out")
     add_wait_argument(parser)
+    parser.add_argument(
+        "--flush-seconds",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="write a part at least every S seconds (default 10): what `report --follow` and the "
+        "dashboard of the live run can see",
+    )
     parser.add_argument("--no-router-stats", action="store_true", help="skip router_stats / router_tokens")
 
 
@@ -200,6 +212,8 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError("--max-tokens must be at least 1")
+    if getattr(args, "flush_seconds", 1.0) <= 0:
+        raise ValueError("--flush-seconds must be more than 0")
     if args.generate < 0:
         raise ValueError("--generate must be 0 or more")
     if args.overwrite and getattr(args, "append", False):
@@ -256,6 +270,7 @@ def profile_command(args: argparse.Namespace) -> int:
         append=args.append,
         router_stats=not args.no_router_stats,
         wait=wait_option(args.wait),
+        flush_seconds=args.flush_seconds,
     )
     held = f" (the run now holds {result.run_total})" if args.append else ""
     print(f"recorded {result.recorded} tokens into {result.out}{held}")
