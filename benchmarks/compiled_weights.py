@@ -76,7 +76,7 @@ def main() -> None:
         with rs.record(model, out / "eager_fwd"):
             model(**enc)
         compiled = torch.compile(model, fullgraph=True)
-        with rs.record(model, out / "compiled_fwd"):
+        with rs.record(compiled, out / "compiled_fwd"):
             compiled(**enc)
         results["torch.compile(model, fullgraph=True) forward"] = compare(
             out / "eager_fwd", out / "compiled_fwd"

@@ -17,6 +17,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pandas as pd
@@ -25,6 +26,7 @@ from routescope.analysis.querying import quiet_selection
 from routescope.analysis.quick_check import quick_check
 from routescope.commands.attach import add_run_arguments, run_command
 from routescope.commands.check import add_check_arguments, check_command
+from routescope.commands.engine_options import add_engine_arguments, spark_option
 from routescope.commands.import_run import add_import_arguments, import_command
 from routescope.commands.placement import add_placement_arguments, placement_command
 from routescope.commands.profile import (
@@ -33,6 +35,7 @@ from routescope.commands.profile import (
     profile_command,
     record_demo,
 )
+from routescope.commands.report_banners import damage_banner, incomplete_banner
 from routescope.commands.report_sections import fmt, report_sections
 from routescope.commands.super_experts import add_super_experts_arguments, super_experts_command
 from routescope.dashboard.command import add_dashboard_arguments, dashboard_command
@@ -57,13 +60,31 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-    """A warning as one line on stderr, `routescope: warning: ...` (no file name or source line)."""
+def show_warning(
+    message: Warning | str, category: type[Warning], filename: str = "", *args: Any, **kwargs: Any
+) -> None:
+    """A warning as one line on stderr, `routescope: warning: ...` (no file name or source line);
+    another package's warning keeps its own name (`warning from pyspark: ...`), never ours."""
     text = one_line(message if isinstance(message, BaseException) else Exception(message))
     if text in _SHOWN:  # the same warning from another call site of one command: once is enough
         return
     _SHOWN.add(text)
-    print(f"{PROG}: warning: {text.removeprefix('routescope: ')}", file=sys.stderr)
+    origin = warning_origin(text, category, filename)
+    where = "warning" if origin == PROG else f"warning from {origin}"
+    print(f"{PROG}: {where}: {text.removeprefix('routescope: ')}", file=sys.stderr)
+
+
+def warning_origin(text: str, category: type[Warning], filename: str) -> str:
+    """`routescope` for our warnings (their text starts with it, their class is ours, or they
+    come from any file outside an installed package), else the installed package that warned."""
+    if text.startswith("routescope") or category.__module__.startswith("routescope"):
+        return PROG
+    parts = Path(filename or "").parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts[:-1]:
+            top = parts[parts.index(marker) + 1].removesuffix(".py")
+            return PROG if top == "routescope" else top
+    return PROG
 
 
 _SHOWN: set[str] = set()
@@ -110,13 +131,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         default=2.0,
         help="seconds between reads with --follow (default 2; steps still appear only as the writer flushes)",
     )
-    parser.add_argument(
-        "--engine",
-        choices=("duckdb", "spark"),
-        default="duckdb",
-        help="query engine: duckdb (in process, default) or spark (the active or a local SparkSession; "
-        'pip install -e ".[spark]"); RUN may be a URI such as s3://bucket/runs/x',
-    )
+    add_engine_arguments(parser)
     add_skip_corrupt_argument(parser)
 
 
@@ -207,33 +222,6 @@ def _table(title: str, df: pd.DataFrame, columns: list[str], empty: str) -> Any:
     return table
 
 
-def _incomplete_banner(path: str, skipped: list[str] | None = None) -> Any:
-    from rich.panel import Panel
-
-    if skipped:
-        return Panel(
-            f"PARTIAL RUN: {len(skipped)} corrupt part(s) of {path} skipped ({', '.join(skipped)}).\n"
-            "The numbers below leave out the tokens, routing and steps those parts held.",
-            style="bold red",
-        )
-    return Panel(
-        f"INCOMPLETE RUN: {path} is still being written, or its recording crashed.\n"
-        "The numbers below cover only the parts flushed so far.",
-        style="bold red",
-    )
-
-
-def _damage_banner(path: str, problems: list[str]) -> Any:
-    from rich.panel import Panel
-
-    lines = "\n".join(f"- {p}" for p in problems)
-    return Panel(
-        f"DAMAGED RUN: {path}\n{lines}\nThe numbers below cannot be trusted: run `routescope check {path}` "
-        "for every failed invariant.",
-        style="bold red",
-    )
-
-
 def output_console() -> Any:
     """stdout console; wide when stdout is a file or pipe so tables are not truncated."""
     from rich.console import Console
@@ -258,9 +246,9 @@ def render_report_tables(report: dict[str, Any]) -> None:
     console = output_console()
     facts = report["run"]
     if not facts["complete"]:
-        console.print(_incomplete_banner(facts["path"], facts.get("skipped_corrupt_parts")))
+        console.print(incomplete_banner(facts["path"], facts.get("skipped_corrupt_parts")))
     if facts.get("damage"):
-        console.print(_damage_banner(facts["path"], facts["damage"]))
+        console.print(damage_banner(facts["path"], facts["damage"]))
     console.print(
         f"[bold]routescope report[/bold] {facts['path']}  model_type {facts['model_type']}  "
         f"tokens {facts['tokens']}  MoE layers {len(facts['moe_layers'])}  experts {fmt(facts['num_experts'])}  "
@@ -329,6 +317,7 @@ def report_command(args: argparse.Namespace) -> int:
             args.run,
             skip_corrupt=getattr(args, "skip_corrupt", False),
             engine=getattr(args, "engine", "duckdb"),
+            spark=spark_option(args),
         )
         try:
             report = collect_report(

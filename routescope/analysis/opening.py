@@ -127,7 +127,9 @@ def open_run(
     if is_remote(path):
         store = ObjectStore(str(path), storage_options)
         if not store.fs.exists(store.root):
-            raise FileNotFoundError(f"no run at {path}: nothing is stored under that prefix")
+            raise store.missing_bucket() or FileNotFoundError(
+                f"no run at {path}: nothing is stored under that prefix"
+            )
         run = RemoteRun(str(path), storage_options, skip_corrupt=skip_corrupt, engine=engine, spark=spark)
     else:
         run = open_local_run(local_path(path), skip_corrupt=skip_corrupt, engine=engine, spark=spark)
