@@ -176,10 +176,10 @@ def test_spark_report_is_quiet_and_takes_master_and_conf(tmp_path) -> None:
     spark_doc = json.loads(body)
     duck = cli("report", str(run), "--json")
     duck_doc = json.loads(duck.stdout)
-    assert (
-        spark_doc["balance"] == pytest.approx(duck_doc["balance"])
-        or spark_doc["balance"] == duck_doc["balance"]
-    )
+    assert len(spark_doc["balance"]) == len(duck_doc["balance"]) == 2
+    for got, want in zip(spark_doc["balance"], duck_doc["balance"], strict=True):
+        assert got["layer"] == want["layer"] and got["tokens"] == want["tokens"]
+        assert got["cv"] == pytest.approx(want["cv"], rel=1e-9)
     assert "pandas >= 3" not in done.stderr and "WindowExec" not in done.stderr
     assert "routescope: warning" not in done.stderr
 
