@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
+from routescope.commands.attach import parse_labels
+from routescope.commands.profile import add_wait_argument, wait_option
 from routescope.errors import RouteScopeError
 from routescope.importers.core.errors import one_clean_line
 from routescope.importers.core.files import check_output_dir
@@ -78,7 +81,38 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--out", required=True, help="run directory to write")
         sub.add_argument("--num-experts", type=int, help="routed experts per layer (default: from the dump)")
         sub.add_argument("--model-type", default="", help="model_type to put in the manifest")
-        sub.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
+        add_batch_options(sub)
+
+
+def add_batch_options(sub: argparse.ArgumentParser) -> None:
+    """Options every import subcommand shares: how the batch joins the run at --out."""
+    mode = sub.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
+    mode.add_argument(
+        "--append",
+        action="store_true",
+        help="add this file as a further batch of the run at --out (e.g. one rollout step after "
+        "another): seq_ids and steps continue after the run's, the manifest counts the whole run",
+    )
+    sub.add_argument(
+        "--labels",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="label every imported token, e.g. --labels rollout_step=12 (repeatable; a VARCHAR column of "
+        "tokens, like recorded labels: where=\"rollout_step = '12'\", specialization(by='rollout_step'))",
+    )
+    add_wait_argument(sub)
+
+
+def batch_options(args: argparse.Namespace) -> dict[str, Any]:
+    """write_imported_run's keyword arguments from the shared options."""
+    return {
+        "overwrite": args.overwrite,
+        "append": getattr(args, "append", False),
+        "labels": parse_labels(getattr(args, "labels", None) or []),
+        "wait": wait_option(getattr(args, "wait", None)),
+    }
 
 
 def import_command(args: argparse.Namespace) -> int:
@@ -111,11 +145,22 @@ def import_command(args: argparse.Namespace) -> int:
             prompt_len=args.prompt_len,
         )
     out = write_imported_run(
-        imported, args.out, model_type=args.model_type, overwrite=args.overwrite, sources=args.files
+        imported, args.out, model_type=args.model_type, sources=args.files, **batch_options(args)
     )
     kind = "expert counts" if imported.counts_only else f"{imported.token_count()} tokens"
-    print(f"imported {kind} ({imported.engine} {imported.mode}, MoE layers {imported.moe_layers}) into {out}")
+    print(
+        f"imported {kind} ({imported.engine} {imported.mode}, MoE layers {imported.moe_layers}) into {out}"
+        + _run_total(args, out)
+    )
     return 0
+
+
+def _run_total(args: argparse.Namespace, out: Any) -> str:
+    if not getattr(args, "append", False):
+        return ""
+    from routescope.store.manifest import read_manifest
+
+    return f" (appended: the run now holds {read_manifest(out).get('tokens', 0)} tokens)"
 
 
 # Options of the dump / array importers that a model config answers for server responses.
@@ -144,13 +189,13 @@ def _import_responses(args: argparse.Namespace) -> int:
         imported,
         args.out,
         model_type=args.model_type or layout.model_type,
-        overwrite=args.overwrite,
         sources=args.files,
+        **batch_options(args),
     )
     extra = imported.extra
     print(
         f"imported {imported.token_count()} tokens of {extra['sequences']} sequences from {extra['requests']} "
-        f"{args.engine} responses (MoE layers {imported.moe_layers}) into {out}"
+        f"{args.engine} responses (MoE layers {imported.moe_layers}) into {out}" + _run_total(args, out)
     )
     return 0
 
