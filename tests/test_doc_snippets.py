@@ -343,6 +343,12 @@ def test_snippets_are_found_and_markers_parse(tmp_path: Path):
     first, second = extract(doc)
     assert (first.line, first.skip, first.code) == (3, "needs a Spark session", "spark\n")
     assert (second.skip, second.code) == (None, "a = 1\n")
+    doc.write_text("<!-- snippet: needs s3, spark -->\n```python\ny = 2\n```\n", encoding="utf-8")
+    (needed,) = extract(doc)
+    assert (needed.needs, needed.skip) == (("s3", "spark"), None)
+    doc.write_text("<!-- snippet: needs gpu -->\n```python\ny = 2\n```\n", encoding="utf-8")
+    with pytest.raises(AssertionError, match="unknown snippet needs"):
+        extract(doc)
     doc.write_text("<!-- snippet: skip -->\n```python\nx\n```\n", encoding="utf-8")
     with pytest.raises(AssertionError, match="needs a reason"):
         extract(doc)
