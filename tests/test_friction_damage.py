@@ -62,6 +62,10 @@ def test_copied_parts_are_found_by_open_run_report_and_dashboard(healthy, capsys
     captured = capsys.readouterr()
     assert "DAMAGED RUN" in captured.out and f"routescope check {healthy}" in captured.out
     assert "looks damaged" in captured.err  # the open_run warning, one line
+    assert main(["report", str(healthy), "--html", str(healthy.parent / "r.html")]) == 0
+    capsys.readouterr()
+    page = (healthy.parent / "r.html").read_text(encoding="utf-8")
+    assert "DAMAGED RUN" in page and "routescope check" in page
     assert main(["report", str(healthy), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert any("same rows" in p for p in doc["run"]["damage"])
