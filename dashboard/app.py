@@ -126,6 +126,13 @@ def run_state(run_key: Any) -> tuple[Any, Any, bool]:
     except RunUnavailable as exc:
         return {"run": run_key, "version": None, "error": str(exc)}, message(str(exc), "error"), True
     state = {"run": run_key, "version": [str(v) for v in version]}
+    damage = _damage(run_key, state["version"], run)
+    if damage:
+        note = (
+            f"DAMAGED RUN: {run.path.name}: {'; '.join(damage)}. The numbers on these pages cannot be "
+            f"trusted: run `routescope check {getattr(run, 'uri', None) or run.path}` for every failed invariant."
+        )
+        return state, message(note, "error"), run.complete
     if not run.complete:
         note = (
             f"{run.path.name}: still recording (or stopped without finishing): "
@@ -142,6 +149,17 @@ def run_state(run_key: Any) -> tuple[Any, Any, bool]:
         )
         return state, message(note, "info"), False
     return state, None, True
+
+
+_DAMAGE: dict[tuple[Any, tuple[str, ...]], list[str]] = {}
+
+
+def _damage(run_key: Any, version: list[str], run: Any) -> list[str]:
+    """`run.quick_check()` once per version of the run (footers only, but not on every tick)."""
+    key = (run_key, tuple(version))
+    if key not in _DAMAGE:
+        _DAMAGE[key] = run.quick_check()
+    return _DAMAGE[key]
 
 
 def run_from_url(fragment: Any, run_value: Any) -> tuple[Any, Any]:

@@ -46,6 +46,7 @@ LAZY: dict[str, str] = {
     "replay": "routescope.capture.control.replay",
     "ban_experts": "routescope.capture.control.banning",
     "watch": "routescope.training.watch",
+    "AlertRules": "routescope.training.alerts",
 }
 
 if TYPE_CHECKING:  # static checkers and IDEs see the lazy names as ordinary imports
@@ -55,6 +56,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the lazy names as ordinary imp
     from routescope.capture.control.replay import replay
     from routescope.capture.discovery import find_routers
     from routescope.capture.recording.recorder import Recorder, record
+    from routescope.training.alerts import AlertRules
     from routescope.training.watch import watch
 
 
@@ -73,6 +75,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "SEVERITIES",
+    "AlertRules",
     "DoctorThresholds",
     "EmptySelectionWarning",
     "Recorder",

@@ -3,7 +3,8 @@
 COMMANDS maps each command name to (add_arguments, run): add_arguments fills the command's
 argparse sub-parser, run takes the parsed namespace and returns the exit code. Add a
 command by adding one entry. Bad input (RouteScopeError, ValueError, FileNotFoundError, a
-usage error) ends with one line on stderr, `routescope: error: ...`, and exit code 2.
+usage error) ends with one line on stderr, `routescope: error: ...`, and exit code 2; a run
+that another writer holds (RunBusyError) ends the same way with exit code 4 (EXIT_BUSY).
 The commands here only call the public API (`rs.open_run`, Run methods, `rs.compare`).
 """
 
@@ -14,16 +15,20 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pandas as pd
 
 from routescope.analysis.querying import first_choice_unknown, quiet_selection
+from routescope.analysis.quick_check import quick_check
 from routescope.commands.attach import add_run_arguments, run_command
 from routescope.commands.check import add_check_arguments, check_command
+from routescope.commands.compare import add_compare_arguments, compare_command
+from routescope.commands.console import add_skip_corrupt_argument, output_console, status, table
 from routescope.commands.doctor import add_doctor_arguments, doctor_command
+from routescope.commands.engine_options import add_engine_arguments, spark_option
 from routescope.commands.import_run import add_import_arguments, import_command
 from routescope.commands.index import add_index_arguments, index_command
 from routescope.commands.placement import add_placement_arguments, placement_command
@@ -33,15 +38,17 @@ from routescope.commands.profile import (
     profile_command,
     record_demo,
 )
+from routescope.commands.report_banners import damage_banner, incomplete_banner
 from routescope.commands.report_sections import fmt, report_sections
 from routescope.commands.super_experts import add_super_experts_arguments, super_experts_command
 from routescope.dashboard.command import add_dashboard_arguments, dashboard_command
-from routescope.errors import RouteScopeError
+from routescope.errors import RouteScopeError, RunBusyError
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
 RunCommand = Callable[[argparse.Namespace], int]
 PROG = "routescope"
-TABLE_ROWS = 20  # rows of a long table printed before "… N more"
+# Exit codes besides 0 and 2 (bad input); `doctor` uses 3 for critical findings.
+EXIT_BUSY = 4  # another writer holds the run (RunBusyError): retry later or pass --wait
 TOP_FINDINGS = 10  # the doctor's findings `report` shows under its verdict (DoctorThresholds.top_findings)
 
 
@@ -56,29 +63,34 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-    """A warning as one line on stderr, `routescope: warning: ...` (no file name or source line)."""
+def show_warning(
+    message: Warning | str, category: type[Warning], filename: str = "", *args: Any, **kwargs: Any
+) -> None:
+    """A warning as one line on stderr, `routescope: warning: ...` (no file name or source line);
+    another package's warning keeps its own name (`warning from pyspark: ...`), never ours."""
     text = one_line(message if isinstance(message, BaseException) else Exception(message))
     if text in _SHOWN:  # the same warning from another call site of one command: once is enough
         return
     _SHOWN.add(text)
-    print(f"{PROG}: warning: {text.removeprefix('routescope: ')}", file=sys.stderr)
+    origin = warning_origin(text, category, filename)
+    where = "warning" if origin == PROG else f"warning from {origin}"
+    print(f"{PROG}: {where}: {text.removeprefix('routescope: ')}", file=sys.stderr)
+
+
+def warning_origin(text: str, category: type[Warning], filename: str) -> str:
+    """`routescope` for our warnings (their text starts with it, their class is ours, or they
+    come from any file outside an installed package), else the installed package that warned."""
+    if text.startswith("routescope") or category.__module__.startswith("routescope"):
+        return PROG
+    parts = Path(filename or "").parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts[:-1]:
+            top = parts[parts.index(marker) + 1].removesuffix(".py")
+            return PROG if top == "routescope" else top
+    return PROG
 
 
 _SHOWN: set[str] = set()
-
-
-@contextmanager
-def status(message: str) -> Iterator[None]:
-    """A spinner on stderr while long work runs (plain and silent when stderr is not a terminal)."""
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        yield
-        return
-    with console.status(message):
-        yield
 
 
 # -- report ---------------------------------------------------------------------------
@@ -99,27 +111,18 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         "--follow",
         action="store_true",
         help="a run still being written: print the latest step's balance (train_step for a training "
-        "run) each time a new step lands, until the run is complete",
+        "run) each time a new step lands, until the run is complete. It sees what the writer has "
+        "flushed: a part every flush_seconds (default 10 s; rs.record / rs.watch(..., flush_seconds=1), "
+        "profile --flush-seconds) or when rows_per_part fill",
     )
-    parser.add_argument("--interval", type=float, default=2.0, help="seconds between reads with --follow")
     parser.add_argument(
-        "--engine",
-        choices=("duckdb", "spark"),
-        default="duckdb",
-        help="query engine: duckdb (in process, default) or spark (the active or a local SparkSession; "
-        'pip install -e ".[spark]"); RUN may be a URI such as s3://bucket/runs/x',
+        "--interval",
+        type=float,
+        default=2.0,
+        help="seconds between reads with --follow (default 2; steps still appear only as the writer flushes)",
     )
+    add_engine_arguments(parser)
     add_skip_corrupt_argument(parser)
-
-
-def add_skip_corrupt_argument(parser: argparse.ArgumentParser) -> None:
-    """`--skip-corrupt` for every command that reads a run (open_run(..., skip_corrupt=True))."""
-    parser.add_argument(
-        "--skip-corrupt",
-        action="store_true",
-        help="read a run with corrupt or truncated parts: skip them (and the rows of the same "
-        "steps in the other tables) and say what was skipped",
-    )
 
 
 COUNTS_ONLY_SKIP = (
@@ -134,8 +137,10 @@ def collect_report(
     import routescope as rs
 
     m = run.manifest
+    damage = getattr(run, "damage", None)
     facts = {
-        "path": str(run.path),
+        "path": getattr(run, "uri", None) or str(run.path),  # a run on object storage keeps its s3://
+        "damage": quick_check(run) if damage is None else damage,  # cheap invariants (quick_check.py)
         "model_type": m.get("model_type"),
         "model_name": m.get("model_name"),
         "num_hidden_layers": m.get("num_hidden_layers"),
@@ -175,60 +180,14 @@ def collect_report(
             report["skipped"][name] = why
         else:
             report[name] = section()
-    if run.has_table("expert_activations"):
+    if run.hastable("expert_activations"):
         acts = run.expert_activations()
         classified = rs.classify_super_experts(acts, int(m.get("num_hidden_layers") or 0))
         report["super_experts"] = classified[classified["is_super"]].reset_index(drop=True)
         report["super_expert_thresholds"] = dict(classified.attrs.get("thresholds", {}))
-    if run.has_table("hidden_stats"):
+    if run.hastable("hidden_stats"):
         report["massive_activations"] = rs.classify_massive(run.hidden_stats())
     return report
-
-
-def _table(title: str, df: pd.DataFrame, columns: list[str], empty: str) -> Any:
-    from rich.table import Table
-
-    cols = [c for c in columns if c in df.columns]
-    table = Table(title=title, title_justify="left", show_edge=False, header_style="bold")
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("change", "path") else "right")
-    if df.empty:
-        return f"[bold]{title}[/bold]: {empty}"
-    for row in df[cols].head(TABLE_ROWS).itertuples(index=False):
-        table.add_row(*(fmt(v.item() if hasattr(v, "item") else v) for v in row))
-    if len(df) > TABLE_ROWS:
-        table.caption = f"… {len(df) - TABLE_ROWS} more rows (use --json for all)"
-    return table
-
-
-def _incomplete_banner(path: str, skipped: list[str] | None = None) -> Any:
-    from rich.panel import Panel
-
-    if skipped:
-        return Panel(
-            f"PARTIAL RUN: {len(skipped)} corrupt part(s) of {path} skipped ({', '.join(skipped)}).\n"
-            "The numbers below leave out the tokens, routing and steps those parts held.",
-            style="bold red",
-        )
-    return Panel(
-        f"INCOMPLETE RUN: {path} is still being written, or its recording crashed.\n"
-        "The numbers below cover only the parts flushed so far.",
-        style="bold red",
-    )
-
-
-def output_console() -> Any:
-    """stdout console; wide when stdout is a file or pipe so tables are not truncated."""
-    from rich.console import Console
-
-    console = Console()
-    console = console if console.is_terminal else Console(width=160)
-    console.on_broken_pipe = _raise_broken_pipe  # rich would exit 1; main() ends quietly with 0
-    return console
-
-
-def _raise_broken_pipe() -> NoReturn:
-    raise BrokenPipeError
 
 
 BALANCE_LEGEND = (
@@ -241,7 +200,9 @@ def render_report_tables(report: dict[str, Any]) -> None:
     console = output_console()
     facts = report["run"]
     if not facts["complete"]:
-        console.print(_incomplete_banner(facts["path"], facts.get("skipped_corrupt_parts")))
+        console.print(incomplete_banner(facts["path"], facts.get("skipped_corrupt_parts")))
+    if facts.get("damage"):
+        console.print(damage_banner(facts["path"], facts["damage"]))
     console.print(
         f"[bold]routescope report[/bold] {facts['path']}  model_type {facts['model_type']}  "
         f"tokens {facts['tokens']}  MoE layers {len(facts['moe_layers'])}  experts {fmt(facts['num_experts'])}  "
@@ -269,7 +230,7 @@ def render_report_tables(report: dict[str, Any]) -> None:
         return
     for title, df, cols, empty in sections:
         console.print()
-        console.print(_table(title, df, cols, empty))
+        console.print(table(title, df, cols, empty))
         if title.startswith("Balance"):
             console.print(BALANCE_LEGEND.format(k=fmt(facts["top_k"])))
     for name, reason in report.get("skipped", {}).items():
@@ -278,6 +239,11 @@ def render_report_tables(report: dict[str, Any]) -> None:
     if not facts["complete"]:
         console.print()
         console.print("[bold red]INCOMPLETE RUN[/bold red]: see the warning at the top.")
+    if facts.get("damage"):
+        console.print()
+        console.print(
+            f"[bold red]DAMAGED RUN[/bold red]: see the warning at the top (routescope check {facts['path']})."
+        )
 
 
 def render_report_json(report: dict[str, Any]) -> None:
@@ -317,6 +283,7 @@ def report_command(args: argparse.Namespace) -> int:
             args.run,
             skip_corrupt=getattr(args, "skip_corrupt", False),
             engine=getattr(args, "engine", "duckdb"),
+            spark=spark_option(args),
         )
         try:
             report = collect_report(
@@ -331,84 +298,6 @@ def report_command(args: argparse.Namespace) -> int:
     REPORT_RENDERERS["json" if args.json else "table"](report)
     if args.html:  # on stderr, so `--json` output stays one JSON document
         print(f"wrote {args.html}", file=sys.stderr)
-    return 0
-
-
-# -- compare --------------------------------------------------------------------------
-def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_a", metavar="RUN_A", help="the reference run")
-    parser.add_argument("run_b", metavar="RUN_B", help="the run compared against it")
-    parser.add_argument("--where", help="SQL predicate over the tokens view, applied to both runs")
-    parser.add_argument(
-        "--hot-factor", type=float, default=2.0, help="hot: share >= factor / E (default 2.0)"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-    add_skip_corrupt_argument(parser)
-
-
-def render_compare_tables(result: Any) -> None:
-    console = output_console()
-    console.print(f"[bold]routescope compare[/bold] A {result.run_a}  →  B {result.run_b}")
-    for note in result.notes:
-        style = "bold red" if "INCOMPLETE" in note else "yellow"
-        console.print(f"[{style}]{note}[/{style}]")
-    bal_cols = ["layer", "tokens_a", "tokens_b", "cv_a", "cv_b", "cv_delta"]
-    bal_cols += [f"{name}_delta" for name in ("max_violation", "balancedness", "norm_entropy", "aux_loss")]
-    sections = [
-        ("Balance per MoE layer (delta = B − A)", result.balance, bal_cols, "no common layer"),
-        (
-            "Experts that changed state",
-            result.expert_changes,
-            ["layer", "expert", "change", "share_a", "share_b"],
-            "none",
-        ),
-        (
-            "Router saturation (tokens with the same content, token ids up to them, in both runs)",
-            result.saturation,
-            ["layer", "top_k", "tokens_matched", "saturation", "top1_agreement", "exact_match"],
-            "no token in common",
-        ),
-        (
-            "Token agreement over all common layers (any_layer_differs: R3's statistic; "
-            "missing_routes: B's tokens with no routing)",
-            result.token_agreement,
-            ["tokens_matched", "any_layer_differs", "missing_routes", "layers"],
-            "no token in common",
-        ),
-    ]
-    biggest = result.load.reindex(result.load["share_delta"].abs().sort_values(ascending=False).index)
-    sections.append(
-        (
-            "Largest share changes",
-            biggest,
-            ["layer", "expert", "share_a", "share_b", "share_delta", "tokens_a", "tokens_b"],
-            "no experts",
-        )
-    )
-    for title, df, cols, empty in sections:
-        console.print()
-        console.print(_table(title, df, cols, empty))
-
-
-def render_compare_json(result: Any) -> None:
-    print(json.dumps(result.to_dict(), indent=2, default=str))
-
-
-COMPARE_RENDERERS: dict[str, Callable[[Any], None]] = {
-    "table": render_compare_tables,
-    "json": render_compare_json,
-}
-
-
-def compare_command(args: argparse.Namespace) -> int:
-    """What changed between two runs: load and balance deltas, dead/hot changes, router saturation."""
-    import routescope as rs
-
-    skip = getattr(args, "skip_corrupt", False)
-    with status(f"comparing {args.run_a} and {args.run_b} …"):
-        with rs.open_run(args.run_a, skip_corrupt=skip) as a, rs.open_run(args.run_b, skip_corrupt=skip) as b:
-            result = rs.compare(a, b, where=args.where, hot_factor=args.hot_factor)
-    COMPARE_RENDERERS["json" if args.json else "table"](result)
     return 0
 
 
@@ -468,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
             _SHOWN.clear()
             warnings.showwarning = show_warning
             return int(args.handler(args) or 0)
+    except RunBusyError as exc:  # its own code: a script can retry later, or pass --wait
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_BUSY
     except (RouteScopeError, ValueError, FileNotFoundError) as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -212,9 +212,11 @@ def test_profile_cli_twice_at_once_with_wait(tmp_path):
     ]
     results = finish(procs)
     assert [code for code, _ in results] == [0, 0], results
-    said = sorted(int(text.split("recorded ")[1].split()[0]) for _, text in results)
-    assert said[1] == 2 * said[0]  # the second printed the run's total after the first's
-    assert_consistent(out, said[1])
+    said = [int(text.split("recorded ")[1].split()[0]) for _, text in results]
+    held = sorted(int(text.split("now holds ")[1].split(")")[0]) for _, text in results)
+    assert said[0] == said[1]  # each printed what it recorded ...
+    assert held == [said[0], 2 * said[0]]  # ... and the run's total after it
+    assert_consistent(out, held[1])
 
 
 def test_append_after_a_crash_between_parts_and_manifest_continues_from_the_parts(tmp_path, tiny_model):

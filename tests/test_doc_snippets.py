@@ -30,6 +30,19 @@ its fence, an HTML comment (invisible when rendered) with the reason:
 
 The snippet is then reported as skipped with that reason (`pytest -ra` lists them); a
 marker without a reason fails. Prefer making a snippet runnable over skipping it.
+
+A snippet that needs an extra or a service runs with it, and is skipped only where the extra
+is absent: `<!-- snippet: needs s3, spark -->` on the line before its fence (issue 38 item 12).
+Each need names what it provides:
+
+    trainer     transformers' Trainer on `ds`, a datasets.Dataset of the `loader` batches
+                (needs `datasets`; `tensorboard` for report_to=["tensorboard"])
+    rollout     rollout.jsonl in the working directory: SGLang /generate records of the bundled
+                model (tests/data/sglang_rollout.jsonl); `policy` (the model in train mode) and
+                `pg_loss(logits, batch)` (a stand-in policy-gradient loss)
+    s3          an S3 emulator (moto's server on loopback) with a bucket `traces`, its
+                endpoint and keys in the AWS_* environment (needs `s3fs`, `moto`)
+    spark       pyspark and Java (a local session)
 """
 
 from __future__ import annotations
@@ -51,6 +64,14 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```python[ \t]*$")
 SKIP = re.compile(r"<!--\s*snippet:\s*skip\b\s*[—–:-]?\s*(?P<reason>.*?)\s*-->")
+NEEDS = re.compile(r"<!--\s*snippet:\s*needs\s+(?P<needs>[\w, ]+?)\s*-->")
+# need -> the modules (and programs) it takes; a missing one skips the snippet, naming it
+NEED_MODULES = {
+    "trainer": ["datasets", "tensorboard"],
+    "rollout": [],
+    "s3": ["s3fs", "moto"],
+    "spark": ["pyspark", "sqlglot", "java"],
+}
 RECORDS_INTO = re.compile(r"""(?:rs\.record\([^,]+,|out_dir=)\s*["'](?P<path>runs/[^"']+)["']""")
 RUNS = ("demo", "a", "b", "base", "rollout", "train")
 
@@ -61,6 +82,7 @@ class Snippet:
     line: int  # 1-based line of the opening fence
     code: str
     skip: str | None  # the reason, when marked
+    needs: tuple[str, ...] = ()  # extras or services it runs with (NEED_MODULES)
 
     @property
     def name(self) -> str:
@@ -89,7 +111,12 @@ def extract(doc: Path) -> list[Snippet]:
             skip = marker.group("reason").strip()
             if not skip:
                 raise AssertionError(f"{doc.name}:{start + 1}: a snippet skip marker needs a reason")
-        found.append(Snippet(doc, start + 1, textwrap.dedent("\n".join(body)) + "\n", skip))
+        wanted = NEEDS.search(before)
+        needs = tuple(n.strip() for n in wanted.group("needs").split(",")) if wanted else ()
+        unknown = [n for n in needs if n not in NEED_MODULES]
+        if unknown:
+            raise AssertionError(f"{doc.name}:{start + 1}: unknown snippet needs {unknown}")
+        found.append(Snippet(doc, start + 1, textwrap.dedent("\n".join(body)) + "\n", skip, needs))
         i += 1
     return found
 
@@ -192,16 +219,106 @@ def runs(tmp_path_factory) -> Path:
     return root
 
 
+def missing_for(needs: tuple[str, ...]) -> list[str]:
+    """The modules (or programs) of `needs` this machine lacks."""
+    import importlib.util
+
+    wanted = [m for need in needs for m in NEED_MODULES[need]]
+    return [
+        m for m in wanted if (shutil.which(m) is None if m == "java" else importlib.util.find_spec(m) is None)
+    ]
+
+
+@pytest.fixture(scope="module")
+def s3_emulator():
+    """moto's S3 server on loopback with a bucket `traces` (as tests/test_object_storage.py)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("the moto S3 server did not start")
+            time.sleep(0.1)
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        key="testing", secret="testing", client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]}
+    )
+    fs.call_s3("create_bucket", Bucket="traces")
+    yield env
+    proc.terminate()
+    proc.wait(10)
+
+
+def provide(
+    needs: tuple[str, ...], names: dict[str, Any], request: pytest.FixtureRequest, monkeypatch
+) -> None:
+    """Put what each need provides in place (the module docstring lists them)."""
+    if "trainer" in needs:
+        from datasets import Dataset
+
+        rows = [
+            {"input_ids": row, "attention_mask": [1] * len(row), "labels": row}
+            for row in names["ids"].tolist() * 2
+        ]
+        names["ds"] = Dataset.from_list(rows)
+    if "rollout" in needs:
+        shutil.copy(ROOT / "tests" / "data" / "sglang_rollout.jsonl", "rollout.jsonl")
+        names["policy"] = names["model"]
+
+        def pg_loss(logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+            """A stand-in policy-gradient loss: the sampled tokens' mean log-probability."""
+            logp = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])
+            return -logp.mean()
+
+        names["pg_loss"] = pg_loss
+    if "s3" in needs:
+        for key, value in request.getfixturevalue("s3_emulator").items():
+            monkeypatch.setenv(key, value)
+
+
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[s.name for s in SNIPPETS])
-def test_doc_snippet_runs(snippet: Snippet, runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_doc_snippet_runs(
+    snippet: Snippet,
+    runs: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+):
     if snippet.skip:
         pytest.skip(f"{snippet.name}: {snippet.skip}")
+    missing = missing_for(snippet.needs)
+    if missing:
+        pytest.skip(f'{snippet.name}: needs {", ".join(missing)} (pip install -e ".[test,s3,spark]")')
     recorded = set(RECORDS_INTO.findall(snippet.code))
     for name in RUNS:
         if f"runs/{name}" not in recorded:
             shutil.copytree(runs / name, tmp_path / "runs" / name)
     monkeypatch.chdir(tmp_path)
     names = preamble()
+    provide(snippet.needs, names, request, monkeypatch)
     if (tmp_path / "runs" / "demo").exists():
         names["run"] = rs.open_run("runs/demo")
     code = compile(snippet.code, snippet.name, "exec")
@@ -226,6 +343,12 @@ def test_snippets_are_found_and_markers_parse(tmp_path: Path):
     first, second = extract(doc)
     assert (first.line, first.skip, first.code) == (3, "needs a Spark session", "spark\n")
     assert (second.skip, second.code) == (None, "a = 1\n")
+    doc.write_text("<!-- snippet: needs s3, spark -->\n```python\ny = 2\n```\n", encoding="utf-8")
+    (needed,) = extract(doc)
+    assert (needed.needs, needed.skip) == (("s3", "spark"), None)
+    doc.write_text("<!-- snippet: needs gpu -->\n```python\ny = 2\n```\n", encoding="utf-8")
+    with pytest.raises(AssertionError, match="unknown snippet needs"):
+        extract(doc)
     doc.write_text("<!-- snippet: skip -->\n```python\nx\n```\n", encoding="utf-8")
     with pytest.raises(AssertionError, match="needs a reason"):
         extract(doc)

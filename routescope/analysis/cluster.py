@@ -15,9 +15,11 @@ on first use: reading with DuckDB never loads it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -38,18 +40,40 @@ class QueryError(RouteScopeError):
     """Spark (or the translation) refused a statement; the message is the engine's."""
 
 
-def spark_session(spark: Any = None, master: str = "local[*]") -> Any:
-    """`spark`, else the active SparkSession, else a new local one (no UI, Arrow transfers)."""
+# pyspark warns on every pandas conversion under pandas >= 3 (a FutureWarning of its own
+# version check, not about anything routescope does); shown once per query it read as ours.
+PANDAS3_WARNING = "PySpark does not yet fully support pandas"
+
+
+def quiet_pyspark() -> contextlib.AbstractContextManager[Any]:
+    """A block in which pyspark's pandas >= 3 FutureWarning is not shown (that warning only)."""
+    guard = warnings.catch_warnings()
+
+    @contextlib.contextmanager
+    def block() -> Iterator[None]:
+        with guard:
+            warnings.filterwarnings("ignore", message=PANDAS3_WARNING, category=FutureWarning)
+            yield
+
+    return block()
+
+
+def spark_session(spark: Any = None, master: str = "local[*]", conf: Mapping[str, str] | None = None) -> Any:
+    """`spark`, else the active SparkSession, else a new one on `master` (default local, no UI,
+    Arrow transfers) with `conf` (spark.* settings, e.g. spark.jars.packages) on top. A session
+    made here logs at ERROR only: Spark's WARN lines (WindowExec's "No Partition Defined" for
+    the metrics' whole-layer windows) are not the user's to act on."""
     if spark is not None:
         return spark
     try:
         from pyspark.sql import SparkSession
     except ImportError as exc:
         raise ImportError(SPARK_HINT) from exc
+    warnings.filterwarnings("ignore", message=PANDAS3_WARNING, category=FutureWarning)
     active = SparkSession.getActiveSession()
-    if active is not None:
+    if active is not None and not conf:
         return active
-    return (
+    builder = (
         SparkSession.builder.master(master)
         .appName("routescope")
         .config("spark.ui.enabled", "false")
@@ -57,7 +81,36 @@ def spark_session(spark: Any = None, master: str = "local[*]") -> Any:
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.shuffle.partitions", "8")
         .config("spark.sql.session.timeZone", "UTC")
-        .getOrCreate()
+    )
+    for key, value in (conf or {}).items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("ERROR")
+    return session
+
+
+def hadoop_version(session: Any) -> str | None:
+    """The Hadoop version of the session's JVM (what a hadoop-aws package must match)."""
+    try:
+        return str(session.sparkContext._jvm.org.apache.hadoop.util.VersionInfo.getVersion())
+    except Exception:
+        return None
+
+
+def missing_filesystem(exc: BaseException, session: Any, url: str) -> RouteScopeError | None:
+    """One clear line for Spark's ClassNotFoundException / "No FileSystem for scheme" on an
+    object-storage URL (its Hadoop has no S3A filesystem: hadoop-aws is not on the classpath)."""
+    text = str(exc)
+    if "S3AFileSystem" not in text and "No FileSystem for scheme" not in text:
+        return None
+    version = hadoop_version(session) or "<the Hadoop version of your Spark>"
+    scheme = url.split("://", 1)[0]
+    return RouteScopeError(
+        f"Spark cannot read {url}: its Hadoop {version} has no filesystem for {scheme}:// (the hadoop-aws "
+        f"package is missing). Add it: routescope report ... --engine spark --conf "
+        f"spark.jars.packages=org.apache.hadoop:hadoop-aws:{version} (in Python: spark.jars.packages on "
+        f"your SparkSession, or spark-submit --packages org.apache.hadoop:hadoop-aws:{version}); "
+        "docs/spark_and_object_storage.md has the recipe"
     )
 
 
@@ -82,7 +135,8 @@ class SparkResult:
         if self.frame is None:
             return pd.DataFrame()
         try:
-            return self.frame.toPandas()
+            with quiet_pyspark():
+                return self.frame.toPandas()
         except _errors() as exc:
             raise QueryError(_message(exc)) from None
 
@@ -106,7 +160,8 @@ class SparkRelation:
         self.con, self.table = con, table
 
     def query(self, name: str, sql: str) -> SparkResult:
-        frame = self.con.session.createDataFrame(self.table.to_pandas())
+        with quiet_pyspark():
+            frame = self.con.session.createDataFrame(self.table.to_pandas())
         frame.createOrReplaceTempView(name)
         return self.con.execute(sql)
 
@@ -173,9 +228,14 @@ class SparkConnection:
             if not files:
                 frame = self.session.sql(to_spark(empty_select(table, labels)))
             else:
-                frame = (
-                    self.session.read.option("basePath", base).option("mergeSchema", "true").parquet(*files)
-                )
+                reader = self.session.read.option("basePath", base).option("mergeSchema", "true")
+                try:
+                    frame = reader.parquet(*files)
+                except Exception as exc:
+                    clear = missing_filesystem(exc, self.session, base)
+                    if clear is None:
+                        raise
+                    raise clear from None
                 if table == schema.TOKENS:
                     frame = _with_token_defaults(frame, labels)
             frame.createOrReplaceTempView(table)

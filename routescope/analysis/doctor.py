@@ -24,6 +24,7 @@ from routescope.analysis import metrics
 from routescope.analysis.doctor_drift import drift_findings
 from routescope.analysis.doctor_rules import SEVERITY_RANK, DoctorThresholds, finding, judge_layer
 from routescope.analysis.querying import counts_only, query
+from routescope.analysis.quick_check import quick_check
 from routescope.analysis.runview import RunView as Run
 from routescope.analysis.sqlfiles import get_query
 from routescope.analysis.superexperts import classify_super_experts
@@ -77,8 +78,9 @@ def step_loads(run: Run, where: str | None) -> pd.DataFrame:
 
 # -- the checks -----------------------------------------------------------------------------
 def damage_findings(ctx: Context) -> list[dict[str, Any]]:
-    """Cheap invariants, parts against manifest (the full check is `routescope check`). One
-    function so that a shared cheap check (issue 38) can replace it."""
+    """Cheap invariants (the full check is `routescope check`): skipped corrupt parts, an
+    incomplete manifest, and `quick_check` (parts against the manifest, copied parts, from
+    Parquet footers only), the check `open_run`, `report` and the dashboard share."""
     run, m, out = ctx.run, ctx.run.manifest, []
     check = "run `routescope check RUN` for the full invariant check"
     skipped = m.get("skipped_corrupt_parts") or []
@@ -108,9 +110,10 @@ def damage_findings(ctx: Context) -> list[dict[str, Any]]:
                 f"wait for the recording to finish, or {check}",
             )
         )
-    elif not skipped and not counts_only(run):
-        rows = int(query(run, "doctor_token_rows")["tokens"].iloc[0])
-        if rows != int(m.get("tokens") or 0):
+    if not skipped:
+        # parts against the manifest and copied parts, from footers only (analysis/quick_check.py)
+        problems = run.damage if getattr(run, "damage", None) else quick_check(run)
+        for problem in problems:
             out.append(
                 finding(
                     "critical",
@@ -118,7 +121,7 @@ def damage_findings(ctx: Context) -> list[dict[str, Any]]:
                     None,
                     None,
                     None,
-                    f"the manifest counts {int(m.get('tokens') or 0):,} tokens, the parts hold {rows:,}",
+                    problem,
                     check,
                     sql="SELECT count(*) FROM tokens",
                 )

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from routescope import schema
 from routescope.analysis.database import check_parts, views_over_parts
 from routescope.analysis.engines import is_spark
+from routescope.analysis.quick_check import warn_if_damaged
 from routescope.analysis.run import Run, merge_rank_manifests
 from routescope.analysis.run import open_run as open_local_run
 from routescope.store.remote import ObjectStore, is_remote, local_path, read_remote_manifest
@@ -123,10 +124,18 @@ def open_run(
     not a run or holds a corrupt part, unless `skip_corrupt=True`, which reads the rest and lists
     the skipped parts in `Run.skipped` (with a warning; the views then keep only the tokens,
     routing and steps every table still holds, and `run.manifest` says so: docs/reliability.md).
+    A run whose cheap invariants fail (a copied part, parts that disagree with the manifest:
+    analysis/quick_check.py) opens with a RuntimeWarning naming `routescope check`, and its
+    problems in `run.damage`.
     """
     if is_remote(path):
         store = ObjectStore(str(path), storage_options)
         if not store.fs.exists(store.root):
-            raise FileNotFoundError(f"no run at {path}: nothing is stored under that prefix")
-        return RemoteRun(str(path), storage_options, skip_corrupt=skip_corrupt, engine=engine, spark=spark)
-    return open_local_run(local_path(path), skip_corrupt=skip_corrupt, engine=engine, spark=spark)
+            raise store.missing_bucket() or FileNotFoundError(
+                f"no run at {path}: nothing is stored under that prefix"
+            )
+        run = RemoteRun(str(path), storage_options, skip_corrupt=skip_corrupt, engine=engine, spark=spark)
+    else:
+        run = open_local_run(local_path(path), skip_corrupt=skip_corrupt, engine=engine, spark=spark)
+    warn_if_damaged(run)  # manifests and footers only: a copied part or a wrong count says so at once
+    return run

@@ -48,6 +48,7 @@ class Run:
         self.engine = engine
         self.con = connect(engine, threads=threads, spark=spark)
         self.skipped: list[Path] = []
+        self.damage: list[str] = []  # quick_check's findings, set by open_run (analysis/quick_check.py)
         self.manifest: dict[str, Any] = {}
         self.refresh()
 
@@ -229,6 +230,15 @@ class Run:
         from routescope.analysis.verify import verify_run
 
         return verify_run(self.path)
+
+    def quick_check(self) -> list[str]:
+        """The cheap invariants (copied parts, parts against the manifest), from manifests and
+        part footers only: one sentence per problem, [] when none. `open_run` runs it and warns;
+        `verify()` is the full check (analysis/quick_check.py)."""
+        from routescope.analysis.quick_check import quick_check
+
+        self.damage = quick_check(self)
+        return self.damage
 
     def close(self) -> None:
         self.con.close()

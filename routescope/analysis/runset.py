@@ -237,6 +237,8 @@ def _duck_type(table: str, col: str) -> Any:
 def _spark_views(runs: RunSet, parts: dict[str, list[tuple[int, Member, list[str]]]]) -> None:
     from pyspark.sql import functions as F
 
+    from routescope.analysis.cluster import missing_filesystem
+
     session = runs.con.session
     for table, per_run in parts.items():
         if not per_run:
@@ -248,8 +250,14 @@ def _spark_views(runs: RunSet, parts: dict[str, list[tuple[int, Member, list[str
         union = None
         for index, member, files in per_run:
             base = spark_url(member.table_url(table)) if member.store else member.table_url(table)
-            frame = session.read.option("basePath", base).option("mergeSchema", "true")
-            frame = frame.parquet(*[spark_url(f) if member.store else f for f in files])
+            reader = session.read.option("basePath", base).option("mergeSchema", "true")
+            try:
+                frame = reader.parquet(*[spark_url(f) if member.store else f for f in files])
+            except Exception as exc:  # no hadoop-aws: one line with the recipe (cluster.py)
+                clear = missing_filesystem(exc, session, base)
+                if clear is None:
+                    raise
+                raise clear from None
             if "seq_id" in frame.columns:
                 frame = frame.withColumn("seq_id", F.col("seq_id") + F.lit(index << RUN_SHIFT))
             if table == schema.TOKENS:

@@ -330,6 +330,9 @@ class WeightRule:
     compute: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (router, logits, ids)
     note: str = ""
 
+    def __repr__(self) -> str:  # `replayer.rules` prints one short line per layer, not the function
+        return f"WeightRule({self.name!r})"
+
 
 WEIGHT_RULES: tuple[WeightRule, ...] = (
     WeightRule(

@@ -173,6 +173,12 @@ def render_html(run: Any, report: dict[str, Any]) -> str:
             "the numbers cover only the parts flushed so far.</p>"
         )
     parts += doctor_html(report.get("doctor"))
+    if facts.get("damage"):  # analysis/quick_check.py
+        problems = "; ".join(html.escape(p) for p in facts["damage"])
+        parts.append(
+            f"<p class='banner'>DAMAGED RUN: {problems}. The numbers cannot be trusted: run "
+            f"<code>routescope check {html.escape(str(facts['path']))}</code> for every failed invariant.</p>"
+        )
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     parts += [facts_html({**facts, "generated": stamp}), "<h2>Figures</h2>"]
     for heading, fig, caption, *numbers in figure_sections(run, report):

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
+from routescope.commands.attach import parse_labels
 from routescope.commands.import_megatron import add_megatron_parser, import_megatron_command
+from routescope.commands.profile import add_wait_argument, wait_option
 from routescope.errors import RouteScopeError
 from routescope.importers.core.errors import one_clean_line
 from routescope.importers.core.files import check_output_dir
@@ -24,12 +27,20 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     engines = parser.add_subparsers(dest="engine", metavar="{sglang,vllm,megatron}", required=True)
     sglang = engines.add_parser(
         "sglang",
-        help="SGLang expert-distribution-recorder dumps (per_token, per_pass, stat, stat_approx)",
-        description="Convert SGLang ExpertDistributionRecorder .pt dumps; per_token mode gives tokens + "
-        "routing, the count modes a counts-only run (table expert_counts).",
+        help="SGLang expert-distribution-recorder dumps (.pt, .csv) or server responses (.json, .jsonl)",
+        description="Convert what SGLang writes into a run. Accepted inputs: (1) ExpertDistributionRecorder "
+        ".pt dumps, one per rank: per_token mode gives tokens + routing, the count modes (per_pass, stat, "
+        "stat_approx) a counts-only run (table expert_counts; --top-k required); (2) the oldest layout, "
+        "expert_distribution_rank{R}_timestamp{T}.csv counts; (3) with --model CONFIG, server responses "
+        "(JSON lines or a JSON list of /generate records whose meta_info carries routed_experts, as "
+        "RL rollouts keep them; --prompts for records without prompt ids). docs/replay.md has the layouts.",
     )
     sglang.add_argument(
-        "files", nargs="+", metavar="FILE", help=".pt dump(s) (or oldest-layout .csv), one per rank"
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help=".pt dump(s) or oldest-layout .csv, one per rank; or one .json/.jsonl of server responses "
+        "with --model",
     )
     sglang.add_argument("--top-k", type=int, help="experts per token (required for the count modes)")
     sglang.add_argument(
@@ -71,8 +82,39 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--out", required=True, help="run directory to write")
         sub.add_argument("--num-experts", type=int, help="routed experts per layer (default: from the dump)")
         sub.add_argument("--model-type", default="", help="model_type to put in the manifest")
-        sub.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
+        add_batch_options(sub)
     add_megatron_parser(engines)
+
+
+def add_batch_options(sub: argparse.ArgumentParser) -> None:
+    """Options every import subcommand shares: how the batch joins the run at --out."""
+    mode = sub.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
+    mode.add_argument(
+        "--append",
+        action="store_true",
+        help="add this file as a further batch of the run at --out (e.g. one rollout step after "
+        "another): seq_ids and steps continue after the run's, the manifest counts the whole run",
+    )
+    sub.add_argument(
+        "--labels",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="label every imported token, e.g. --labels rollout_step=12 (repeatable; a VARCHAR column of "
+        "tokens, like recorded labels: where=\"rollout_step = '12'\", specialization(by='rollout_step'))",
+    )
+    add_wait_argument(sub)
+
+
+def batch_options(args: argparse.Namespace) -> dict[str, Any]:
+    """write_imported_run's keyword arguments from the shared options."""
+    return {
+        "overwrite": args.overwrite,
+        "append": getattr(args, "append", False),
+        "labels": parse_labels(getattr(args, "labels", None) or []),
+        "wait": wait_option(getattr(args, "wait", None)),
+    }
 
 
 def import_command(args: argparse.Namespace) -> int:
@@ -107,11 +149,22 @@ def import_command(args: argparse.Namespace) -> int:
             prompt_len=args.prompt_len,
         )
     out = write_imported_run(
-        imported, args.out, model_type=args.model_type, overwrite=args.overwrite, sources=args.files
+        imported, args.out, model_type=args.model_type, sources=args.files, **batch_options(args)
     )
     kind = "expert counts" if imported.counts_only else f"{imported.token_count()} tokens"
-    print(f"imported {kind} ({imported.engine} {imported.mode}, MoE layers {imported.moe_layers}) into {out}")
+    print(
+        f"imported {kind} ({imported.engine} {imported.mode}, MoE layers {imported.moe_layers}) into {out}"
+        + _run_total(args, out)
+    )
     return 0
+
+
+def _run_total(args: argparse.Namespace, out: Any) -> str:
+    if not getattr(args, "append", False):
+        return ""
+    from routescope.store.manifest import read_manifest
+
+    return f" (appended: the run now holds {read_manifest(out).get('tokens', 0)} tokens)"
 
 
 # Options of the dump / array importers that a model config answers for server responses.
@@ -140,13 +193,13 @@ def _import_responses(args: argparse.Namespace) -> int:
         imported,
         args.out,
         model_type=args.model_type or layout.model_type,
-        overwrite=args.overwrite,
         sources=args.files,
+        **batch_options(args),
     )
     extra = imported.extra
     print(
         f"imported {imported.token_count()} tokens of {extra['sequences']} sequences from {extra['requests']} "
-        f"{args.engine} responses (MoE layers {imported.moe_layers}) into {out}"
+        f"{args.engine} responses (MoE layers {imported.moe_layers}) into {out}" + _run_total(args, out)
     )
     return 0
 

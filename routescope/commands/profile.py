@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,31 @@ def batches(records: list[TextRecord], batch_size: int) -> Iterator[tuple[dict[s
             yield dict(labels), texts[i : i + batch_size]
 
 
+@dataclass(frozen=True)
+class Profiled:
+    """What one `profile_corpus` call did: the run, the tokens it recorded (prompt and
+    generated) and the run's total afterwards (larger with --append), and the batches run."""
+
+    out: Path
+    recorded: int
+    run_total: int
+    batches: int
+    planned: int
+
+
+def cut_to_budget(enc: dict[str, Any], budget: int, tokenizer: Any) -> dict[str, Any]:
+    """The first `budget` prompt tokens of a tokenized batch: whole rows while they fit, then
+    the first tokens of the next row (re-padded on the tokenizer's side); later rows dropped."""
+    rows = []
+    for ids, mask in zip(enc["input_ids"].tolist(), enc["attention_mask"].tolist(), strict=True):
+        if budget <= 0:
+            break
+        kept = [t for t, m in zip(ids, mask, strict=True) if m][:budget]
+        rows.append(kept)
+        budget -= len(kept)
+    return dict(tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt"))
+
+
 def profile_corpus(
     model: Any,
     tokenizer: Any,
@@ -75,22 +101,36 @@ def profile_corpus(
     router_stats: bool = True,
     progress: bool = True,
     wait: bool | float = False,
-) -> Path:
-    """Record `model` on `records` into `out`; returns the run directory."""
+    flush_seconds: float = 10.0,
+) -> Profiled:
+    """Record `model` on `records` into `out`.
+
+    `max_tokens`: record at most that many prompt tokens: the batch that reaches the limit is
+    cut (whole rows, then the first tokens of one row), so exactly `max_tokens` prompt tokens
+    are recorded when the corpus has them; with `generate`, generated tokens come on top."""
     import torch
 
     device = next(model.parameters()).device
     if generate:
         tokenizer.padding_side = "left"  # decoder-only generation continues from the last column
     planned = list(batches(records, batch_size))
-    seen = 0
+    seen = done = 0
     mode = "overwrite" if overwrite else "append" if append else "create"
-    with rs.record(model, out, router_stats=router_stats, mode=mode, wait=wait) as rec, torch.no_grad():
+    record = rs.record(
+        model, out, router_stats=router_stats, mode=mode, wait=wait, flush_seconds=flush_seconds
+    )
+    with record as rec, torch.no_grad():
+        before = rec.tokens  # the run's tokens when this command took the lock (append)
         bar = tqdm(planned, desc="recording", unit="batch", disable=not progress)
         for labels, texts in bar:
             if labels:
                 rec.set_labels(**labels)
             enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+            enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            size = int(enc["attention_mask"].sum())
+            cut = bool(max_tokens) and seen + size > max_tokens
+            if cut:
+                enc = cut_to_budget(enc, max_tokens - seen, tokenizer)
             enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
             if generate:
                 model.generate(
@@ -98,16 +138,19 @@ def profile_corpus(
                 )
             else:
                 model(**enc)
-            seen += int(enc["attention_mask"].sum())
+            taken = int(enc["attention_mask"].sum())
+            seen += taken
+            done += 1
             bar.set_postfix_str(f"prompt tokens={seen:,}")
             if max_tokens and seen >= max_tokens:
-                left = len(planned) - bar.n - 1
-                if left > 0:
-                    bar.write(
-                        f"--max-tokens {max_tokens:,} reached after {seen:,} prompt tokens; {left} batches not recorded"
-                    )
+                left = len(planned) - done  # counted here: tqdm's bar.n lags until it redraws
+                if left > 0 or cut:
+                    how = f"the last batch cut to {taken:,} of its {size:,} prompt tokens; " if cut else ""
+                    bar.write(f"--max-tokens {max_tokens:,} reached: {how}{left} batches not recorded")
                 break
-    return Path(out)
+        bar.close()
+    total = rec.tokens
+    return Profiled(Path(out), total - before, total, done, len(planned))
 
 
 def balanced(records: list[TextRecord], label: str, per_value: int) -> list[TextRecord]:
@@ -136,7 +179,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", nargs="*", help="JSONL fields to record as labels (default: all others)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256, help="tokens per sequence (truncation)")
-    parser.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        metavar="T",
+        help="record at most T prompt tokens: the batch that reaches T is cut (whole rows, then the first "
+        "tokens of one row), so exactly T are recorded when the data has them (--generate adds its tokens)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
     parser.add_argument(
@@ -145,6 +195,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
     parser.add_argument("--append", action="store_true", help="add to an existing run at --out")
     add_wait_argument(parser)
+    parser.add_argument(
+        "--flush-seconds",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="write a part at least every S seconds (default 10): what `report --follow` and the "
+        "dashboard of the live run can see",
+    )
     parser.add_argument("--no-router-stats", action="store_true", help="skip router_stats / router_tokens")
 
 
@@ -152,6 +210,10 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("batch_size", "max_length"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError("--max-tokens must be at least 1")
+    if getattr(args, "flush_seconds", 1.0) <= 0:
+        raise ValueError("--flush-seconds must be more than 0")
     if args.generate < 0:
         raise ValueError("--generate must be 0 or more")
     if args.overwrite and getattr(args, "append", False):
@@ -195,7 +257,7 @@ def profile_command(args: argparse.Namespace) -> int:
     check_out(args.out, args.overwrite, args.append)
     records = read_texts(args.data or bundled_corpus(), args.text_field, args.labels)
     model, tokenizer = load_model(args.model or bundled_model(), args.device, args.dtype)
-    out = profile_corpus(
+    result = profile_corpus(
         model,
         tokenizer,
         records,
@@ -208,9 +270,10 @@ def profile_command(args: argparse.Namespace) -> int:
         append=args.append,
         router_stats=not args.no_router_stats,
         wait=wait_option(args.wait),
+        flush_seconds=args.flush_seconds,
     )
-    run = rs.open_run(out)
-    print(f"recorded {run.manifest['tokens']} tokens into {out}")
+    held = f" (the run now holds {result.run_total})" if args.append else ""
+    print(f"recorded {result.recorded} tokens into {result.out}{held}")
     return 0
 
 

@@ -154,6 +154,26 @@ def _busy(path: Path, holder: LockHolder | None, waited: bool) -> RunBusyError:
     )
 
 
+def acquire_announced(lock: RunLock, wait: bool | float, where: str) -> LockHolder | None:
+    """`lock.acquire(wait)`, but a writer that has to wait says so first, once, naming the holder
+    (a RuntimeWarning: the CLI prints it as one line, `--wait` is no longer silent)."""
+    if wait is False or wait is None:
+        return lock.acquire(False)
+    _deadline(wait)  # a bad value fails before anything else
+    try:
+        return lock.acquire(False)
+    except RunBusyError as busy:
+        holder = busy.holder
+        who = holder.describe() if holder else "another writer"
+        how_long = "as long as it takes" if wait is True else f"up to {float(wait):g} s"
+        warnings.warn(
+            f"routescope: {where} is being written by {who}; waiting for it ({how_long})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return lock.acquire(wait)
+
+
 def _warn_taken_over(path: Path, previous: LockHolder, why: str) -> None:
     warnings.warn(
         f"routescope: took over the lock of {path.parent} from {previous.describe()}, {why}",

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from routescope import schema
 from routescope.errors import RunFormatError
-from routescope.store.lock import LockHolder, _busy, _deadline
+from routescope.store.lock import LockHolder, _busy, _deadline, acquire_announced
 from routescope.store.manifest import MANIFEST_NAME, REQUIRED_KEYS
 from routescope.store.rundir import MODES, RunDirectory
 from routescope.store.writer import PartWriter
@@ -83,6 +83,24 @@ class ObjectStore:
 
     def key(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
+
+    @property
+    def bucket(self) -> str:
+        """The bucket (container) of the prefix: its first path component."""
+        return self.root.split("/", 1)[0]
+
+    def missing_bucket(self) -> FileNotFoundError | None:
+        """A one-line error naming the bucket when it does not exist (None when it does, or
+        when the store cannot tell: then the store's own error stands)."""
+        try:
+            if self.fs.exists(self.bucket):
+                return None
+        except Exception:
+            return None
+        return FileNotFoundError(
+            f"bucket {self.bucket!r} of {self.uri} does not exist (or these credentials cannot see it): "
+            f"create it first (e.g. `aws s3 mb {self.protocol}://{self.bucket}`) or fix the URI"
+        )
 
     def url(self, key: str) -> str:
         """What DuckDB (given this filesystem) and Spark open: protocol://key."""
@@ -241,7 +259,13 @@ class RemoteRunDirectory(RunDirectory):
         if self._lock is not None:
             return None
         lock = ObjectLock(self.store, self._lock_name(self.rank), self.rank)
-        previous = lock.acquire(wait)
+        try:
+            previous = acquire_announced(lock, wait, self.store.uri)
+        except FileNotFoundError:  # the lock is the first PUT: a missing bucket fails here
+            missing = self.store.missing_bucket()
+            if missing is None:
+                raise
+            raise missing from None
         self._lock = lock
         return previous
 

@@ -38,7 +38,7 @@ from routescope.store.layout import (
     part_path,
     table_dir,
 )
-from routescope.store.lock import LockHolder, RunLock, lock_for
+from routescope.store.lock import LockHolder, RunLock, acquire_announced, lock_for
 from routescope.store.manifest import MANIFEST_NAME, read_manifest, write_manifest
 
 MODES = ("create", "overwrite", "append")
@@ -100,7 +100,7 @@ class RunDirectory:
             return None
         self.path.mkdir(parents=True, exist_ok=True)
         lock = lock_for(lock_path(self.path, self.rank), self.rank)
-        previous = lock.acquire(wait)
+        previous = acquire_announced(lock, wait, str(self.path))
         self._lock = lock
         return previous
 

@@ -149,11 +149,14 @@ class Watch:
     def end_step(self, read: bool = True) -> dict[str, float] | None:
         """Custom loops: call once per optimizer step, after `optimizer.step()`.
 
-        Returns the scalars of the tokens since the previous read (read=False only advances
-        the step, so the next read covers several steps)."""
+        Returns the scalars of the tokens since the previous read, with `train_step`, the
+        optimizer step that just ended (as in `history`); {} when nothing was counted since
+        then. read=False only advances the step, so the next read covers several steps, and
+        returns None."""
+        step = self.train_step
         values = self.scalars() if read else None
         self.train_step += 1
-        return values
+        return {"train_step": step, **values} if values else values
 
 
 class _WatchCallback(TrainerCallback):

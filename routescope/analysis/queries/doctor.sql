@@ -23,10 +23,6 @@ SEMI JOIN selected_tokens s USING (seq_id, pos)
 GROUP BY r.layer
 ORDER BY r.layer
 
--- name: doctor_token_rows
--- Rows of the tokens view (the damage check compares them with the manifest's count).
-SELECT count(*)::BIGINT AS tokens FROM tokens
-
 -- name: show_expert_load
 -- The routing slots of every expert of layer $layer, most loaded first.
 SELECT expert, count(*) AS slots, count(*) / sum(count(*)) OVER () AS share

@@ -289,13 +289,15 @@ class SequenceTracker:
 
 
 def output_cache(output: Any) -> Any:
-    """The cache a forward returned, under either name (read as a mapping key: the
-    `past_key_values` attribute of 5.24 outputs logs a deprecation warning)."""
+    """The cache a forward returned, under either name. Only names the output holds are read:
+    on 5.24+ outputs both the `past_key_values` attribute and the key (`get`, `[]`) log a
+    deprecation warning, also when the cache is None (`use_cache=False`)."""
     if output is None:
         return None
     if hasattr(output, "keys") and hasattr(output, "get"):
-        cache = output.get("cache")
-        return cache if cache is not None else output.get("past_key_values")
+        held = output.keys()
+        name = next((n for n in ("cache", "past_key_values") if n in held), None)
+        return output[name] if name is not None else None
     return getattr(output, "cache", None)
 
 

@@ -14,9 +14,16 @@ from typing import Any
 import numpy as np
 
 from routescope import schema
+from routescope.importers.core.batches import (
+    appended_manifest,
+    check_same_model,
+    continue_batch,
+    counters,
+    label_batch,
+)
 from routescope.importers.core.errors import ImportFormatError, RunExistsError
 from routescope.importers.core.files import check_output_dir
-from routescope.store.manifest import MANIFEST_NAME, write_manifest
+from routescope.store.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from routescope.store.rundir import RunDirectory, base_manifest
 from routescope.store.writer import PartWriter
 
@@ -97,20 +104,41 @@ def write_imported_run(
     overwrite: bool = False,
     sources: Sequence[str | Path] = (),
     wait: bool | float = False,
+    append: bool = False,
+    labels: dict[str, str] | None = None,
 ) -> Path:
-    """Write `imported` as a run directory at `out` (refuses an existing run unless `overwrite`).
+    """Write `imported` as a run directory at `out` (refuses an existing run unless `overwrite`,
+    or `append`, which adds it as a further batch: seq_ids and steps continue, core/batches.py).
+    `labels`: a VARCHAR column per name in tokens, the same value on every row of this batch.
 
     Holds the run's writer lock throughout (RunBusyError while another writer has it, or `wait`)."""
     out = check_output_dir(out)
     if not imported.moe_layers:
         named = ", ".join(str(s) for s in sources) or "the input"
         raise ImportFormatError(f"{named}: no MoE layer has any routed token; nothing to import")
-    if (out / MANIFEST_NAME).exists() and not overwrite:
-        raise RunExistsError(f"{out} already holds a routescope run; pass --overwrite to replace it")
+    if overwrite and append:
+        raise ValueError("--overwrite and --append exclude each other: pick one")
+    if append and imported.rank_tables:
+        raise ValueError(
+            "--append takes single-rank imports; a multi-rank import (Megatron traces) writes one run per "
+            "import: read several together with rs.open_runs([...])"
+        )
+    if (out / MANIFEST_NAME).exists() and not (overwrite or append):
+        raise RunExistsError(
+            f"{out} already holds a routescope run; pass --overwrite to replace it or --append to add to it"
+        )
+    imported = label_batch(imported, labels or {})
+    mode = "overwrite" if overwrite else "append" if append else "create"
     with RunDirectory(out) as run_dir:
-        run_dir.prepare("overwrite" if overwrite else "create", imported.moe_layers, wait=wait)
+        start = run_dir.prepare(mode, imported.moe_layers, wait=wait)
+        old = read_manifest(out) if append and (out / MANIFEST_NAME).exists() else {}
+        if append:
+            check_same_model(old, imported)
+            imported = continue_batch(imported, start, run_dir._own_parts())
         _write_tables(imported, out)
-        manifest = build_manifest(imported, model_type, sources)
+        manifest = {**build_manifest(imported, model_type, sources), **counters(imported)}
+        if old:
+            manifest = appended_manifest(manifest, old, start)
         for rank, fragment in _rank_manifests(imported, manifest).items():
             write_manifest(out, fragment, name=f"manifest.rank={rank}.json")
         run_dir.write_manifest(manifest)
