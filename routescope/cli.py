@@ -180,12 +180,12 @@ def collect_report(
             report["skipped"][name] = why
         else:
             report[name] = section()
-    if run.hastable("expert_activations"):
+    if run.has_table("expert_activations"):
         acts = run.expert_activations()
         classified = rs.classify_super_experts(acts, int(m.get("num_hidden_layers") or 0))
         report["super_experts"] = classified[classified["is_super"]].reset_index(drop=True)
         report["super_expert_thresholds"] = dict(classified.attrs.get("thresholds", {}))
-    if run.hastable("hidden_stats"):
+    if run.has_table("hidden_stats"):
         report["massive_activations"] = rs.classify_massive(run.hidden_stats())
     return report
 
