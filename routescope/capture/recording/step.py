@@ -8,6 +8,7 @@ the end (non-blocking into pinned memory on CUDA), and submits a HostStep to the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,9 +31,9 @@ class StepBuffers:
     positions: torch.Tensor  # [B, S]
     valid: torch.Tensor  # [B, S] bool
     valid_flat: torch.Tensor  # [B*S] float32, for masked sums in the stats hooks
-    routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # (layers, expert ids [L, tokens, k], weights [L, tokens, k]) per device and k (capture/recording/sink.py)
+    groups: list[tuple[list[int], torch.Tensor, torch.Tensor]] = field(default_factory=list)
     stats: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    calls: dict[int, int] = field(default_factory=dict)
     valid_by_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
     stack: str = schema.STACK_DECODER  # encoder or decoder
     modality: torch.Tensor | None = None  # [B, S] int8 codes (capture/recording/modality.py); None: all text
@@ -52,20 +53,8 @@ class StepBuffers:
         return mask
 
     def finish(self, num_experts: dict[int, int], with_weights: bool) -> HostStep:
-        """Check the step, stack its tensors and start their copy to the host."""
+        """Start the step's copy to the host: a fixed number of copies whatever the depth."""
         step = self
-        layers = sorted(step.routing)
-        twice = [layer for layer in layers if step.calls.get(layer, 0) > 1]
-        if twice:
-            raise RouteScopeError(f"MoE layers {twice} ran more than once in one forward; cannot record them")
-        expected = step.batch_tokens
-        pairs = [step.routing[layer] for layer in layers]
-        for layer, (indices, _) in zip(layers, pairs, strict=True):
-            if indices.shape[0] != expected:
-                raise RouteScopeError(
-                    f"layer {layer} routed {indices.shape[0]} tokens, but the forward had {expected} "
-                    "(batch x sequence); this router layout is not supported yet"
-                )
         tensors: dict[str, torch.Tensor] = {
             "token_ids": step.token_ids.to(torch.int32),
             "positions": step.positions.to(torch.int32),
@@ -73,18 +62,27 @@ class StepBuffers:
         }
         if step.modality is not None:
             tensors["modality"] = step.modality
-        # one stacked tensor when every layer has the same shape on the same device
-        uniform = len({(indices.shape, indices.device) for indices, _ in pairs}) == 1
+        uniform = len(step.groups) == 1  # one stacked tensor: every layer on one device, one k
         if uniform:
-            tensors["experts"] = torch.stack([indices for indices, _ in pairs]).to(torch.int16)
+            layers, experts, weights = step.groups[0]
+            tensors["experts"] = experts.to(torch.int16)
             if with_weights:
-                tensors["weights"] = torch.stack([weights for _, weights in pairs]).to(torch.float32)
+                tensors["weights"] = weights
         else:
-            for i, (indices, weights) in enumerate(pairs):
-                tensors[f"experts{i}"] = indices.to(torch.int16)
+            by_layer = sorted(
+                (
+                    (layer, experts[i], weights[i])
+                    for layers_, experts, weights in step.groups
+                    for i, layer in enumerate(layers_)
+                ),
+                key=lambda item: item[0],
+            )
+            layers = [layer for layer, _, _ in by_layer]
+            for i, (_, experts, weights) in enumerate(by_layer):
+                tensors[f"experts{i}"] = experts.to(torch.int16)
                 if with_weights:
-                    tensors[f"weights{i}"] = weights.to(torch.float32)
-        for i, layer in enumerate(layers):
+                    tensors[f"weights{i}"] = weights
+        for i, layer in enumerate(layers if step.stats else ()):
             if layer in step.stats:
                 prob_sum, entropy, margin = step.stats[layer]
                 tensors.update({f"prob_sum{i}": prob_sum, f"entropy{i}": entropy, f"margin{i}": margin})
@@ -150,6 +148,7 @@ class HostStep:
     with_stats: bool
     stack: str = schema.STACK_DECODER
     train_step: int | None = None
+    on_error: Callable[[int, BaseException], None] | None = None  # set: a failure loses this step only
 
     @property
     def nbytes(self) -> int:
@@ -157,6 +156,17 @@ class HostStep:
         return sum(t.numel() * t.element_size() for t in self.host.values())
 
     def to_tables(self) -> dict[str, dict[str, np.ndarray]]:
+        """The step's rows (on the writer thread). With `on_error`, a step whose rows cannot be
+        made is reported there and gives no tables; the writer goes on with the next step."""
+        if self.on_error is None:
+            return self._tables()
+        try:
+            return self._tables()
+        except Exception as error:
+            self.on_error(self.step, error)
+            return {}
+
+    def _tables(self) -> dict[str, dict[str, np.ndarray]]:
         for event in self.events:
             event.synchronize()
         h = {k: v.numpy() for k, v in self.host.items()}
