@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import inspect
 import threading
-from typing import Any
 
 import torch
 from torch import nn

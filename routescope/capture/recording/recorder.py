@@ -39,7 +39,7 @@ from routescope.capture.recording.sink import RoutingSink, router_hook
 from routescope.capture.recording.step import StepBuffers, router_statistics
 from routescope.errors import RouteScopeError
 from routescope.schema import check_labels
-from routescope.store.remote import MODES, part_writer, run_directory, run_location
+from routescope.store.remote import part_writer, run_directory, run_location
 from routescope.store.rundir import RunExistsError as RunExistsError  # re-exported: rs.RunExistsError
 from routescope.store.writer import PartWriter
 
