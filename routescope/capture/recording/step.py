@@ -214,8 +214,9 @@ class HostStep:
         experts = np.concatenate([e.astype(np.int16) for e, _ in per_layer], axis=1)
         if experts.size and experts.min() < 0:  # a compiled graph left a layer unwritten (capture.compiled)
             raise RouteScopeError(
-                "a compiled forward did not write every recorded MoE layer's choice; record the "
-                "uncompiled model, and report the model type to routescope"
+                "a compiled forward did not write every recorded MoE layer's choice: a graph compiled "
+                "without routescope's hooks ran (call torch._dynamo.reset() before record() to rule that "
+                "out), or the compiled model skipped a MoE layer; record the uncompiled model to compare"
             )
         columns = {
             "seq_id": np.repeat(seq, row_width),
