@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 import routescope as rs
 from routescope.capture.discovery import find_routers
 from routescope.capture.recording.options import RecordOptions
-from routescope.capture.recording.step import HostStep
+from routescope.capture.recording.step import StepBuffers
 from tests.test_capture import padded_batch
 from tests.test_generation_paths import assert_same_rows, rows
 
@@ -70,21 +70,24 @@ def test_a_step_failing_on_the_writer_thread_loses_only_itself(model, tmp_path, 
     with rs.record(model, tmp_path / "want"):
         for ids, mask in batches:
             forward(model, ids, mask)
-    real = HostStep._tables
+    real = StepBuffers.finish
 
-    def planted(self):
+    def planted(self, *args):
+        """Step 1 reads as if its graph had written no layer (ids -1), found on the writer thread."""
+        host = real(self, *args)
         if self.step == 1:
-            raise RuntimeError("planted failure in step 1")
-        return real(self)
+            host.host["experts"].fill_(-1)
+        return host
 
-    monkeypatch.setattr(HostStep, "_tables", planted)
-    with pytest.warns(RuntimeWarning, match="planted failure in step 1"):
+    monkeypatch.setattr(StepBuffers, "finish", planted)
+    with pytest.warns(RuntimeWarning, match="did not write every recorded MoE layer's choice"):
         with rs.record(model, tmp_path / "got") as rec:
             for ids, mask in batches:
                 forward(model, ids, mask)
     run = rs.open_run(tmp_path / "got")
     assert run.manifest["complete"] is True and run.manifest["skipped"] == {"steps_failed": 1}
-    assert run.manifest["step_errors"] == ["step 1: RuntimeError: planted failure in step 1"]
+    (error,) = run.manifest["step_errors"]
+    assert error.startswith("step 1: RouteScopeError: a compiled forward did not write every recorded MoE")
     assert rec.steps == 4 and run.manifest["steps"] == 4
     steps = sorted(run.sql("SELECT DISTINCT step FROM tokens").step)
     assert steps == [0, 2, 3]

@@ -36,7 +36,7 @@ from routescope.capture.recording.identity import SequenceTracker, Skipped, bind
 from routescope.capture.recording.modality import placeholder_ids, token_modality
 from routescope.capture.recording.options import RecordOptions
 from routescope.capture.recording.sink import RoutingSink, router_hook
-from routescope.capture.recording.step import StepBuffers, router_statistics
+from routescope.capture.recording.step import StepBatch, StepBuffers, router_statistics
 from routescope.errors import RouteScopeError
 from routescope.schema import check_labels
 from routescope.store.remote import part_writer, run_directory, run_location
@@ -46,6 +46,8 @@ from routescope.store.writer import PartWriter
 # Sequence ids of rank R start at R << SEQ_ID_RANK_SHIFT, so ranks never collide.
 SEQ_ID_RANK_SHIFT = 40
 MAX_STEP_ERRORS = 10  # messages of failed steps kept in the manifest (all are counted)
+# finished steps go to the writer in batches: this many steps or tokens, or this old (seconds)
+BATCH_STEPS, BATCH_TOKENS, BATCH_SECONDS = 32, 8192, 1.0
 
 
 class Recorder:
@@ -84,6 +86,9 @@ class Recorder:
         self._depth = 0
         self._skipping = False  # in a forward train_step skipped
         self._compiled_step = False  # the step in flight may run a compiled graph
+        self._pending: list[Any] = []  # finished steps not yet handed to the writer (a batch)
+        self._pending_tokens, self._pending_since = 0, 0.0
+        self._batch_seconds = min(BATCH_SECONDS, options.flush_seconds / 4)
         # The model thread takes only the labels lock (never held during disk I/O); the
         # manifest lock serialises manifest writes (writer thread and exit).
         self._labels_lock = threading.Lock()
@@ -124,6 +129,7 @@ class Recorder:
     def flush(self) -> None:
         """Write every finished step to disk now and update the manifest."""
         if self.writer is not None:
+            self._send()
             self.writer.flush()
 
     # -- context manager ---------------------------------------------------------------
@@ -174,6 +180,7 @@ class Recorder:
         writer_error: BaseException | None = None
         try:
             self._tracker.release_all(self._submit_held)
+            self._send()
         except RouteScopeError as error:
             writer_error = error
         try:
@@ -444,7 +451,24 @@ class Recorder:
             self._fail_step(step.step, error)
             return
         host.on_error = self._fail_step  # called on the writer thread if its tables cannot be made
-        self.writer.submit(host)
+        pending = self._pending
+        if not pending:
+            self._pending_since = time.monotonic()
+        pending.append(host)
+        self._pending_tokens += host.host["valid"].numel()
+        if (
+            len(pending) >= BATCH_STEPS
+            or self.observers  # observers are given each step's tables on its own
+            or self._pending_tokens >= BATCH_TOKENS
+            or time.monotonic() - self._pending_since >= self._batch_seconds
+        ):
+            self._send()
+
+    def _send(self) -> None:
+        """Hand the finished steps to the writer, as one batch (capture/recording/step.StepBatch)."""
+        if self._pending:
+            batch, self._pending, self._pending_tokens = StepBatch(self._pending), [], 0
+            self.writer.submit(batch)
 
     def _fail_step(self, step: int, error: BaseException) -> None:
         """One step could not be recorded: count it, keep its message, go on with the next."""
@@ -475,6 +499,7 @@ class Recorder:
 
     def _after_generate(self, steps_before: int) -> None:
         self._tracker.release_all(self._submit_held)
+        self._send()
         if self.steps == steps_before:
             self.skipped.add("generate_calls_without_routing")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -267,3 +268,121 @@ def router_statistics(logits: torch.Tensor, valid: torch.Tensor) -> tuple[torch.
     top2 = probs.topk(min(2, probs.shape[-1]), dim=-1).values
     margin = top2[:, 0] - top2[:, -1] if top2.shape[-1] > 1 else top2[:, 0]
     return prob_sum, entropy, margin
+
+
+@dataclass
+class StepBatch:
+    """Finished steps handed to the writer together: decode steps are small, and turning each
+    into tables on its own would take the writer thread (and the GIL) once per step. Steps of
+    one shape are converted in one vectorised pass; a step that fails is lost alone."""
+
+    steps: list[HostStep]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(step.nbytes for step in self.steps)
+
+    def to_tables(self) -> dict[str, dict[str, np.ndarray]]:
+        steps = self.steps
+        if len(steps) > 1 and _mergeable(steps):
+            try:
+                return _merged_tables(steps)
+            except Exception:
+                pass  # one of them fails: convert them one by one, so only that one is lost
+        return _concat([step.to_tables() for step in steps])
+
+
+def _mergeable(steps: list[HostStep]) -> bool:
+    first = steps[0]
+    shape = (
+        tuple(first.layers),
+        first.with_weights,
+        tuple(first.labels),
+        first.train_step is None,
+        "modality" in first.host,
+    )
+    return all(
+        step.uniform
+        and not step.with_stats
+        and (
+            tuple(step.layers),
+            step.with_weights,
+            tuple(step.labels),
+            step.train_step is None,
+            "modality" in step.host,
+        )
+        == shape
+        for step in steps
+    )
+
+
+def _merged_tables(steps: list[HostStep]) -> dict[str, dict[str, np.ndarray]]:
+    """HostStep.to_tables of several steps at once (same layers, options and label names)."""
+    for step in steps:
+        for event in step.events:
+            event.synchronize()
+    hosts = [{k: v.numpy() for k, v in step.host.items()} for step in steps]
+    sizes = [h["valid"].size for h in hosts]
+    valid = np.concatenate([h["valid"].reshape(-1) for h in hosts])
+    keep = np.flatnonzero(valid)
+    n = len(keep)
+
+    def flat(key: str) -> np.ndarray:
+        return np.concatenate([h[key].reshape(-1) for h in hosts])[keep]
+
+    def each(values: list, dtype: Any) -> np.ndarray:
+        return np.repeat(np.asarray(values, dtype=dtype), sizes)[keep]
+
+    seq = np.concatenate(
+        [np.repeat(s.seq_ids.astype(np.int64), h["valid"].shape[1]) for s, h in zip(steps, hosts)]
+    )[keep]
+    pos = flat("positions").astype(np.int32)
+    first = steps[0]
+    tokens = {
+        "seq_id": seq,
+        "pos": pos,
+        "token_id": flat("token_ids").astype(np.int32),
+        "step": each([s.step for s in steps], np.int32),
+        "phase": each([s.phase for s in steps], object),
+        "modality": (
+            modality_names(flat("modality"))
+            if "modality" in hosts[0]
+            else np.full(n, schema.TOKEN_EXTRA_DEFAULTS["modality"], dtype=object)
+        ),
+        "stack": each([s.stack for s in steps], object),
+    }
+    if first.train_step is not None:
+        tokens[schema.TRAIN_STEP] = each([s.train_step for s in steps], np.int32)
+    for label in first.labels:
+        tokens[label] = each([s.labels[label] for s in steps], object)
+    experts = np.concatenate(
+        [h["experts"].reshape(h["experts"].shape[0], -1, h["experts"].shape[-1]) for h in hosts], axis=1
+    )[:, keep]
+    weights = (
+        np.concatenate(
+            [h["weights"].reshape(h["weights"].shape[0], -1, h["weights"].shape[-1]) for h in hosts], axis=1
+        )[:, keep]
+        if first.with_weights
+        else None
+    )
+    per_layer = [(experts[i], weights[i] if weights is not None else None) for i in range(len(first.layers))]
+    return {schema.TOKENS: tokens, schema.ROUTING: first._routing(per_layer, seq, pos)}
+
+
+def _concat(parts: list[dict[str, dict[str, np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
+    """Tables of several steps as one (a column a step lacks, e.g. a label set later, is None)."""
+    parts = [p for p in parts if p]
+    if len(parts) <= 1:
+        return parts[0] if parts else {}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name in dict.fromkeys(name for part in parts for name in part):
+        tables = [part[name] for part in parts if name in part]
+        columns = list(dict.fromkeys(c for t in tables for c in t))
+        rows = [len(next(iter(t.values()))) for t in tables]
+        out[name] = {
+            c: np.concatenate(
+                [t[c] if c in t else np.full(r, None, dtype=object) for t, r in zip(tables, rows)]
+            )
+            for c in columns
+        }
+    return out
