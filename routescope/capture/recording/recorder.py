@@ -22,21 +22,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from routescope.capture.discovery import LogitsSite, RouterSite, find_logits_sites, find_routers, find_stacks
-from routescope.capture.facts import (
-    install_sigterm_exit,
-    model_manifest,
-    now,
-    rank_and_world,
-    restore_sigterm,
-)
+from routescope.capture import facts
+from routescope.capture.discovery import RouterSite, find_logits_sites, find_routers, find_stacks
 from routescope.capture.recording.compiled import check_compilable, drop_compiled_graphs, is_compiled, unwrap
 from routescope.capture.recording.generation import GeneratePatch
 from routescope.capture.recording.identity import SequenceTracker, Skipped, bind_inputs
 from routescope.capture.recording.modality import placeholder_ids, token_modality
 from routescope.capture.recording.options import RecordOptions
 from routescope.capture.recording.sink import RoutingSink, router_hook
-from routescope.capture.recording.step import StepBatch, StepBuffers, router_statistics
+from routescope.capture.recording.step import StepBatch, StepBuffers, logits_hook
 from routescope.errors import RouteScopeError
 from routescope.schema import check_labels
 from routescope.store.remote import part_writer, run_directory, run_location
@@ -76,7 +70,7 @@ class Recorder:
         self.out_dir = run_location(out_dir, options.storage_options)  # a Path, or a URI (store/remote.py)
         self.router_stats = router_stats
         self.with_weights = options.weights
-        self.rank, self.world_size = rank_and_world(options.rank, options.world_size)
+        self.rank, self.world_size = facts.rank_and_world(options.rank, options.world_size)
         self.observers: list[Any] = list(options.observers)  # by reference: RoutingExporter(recorder) adds
         self._previous_sigterm: Any = None
         self._labels = check_labels(labels or {})
@@ -206,31 +200,16 @@ class Recorder:
             warnings.warn(f"routescope: {writer_error}", RuntimeWarning, stacklevel=2)
 
     def _warn_skipped(self) -> None:
-        if self._sink is not None and self._sink.outside:
-            warnings.warn(
-                f"routescope: {self._sink.outside} router calls ran outside a forward of the recorded "
-                "model and were not recorded (call the model you passed to record())",
-                stacklevel=3,
-            )
-        quiet = {"rows_finished", "rejected_candidates"}  # by design, documented
-        loud = {k: v for k, v in self.skipped.counts.items() if k not in quiet}
-        if loud:
-            what = ", ".join(f"{k}={v}" for k, v in sorted(loud.items()))
-            first = f"; the first failed step: {self.step_errors[0]}" if self.step_errors else ""
-            warnings.warn(
-                f"routescope: some model work was not recorded ({what}){first}; the manifest's 'skipped' "
-                "says the same (docs/capture.md explains each reason)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        outside = self._sink.outside if self._sink is not None else 0
+        self.skipped.warn(outside, self.step_errors[0] if self.step_errors else None)
 
     # -- SIGTERM: a job scheduler's stop should still leave a readable run (capture.facts) --
     def _install_sigterm_handler(self) -> None:
         if self.options.handle_sigterm:
-            self._previous_sigterm = install_sigterm_exit()
+            self._previous_sigterm = facts.install_sigterm_exit()
 
     def _restore_sigterm_handler(self) -> None:
-        restore_sigterm(self._previous_sigterm)
+        facts.restore_sigterm(self._previous_sigterm)
         self._previous_sigterm = None
 
     # -- directory and manifest (the rules live in store.rundir) -----------------------
@@ -256,7 +235,7 @@ class Recorder:
             raise
 
     def _base_manifest(self) -> dict[str, Any]:
-        return model_manifest(
+        return facts.model_manifest(
             self.model,
             self.sites,
             weights_recorded=self.with_weights,
@@ -265,7 +244,7 @@ class Recorder:
             router_stats=self.router_stats,
             rank=self.rank,
             world_size=self.world_size,
-            created_at=getattr(self, "_created_at", None) or now(),
+            created_at=getattr(self, "_created_at", None) or facts.now(),
             options=self.options.manifest(),
         )
 
@@ -287,10 +266,10 @@ class Recorder:
                 overhead={
                     "seconds": round(self._overhead, 6),
                     "per_step_ms": round(1000 * self._overhead / self.steps, 4) if self.steps else None,
-                    "what": "model-thread time in routescope's hooks, step bookkeeping and host copies",
+                    "what": "model-thread time in routescope's step bookkeeping and host copies (not the per-layer writes)",
                 },
                 complete=complete,
-                updated_at=now(),
+                updated_at=facts.now(),
             )
             self._dir.write_manifest(self.manifest)
 
@@ -326,7 +305,7 @@ class Recorder:
                     f"of {type(self.model).__name__}"
                 )
             for logits_site in logits_sites:
-                hook = self._make_logits_hook(logits_site)
+                hook = logits_hook(logits_site, lambda: self._step, self.skipped)
                 self._handles.append(logits_site.module.register_forward_hook(hook))
 
     def _remove_hooks(self) -> None:
@@ -334,24 +313,6 @@ class Recorder:
             self._handles.pop().remove()
         if self._sink is not None:
             self._sink.close()
-
-    def _make_logits_hook(self, site: LogitsSite):
-        layer, index = site.layer, site.index
-
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if torch.compiler.is_compiling():
-                return  # statistics are eager only (capture.compiled.check_compilable)
-            step = self._step
-            if step is None:
-                return
-            logits = output[index] if isinstance(output, (tuple, list)) else output
-            logits = logits.detach().reshape(-1, logits.shape[-1]).float()
-            if logits.shape[0] != step.valid_flat.shape[0]:
-                self.skipped.add("router_stats_shape_mismatch")
-                return
-            step.stats[layer] = router_statistics(logits, step.valid_on(logits.device))
-
-        return hook
 
     # -- step bookkeeping --------------------------------------------------------------
     def _begin_step(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -393,7 +354,7 @@ class Recorder:
             token_ids=token_ids.detach(),
             positions=identity.positions,
             valid=identity.valid,
-            valid_flat=identity.valid.reshape(-1).float(),
+            valid_flat=identity.valid.reshape(-1).float() if self.router_stats else None,
             stack=self._stacks[id(module)].name,
             modality=token_modality(ids, kwargs, ids_by_modality=self._placeholder_ids),
             train_step=train_step,

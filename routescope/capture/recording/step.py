@@ -31,7 +31,7 @@ class StepBuffers:
     token_ids: torch.Tensor  # [B, S]
     positions: torch.Tensor  # [B, S]
     valid: torch.Tensor  # [B, S] bool
-    valid_flat: torch.Tensor  # [B*S] float32, for masked sums in the stats hooks
+    valid_flat: torch.Tensor | None  # [B*S] float32, for masked sums in the stats hooks (router_stats)
     # (layers, expert ids [L, tokens, k], weights [L, tokens, k]) per device and k (capture/recording/sink.py)
     groups: list[tuple[list[int], torch.Tensor, torch.Tensor]] = field(default_factory=list)
     stats: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -256,6 +256,26 @@ class HostStep:
             schema.ROUTER_STATS: {c: np.concatenate(v) for c, v in stats.items()},
             schema.ROUTER_TOKENS: {c: np.concatenate(v) for c, v in rtok.items()},
         }
+
+
+def logits_hook(site: Any, current: Callable[[], StepBuffers | None], skipped: Any) -> Callable[..., None]:
+    """The hook on a router's logits (`router_stats=True`): statistics of the step in flight."""
+    layer, index = site.layer, site.index
+
+    def hook(module: Any, args: tuple, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return  # statistics are eager only (capture.compiled.check_compilable)
+        step = current()
+        if step is None:
+            return
+        logits = output[index] if isinstance(output, (tuple, list)) else output
+        logits = logits.detach().reshape(-1, logits.shape[-1]).float()
+        if logits.shape[0] != step.valid_flat.shape[0]:
+            skipped.add("router_stats_shape_mismatch")
+            return
+        step.stats[layer] = router_statistics(logits, step.valid_on(logits.device))
+
+    return hook
 
 
 def router_statistics(logits: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
