@@ -5,13 +5,13 @@ buffer and a weights buffer on that layer's device ([capacity, k], grown to the 
 seen, so a decode loop always writes the same addresses; CUDA graphs need that). A step:
 
 - `begin(tokens)` (once per step, eager, outside any graph): marks the step's rows unwritten
-  (ids 0) in one foreach call.
-- per MoE layer, the router hook writes ids + 1 and weights into the layer's rows: eagerly
-  with `put` (one `add(out=)` and one `copy_`, plus an int per layer), or, traced into a
+  (ids -1) in two foreach calls.
+- per MoE layer, the router hook writes ids and weights into the layer's rows: eagerly
+  with `put` (two `copy_`, plus an int per layer), or, traced into a
   compiled graph, with the `routescope::record_choice` custom op (capture/recording/compiled.py).
   No Python list, dict or tensor is kept per layer, and nothing syncs with the host.
 - `end()` (once per step): stacks the step's rows of every layer (one op per device and
-  top-k, whatever the depth) into fresh tensors, ids - 1, so a layer the graph did not write
+  top-k, whatever the depth) into fresh tensors; a layer the graph did not write
   reads -1 (refused on the writer thread: that step is lost, counted, the run goes on).
 
 Eager writes are counted per layer (a Python int), so a layer that did not run in an eager
@@ -42,8 +42,8 @@ class RoutingSink:
         self.stacks = [site.stack for site in sites]
         self.devices = [_device_of(site.module) for site in sites]
         self._one_stack = len(set(self.stacks)) == 1
-        # int16 ids (+1) when every layer's expert ids fit, as the step's host copy wants them
-        small = all(site.num_experts < (1 << 15) - 1 for site in sites)
+        # int16 ids when every layer's expert ids fit, as the step's host copy wants them
+        small = all(site.num_experts <= (1 << 15) for site in sites)
         self.ids_dtype = torch.int16 if small else torch.int32
         self.current: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self.capacity = 0
@@ -81,6 +81,7 @@ class RoutingSink:
             by_group = [([ids_rows[s] for s in g], [weight_rows[s] for s in g]) for g in self._groups]
             views = self._views[tokens] = (ids_rows, weight_rows, by_group)
         torch._foreach_zero_(views[0])
+        torch._foreach_sub_(views[0], 1)  # -1: not written
         self._tokens = tokens
         self._step_views = views
         self.counts = [0] * len(self.layers)
@@ -124,18 +125,23 @@ class RoutingSink:
                     continue
                 ids_rows, weight_rows = [ids_views[s] for s in keep], [weight_views[s] for s in keep]
                 layers = [self.layers[s] for s in keep]
-            groups.append((layers, torch.stack(ids_rows) - 1, torch.stack(weight_rows)))
+            groups.append((layers, torch.stack(ids_rows), torch.stack(weight_rows)))
         return groups
 
     # -- once per MoE layer --------------------------------------------------------------
     def put(self, slot: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        """An eager router hook's write: ids + 1 and weights into the layer's rows of this step."""
+        """An eager router hook's write: ids and weights into the layer's rows of this step."""
         ids_out = self._step_views[0][slot]
-        if ids.numel() != ids_out.numel():
-            self.shapes[self.layers[slot]] = tuple(ids.shape)
-            return
-        torch.add(ids.reshape(ids_out.shape), 1, out=ids_out)
-        self._step_views[1][slot].copy_(weights.detach().reshape(ids_out.shape))
+        shape = ids_out.shape
+        if ids.shape != shape:  # e.g. [batch, seq, k]: the same ids, another view
+            if ids.numel() != ids_out.numel():
+                self.shapes[self.layers[slot]] = tuple(ids.shape)
+                return
+            ids = ids.reshape(shape)
+        if weights.shape != shape:
+            weights = weights.reshape(shape)
+        ids_out.copy_(ids)
+        self._step_views[1][slot].copy_(weights.detach() if weights.requires_grad else weights)
         self.counts[slot] += 1
 
     def write(self, slot: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
