@@ -13,6 +13,10 @@ medians are reported. Compiled: transformers' static-cache `generate` with a `co
     python benchmarks/decode_overhead.py [--device cuda] [--layers 2 16] [--batches 1 8]
         [--new-tokens 32] [--rounds 7] [--compiled] [--real-shape]
 
+On a CPU the default clock is the process's CPU time (all threads: the writer's work
+counts), since on a shared, loaded machine elapsed time mostly measures waiting for a core;
+`--clock wall` measures elapsed time (the default on a GPU).
+
 `--real-shape`: also one model of Qwen3-30B-A3B's layer shape (hidden 2048, 128 experts,
 top-8, expert width 768; 2 MoE layers on a CPU, 8 on a GPU).
 """
@@ -78,12 +82,14 @@ def measure(shape: dict, batch: int, compiled: bool, args: argparse.Namespace, t
         config._compile_all_devices = True  # transformers compiles on CUDA only by default
         kwargs.update(cache_implementation="static", compile_config=config)
 
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+
     def per_step(model, new_tokens: int) -> float:
         sync(args.device)
-        start = time.perf_counter()
+        start = clock()
         model.generate(**kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         sync(args.device)
-        return time.perf_counter() - start
+        return clock() - start
 
     def decode_ms(model) -> float:
         # (long - short) / extra steps: the prefill and generate's own setup cancel out
@@ -135,7 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of --compiled")
     parser.add_argument("--real-shape", action="store_true", help="also Qwen3-30B-A3B's layer shape")
     parser.add_argument("--hidden", type=int, default=64, help="hidden size of the depth sweep")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        help="wall: elapsed time (default on a GPU); cpu: this process's CPU time, all threads, the "
+        "writer's included (default on a CPU: on a shared, loaded machine elapsed time mostly "
+        "measures waiting for a core)",
+    )
     args = parser.parse_args(argv)
+    args.clock = args.clock or ("wall" if args.device == "cuda" else "cpu")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tmp = Path(tempfile.mkdtemp(prefix="rs-decode-"))
     small = {"hidden": args.hidden, "experts": 8, "top_k": 2, "moe_width": args.hidden // 2}
@@ -144,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = [False, True] if args.compiled else [False]
     print(
         f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"{args.new_tokens} new tokens, {args.rounds} rounds, medians"
+        f"{args.new_tokens} new tokens, {args.rounds} rounds, medians, {args.clock} clock"
     )
     print("| path | batch | MoE layers | shape | plain ms/step | recorded ms/step | added ms/step | ratio |")
     print("|---|---|---|---|---|---|---|---|")

@@ -55,7 +55,7 @@ def test_record_choice_passes_opcheck():
     ids, weights = torch.randint(0, 8, (6, 2)), torch.rand(6, 2)
     torch.library.opcheck(record_choice, (ids_out, weights_out, ids, weights))
     record_choice(ids_out, weights_out, ids, weights)
-    assert torch.equal(ids_out[:6], ids.int()) and torch.equal(weights_out[:6], weights)
+    assert torch.equal(ids_out[:6], (ids + 1).int()) and torch.equal(weights_out[:6], weights)
     assert not ids_out[6:].any()  # rows past the step's tokens are left alone
 
 

@@ -21,7 +21,7 @@ graph itself. This module is that write, and the bookkeeping around it.
   start of a step the sink makes sure its buffers (one set per recording, on each layer's
   device, grown to the largest step seen, so a decode loop always writes the same
   addresses) hold the step's tokens and zeroes those ids in one foreach call; at the end it
-  reads them (rows start at -1 each step: a layer the graph did not write reads -1, refused on the
+  reads them (ids - 1: a layer the graph did not write reads -1, refused on the
   writer thread) into the step, which goes to the host in one copy like an eager step.
 - **Graphs compiled before `record`.** Dynamo does not guard on hooks
   (`skip_nnmodule_hook_guards`, pytorch #117758), so a graph compiled without routescope's
@@ -54,11 +54,11 @@ from routescope.errors import RouteScopeError
 def record_choice(
     ids_out: torch.Tensor, weights_out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
 ) -> None:
-    """Copy one layer's decision into the first rows of its buffers: ids (the step starts them
-    at -1, 'not written'), weights. The buffers hold [capacity, k]; the step's tokens come first."""
+    """Copy one layer's decision into the first rows of its buffers: ids + 1 (0 marks 'not
+    written'), weights. The buffers hold [capacity, k]; the step's tokens come first."""
     k = ids_out.shape[1]
     ids, weights = ids.reshape(-1, k), weights.reshape(-1, k)
-    ids_out[: ids.shape[0]].copy_(ids)
+    ids_out[: ids.shape[0]].copy_(ids + 1)
     weights_out[: weights.shape[0]].copy_(weights)
 
 

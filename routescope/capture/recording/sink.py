@@ -4,14 +4,15 @@ Eager and compiled forwards share it. A recording allocates, per recorded MoE la
 buffer and a weights buffer on that layer's device ([capacity, k], grown to the largest step
 seen, so a decode loop always writes the same addresses; CUDA graphs need that). A step:
 
-- `begin(tokens)` (once per step, eager, outside any graph): marks the step's rows unwritten
-  (ids -1) in two foreach calls.
+- `begin(tokens)` (once per step, eager, outside any graph): zeroes the step's id rows in
+  one foreach call (0: not written by a graph).
 - per MoE layer, the router hook writes ids and weights into the layer's rows: eagerly
-  with `put` (two `copy_`, plus an int per layer), or, traced into a
+  with `put` (two `copy_`, plus an int per layer: which layers ran), or, traced into a
   compiled graph, with the `routescope::record_choice` custom op (capture/recording/compiled.py).
   No Python list, dict or tensor is kept per layer, and nothing syncs with the host.
 - `end()` (once per step): stacks the step's rows of every layer (one op per device and
-  top-k, whatever the depth) into fresh tensors; a layer the graph did not write
+  top-k, whatever the depth) into fresh tensors; a layer the graph did not write (it writes
+  ids + 1 over the zeroed rows, and the end subtracts 1)
   reads -1 (refused on the writer thread: that step is lost, counted, the run goes on).
 
 Eager writes are counted per layer (a Python int), so a layer that did not run in an eager
@@ -81,7 +82,6 @@ class RoutingSink:
             by_group = [([ids_rows[s] for s in g], [weight_rows[s] for s in g]) for g in self._groups]
             views = self._views[tokens] = (ids_rows, weight_rows, by_group)
         torch._foreach_zero_(views[0])
-        torch._foreach_sub_(views[0], 1)  # -1: not written
         self._tokens = tokens
         self._step_views = views
         self.counts = [0] * len(self.layers)
@@ -125,7 +125,8 @@ class RoutingSink:
                     continue
                 ids_rows, weight_rows = [ids_views[s] for s in keep], [weight_views[s] for s in keep]
                 layers = [self.layers[s] for s in keep]
-            groups.append((layers, torch.stack(ids_rows), torch.stack(weight_rows)))
+            ids = torch.stack(ids_rows)
+            groups.append((layers, ids if eager else ids - 1, torch.stack(weight_rows)))
         return groups
 
     # -- once per MoE layer --------------------------------------------------------------
