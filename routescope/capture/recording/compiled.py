@@ -17,18 +17,17 @@ graph itself. This module is that write, and the bookkeeping around it.
 - **Outside the graph, once per step.** The recorder's hooks on the model itself (token
   identity, the step's start and end) are wrapped in `torch.compiler.disable`: transformers'
   compiled calls (`model.compile()`, `generate`'s `get_compiled_call`) run them as frames of
-  their own, eagerly, and `torch.compile(model)` runs them outside dynamo anyway. At the
-  start of a step the sink makes sure its buffers (one set per recording, on each layer's
-  device, grown to the largest step seen, so a decode loop always writes the same
-  addresses) hold the step's tokens and zeroes those ids in one foreach call; at the end it
-  reads them (ids - 1: a layer the graph did not write reads -1, refused on the
-  writer thread) into the step, which goes to the host in one copy like an eager step.
+  their own, eagerly, and `torch.compile(model)` runs them outside dynamo anyway. The
+  buffers and the step's start and end are the one recording path eager forwards use too
+  (capture/recording/sink.py): the graph writes ids + 1 over rows zeroed at the step's
+  start, so a layer the graph did not write reads -1 (that step is dropped alone).
 - **Graphs compiled before `record`.** Dynamo does not guard on hooks
   (`skip_nnmodule_hook_guards`, pytorch #117758), so a graph compiled without routescope's
-  hooks would keep running without them. The recorder therefore drops the compiled code of
-  the model's forward once, at the first compiled step it sees (`torch._dynamo.reset_code`
-  on that function's code: other compiled models whose forward is the same Python function
-  recompile once too), and that call recompiles with the capture in it. While a recording
+  hooks would keep running without them. `drop_compiled_graphs` therefore drops, at `record`
+  entry (and at the first compiled step of a later `compile_config` generate), every code
+  object dynamo compiled whose file is one of the model's code: not only `forward`, but
+  the frames a graph break leaves (inner forwards, resume functions, transformers'
+  wrappers). Other compiled models of the same code recompile once too. While a recording
   runs, graphs are compiled with guards on hooks (`skip_nnmodule_hook_guards` off, restored
   when the last recording ends): dynamo shares a graph between instances of one class, so
   without them an unrecorded copy's graph could run for the recorded model. When the block
