@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compiled", action="store_true", help="also the compiled static-cache generate")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of --compiled")
     parser.add_argument("--real-shape", action="store_true", help="also Qwen3-30B-A3B's layer shape")
+    parser.add_argument(
+        "--real-layers", type=int, help="MoE layers of --real-shape (default 2 on a CPU, 8 on a GPU)"
+    )
     parser.add_argument("--hidden", type=int, default=64, help="hidden size of the depth sweep")
     parser.add_argument(
         "--clock",
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="rs-decode-"))
     small = {"hidden": args.hidden, "experts": 8, "top_k": 2, "moe_width": args.hidden // 2}
     real = {"hidden": 2048, "experts": 128, "top_k": 8, "moe_width": 768}
-    real_layers = 8 if args.device == "cuda" else 2
+    real_layers = args.real_layers or (8 if args.device == "cuda" else 2)
     paths = [False, True] if args.compiled else [False]
     print(
         f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
