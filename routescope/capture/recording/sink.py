@@ -31,7 +31,7 @@ from routescope.errors import RouteScopeError
 
 # buffers hold at least this many tokens; they grow to the largest step seen (a power of two)
 MIN_TOKENS = 64
-BAD_SHAPE = -(1 << 30)  # a layer's count when it routed another number of tokens than the step
+MAX_VIEW_SIZES = 64  # step sizes whose row views are kept (a decode loop uses one)
 
 
 class RoutingSink:
@@ -77,6 +77,8 @@ class RoutingSink:
             self._views = {}
         views = self._views.get(tokens)
         if views is None:  # the rows [:tokens] of every buffer, made once per step size
+            if len(self._views) >= MAX_VIEW_SIZES:  # many prompt lengths: keep the cache small
+                self._views = {}
             ids_rows = [ids[:tokens] for ids in self._buffers[0]]
             weight_rows = [weights[:tokens] for weights in self._buffers[1]]
             by_group = [([ids_rows[s] for s in g], [weight_rows[s] for s in g]) for g in self._groups]
