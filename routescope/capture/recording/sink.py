@@ -192,7 +192,8 @@ def router_hook(sink: RoutingSink, site: Any, slot: int) -> Any:
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
-    """Where a router module lives (a device_map spreads layers over devices); None: unknown."""
+    """Where a router module runs (a device_map spreads layers over devices); None: unknown, or
+    offloaded (accelerate leaves its weights on the meta device and runs it on the step's)."""
     for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
+        return None if tensor.device.type == "meta" else tensor.device
     return None
