@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks for a session that is lent a CUDA machine (never run by CI).
-# One short script, about 5 minutes on one H200: the capture tests on the GPU, then the
+# One short script, about 10 minutes on one H200: the capture tests on the GPU, then the
 # capture-overhead benchmark (prefill, generate, static-cache generate, and the recorded compiled
 # forward and compiled generate against unrecorded; CUDA graphs there with transformers' default).
 # Paste its output into benchmarks/RESULTS.md.
@@ -19,3 +19,8 @@ timeout 420 python -m pytest -q -p no:cacheprovider --device cuda tests/test_com
 # overhead, interleaved in one process (SPEC 7: <= 1.02 for prefill on a GPU)
 timeout 420 python benchmarks/capture_overhead.py --device cuda --layers 16 --experts 128 --top-k 8 \
   --hidden 1024 --batch 16 --seq 1024 --rounds 10 --decode-steps 32 --static-steps 32 --compiled
+# decode: what recording adds per generate decode step, eager and compiled (CUDA graphs: CompileConfig's
+# default mode="reduce-overhead"), batch 1 and 8, 2 and 16 layers and Qwen3-30B-A3B's layer shape (SPEC 7:
+# recorded / plain <= 1.02 a decode step on a GPU)
+timeout 600 python benchmarks/decode_overhead.py --device cuda --layers 2 16 --batches 1 8 --real-shape \
+  --compiled --rounds 7 --new-tokens 64

@@ -17,7 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("routescope", "dashboard")
-MAX_LINES = 550
+MAX_LINES = 500
 # Modules still over MAX_LINES, to be split (issue 16). Each name here is a debt: remove it
 # once the module is back under the limit, and never add one.
 # - analysis/metrics.py (564 lines): grew with issue 14's balance additions; its owner splits it.

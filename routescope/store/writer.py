@@ -175,7 +175,8 @@ class PartWriter:
                     added = True
                     self._buffered_steps += 1
                     self._buffered_tokens += len(next(iter(tables.get(schema.TOKENS, {"": []}).values())))
-                    self._notify(tables)
+                    if tables:  # a step that failed alone gives none (capture/recording/step.py)
+                        self._notify(tables)
                 due = time.monotonic() - last_flush >= self.flush_seconds and self._buffered_rows
                 if self._buffered_rows >= self.rows_per_part or due:
                     self._write_parts()

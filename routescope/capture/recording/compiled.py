@@ -17,18 +17,17 @@ graph itself. This module is that write, and the bookkeeping around it.
 - **Outside the graph, once per step.** The recorder's hooks on the model itself (token
   identity, the step's start and end) are wrapped in `torch.compiler.disable`: transformers'
   compiled calls (`model.compile()`, `generate`'s `get_compiled_call`) run them as frames of
-  their own, eagerly, and `torch.compile(model)` runs them outside dynamo anyway. At the
-  start of a step the sink makes sure its buffers (one set per recording, on each layer's
-  device, grown to the largest step seen, so a decode loop always writes the same
-  addresses) hold the step's tokens and zeroes those ids in one foreach call; at the end it
-  reads them (ids - 1: a layer the graph did not write reads -1, refused on the
-  writer thread) into the step, which goes to the host in one copy like an eager step.
+  their own, eagerly, and `torch.compile(model)` runs them outside dynamo anyway. The
+  buffers and the step's start and end are the one recording path eager forwards use too
+  (capture/recording/sink.py): the graph writes ids + 1 over rows zeroed at the step's
+  start, so a layer the graph did not write reads -1 (that step is dropped alone).
 - **Graphs compiled before `record`.** Dynamo does not guard on hooks
   (`skip_nnmodule_hook_guards`, pytorch #117758), so a graph compiled without routescope's
-  hooks would keep running without them. The recorder therefore drops the compiled code of
-  the model's forward once, at the first compiled step it sees (`torch._dynamo.reset_code`
-  on that function's code: other compiled models whose forward is the same Python function
-  recompile once too), and that call recompiles with the capture in it. While a recording
+  hooks would keep running without them. `drop_compiled_graphs` therefore drops, at `record`
+  entry (and at the first compiled step of a later `compile_config` generate), every code
+  object dynamo compiled whose file is one of the model's code: not only `forward`, but
+  the frames a graph break leaves (inner forwards, resume functions, transformers'
+  wrappers). Other compiled models of the same code recompile once too. While a recording
   runs, graphs are compiled with guards on hooks (`skip_nnmodule_hook_guards` off, restored
   when the last recording ends): dynamo shares a graph between instances of one class, so
   without them an unrecorded copy's graph could run for the recorded model. When the block
@@ -41,16 +40,13 @@ rounding (3e-8 at most for the tiny Qwen3-MoE with inductor on CPU); expert ids 
 
 from __future__ import annotations
 
+import inspect
 import threading
-from typing import Any
 
 import torch
 from torch import nn
 
 from routescope.errors import RouteScopeError
-
-# buffers hold at least this many tokens; they grow to the largest step seen (a power of two)
-MIN_TOKENS = 64
 
 
 @torch.library.custom_op("routescope::record_choice", mutates_args=("ids_out", "weights_out"))
@@ -88,19 +84,56 @@ def is_compiled(model: nn.Module) -> bool:
     return getattr(model, "_compiled_call_impl", None) is not None or "_compiled_call" in vars(model)
 
 
-def drop_compiled_graphs(model: nn.Module) -> bool:
-    """Drop the compiled code of `model`'s forward, so the next call compiles with the hooks
-    now on it. True if there was some."""
-    code = getattr(getattr(type(model), "forward", None), "__code__", None)
-    if code is None:
-        return False
-    try:  # a debugging helper of dynamo's; if it goes, drop unconditionally
-        if not torch._dynamo.eval_frame._debug_get_cache_entry_list(code):
-            return False
+def model_source_files(model: nn.Module) -> set[str]:
+    """The source files of `model`'s code: every module class (and its bases) and every
+    function its forwards are wrapped around (transformers' `can_return_tuple`, ...)."""
+    files: set[str] = set()
+    seen: set[type] = set()
+    for module in model.modules():
+        for cls in type(module).__mro__:
+            if cls in seen or cls in (nn.Module, object):
+                continue
+            seen.add(cls)
+            forward = vars(cls).get("forward")
+            while forward is not None:
+                code = getattr(forward, "__code__", None)
+                if code is not None:
+                    files.add(code.co_filename)
+                forward = getattr(forward, "__wrapped__", None)
+            try:
+                files.add(inspect.getsourcefile(cls) or "")
+            except TypeError:
+                pass
+    files.discard("")
+    return files
+
+
+def drop_compiled_graphs(model: nn.Module) -> int:
+    """Drop every graph dynamo compiled for `model`'s code, not only its forward: a graph break
+    leaves frames of their own (the inner forwards, resume functions) whose graphs, compiled
+    before `record`, have no capture in them and no guard on hooks, and would keep running.
+    Other models of the same code recompile once too. Returns how many code objects had some.
+    Raises RouteScopeError (the cause and the fix) when this torch keeps no list of them."""
+    try:
+        tracked = torch._dynamo.convert_frame.input_codes.seen
+        lock = torch._dynamo.convert_frame.compile_lock
+        entries = torch._dynamo.eval_frame._debug_get_cache_entry_list
     except AttributeError:
-        pass
-    torch._dynamo.reset_code(code)
-    return True
+        raise RouteScopeError(
+            "this model is compiled, and this torch version does not say which frames dynamo compiled "
+            "before record(); graphs compiled without routescope's hooks could run instead of the "
+            "recording. Call torch._dynamo.reset() before record(), or record the uncompiled model"
+        ) from None
+    files = model_source_files(model)
+    dropped = 0
+    with lock:
+        for ref in list(tracked):
+            code = ref()
+            if code is None or code.co_filename not in files or not entries(code):
+                continue
+            torch._dynamo.reset_code(code)
+            dropped += 1
+    return dropped
 
 
 def check_compilable(model: nn.Module, stacks: int, router_stats: bool = False) -> None:
@@ -124,7 +157,7 @@ _guards_held = 0  # open sinks
 _guards_saved = True
 
 
-def _hold_hook_guards(hold: bool) -> None:
+def hold_hook_guards(hold: bool) -> None:
     """While any recording runs, graphs compiled guard on module hooks. Dynamo skips those
     guards by default, and it shares graphs between instances of one class: a graph compiled
     for an unrecorded copy of the model would then also run for the recorded one, without
@@ -141,72 +174,3 @@ def _hold_hook_guards(hold: bool) -> None:
             _guards_held -= 1
             if _guards_held == 0:
                 config.skip_nnmodule_hook_guards = _guards_saved
-
-
-class CompiledSink:
-    """The buffers compiled router hooks write into: per layer, expert ids and weights for up
-    to `capacity` tokens, on the layer's device. One set per recording (stable addresses for
-    CUDA graphs), grown when a step has more tokens; `current` is None outside a step."""
-
-    def __init__(self, sites: list[Any]) -> None:
-        self.layers = [site.layer for site in sites]
-        self.top_k = [site.top_k for site in sites]
-        self.devices = [_device_of(site.module) for site in sites]
-        self.current: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-        self.graphs_dropped = False  # the model's stale compiled code, once per recording
-        self.capacity = 0
-        self._buffers: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-        self._tokens = 0
-        self._open = True
-        _hold_hook_guards(True)
-
-    def close(self) -> None:
-        """The recording ended: graphs compiled from now on may skip hook guards again."""
-        if self._open:
-            self._open = False
-            _hold_hook_guards(False)
-        self._buffers, self.current = None, None
-
-    def begin(self, tokens: int, device: torch.device) -> None:
-        """Make the buffers hold a step of `tokens` tokens and mark those rows unwritten."""
-        if self._buffers is None or tokens > self.capacity:
-            # a new size: the next compiled call recompiles (as it would for the new shape)
-            self.capacity = max(MIN_TOKENS, 1 << (tokens - 1).bit_length())
-            self._buffers = self._allocate(self.capacity, device)
-        torch._foreach_zero_([ids[:tokens] for ids in self._buffers[0]])
-        self._tokens = tokens
-        self.current = self._buffers
-
-    def _allocate(self, capacity: int, device: torch.device) -> Any:
-        devices = [d or device for d in self.devices]
-        ids = [torch.zeros(capacity, k, dtype=torch.int32, device=d) for k, d in zip(self.top_k, devices)]
-        weights = [
-            torch.zeros(capacity, k, dtype=torch.float32, device=d) for k, d in zip(self.top_k, devices)
-        ]
-        for tensor in (*ids, *weights):
-            torch._dynamo.mark_static_address(tensor)  # CUDA graphs write only to static addresses
-        return ids, weights
-
-    def write(self, slot: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        """Traced into the graph by the router hooks' compiled branch."""
-        buffers = self.current
-        if buffers is None:
-            # no step is being recorded (an input without ids, a skipped forward) or the model
-            # was compiled some other way: this graph variant writes nothing
-            return
-        record_choice(buffers[0][slot], buffers[1][slot], ids.detach(), weights.detach())
-
-    def end(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """The step's decisions by layer (fresh tensors: the buffers are reused next step)."""
-        buffers, self.current = self.current, None
-        if buffers is None:
-            return {}
-        n, (ids, weights) = self._tokens, buffers
-        return {layer: (ids[i][:n] - 1, weights[i][:n].clone()) for i, layer in enumerate(self.layers)}
-
-
-def _device_of(module: nn.Module) -> torch.device | None:
-    """Where a router module lives (a device_map spreads layers over devices); None: unknown."""
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
-    return None

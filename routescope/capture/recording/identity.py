@@ -60,13 +60,17 @@ class ForwardInputs:
 
 def bind_inputs(signature: inspect.Signature, args: tuple, kwargs: dict) -> ForwardInputs:
     """Read a forward's inputs by name (positional or keyword, or inside **kwargs)."""
-    bound = signature.bind_partial(*args, **kwargs).arguments
-    inner = next(
-        (v for k, v in bound.items() if signature.parameters[k].kind is inspect.Parameter.VAR_KEYWORD), {}
-    )
+    if args:
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        inner = next(
+            (v for k, v in bound.items() if signature.parameters[k].kind is inspect.Parameter.VAR_KEYWORD), {}
+        )
 
-    def get(name: str) -> Any:
-        return bound.get(name, inner.get(name))
+        def get(name: str) -> Any:
+            return bound.get(name, inner.get(name))
+
+    else:  # keywords only (generate's calls): the same names, without binding
+        get = kwargs.get
 
     packed = [name for name in PACKED_KWARGS if get(name) is not None]
     if packed:
@@ -122,6 +126,28 @@ class Skipped:
     def add(self, reason: str, n: int = 1) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + int(n)
 
+    def warn(self, outside: int = 0, first_error: str | None = None) -> None:
+        """At the end of a recording: what was not recorded, as warnings (stack: the caller's caller)."""
+        import warnings
+
+        if outside:
+            warnings.warn(
+                f"routescope: {outside} router calls ran outside a forward of the recorded "
+                "model and were not recorded (call the model you passed to record())",
+                stacklevel=4,
+            )
+        quiet = {"rows_finished", "rejected_candidates"}  # by design, documented
+        loud = {k: v for k, v in self.counts.items() if k not in quiet}
+        if loud:
+            what = ", ".join(f"{k}={v}" for k, v in sorted(loud.items()))
+            first = f"; the first failed step: {first_error}" if first_error else ""
+            warnings.warn(
+                f"routescope: some model work was not recorded ({what}){first}; the manifest's 'skipped' "
+                "says the same (docs/capture.md explains each reason)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
 
 class SequenceTracker:
     """Gives each forward its token identity and keeps sequences across decode steps."""
@@ -174,14 +200,20 @@ class SequenceTracker:
                 self._remember(inputs.cache, state)
         else:
             phase = schema.PHASE_DECODE
-        valid = valid & ~state.finished.to(device)[:, None]  # finished or left out by sample=
+        finished = state.finished if state.finished.device == device else state.finished.to(device)
+        valid = valid & ~finished[:, None]  # finished or left out by sample=
         if phase == schema.PHASE_DECODE and self.eos_ids is not None and inputs.input_ids is not None:
             ids = inputs.input_ids
-            fed_eos = (torch.isin(ids, self.eos_ids.to(ids.device)) & valid).any(1)
-            state.finished = state.finished.to(device) | fed_eos
-        state.next_pos = torch.where(
-            valid.any(1), (positions.masked_fill(~valid, -1).amax(1) + 1), state.next_pos.to(device)
-        )
+            eos = self.eos_ids if self.eos_ids.device == ids.device else self.eos_ids.to(ids.device)
+            fed = torch.isin(ids, eos) & valid
+            state.finished = finished | (fed[:, 0] if seq_len == 1 else fed.any(1))
+        next_pos = state.next_pos if state.next_pos.device == device else state.next_pos.to(device)
+        if seq_len == 1:  # a decode step: the same, in fewer ops
+            state.next_pos = torch.where(valid[:, 0], positions[:, 0] + 1, next_pos)
+        else:
+            state.next_pos = torch.where(
+                valid.any(1), positions.masked_fill(~valid, -1).amax(1) + 1, next_pos
+            )
         state.slots = past + seq_len
         return Identity(
             phase=phase,
@@ -319,7 +351,8 @@ def valid_tokens(mask: Any, batch: int, seq_len: int, past: int, device: torch.d
     if isinstance(mask, dict):  # per-attention-type masks: the full-attention one
         mask = mask.get("full_attention", next(iter(mask.values()), None))
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= seq_len:
-        return mask[:, mask.shape[1] - seq_len :].to(device) != 0
+        valid = mask[:, mask.shape[1] - seq_len :] != 0
+        return valid if valid.device == device else valid.to(device)
     if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] >= past + seq_len:
         # a query is a real token exactly when it may attend to its own key slot
         own = torch.diagonal(mask[:, 0, -seq_len:, past : past + seq_len], dim1=1, dim2=2)
@@ -342,7 +375,10 @@ def _positions(
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == past + seq_len:
         # the whole row's mask: count its real tokens (also right for right padding, where
         # generate's own position_ids repeat a position)
-        return (mask.to(device).long().cumsum(1) - 1)[:, past:]
+        mask = mask if mask.device == device else mask.to(device)
+        if seq_len == 1:  # a decode step: the count, no running sum
+            return mask.sum(1, keepdim=True, dtype=torch.long) - 1
+        return (mask.long().cumsum(1) - 1)[:, past:]
     pos_ids = inputs.position_ids
     if isinstance(pos_ids, torch.Tensor) and pos_ids.dim() == 2 and pos_ids.shape[-1] == seq_len:
         return pos_ids.to(device=device, dtype=torch.long).expand(batch, seq_len)

@@ -1,9 +1,12 @@
 """rs.record: hooks on a model's routers that stream every routing decision to a run directory.
 
 The recorder adds a pre-hook and a hook on the model itself (a forward pass starts and ends
-there) and one hook per MoE layer (from `discovery.find_routers`). Layer hooks only keep
-detached device tensors; at the end of each forward the step goes to the host in one copy
-and on to the background writer (`store.writer`).
+there) and one hook per MoE layer (from `discovery.find_routers`). Layer hooks only write
+the layer's choice into the step's preallocated buffers, eager or compiled alike
+(capture/recording/sink.py); at the end of each forward the step goes to the host in one
+copy and on to the background writer (`store.writer`). A step that fails (on this thread or
+the writer's) is lost alone: counted in the manifest's `skipped` as `steps_failed`, its
+message in `step_errors`; the recording goes on. Options: capture/recording/options.py.
 """
 
 from __future__ import annotations
@@ -19,33 +22,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from routescope.capture.discovery import LogitsSite, RouterSite, find_logits_sites, find_routers, find_stacks
-from routescope.capture.facts import (
-    install_sigterm_exit,
-    model_manifest,
-    now,
-    rank_and_world,
-    restore_sigterm,
-)
-from routescope.capture.recording.compiled import (
-    CompiledSink,
-    check_compilable,
-    drop_compiled_graphs,
-    is_compiled,
-    unwrap,
-)
+from routescope.capture import facts
+from routescope.capture.discovery import RouterSite, find_logits_sites, find_routers, find_stacks
+from routescope.capture.recording.compiled import check_compilable, drop_compiled_graphs, is_compiled, unwrap
 from routescope.capture.recording.generation import GeneratePatch
 from routescope.capture.recording.identity import SequenceTracker, Skipped, bind_inputs
 from routescope.capture.recording.modality import placeholder_ids, token_modality
-from routescope.capture.recording.step import HostStep, StepBuffers, router_statistics
+from routescope.capture.recording.options import RecordOptions
+from routescope.capture.recording.sink import RoutingSink, router_hook
+from routescope.capture.recording.step import StepBatch, StepBuffers, logits_hook
 from routescope.errors import RouteScopeError
 from routescope.schema import check_labels
-from routescope.store.remote import MODES, part_writer, run_directory, run_location
+from routescope.store.remote import part_writer, run_directory, run_location
 from routescope.store.rundir import RunExistsError as RunExistsError  # re-exported: rs.RunExistsError
 from routescope.store.writer import PartWriter
 
 # Sequence ids of rank R start at R << SEQ_ID_RANK_SHIFT, so ranks never collide.
 SEQ_ID_RANK_SHIFT = 40
+MAX_STEP_ERRORS = 10  # messages of failed steps kept in the manifest (all are counted)
+# finished steps go to the writer in batches: this many steps or tokens, or this old (seconds)
+BATCH_STEPS, BATCH_TOKENS, BATCH_SECONDS = 32, 8192, 1.0
 
 
 class Recorder:
@@ -57,59 +53,43 @@ class Recorder:
         out_dir: str | Path,
         labels: dict[str, Any] | None = None,
         router_stats: bool = False,
-        *,
-        mode: str = "create",
-        weights: bool = True,
-        rows_per_part: int = 4_000_000,
-        flush_seconds: float = 10.0,
-        max_pending: int = 8,
-        rank: int | None = None,
-        world_size: int | None = None,
-        handle_sigterm: bool = True,
-        observers: Any = (),
-        sample: float | None = None,
-        seed: int = 0,
-        layers: Any = None,
-        max_pending_bytes: int = 256 << 20,
-        wait: bool | float = False,
-        train_step: Any = None,
-        storage_options: dict[str, Any] | None = None,
+        options: RecordOptions | None = None,
+        **kwargs: Any,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not allowed; use one of {', '.join(MODES)}")
-        if sample is not None and not (0.0 < float(sample) <= 1.0):
-            raise ValueError(f"sample={sample!r} is not allowed: give a fraction of sequences in (0, 1]")
-        self.sample = None if sample is None or float(sample) == 1.0 else float(sample)
-        self.seed = int(seed)
-        self.only_layers = None if layers is None else sorted({int(x) for x in layers})
-        self.max_pending_bytes = max_pending_bytes
-        self.wait = wait  # for another writer of the same run and rank (store.lock)
-        self.train_step = train_step  # rs.watch: () -> optimizer step (train_step); None: skip
+        if options is None:
+            options = RecordOptions.from_kwargs(**kwargs)
+        elif kwargs:
+            options = options.replace(**kwargs)
+        self.options = options
+        self.sample, self.seed = options.sample, options.seed
+        self.only_layers = None if options.layers is None else list(options.layers)
+        self.train_step = options.train_step  # rs.watch: () -> optimizer step (train_step); None: skip
         self.model = unwrap(model)  # torch.compile(model): hooks go on the model inside
         self._compiled_given = self.model is not model
-        self._sink: CompiledSink | None = None  # compiled router hooks write here (capture.compiled)
-        self.out_dir = run_location(out_dir, storage_options)  # a Path, or a URI (store/remote.py)
+        self._sink: RoutingSink | None = None  # every router hook writes here (capture/recording/sink.py)
+        self.out_dir = run_location(out_dir, options.storage_options)  # a Path, or a URI (store/remote.py)
         self.router_stats = router_stats
-        self.mode = mode
-        self.with_weights = weights
-        self.rows_per_part = rows_per_part
-        self.flush_seconds = flush_seconds
-        self.max_pending = max_pending
-        self.rank, self.world_size = rank_and_world(rank, world_size)
-        self.handle_sigterm = handle_sigterm
-        self.observers: list[Any] = list(observers)
+        self.with_weights = options.weights
+        self.rank, self.world_size = facts.rank_and_world(options.rank, options.world_size)
+        self.observers: list[Any] = list(options.observers)  # by reference: RoutingExporter(recorder) adds
         self._previous_sigterm: Any = None
         self._labels = check_labels(labels or {})
         self._label_names: list[str] = list(self._labels)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._step: StepBuffers | None = None
         self._depth = 0
-        self._ignored_calls, self._skipping = 0, False  # _skipping: in a forward train_step skipped
+        self._skipping = False  # in a forward train_step skipped
+        self._compiled_step = False  # the step in flight may run a compiled graph
+        self._pending: list[Any] = []  # finished steps not yet handed to the writer (a batch)
+        self._pending_tokens, self._pending_since = 0, 0.0
+        self._batch_seconds = min(BATCH_SECONDS, options.flush_seconds / 4)
         # The model thread takes only the labels lock (never held during disk I/O); the
         # manifest lock serialises manifest writes (writer thread and exit).
         self._labels_lock = threading.Lock()
         self._manifest_lock = threading.Lock()
+        self._failures_lock = threading.Lock()
         self.skipped = Skipped()
+        self.step_errors: list[str] = []  # the first messages of failed steps (manifest)
         self._tracker = SequenceTracker(self._allocate_seq_ids, self.skipped, self.sample, self.seed)
         self._overhead = 0.0  # seconds the model's thread spent in routescope code
         self._forwards = 0  # outermost forwards seen
@@ -143,12 +123,14 @@ class Recorder:
     def flush(self) -> None:
         """Write every finished step to disk now and update the manifest."""
         if self.writer is not None:
+            self._send()
             self.writer.flush()
 
     # -- context manager ---------------------------------------------------------------
     def __enter__(self) -> Recorder:
         if self._compiled_given or is_compiled(self.model):
             check_compilable(self.model, len(find_stacks(self.model)), self.router_stats)
+            drop_compiled_graphs(self.model)  # refuses here when it cannot (capture.compiled)
         self.sites = find_routers(self.model)
         if self.only_layers is not None:
             found = [site.layer for site in self.sites]
@@ -163,10 +145,10 @@ class Recorder:
             self.writer = part_writer(
                 self.out_dir,
                 rank=self.rank,
-                rows_per_part=self.rows_per_part,
-                flush_seconds=self.flush_seconds,
-                max_pending=self.max_pending,
-                max_pending_bytes=self.max_pending_bytes,
+                rows_per_part=self.options.rows_per_part,
+                flush_seconds=self.options.flush_seconds,
+                max_pending=self.options.max_pending,
+                max_pending_bytes=self.options.max_pending_bytes,
                 on_flush=self._on_flush,
                 observers=self.observers,
             )
@@ -192,6 +174,7 @@ class Recorder:
         writer_error: BaseException | None = None
         try:
             self._tracker.release_all(self._submit_held)
+            self._send()
         except RouteScopeError as error:
             writer_error = error
         try:
@@ -217,37 +200,26 @@ class Recorder:
             warnings.warn(f"routescope: {writer_error}", RuntimeWarning, stacklevel=2)
 
     def _warn_skipped(self) -> None:
-        if self._ignored_calls:
-            warnings.warn(
-                f"routescope: {self._ignored_calls} router calls ran outside a forward of the recorded "
-                "model and were not recorded (call the model you passed to record())",
-                stacklevel=3,
-            )
-        quiet = {"rows_finished", "rejected_candidates"}  # by design, documented
-        loud = {k: v for k, v in self.skipped.counts.items() if k not in quiet}
-        if loud:
-            what = ", ".join(f"{k}={v}" for k, v in sorted(loud.items()))
-            warnings.warn(
-                f"routescope: some model work was not recorded ({what}); the manifest's 'skipped' says "
-                "the same (docs/capture.md explains each reason)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        outside = self._sink.outside if self._sink is not None else 0
+        self.skipped.warn(outside, self.step_errors[0] if self.step_errors else None)
 
     # -- SIGTERM: a job scheduler's stop should still leave a readable run (capture.facts) --
     def _install_sigterm_handler(self) -> None:
-        if self.handle_sigterm:
-            self._previous_sigterm = install_sigterm_exit()
+        if self.options.handle_sigterm:
+            self._previous_sigterm = facts.install_sigterm_exit()
 
     def _restore_sigterm_handler(self) -> None:
-        restore_sigterm(self._previous_sigterm)
+        facts.restore_sigterm(self._previous_sigterm)
         self._previous_sigterm = None
 
     # -- directory and manifest (the rules live in store.rundir) -----------------------
     def _prepare_directory(self) -> None:
         self._dir = run_directory(self.out_dir, self.rank, self.world_size)
         start = self._dir.prepare(
-            self.mode, [site.layer for site in self.sites], self.rank << SEQ_ID_RANK_SHIFT, wait=self.wait
+            self.options.mode,
+            [site.layer for site in self.sites],
+            self.rank << SEQ_ID_RANK_SHIFT,
+            wait=self.options.wait,
         )
         self._tokens_before, self._step_offset = start.tokens, start.steps
         self._next_seq_id = start.next_seq_id
@@ -263,7 +235,7 @@ class Recorder:
             raise
 
     def _base_manifest(self) -> dict[str, Any]:
-        return model_manifest(
+        return facts.model_manifest(
             self.model,
             self.sites,
             weights_recorded=self.with_weights,
@@ -272,7 +244,8 @@ class Recorder:
             router_stats=self.router_stats,
             rank=self.rank,
             world_size=self.world_size,
-            created_at=getattr(self, "_created_at", None) or now(),
+            created_at=getattr(self, "_created_at", None) or facts.now(),
+            options=self.options.manifest(),
         )
 
     def _on_flush(self, tokens_written: int) -> None:
@@ -289,13 +262,14 @@ class Recorder:
                 steps=self._step_offset + self.steps,
                 next_seq_id=self._next_seq_id,
                 skipped=dict(self.skipped.counts),
+                step_errors=list(self.step_errors),
                 overhead={
                     "seconds": round(self._overhead, 6),
                     "per_step_ms": round(1000 * self._overhead / self.steps, 4) if self.steps else None,
-                    "what": "model-thread time in routescope's hooks, step bookkeeping and host copies",
+                    "what": "model-thread time in routescope's step bookkeeping and host copies (not the per-layer writes)",
                 },
                 complete=complete,
-                updated_at=now(),
+                updated_at=facts.now(),
             )
             self._dir.write_manifest(self.manifest)
 
@@ -313,13 +287,13 @@ class Recorder:
             begin, end = torch.compiler.disable(self._begin_step), torch.compiler.disable(self._end_step)
             self._handles.append(stack.module.register_forward_pre_hook(begin, with_kwargs=True))
             self._handles.append(stack.module.register_forward_hook(end, always_call=True))
-        self._sink = CompiledSink(self.sites)
+        self._sink = RoutingSink(self.sites)
+        self._num_experts = {site.layer: site.num_experts for site in self.sites}
         for slot, site in enumerate(self.sites):
+            hook = router_hook(self._sink, site, slot)
             if site.adapter.hook == "pre":
-                hook = self._make_pre_hook(site, slot)
                 self._handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
             else:
-                hook = self._make_post_hook(site, slot)
                 self._handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
         if self.router_stats:
             layers = [site.layer for site in self.sites]
@@ -331,7 +305,7 @@ class Recorder:
                     f"of {type(self.model).__name__}"
                 )
             for logits_site in logits_sites:
-                hook = self._make_logits_hook(logits_site)
+                hook = logits_hook(logits_site, lambda: self._step, self.skipped)
                 self._handles.append(logits_site.module.register_forward_hook(hook))
 
     def _remove_hooks(self) -> None:
@@ -339,61 +313,6 @@ class Recorder:
             self._handles.pop().remove()
         if self._sink is not None:
             self._sink.close()
-
-    def _stash(self, layer: int, compact: bool, indices: torch.Tensor, weights: torch.Tensor) -> None:
-        """Keep one layer's decision: detached device tensors, ids compacted as they arrive."""
-        started = time.perf_counter()
-        step = self._step
-        if step is None:
-            if not self._skipping:  # a forward train_step skipped is not a call outside a forward
-                self._ignored_calls += 1
-            return
-        indices = indices.detach()
-        step.routing[layer] = (indices.to(torch.int16) if compact else indices, weights.detach())
-        step.calls[layer] = step.calls.get(layer, 0) + 1
-        self._overhead += time.perf_counter() - started
-
-    def _make_pre_hook(self, site: RouterSite, slot: int):
-        extract, layer, compact = site.adapter.extract, site.layer, site.num_experts < 2**15
-        sink = self._sink
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if torch.compiler.is_compiling():  # traced into the graph: write to the sink
-                sink.write(slot, *extract(module, args, kwargs, None))
-                return
-            self._stash(layer, compact, *extract(module, args, kwargs, None))
-
-        return hook
-
-    def _make_post_hook(self, site: RouterSite, slot: int):
-        extract, layer, compact = site.adapter.extract, site.layer, site.num_experts < 2**15
-        sink = self._sink
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if torch.compiler.is_compiling():
-                sink.write(slot, *extract(module, args, kwargs, output))
-                return
-            self._stash(layer, compact, *extract(module, args, kwargs, output))
-
-        return hook
-
-    def _make_logits_hook(self, site: LogitsSite):
-        layer, index = site.layer, site.index
-
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if torch.compiler.is_compiling():
-                return  # statistics are eager only (capture.compiled.check_compilable)
-            step = self._step
-            if step is None:
-                return
-            logits = output[index] if isinstance(output, (tuple, list)) else output
-            logits = logits.detach().reshape(-1, logits.shape[-1]).float()
-            if logits.shape[0] != step.valid_flat.shape[0]:
-                self.skipped.add("router_stats_shape_mismatch")
-                return
-            step.stats[layer] = router_statistics(logits, step.valid_on(logits.device))
-
-        return hook
 
     # -- step bookkeeping --------------------------------------------------------------
     def _begin_step(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -413,7 +332,8 @@ class Recorder:
         self._forwards += 1
         train_step = self.train_step() if self.train_step is not None else None
         if self.train_step is not None and train_step is None:
-            self._step, self._skipping = None, True  # e.g. an evaluation forward inside a training run
+            self._step = None  # e.g. an evaluation forward inside a training run
+            self._skipping = self._sink.skipping = True
             return
         self._tracker.release(inputs.cache, self._submit_held)
         with self._labels_lock:
@@ -434,18 +354,18 @@ class Recorder:
             token_ids=token_ids.detach(),
             positions=identity.positions,
             valid=identity.valid,
-            valid_flat=identity.valid.reshape(-1).float(),
+            valid_flat=identity.valid.reshape(-1).float() if self.router_stats else None,
             stack=self._stacks[id(module)].name,
             modality=token_modality(ids, kwargs, ids_by_modality=self._placeholder_ids),
             train_step=train_step,
         )
         self._identity = identity
         self.steps += 1
-        if self._compiled_given or is_compiled(self.model):
-            if not self._sink.graphs_dropped:  # a graph compiled before record has no hooks in it
-                drop_compiled_graphs(self.model)
-                self._sink.graphs_dropped = True
-            self._sink.begin(batch * seq_len, device)  # the graph, if it runs, writes there
+        self._compiled_step = self._compiled_given or is_compiled(self.model)
+        if self._compiled_step and not self._sink.graphs_dropped:
+            drop_compiled_graphs(self.model)  # e.g. generate's compile_config: compiled after enter
+            self._sink.graphs_dropped = True
+        self._sink.begin(batch * seq_len, device)  # eager hooks or the graph write there
 
     def _allocate_seq_ids(self, batch: int) -> np.ndarray:
         ids = np.arange(self._next_seq_id, self._next_seq_id + batch, dtype=np.int64)
@@ -465,23 +385,58 @@ class Recorder:
         self._depth -= 1
         if self._depth > 0:
             return
-        self._skipping = False
+        self._skipping = self._sink.skipping = False
         step, self._step = self._step, None
-        compiled = self._sink.end() if self._sink is not None else {}
         if step is None:
             return
-        if compiled and not step.routing:
-            step.routing = compiled  # the forward ran compiled: no eager router hook fired
+        try:
+            step.groups = self._sink.end(step.stack, self._compiled_step)
+        except Exception as error:  # e.g. a layer ran twice: this step is lost, the run goes on
+            self._fail_step(step.step, error)
+            return
         if output is not None:
             self._tracker.adopt(self._identity, output)
-        if output is None or not step.routing:
+        if output is None or not step.groups:
             self._empty_forwards += 1
-            if not step.routing:
+            if not step.groups:
                 self.steps -= 1  # no MoE layer ran (or the forward raised): no step
             return
         if self._tracker.hold(self._identity, step):
             return  # candidates on a cache: wait until the cache shows what was kept
-        self.writer.submit(self._finish(step))
+        self._submit(step)
+
+    def _submit(self, step: StepBuffers) -> None:
+        try:
+            host = step.finish(self._num_experts, self.with_weights)
+        except Exception as error:
+            self._fail_step(step.step, error)
+            return
+        host.on_error = self._fail_step  # called on the writer thread if its tables cannot be made
+        pending = self._pending
+        if not pending:
+            self._pending_since = time.monotonic()
+        pending.append(host)
+        self._pending_tokens += host.host["valid"].numel()
+        if (
+            len(pending) >= BATCH_STEPS
+            or self.observers  # observers are given each step's tables on its own
+            or self._pending_tokens >= BATCH_TOKENS
+            or time.monotonic() - self._pending_since >= self._batch_seconds
+        ):
+            self._send()
+
+    def _send(self) -> None:
+        """Hand the finished steps to the writer, as one batch (capture/recording/step.StepBatch)."""
+        if self._pending:
+            batch, self._pending, self._pending_tokens = StepBatch(self._pending), [], 0
+            self.writer.submit(batch)
+
+    def _fail_step(self, step: int, error: BaseException) -> None:
+        """One step could not be recorded: count it, keep its message, go on with the next."""
+        with self._failures_lock:
+            self.skipped.add("steps_failed")
+            if len(self.step_errors) < MAX_STEP_ERRORS:
+                self.step_errors.append(f"step {step}: {type(error).__name__}: {error}")
 
     def _submit_held(self, step: StepBuffers, kept: int) -> None:
         """Submit a held multi-token step, without the columns the cache did not keep."""
@@ -490,7 +445,7 @@ class Recorder:
             self.skipped.add("rejected_candidates", int(rejected.sum()))
             step.valid = step.valid.clone()
             step.valid[:, kept:] = False
-        self.writer.submit(self._finish(step))
+        self._submit(step)
 
     # -- generate: end-of-text ids, refused paths, compile (capture.generation) -------------
     def _patch_generate(self) -> None:
@@ -505,11 +460,9 @@ class Recorder:
 
     def _after_generate(self, steps_before: int) -> None:
         self._tracker.release_all(self._submit_held)
+        self._send()
         if self.steps == steps_before:
             self.skipped.add("generate_calls_without_routing")
-
-    def _finish(self, step: StepBuffers) -> HostStep:
-        return step.finish({site.layer: site.num_experts for site in self.sites}, self.with_weights)
 
 
 def record(

@@ -8,7 +8,9 @@ the end (non-blocking into pinned memory on CUDA), and submits a HostStep to the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,10 +31,10 @@ class StepBuffers:
     token_ids: torch.Tensor  # [B, S]
     positions: torch.Tensor  # [B, S]
     valid: torch.Tensor  # [B, S] bool
-    valid_flat: torch.Tensor  # [B*S] float32, for masked sums in the stats hooks
-    routing: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    valid_flat: torch.Tensor | None  # [B*S] float32, for masked sums in the stats hooks (router_stats)
+    # (layers, expert ids [L, tokens, k], weights [L, tokens, k]) per device and k (capture/recording/sink.py)
+    groups: list[tuple[list[int], torch.Tensor, torch.Tensor]] = field(default_factory=list)
     stats: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    calls: dict[int, int] = field(default_factory=dict)
     valid_by_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
     stack: str = schema.STACK_DECODER  # encoder or decoder
     modality: torch.Tensor | None = None  # [B, S] int8 codes (capture/recording/modality.py); None: all text
@@ -52,20 +54,8 @@ class StepBuffers:
         return mask
 
     def finish(self, num_experts: dict[int, int], with_weights: bool) -> HostStep:
-        """Check the step, stack its tensors and start their copy to the host."""
+        """Start the step's copy to the host: a fixed number of copies whatever the depth."""
         step = self
-        layers = sorted(step.routing)
-        twice = [layer for layer in layers if step.calls.get(layer, 0) > 1]
-        if twice:
-            raise RouteScopeError(f"MoE layers {twice} ran more than once in one forward; cannot record them")
-        expected = step.batch_tokens
-        pairs = [step.routing[layer] for layer in layers]
-        for layer, (indices, _) in zip(layers, pairs, strict=True):
-            if indices.shape[0] != expected:
-                raise RouteScopeError(
-                    f"layer {layer} routed {indices.shape[0]} tokens, but the forward had {expected} "
-                    "(batch x sequence); this router layout is not supported yet"
-                )
         tensors: dict[str, torch.Tensor] = {
             "token_ids": step.token_ids.to(torch.int32),
             "positions": step.positions.to(torch.int32),
@@ -73,18 +63,27 @@ class StepBuffers:
         }
         if step.modality is not None:
             tensors["modality"] = step.modality
-        # one stacked tensor when every layer has the same shape on the same device
-        uniform = len({(indices.shape, indices.device) for indices, _ in pairs}) == 1
+        uniform = len(step.groups) == 1  # one stacked tensor: every layer on one device, one k
         if uniform:
-            tensors["experts"] = torch.stack([indices for indices, _ in pairs]).to(torch.int16)
+            layers, experts, weights = step.groups[0]
+            tensors["experts"] = experts.to(torch.int16)
             if with_weights:
-                tensors["weights"] = torch.stack([weights for _, weights in pairs]).to(torch.float32)
+                tensors["weights"] = weights
         else:
-            for i, (indices, weights) in enumerate(pairs):
-                tensors[f"experts{i}"] = indices.to(torch.int16)
+            by_layer = sorted(
+                (
+                    (layer, experts[i], weights[i])
+                    for layers_, experts, weights in step.groups
+                    for i, layer in enumerate(layers_)
+                ),
+                key=lambda item: item[0],
+            )
+            layers = [layer for layer, _, _ in by_layer]
+            for i, (_, experts, weights) in enumerate(by_layer):
+                tensors[f"experts{i}"] = experts.to(torch.int16)
                 if with_weights:
-                    tensors[f"weights{i}"] = weights.to(torch.float32)
-        for i, layer in enumerate(layers):
+                    tensors[f"weights{i}"] = weights
+        for i, layer in enumerate(layers if step.stats else ()):
             if layer in step.stats:
                 prob_sum, entropy, margin = step.stats[layer]
                 tensors.update({f"prob_sum{i}": prob_sum, f"entropy{i}": entropy, f"margin{i}": margin})
@@ -150,6 +149,7 @@ class HostStep:
     with_stats: bool
     stack: str = schema.STACK_DECODER
     train_step: int | None = None
+    on_error: Callable[[int, BaseException], None] | None = None  # set: a failure loses this step only
 
     @property
     def nbytes(self) -> int:
@@ -157,6 +157,17 @@ class HostStep:
         return sum(t.numel() * t.element_size() for t in self.host.values())
 
     def to_tables(self) -> dict[str, dict[str, np.ndarray]]:
+        """The step's rows (on the writer thread). With `on_error`, a step whose rows cannot be
+        made is reported there and gives no tables; the writer goes on with the next step."""
+        if self.on_error is None:
+            return self._tables()
+        try:
+            return self._tables()
+        except Exception as error:
+            self.on_error(self.step, error)
+            return {}
+
+    def _tables(self) -> dict[str, dict[str, np.ndarray]]:
         for event in self.events:
             event.synchronize()
         h = {k: v.numpy() for k, v in self.host.items()}
@@ -204,8 +215,9 @@ class HostStep:
         experts = np.concatenate([e.astype(np.int16) for e, _ in per_layer], axis=1)
         if experts.size and experts.min() < 0:  # a compiled graph left a layer unwritten (capture.compiled)
             raise RouteScopeError(
-                "a compiled forward did not write every recorded MoE layer's choice; record the "
-                "uncompiled model, and report the model type to routescope"
+                "a compiled forward did not write every recorded MoE layer's choice: a graph compiled "
+                "without routescope's hooks ran (call torch._dynamo.reset() before record() to rule that "
+                "out), or the compiled model skipped a MoE layer; record the uncompiled model to compare"
             )
         columns = {
             "seq_id": np.repeat(seq, row_width),
@@ -246,6 +258,26 @@ class HostStep:
         }
 
 
+def logits_hook(site: Any, current: Callable[[], StepBuffers | None], skipped: Any) -> Callable[..., None]:
+    """The hook on a router's logits (`router_stats=True`): statistics of the step in flight."""
+    layer, index = site.layer, site.index
+
+    def hook(module: Any, args: tuple, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return  # statistics are eager only (capture.compiled.check_compilable)
+        step = current()
+        if step is None:
+            return
+        logits = output[index] if isinstance(output, (tuple, list)) else output
+        logits = logits.detach().reshape(-1, logits.shape[-1]).float()
+        if logits.shape[0] != step.valid_flat.shape[0]:
+            skipped.add("router_stats_shape_mismatch")
+            return
+        step.stats[layer] = router_statistics(logits, step.valid_on(logits.device))
+
+    return hook
+
+
 def router_statistics(logits: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """router_stats / router_tokens of one layer from its [tokens, E] float logits, on the
     logits' device: (sum of softmax over valid tokens, float64; normalised entropy and
@@ -256,3 +288,121 @@ def router_statistics(logits: torch.Tensor, valid: torch.Tensor) -> tuple[torch.
     top2 = probs.topk(min(2, probs.shape[-1]), dim=-1).values
     margin = top2[:, 0] - top2[:, -1] if top2.shape[-1] > 1 else top2[:, 0]
     return prob_sum, entropy, margin
+
+
+@dataclass
+class StepBatch:
+    """Finished steps handed to the writer together: decode steps are small, and turning each
+    into tables on its own would take the writer thread (and the GIL) once per step. Steps of
+    one shape are converted in one vectorised pass; a step that fails is lost alone."""
+
+    steps: list[HostStep]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(step.nbytes for step in self.steps)
+
+    def to_tables(self) -> dict[str, dict[str, np.ndarray]]:
+        steps = self.steps
+        if len(steps) > 1 and _mergeable(steps):
+            try:
+                return _merged_tables(steps)
+            except Exception:
+                pass  # one of them fails: convert them one by one, so only that one is lost
+        return _concat([step.to_tables() for step in steps])
+
+
+def _mergeable(steps: list[HostStep]) -> bool:
+    first = steps[0]
+    shape = (
+        tuple(first.layers),
+        first.with_weights,
+        tuple(first.labels),
+        first.train_step is None,
+        "modality" in first.host,
+    )
+    return all(
+        step.uniform
+        and not step.with_stats
+        and (
+            tuple(step.layers),
+            step.with_weights,
+            tuple(step.labels),
+            step.train_step is None,
+            "modality" in step.host,
+        )
+        == shape
+        for step in steps
+    )
+
+
+def _merged_tables(steps: list[HostStep]) -> dict[str, dict[str, np.ndarray]]:
+    """HostStep.to_tables of several steps at once (same layers, options and label names)."""
+    for step in steps:
+        for event in step.events:
+            event.synchronize()
+    hosts = [{k: v.numpy() for k, v in step.host.items()} for step in steps]
+    sizes = [h["valid"].size for h in hosts]
+    valid = np.concatenate([h["valid"].reshape(-1) for h in hosts])
+    keep = np.flatnonzero(valid)
+    n = len(keep)
+
+    def flat(key: str) -> np.ndarray:
+        return np.concatenate([h[key].reshape(-1) for h in hosts])[keep]
+
+    def each(values: list, dtype: Any) -> np.ndarray:
+        return np.repeat(np.asarray(values, dtype=dtype), sizes)[keep]
+
+    seq = np.concatenate(
+        [np.repeat(s.seq_ids.astype(np.int64), h["valid"].shape[1]) for s, h in zip(steps, hosts)]
+    )[keep]
+    pos = flat("positions").astype(np.int32)
+    first = steps[0]
+    tokens = {
+        "seq_id": seq,
+        "pos": pos,
+        "token_id": flat("token_ids").astype(np.int32),
+        "step": each([s.step for s in steps], np.int32),
+        "phase": each([s.phase for s in steps], object),
+        "modality": (
+            modality_names(flat("modality"))
+            if "modality" in hosts[0]
+            else np.full(n, schema.TOKEN_EXTRA_DEFAULTS["modality"], dtype=object)
+        ),
+        "stack": each([s.stack for s in steps], object),
+    }
+    if first.train_step is not None:
+        tokens[schema.TRAIN_STEP] = each([s.train_step for s in steps], np.int32)
+    for label in first.labels:
+        tokens[label] = each([s.labels[label] for s in steps], object)
+    experts = np.concatenate(
+        [h["experts"].reshape(h["experts"].shape[0], -1, h["experts"].shape[-1]) for h in hosts], axis=1
+    )[:, keep]
+    weights = (
+        np.concatenate(
+            [h["weights"].reshape(h["weights"].shape[0], -1, h["weights"].shape[-1]) for h in hosts], axis=1
+        )[:, keep]
+        if first.with_weights
+        else None
+    )
+    per_layer = [(experts[i], weights[i] if weights is not None else None) for i in range(len(first.layers))]
+    return {schema.TOKENS: tokens, schema.ROUTING: first._routing(per_layer, seq, pos)}
+
+
+def _concat(parts: list[dict[str, dict[str, np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
+    """Tables of several steps as one (a column a step lacks, e.g. a label set later, is None)."""
+    parts = [p for p in parts if p]
+    if len(parts) <= 1:
+        return parts[0] if parts else {}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name in dict.fromkeys(name for part in parts for name in part):
+        tables = [part[name] for part in parts if name in part]
+        columns = list(dict.fromkeys(c for t in tables for c in t))
+        rows = [len(next(iter(t.values()))) for t in tables]
+        out[name] = {
+            c: np.concatenate(
+                [t[c] if c in t else np.full(r, None, dtype=object) for t, r in zip(tables, rows)]
+            )
+            for c in columns
+        }
+    return out

@@ -1,0 +1,208 @@
+"""Decode overhead: what recording adds to one `generate` decode step, per step and per MoE layer.
+
+SPEC 7: recording adds a fixed cost per forward step; measured on `generate` as ms per step
+recorded - ms per step plain, at several depths, batch 1 and 8, eager and compiled; the fit
+`added = a + b x MoE layers` gives the cost per step (a) and per MoE layer (b). Goal on the
+2-core CPU machine: a <= 0.1 ms and b <= 0.01 ms; on a GPU, recorded / plain <= 1.02.
+
+Two copies of each model with the same weights: one recorded inside one long `rs.record`
+block, one never recorded; rounds interleave them (plain, recorded, in a shuffled order), and
+medians are reported. Compiled: transformers' static-cache `generate` with a `compile_config`
+(`fullgraph=True`, CUDA graphs on a GPU with transformers' default `reduce-overhead`).
+
+    python benchmarks/decode_overhead.py [--device cuda] [--layers 2 16] [--batches 1 8]
+        [--new-tokens 32] [--rounds 7] [--compiled] [--real-shape]
+
+On a CPU the default clock is the process's CPU time (all threads: the writer's work
+counts), since on a shared, loaded machine elapsed time mostly measures waiting for a core;
+`--clock wall` measures elapsed time (the default on a GPU).
+
+`--real-shape`: also one model of Qwen3-30B-A3B's layer shape (hidden 2048, 128 experts,
+top-8, expert width 768; 2 MoE layers on a CPU, 8 on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import routescope as rs
+
+
+def build(layers: int, hidden: int, experts: int, top_k: int, moe_width: int, device: str) -> torch.nn.Module:
+    config = AutoConfig.for_model(
+        "qwen3_moe",
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        moe_intermediate_size=moe_width,
+        num_hidden_layers=layers,
+        num_attention_heads=max(4, hidden // 128),
+        num_key_value_heads=max(2, hidden // 512),
+        head_dim=128 if hidden >= 1024 else hidden // 4,
+        vocab_size=4096,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_config(config).to(device, dtype).eval()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(shape: dict, batch: int, compiled: bool, args: argparse.Namespace, tmp: Path) -> dict:
+    """Median ms per decode step, plain and recorded, for one model shape, batch and path."""
+    from transformers import CompileConfig
+
+    recorded = build(device=args.device, **shape)
+    plain = deepcopy(recorded)
+    prompt = torch.randint(1, 4000, (batch, 16), device=args.device)
+    kwargs = {
+        "input_ids": prompt,
+        "attention_mask": torch.ones_like(prompt),
+        "do_sample": False,
+        "pad_token_id": 0,
+    }
+    if compiled:
+        config = CompileConfig(fullgraph=True, backend=args.backend)
+        config._compile_all_devices = True  # transformers compiles on CUDA only by default
+        kwargs.update(cache_implementation="static", compile_config=config)
+
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+
+    def per_step(model, new_tokens: int) -> float:
+        sync(args.device)
+        start = clock()
+        model.generate(**kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        sync(args.device)
+        return clock() - start
+
+    def decode_ms(model) -> float:
+        # (long - short) / extra steps: the prefill and generate's own setup cancel out
+        long_s, short_s = per_step(model, args.new_tokens + 1), per_step(model, 1)
+        return 1000 * (long_s - short_s) / args.new_tokens
+
+    out = tmp / f"run-{shape['layers']}-{batch}-{compiled}"
+    results: dict[str, list[float]] = {"plain": [], "recorded": []}
+    with torch.no_grad(), rs.record(recorded, out, flush_seconds=1e9) as rec:
+        for _ in range(2):  # warm up (and compile)
+            decode_ms(plain), decode_ms(recorded)
+        order = ["plain", "recorded"]
+        rng = random.Random(0)
+        for _ in range(args.rounds):
+            rng.shuffle(order)
+            for name in order:
+                results[name].append(decode_ms(plain if name == "plain" else recorded))
+    steps = rec.steps
+    shutil.rmtree(out, ignore_errors=True)
+    plain_ms, recorded_ms = (statistics.median(results[n]) for n in ("plain", "recorded"))
+    return {
+        "layers": shape["layers"],
+        "batch": batch,
+        "path": "compiled" if compiled else "eager",
+        "plain": plain_ms,
+        "recorded": recorded_ms,
+        "added": recorded_ms - plain_ms,
+        "steps": steps,
+    }
+
+
+def fit(rows: list[dict]) -> tuple[float, float]:
+    """Least squares added = a + b * layers."""
+    xs, ys = [r["layers"] for r in rows], [r["added"] for r in rows]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    return my - b * mx, b
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 16])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--compiled", action="store_true", help="also the compiled static-cache generate")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend of --compiled")
+    parser.add_argument("--real-shape", action="store_true", help="also Qwen3-30B-A3B's layer shape")
+    parser.add_argument(
+        "--real-layers", type=int, help="MoE layers of --real-shape (default 2 on a CPU, 8 on a GPU)"
+    )
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size of the depth sweep")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        help="wall: elapsed time (default on a GPU); cpu: this process's CPU time, all threads, the "
+        "writer's included (default on a CPU: on a shared, loaded machine elapsed time mostly "
+        "measures waiting for a core)",
+    )
+    args = parser.parse_args(argv)
+    args.clock = args.clock or ("wall" if args.device == "cuda" else "cpu")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tmp = Path(tempfile.mkdtemp(prefix="rs-decode-"))
+    small = {"hidden": args.hidden, "experts": 8, "top_k": 2, "moe_width": args.hidden // 2}
+    real = {"hidden": 2048, "experts": 128, "top_k": 8, "moe_width": 768}
+    real_layers = args.real_layers or (8 if args.device == "cuda" else 2)
+    paths = [False, True] if args.compiled else [False]
+    print(
+        f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"{args.new_tokens} new tokens, {args.rounds} rounds, medians, {args.clock} clock"
+    )
+    print("| path | batch | MoE layers | shape | plain ms/step | recorded ms/step | added ms/step | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows: list[dict] = []
+    try:
+        for compiled in paths:
+            for batch in args.batches:
+                configs = [({"layers": n, **small}, "tiny") for n in args.layers]
+                if args.real_shape:
+                    configs.append(({"layers": real_layers, **real}, "Qwen3-30B-A3B layer"))
+                for shape, name in configs:
+                    row = measure(shape, batch, compiled, args, tmp)
+                    row["shape"] = name
+                    rows.append(row)
+                    print(
+                        f"| {row['path']} | {batch} | {row['layers']} | {name} | {row['plain']:.3f} | "
+                        f"{row['recorded']:.3f} | {row['added']:+.3f} | {row['recorded'] / row['plain']:.3f} |",
+                        flush=True,
+                    )
+        print()
+        print(
+            "fit over the depth sweep: added ms/step = a + b x MoE layers (goal a <= 0.1, b <= 0.01 on CPU)"
+        )
+        for compiled in paths:
+            for batch in args.batches:
+                sweep = [
+                    r
+                    for r in rows
+                    if r["shape"] == "tiny"
+                    and r["batch"] == batch
+                    and r["path"] == ("compiled" if compiled else "eager")
+                ]
+                if len(sweep) >= 2:
+                    a, b = fit(sweep)
+                    print(
+                        f"  {sweep[0]['path']:8s} batch {batch}: a = {a:.3f} ms/step, b = {b:.4f} ms/MoE layer"
+                    )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

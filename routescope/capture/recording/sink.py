@@ -1,0 +1,199 @@
+"""The one recording path: each MoE layer writes its choice into the step's preallocated buffers.
+
+Eager and compiled forwards share it. A recording allocates, per recorded MoE layer, an ids
+buffer and a weights buffer on that layer's device ([capacity, k], grown to the largest step
+seen, so a decode loop always writes the same addresses; CUDA graphs need that). A step:
+
+- `begin(tokens)` (once per step, eager, outside any graph): zeroes the step's id rows in
+  one foreach call (0: not written by a graph).
+- per MoE layer, the router hook writes ids and weights into the layer's rows: eagerly
+  with `put` (two `copy_`, plus an int per layer: which layers ran), or, traced into a
+  compiled graph, with the `routescope::record_choice` custom op (capture/recording/compiled.py).
+  No Python list, dict or tensor is kept per layer, and nothing syncs with the host.
+- `end()` (once per step): stacks the step's rows of every layer (one op per device and
+  top-k, whatever the depth) into fresh tensors; a layer the graph did not write (it writes
+  ids + 1 over the zeroed rows, and the end subtracts 1)
+  reads -1 (refused on the writer thread: that step is lost, counted, the run goes on).
+
+Eager writes are counted per layer (a Python int), so a layer that did not run in an eager
+forward is left out of the step, and a layer that ran twice fails the step, as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from routescope.capture.recording.compiled import hold_hook_guards, record_choice
+from routescope.errors import RouteScopeError
+
+# buffers hold at least this many tokens; they grow to the largest step seen (a power of two)
+MIN_TOKENS = 64
+MAX_VIEW_SIZES = 64  # step sizes whose row views are kept (a decode loop uses one)
+
+
+class RoutingSink:
+    """The buffers router hooks write into; `current` is None outside a recorded step."""
+
+    def __init__(self, sites: list[Any]) -> None:
+        self.layers = [site.layer for site in sites]
+        self.top_k = [site.top_k for site in sites]
+        self.stacks = [site.stack for site in sites]
+        self.devices = [_device_of(site.module) for site in sites]
+        self._one_stack = len(set(self.stacks)) == 1
+        # int16 ids when every layer's expert ids fit, as the step's host copy wants them
+        small = all(site.num_experts <= (1 << 15) for site in sites)
+        self.ids_dtype = torch.int16 if small else torch.int32
+        self.current: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self.capacity = 0
+        self.outside = 0  # eager router calls outside a recorded step
+        self.skipping = False  # in a forward the recorder skips on purpose: its calls are not 'outside'
+        self.counts: list[int] = [0] * len(sites)  # eager writes per layer, this step
+        self.shapes: dict[int, tuple[int, ...]] = {}  # layers that routed another number of tokens
+        self._buffers: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._views: dict[int, tuple[list, list, list]] = {}  # rows [:n], by n
+        self._groups: list[list[int]] = []  # slots that stack together (same device and k)
+        self._tokens = 0
+        self.graphs_dropped = False  # graphs compiled before record, dropped once (capture.compiled)
+        self._open = True
+        hold_hook_guards(True)
+
+    def close(self) -> None:
+        """The recording ended: graphs compiled from now on may skip hook guards again."""
+        if self._open:
+            self._open = False
+            hold_hook_guards(False)
+        self._buffers, self.current, self._views = None, None, {}
+
+    # -- once per step -------------------------------------------------------------------
+    def begin(self, tokens: int, device: torch.device) -> None:
+        """Make the buffers hold a step of `tokens` tokens and mark those rows unwritten."""
+        if self._buffers is None or tokens > self.capacity:
+            # a new size: a compiled call recompiles (as it would for the new shape)
+            self.capacity = max(MIN_TOKENS, 1 << (tokens - 1).bit_length())
+            self._buffers = self._allocate(self.capacity, device)
+            self._views = {}
+        views = self._views.get(tokens)
+        if views is None:  # the rows [:tokens] of every buffer, made once per step size
+            if len(self._views) >= MAX_VIEW_SIZES:  # many prompt lengths: keep the cache small
+                self._views = {}
+            ids_rows = [ids[:tokens] for ids in self._buffers[0]]
+            weight_rows = [weights[:tokens] for weights in self._buffers[1]]
+            by_group = [([ids_rows[s] for s in g], [weight_rows[s] for s in g]) for g in self._groups]
+            views = self._views[tokens] = (ids_rows, weight_rows, by_group)
+        torch._foreach_zero_(views[0])
+        self._tokens = tokens
+        self._step_views = views
+        self.counts = [0] * len(self.layers)
+        if self.shapes:
+            self.shapes = {}
+        self.current = self._buffers
+
+    def end(self, stack: str, compiled: bool) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """The step's decisions: (layers, ids [L, tokens, k] (-1: not written), weights), one
+        group per device and k, in fresh tensors (the buffers are reused next step); empty
+        when no layer ran. An eager step has the layers that ran; a `compiled` one (no eager
+        write) every layer of `stack` (an encoder-decoder's encoder and decoder apart)."""
+        if self.current is None:
+            return []
+        self.current = None
+        ids_views, weight_views, _ = self._step_views
+        eager = any(self.counts)
+        if not eager and not compiled and not self.shapes:
+            return []
+        if self.shapes:
+            layer, shape = next(iter(self.shapes.items()))
+            raise RouteScopeError(
+                f"layer {layer} routed expert ids of shape {shape}, but the forward had {self._tokens} "
+                "tokens (batch x sequence); this router layout is not supported yet"
+            )
+        if eager:
+            twice = [self.layers[s] for s, c in enumerate(self.counts) if c > 1]
+            if twice:
+                raise RouteScopeError(
+                    f"MoE layers {twice} ran more than once in one forward; cannot record them"
+                )
+        every = self.counts.count(1) == len(self.layers) if eager else self._one_stack
+        groups = []
+        for g, slots in enumerate(self._groups):
+            if every:  # the usual step: every layer, no Python per layer
+                ids_rows, weight_rows = self._step_views[2][g]
+                layers = self._group_layers[g]
+            else:
+                keep = [s for s in slots if (self.counts[s] if eager else self.stacks[s] == stack)]
+                if not keep:
+                    continue
+                ids_rows, weight_rows = [ids_views[s] for s in keep], [weight_views[s] for s in keep]
+                layers = [self.layers[s] for s in keep]
+            ids = torch.stack(ids_rows)
+            groups.append((layers, ids if eager else ids - 1, torch.stack(weight_rows)))
+        return groups
+
+    # -- once per MoE layer --------------------------------------------------------------
+    def put(self, slot: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """An eager router hook's write: ids and weights into the layer's rows of this step."""
+        ids_out = self._step_views[0][slot]
+        shape = ids_out.shape
+        if ids.shape != shape:  # e.g. [batch, seq, k]: the same ids, another view
+            if ids.numel() != ids_out.numel():
+                self.shapes[self.layers[slot]] = tuple(ids.shape)
+                return
+            ids = ids.reshape(shape)
+        if weights.shape != shape:
+            weights = weights.reshape(shape)
+        ids_out.copy_(ids)
+        self._step_views[1][slot].copy_(weights.detach() if weights.requires_grad else weights)
+        self.counts[slot] += 1
+
+    def write(self, slot: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """Traced into the graph by the router hooks' compiled branch."""
+        buffers = self.current
+        if buffers is None:
+            # no step is being recorded (an input without ids, a skipped forward) or the model
+            # was compiled some other way: this graph variant writes nothing
+            return
+        record_choice(buffers[0][slot], buffers[1][slot], ids.detach(), weights.detach())
+
+    # -- buffers -------------------------------------------------------------------------
+    def _allocate(self, capacity: int, device: torch.device) -> Any:
+        devices = [d or device for d in self.devices]
+        ids = [torch.zeros(capacity, k, dtype=self.ids_dtype, device=d) for k, d in zip(self.top_k, devices)]
+        weights = [
+            torch.zeros(capacity, k, dtype=torch.float32, device=d) for k, d in zip(self.top_k, devices)
+        ]
+        for tensor in (*ids, *weights):
+            torch._dynamo.mark_static_address(tensor)  # CUDA graphs write only to static addresses
+        by_key: dict[tuple, list[int]] = {}
+        for slot, (k, d) in enumerate(zip(self.top_k, devices)):
+            by_key.setdefault((k, torch.device(d)), []).append(slot)
+        self._groups = list(by_key.values())
+        self._group_layers = [[self.layers[s] for s in g] for g in self._groups]
+        return ids, weights
+
+
+def router_hook(sink: RoutingSink, site: Any, slot: int) -> Any:
+    """The hook on one MoE layer's router: its adapter's extractor, then one write into `sink`
+    (traced into the graph under torch.compile, eager otherwise)."""
+    extract = site.adapter.extract
+
+    def write(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if torch.compiler.is_compiling():  # a constant while tracing: the graph writes the buffers
+            sink.write(slot, *extract(module, args, kwargs, output))
+        elif sink.current is not None:
+            sink.put(slot, *extract(module, args, kwargs, output))
+        elif not sink.skipping:
+            sink.outside += 1
+
+    if site.adapter.hook == "pre":
+        return lambda module, args, kwargs: write(module, args, kwargs, None)
+    return write
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    """Where a router module runs (a device_map spreads layers over devices); None: unknown, or
+    offloaded (accelerate leaves its weights on the meta device and runs it on the step's)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return None if tensor.device.type == "meta" else tensor.device
+    return None

@@ -1,0 +1,170 @@
+"""The one recording path (capture/recording/sink.py), its options (capture/recording/options.py),
+a failed step that loses only itself, and graphs compiled before `record` for a model whose
+forward has a graph break (issue 35)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import routescope as rs
+from routescope.capture.discovery import find_routers
+from routescope.capture.recording.options import RecordOptions
+from routescope.capture.recording.step import StepBuffers
+from tests.test_capture import padded_batch
+from tests.test_generation_paths import assert_same_rows, rows
+
+
+@pytest.fixture
+def model(tiny_model):
+    return tiny_model("qwen3_moe")
+
+
+def forward(model, ids, mask, **kwargs):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kwargs).logits
+
+
+# -- options ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"mode": "replace"}, "mode='replace' is not allowed; use one of"),
+        ({"sample": 0.0}, "sample=0.0 is not allowed"),
+        ({"rows_per_part": 0}, "rows_per_part=0 is not allowed: give a whole number >= 1"),
+        ({"flush_seconds": -1}, "flush_seconds=-1 is not allowed"),
+        ({"layers": []}, "layers=[] is not allowed"),
+        ({"observers": [1]}, "every observer must be callable"),
+        ({"weight": False}, "unknown recording option 'weight'; allowed: "),
+    ],
+)
+def test_bad_options_are_refused_naming_the_option(model, tmp_path, options, named):
+    with pytest.raises(ValueError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        rs.record(model, tmp_path / "run", **options)
+    assert not (tmp_path / "run").exists()  # refused before anything is opened
+
+
+def test_options_are_frozen_and_shown_in_the_manifest(model, tmp_path):
+    ids, mask = padded_batch(torch.device("cpu"), "left")
+    secret = {"key": "AKIA-not-shown", "secret": "not shown either"}
+    opts = RecordOptions.from_kwargs(weights=False, layers=[1, 0, 1], sample=1.0, observers=[print])
+    with pytest.raises(AttributeError):
+        opts.weights = True  # frozen
+    assert opts.layers == (0, 1) and opts.sample is None  # normalised: sorted, and 1.0 is everything
+    with rs.record(model, tmp_path / "run", weights=False, layers=[1, 0], observers=[print], seed=3) as rec:
+        forward(model, ids, mask)
+    shown = json.loads((tmp_path / "run" / "manifest.json").read_text())["options"]
+    assert shown == rec.options.manifest()
+    assert shown["weights"] is False and shown["layers"] == [0, 1] and shown["seed"] == 3
+    assert shown["observers"] == ["print"] and shown["mode"] == "create" and shown["train_step"] is None
+    assert RecordOptions(storage_options=secret).manifest()["storage_options"] == ["key", "secret"]
+
+
+# -- a failed step ---------------------------------------------------------------------------
+def test_a_step_failing_on_the_writer_thread_loses_only_itself(model, tmp_path, monkeypatch):
+    batches = [padded_batch(torch.device("cpu"), "left", lengths=(5, 3), seed=s) for s in range(4)]
+    with rs.record(model, tmp_path / "want"):
+        for ids, mask in batches:
+            forward(model, ids, mask)
+    real = StepBuffers.finish
+
+    def planted(self, *args):
+        """Step 1 reads as if its graph had written no layer (ids -1), found on the writer thread."""
+        host = real(self, *args)
+        if self.step == 1:
+            host.host["experts"].fill_(-1)
+        return host
+
+    monkeypatch.setattr(StepBuffers, "finish", planted)
+    with pytest.warns(RuntimeWarning, match="did not write every recorded MoE layer's choice"):
+        with rs.record(model, tmp_path / "got") as rec:
+            for ids, mask in batches:
+                forward(model, ids, mask)
+    run = rs.open_run(tmp_path / "got")
+    assert run.manifest["complete"] is True and run.manifest["skipped"] == {"steps_failed": 1}
+    (error,) = run.manifest["step_errors"]
+    assert error.startswith("step 1: RouteScopeError: a compiled forward did not write every recorded MoE")
+    assert rec.steps == 4 and run.manifest["steps"] == 4
+    steps = sorted(run.sql("SELECT DISTINCT step FROM tokens").step)
+    assert steps == [0, 2, 3]
+    got = run.sql(
+        "SELECT * FROM routing r JOIN tokens t USING (seq_id, pos) ORDER BY step, seq_id, pos, layer, slot"
+    )
+    want = rs.open_run(tmp_path / "want").sql(
+        "SELECT * FROM routing r JOIN tokens t USING (seq_id, pos) WHERE step <> 1 "
+        "ORDER BY step, seq_id, pos, layer, slot"
+    )
+    assert got[["step", "pos", "layer", "slot", "expert", "weight"]].equals(
+        want[["step", "pos", "layer", "slot", "expert", "weight"]]
+    )
+
+
+def test_a_layer_running_twice_in_one_step_loses_only_that_step(model, tmp_path):
+    """A real failure on the model's thread: in the second forward one MoE layer's router runs twice."""
+    batches = [padded_batch(torch.device("cpu"), "left", lengths=(5, 3), seed=s) for s in range(3)]
+    site = find_routers(model)[0]
+    calls = {"n": 0, "inside": False}
+
+    def again(module, args, kwargs, output):
+        calls["n"] += 1
+        if calls["n"] == 2 and not calls["inside"]:
+            calls["inside"] = True
+            module(*args, **kwargs)
+            calls["inside"] = False
+
+    handle = site.module.register_forward_hook(again, with_kwargs=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with rs.record(model, tmp_path / "run"):
+                for ids, mask in batches:
+                    forward(model, ids, mask)
+    finally:
+        handle.remove()
+    run = rs.open_run(tmp_path / "run")
+    assert run.manifest["skipped"] == {"steps_failed": 1} and run.manifest["complete"] is True
+    assert "ran more than once in one forward" in run.manifest["step_errors"][0]
+    assert any("ran more than once" in str(w.message) for w in caught)
+    assert sorted(run.sql("SELECT DISTINCT step FROM tokens").step) == [0, 2]
+    layers = run.sql(
+        "SELECT step, count(DISTINCT layer) AS n FROM routing JOIN tokens USING (seq_id, pos) GROUP BY step"
+    )
+    assert set(layers.n) == {len(run.moe_layers)}
+
+
+# -- graphs compiled before record, with a graph break --------------------------------------
+def test_a_copy_compiled_first_with_a_graph_break_leaves_no_stale_graph(tiny_model, tmp_path):
+    """Issue 35: an unrecorded copy of the same class compiled and run first, its forward broken
+    by transformers' output-capturing hooks (output_router_logits=True), then the recorded copy:
+    frames compiled for the model's code other than `forward` (inner forwards, resume functions)
+    would run without the capture (before: every step failed, 'did not write every recorded MoE
+    layer's choice'). Every one is dropped, and the rows equal eager's."""
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        plain, recorded = tiny_model("qwen3_moe"), tiny_model("qwen3_moe")
+        ids, mask = padded_batch(torch.device("cpu"), "left", lengths=(5, 3))
+        with rs.record(recorded, tmp_path / "eager"):
+            forward(recorded, ids, mask, output_router_logits=True)
+        plain.compile(backend="aot_eager")  # the instance's _call_impl is compiled
+        plain_compiled = plain
+        forward(plain_compiled, ids, mask, output_router_logits=True)
+        assert counters["graph_break"]  # the scenario needs a break
+        recorded.compile(backend="aot_eager")
+        recorded_compiled = recorded
+        with rs.record(recorded_compiled, tmp_path / "compiled"):
+            forward(recorded_compiled, ids, mask, output_router_logits=True)
+            forward(plain_compiled, ids, mask, output_router_logits=True)
+            forward(recorded_compiled, ids, mask, output_router_logits=True)
+        manifest = rs.open_run(tmp_path / "compiled").manifest
+        assert manifest["complete"] is True and manifest["skipped"] == {}
+        got, want = rows(tmp_path / "compiled"), rows(tmp_path / "eager")
+        assert len(got) == 2 * len(want)
+        assert_same_rows(got[got.seq_id < 2].reset_index(drop=True), want, atol=1e-6)
+    finally:
+        plain._compiled_call_impl = recorded._compiled_call_impl = None
+        torch._dynamo.reset()
