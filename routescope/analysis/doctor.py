@@ -246,10 +246,18 @@ def near_tie_findings(ctx: Context) -> list[dict[str, Any]]:
     return out
 
 
+def _has_weights(run: Run) -> bool:
+    """Whether routing holds combine weights (weights=False recordings and imports have none)."""
+    m = run.manifest
+    if m.get("weights") is False or m.get("weights_recorded") is False:
+        return False
+    return "weight" in run.sql("SELECT * FROM routing LIMIT 0").columns
+
+
 def capacity_findings(ctx: Context) -> list[dict[str, Any]]:
     """Slots recorded with weight 0: the expert capacity dropped them (Switch, NLLB-MoE adapters)."""
     run, th = ctx.run, ctx.th
-    if counts_only(run) or run.manifest.get("weights") is False:
+    if counts_only(run) or not _has_weights(run):
         return [
             finding(
                 "info",
