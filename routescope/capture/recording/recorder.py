@@ -418,7 +418,9 @@ class Recorder:
         pending.append(host)
         self._pending_tokens += host.host["valid"].numel()
         if (
-            len(pending) >= BATCH_STEPS
+            host.phase != "decode"  # only decode steps wait for company: a forward's step goes now
+            or len(pending) >= BATCH_STEPS
+            or self._pending_tokens >= self.options.rows_per_part  # rows >= tokens: parts stay bounded
             or self.observers  # observers are given each step's tables on its own
             or self._pending_tokens >= BATCH_TOKENS
             or time.monotonic() - self._pending_since >= self._batch_seconds
