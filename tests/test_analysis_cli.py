@@ -64,6 +64,7 @@ def test_report_json(run_dir, capsys):
     assert [(row["layer"], row["expert"]) for row in doc["super_experts"]] == [(0, 1)]
 
 
+@pytest.mark.slow
 def test_report_shows_ep_balancedness_and_super_expert_evidence(run_dir, capsys):
     assert main(["report", str(run_dir), "--json", "--ep-size", "2"]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -140,6 +141,7 @@ def test_command_table_and_help(capsys):
     assert "report" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_report_says_when_where_matches_no_token_and_explains_the_metrics(run_dir, capsys):
     assert main(["report", str(run_dir), "--where", "domain = 'nothing'"]) == 0
     out = capsys.readouterr().out

@@ -447,6 +447,7 @@ def test_cached_counts_follow_session_variables(planted):
     assert not code["tokens"].equals(maths["tokens"])
 
 
+@pytest.mark.slow
 def test_metrics_registry_runs_every_metric(planted):
     from routescope.analysis.metrics import METRICS
 

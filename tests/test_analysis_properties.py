@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -44,6 +45,7 @@ def open_synthetic(tmp: str, experts, e: int) -> rs.Run:
     return rs.open_run(path)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(runs())
 def test_load_and_balance_properties(case):
@@ -65,6 +67,7 @@ def test_load_and_balance_properties(case):
             assert row.tokens == len(experts[row.layer])
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(runs())
 def test_mutual_information_bounds(case):
@@ -82,6 +85,7 @@ def test_mutual_information_bounds(case):
             assert abs(row.mutual_info_bits - ref.information(table)["mutual_info_bits"]) < 1e-9
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(runs())
 def test_coactivation_rows_sum_to_k_minus_one(case):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("routescope", "dashboard")
 MAX_LINES = 500
@@ -132,6 +134,7 @@ def test_the_checker_sees_a_cycle_and_reads_imports_right():
     assert "routescope.analysis.runview" in real["routescope.analysis.metrics"]
 
 
+@pytest.mark.slow
 def test_function_level_imports_are_edges():
     real = import_graph(everywhere=True)
     # `from routescope.analysis.placement import plan_for_run` inside Run.placement
@@ -141,6 +144,7 @@ def test_function_level_imports_are_edges():
     assert [type(n).__name__ for n in _all_imports(tree)] == ["Import", "ImportFrom", "Import"]
 
 
+@pytest.mark.slow
 def test_no_import_cycle_in_routescope_or_dashboard():
     cycles = find_cycles(import_graph(everywhere=True))
     assert not cycles, "import cycles (every import, function-level ones included): " + "; ".join(
@@ -217,6 +221,7 @@ def room_of(module: str) -> tuple[str, str] | None:
     return None
 
 
+@pytest.mark.slow
 def test_rooms_do_not_import_their_siblings():
     wrong = []
     for module, targets in import_graph(everywhere=True).items():

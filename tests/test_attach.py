@@ -50,6 +50,7 @@ def write_script(tmp_path: Path, tail: str = "") -> Path:
     return script
 
 
+@pytest.mark.slow
 def test_run_records_every_moe_model_the_script_loads(tmp_path: Path):
     # the script loads the model twice; a sitecustomize of the user's own must still run
     user_site = tmp_path / "user_site"
@@ -110,6 +111,7 @@ def test_run_records_every_moe_model_the_script_loads(tmp_path: Path):
     assert recorded.equals(expected)
 
 
+@pytest.mark.slow
 def test_a_crashing_script_leaves_an_incomplete_run_and_its_exit_code(tmp_path: Path):
     script = write_script(tmp_path, 'raise RuntimeError("script failed after generate")')
     out = tmp_path / "crash"
@@ -123,6 +125,7 @@ def test_a_crashing_script_leaves_an_incomplete_run_and_its_exit_code(tmp_path: 
         assert int(run.sql("SELECT count(*) AS n FROM tokens").n[0]) > 0  # what was recorded is kept
 
 
+@pytest.mark.slow
 def test_a_script_without_moe_model_records_nothing_and_keeps_its_exit_code(tmp_path: Path):
     result = routescope_run(
         ["--out", str(tmp_path / "none"), "--", sys.executable, "-c", "raise SystemExit(3)"], tmp_path

@@ -114,6 +114,7 @@ def test_sample_records_are_valid_and_cover_four_domains():
     assert sum(ord(ch) > 0x036F for ch in multilingual) > 0.5 * len(multilingual)  # non-Latin scripts
 
 
+@pytest.mark.slow
 def test_routing_is_specialized_by_domain_above_shuffled_baseline(bundled, check_structure_module):
     model, tokenizer = bundled
     records = check_structure_module.load_records(SAMPLE, per_domain=16)
@@ -138,6 +139,7 @@ def test_routing_is_specialized_by_domain_above_shuffled_baseline(bundled, check
     assert not any(layer.mlp.experts._forward_pre_hooks for layer in model.model.layers)
 
 
+@pytest.mark.slow
 def test_sample_matches_the_builder_and_is_disjoint_from_training(tmp_path):
     info = json.loads((MODEL_DIR / "training_info.json").read_text(encoding="utf-8"))
     if platform.python_version() != info["python_version"]:

@@ -294,6 +294,7 @@ def test_exception_inside_block_keeps_recorded_steps(tiny_model, tmp_path, devic
     model(input_ids=ids, attention_mask=mask)
 
 
+@pytest.mark.slow
 def test_weights_can_be_dropped(tiny_model, tmp_path, device):
     model = tiny_model("mixtral")
     ids, mask = padded_batch(device, "right")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 import routescope as rs
 from routescope import schema
@@ -78,6 +79,7 @@ def failed(run: Path) -> set[str]:
         return {f.check for f in opened.verify().problems}
 
 
+@pytest.mark.slow
 def test_clean_run_passes_and_exits_0(tmp_path, capsys):
     build_run(tmp_path / "run")
     with rs.open_run(tmp_path / "run") as run:
@@ -87,6 +89,7 @@ def test_clean_run_passes_and_exits_0(tmp_path, capsys):
     assert "every invariant holds" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_two_writers_damage_is_found(tmp_path, capsys):
     """What two appenders at once left: the same seq ids twice, the manifest of the last."""
     run = tmp_path / "run"
@@ -106,6 +109,7 @@ def test_two_writers_damage_is_found(tmp_path, capsys):
     assert dup["count"] == n and dup["examples"][0] == {"seq_id": 0, "pos": 0, "copies": 2}
 
 
+@pytest.mark.slow
 def test_manifest_that_disagrees_with_the_parts(tmp_path):
     run = tmp_path / "run"
     n = build_run(run)
@@ -116,6 +120,7 @@ def test_manifest_that_disagrees_with_the_parts(tmp_path):
     assert failed(run) == {"next_seq_id"}
 
 
+@pytest.mark.slow
 def test_rank_fragments_are_counted_per_rank(tmp_path):
     run = tmp_path / "run"
     build_run(run)
@@ -141,6 +146,7 @@ def test_rank_fragments_are_counted_per_rank(tmp_path):
     assert failed(run) == {"k_rows_per_token", "manifest_counts"}
 
 
+@pytest.mark.slow
 def test_missing_and_orphan_routing_rows_and_a_corrupt_part(tmp_path, capsys):
     run = tmp_path / "run"
     build_run(run)

@@ -44,6 +44,7 @@ def test_profile_writes_a_labelled_run(corpus_slice, tmp_path, capsys):
     assert "recorded" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_profile_generate_mode_records_decode_steps(corpus_slice, tmp_path):
     out = tmp_path / "run"
     args = [
@@ -62,6 +63,7 @@ def test_profile_generate_mode_records_decode_steps(corpus_slice, tmp_path):
     assert phases.phase.tolist() == ["decode", "prefill"]
 
 
+@pytest.mark.slow
 def test_demo_without_dashboard(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["demo", "--out", str(out), "--per-domain", "2", "--no-dashboard", "--no-super-experts"])
@@ -103,6 +105,7 @@ def test_profile_bad_input_exits_2_with_one_line(make, message, tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_profile_append_max_tokens_and_the_existing_run_hint(corpus_slice, tmp_path, capsys):
     out = tmp_path / "run"
     base = [
@@ -142,6 +145,7 @@ def test_profile_model_that_is_a_run_directory_says_so(corpus_slice, tmp_path, c
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_profile_into_an_existing_run_refuses_before_loading_the_model(tmp_path, capsys):
     import subprocess
     import sys

@@ -71,6 +71,7 @@ def test_report_on_a_counts_only_run_prints_what_it_can_and_names_what_it_skippe
     assert len(doc["balance"]) == len(LAYERS)
 
 
+@pytest.mark.slow
 def test_html_report_on_a_counts_only_run_names_the_file(counts_run, tmp_path, capsys):
     target = tmp_path / "r.html"
     assert main(["report", str(counts_run), "--html", str(target)]) == 0
@@ -81,6 +82,7 @@ def test_html_report_on_a_counts_only_run_names_the_file(counts_run, tmp_path, c
 
 
 # -- 2, 3: corrupt parts ------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["report"], ["placement", "--ep-size", "2"]])
 def test_reading_commands_take_skip_corrupt(command, tmp_path, capsys):
     run = partial_run(tmp_path / "run", "routing")
@@ -93,6 +95,7 @@ def test_reading_commands_take_skip_corrupt(command, tmp_path, capsys):
     assert "routescope: warning: skipped 1 corrupt part(s)" in err and "routing/rank=0/part-00000" in err
 
 
+@pytest.mark.slow
 def test_compare_takes_skip_corrupt(tmp_path, capsys):
     run = partial_run(tmp_path / "run", "tokens")
     other = partial_run(tmp_path / "other", None)
@@ -105,6 +108,7 @@ def test_compare_takes_skip_corrupt(tmp_path, capsys):
     assert {row["tokens_a"] for row in doc["balance"]} == {(STEPS - 1) * PER_STEP}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("corrupt", ["tokens", "routing", "router_stats"])
 def test_skipping_a_part_leaves_one_consistent_view_and_says_so(corrupt, tmp_path):
     run_dir = partial_run(tmp_path / "run", corrupt)
@@ -128,6 +132,7 @@ def test_skipping_a_part_leaves_one_consistent_view_and_says_so(corrupt, tmp_pat
         assert np.isfinite(run.balance()["aux_loss"]).all()  # router_stats of the same steps only
 
 
+@pytest.mark.slow
 def test_report_of_a_partial_run_says_which_parts_it_skipped(tmp_path, capsys):
     run = partial_run(tmp_path / "run", "routing")
     assert main(["report", str(run), "--skip-corrupt"]) == 0
@@ -152,6 +157,7 @@ def test_placement_engine_format_without_a_file_is_refused(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "--out FILE" in err and "--loads-out FILE" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--json"]])
 def test_report_piped_into_head_exits_0_quietly(extra, tmp_path):
     run = partial_run(tmp_path / "run", None)
@@ -168,6 +174,7 @@ def test_report_piped_into_head_exits_0_quietly(extra, tmp_path):
     assert "Traceback" not in err and "BrokenPipe" not in err
 
 
+@pytest.mark.slow
 def test_dashboard_takes_skip_corrupt(tmp_path, capsys):
     from routescope.dashboard.command import check_runs
     from routescope.dashboard.runs import RunRegistry

@@ -66,6 +66,7 @@ def two_models(tmp_path_factory):
     )
 
 
+@pytest.mark.slow
 def test_exact_match_and_any_layer_differs_equal_the_hand_computation(two_models):
     path_a, path_b, chosen_a, chosen_b = two_models
     tokens = len(chosen_a[0])
@@ -91,6 +92,7 @@ def test_exact_match_and_any_layer_differs_equal_the_hand_computation(two_models
     assert "token_agreement" in result.to_dict()
 
 
+@pytest.mark.slow
 def test_scan_and_join_give_the_same_agreement(two_models):
     path_a, path_b, _, _ = two_models
     with rs.open_run(path_a) as a, rs.open_run(path_b) as b:
@@ -103,6 +105,7 @@ def test_scan_and_join_give_the_same_agreement(two_models):
     assert scanned.tokens_differing == joined.tokens_differing > 0
 
 
+@pytest.mark.slow
 def test_a_run_compared_with_itself_agrees_everywhere(two_models):
     path_a, _, _, _ = two_models
     result = rs.compare(path_a, path_a)
@@ -110,6 +113,7 @@ def test_a_run_compared_with_itself_agrees_everywhere(two_models):
     assert result.token_agreement["any_layer_differs"].iloc[0] == 0.0
 
 
+@pytest.mark.slow
 def test_runs_with_different_k_never_match_exactly(tmp_path):
     """A's top-2 are B's first two of three: every A expert is in B (saturation over the
     smaller k is 1), yet no top-k set is equal."""

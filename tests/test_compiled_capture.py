@@ -17,6 +17,8 @@ from tests.test_capture import padded_batch
 from tests.test_generation_paths import assert_same_rows, generate, rows
 from tests.tiny_models import build_tiny_seq2seq_model
 
+pytestmark = pytest.mark.slow  # README's test command leaves this file out (-m 'not slow')
+
 # inductor's fused router softmax may round differently from eager's
 WEIGHT_ATOL = 1e-6
 

@@ -21,6 +21,8 @@ from routescope.store.layout import lock_path
 from routescope.store.lock import ExclusiveFileLock
 from routescope.store.manifest import write_manifest
 
+pytestmark = pytest.mark.slow  # README's test command leaves this file out (-m 'not slow')
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 

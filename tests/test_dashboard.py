@@ -198,6 +198,7 @@ def texts(component) -> str:
 
 
 # -- tests -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_create_app_reads_nothing_until_asked(tmp_path):
     from routescope.dashboard import runs as registry_module
     from routescope.dashboard.app import create_app
@@ -212,6 +213,7 @@ def test_create_app_reads_nothing_until_asked(tmp_path):
         registry_module._CURRENT = before
 
 
+@pytest.mark.slow
 def test_overview(app, runs):
     from routescope.dashboard.pages import overview
 
@@ -227,6 +229,7 @@ def test_overview(app, runs):
     assert run.manifest["model_type"] in texts(summary)
 
 
+@pytest.mark.slow
 def test_load_page_filters_are_bound_not_pasted(app, runs):
     from routescope.dashboard.pages import load
 
@@ -255,6 +258,7 @@ def test_load_page_filters_are_bound_not_pasted(app, runs):
     assert "not a label of this run" in texts(out[4])
 
 
+@pytest.mark.slow
 def test_load_step_range_and_expert_details(app, runs):
     from routescope.dashboard.pages import load
 
@@ -268,6 +272,7 @@ def test_load_step_range_and_expert_details(app, runs):
     assert load.show_expert(state("a"), None, "all", None, None, None).startswith("Click")
 
 
+@pytest.mark.slow
 def test_entanglement_specialization_tokens(app, runs):
     from routescope.dashboard.pages import entanglement, specialization, tokens
 
@@ -318,6 +323,7 @@ def test_tokens_window_is_capped(app, runs, monkeypatch):
         get_registry().clear_cache()
 
 
+@pytest.mark.slow
 def test_super_experts_page(app, runs):
     from routescope.dashboard.pages import super_experts
 
@@ -330,6 +336,7 @@ def test_super_experts_page(app, runs):
     assert "1 Super Expert" in texts(listing)
 
 
+@pytest.mark.slow
 def test_compare(app, runs):
     from routescope.dashboard.pages import compare
 
@@ -355,6 +362,7 @@ def test_compare(app, runs):
     assert "unknown run" in texts(out[4])
 
 
+@pytest.mark.slow
 def test_unknown_run_key_is_refused(app):
     from routescope.dashboard.app import update_run_state
     from routescope.dashboard.pages import load, overview
@@ -367,6 +375,7 @@ def test_unknown_run_key_is_refused(app):
     assert "unknown run" in texts(load.update_load({"run": "12"}, "all", None, None, None, "lift", 0)[4])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
@@ -385,6 +394,7 @@ def test_bad_runs_show_a_page_message(app, name, expected):
     assert len(PAGES) == 9
 
 
+@pytest.mark.slow
 def test_live_run_refreshes(app, runs):
     from dash import no_update
 
@@ -411,6 +421,7 @@ def test_live_run_refreshes(app, runs):
     assert get_registry().query(KEY["live"], "summary")["tokens"] == before + 1
 
 
+@pytest.mark.slow
 def test_filters_build_predicates_from_fixed_columns(runs):
     from routescope.dashboard.filters import FilterError, TokenFilter
 
@@ -425,6 +436,7 @@ def test_filters_build_predicates_from_fixed_columns(runs):
         TokenFilter(label="nope", value="x").sql(run)
 
 
+@pytest.mark.slow
 def test_queries_are_cached_per_filter(app):
     from routescope.dashboard.filters import TokenFilter
     from routescope.dashboard.runs import get_registry
@@ -435,6 +447,7 @@ def test_queries_are_cached_per_filter(app):
     assert registry.query("0", "expert_load", TokenFilter(phase="decode")) is not first
 
 
+@pytest.mark.slow
 def test_no_html_rendering_anywhere():
     for path in (REPO / "dashboard").rglob("*.py"):
         text = path.read_text(encoding="utf-8")
@@ -442,6 +455,7 @@ def test_no_html_rendering_anywhere():
         assert "dcc.Markdown" not in text, path
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exits_2(runs, capsys):
     import argparse
 
@@ -461,6 +475,7 @@ def test_cli_bad_input_exits_2(runs, capsys):
     assert parser.parse_args([str(runs["a"])]).host == "127.0.0.1"
 
 
+@pytest.mark.slow
 def test_label_values_and_tokens_stay_text_in_figures():
     from routescope import plots
 

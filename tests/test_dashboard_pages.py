@@ -38,6 +38,7 @@ A, CAL = ({"run": key, "version": None} for key in ("0", "1"))
 
 
 # -- entanglement ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_entanglement_is_normalised_and_transition_rows_carry_counts(app, runs):
     from routescope.dashboard.pages import entanglement
 
@@ -249,6 +250,7 @@ def test_every_page_reads_its_controls_from_the_url(app, runs):
     assert fragment_for(f"#run=0&pair={pair}", {"pair": pair}, {}) is None
 
 
+@pytest.mark.slow
 def test_dashboard_command_serves_quietly(runs):
     """`routescope dashboard` answers HTTP through waitress and prints no development-server warning."""
     import socket
@@ -283,6 +285,7 @@ def test_dashboard_command_serves_quietly(runs):
     assert "development server" not in out + err and "WARNING" not in err, err
 
 
+@pytest.mark.slow
 def test_serving_a_run_without_calibration_never_imports_torch(runs):
     """Every page of a recorded run drawn in a fresh process: torch and transformers stay out
     (tokens are decoded with the `tokenizers` library)."""
@@ -311,6 +314,7 @@ print(sorted(m for m in ("torch", "transformers") if m in sys.modules), lanes[3]
     assert out.stdout.strip().splitlines()[-1] == "[] True"
 
 
+@pytest.mark.slow
 def test_every_callback_targets_a_property_its_component_has(app):
     """Each Output, Input and State names a component of the shell or of a page layout, and
     a property that component has (a Div has no `figure`: such a callback updates nothing)."""

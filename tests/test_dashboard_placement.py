@@ -53,6 +53,7 @@ def plan_rows(plan_div) -> pd.DataFrame:
     return df.astype({"gpu": int, "slot": int, "expert": int, "replicas": int, "tokens": float})
 
 
+@pytest.mark.slow
 def test_plots_export_the_gpu_load_figure():
     from routescope import plots
     from routescope.plots import placement
@@ -60,6 +61,7 @@ def test_plots_export_the_gpu_load_figure():
     assert plots.gpu_load_figure is placement.gpu_load_figure and "gpu_load_figure" in plots.__all__
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lpt", "eplb"])
 def test_before_and_after_match_the_run_api(app, run, method):
     from routescope.dashboard.pages import placement
@@ -94,6 +96,7 @@ def test_before_and_after_match_the_run_api(app, run, method):
         assert card_imbalance(cards[1]) <= card_imbalance(cards[0]) + 1e-9
 
 
+@pytest.mark.slow
 def test_redundant_slots_replicate_and_split_the_load(app, run):
     from routescope.dashboard.pages import placement
 
@@ -112,6 +115,7 @@ def test_redundant_slots_replicate_and_split_the_load(app, run):
     assert rows["tokens"].sum() == pytest.approx(load.sum())  # replicas share, nothing is lost
 
 
+@pytest.mark.slow
 def test_fit_on_early_steps_evaluate_on_later_ones(app, run):
     from routescope.dashboard.pages import placement
 
@@ -138,6 +142,7 @@ def test_fit_on_early_steps_evaluate_on_later_ones(app, run):
     assert "in sample" in texts(layers)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("ep", "redundant", "method", "fit", "says"),
     [
@@ -162,6 +167,7 @@ def test_bad_control_values_give_a_message_not_a_traceback(app, run, ep, redunda
     assert says[:40] in fig.layout.annotations[0].text or fig.layout.annotations[0].text.endswith("…")
 
 
+@pytest.mark.slow
 def test_controls_read_the_url_and_fall_back_to_defaults(app, run):
     from dash import no_update
 
@@ -187,6 +193,7 @@ def test_controls_read_the_url_and_fall_back_to_defaults(app, run):
     assert no_update not in placement.placement_controls(A, None)
 
 
+@pytest.mark.slow
 def test_the_page_writes_its_controls_into_the_url(app):
     from routescope.dashboard.urlstate import fragment_for
 
@@ -207,6 +214,7 @@ def test_the_page_writes_its_controls_into_the_url(app):
     assert fragment_for("#run=0", values, {"redundant": 0, "method": "lpt"}) == "#run=0&ep=4&layer=1"
 
 
+@pytest.mark.slow
 def test_default_ep_size_leaves_two_experts_per_gpu():
     from routescope.dashboard.pages.placement import default_ep_size
 
@@ -214,6 +222,7 @@ def test_default_ep_size_leaves_two_experts_per_gpu():
     assert np.all([e % default_ep_size(e) == 0 for e in range(1, 70)])
 
 
+@pytest.mark.slow
 def test_the_placement_page_never_imports_torch(run_path):
     """Drawing the page in a fresh process leaves torch and transformers out."""
     import subprocess
@@ -232,6 +241,7 @@ print(sorted(m for m in ("torch", "transformers") if m in sys.modules), out[4] i
     assert out.stdout.strip().splitlines()[-1] == "[] True"
 
 
+@pytest.mark.slow
 def test_a_run_that_cannot_be_read_is_a_message(tmp_path, app):
     from routescope.dashboard import runs as registry_module
     from routescope.dashboard.app import create_app
@@ -248,6 +258,7 @@ def test_a_run_that_cannot_be_read_is_a_message(tmp_path, app):
         registry_module.set_registry(before)
 
 
+@pytest.mark.slow
 def test_the_step_figure_is_the_sum_of_busiest_gpus_over_the_sum_of_means(app, run):
     """Issue 29: the page's model-level figure is `model_imbalance` (Σ max / Σ mean over
     layers), on the cards, as the table's last row and as the last bar group."""

@@ -64,6 +64,7 @@ A, TWO = ({"run": key, "version": None} for key in ("0", "1"))
 
 
 # -- units -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cards_and_notes_count_tokens_and_slots_apart(app, runs):
     from routescope.dashboard.pages import load, overview
 
@@ -78,6 +79,7 @@ def test_cards_and_notes_count_tokens_and_slots_apart(app, runs):
 
 
 # -- balance metrics on separate axes ----------------------------------------------------
+@pytest.mark.slow
 def test_balance_metrics_each_have_their_own_axis(app):
     from routescope.dashboard.pages import compare, overview
 
@@ -95,6 +97,7 @@ def test_balance_metrics_each_have_their_own_axis(app):
 
 
 # -- dead and near-dead experts ----------------------------------------------------------
+@pytest.mark.slow
 def test_dead_and_near_dead_experts_are_marked_in_figures():
     from routescope import plots
 
@@ -120,6 +123,7 @@ def test_dead_and_near_dead_experts_are_marked_in_figures():
     assert plots.expert_bars(load, 1).data[1:] == ()
 
 
+@pytest.mark.slow
 def test_a_dead_expert_reads_as_dead_in_details_and_alerts(app, runs):
     from routescope.dashboard.pages import load, overview
 
@@ -141,6 +145,7 @@ def test_a_dead_expert_reads_as_dead_in_details_and_alerts(app, runs):
 
 
 # -- time --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_step_loads_and_balance_over_steps_agree_with_the_run_api(app, runs):
     from routescope.dashboard import queries
     from routescope.dashboard.filters import TokenFilter
@@ -162,6 +167,7 @@ def test_step_loads_and_balance_over_steps_agree_with_the_run_api(app, runs):
     assert binned["tokens"].sum() == expected["tokens"].sum()
 
 
+@pytest.mark.slow
 def test_time_page(app, runs):
     from routescope.dashboard.pages import timeline
 
@@ -179,6 +185,7 @@ def test_time_page(app, runs):
 
 
 # -- ranks -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_rank_filter_and_per_rank_load(app, runs):
     from routescope.dashboard.pages import load
 
@@ -268,6 +275,7 @@ def test_top_tokens_lift_against_overall_frequency(app, runs):
     assert by_lift["lift"].is_monotonic_decreasing
 
 
+@pytest.mark.slow
 def test_small_sample_warning(app, runs):
     from routescope.dashboard.pages import load
 
@@ -279,6 +287,7 @@ def test_small_sample_warning(app, runs):
     assert "Small sample" not in texts(load.update_load(A, "all", None, None, None, "lift", None, None)[4])
 
 
+@pytest.mark.slow
 def test_balance_over_steps_highlights_one_layer_among_many():
     from routescope import plots
 

@@ -65,6 +65,7 @@ def test_options_are_frozen_and_shown_in_the_manifest(model, tmp_path):
 
 
 # -- a failed step ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_step_failing_on_the_writer_thread_loses_only_itself(model, tmp_path, monkeypatch):
     batches = [padded_batch(torch.device("cpu"), "left", lengths=(5, 3), seed=s) for s in range(4)]
     with rs.record(model, tmp_path / "want"):
@@ -103,6 +104,7 @@ def test_a_step_failing_on_the_writer_thread_loses_only_itself(model, tmp_path, 
     )
 
 
+@pytest.mark.slow
 def test_a_layer_running_twice_in_one_step_loses_only_that_step(model, tmp_path):
     """A real failure on the model's thread: in the second forward one MoE layer's router runs twice."""
     batches = [padded_batch(torch.device("cpu"), "left", lengths=(5, 3), seed=s) for s in range(3)]
@@ -137,6 +139,7 @@ def test_a_layer_running_twice_in_one_step_loses_only_that_step(model, tmp_path)
 
 
 # -- graphs compiled before record, with a graph break --------------------------------------
+@pytest.mark.slow
 def test_a_copy_compiled_first_with_a_graph_break_leaves_no_stale_graph(tiny_model, tmp_path):
     """Issue 35: an unrecorded copy of the same class compiled and run first, its forward broken
     by transformers' output-capturing hooks (output_router_logits=True), then the recorded copy:

@@ -20,6 +20,8 @@ import torch
 import routescope as rs
 from routescope.capture.recording.recorder import SEQ_ID_RANK_SHIFT
 
+pytestmark = pytest.mark.slow  # README's test command leaves this file out (-m 'not slow')
+
 ROOT = Path(__file__).resolve().parents[1]
 NUM_BATCHES = 6
 

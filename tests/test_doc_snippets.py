@@ -299,6 +299,7 @@ def provide(
             monkeypatch.setenv(key, value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[s.name for s in SNIPPETS])
 def test_doc_snippet_runs(
     snippet: Snippet,

@@ -39,6 +39,7 @@ def edit_manifest(path, **changes) -> None:
     (path / "manifest.json").write_text(json.dumps(manifest))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed, num_experts, k, layers", [(0, 8, 2, 3), (1, 64, 8, 4), (2, 16, 1, 2)])
 def test_a_uniform_run_is_healthy(tmp_path, seed, num_experts, k, layers):
     """Routing uniform by construction, over many steps, with router margins: nothing above info."""
@@ -292,6 +293,7 @@ def test_where_thresholds_and_grouping(tmp_path):
 
 
 # -- the command ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_doctor_command_exit_codes_and_json(tmp_path, capsys):
     rng = np.random.default_rng(10)
     healthy = write_run(tmp_path / "ok", {0: uniform(rng, 2000)}, E)
@@ -344,6 +346,7 @@ def record_tiny(path, ban_from_step: int | None = None, steps: int = 8):
     return rs.open_run(path)
 
 
+@pytest.mark.slow
 def test_a_tiny_model_is_healthy_and_a_banned_expert_is_found(tmp_path):
     with record_tiny(tmp_path / "clean") as run:
         clean = run.doctor()
@@ -359,6 +362,7 @@ def test_a_tiny_model_is_healthy_and_a_banned_expert_is_found(tmp_path):
     assert list(zip(died["layer"], died["expert"], died["step"])) == [(1, 2, 5)]
 
 
+@pytest.mark.slow
 def test_report_starts_with_the_verdict(tmp_path, capsys):
     dead = write_run(tmp_path / "dead", {0: np.tile([[0, 1], [2, 3]], (1000, 1))}, E)
     assert main(["report", str(dead)]) == 0
@@ -374,6 +378,7 @@ def test_report_starts_with_the_verdict(tmp_path, capsys):
     assert text.index("id='doctor-verdict'") < text.index("<h2>Figures</h2>")
 
 
+@pytest.mark.slow
 def test_the_evidence_bar_equals_scipy_stats():
     """The doctor computes its tails with scipy.special (light to import); scipy.stats is the reference."""
     from scipy import stats
@@ -458,6 +463,7 @@ def test_a_tiny_model_whose_router_barely_separates_has_near_ties(tmp_path):
     assert list(ties.loc[ties["severity"] == "warning", "layer"]) == [0]
 
 
+@pytest.mark.slow
 def test_a_tiny_model_with_a_planted_super_expert(tmp_path):
     model = tiny_qwen()
     with torch.no_grad():

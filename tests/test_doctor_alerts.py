@@ -27,6 +27,7 @@ def tiny(seed: int = 0) -> torch.nn.Module:
         return build_tiny_model("qwen2_moe", seed=seed).train()
 
 
+@pytest.mark.slow
 def test_a_clean_trainer_run_raises_no_alert(tmp_path, caplog):
     model = tiny()
     args = TrainingArguments(
@@ -49,6 +50,7 @@ def test_a_clean_trainer_run_raises_no_alert(tmp_path, caplog):
     assert not [r for r in caplog.records if "train step" in r.getMessage()]
 
 
+@pytest.mark.slow
 def test_an_expert_dead_from_step_one_alerts_once(tmp_path, caplog):
     model = tiny()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -39,6 +39,7 @@ def state(run_dir):
     registry_module._CURRENT = before
 
 
+@pytest.mark.slow
 def test_many_layers_read_at_a_glance(run_dir, state):
     from routescope.dashboard.pages import overview
 
@@ -67,6 +68,7 @@ def test_many_layers_read_at_a_glance(run_dir, state):
     assert len(full.children) == len(shown)
 
 
+@pytest.mark.slow
 def test_rows_order_by_a_metric_worst_first(state):
     from routescope.dashboard.pages import overview
 

@@ -9,11 +9,13 @@ import logging
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import routescope as rs
 
 
+@pytest.mark.slow
 def test_alert_rules_is_public_and_lazy() -> None:
     """Item 4: rs.AlertRules and `from routescope import AlertRules`; importing routescope alone
     still does not import torch (AlertRules is lazy, like rs.watch)."""

@@ -19,6 +19,7 @@ def ours(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("routescope")]
 
 
+@pytest.mark.slow
 def test_busy_run_exits_4_and_wait_says_whom_it_waits_for(tmp_path, capsys) -> None:
     """Item 11: a run held by another writer exits 4 (not 2, bad input); with --wait the
     command first says, on stderr, that it waits and for whom."""
@@ -40,6 +41,7 @@ def test_busy_run_exits_4_and_wait_says_whom_it_waits_for(tmp_path, capsys) -> N
     assert main(["profile", "--out", str(out), "--bad-option"]) == 2  # bad input stays 2
 
 
+@pytest.mark.slow
 def test_wait_message_in_python_names_the_holder(tmp_path, tiny_model) -> None:
     """Item 11: rs.record(..., wait=) warns once that it waits, naming the holder, then fails."""
     model = tiny_model("mixtral")
@@ -64,6 +66,7 @@ def corpus(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_profile_max_tokens_is_honoured_and_counts_are_right(corpus, tmp_path, capsys) -> None:
     """Item 2: --max-tokens T records exactly T prompt tokens (the last batch is cut), the number
     of batches not recorded is counted by the command (not tqdm's lagging bar.n), and --append
@@ -87,6 +90,7 @@ def test_profile_max_tokens_is_honoured_and_counts_are_right(corpus, tmp_path, c
     assert run.manifest["tokens"] == 57 and run.verify().ok
 
 
+@pytest.mark.slow
 def test_profile_append_line_names_this_commands_tokens(corpus, tmp_path, capsys) -> None:
     """Item 2: `recorded N` is this command's tokens; the run's total is said separately."""
     out = tmp_path / "run"

@@ -47,6 +47,7 @@ def test_healthy_run_has_no_damage(healthy) -> None:
     assert len(list((healthy / "tokens" / "rank=0").glob("part-*.parquet"))) >= 2  # several real parts
 
 
+@pytest.mark.slow
 def test_copied_parts_are_found_by_open_run_report_and_dashboard(healthy, capsys) -> None:
     copy_parts(healthy)
     assert main(["check", str(healthy)]) == 1  # the full check agrees
@@ -80,6 +81,7 @@ def test_copied_parts_are_found_by_open_run_report_and_dashboard(healthy, capsys
     assert "DAMAGED RUN" in text and "routescope check" in text and "rs-error" in status.className
 
 
+@pytest.mark.slow
 def test_manifest_count_that_disagrees_with_the_parts(healthy) -> None:
     manifest = json.loads((healthy / "manifest.json").read_text())
     manifest["tokens"] = 25

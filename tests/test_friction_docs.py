@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +23,7 @@ def requirement_names(requirements: list[str]) -> set[str]:
     return {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
 
 
+@pytest.mark.slow
 def test_notebooks_extra_provides_every_notebook_import() -> None:
     """Item 3: `pip install -e ".[notebooks]"` gives every module the notebooks import."""
     provided = requirement_names(PYPROJECT["project"]["dependencies"])

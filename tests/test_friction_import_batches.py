@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 import routescope as rs
 from routescope.cli import main
@@ -21,6 +22,7 @@ def vllm_file(tmp_path, name: str, tokens: int, seed: int):
     return path
 
 
+@pytest.mark.slow
 def test_append_continues_seq_ids_and_steps_and_labels_each_batch(tmp_path, capsys) -> None:
     out = tmp_path / "run"
     first, second = vllm_file(tmp_path, "a", 5, 1), vllm_file(tmp_path, "b", 7, 2)
@@ -61,6 +63,7 @@ def test_append_continues_seq_ids_and_steps_and_labels_each_batch(tmp_path, caps
     assert batch.values.tolist() == want.values.tolist()
 
 
+@pytest.mark.slow
 def test_append_to_a_run_imported_before_next_seq_id_was_kept(tmp_path) -> None:
     """A run whose manifest lacks next_seq_id (older imports): the batch starts above the parts'
     seq ids, read from their footers, so no key repeats."""
@@ -86,6 +89,7 @@ def test_bad_batch_options_are_one_line(tmp_path, capsys) -> None:
     assert not out.exists() or not (out / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_append_waits_for_the_writer_and_busy_exits_4(tmp_path, capsys) -> None:
     """An import into a run being written takes the writer lock as recording does."""
     out = tmp_path / "run"

@@ -22,6 +22,8 @@ import routescope as rs
 from routescope.cli import main, show_warning
 from tests.tiny_models import build_tiny_model
 
+pytestmark = pytest.mark.slow  # README's test command leaves this file out (-m 'not slow')
+
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "friction-test"
 

@@ -78,6 +78,7 @@ def test_static_cache_generate_records_what_dynamic_records(model, tmp_path, dev
     assert rs.open_run(tmp_path / "static").sql("SELECT count(*) AS n FROM tokens").n[0] == 9 + 2 * 3
 
 
+@pytest.mark.slow
 def test_static_cache_with_compile_config_records_compiled(model, tmp_path, device):
     """The decode steps run compiled and the graph records them (capture/recording/compiled.py; inductor
     and fullgraph in tests/test_compiled_capture.py)."""
@@ -133,6 +134,7 @@ def test_manual_decode_loop_without_mask_counts_positions(model, tmp_path, devic
     assert (tokens.phase[tokens.pos >= 4] == "decode").all()
 
 
+@pytest.mark.slow
 def test_resumed_cache_after_unrelated_forward_of_same_batch_size(model, tmp_path, device):
     from transformers import DynamicCache
 
@@ -179,6 +181,7 @@ def test_finished_rows_are_not_recorded_after_end_of_text(model, tmp_path, devic
     assert row1 == 3 + out.shape[1] - ids.shape[1] - 1
 
 
+@pytest.mark.slow
 def test_labels_are_pinned_per_sequence_at_prefill(model, tmp_path, device):
     from transformers import DynamicCache
 
@@ -245,6 +248,7 @@ def _manifest(run_dir):
     return json.loads((run_dir / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_sample_records_a_seeded_fraction_of_sequences(model, tmp_path, device):
     from routescope.capture.recording.identity import sampled
 
@@ -273,6 +277,7 @@ def test_layers_records_a_subset_and_refuses_unknown_layers(model, tmp_path, dev
             pass
 
 
+@pytest.mark.slow
 def test_manifest_states_what_recording_cost(model, tmp_path, device):
     ids = torch.randint(1, 100, (2, 4), generator=torch.Generator().manual_seed(8)).to(device)
     with rs.record(model, tmp_path / "run"), torch.no_grad():
@@ -284,6 +289,7 @@ def test_manifest_states_what_recording_cost(model, tmp_path, device):
     )
 
 
+@pytest.mark.slow
 def test_a_block_whose_forwards_recorded_nothing_warns_and_says_so(model, tmp_path, device):
     bad = torch.full((1, 3), 10_000, device=device)  # outside the vocabulary: fails before any MoE layer
     with pytest.warns(RuntimeWarning, match="forwards_without_routing"):
@@ -294,6 +300,7 @@ def test_a_block_whose_forwards_recorded_nothing_warns_and_says_so(model, tmp_pa
     assert manifest["skipped"] == {"forwards_without_routing": 1} and manifest["tokens"] == 0
 
 
+@pytest.mark.slow
 def test_sampled_load_shares_are_within_binomial_error_of_the_full_run(model, tmp_path, device):
     ids = torch.randint(1, 100, (64, 16), generator=torch.Generator().manual_seed(9)).to(device)
     with rs.record(model, tmp_path / "full"), torch.no_grad():

@@ -42,6 +42,7 @@ def plot_ids(text: str) -> list[str]:
     return re.findall(r'Plotly\.newPlot\(\s*"([^"]+)"', text)
 
 
+@pytest.mark.slow
 def test_html_report_is_one_offline_file_with_the_figures(run_dir: Path, tmp_path: Path, capsys):
     out = tmp_path / "nested" / "report.html"
     assert main(["report", str(run_dir), "--html", str(out)]) == 0
@@ -64,6 +65,7 @@ def test_html_report_is_one_offline_file_with_the_figures(run_dir: Path, tmp_pat
     assert not list(out.parent.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_html_report_follows_where_and_numbers_match_json(run_dir: Path, tmp_path: Path, capsys):
     out = tmp_path / "r.html"
     assert main(["report", str(run_dir), "--where", "pos < 30", "--html", str(out), "--json"]) == 0
@@ -75,6 +77,7 @@ def test_html_report_follows_where_and_numbers_match_json(run_dir: Path, tmp_pat
         assert f"{row['balancedness']:.4g}" in text
 
 
+@pytest.mark.slow
 def test_html_report_bad_name_exits_2(run_dir: Path, tmp_path: Path, capsys):
     assert main(["report", str(run_dir), "--html", str(tmp_path / "report.txt")]) == 2
     assert "must end in .html" in capsys.readouterr().err

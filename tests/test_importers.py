@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import routescope as rs
 from routescope.commands.import_run import main as import_main
@@ -26,6 +27,7 @@ def routed(tokens, layers=3, k=2, seed=0):
     )
 
 
+@pytest.mark.slow
 def test_registered_cli_command_and_overwrite(tmp_path, capsys):
     from routescope import cli
 
@@ -45,6 +47,7 @@ def test_registered_cli_command_and_overwrite(tmp_path, capsys):
         assert run.sql("SELECT count(*) AS n FROM routing")["n"][0] == 7 * 3 * 2
 
 
+@pytest.mark.slow
 def test_npz_companions_give_token_ids_and_phases(tmp_path):
     a, b = routed(6, seed=2), routed(4, seed=3)
     np.savez(
@@ -80,6 +83,7 @@ def test_manifest_builder_is_one_function(tmp_path):
     assert manifest["imported_from"]["files"] == [str(tmp_path / "r.npy")]
 
 
+@pytest.mark.slow
 def test_importing_and_reading_never_import_torch():
     code = (
         "import sys\n"

@@ -325,6 +325,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_exits_2_with_one_clean_line(case, tmp_path, capsys):
     argv, named = CASES[case](tmp_path)

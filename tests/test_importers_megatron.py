@@ -213,6 +213,7 @@ def imported(trace, out, **kwargs):
 
 
 # -- training: two data-parallel ranks, logits on one ------------------------------------
+@pytest.mark.slow
 def test_training_loads_ranks_and_first_choices_equal_the_recording(training, tmp_path):
     rec, trace, plan = training
     run = imported(trace, tmp_path / "run", mode="training")
@@ -269,6 +270,7 @@ def test_training_router_stats_come_from_the_logits(training, tmp_path):
     assert entropy.m[0] == pytest.approx(recorded.margin.mean(), abs=0.02)
 
 
+@pytest.mark.slow
 def test_unknown_slot_order_is_said_not_guessed(training, tmp_path):
     _rec, trace, _ = training
     run = imported(trace, tmp_path / "run")
@@ -288,6 +290,7 @@ def test_unknown_slot_order_is_said_not_guessed(training, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_report_and_dashboard_queries_work_on_the_import(training, tmp_path, capsys):
     _, trace, _ = training
     out = tmp_path / "run"
@@ -319,6 +322,7 @@ def test_report_and_dashboard_queries_work_on_the_import(training, tmp_path, cap
 
 
 # -- inference with decode steps ----------------------------------------------------------
+@pytest.mark.slow
 def test_inference_steps_and_phases_equal_the_recording(tmp_path):
     prompts = torch.randint(2, 100, (2, 5), generator=torch.Generator().manual_seed(2))
     rec = Recording(tiny(seed=1), tmp_path / "recorded", generate=prompts)
@@ -355,6 +359,7 @@ def test_inference_steps_and_phases_equal_the_recording(tmp_path):
 
 
 # -- MTP colliding with decoder layer 0 ----------------------------------------------------
+@pytest.mark.slow
 def test_mtp_layer_0_stays_apart_from_decoder_layer_0(tmp_path):
     ids = torch.randint(2, 100, (2, 6), generator=torch.Generator().manual_seed(3))
     rec = Recording(tiny(seed=2, num_hidden_layers=3), tmp_path / "recorded", batches=[ids])
@@ -384,6 +389,7 @@ def test_mtp_layer_0_stays_apart_from_decoder_layer_0(tmp_path):
 
 
 # -- pipeline stages restart `layer` at 0 --------------------------------------------------
+@pytest.mark.slow
 def test_pipeline_stages_are_renumbered_and_join_the_same_tokens(tmp_path):
     ids = torch.randint(2, 100, (2, 4), generator=torch.Generator().manual_seed(4))
     rec = Recording(tiny(seed=3, num_hidden_layers=4), tmp_path / "recorded", batches=[ids])
@@ -458,6 +464,7 @@ def _rewrite(path: Path, line: int, change) -> None:
     path.write_text("".join(lines))
 
 
+@pytest.mark.slow
 def test_truncated_last_line_is_named_or_skipped_and_counted(bad_copy, tmp_path, capsys):
     path = bad_copy / "router_trace_rank1.jsonl"
     text = path.read_text()

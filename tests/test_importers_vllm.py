@@ -106,6 +106,7 @@ def test_before_021_decoder_layer_axis_with_dense_layer(tmp_path):
         assert imported_table(run) == sorted(expected_table(0, routing, range(7), ids, 5, layers=(1, 3)))
 
 
+@pytest.mark.slow
 def test_021_prompt_part_at_response_level_and_generated_part_per_choice(tmp_path):
     prompt = list(range(100, 109))  # 9 prompt tokens
     outputs = [[201, 202, 203, 204, 205], [301, 302, 303, 304, 305]]  # n=2 choices, 5 tokens each

@@ -20,6 +20,8 @@ import routescope as rs
 from tests.moe_types import installed_moe_types
 from tests.test_capture import expected_rows, padded_batch, recorded_rows
 
+pytestmark = pytest.mark.slow  # README's test command leaves this file out (-m 'not slow')
+
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "models.md"
 
 # model type -> why routescope cannot record it yet (docs/models.md, "Gaps", says the same)

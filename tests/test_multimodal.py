@@ -182,6 +182,7 @@ NOT_BUILT: set[str] = set()
 MULTIMODAL_TYPES = installed_multimodal_moe_types()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model_type",
     [
@@ -227,6 +228,7 @@ def _expected_decisions(forward_calls: list, valid: torch.Tensor) -> tuple[list[
     return experts, np.asarray(weights, dtype=np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", VL_TYPES)
 def test_image_tokens_are_recorded_exactly_with_their_modality(model_type, vl_model, tmp_path, device):
     import routescope as rs
@@ -286,6 +288,7 @@ def test_image_tokens_are_recorded_exactly_with_their_modality(model_type, vl_mo
     np.testing.assert_allclose(shares.to_numpy(), 1.0)
 
 
+@pytest.mark.slow
 def test_docs_list_every_multimodal_and_encoder_decoder_type_with_the_same_gaps():
     from tests.test_model_coverage import _docs_table
     from tests.tiny_models import SEQ2SEQ
@@ -298,6 +301,7 @@ def test_docs_list_every_multimodal_and_encoder_decoder_type_with_the_same_gaps(
     assert all(rows[t][2] == "supported" for t in SEQ2SEQ)
 
 
+@pytest.mark.slow
 def test_modality_isolated_experts_are_recorded_from_both_sets(device):
     """Ernie 4.5 VL: text tokens are routed to the text experts and vision tokens to the
     vision experts; the adapter's ids and weights equal what each experts module is called
@@ -339,6 +343,7 @@ def test_modality_isolated_experts_are_recorded_from_both_sets(device):
     assert int((ids >= experts).sum()) == 2 * int(vision.sum())  # top-2 of the vision set
 
 
+@pytest.mark.slow
 def test_routers_in_a_second_block_list_are_refused_by_name(vl_model):
     """No installed multimodal type has experts in its vision tower; one that had would share
     layer numbers with the language model, so discovery refuses it and names both lists."""
@@ -353,6 +358,7 @@ def test_routers_in_a_second_block_list_are_refused_by_name(vl_model):
         find_routers(model)
 
 
+@pytest.mark.slow
 def test_video_placeholders_are_recorded_as_video(vl_model, tmp_path, device):
     import routescope as rs
     from tests.tiny_models import VIDEO_TOKEN

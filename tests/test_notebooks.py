@@ -17,6 +17,8 @@ import torch
 import routescope as rs
 from routescope.analysis.display import run_html
 
+pytestmark = pytest.mark.slow  # README's test command leaves this file out (-m 'not slow')
+
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))

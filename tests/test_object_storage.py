@@ -28,6 +28,8 @@ import routescope as rs
 from routescope.errors import RunBusyError
 from tests.tiny_models import build_tiny_model
 
+pytestmark = pytest.mark.slow  # README's test command leaves this file out (-m 'not slow')
+
 pytest.importorskip("s3fs", reason='object storage needs s3fs: pip install -e ".[s3]"')
 pytest.importorskip("moto", reason="the S3-API test server is moto: pip install 'moto[server]'")
 

@@ -59,6 +59,7 @@ def _python_in(site: Path, cwd: Path, code: str, **env: str) -> subprocess.Compl
     )
 
 
+@pytest.mark.slow
 def test_an_installed_wheel_finds_the_bundled_data_and_has_no_top_level_dashboard(installed, tmp_path):
     code = (
         "import routescope, routescope.bundled as b, routescope.dashboard.queries;"

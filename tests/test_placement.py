@@ -58,6 +58,7 @@ def reference_gpu_loads(loads: pd.DataFrame, plan: pd.DataFrame) -> dict[tuple[i
 
 
 # -- plans --------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["contiguous", "lpt", "eplb"])
 @pytest.mark.parametrize(("num_experts", "ep_size"), SHAPES)
 def test_plans_are_valid(method, num_experts, ep_size):
@@ -74,6 +75,7 @@ def test_plans_are_valid(method, num_experts, ep_size):
             assert sorted(rows.slot[rows.gpu == 0]) == list(range(per_gpu))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("num_experts", "ep_size"), SHAPES)
 def test_lpt_is_never_worse_than_contiguous_in_sample(num_experts, ep_size):
     for seed, skew in itertools.product(SEEDS, (0.3, 1.2, 2.5)):
@@ -96,6 +98,7 @@ def test_lpt_beats_contiguous_on_skewed_loads():
     assert wins >= len(SEEDS) // 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lpt", "eplb"])
 @pytest.mark.parametrize(("num_experts", "ep_size"), SHAPES)
 def test_redundant_slots_never_worse_than_none(method, num_experts, ep_size):

@@ -34,6 +34,7 @@ def batch(lengths, side="right", seed=0):
     return ids, mask
 
 
+@pytest.mark.slow
 def test_sigterm_mid_recording_leaves_a_readable_incomplete_run(tmp_path):
     script = textwrap.dedent(
         f"""
@@ -153,6 +154,7 @@ def fuzz_model():
     return _FUZZ_MODEL
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     lengths=st.lists(st.integers(1, 7), min_size=1, max_size=3),

@@ -365,6 +365,7 @@ def test_router_weights_without_a_known_rule_say_so(tiny_model, tmp_path):
         assert torch.equal(model(input_ids=ids).logits, original)
 
 
+@pytest.mark.slow
 def test_left_padded_generate_replays_every_row(tiny_model, tmp_path):
     """Decode steps extend each row's history under a growing 2-D attention mask."""
     model = tiny_model("mixtral")
@@ -383,6 +384,7 @@ def test_left_padded_generate_replays_every_row(tiny_model, tmp_path):
     pd.testing.assert_frame_equal(rows(tmp_path / "inside"), rows(tmp_path / "original"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("model_type", "cache"),
     [("qwen3_moe", "static"), ("qwen3_next", None), ("jamba", None), ("nemotron_h", None)],
@@ -428,6 +430,7 @@ def test_generate_rows_that_finish_early_are_not_missing(tiny_model, tmp_path):
         assert replayer.replayed_tokens == run.manifest["tokens"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", installed_moe_types())
 def test_every_installed_moe_type_replays_or_says_why(tiny_model, tmp_path, model_type):
     """weights='recorded' gives the recorded forward exactly; weights='router' finds the weight

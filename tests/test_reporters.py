@@ -20,7 +20,7 @@ import pytest
 import routescope as rs
 from tests.test_training import train_logs, trainer_for
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
 
 def routing_logs(trainer) -> dict[int, dict[str, float]]:

@@ -121,6 +121,7 @@ def indexed(recorded, tmp_path_factory):
         yield run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(metrics.METRICS))
 def test_every_metric_equals_its_routing_value(indexed, name):
     run = indexed
@@ -150,6 +151,7 @@ def test_rollups_answer_the_questions_they_can(indexed):
         assert rollup_twin(run, "expert_counts", None) is None
 
 
+@pytest.mark.slow
 def test_balance_with_ep_size_and_step_loads_agree(indexed):
     run = indexed
     for where in ROLLUP_WHERES:
@@ -161,6 +163,7 @@ def test_balance_with_ep_size_and_step_loads_agree(indexed):
     assert decode["pairs"].sum() > 0  # decode tokens of one sequence sit in different steps and parts
 
 
+@pytest.mark.slow
 def test_synthetic_run_indexed_by_the_command(tmp_path, capsys):
     rng = np.random.default_rng(3)
     tokens, layers, experts, k = 400, [1, 2, 4], 8, 2
@@ -217,6 +220,7 @@ def test_a_lost_rollup_part_falls_back_and_index_repairs_it(recorded, tmp_path, 
         assert_same(run.expert_load(), expected, "expert_load after index")
 
 
+@pytest.mark.slow
 def test_check_names_a_rollup_part_that_disagrees_with_routing(recorded, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(recorded, out)
@@ -238,6 +242,7 @@ def test_index_bad_input_exits_2(tmp_path, capsys):
     assert len(err) == 1 and "nope" in err[0]
 
 
+@pytest.mark.slow
 def test_the_dashboard_builds_missing_rollups_on_first_open(tmp_path):
     import time
 

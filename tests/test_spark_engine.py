@@ -26,7 +26,7 @@ if shutil.which("java") is None:
         "the Spark engine needs Java 17 (apt-get install openjdk-17-jre-headless)", allow_module_level=True
     )
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 
 @pytest.fixture(scope="session")

@@ -60,6 +60,7 @@ def plant(model: nn.Module, layer: int, expert: int, shared: bool, factor: float
             mlp.experts.down_proj[expert].mul_(factor)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("model_type", "overrides", "planted", "is_super"), PLANTS)
 def test_planted_super_expert_ranks_first(tiny_model, model_type, overrides, planted, is_super):
     model = tiny_model(model_type, **overrides)
@@ -90,6 +91,7 @@ def test_planted_outside_default_layers_found_when_layers_given(tiny_model):
     assert df.attrs["thresholds"]["layers"] == [1, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("model_type", "overrides"), [("qwen2_moe", {}), ("deepseek_v3", {}), ("beam", BEAM)]
 )
@@ -170,6 +172,7 @@ def reference(model: nn.Module, batches: list[dict], router_attr: str, expert_fn
     return best
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("model_type", "overrides", "router_attr", "expert_fn"),
     [
@@ -200,6 +203,7 @@ def test_max_abs_output_matches_reference(tiny_model, model_type, overrides, rou
     assert (per_layer == valid * k).all()
 
 
+@pytest.mark.slow
 def test_hidden_stats_match_reference(tiny_model):
     model = tiny_model("qwen2_moe")
     plant(model, 0, 0, True, factor=400.0)
@@ -241,6 +245,7 @@ def test_hidden_stats_match_reference(tiny_model):
         assert float(rows.median_abs) == pytest.approx(float(torch.cat(values).median()), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_massive_activation_flagged(tiny_model):
     model = tiny_model("mixtral")
     # a massive value in the residual stream: one channel of layer 0's experts scaled far up
@@ -252,6 +257,7 @@ def test_massive_activation_flagged(tiny_model):
     assert row.ratio_to_median > 1000
 
 
+@pytest.mark.slow
 def test_median_sample_exact_below_cap():
     values = torch.arange(1000, dtype=torch.float32).flip(0)
     exact = MedianSample(cap=2000)
@@ -261,6 +267,7 @@ def test_median_sample_exact_below_cap():
     assert exact.median() == float(values.median())
 
 
+@pytest.mark.slow
 def test_median_sample_is_not_channel_aliased():
     """Hidden size 64 (a multiple of 8) with channels 0, 8, 16, ... scaled down: a stride
     sample keeps those channels only; the median must stay near the exact one."""
@@ -285,6 +292,7 @@ def test_median_sample_is_not_channel_aliased():
     assert per_channel.min() > 0.5 * expected and per_channel.max() < 1.5 * expected
 
 
+@pytest.mark.slow
 def test_round_of_massive_layers():
     # Python's round, halves to even, as the paper code's round(total_layers * 0.75)
     assert [massive_layer_count(n) for n in (1, 2, 3, 4, 6, 10, 14, 48)] == [1, 2, 2, 3, 4, 8, 10, 36]
@@ -303,6 +311,7 @@ def _planted_frame(num_layers: int, experts: int, plants: dict[tuple[int, int], 
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("giant", [200.0, 1100.0])
 def test_late_giant_does_not_hide_searched_super_expert(giant):
     # 4 layers: the paper searches layers 0..2; a giant in layer 3 must not raise the thresholds
@@ -320,6 +329,7 @@ def test_late_giant_does_not_hide_searched_super_expert(giant):
     assert out.loc[out["is_super"], "ratio_to_median"].iloc[0] == pytest.approx(pool.max() / np.median(pool))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(6))
 def test_classifier_equals_paper_code_on_random_pools(seed):
     rng = np.random.default_rng(seed)
@@ -335,6 +345,7 @@ def test_classifier_equals_paper_code_on_random_pools(seed):
     assert set(np.flatnonzero(out["is_super"].to_numpy())) == truth
 
 
+@pytest.mark.slow
 def test_planted_super_expert_beside_late_giant_in_a_real_model(tiny_model):
     model = tiny_model("mixtral", num_hidden_layers=4)
     plant(model, 2, 3, False, factor=50.0)

@@ -88,6 +88,7 @@ def _read_in_fresh_interpreter(*args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_reading_a_run_never_imports_torch(tiny_model, tmp_path: Path):
     from routescope.analysis.metrics import METRICS
 
@@ -105,6 +106,7 @@ def test_reading_a_run_never_imports_torch(tiny_model, tmp_path: Path):
     assert expected <= set(result["called"])
 
 
+@pytest.mark.slow
 def test_import_routescope_is_torch_free_and_capture_names_still_resolve():
     code = (
         "import sys, routescope as rs; assert 'torch' not in sys.modules, 'import routescope loaded torch';"

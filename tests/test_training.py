@@ -175,6 +175,7 @@ def tensorboard_scalars(output_dir: Path) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_trainer_logs_the_routers_own_numbers_in_log_history_and_tensorboard(tmp_path):
     plain = trainer_for(tmp_path, "plain")
     plain.train()
@@ -229,6 +230,7 @@ def test_trainer_logs_the_routers_own_numbers_in_log_history_and_tensorboard(tmp
         assert "alerts" in run.manifest["training"]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_pools_every_micro_batch_of_a_logged_step(tmp_path):
     trainer = trainer_for(
         tmp_path,
@@ -302,6 +304,7 @@ def test_alerts_warn_once_and_reach_the_manifest(tmp_path, caplog):
     assert {(a["layer"], a["kind"]) for a in alerts} == {(layer, "max_violation") for layer in LAYERS}
 
 
+@pytest.mark.slow
 def test_trl_sft_trainer_gets_the_scalars_beside_its_own_metrics(tmp_path):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
@@ -346,6 +349,7 @@ def test_trl_sft_trainer_gets_the_scalars_beside_its_own_metrics(tmp_path):
         assert log["routing/aux_loss"] > 0 and log["routing/z_loss"] > 0
 
 
+@pytest.mark.slow
 def test_two_processes_sum_the_counts_over_ranks(tmp_path):
     """torchrun, gloo, accelerate under the Trainer: each log covers both ranks' tokens."""
     import json

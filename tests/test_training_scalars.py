@@ -40,6 +40,7 @@ def batches(n_batches: int, rows: int = 4, seed: int = 0) -> list[dict[str, torc
     ]
 
 
+@pytest.mark.slow
 def test_bf16_autocast_gives_the_float32_numbers_of_the_routers_own_logits():
     """Under bf16 autocast the router's logits are bf16; the scalars are those logits' numbers
     in float32 (the reference works in float64 on the same logits), not a bf16 matmul's."""
@@ -65,6 +66,7 @@ def test_bf16_autocast_gives_the_float32_numbers_of_the_routers_own_logits():
         assert values["routing/aux_loss"] != pytest.approx(values["routing/aux_loss_pooled"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_brief_detail_logs_model_aggregates_only_and_alerts_still_see_layers(tmp_path):
     model = build_tiny_model(MODEL).train()
     tap = RouterTap(model)
@@ -82,6 +84,7 @@ def test_brief_detail_logs_model_aggregates_only_and_alerts_still_see_layers(tmp
         rs.watch(model, detail="all")
 
 
+@pytest.mark.slow
 def test_gini_of_expert_loads():
     from routescope.analysis.balance_frames import gini
 
@@ -94,6 +97,7 @@ def test_gini_of_expert_loads():
             assert gini(loads) == pytest.approx(gini_by_pairs(loads), rel=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_aux_loss_equals_trl_sft_trainers_logged_aux_loss(tmp_path, bf16):
     """SFTTrainer with the model's own aux loss (output_router_logits), padding and gradient
