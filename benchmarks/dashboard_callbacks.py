@@ -211,6 +211,7 @@ def callbacks(registry: Any) -> list[tuple[str, Callable[[], Any]]]:
         ("tokens: controls", lambda: tokens.tokens_controls(st)),
         ("tokens: update_tokens", lambda: tokens.update_tokens(st, seq, 0)),
         ("compare: update_compare (2 runs)", lambda: compare.update_compare(st, "0", "1")),
+        ("compare: update_saturation (2 runs)", lambda: compare.update_saturation(st, "0", "1")),
     ]
 
 

@@ -355,9 +355,11 @@ def sequence_length(run: rs.Run, seq_id: int) -> int:
     return int(df["n"].iloc[0])
 
 
-def comparison(run_a: rs.Run, run_b: rs.Run) -> Any:
-    """`routescope.compare(run_a, run_b)`: load and balance deltas, expert changes, saturation."""
-    return rs.compare(run_a, run_b)
+def comparison(run_a: rs.Run, run_b: rs.Run, saturation: bool = True) -> Any:
+    """`routescope.compare(run_a, run_b)`: load and balance deltas, expert changes, and with
+    `saturation` router saturation and token agreement (the slow part: the page asks for it in a
+    callback of its own)."""
+    return rs.compare(run_a, run_b, saturation=saturation)
 
 
 # -- Super Experts -----------------------------------------------------------------------

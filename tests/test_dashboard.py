@@ -342,12 +342,16 @@ def test_compare(app, runs):
 
     opts_a, a, _opts_b, b = compare.compare_controls(state("a"))
     assert (a, b) == ("0", "1") and len(opts_a) == 6
-    delta, bal, sat, summary, _msg, style = compare.update_compare(state("a"), "0", "1")
-    assert delta.data[0].type == "heatmap" and traces_with_data(bal) == 8 and traces_with_data(sat) == 3
+    delta, bal, summary, _msg, style = compare.update_compare(state("a"), "0", "1")
+    assert delta.data[0].type == "heatmap" and traces_with_data(bal) == 8
     assert style == {}
-    for metric in ("cv", "max_violation", "balancedness", "norm_entropy", "tokens_matched"):
+    for metric in ("cv", "max_violation", "balancedness", "norm_entropy"):
         assert metric in texts(summary)
     assert "changed state" in texts(summary)
+    # router saturation and token agreement: a callback of their own, after the rest
+    sat, sat_summary = compare.update_saturation(state("a"), "0", "1")
+    assert traces_with_data(sat) == 3 and "tokens_matched" in texts(sat_summary)
+    summary = sat_summary
     expected = rs.compare(runs["a"], runs["b"])
     assert list(sat.data[0].y) == pytest.approx(expected.saturation["saturation"].tolist())
     assert list(sat.data[2].y) == pytest.approx(expected.saturation["exact_match"].tolist())
@@ -359,7 +363,8 @@ def test_compare(app, runs):
     *_figs, tables, msg, style = compare.update_compare(state("a"), "0", "0")
     assert "same run" in texts(msg) and tables is None and style == {"display": "none"}
     out = compare.update_compare(state("a"), "0", "../../etc")
-    assert "unknown run" in texts(out[4])
+    assert "unknown run" in texts(out[3])
+    assert compare.update_saturation(state("a"), "0", "0")[1] is None
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """Compare page: two of the served runs through `routescope.compare`: per-expert load
-deltas, balance per layer in both, router saturation, and the experts that changed state."""
+deltas, balance per layer in both, and the experts that changed state first (from the rollup
+tables), then router saturation and token agreement in a callback of their own behind a
+spinner (they match every token by content, the slow part on a large run)."""
 
 from __future__ import annotations
 
@@ -44,7 +46,20 @@ def layout(**_query: Any) -> html.Div:
                 [
                     graph("compare-delta", "load_delta_heatmap"),
                     graph("compare-balance", "balance_change_figure"),
-                    graph("compare-saturation", "saturation_figure"),
+                    dcc.Loading(
+                        html.Div(
+                            [
+                                html.P(
+                                    "Router saturation matches every token of A with B's by content: "
+                                    "it follows the figures above on a large run.",
+                                    id="compare-saturation-note",
+                                ),
+                                graph("compare-saturation", "saturation_figure"),
+                                html.Div(id="compare-saturation-summary"),
+                            ]
+                        ),
+                        type="circle",
+                    ),
                 ],
                 id="compare-figures",
             ),
@@ -76,13 +91,8 @@ GUIDANCE = (
 SHOWN, HIDDEN = {}, {"display": "none"}
 
 
-@guarded([FIGURE, FIGURE, FIGURE, CHILDREN, MESSAGE, KEEP])
-def update_compare(state: Any, key_a: Any, key_b: Any) -> tuple:
-    """(load delta, balance change, saturation, tables, message, figures style).
-
-    With one served run, or the same run on both sides, only guidance is shown: the
-    figures would compare a run with itself.
-    """
+def _pair(key_a: Any, key_b: Any) -> tuple[Any, Any, Any, str | None]:
+    """(registry, A, B, guidance): guidance when fewer than two runs or the same one twice."""
     registry = get_registry()
     keys = registry.keys
     key_a = key_a if key_a is not None else keys[0]
@@ -90,23 +100,50 @@ def update_compare(state: Any, key_a: Any, key_b: Any) -> tuple:
     for key in (key_a, key_b):
         registry._slot(key)  # RunUnavailable for a key that is not served
     if len(keys) < 2 or key_a == key_b:
-        empty = plots.empty_figure("pick two different runs")
-        text = GUIDANCE if len(keys) < 2 else "Run A and run B are the same run: pick two different runs."
-        return empty, empty, empty, None, message(text, "info"), HIDDEN
+        return (
+            registry,
+            key_a,
+            key_b,
+            (GUIDANCE if len(keys) < 2 else "Run A and run B are the same run: pick two different runs."),
+        )
     for key in (key_a, key_b):
         if registry.query(key, "summary")["tokens"] == 0:
             raise RunUnavailable(f"{registry.name(key)} holds no tokens: nothing to compare")
-    result = registry.query_pair(key_a, key_b, "comparison")
+    return registry, key_a, key_b, None
+
+
+@guarded([FIGURE, FIGURE, CHILDREN, MESSAGE, KEEP])
+def update_compare(state: Any, key_a: Any, key_b: Any) -> tuple:
+    """(load delta, balance change, tables, message, figures style): the parts that read the
+    rollup tables. Router saturation follows in `update_saturation`.
+
+    With one served run, or the same run on both sides, only guidance is shown: the
+    figures would compare a run with itself.
+    """
+    registry, key_a, key_b, guidance = _pair(key_a, key_b)
+    if guidance:
+        empty = plots.empty_figure("pick two different runs")
+        return empty, empty, None, message(guidance, "info"), HIDDEN
+    result = registry.query_pair(key_a, key_b, "comparison", False)
     notes = list(result.notes)
     msg = message(" · ".join(notes), "warning") if notes else None
     return (
         plots.load_delta_heatmap(result.load),
         plots.balance_change_figure(result.balance),
-        plots.saturation_figure(result.saturation),
         tables(result),
         msg,
         SHOWN,
     )
+
+
+@guarded([FIGURE, CHILDREN])
+def update_saturation(state: Any, key_a: Any, key_b: Any) -> tuple:
+    """(saturation figure, saturation table and token agreement), computed after the rest."""
+    registry, key_a, key_b, guidance = _pair(key_a, key_b)
+    if guidance:
+        return plots.empty_figure("pick two different runs"), None
+    result = registry.query_pair(key_a, key_b, "comparison", True)
+    return plots.saturation_figure(result.saturation), saturation_tables(result)
 
 
 def tables(result: Any) -> html.Div:
@@ -118,12 +155,6 @@ def tables(result: Any) -> html.Div:
         for suffix, name in (("_a", "A"), ("_b", "B"), ("_delta", "Δ"))
         if f"{m}{suffix}" in bal.columns
     ]
-    sat = result.saturation
-    sat_columns = [
-        (c, c.replace("_", " "))
-        for c in ("layer", "top_k", "tokens_matched", "saturation", "top1_agreement", "exact_match")
-        if c in sat.columns
-    ]
     changes = result.expert_changes
     return html.Div(
         [
@@ -132,9 +163,6 @@ def tables(result: Any) -> html.Div:
                 "norm_entropy: higher is better)"
             ),
             table(bal, columns, max_rows=200),
-            html.H4("Router saturation per layer (tokens_matched: tokens of A whose content is in B)"),
-            table(sat, sat_columns, max_rows=200),
-            agreement_summary(result.token_agreement),
             html.H4(f"Experts that changed state ({len(changes)})"),
             table(
                 changes,
@@ -151,6 +179,24 @@ def tables(result: Any) -> html.Div:
             else html.P("No expert died, revived, became hot or cooled."),
         ],
         id="compare-table",
+    )
+
+
+def saturation_tables(result: Any) -> html.Div:
+    """Router saturation per layer and the token agreement over all common layers (SPEC 4.7)."""
+    sat = result.saturation
+    sat_columns = [
+        (c, c.replace("_", " "))
+        for c in ("layer", "top_k", "tokens_matched", "saturation", "top1_agreement", "exact_match")
+        if c in sat.columns
+    ]
+    return html.Div(
+        [
+            html.H4("Router saturation per layer (tokens_matched: tokens of A whose content is in B)"),
+            table(sat, sat_columns, max_rows=200),
+            agreement_summary(result.token_agreement),
+        ],
+        id="compare-saturation-table",
     )
 
 
@@ -184,7 +230,6 @@ def register(app: dash.Dash) -> None:
     app.callback(
         Output("compare-delta", "figure"),
         Output("compare-balance", "figure"),
-        Output("compare-saturation", "figure"),
         Output("compare-summary", "children"),
         Output("compare-message", "children"),
         Output("compare-figures", "style"),
@@ -192,3 +237,10 @@ def register(app: dash.Dash) -> None:
         Input("compare-run-a", "value"),
         Input("compare-run-b", "value"),
     )(update_compare)
+    app.callback(
+        Output("compare-saturation", "figure"),
+        Output("compare-saturation-summary", "children"),
+        Input("app-version", "data"),
+        Input("compare-run-a", "value"),
+        Input("compare-run-b", "value"),
+    )(update_saturation)

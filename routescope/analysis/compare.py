@@ -241,9 +241,13 @@ def compare(
     where: str | None = None,
     hot_factor: float = 2.0,
     max_share: float = 0.0,
+    saturation: bool = True,
 ) -> Comparison:
     """Compare run B against run A (paths or open Runs); `where` filters the tokens of both.
-    A `where` that selects no token of a run warns and says so in `notes`."""
+    A `where` that selects no token of a run warns and says so in `notes`. `saturation=False`
+    leaves out router saturation and token agreement (empty frames): they match every token of
+    the two runs by content, which takes longest on large runs, while the load and balance parts
+    read the rollup tables (the dashboard draws them first)."""
     a, close_a = _open(run_a)
     try:
         b, close_b = _open(run_b)
@@ -279,16 +283,19 @@ def compare(
                     a.hot_experts(factor=hot_factor, where=where),
                     b.hot_experts(factor=hot_factor, where=where),
                 )
-                saturation, agreement, more = router_agreement(a, b, where=where)
+                if saturation:
+                    sat, agreement, more = router_agreement(a, b, where=where)
+                else:
+                    sat, agreement, more = pd.DataFrame(columns=SATURATION_COLUMNS), None, []
             return Comparison(
                 str(a.path),
                 str(b.path),
                 load,
                 balance,
                 changes,
-                saturation,
+                sat,
                 notes=notes + more,
-                token_agreement=agreement,
+                **({"token_agreement": agreement} if agreement is not None else {}),
             )
         finally:
             if close_b:
