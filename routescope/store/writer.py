@@ -230,14 +230,16 @@ class PartWriter:
         tokens_added = 0
         order = sorted(self._buffers, key=lambda n: n == schema.TOKENS)
         whole = {name: pa.concat_tables(self._buffers.pop(name), promote_options="default") for name in order}
-        rollups = self._rollups(whole)
+        # the rollups are computed on a second thread while this one writes the routing part
+        # (NumPy and Parquet both release the GIL)
+        rollups = _Rollups(self, whole)
         for name in order:
             table = whole[name]
             self._write_table(name, table)
             if name == schema.ROUTING:
                 # rollup part N summarises routing part N: written after it, before tokens
                 index = self._next_index[schema.ROUTING] - 1
-                for rollup, rows in rollups.items():
+                for rollup, rows in rollups.result().items():
                     self._next_index[rollup] = index
                     self._write_table(rollup, rows)
             if name == schema.TOKENS:
@@ -277,3 +279,24 @@ class PartWriter:
         os.replace(tmp, path)
         self._next_index[name] += 1
         self.parts_written.append(path)
+
+
+class _Rollups:
+    """`part_rollups` of one part's tables, computed on its own thread from construction on."""
+
+    def __init__(self, writer: PartWriter, tables: dict[str, pa.Table]) -> None:
+        self._rows: dict[str, pa.Table] = {}
+        self._thread: threading.Thread | None = None
+        if writer.rollups and schema.ROUTING in tables and schema.TOKENS in tables:
+            self._thread = threading.Thread(
+                target=self._run, args=(writer, tables), name="routescope-rollups", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self, writer: PartWriter, tables: dict[str, pa.Table]) -> None:
+        self._rows = writer._rollups(tables)
+
+    def result(self) -> dict[str, pa.Table]:
+        if self._thread is not None:
+            self._thread.join()
+        return self._rows
