@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from routescope import schema
 from routescope.store.layout import TMP_SUFFIX, table_dir
+from routescope.store.pair_totals import PairTotals
 
 EXPERT_COUNTS = schema.ROLLUP_EXPERT_COUNTS
 TOP1_PAIRS = schema.ROLLUP_TOP1_PAIRS
@@ -119,12 +120,15 @@ def _routing_tokens(tokens: pa.Table, routing: pa.Table) -> tuple[np.ndarray, np
     return heads, np.where(found, order[at], -1), found
 
 
-def part_rollups(tokens: pa.Table, routing: pa.Table, coactivation: bool = False) -> dict[str, pa.Table]:
+def part_rollups(
+    tokens: pa.Table, routing: pa.Table, coactivation: bool = False, cells_out: dict | None = None
+) -> dict[str, pa.Table]:
     """`rollup_expert_counts` and `rollup_top1_pairs` rows of `routing` (its tokens in `tokens`,
     which may hold more tokens than the part routes), and with `coactivation` the
     `rollup_coactivation` rows (k(k-1)/2 pairs per token and layer: several times the cost of
     the others, so the writer leaves them to `routescope index`). Routing rows whose token is absent count
-    under NULL dimensions, so an unfiltered sum still equals `routing`'s count."""
+    under NULL dimensions, so an unfiltered sum still equals `routing`'s count. A `cells_out`
+    dict receives the pair rows' cells as arrays (store/pair_totals.py sums them across parts)."""
     dims = dimension_columns(tokens.column_names)
     measures = {c for table in schema.ROLLUP_MEASURES.values() for c in table}
     if (
@@ -148,17 +152,22 @@ def part_rollups(tokens: pa.Table, routing: pa.Table, coactivation: bool = False
     expert = routing["expert"].to_numpy()
     slot = routing["slot"].to_numpy()
     width = int(expert.max()) + 1
-    layers = np.flatnonzero(np.bincount(layer))  # layer ids are small: no sort
+    layers = np.sort(pc.unique(routing["layer"]).to_numpy()).astype(np.int64)
     n_layers = len(layers)
     key_type = np.int32 if n_groups * n_layers * width < 2**31 else np.int64
     position = np.zeros(int(layers[-1]) + 1, dtype=key_type)
     position[layers] = np.arange(len(layers))
-    layer_pos = position[layer]
+    # layers numbered without gaps (the usual case): a layer's position is arithmetic
+    offset = int(layers[0]) if int(layers[-1]) - int(layers[0]) + 1 == n_layers else None
 
     cells = n_groups * n_layers * width
     # key = (group * n_layers + layer_pos) * width + expert, the group part once per run
-    keys = np.repeat((group_run * (n_layers * width)).astype(key_type), runs)
-    keys += layer_pos * key_type(width)
+    base = group_run * (n_layers * width) - (offset or 0) * width
+    keys = np.repeat(base.astype(key_type), runs)
+    if offset is None:
+        keys += position[layer] * key_type(width)
+    else:
+        keys += np.multiply(layer, width, dtype=key_type)
     keys += expert
     is_first = slot == 0
     key_all, rows = _count(keys, cells)
@@ -178,7 +187,7 @@ def part_rollups(tokens: pa.Table, routing: pa.Table, coactivation: bool = False
     # slot-0 expert of every token at every layer of this part; tokens missing one are left out,
     # as `top1_paths` leaves them out
     slot0 = np.flatnonzero(is_first)
-    run_of = np.repeat(np.arange(len(heads), dtype=np.int64), runs)[slot0] if len(heads) > 1 else None
+    run_of = np.searchsorted(heads, slot0, side="right") - 1 if len(heads) > 1 else None
     token_index = token_of_run[run_of] if run_of is not None else np.repeat(token_of_run, len(slot0))
     if not found_all:
         kept = token_index >= 0
@@ -186,7 +195,7 @@ def part_rollups(tokens: pa.Table, routing: pa.Table, coactivation: bool = False
         run_of = run_of[kept] if run_of is not None else None
     local_ids, local = _local(token_index, len(tokens))  # the part's tokens, 0..n-1
     path = np.full((len(local_ids), n_layers), -1, dtype=np.int64)
-    path[local, layer_pos[slot0]] = expert[slot0]
+    path[local, position[layer[slot0]]] = expert[slot0]
     token_group = np.full(len(local_ids), -1, dtype=np.int64)
     token_group[local] = group_run[run_of] if run_of is not None else group_run[0]
     complete = (path >= 0).all(axis=1)
@@ -211,15 +220,26 @@ def part_rollups(tokens: pa.Table, routing: pa.Table, coactivation: bool = False
         key_pairs, pair_counts = _count(pair_keys, pair_cells)
         g, rest = np.divmod(key_pairs, (n_layers - 1) * width * width)
         idx, rest = np.divmod(rest, width * width)
+        expert_a, expert_b = np.divmod(rest, width)
         pairs = {
             **_with_dims(pair_groups, g, pair_dims, tokens),
             "layer": pa.array(layers[idx], pa.int16()),
             "next_layer": pa.array(layers[idx + 1], pa.int16()),
-            "expert_a": pa.array(rest // width, pa.int16()),
-            "expert_b": pa.array(rest % width, pa.int16()),
+            "expert_a": pa.array(expert_a, pa.int16()),
+            "expert_b": pa.array(expert_b, pa.int16()),
             "count": pa.array(pair_counts, pa.int64()),
         }
         out[TOP1_PAIRS] = pa.table(pairs)
+        if cells_out is not None:
+            cells_out.update(
+                groups=pair_groups,
+                group=g,
+                pair=idx,
+                layers=layers,
+                a=expert_a,
+                b=expert_b,
+                count=pair_counts,
+            )
     if coactivation and n_layers >= 1 and complete.any():
         found = np.repeat(found_run, runs)
         out[COACTIVATION] = _coactivation(
@@ -232,7 +252,7 @@ def part_rollups(tokens: pa.Table, routing: pa.Table, coactivation: bool = False
             pair_dims,
             tokens,
             layers,
-            layer_pos,
+            position[layer],
             width,
         )
     return out
@@ -368,10 +388,11 @@ def coverage(routing: list[str], rollup: list[str]) -> tuple[dict[str, list[str]
     return cover, stale
 
 
-def compact(run_dir: Path, table: str, rank: int) -> Path | None:
+def compact(run_dir: Path, table: str, rank: int, totals: PairTotals | None = None) -> Path | None:
     """Merge `table`'s one-part rollups of `rank` into one range part (equal keys summed);
     written atomically before the one-part files go, so a crash between leaves a double cover
-    that readers refuse (they read routing) and `routescope index` repairs."""
+    that readers refuse (they read routing) and `routescope index` repairs. `totals`: the
+    writer's running sums, used instead of reading the parts back when they cover exactly them."""
     folder = table_dir(run_dir, table, rank)
     if not folder.is_dir():
         return None
@@ -387,10 +408,14 @@ def compact(run_dir: Path, table: str, rank: int) -> Path | None:
             singles.append(p)
     if len(singles) < 2:
         return None
-    tables = [pq.read_table(p) for p in singles]
-    tables = [t.drop(["rank"]) if "rank" in t.column_names else t for t in tables]
-    whole = pa.concat_tables(tables, promote_options="default")
-    merged = sum_rows(whole, [m for m in schema.ROLLUP_MEASURES[table] if m not in _KEYS[table]])
+    merged = None
+    if totals is not None and [covered_range(p.name)[0] for p in singles] == sorted(totals.parts):
+        merged = totals.table()
+    if merged is None:
+        tables = [pq.read_table(p) for p in singles]
+        tables = [t.drop(["rank"]) if "rank" in t.column_names else t for t in tables]
+        whole = pa.concat_tables(tables, promote_options="default")
+        merged = sum_rows(whole, [m for m in schema.ROLLUP_MEASURES[table] if m not in _KEYS[table]])
     first, last = covered_range(singles[0].name)[0], covered_range(singles[-1].name)[1]
     path = folder / f"part-{first:05d}-{last:05d}.parquet"
     tmp = path.with_name(path.name + TMP_SUFFIX)

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 from routescope import schema
 from routescope.errors import WriterError
 from routescope.store.layout import TMP_SUFFIX, next_part_index, part_path
-from routescope.store.rollups import COMPACTED, compact, part_rollups
+from routescope.store.pair_totals import PairTotals
+from routescope.store.rollups import COMPACTED, TOP1_PAIRS, compact, part_rollups
 
 Columns = dict[str, np.ndarray]
 
@@ -69,6 +70,7 @@ class PartWriter:
         # is counted in `rollup_errors` and never loses routing (readers then use `routing`)
         self.rollups = rollups
         self.rollup_errors = 0
+        self._pair_totals = PairTotals()  # the pair parts' sums, written as one part at close
         # Called on this thread with each step's tables (e.g. a metrics exporter). The list is
         # kept by reference, so observers added while recording take effect; their errors are
         # counted in `observer_errors` and never stop the writer.
@@ -132,7 +134,9 @@ class PartWriter:
         if self.rollups:
             for table in COMPACTED:
                 try:
-                    compact(self.run_dir, table, self.rank)
+                    compact(
+                        self.run_dir, table, self.rank, self._pair_totals if table == TOP1_PAIRS else None
+                    )
                 except Exception:
                     self.rollup_errors += 1
 
@@ -242,6 +246,8 @@ class PartWriter:
                 for rollup, rows in rollups.result().items():
                     self._next_index[rollup] = index
                     self._write_table(rollup, rows)
+                    if rollup == TOP1_PAIRS:
+                        self._pair_totals.parts.append(index)
             if name == schema.TOKENS:
                 tokens_added = table.num_rows
         self._buffered_rows = 0
@@ -253,11 +259,18 @@ class PartWriter:
     def _rollups(self, tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
         if not self.rollups or schema.ROUTING not in tables or schema.TOKENS not in tables:
             return {}
+        cells: dict = {}
         try:
-            return part_rollups(tables[schema.TOKENS], tables[schema.ROUTING])
+            rows = part_rollups(tables[schema.TOKENS], tables[schema.ROUTING], cells_out=cells)
         except Exception:
             self.rollup_errors += 1
             return {}
+        if TOP1_PAIRS in rows and cells:
+            try:
+                self._pair_totals.add(rows[TOP1_PAIRS], cells)
+            except Exception:
+                self._pair_totals.failed = True  # close then compacts from the files
+        return rows
 
     def parquet_options(self, table: pa.Table) -> dict[str, Any]:
         """How every part is encoded (local and object-storage writers alike)."""
