@@ -94,10 +94,15 @@ class PairTotals:
         group_order = groups["__id"].to_numpy()
         pairs = sorted(self._pairs, key=lambda lp: lp)
         pair_order = np.array([self._pairs[lp] for lp in pairs], dtype=np.int64)
-        dense = self._dense[group_order][:, pair_order]
+        dense = self._dense
+        if not np.array_equal(group_order, np.arange(len(group_order))):
+            dense = dense[group_order]
+        if not np.array_equal(pair_order, np.arange(len(pair_order))):
+            dense = dense[:, pair_order]
         present = np.flatnonzero(dense)
         counts = dense.reshape(-1)[present]
         experts = self._experts
+        present = present.astype(np.int32)  # below MAX_CELLS
         g, rest = np.divmod(present, len(pairs) * experts * experts)
         p, rest = np.divmod(rest, experts * experts)
         a, b = np.divmod(rest, experts)
