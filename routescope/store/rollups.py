@@ -1,8 +1,8 @@
 """Rollup rows of one routing part (SPEC 3.3 `rollup_*`), computed with NumPy from host arrays.
 
-The writer calls `part_rollups` on the tokens and routing it is about to write, on its own
-thread, and writes each result as `rollup_<name>/rank=R/part-NNNNN.parquet` with the routing
-part's number: rollup part N summarises routing part N, so a reader knows which parts its
+The writer calls `part_rollups` on the tokens and routing it is about to write, on a second
+thread while it writes the routing part, and writes each result as
+`rollup_<name>/rank=R/part-NNNNN.parquet` with the routing part's number: rollup part N summarises routing part N, so a reader knows which parts its
 rollups cover by their names alone (analysis/rollups.py), a crash leaves at worst a routing part
 without its rollup (readers then fall back to `routing`; `check` names it), and append and
 ranks follow the parts. `routescope index` calls the same function on the parts of runs that
@@ -325,7 +325,10 @@ def covered_range(name: str) -> tuple[int, int]:
 def sum_rows(table: pa.Table, measures: list[str]) -> pa.Table:
     """Rows with equal keys summed (keys: every column but `measures`), sorted by key (nulls last)."""
     keys = [c for c in table.column_names if c not in measures]
-    code = _key_codes(table, keys)
+    try:
+        code = _key_codes(table, keys)
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
+        code = None  # a key type Arrow cannot rank this way: its group_by does it
     if code is None or any(table[m].null_count for m in measures):
         return _sum_rows_arrow(table, keys, measures)
     order = np.argsort(code, kind="stable")
