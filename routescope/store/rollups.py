@@ -58,10 +58,10 @@ def _count(keys: np.ndarray, cells: int, weights: np.ndarray | None = None) -> t
     if cells <= _DENSE_CELLS:
         counts = np.bincount(keys, weights=weights, minlength=cells)
         present = np.flatnonzero(counts)
-        return present, counts[present].astype(np.int64)
+        return present, counts[present].astype(np.int64, copy=False)
     if weights is None:
         uniq, counts = np.unique(keys, return_counts=True)
-        return uniq, counts.astype(np.int64)
+        return uniq, counts.astype(np.int64, copy=False)
     uniq, inverse = np.unique(keys, return_inverse=True)
     counts = np.bincount(inverse, weights=weights, minlength=len(uniq)).astype(np.int64)
     keep = counts > 0
