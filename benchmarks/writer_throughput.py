@@ -1,9 +1,13 @@
 """Writer throughput: routescope's PartWriter against a bare pyarrow.parquet.write_table.
 
-Both write the same routing rows with the same compression; the ratio is rows/s of the
-writer over rows/s of the bare call. Peak RSS growth shows that host memory stays bounded.
+Every step holds routing rows and its tokens (step, phase and a `domain` label). The bare
+baseline writes the same tokens and routing rows with the same batching into parts and the
+same encodings; the writer is timed without rollups and with them (`rollup_expert_counts`,
+`rollup_top1_pairs` per part, the pairs compacted at close), the three interleaved round by
+round in one process. The ratio is rows/s of the writer over rows/s of the bare writes, the
+medians of the rounds. Peak RSS growth shows that host memory stays bounded.
 
-    python benchmarks/writer_throughput.py [--steps 60 --tokens 2048 --layers 8 --top-k 8]
+    python benchmarks/writer_throughput.py [--steps 60 --tokens 2048 --layers 8 --top-k 8 --experts 64 --rounds 3]
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -23,30 +28,87 @@ import pyarrow.parquet as pq
 from routescope import schema
 from routescope.store.writer import PartWriter
 
+LABELS = ("domain",)
+ROWS_PER_PART = 4_000_000
+
 
 class Step:
-    def __init__(self, columns: dict[str, np.ndarray]) -> None:
-        self.columns = columns
+    def __init__(self, tables: dict[str, dict[str, np.ndarray]]) -> None:
+        self.tables = tables
 
     def to_tables(self) -> dict[str, dict[str, np.ndarray]]:
-        return {schema.ROUTING: self.columns}
+        return self.tables
 
 
-def make_step(rng: np.random.Generator, step: int, tokens: int, layers: int, k: int, experts: int) -> dict:
+def make_step(rng: np.random.Generator, step: int, tokens: int, layers: int, k: int, experts: int) -> Step:
     width = layers * k
-    seq = np.repeat(np.arange(step * tokens, (step + 1) * tokens, dtype=np.int64), width)
-    return {
-        "seq_id": seq,
-        "pos": np.repeat(np.arange(tokens, dtype=np.int32), width),
+    seq_ids = np.arange(step * tokens, (step + 1) * tokens, dtype=np.int64) // 512
+    pos = (np.arange(step * tokens, (step + 1) * tokens) % 512).astype(np.int32)
+    chosen = np.argsort(rng.random((tokens * layers, experts), dtype=np.float32), axis=1)[:, :k]
+    routing = {
+        "seq_id": np.repeat(seq_ids, width),
+        "pos": np.repeat(pos, width),
         "layer": np.tile(np.repeat(np.arange(layers, dtype=np.int16), k), tokens),
         "slot": np.tile(np.arange(k, dtype=np.int8), tokens * layers),
-        "expert": rng.integers(0, experts, tokens * width).astype(np.int16),
+        "expert": chosen.reshape(-1).astype(np.int16),
         "weight": rng.random(tokens * width, dtype=np.float32),
     }
+    domains = np.array(["code", "math", "prose", "multilingual"], dtype=object)
+    toks = {
+        "seq_id": seq_ids,
+        "pos": pos,
+        "token_id": rng.integers(0, 50_000, tokens).astype(np.int32),
+        "step": np.full(tokens, step, dtype=np.int32),
+        "phase": np.full(tokens, "prefill", dtype=object),
+        "domain": domains[seq_ids % 4],
+    }
+    return Step({schema.ROUTING: routing, schema.TOKENS: toks})
 
 
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bare(steps: list[Step], out: Path) -> float:
+    """The same tokens and routing rows, batched into parts as the writer does, same encodings."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    buffered: dict[str, list[pa.Table]] = {schema.ROUTING: [], schema.TOKENS: []}
+    index, pending = 0, 0
+    schemas = {
+        schema.ROUTING: schema.schema_for(schema.ROUTING),
+        schema.TOKENS: schema.schema_for(schema.TOKENS, LABELS),
+    }
+    for step in steps:
+        for name, cols in step.tables.items():
+            buffered[name].append(pa.Table.from_pydict(cols, schema=schemas[name]))
+            pending += len(cols["seq_id"])
+        if pending >= ROWS_PER_PART or step is steps[-1]:
+            for name in (schema.ROUTING, schema.TOKENS):
+                table = pa.concat_tables(buffered[name])
+                split = ["weight"] if "weight" in table.column_names else []
+                pq.write_table(
+                    table,
+                    out / f"{name}-{index}.parquet",
+                    compression="zstd",
+                    use_dictionary=[c for c in table.column_names if c not in split],
+                    use_byte_stream_split=split or False,
+                    write_statistics=True,
+                )
+                buffered[name] = []
+            index, pending = index + 1, 0
+    return time.perf_counter() - start
+
+
+def writer(steps: list[Step], out: Path, rollups: bool) -> tuple[float, PartWriter]:
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    w = PartWriter(out, labels=LABELS, rows_per_part=ROWS_PER_PART, flush_seconds=1e9, rollups=rollups)
+    for step in steps:
+        w.submit(step)
+    w.close()
+    return time.perf_counter() - start, w
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,46 +118,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     steps = [make_step(rng, i, args.tokens, args.layers, args.top_k, args.experts) for i in range(args.steps)]
-    rows = sum(len(s["seq_id"]) for s in steps)
+    routing_rows = sum(len(s.tables[schema.ROUTING]["seq_id"]) for s in steps)
+    rows = routing_rows + args.steps * args.tokens
     tmp = Path(tempfile.mkdtemp(prefix="rs-writer-"))
-    rows_per_part = 4_000_000
-
-    start = time.perf_counter()
-    buffered, index, pending = [], 0, 0
-    for cols in steps:  # the bare baseline: same batching into parts, same encodings
-        buffered.append(pa.Table.from_pydict(cols, schema=schema.schema_for(schema.ROUTING)))
-        pending += len(cols["seq_id"])
-        if pending >= rows_per_part or cols is steps[-1]:
-            pq.write_table(
-                pa.concat_tables(buffered),
-                tmp / f"bare-{index}.parquet",
-                compression="zstd",
-                use_dictionary=["seq_id", "pos", "layer", "slot", "expert"],
-                use_byte_stream_split=["weight"],
+    times: dict[str, list[float]] = {"bare": [], "off": [], "on": []}
+    rss_growth = 0.0
+    try:
+        for _ in range(args.rounds):  # interleaved: bare, writer without rollups, writer with
+            times["bare"].append(bare(steps, tmp / "bare"))
+            times["off"].append(writer(steps, tmp / "off", False)[0])
+            rss_before = rss_mb()
+            took, w = writer(steps, tmp / "on", True)
+            times["on"].append(took)
+            rss_growth = max(rss_growth, rss_mb() - rss_before)
+            written = sum(
+                pq.read_metadata(p).num_rows
+                for p in w.parts_written
+                if p.parent.parent.name in ("routing", "tokens")
             )
-            buffered, index, pending = [], index + 1, 0
-    bare = time.perf_counter() - start
-
-    rss_before = rss_mb()
-    start = time.perf_counter()
-    writer = PartWriter(tmp / "run", rows_per_part=rows_per_part, flush_seconds=1e9)
-    for cols in steps:
-        writer.submit(Step(cols))
-    writer.close()
-    ours = time.perf_counter() - start
-    rss_growth = rss_mb() - rss_before
-    written = sum(pq.read_metadata(p).num_rows for p in writer.parts_written)
-    assert written == rows, (written, rows)
-    print(f"{rows:,} routing rows in {args.steps} steps")
-    print(f"bare pyarrow write_table: {bare:.2f} s  ({rows / bare / 1e6:.1f} M rows/s)")
-    print(f"routescope PartWriter:    {ours:.2f} s  ({rows / ours / 1e6:.1f} M rows/s)")
+            assert written == rows and w.rollup_errors == 0, (written, rows, w.rollup_errors)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
     print(
-        f"throughput ratio (writer / bare): {bare / ours:.2f}   peak RSS growth during writer: {rss_growth:.0f} MB"
+        f"{routing_rows:,} routing rows + {args.steps * args.tokens:,} tokens in {args.steps} steps "
+        f"({args.layers} layers x {args.experts} experts, top-{args.top_k}); median of {args.rounds} interleaved rounds"
     )
-    shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"bare pyarrow write_table (tokens + routing): {med['bare']:.2f} s  ({rows / med['bare'] / 1e6:.1f} M rows/s)"
+    )
+    for key, what in (("off", "without rollups"), ("on", "with rollups   ")):
+        print(
+            f"routescope PartWriter {what}: {med[key]:.2f} s  ({rows / med[key] / 1e6:.1f} M rows/s)  "
+            f"ratio (writer / bare): {med['bare'] / med[key]:.2f}"
+        )
+    print(
+        f"rollup cost (with / without): {med['on'] / med['off']:.2f}x   peak RSS growth during writer: {rss_growth:.0f} MB"
+    )
     return 0
 
 

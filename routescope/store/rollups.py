@@ -1,8 +1,8 @@
 """Rollup rows of one routing part (SPEC 3.3 `rollup_*`), computed with NumPy from host arrays.
 
-The writer calls `part_rollups` on the tokens and routing it is about to write, on its own
-thread, and writes each result as `rollup_<name>/rank=R/part-NNNNN.parquet` with the routing
-part's number: rollup part N summarises routing part N, so a reader knows which parts its
+The writer calls `part_rollups` on the tokens and routing it is about to write, on a second
+thread while it writes the routing part, and writes each result as
+`rollup_<name>/rank=R/part-NNNNN.parquet` with the routing part's number: rollup part N summarises routing part N, so a reader knows which parts its
 rollups cover by their names alone (analysis/rollups.py), a crash leaves at worst a routing part
 without its rollup (readers then fall back to `routing`; `check` names it), and append and
 ranks follow the parts. `routescope index` calls the same function on the parts of runs that
@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from routescope import schema
 from routescope.store.layout import TMP_SUFFIX, table_dir
+from routescope.store.pair_totals import PairTotals
 
 EXPERT_COUNTS = schema.ROLLUP_EXPERT_COUNTS
 TOP1_PAIRS = schema.ROLLUP_TOP1_PAIRS
@@ -56,10 +58,10 @@ def _count(keys: np.ndarray, cells: int, weights: np.ndarray | None = None) -> t
     if cells <= _DENSE_CELLS:
         counts = np.bincount(keys, weights=weights, minlength=cells)
         present = np.flatnonzero(counts)
-        return present, counts[present].astype(np.int64)
+        return present, counts[present].astype(np.int64, copy=False)
     if weights is None:
         uniq, counts = np.unique(keys, return_counts=True)
-        return uniq, counts.astype(np.int64)
+        return uniq, counts.astype(np.int64, copy=False)
     uniq, inverse = np.unique(keys, return_inverse=True)
     counts = np.bincount(inverse, weights=weights, minlength=len(uniq)).astype(np.int64)
     keep = counts > 0
@@ -94,12 +96,39 @@ def _with_dims(
     return {name: taken[name].combine_chunks() for name in dims}
 
 
-def part_rollups(tokens: pa.Table, routing: pa.Table, coactivation: bool = False) -> dict[str, pa.Table]:
+def _routing_tokens(tokens: pa.Table, routing: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Routing rows in runs of equal (seq_id, pos): (first row of each run, the index of its
+    token in `tokens` or -1, whether it has one). Routing is token-major (layers x k rows per
+    token), so only the runs' heads are looked up; any order gives the same answer."""
+    seq = routing["seq_id"].to_numpy()
+    pos = routing["pos"].to_numpy()
+    change = np.empty(len(seq), dtype=bool)
+    change[:1] = True
+    np.not_equal(seq[1:], seq[:-1], out=change[1:])
+    change[1:] |= pos[1:] != pos[:-1]
+    heads = np.flatnonzero(change)
+    token_keys = (tokens["seq_id"].to_numpy().astype(np.int64) << 32) + tokens["pos"].to_numpy().astype(
+        np.int64
+    )
+    order = np.argsort(token_keys, kind="stable")
+    sorted_keys = token_keys[order]
+    r_keys = (seq[heads].astype(np.int64) << 32) + pos[heads].astype(np.int64)
+    if not len(sorted_keys):
+        return heads, np.full(len(heads), -1, dtype=np.int64), np.zeros(len(heads), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_keys, r_keys), len(sorted_keys) - 1)
+    found = sorted_keys[at] == r_keys
+    return heads, np.where(found, order[at], -1), found
+
+
+def part_rollups(
+    tokens: pa.Table, routing: pa.Table, coactivation: bool = False, cells_out: dict | None = None
+) -> dict[str, pa.Table]:
     """`rollup_expert_counts` and `rollup_top1_pairs` rows of `routing` (its tokens in `tokens`,
     which may hold more tokens than the part routes), and with `coactivation` the
     `rollup_coactivation` rows (k(k-1)/2 pairs per token and layer: several times the cost of
     the others, so the writer leaves them to `routescope index`). Routing rows whose token is absent count
-    under NULL dimensions, so an unfiltered sum still equals `routing`'s count."""
+    under NULL dimensions, so an unfiltered sum still equals `routing`'s count. A `cells_out`
+    dict receives the pair rows' cells as arrays (store/pair_totals.py sums them across parts)."""
     dims = dimension_columns(tokens.column_names)
     measures = {c for table in schema.ROLLUP_MEASURES.values() for c in table}
     if (
@@ -109,40 +138,40 @@ def part_rollups(tokens: pa.Table, routing: pa.Table, coactivation: bool = False
     ):
         return {}  # a label named like a measure column: no rollups, readers use routing
     group_of_token, groups = _token_groups(tokens, dims)
-    token_keys = (tokens["seq_id"].to_numpy().astype(np.int64) << 32) + tokens["pos"].to_numpy().astype(
-        np.int64
-    )
-    order = np.argsort(token_keys, kind="stable")
-    sorted_keys = token_keys[order]
-    r_keys = (routing["seq_id"].to_numpy().astype(np.int64) << 32) + routing["pos"].to_numpy().astype(
-        np.int64
-    )
-    at = np.minimum(np.searchsorted(sorted_keys, r_keys), max(len(sorted_keys) - 1, 0))
-    found = sorted_keys[at] == r_keys if len(sorted_keys) else np.zeros(len(r_keys), dtype=bool)
-    token_index = np.where(found, order[at] if len(order) else 0, -1)
-    if not found.all():  # routing without its token: one extra all-NULL group
+    heads, token_of_run, found_run = _routing_tokens(tokens, routing)
+    runs = np.diff(np.append(heads, routing.num_rows))  # rows per run of equal (seq_id, pos)
+    found_all = bool(found_run.all())
+    if not found_all:  # routing without its token: one extra all-NULL group
         missing = len(groups)
         groups = pd.concat([groups, pd.DataFrame({d: [None] for d in dims})], ignore_index=True)
-        group = np.where(
-            found, group_of_token[np.maximum(token_index, 0)] if len(group_of_token) else 0, missing
-        )
+        group_run = np.where(found_run, group_of_token[np.maximum(token_of_run, 0)], missing)
     else:
-        group = group_of_token[token_index]
+        group_run = group_of_token[token_of_run]
     n_groups = len(groups)
-    layer = routing["layer"].to_numpy().astype(np.int64)
-    expert = routing["expert"].to_numpy().astype(np.int64)
+    layer = routing["layer"].to_numpy()  # small ints: used as they are, no int64 copies
+    expert = routing["expert"].to_numpy()
     slot = routing["slot"].to_numpy()
     width = int(expert.max()) + 1
-    layers = np.flatnonzero(np.bincount(layer))  # layer ids are small: no sort
-    position = np.zeros(int(layers[-1]) + 1, dtype=np.int64)
-    position[layers] = np.arange(len(layers))
-    layer_pos = position[layer]
+    layers = np.sort(pc.unique(routing["layer"]).to_numpy()).astype(np.int64)
     n_layers = len(layers)
+    key_type = np.int32 if n_groups * n_layers * width < 2**31 else np.int64
+    position = np.zeros(int(layers[-1]) + 1, dtype=key_type)
+    position[layers] = np.arange(len(layers))
+    # layers numbered without gaps (the usual case): a layer's position is arithmetic
+    offset = int(layers[0]) if int(layers[-1]) - int(layers[0]) + 1 == n_layers else None
 
     cells = n_groups * n_layers * width
-    keys = (group * n_layers + layer_pos) * width + expert
+    # key = (group * n_layers + layer_pos) * width + expert, the group part once per run
+    base = group_run * (n_layers * width) - (offset or 0) * width
+    keys = np.repeat(base.astype(key_type), runs)
+    if offset is None:
+        keys += position[layer] * key_type(width)
+    else:
+        keys += np.multiply(layer, width, dtype=key_type)
+    keys += expert
+    is_first = slot == 0
     key_all, rows = _count(keys, cells)
-    key_first, firsts = _count(keys[slot == 0], cells)
+    key_first, firsts = _count(keys[is_first], cells)
     first = np.zeros(len(key_all), dtype=np.int64)
     first[np.searchsorted(key_all, key_first)] = firsts
     g, rest = np.divmod(key_all, n_layers * width)
@@ -157,12 +186,18 @@ def part_rollups(tokens: pa.Table, routing: pa.Table, coactivation: bool = False
 
     # slot-0 expert of every token at every layer of this part; tokens missing one are left out,
     # as `top1_paths` leaves them out
-    slot0 = (slot == 0) & found
-    local_ids, local = _local(token_index[slot0], len(tokens))  # the part's tokens, 0..n-1
+    slot0 = np.flatnonzero(is_first)
+    run_of = np.searchsorted(heads, slot0, side="right") - 1 if len(heads) > 1 else None
+    token_index = token_of_run[run_of] if run_of is not None else np.repeat(token_of_run, len(slot0))
+    if not found_all:
+        kept = token_index >= 0
+        slot0, token_index = slot0[kept], token_index[kept]
+        run_of = run_of[kept] if run_of is not None else None
+    local_ids, local = _local(token_index, len(tokens))  # the part's tokens, 0..n-1
     path = np.full((len(local_ids), n_layers), -1, dtype=np.int64)
-    path[local, layer_pos[slot0]] = expert[slot0]
+    path[local, position[layer[slot0]]] = expert[slot0]
     token_group = np.full(len(local_ids), -1, dtype=np.int64)
-    token_group[local] = group[slot0]
+    token_group[local] = group_run[run_of] if run_of is not None else group_run[0]
     complete = (path >= 0).all(axis=1)
     pair_dims = [d for d in dims if d not in PAIR_FREE]
     # the pair tables' groups: the dimension groups without their step
@@ -185,27 +220,39 @@ def part_rollups(tokens: pa.Table, routing: pa.Table, coactivation: bool = False
         key_pairs, pair_counts = _count(pair_keys, pair_cells)
         g, rest = np.divmod(key_pairs, (n_layers - 1) * width * width)
         idx, rest = np.divmod(rest, width * width)
+        expert_a, expert_b = np.divmod(rest, width)
         pairs = {
             **_with_dims(pair_groups, g, pair_dims, tokens),
             "layer": pa.array(layers[idx], pa.int16()),
             "next_layer": pa.array(layers[idx + 1], pa.int16()),
-            "expert_a": pa.array(rest // width, pa.int16()),
-            "expert_b": pa.array(rest % width, pa.int16()),
+            "expert_a": pa.array(expert_a, pa.int16()),
+            "expert_b": pa.array(expert_b, pa.int16()),
             "count": pa.array(pair_counts, pa.int64()),
         }
         out[TOP1_PAIRS] = pa.table(pairs)
+        if cells_out is not None:
+            cells_out.update(
+                groups=pair_groups,
+                group=g,
+                pair=idx,
+                layers=layers,
+                a=expert_a,
+                b=expert_b,
+                count=pair_counts,
+            )
     if coactivation and n_layers >= 1 and complete.any():
+        found = np.repeat(found_run, runs)
         out[COACTIVATION] = _coactivation(
             routing,
             found,
-            token_index,
-            group,
+            np.repeat(token_of_run, runs),
+            np.repeat(group_run, runs),
             regroup,
             pair_groups,
             pair_dims,
             tokens,
             layers,
-            layer_pos,
+            position[layer],
             width,
         )
     return out
@@ -276,8 +323,43 @@ def covered_range(name: str) -> tuple[int, int]:
 
 
 def sum_rows(table: pa.Table, measures: list[str]) -> pa.Table:
-    """Rows with equal keys summed (keys: every column but `measures`), sorted by key."""
+    """Rows with equal keys summed (keys: every column but `measures`), sorted by key (nulls last)."""
     keys = [c for c in table.column_names if c not in measures]
+    try:
+        code = _key_codes(table, keys)
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
+        code = None  # a key type Arrow cannot rank this way: its group_by does it
+    if code is None or any(table[m].null_count for m in measures):
+        return _sum_rows_arrow(table, keys, measures)
+    order = np.argsort(code, kind="stable")
+    sorted_code = code[order]
+    starts = np.flatnonzero(np.r_[True, sorted_code[1:] != sorted_code[:-1]]) if len(code) else order
+    out = table.select(keys).take(pa.array(order[starts], pa.int64()))
+    for m in measures:
+        values = table[m].to_numpy()[order]
+        summed = np.add.reduceat(values, starts) if len(values) else values
+        out = out.append_column(table.schema.field(m), pa.array(summed, table.schema.field(m).type))
+    return out.select(table.column_names).combine_chunks()
+
+
+def _key_codes(table: pa.Table, keys: list[str]) -> np.ndarray | None:
+    """One int64 per row whose order is the rows' key order (each column's values ranked, nulls
+    last), or None where the ranks do not fit in 63 bits."""
+    code = np.zeros(table.num_rows, dtype=np.int64)
+    span = 1
+    for name in keys:
+        column = table[name]
+        values = pc.unique(column)
+        values = values.take(pc.array_sort_indices(values, null_placement="at_end"))
+        span *= max(len(values), 1)
+        if span >= 2**62:
+            return None
+        rank = pc.index_in(column, value_set=values, skip_nulls=False)
+        code = code * len(values) + rank.to_numpy(zero_copy_only=False).astype(np.int64)
+    return code
+
+
+def _sum_rows_arrow(table: pa.Table, keys: list[str], measures: list[str]) -> pa.Table:
     out = table.group_by(keys, use_threads=False).aggregate([(m, "sum") for m in measures])
     summed = {f"{m}_sum": m for m in measures}
     out = out.rename_columns([summed.get(c, c) for c in out.column_names]).select(table.column_names)
@@ -309,10 +391,11 @@ def coverage(routing: list[str], rollup: list[str]) -> tuple[dict[str, list[str]
     return cover, stale
 
 
-def compact(run_dir: Path, table: str, rank: int) -> Path | None:
+def compact(run_dir: Path, table: str, rank: int, totals: PairTotals | None = None) -> Path | None:
     """Merge `table`'s one-part rollups of `rank` into one range part (equal keys summed);
     written atomically before the one-part files go, so a crash between leaves a double cover
-    that readers refuse (they read routing) and `routescope index` repairs."""
+    that readers refuse (they read routing) and `routescope index` repairs. `totals`: the
+    writer's running sums, used instead of reading the parts back when they cover exactly them."""
     folder = table_dir(run_dir, table, rank)
     if not folder.is_dir():
         return None
@@ -328,10 +411,14 @@ def compact(run_dir: Path, table: str, rank: int) -> Path | None:
             singles.append(p)
     if len(singles) < 2:
         return None
-    tables = [pq.read_table(p) for p in singles]
-    tables = [t.drop(["rank"]) if "rank" in t.column_names else t for t in tables]
-    whole = pa.concat_tables(tables, promote_options="default")
-    merged = sum_rows(whole, [m for m in schema.ROLLUP_MEASURES[table] if m not in _KEYS[table]])
+    merged = None
+    if totals is not None and [covered_range(p.name)[0] for p in singles] == sorted(totals.parts):
+        merged = totals.table()
+    if merged is None:
+        tables = [pq.read_table(p) for p in singles]
+        tables = [t.drop(["rank"]) if "rank" in t.column_names else t for t in tables]
+        whole = pa.concat_tables(tables, promote_options="default")
+        merged = sum_rows(whole, [m for m in schema.ROLLUP_MEASURES[table] if m not in _KEYS[table]])
     first, last = covered_range(singles[0].name)[0], covered_range(singles[-1].name)[1]
     path = folder / f"part-{first:05d}-{last:05d}.parquet"
     tmp = path.with_name(path.name + TMP_SUFFIX)

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 from routescope import schema
 from routescope.errors import WriterError
 from routescope.store.layout import TMP_SUFFIX, next_part_index, part_path
-from routescope.store.rollups import COMPACTED, compact, part_rollups
+from routescope.store.pair_totals import PairTotals
+from routescope.store.rollups import COMPACTED, TOP1_PAIRS, compact, part_rollups
 
 Columns = dict[str, np.ndarray]
 
@@ -69,6 +70,7 @@ class PartWriter:
         # is counted in `rollup_errors` and never loses routing (readers then use `routing`)
         self.rollups = rollups
         self.rollup_errors = 0
+        self._pair_totals = PairTotals()  # the pair parts' sums, written as one part at close
         # Called on this thread with each step's tables (e.g. a metrics exporter). The list is
         # kept by reference, so observers added while recording take effect; their errors are
         # counted in `observer_errors` and never stop the writer.
@@ -132,7 +134,9 @@ class PartWriter:
         if self.rollups:
             for table in COMPACTED:
                 try:
-                    compact(self.run_dir, table, self.rank)
+                    compact(
+                        self.run_dir, table, self.rank, self._pair_totals if table == TOP1_PAIRS else None
+                    )
                 except Exception:
                     self.rollup_errors += 1
 
@@ -231,16 +235,20 @@ class PartWriter:
         tokens_added = 0
         order = sorted(self._buffers, key=lambda n: n == schema.TOKENS)
         whole = {name: pa.concat_tables(self._buffers.pop(name), promote_options="default") for name in order}
-        rollups = self._rollups(whole)
+        # the rollups are computed on a second thread while this one writes the routing part
+        # (NumPy and Parquet both release the GIL)
+        rollups = _Rollups(self, whole)
         for name in order:
             table = whole[name]
             self._write_table(name, table)
             if name == schema.ROUTING:
                 # rollup part N summarises routing part N: written after it, before tokens
                 index = self._next_index[schema.ROUTING] - 1
-                for rollup, rows in rollups.items():
+                for rollup, rows in rollups.result().items():
                     self._next_index[rollup] = index
                     self._write_table(rollup, rows)
+                    if rollup == TOP1_PAIRS:
+                        self._pair_totals.parts.append(index)
             if name == schema.TOKENS:
                 tokens_added = table.num_rows
         self._buffered_rows = 0
@@ -252,11 +260,18 @@ class PartWriter:
     def _rollups(self, tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
         if not self.rollups or schema.ROUTING not in tables or schema.TOKENS not in tables:
             return {}
+        cells: dict = {}
         try:
-            return part_rollups(tables[schema.TOKENS], tables[schema.ROUTING])
+            rows = part_rollups(tables[schema.TOKENS], tables[schema.ROUTING], cells_out=cells)
         except Exception:
             self.rollup_errors += 1
             return {}
+        if TOP1_PAIRS in rows and cells:
+            try:
+                self._pair_totals.add(rows[TOP1_PAIRS], cells)
+            except Exception:
+                self._pair_totals.failed = True  # close then compacts from the files
+        return rows
 
     def parquet_options(self, table: pa.Table) -> dict[str, Any]:
         """How every part is encoded (local and object-storage writers alike)."""
@@ -278,3 +293,24 @@ class PartWriter:
         os.replace(tmp, path)
         self._next_index[name] += 1
         self.parts_written.append(path)
+
+
+class _Rollups:
+    """`part_rollups` of one part's tables, computed on its own thread from construction on."""
+
+    def __init__(self, writer: PartWriter, tables: dict[str, pa.Table]) -> None:
+        self._rows: dict[str, pa.Table] = {}
+        self._thread: threading.Thread | None = None
+        if writer.rollups and schema.ROUTING in tables and schema.TOKENS in tables:
+            self._thread = threading.Thread(
+                target=self._run, args=(writer, tables), name="routescope-rollups", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self, writer: PartWriter, tables: dict[str, pa.Table]) -> None:
+        self._rows = writer._rollups(tables)
+
+    def result(self) -> dict[str, pa.Table]:
+        if self._thread is not None:
+            self._thread.join()
+        return self._rows
