@@ -111,7 +111,7 @@ def test_watch_flush_seconds_makes_steps_visible_while_training(tiny_model, tmp_
             except (FileNotFoundError, rs.RunFormatError):
                 continue
         assert 1 in seen, "step 1 was not flushed while the block ran"
-        assert watch.recorder is not None and watch.recorder.flush_seconds == 0.2
+        assert watch.recorder is not None and watch.recorder.options.flush_seconds == 0.2
         watch.end_step()
 
 

@@ -59,6 +59,12 @@ def empty_select(table: str, labels: list[str]) -> str:
     ]
     if table == schema.TOKENS:
         cols += [f"CAST(NULL AS VARCHAR) AS {name}" for name in schema.TOKEN_EXTRA_COLUMNS]
+        # optional columns too (train_step of an rs.watch run), so a query written for a
+        # training run binds before its first part is flushed
+        cols += [
+            f"CAST(NULL AS {_DUCK_TYPES[str(t)]}) AS {name}"
+            for name, t in schema.TOKEN_OPTIONAL_COLUMNS.items()
+        ]
         cols += [f'CAST(NULL AS VARCHAR) AS "{label}"' for label in labels]
     cols.append("CAST(NULL AS INTEGER) AS rank")
     return f"SELECT {', '.join(cols)} WHERE false"

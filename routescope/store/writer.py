@@ -238,19 +238,24 @@ class PartWriter:
         # the rollups are computed on a second thread while this one writes the routing part
         # (NumPy and Parquet both release the GIL)
         rollups = _Rollups(self, whole)
+        index = None
         for name in order:
             table = whole[name]
             self._write_table(name, table)
             if name == schema.ROUTING:
-                # rollup part N summarises routing part N: written after it, before tokens
                 index = self._next_index[schema.ROUTING] - 1
-                for rollup, rows in rollups.result().items():
-                    self._next_index[rollup] = index
-                    self._write_table(rollup, rows)
-                    if rollup == TOP1_PAIRS:
-                        self._pair_totals.parts.append(index)
             if name == schema.TOKENS:
                 tokens_added = table.num_rows
+        # rollup part N summarises routing part N: written after the part's tokens, so a reader
+        # never waits on them (a crash before leaves routing parts without rollups: readers use
+        # routing, `routescope check` notes them, `routescope index` builds them)
+        for rollup, rows in rollups.result().items():
+            if index is None:
+                break
+            self._next_index[rollup] = index
+            self._write_table(rollup, rows)
+            if rollup == TOP1_PAIRS:
+                self._pair_totals.parts.append(index)
         self._buffered_rows = 0
         self._buffered_steps = self._buffered_tokens = 0
         self.tokens_written += tokens_added
