@@ -88,6 +88,7 @@ def test_expert_load_matches_bincount_and_lists_every_expert(planted):
     assert df.loc[(df["layer"] == 1) & (df["expert"] == 7), "tokens"].item() == 0
 
 
+@pytest.mark.slow
 def test_balance_matches_reference(planted):
     run, data = planted
     df = run.balance()
@@ -113,6 +114,7 @@ def test_balance_matches_reference(planted):
         )
 
 
+@pytest.mark.slow
 def test_dead_experts_with_evidence(planted):
     run, _ = planted
     dead = run.dead_experts()
@@ -128,6 +130,7 @@ def test_dead_experts_with_evidence(planted):
     assert loose[["layer", "expert"]].values.tolist() == expected
 
 
+@pytest.mark.slow
 def test_hot_experts(planted):
     run, _ = planted
     load = run.expert_load()
@@ -139,6 +142,7 @@ def test_hot_experts(planted):
     assert [1, 0] in run.hot_experts()[["layer", "expert"]].values.tolist()
 
 
+@pytest.mark.slow
 def test_coactivation_counts_all_ordered_pairs(planted):
     run, data = planted
     for layer in LAYERS:
@@ -157,6 +161,7 @@ def test_coactivation_counts_all_ordered_pairs(planted):
                 assert math.isnan(row.p_b_given_a)
 
 
+@pytest.mark.slow
 def test_entanglement_function_and_independent_pairs(planted):
     run, data = planted
     ent = run.entanglement()
@@ -181,6 +186,7 @@ def test_entanglement_function_and_independent_pairs(planted):
     )
 
 
+@pytest.mark.slow
 def test_entanglement_baseline_is_seeded(planted):
     run, _ = planted
     a, b = run.entanglement(seed=0), run.entanglement(seed=0)
@@ -192,6 +198,7 @@ def test_entanglement_baseline_is_seeded(planted):
     )
 
 
+@pytest.mark.slow
 def test_transition_full_matrix(planted):
     run, data = planted
     x = data["experts"]
@@ -272,6 +279,7 @@ def test_vocab_specialization_ties_go_to_the_expert_seen_first(tmp_path):
     assert row.top_share == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_vocab_specialization_by_next_token(planted):
     run, data = planted
     df = run.vocab_specialization(by="next_token")
@@ -298,6 +306,7 @@ def test_vocab_specialization_by_next_token(planted):
         run.vocab_specialization(by="prev_token")
 
 
+@pytest.mark.slow
 def test_token_specialization_is_olmoes_layer_average(planted):
     run, data = planted
     df = run.token_specialization(min_occurrences=OLMOE_MIN_OCCURRENCES).set_index("layer")
@@ -318,6 +327,7 @@ def test_token_specialization_is_olmoes_layer_average(planted):
     assert (df["specialization"] >= df["baseline"] - 1e-12).all()
 
 
+@pytest.mark.slow
 def test_repetition_rate(planted):
     run, data = planted
     df = run.repetition_rate()
@@ -337,6 +347,7 @@ def test_repetition_rate(planted):
         assert row.baseline_top2 == pytest.approx(1 - math.comb(E - 2, 2) / math.comb(E, 2))
 
 
+@pytest.mark.slow
 def test_repetition_top2_baseline_matches_random_routing(tmp_path):
     """Under uniform random top-2 routing the top-2 rate approaches 1 − C(E−2,2)/C(E,2)."""
     rng = np.random.default_rng(9)
@@ -350,6 +361,7 @@ def test_repetition_top2_baseline_matches_random_routing(tmp_path):
     assert abs(row.repetition_rate - 1 / e) < 0.02
 
 
+@pytest.mark.slow
 def test_repetition_top2_is_nan_for_top1_routing(tmp_path):
     experts = np.random.default_rng(1).integers(0, 4, size=(200, 1))
     with rs.open_run(write_run(tmp_path / "top1", {0: experts}, 4, seq_len=20)) as run:
@@ -358,6 +370,7 @@ def test_repetition_top2_is_nan_for_top1_routing(tmp_path):
     assert not math.isnan(row.repetition_rate)
 
 
+@pytest.mark.slow
 def test_where_selects_tokens_for_every_metric(planted):
     run, data = planted
     mask = (data["domain"] == "code") & (data["pos"] >= 3)
@@ -384,6 +397,7 @@ def test_where_selects_tokens_for_every_metric(planted):
     assert set(spec["domain"]) == {"code"}
 
 
+@pytest.mark.slow
 def test_aux_loss_over_whole_steps_only(planted):
     run, data = planted
     prefill = data["phase"] == "prefill"
@@ -396,6 +410,7 @@ def test_aux_loss_over_whole_steps_only(planted):
     assert "aux_loss" not in run.balance(aux_loss=False).columns
 
 
+@pytest.mark.slow
 def test_empty_selection(planted):
     run, _ = planted
     where = "token_id < 0"
@@ -409,6 +424,7 @@ def test_empty_selection(planted):
     assert run.pathways(where=where).empty
 
 
+@pytest.mark.slow
 def test_same_results_without_weights_and_in_one_part(planted, tmp_path):
     run, data = planted
     path = write_run(
@@ -433,6 +449,7 @@ def test_same_results_without_weights_and_in_one_part(planted, tmp_path):
         assert "aux_loss" not in other.balance().columns
 
 
+@pytest.mark.slow
 def test_cached_counts_follow_session_variables(planted):
     """The dashboard binds filter values through session variables: same text, other values."""
     run, data = planted
@@ -460,6 +477,7 @@ def test_metrics_registry_runs_every_metric(planted):
         pd.testing.assert_frame_equal(method(*args.get(name, ()), where="phase = 'decode'"), df)
 
 
+@pytest.mark.slow
 def test_refresh_sees_new_parts(tmp_path):
     """Cached per-expert counts belong to the views' parts: refresh() picks up a new part."""
     rng = np.random.default_rng(5)

@@ -22,12 +22,14 @@ def test_every_packaged_query_has_a_doc_line_and_parses():
         assert not query.sql.rstrip().endswith(";")
 
 
+@pytest.mark.slow
 def test_parse_finds_named_parameters():
     text = "-- name: q\n-- Rows of a layer.\nSELECT * FROM routing WHERE layer = $layer AND slot < $k\n"
     (q,) = parse_queries(text, Path("x.sql")).values()
     assert q.name == "q" and q.doc == "Rows of a layer." and q.params == {"layer", "k"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -42,6 +44,7 @@ def test_parse_errors_name_the_problem(text, message):
         parse_queries(text, Path("bad.sql"))
 
 
+@pytest.mark.slow
 def test_compose_merges_with_clauses():
     con = duckdb.connect()
     ctes = [Cte("a", "SELECT 1 AS x"), Cte("b", "SELECT x + 1 AS x FROM a", materialized=False)]

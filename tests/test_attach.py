@@ -169,6 +169,7 @@ def test_bad_input_exits_2_with_one_line(args, message, tmp_path: Path):
     assert message in err.getvalue()
 
 
+@pytest.mark.slow
 def test_labels_parse_and_site_dir_holds_the_hook():
     assert parse_labels(["a=1,b=2", "c=x=y"]) == {"a": "1", "b": "2", "c": "x=y"}
     assert (SITE_DIR / "sitecustomize.py").is_file()

@@ -24,6 +24,7 @@ def layer_rows(run_dir, layer: int) -> tuple[np.ndarray, np.ndarray]:
     return df["expert"].to_numpy(np.int64).reshape(-1, k), df["weight"].to_numpy(np.float32).reshape(-1, k)
 
 
+@pytest.mark.slow
 def test_banned_choices_move_to_the_next_best_allowed_expert(tiny_model, tmp_path):
     model = tiny_model("mixtral")
     ids = batch()

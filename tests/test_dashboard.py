@@ -307,6 +307,7 @@ def test_entanglement_specialization_tokens(app, runs):
     assert "has no tokens" in texts(tokens.update_tokens(state("a"), seq, 0, 10**9)[3])
 
 
+@pytest.mark.slow
 def test_tokens_window_is_capped(app, runs, monkeypatch):
     from routescope.dashboard import queries
     from routescope.dashboard.pages import tokens

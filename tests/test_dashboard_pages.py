@@ -69,6 +69,7 @@ def test_entanglement_is_normalised_and_transition_rows_carry_counts(app, runs):
 
 
 # -- super experts -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_super_experts_state_the_rule_and_link_channels(app, runs):
     from routescope.dashboard.pages import super_experts
 
@@ -125,6 +126,7 @@ def test_compare_with_one_run_shows_guidance_only(runs, app):
 
 
 # -- expert parallelism, specialization, tokens ------------------------------------------
+@pytest.mark.slow
 def test_overview_adds_ep_balancedness_for_an_ep_size(app, runs):
     from routescope.dashboard.pages import overview
 

@@ -252,6 +252,7 @@ def test_training_loads_ranks_and_first_choices_equal_the_recording(training, tm
     )
 
 
+@pytest.mark.slow
 def test_training_router_stats_come_from_the_logits(training, tmp_path):
     rec, trace, _ = training
     run = imported(trace, tmp_path / "run", mode="training")

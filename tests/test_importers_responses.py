@@ -174,6 +174,7 @@ def vllm_split(rec: Recording, seq: int) -> dict:
 
 
 # -- every dtype and layout imports exactly -------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [None, "int32", "uint16", "uint8"])
 def test_sglang_native_every_wire_dtype_imports_every_row(recordings, tmp_path, dtype):
     rec = recordings["sglang"]
@@ -315,6 +316,7 @@ def test_vllm_0_21_rows_never_computed_become_context(recordings, tmp_path):
 
 
 # -- R3 end to end ----------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["sglang", "vllm"])
 def test_replay_gives_every_returned_token_its_routing(recordings, tmp_path, engine):
     rec = recordings[engine]
@@ -480,6 +482,7 @@ def test_layout_rules_agree_with_the_layers_record_finds(recordings):
         load_layout({"num_hidden_layers": 4, "model_type": "llama"})
 
 
+@pytest.mark.slow
 def test_reading_responses_never_imports_torch(recordings, tmp_path):
     rec = recordings["vllm"]
     (tmp_path / "r.jsonl").write_text(json.dumps(vllm_newest(rec, 0)) + "\n")

@@ -85,6 +85,7 @@ def test_lpt_is_never_worse_than_contiguous_in_sample(num_experts, ep_size):
         assert (lpt <= contiguous + 1e-9).all(), (seed, skew, lpt, contiguous)
 
 
+@pytest.mark.slow
 def test_lpt_beats_contiguous_on_skewed_loads():
     wins = 0
     for seed in SEEDS:

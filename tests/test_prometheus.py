@@ -33,6 +33,7 @@ def forwards(model, count: int) -> None:
             model(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
+@pytest.mark.slow
 def test_scrape_matches_recorded_run(tiny_model, tmp_path):
     model = tiny_model("mixtral")
     out = tmp_path / "run"

@@ -104,6 +104,7 @@ def test_corrupt_part_is_named_and_can_be_skipped(tmp_path):
     assert run.sql("SELECT count(*) AS n FROM routing").n[0] == 2 * 12 * 2 * 2
 
 
+@pytest.mark.slow
 def test_reader_never_fails_while_a_run_is_written(tmp_path):
     model = build_tiny_model("mixtral")
     ids, mask = batch([7, 4, 6])

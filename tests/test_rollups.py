@@ -136,6 +136,7 @@ def test_every_metric_equals_its_routing_value(indexed, name):
         assert_same(fast, slow, f"{name}(where={where!r})")
 
 
+@pytest.mark.slow
 def test_rollups_answer_the_questions_they_can(indexed):
     run = indexed
     for where in ROLLUP_WHERES:
@@ -201,6 +202,7 @@ def test_synthetic_run_indexed_by_the_command(tmp_path, capsys):
         assert run.verify().ok
 
 
+@pytest.mark.slow
 def test_a_lost_rollup_part_falls_back_and_index_repairs_it(recorded, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(recorded, out)

@@ -65,6 +65,7 @@ def test_scan_and_join_agree_on_a_recorded_model(tiny_model, tmp_path):
     assert (scanned["saturation"] == 1.0).all() and (scanned["tokens_matched"] == 12 + 8).all()
 
 
+@pytest.mark.slow
 def test_rows_out_of_slot_order_fall_back_to_the_join_with_equal_results(tmp_path):
     a = synthetic(tmp_path / "a", seed=0)
     b = synthetic(tmp_path / "b", seed=1)

@@ -389,6 +389,7 @@ def test_two_processes_sum_the_counts_over_ranks(tmp_path):
         assert per_step["n"].tolist() == [int(log["routing/tokens"]) for log in logs]
 
 
+@pytest.mark.slow
 def test_report_follow_prints_each_new_train_step_of_a_live_run(tmp_path):
     """A run written by a training loop in another thread: --follow prints the steps as they land."""
     import threading
@@ -431,6 +432,7 @@ def test_report_follow_prints_each_new_train_step_of_a_live_run(tmp_path):
     assert main(["report", str(tmp_path / "run"), "--follow", "--interval", "0.01"]) == 0
 
 
+@pytest.mark.slow
 def test_dashboard_follows_a_training_run_and_shows_its_alerts(tmp_path):
     """While rs.watch is still writing: the Time view's steps extend as parts land (no restart)
     and the Overview lists the training alerts from the live manifest."""

@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from routescope import schema
 from routescope.store.writer import PartWriter
@@ -34,6 +35,7 @@ class Step:
         }
 
 
+@pytest.mark.slow
 def test_pending_bytes_never_pass_the_bound(tmp_path):
     peak = []
     gate = threading.Event()
