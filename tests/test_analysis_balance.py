@@ -107,6 +107,7 @@ def test_ep_balancedness_with_a_replicating_placement(planted):
     assert np.isnan(one.loc[1, "ep_balancedness"]) and not np.isnan(one.loc[3, "ep_balancedness"])
 
 
+@pytest.mark.slow
 def test_ep_arguments_are_checked(planted):
     run, _ = planted
     with pytest.raises(ValueError, match="does not split the experts contiguously"):

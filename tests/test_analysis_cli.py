@@ -44,6 +44,7 @@ def run_dir(tmp_path_factory):
     )
 
 
+@pytest.mark.slow
 def test_report_prints_tables(run_dir, capsys):
     assert main(["report", str(run_dir)]) == 0
     out = capsys.readouterr().out
@@ -121,6 +122,7 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, capsys, argv, fragm
     assert captured.out == ""
 
 
+@pytest.mark.slow
 def test_compare_command(run_dir, capsys):
     assert main(["compare", str(run_dir), str(run_dir)]) == 0
     out = capsys.readouterr().out

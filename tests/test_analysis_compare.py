@@ -32,6 +32,7 @@ def pair(tmp_path_factory):
     return path_a, path_b, a, b, tokens_a != tokens_b
 
 
+@pytest.mark.slow
 def test_compare_paths(pair):
     path_a, path_b, a, b, differ = pair
     result = rs.compare(path_a, path_b)

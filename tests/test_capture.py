@@ -121,6 +121,7 @@ def padded_batch(device, padding_side: str, lengths=(6, 3), vocab=100, seed=0):
     return ids.to(device), mask.to(device)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", EXACT_TYPES)
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_recorded_decisions_equal_router_output(model_type, padding_side, tiny_model, tmp_path, device):
@@ -167,6 +168,7 @@ def test_dense_layers_keep_their_decoder_index(tiny_model, tmp_path, device):
     assert sorted(run.sql("SELECT DISTINCT layer FROM routing").layer) == [1, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v3", "llama4"])
 def test_generate_records_prefill_and_decode(model_type, tiny_model, tmp_path, device):
     model = tiny_model(model_type)
@@ -250,6 +252,7 @@ def test_dense_model_is_unsupported(tmp_path):
     assert isinstance(rs.UnsupportedModelError("x"), ValueError)
 
 
+@pytest.mark.slow
 def test_existing_run_is_refused_then_overwritten_or_appended(tiny_model, tmp_path, device):
     model = tiny_model("mixtral")
     ids, mask = padded_batch(device, "right")

@@ -28,6 +28,7 @@ def corpus_slice(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_profile_writes_a_labelled_run(corpus_slice, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(

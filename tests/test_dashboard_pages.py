@@ -110,6 +110,7 @@ def test_no_star_when_no_expert_meets_the_rule():
 
 
 # -- compare -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_compare_with_one_run_shows_guidance_only(runs, app):
     from routescope.dashboard import runs as registry_module
     from routescope.dashboard.app import create_app

@@ -222,6 +222,7 @@ def test_url_fragment_round_trip_and_run_sync():
     assert sync_run("#run=0&layer=2", "1", keys, "app-run") == (None, "#run=1&layer=2")
 
 
+@pytest.mark.slow
 def test_load_page_reads_and_writes_its_filters_in_the_url(app):
     from dash import no_update
 

@@ -72,6 +72,7 @@ def test_placement_plans_and_loads_warn(run):
         step_loads(run, where=NOTHING)
 
 
+@pytest.mark.slow
 def test_compare_warns_per_run_and_notes_it(run_dir):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -81,6 +82,7 @@ def test_compare_warns_per_run_and_notes_it(run_dir):
     assert sum("selects no token" in note for note in result.notes) == 2
 
 
+@pytest.mark.slow
 def test_commands_say_it_on_one_line_each(run_dir, capsys):
     assert main(["report", str(run_dir), "--where", NOTHING]) == 0
     captured = capsys.readouterr()

@@ -89,6 +89,7 @@ def test_import_sglang_help_describes_every_input(capsys) -> None:
         assert needle in text, needle
 
 
+@pytest.mark.slow
 def test_watch_flush_seconds_makes_steps_visible_while_training(tiny_model, tmp_path) -> None:
     """Item 8: rs.watch(..., out_dir=, flush_seconds=) is the writer's flush interval, so a
     reader (`report --follow`, the dashboard) sees each step soon after it ends."""

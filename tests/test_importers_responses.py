@@ -190,6 +190,7 @@ def test_sglang_native_every_wire_dtype_imports_every_row(recordings, tmp_path, 
     assert imported.extra["context_tokens"] == 0
 
 
+@pytest.mark.slow
 def test_sglang_openai_choices_and_prompts_file_via_cli(recordings, tmp_path, capsys):
     rec = recordings["sglang"]
     records = []
@@ -260,6 +261,7 @@ def test_multi_turn_records_continue_one_sequence(recordings, tmp_path, named):
     assert steps == [0] * (PROMPT + 1) + [2] * (NEW - 2)
 
 
+@pytest.mark.slow
 def test_start_skips_a_known_prefix_kept_as_context(recordings, tmp_path):
     rec = recordings["vllm"]
     imported = import_responses(

@@ -51,6 +51,7 @@ def routescope_hooks(model) -> int:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("placement", sorted(DEVICE_MAPS))
 def test_offloaded_model_records_like_plain_model(tiny_model, tmp_path, placement):
     plain = tiny_model("mixtral")

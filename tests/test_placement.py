@@ -413,6 +413,7 @@ def test_reading_a_file_of_the_wrong_kind_names_it(tmp_path: Path):
 
 
 # -- command --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_placement_command_writes_plan_and_engine_files(skewed_run: Path, tmp_path: Path, capsys):
     out = tmp_path / "plan.csv"
     assert (

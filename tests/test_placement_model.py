@@ -103,6 +103,7 @@ def test_the_html_report_ranks_lpt_better_in_figure_and_numbers(skewed_run):
     assert "step (Σ max / Σ mean)" in numbers and "lpt max/mean" in numbers
 
 
+@pytest.mark.slow
 def test_the_placement_command_prints_the_model_figure(skewed_run):
     from routescope.cli import main
 

@@ -82,6 +82,7 @@ def test_scrape_matches_recorded_run(tiny_model, tmp_path):
                 assert sample.value == pytest.approx(expected[name], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_per_layer_only_limits_cardinality(tiny_model, tmp_path):
     model = tiny_model("mixtral")
     with (

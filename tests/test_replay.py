@@ -74,6 +74,7 @@ def hook_count(model: torch.nn.Module) -> int:
     return sum(getattr(getattr(h, "__func__", h), "__module__", "").startswith("routescope") for h in hooks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_recorded_weights_reproduce_the_original_forward_after_routers_change(
     tiny_model, tmp_path, model_type
@@ -97,6 +98,7 @@ def test_recorded_weights_reproduce_the_original_forward_after_routers_change(
     assert replayer.replayed_tokens == ids.numel() and replayer.fallback_tokens == 0
 
 
+@pytest.mark.slow
 def test_tokens_match_by_content_not_batch_order(tiny_model, tmp_path):
     """Rows recorded as batch [a, b] replay as [b, a] and as a alone; left padding is skipped."""
     model = tiny_model("mixtral")
@@ -122,6 +124,7 @@ def test_tokens_match_by_content_not_batch_order(tiny_model, tmp_path):
     pd.testing.assert_frame_equal(prefix, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_router_weights_follow_recorded_ids_and_train_the_routers(tiny_model, tmp_path, model_type):
     model = tiny_model(model_type)
@@ -178,6 +181,7 @@ def test_weights_rule_matches_an_independent_mixtral_computation(tiny_model, tmp
     np.testing.assert_allclose(got["weight"].to_numpy(), expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_unknown_token_raises_and_missing_router_counts_fallbacks(tiny_model, tmp_path):
     model = tiny_model("qwen3_moe")
     ids = batch(rows=1, length=8)
@@ -216,6 +220,7 @@ def test_no_hooks_left_after_an_error_inside_the_block(tiny_model, tmp_path):
         model(input_ids=batch())
 
 
+@pytest.mark.slow
 def test_generate_follows_the_recorded_decode_steps(tiny_model, tmp_path):
     model = tiny_model("deepseek_v3")
     ids = batch(rows=2, length=6)
@@ -233,6 +238,7 @@ def test_generate_follows_the_recorded_decode_steps(tiny_model, tmp_path):
         assert run.sql("SELECT count(*) AS n FROM tokens WHERE phase = 'decode'")["n"][0] == 2 * 5
 
 
+@pytest.mark.slow
 def test_a_vllm_routed_experts_import_drives_replay(tiny_model, tmp_path):
     """A rollout's routing from vLLM (ids only) forced into a transformers forward: the ids
     the experts see are the file's, not what the tiny model's router would pick."""
@@ -407,6 +413,7 @@ def test_generate_on_static_and_hybrid_caches(tiny_model, tmp_path, model_type, 
     pd.testing.assert_frame_equal(rows(tmp_path / "inside"), rows(tmp_path / "original"))
 
 
+@pytest.mark.slow
 def test_generate_rows_that_finish_early_are_not_missing(tiny_model, tmp_path):
     """generate feeds pad tokens to a row after its EOS; rs.record skips them, so replay must
     let the model route them instead of calling them unknown."""

@@ -82,6 +82,7 @@ def test_a_transformers_version_outside_the_range_is_unverified():
     assert not ok
 
 
+@pytest.mark.slow
 def test_report_says_unverified(tmp_path, capsys):
     values = tiny_config("qwen3_moe").to_dict()
     values.pop("model_type", None)
@@ -117,6 +118,7 @@ def test_pyproject_bound_ends_just_past_the_newest_verified_minor():
     assert _minor(upper) == (major, minor + 1), f"pyproject says {spec}; verified up to {table['newest']}"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     _minor(transformers.__version__) != _minor(verified_table()["transformers"]["newest"]),
     reason="the table is compared with the tests on the newest verified transformers only",
