@@ -297,8 +297,12 @@ def test_the_dashboard_serves_an_s3_run(recorded, aws_env):
         app = create_app([uri])
         registry = registry_module.get_registry()
         assert registry.options() == [{"label": "0: tiny", "value": "0"}]
-        _summary, cards, _fig, _alerts, msg = overview.update_overview({"run": "0", "version": None})
-        assert msg is None and len(cards) == 2
+        summary, layers_view, _fig, _alerts, msg, verdict = overview.update_overview(
+            {"run": "0", "version": None}
+        )
+        assert msg is None and verdict is not None
+        health = layers_view.children[0].figure.data[0]  # the layers x metric view: both MoE layers
+        assert len(health.y) == 2
         assert registry.run("0").manifest["tokens"] == 108
         assert app.server.test_client().get("/").status_code == 200
     finally:
