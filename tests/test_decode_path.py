@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import pandas as pd
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -62,6 +63,27 @@ def test_options_are_frozen_and_shown_in_the_manifest(model, tmp_path):
     assert shown["weights"] is False and shown["layers"] == [0, 1] and shown["seed"] == 3
     assert shown["observers"] == ["print"] and shown["mode"] == "create" and shown["train_step"] is None
     assert RecordOptions(storage_options=secret).manifest()["storage_options"] == ["key", "secret"]
+
+
+def test_rollups_false_leaves_them_to_index(model, tmp_path):
+    """rollups=False: the writer writes no rollup_* part (the fastest writer); `routescope index`
+    builds them later and the metrics then equal the ones read from routing."""
+    from routescope.cli import main
+
+    ids, mask = padded_batch(torch.device("cpu"), "left")
+    with rs.record(model, tmp_path / "run", rollups=False) as rec:
+        forward(model, ids, mask)
+    assert rec.options.manifest()["rollups"] is False
+    assert not list((tmp_path / "run").glob("rollup_*/rank=*/*.parquet"))
+    with rs.open_run(tmp_path / "run") as run:
+        assert run.rollups == []
+        from_routing = run.balance()
+    assert main(["index", "--quiet", str(tmp_path / "run")]) == 0
+    with rs.open_run(tmp_path / "run") as run:
+        assert "rollup_expert_counts" in run.rollups
+        pd.testing.assert_frame_equal(run.balance(), from_routing)
+    with pytest.raises(ValueError, match="rollups"):
+        rs.record(model, tmp_path / "bad", rollups="no")
 
 
 # -- a failed step ---------------------------------------------------------------------------

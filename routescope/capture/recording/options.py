@@ -39,6 +39,7 @@ class RecordOptions:
     wait: bool | float = False
     train_step: Callable[[], int | None] | None = None
     storage_options: dict[str, Any] | None = None
+    rollups: bool = True  # the writer's rollup_* parts (False: build them later with `routescope index`)
 
     @classmethod
     def from_kwargs(cls, **options: Any) -> RecordOptions:
@@ -55,7 +56,7 @@ class RecordOptions:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not allowed; use one of {', '.join(MODES)}")
-        for name in ("weights", "handle_sigterm"):
+        for name in ("weights", "handle_sigterm", "rollups"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: give True or False")
         for name, low in (("rows_per_part", 1), ("max_pending", 1), ("max_pending_bytes", 1)):

@@ -149,6 +149,7 @@ class Recorder:
                 flush_seconds=self.options.flush_seconds,
                 max_pending=self.options.max_pending,
                 max_pending_bytes=self.options.max_pending_bytes,
+                rollups=self.options.rollups,
                 on_flush=self._on_flush,
                 observers=self.observers,
             )
@@ -483,18 +484,17 @@ def record(
     written (`complete` is true only after a clean exit).
 
     Options: `mode` ('create' refuses an existing run, 'overwrite', 'append'); `weights`
-    (False drops the combine weights, about 3x smaller); `rows_per_part`; `flush_seconds`
-    (a part is written at least this often, so a live run is readable); `max_pending`
-    (steps queued before the model waits for the disk) and `max_pending_bytes` (host bytes
-    they may hold, default 256 MiB); `rank`, `world_size`; `sample` (record a seeded
-    fraction of sequences, e.g. 0.01, chosen by a hash of (seed, seq_id)) and `seed`;
-    `layers` (record only these MoE layers); `wait` (another writer holds the run's lock,
+    (False drops the combine weights, about 3x smaller); `rows_per_part`; `flush_seconds` (a
+    part at least this often, so a live run is readable); `max_pending` (steps queued before the
+    model waits for the disk) and `max_pending_bytes` (host bytes they may hold, default 256 MiB);
+    `rank`, `world_size`; `sample` (record a seeded fraction of sequences, e.g. 0.01, chosen by a
+    hash of (seed, seq_id)) and `seed`; `layers` (record only these MoE layers); `wait` (another writer holds the run's lock,
     store/lock.py: False raises RunBusyError naming it, True waits, a number waits that many
     seconds); `storage_options` (fsspec's, for an s3:// or gs:// `out_dir`: docs/spark_and_object_storage.md);
     `handle_sigterm` (default True: SIGTERM ends the block like an exception, so the
     recorded steps are flushed and the manifest says `complete: false`); `observers`
     (callables given each finished step's tables, dict of table -> column arrays, on the
-    writer thread, never on the model's; e.g. `routescope.export.prometheus.RoutingExporter`).
-    `router_stats=True` also records the router_stats and router_tokens tables.
-    """
+    writer thread, never on the model's; e.g. `routescope.export.prometheus.RoutingExporter`);
+    `rollups` (default True: the writer adds the rollup_* parts; False: `routescope index` later).
+    `router_stats=True` also records the router_stats and router_tokens tables."""
     return Recorder(model, out_dir, labels=labels, router_stats=router_stats, **options)
