@@ -297,7 +297,7 @@ def test_the_dashboard_serves_an_s3_run(recorded, aws_env):
         app = create_app([uri])
         registry = registry_module.get_registry()
         assert registry.options() == [{"label": "0: tiny", "value": "0"}]
-        summary, layers_view, _fig, _alerts, msg, verdict = overview.update_overview(
+        _summary, layers_view, _fig, _alerts, msg, verdict = overview.update_overview(
             {"run": "0", "version": None}
         )
         assert msg is None and verdict is not None
