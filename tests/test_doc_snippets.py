@@ -231,45 +231,17 @@ def missing_for(needs: tuple[str, ...]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def s3_emulator():
-    """moto's S3 server on loopback with a bucket `traces` (as tests/test_object_storage.py)."""
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("the moto S3 server did not start")
-            time.sleep(0.1)
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    """moto's S3 server on loopback with a bucket `traces` (tests/s3_server.py); yields the
+    AWS environment that points boto3 and the CLI at it."""
     import s3fs
 
-    fs = s3fs.S3FileSystem(
-        key="testing", secret="testing", client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]}
-    )
-    fs.call_s3("create_bucket", Bucket="traces")
-    yield env
-    proc.terminate()
-    proc.wait(10)
+    from tests.s3_server import aws_env, moto_server, storage_options
+
+    with moto_server() as endpoint:
+        s3fs.S3FileSystem(skip_instance_cache=True, **storage_options(endpoint)).call_s3(
+            "create_bucket", Bucket="traces"
+        )
+        yield aws_env(endpoint)
 
 
 def provide(

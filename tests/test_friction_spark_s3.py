@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ import torch
 
 import routescope as rs
 from routescope.cli import main, show_warning
+from tests.s3_server import aws_env, moto_server, storage_options
 from tests.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.slow  # README's test command leaves this file out (-m 'not slow')
@@ -47,40 +46,13 @@ def s3():
     pytest.importorskip("moto", reason="the S3-API test server is moto: pip install 'moto[server]'")
     import s3fs
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("the moto S3 server did not start")
-            time.sleep(0.1)
-    endpoint = f"http://127.0.0.1:{port}"
-    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
-    options["client_kwargs"]["region_name"] = "us-east-1"
-    s3fs.S3FileSystem(skip_instance_cache=True, **options).call_s3("create_bucket", Bucket=BUCKET)
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    model = build_tiny_model("mixtral")
-    with rs.record(model, f"s3://{BUCKET}/run", storage_options=options):
-        model(input_ids=torch.randint(1, 100, (2, 6)))
-    yield {"options": options, "env": env}
-    proc.terminate()
-    proc.wait(10)
+    with moto_server() as endpoint:
+        options = storage_options(endpoint)
+        s3fs.S3FileSystem(skip_instance_cache=True, **options).call_s3("create_bucket", Bucket=BUCKET)
+        model = build_tiny_model("mixtral")
+        with rs.record(model, f"s3://{BUCKET}/run", storage_options=options):
+            model(input_ids=torch.randint(1, 100, (2, 6)))
+        yield {"options": options, "env": aws_env(endpoint)}
 
 
 def cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,6 +25,7 @@ import torch
 
 import routescope as rs
 from routescope.errors import RunBusyError
+from tests.s3_server import moto_server, storage_options
 from tests.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.slow  # README's test command leaves this file out (-m 'not slow')
@@ -37,43 +37,15 @@ BUCKET = "routescope-test"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3():
     """An S3-API server (moto) on loopback with one bucket; yields the fsspec storage options."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("the moto S3 server did not start")
-            time.sleep(0.1)
-    endpoint = f"http://127.0.0.1:{port}"
-    options = {
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-    }
     import s3fs
 
-    s3fs.S3FileSystem(skip_instance_cache=True, **options).call_s3("create_bucket", Bucket=BUCKET)
-    yield {"options": options, "endpoint": endpoint}
-    proc.terminate()
-    proc.wait(10)
+    with moto_server() as endpoint:
+        options = storage_options(endpoint)
+        s3fs.S3FileSystem(skip_instance_cache=True, **options).call_s3("create_bucket", Bucket=BUCKET)
+        yield {"options": options, "endpoint": endpoint}
 
 
 def _batches():
