@@ -29,44 +29,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
+from writer_throughput import Step, make_step  # noqa: E402 (benchmarks/: the same synthetic steps)
+
 from routescope import schema  # noqa: E402
 from routescope.store import writer as writer_module  # noqa: E402
 from routescope.store.writer import PartWriter  # noqa: E402
 
 SECTION = "## Rollup cost"
-
-
-class Step:
-    def __init__(self, tables: dict[str, dict[str, np.ndarray]]) -> None:
-        self.tables = tables
-
-    def to_tables(self) -> dict[str, dict[str, np.ndarray]]:
-        return self.tables
-
-
-def make_step(rng: np.random.Generator, step: int, tokens: int, layers: int, k: int, experts: int) -> Step:
-    width = layers * k
-    seq_ids = np.arange(step * tokens, (step + 1) * tokens, dtype=np.int64) // 512
-    pos = (np.arange(step * tokens, (step + 1) * tokens) % 512).astype(np.int32)
-    chosen = np.argsort(rng.random((tokens * layers, experts), dtype=np.float32), axis=1)[:, :k]
-    routing = {
-        "seq_id": np.repeat(seq_ids, width),
-        "pos": np.repeat(pos, width),
-        "layer": np.tile(np.repeat(np.arange(layers, dtype=np.int16), k), tokens),
-        "slot": np.tile(np.arange(k, dtype=np.int8), tokens * layers),
-        "expert": chosen.reshape(-1).astype(np.int16),
-        "weight": rng.random(tokens * width, dtype=np.float32),
-    }
-    domains = np.array(["code", "math", "prose", "multilingual"], dtype=object)
-    toks = {
-        "seq_id": seq_ids,
-        "pos": pos,
-        "token_id": rng.integers(0, 50_000, tokens).astype(np.int32),
-        "step": np.full(tokens, step, dtype=np.int32),
-        "phase": np.full(tokens, "prefill", dtype=object),
-        "domain": domains[seq_ids % 4],
-    }
-    return Step({schema.ROUTING: routing, schema.TOKENS: toks})
 
 
 def write_all(steps: list[Step], rollups: bool, out: Path) -> float:
