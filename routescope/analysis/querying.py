@@ -379,7 +379,14 @@ def cached_table(run: Run, name: str, where: str | None, layers: Mapping[str, li
             if name == "imported_expert_counts"
             else build_query(name, where, rollups=None if twin is None else twin[1])
         )
-        run.con.execute(f"CREATE TEMP TABLE {table} AS {sql}", _bind(name, needed, layers))
+        try:
+            run.con.execute(f"CREATE TEMP TABLE {table} AS {sql}", _bind(name, needed, layers))
+        except duckdb.IOException:
+            if twin is None:
+                raise
+            # a rollup part went away under us (a live run's writer compacted it): read routing
+            sql, needed = build_query(name, where)
+            run.con.execute(f"CREATE TEMP TABLE {table} AS {sql}", _bind(name, needed, layers))
         state["tables"][key] = table
     return state["tables"][key]
 
@@ -405,11 +412,14 @@ def query(
     layer_values = layer_params(run, layers)
     try:
         twin = rollup_twin(run, name, where) if rollup else None
-        rollups = None
         if twin is not None and twin[0] != name:  # a rollup twin reads no per-token CTE
-            name, rollups, uses = twin[0], twin[1], ()
+            sql, needed = build_query(twin[0], where, (), {}, twin[1])
+            try:
+                return run.con.execute(sql, _bind(twin[0], needed, {**layer_values, **params})).df()
+            except duckdb.IOException:
+                pass  # a rollup part went away under us (a live run's writer compacted it): read routing
         tables = {u: cached_table(run, _source(run, u), where, layer_values) for u in uses if u in CACHED}
-        sql, needed = build_query(name, where, uses, tables, rollups)
+        sql, needed = build_query(name, where, uses, tables)
         return run.con.execute(sql, _bind(name, needed, {**layer_values, **params})).df()
     except _RUNTIME_WHERE_ERRORS as exc:
         if where is None:

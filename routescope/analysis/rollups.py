@@ -98,23 +98,30 @@ def create_rollup_views(
         con.execute(f"DROP VIEW IF EXISTS {table}")
         if not covered(found, table):
             continue
-        rel = con.read_parquet([str(p) for p in found[table][0]], hive_partitioning=True, union_by_name=True)
-        prefixes = [""] + ([PREV] if table == schema.ROLLUP_REPETITION else [])
-        added = [
-            f'CAST(NULL AS VARCHAR) AS "{p}{lb}"'
-            for p in prefixes
-            for lb in labels
-            if p + lb not in rel.columns
-        ]
-        added += [
-            f"'{value}'::VARCHAR AS {p}{column}"
-            for p in prefixes
-            for column, value in schema.TOKEN_EXTRA_DEFAULTS.items()
-            if p + column not in rel.columns
-        ]
-        if added:
-            rel = rel.project(", ".join(["*", *added]))
-        rel.create_view(table, replace=True)
+        try:
+            _create_rollup_view(con, table, found[table][0], labels)
+        except duckdb.IOException:
+            con.execute(f"DROP VIEW IF EXISTS {table}")  # a part compacted away meanwhile: read routing
+
+
+def _create_rollup_view(
+    con: duckdb.DuckDBPyConnection, table: str, parts: list[Any], labels: list[str]
+) -> None:
+    """The view of one rollup table over its parts (what `create_rollup_views` makes per table)."""
+    rel = con.read_parquet([str(p) for p in parts], hive_partitioning=True, union_by_name=True)
+    prefixes = [""] + ([PREV] if table == schema.ROLLUP_REPETITION else [])
+    added = [
+        f'CAST(NULL AS VARCHAR) AS "{p}{lb}"' for p in prefixes for lb in labels if p + lb not in rel.columns
+    ]
+    added += [
+        f"'{value}'::VARCHAR AS {p}{column}"
+        for p in prefixes
+        for column, value in schema.TOKEN_EXTRA_DEFAULTS.items()
+        if p + column not in rel.columns
+    ]
+    if added:
+        rel = rel.project(", ".join(["*", *added]))
+    rel.create_view(table, replace=True)
 
 
 def has_view(run: Run, table: str) -> bool:
