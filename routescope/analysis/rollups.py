@@ -96,11 +96,11 @@ def create_rollup_views(
     token columns their default, as in `tokens`); no view for the others."""
     for table in ROLLUPS:
         con.execute(f"DROP VIEW IF EXISTS {table}")
-        if not covered(found, table):
-            continue
         try:
+            if not covered(found, table):
+                continue
             _create_rollup_view(con, table, found[table][0], labels)
-        except duckdb.IOException:
+        except (duckdb.IOException, FileNotFoundError):
             con.execute(f"DROP VIEW IF EXISTS {table}")  # a part compacted away meanwhile: read routing
 
 
