@@ -106,11 +106,11 @@ class Identity:
 
 @dataclass
 class _CacheState:
-    """One cache object's sequences: ids, next positions, finished rows, labels."""
+    """One cache object's sequences: ids, next positions, rows still recorded, labels."""
 
     seq_ids: np.ndarray
-    next_pos: torch.Tensor  # [B] int64, device
-    finished: torch.Tensor  # [B] bool, device
+    next_pos: torch.Tensor  # [B, 1] int64, device
+    alive: torch.Tensor  # [B, 1] bool, device: not finished and not left out by sample=
     labels: dict[str, str | None]
     slots: int  # cache length after the last recorded forward
     held: Any = None  # a multi-token step on a non-empty cache, waiting for the cache length
@@ -184,6 +184,16 @@ class SequenceTracker:
         if state is not None and len(state.seq_ids) != batch:
             self.skipped.add("decode_batch_mismatch")
             state = None
+        if (
+            seq_len == 1
+            and state is not None
+            and isinstance(mask, torch.Tensor)
+            and mask.dim() == 2
+            and mask.shape[1] == past + 1
+            and mask.device == device
+            and state.alive.device == device
+        ):
+            return self._decode(inputs, mask, state, past)
         valid = valid_tokens(inputs.attention_mask, batch, seq_len, past, device)
         positions = _positions(inputs, state, valid, batch, seq_len, past, device)
         if past == 0 or state is None:
@@ -191,8 +201,8 @@ class SequenceTracker:
             seq_ids = self._new_ids(batch)
             state = _CacheState(
                 seq_ids=seq_ids,
-                next_pos=torch.zeros(batch, dtype=torch.long, device=device),
-                finished=self._unsampled(seq_ids, device),
+                next_pos=torch.zeros(batch, 1, dtype=torch.long, device=device),
+                alive=self._sampled(seq_ids, device),
                 labels=dict(labels),
                 slots=past,
             )
@@ -200,20 +210,15 @@ class SequenceTracker:
                 self._remember(inputs.cache, state)
         else:
             phase = schema.PHASE_DECODE
-        finished = state.finished if state.finished.device == device else state.finished.to(device)
-        valid = valid & ~finished[:, None]  # finished or left out by sample=
+        alive = state.alive if state.alive.device == device else state.alive.to(device)
+        valid = valid & alive  # not finished, not left out by sample=
         if phase == schema.PHASE_DECODE and self.eos_ids is not None and inputs.input_ids is not None:
-            ids = inputs.input_ids
-            eos = self.eos_ids if self.eos_ids.device == ids.device else self.eos_ids.to(ids.device)
-            fed = torch.isin(ids, eos) & valid
-            state.finished = finished | (fed[:, 0] if seq_len == 1 else fed.any(1))
+            fed = self._fed_end_of_text(inputs.input_ids, valid)
+            state.alive = alive & ~(fed if seq_len == 1 else fed.any(1, keepdim=True))
         next_pos = state.next_pos if state.next_pos.device == device else state.next_pos.to(device)
-        if seq_len == 1:  # a decode step: the same, in fewer ops
-            state.next_pos = torch.where(valid[:, 0], positions[:, 0] + 1, next_pos)
-        else:
-            state.next_pos = torch.where(
-                valid.any(1), positions.masked_fill(~valid, -1).amax(1) + 1, next_pos
-            )
+        state.next_pos = torch.where(
+            valid.any(1, keepdim=True), positions.masked_fill(~valid, -1).amax(1, keepdim=True) + 1, next_pos
+        )
         state.slots = past + seq_len
         return Identity(
             phase=phase,
@@ -226,6 +231,31 @@ class SequenceTracker:
             state=state,
         )
 
+    def _decode(self, inputs: ForwardInputs, mask: torch.Tensor, state: _CacheState, past: int) -> Identity:
+        """`identify` of a decode step given its whole 2-D mask (generate's): the same answer in
+        fewer tensor ops, as this runs once per generated token."""
+        seen = mask.sum(1, keepdim=True, dtype=torch.long)  # real tokens so far: the position + 1
+        valid = (mask[:, past:] != 0) & state.alive
+        if self.eos_ids is not None and inputs.input_ids is not None:
+            state.alive = state.alive & ~self._fed_end_of_text(inputs.input_ids, valid)
+        state.next_pos = torch.where(valid, seen, state.next_pos)
+        state.slots = past + 1
+        return Identity(
+            phase=schema.PHASE_DECODE,
+            seq_ids=state.seq_ids,
+            positions=seen - 1,
+            valid=valid,
+            labels=state.labels,
+            cache_key=id(inputs.cache) if inputs.cache is not None else None,
+            past=past,
+            state=state,
+        )
+
+    def _fed_end_of_text(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """[B, S] bool: the real tokens fed to the model that end their row's text."""
+        eos = self.eos_ids if self.eos_ids.device == ids.device else self.eos_ids.to(ids.device)
+        return torch.isin(ids, eos) & valid
+
     def adopt(self, identity: Identity, output: Any) -> None:
         """A forward given no cache that made one (returned in its output): later forwards on that
         cache continue these sequences."""
@@ -236,12 +266,13 @@ class SequenceTracker:
             return
         self._remember(cache, identity.state)
 
-    def _unsampled(self, seq_ids: np.ndarray, device: torch.device) -> torch.Tensor:
-        """Rows left out by `sample=`: treated like finished rows, never recorded."""
+    def _sampled(self, seq_ids: np.ndarray, device: torch.device) -> torch.Tensor:
+        """[B, 1] bool: rows in the `sample=` sample; the others are treated like finished rows,
+        never recorded."""
         if self.sample is None:
-            return torch.zeros(len(seq_ids), dtype=torch.bool, device=device)
+            return torch.ones(len(seq_ids), 1, dtype=torch.bool, device=device)
         keep = sampled(seq_ids, self.sample, self.seed)
-        return torch.from_numpy(~keep).to(device)
+        return torch.from_numpy(keep[:, None]).to(device)
 
     # -- held multi-token steps ----------------------------------------------------------
     def hold(self, identity: Identity, step: Any) -> bool:
@@ -263,7 +294,7 @@ class SequenceTracker:
         if kept <= 0:  # the cache does not report a length (or was reset): it kept them all
             kept = step.valid.shape[1]
         if kept < step.valid.shape[1]:  # candidates were rejected: the row goes on after the kept ones
-            state.next_pos = step.positions[:, kept - 1] + 1
+            state.next_pos = step.positions[:, kept - 1 : kept] + 1
         submit(step, kept)
 
     def release_all(self, submit: Callable[[Any, int], None]) -> None:
@@ -381,10 +412,11 @@ def _positions(
         return (mask.long().cumsum(1) - 1)[:, past:]
     pos_ids = inputs.position_ids
     if isinstance(pos_ids, torch.Tensor) and pos_ids.dim() == 2 and pos_ids.shape[-1] == seq_len:
-        return pos_ids.to(device=device, dtype=torch.long).expand(batch, seq_len)
+        # a copy: the caller may reuse its position_ids tensor before the writer reads this one
+        return pos_ids.to(device=device, dtype=torch.long, copy=True).expand(batch, seq_len)
     running = valid.long().cumsum(1) - 1
     if state is not None and past > 0:
-        return state.next_pos.to(device)[:, None] + running
+        return state.next_pos.to(device) + running
     if past == 0:
         return running
     return torch.arange(past, past + seq_len, device=device).expand(batch, seq_len)

@@ -352,7 +352,7 @@ class Recorder:
             phase=identity.phase,
             seq_ids=identity.seq_ids,
             labels={name: identity.labels.get(name, labels.get(name)) for name in labels},
-            token_ids=token_ids.detach(),
+            token_ids=token_ids.detach() if token_ids.requires_grad else token_ids,
             positions=identity.positions,
             valid=identity.valid,
             valid_flat=identity.valid.reshape(-1).float() if self.router_stats else None,
@@ -366,7 +366,7 @@ class Recorder:
         if self._compiled_step and not self._sink.graphs_dropped:
             drop_compiled_graphs(self.model)  # e.g. generate's compile_config: compiled after enter
             self._sink.graphs_dropped = True
-        self._sink.begin(batch * seq_len, device)  # eager hooks or the graph write there
+        self._sink.begin(batch * seq_len, device, zero=self._compiled_step)  # hooks or the graph write there
 
     def _allocate_seq_ids(self, batch: int) -> np.ndarray:
         ids = np.arange(self._next_seq_id, self._next_seq_id + batch, dtype=np.int64)

@@ -4,8 +4,9 @@ Eager and compiled forwards share it. A recording allocates, per recorded MoE la
 buffer and a weights buffer on that layer's device ([capacity, k], grown to the largest step
 seen, so a decode loop always writes the same addresses; CUDA graphs need that). A step:
 
-- `begin(tokens)` (once per step, eager, outside any graph): zeroes the step's id rows in
-  one foreach call (0: not written by a graph).
+- `begin(tokens, zero)` (once per step, eager, outside any graph): for a compiled step, zeroes
+  the step's id rows in one foreach call (0: not written by a graph); an eager step counts
+  its writes instead, so its rows are not touched.
 - per MoE layer, the router hook writes ids and weights into the layer's rows: eagerly
   with `put` (two `copy_`, plus an int per layer: which layers ran), or, traced into a
   compiled graph, with the `routescope::record_choice` custom op (capture/recording/compiled.py).
@@ -68,8 +69,9 @@ class RoutingSink:
         self._buffers, self.current, self._views = None, None, {}
 
     # -- once per step -------------------------------------------------------------------
-    def begin(self, tokens: int, device: torch.device) -> None:
-        """Make the buffers hold a step of `tokens` tokens and mark those rows unwritten."""
+    def begin(self, tokens: int, device: torch.device, zero: bool = True) -> None:
+        """Make the buffers hold a step of `tokens` tokens; `zero`: mark those rows unwritten
+        (a compiled step's graph writes ids + 1; an eager step's writes are counted instead)."""
         if self._buffers is None or tokens > self.capacity:
             # a new size: a compiled call recompiles (as it would for the new shape)
             self.capacity = max(MIN_TOKENS, 1 << (tokens - 1).bit_length())
@@ -83,7 +85,8 @@ class RoutingSink:
             weight_rows = [weights[:tokens] for weights in self._buffers[1]]
             by_group = [([ids_rows[s] for s in g], [weight_rows[s] for s in g]) for g in self._groups]
             views = self._views[tokens] = (ids_rows, weight_rows, by_group)
-        torch._foreach_zero_(views[0])
+        if zero:
+            torch._foreach_zero_(views[0])
         self._tokens = tokens
         self._step_views = views
         self.counts = [0] * len(self.layers)

@@ -56,9 +56,12 @@ class StepBuffers:
     def finish(self, num_experts: dict[int, int], with_weights: bool) -> HostStep:
         """Start the step's copy to the host: a fixed number of copies whatever the depth."""
         step = self
+        ids = step.token_ids
         tensors: dict[str, torch.Tensor] = {
-            "token_ids": step.token_ids.to(torch.int32),
-            "positions": step.positions.to(torch.int32),
+            # the caller's ids: copied now (on a GPU the host copy is the copy; on a CPU, to int32),
+            # as the caller may reuse that tensor; positions and valid are the recorder's own
+            "token_ids": ids if ids.device.type == "cuda" else ids.to(torch.int32),
+            "positions": step.positions,
             "valid": step.valid,
         }
         if step.modality is not None:
@@ -118,7 +121,7 @@ def to_host(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     events = []
     for device, keys in by_device.items():
         if device.type != "cuda":
-            host.update({k: tensors[k].detach().to("cpu") for k in keys})
+            host.update({k: tensors[k].detach() if tensors[k].requires_grad else tensors[k] for k in keys})
             continue
         with torch.cuda.device(device):
             for key in keys:
