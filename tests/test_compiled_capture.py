@@ -6,12 +6,15 @@ are marked slow, and each compiles as few graphs as it can."""
 
 from __future__ import annotations
 
+import cProfile
+import pstats
+from pathlib import Path
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 import routescope as rs
-from routescope.capture.recording.compiled import record_choice
 from routescope.errors import RouteScopeError
 from tests.test_capture import padded_batch
 from tests.test_generation_paths import assert_same_rows, generate, rows
@@ -52,15 +55,6 @@ def forward(model, ids, mask):
         return model(input_ids=ids, attention_mask=mask).logits
 
 
-def test_record_choice_passes_opcheck():
-    ids_out, weights_out = torch.zeros(8, 2, dtype=torch.int32), torch.zeros(8, 2)
-    ids, weights = torch.randint(0, 8, (6, 2)), torch.rand(6, 2)
-    torch.library.opcheck(record_choice, (ids_out, weights_out, ids, weights))
-    record_choice(ids_out, weights_out, ids, weights)
-    assert torch.equal(ids_out[:6], (ids + 1).int()) and torch.equal(weights_out[:6], weights)
-    assert not ids_out[6:].any()  # rows past the step's tokens are left alone
-
-
 @pytest.mark.slow
 def test_torch_compile_fullgraph_records_the_eager_rows(model, tmp_path, device):
     ids, mask = padded_batch(device, "left", lengths=(6, 3))
@@ -70,9 +64,22 @@ def test_torch_compile_fullgraph_records_the_eager_rows(model, tmp_path, device)
     with rs.record(compiled, tmp_path / "compiled"):
         logits = forward(compiled, ids, mask)
         assert graphs() == 1
+        profile = cProfile.Profile()
         with torch._dynamo.config.patch(error_on_recompile=True):
+            profile.enable()
             forward(compiled, ids, mask)  # steady state: the same graph, recorded again
+            profile.disable()
     assert not counters["graph_break"]
+    # the graph writes every layer's choice itself: no routescope Python runs per layer
+    calls = {
+        (Path(path).name, name): stats[1]
+        for (path, _, name), stats in pstats.Stats(profile).stats.items()
+        if "routescope" in path
+    }
+    assert calls[("sink.py", "begin")] == calls[("sink.py", "end")] == 1  # once per step, eagerly
+    per_layer = {key for key in calls if key[0] in ("adapters.py", "compiled.py")}
+    per_layer |= {key for key in calls if key[0] == "sink.py" and key[1] not in ("begin", "end")}
+    assert not per_layer, per_layer
     torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-5)
     got, want = rows(tmp_path / "compiled"), rows(tmp_path / "eager")
     assert len(got) == 2 * len(want)

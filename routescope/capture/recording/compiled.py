@@ -7,13 +7,15 @@ graph itself. This module is that write, and the bookkeeping around it.
 
 - **Inside the graph.** Each router hook has a compiled branch (`torch.compiler.
   is_compiling()`, a constant while tracing): it runs the adapter's extractor (pure tensor
-  code, traced like the model) and calls `routescope::record_choice`, a `torch.library`
-  custom op that copies the layer's expert ids (+1) and combine weights into preallocated
-  buffers. The op declares the buffers it mutates, so the graph keeps it, inductor orders it,
-  and `opcheck` checks it. Writing in place into fixed buffers is what CUDA graphs allow
-  (`mode="reduce-overhead"`): the buffers are marked static addresses
-  (`torch._dynamo.mark_static_address`), as transformers' StaticCache marks its K/V. No graph
-  break: the branch adds only tensor ops and one opaque op, also under `fullgraph=True`.
+  code, traced like the model) and copies the layer's expert ids (+1) and combine weights
+  into rows of preallocated buffers with plain in-place `copy_`, traced like the model: the
+  buffers become graph inputs that the graph mutates, which AOTAutograd keeps and inductor
+  writes in place inside its own kernels, as it does for transformers' StaticCache, whose
+  K/V updates are the same kind of write. No Python runs per layer (an earlier opaque custom
+  op called back into Python for every layer of every step). Writing in place into fixed
+  buffers is what CUDA graphs allow (`mode="reduce-overhead"`): the buffers are marked
+  static addresses (`torch._dynamo.mark_static_address`), as StaticCache marks its K/V. No
+  graph break, also under `fullgraph=True`.
 - **Outside the graph, once per step.** The recorder's hooks on the model itself (token
   identity, the step's start and end) are wrapped in `torch.compiler.disable`: transformers'
   compiled calls (`model.compile()`, `generate`'s `get_compiled_call`) run them as frames of
@@ -47,30 +49,6 @@ import torch
 from torch import nn
 
 from routescope.errors import RouteScopeError
-
-
-@torch.library.custom_op("routescope::record_choice", mutates_args=("ids_out", "weights_out"))
-def record_choice(
-    ids_out: torch.Tensor, weights_out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
-) -> None:
-    """Copy one layer's decision into the first rows of its buffers: ids + 1 (0 marks 'not
-    written'), weights. The buffers hold [capacity, k]; the step's tokens come first."""
-    k = ids_out.shape[1]
-    ids, weights = ids.reshape(-1, k), weights.reshape(-1, k)
-    ids_out[: ids.shape[0]].copy_(ids + 1)
-    weights_out[: weights.shape[0]].copy_(weights)
-
-
-@record_choice.register_fake
-def _record_choice_fake(
-    ids_out: torch.Tensor, weights_out: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
-) -> None:
-    if ids.shape[-1] != ids_out.shape[-1] or weights.shape[-1] != weights_out.shape[-1]:
-        raise RouteScopeError(
-            f"a router gave {tuple(ids.shape)} expert ids, but routescope's compiled buffer holds "
-            f"top-{ids_out.shape[-1]} choices; this router layout cannot be recorded compiled"
-        )
-    return None
 
 
 def unwrap(model: nn.Module) -> nn.Module:

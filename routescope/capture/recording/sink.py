@@ -9,7 +9,7 @@ seen, so a decode loop always writes the same addresses; CUDA graphs need that).
   its writes instead, so its rows are not touched.
 - per MoE layer, the router hook writes ids and weights into the layer's rows: eagerly
   with `put` (two `copy_`, plus an int per layer: which layers ran), or, traced into a
-  compiled graph, with the `routescope::record_choice` custom op (capture/recording/compiled.py).
+  compiled graph, with the same two copies as graph ops (capture/recording/compiled.py).
   No Python list, dict or tensor is kept per layer, and nothing syncs with the host.
 - `end()` (once per step): stacks the step's rows of every layer (one op per device and
   top-k, whatever the depth) into fresh tensors; a layer the graph did not write (it writes
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from routescope.capture.recording.compiled import hold_hook_guards, record_choice
+from routescope.capture.recording.compiled import hold_hook_guards
 from routescope.errors import RouteScopeError
 
 # buffers hold at least this many tokens; they grow to the largest step seen (a power of two)
@@ -157,7 +157,17 @@ class RoutingSink:
             # no step is being recorded (an input without ids, a skipped forward) or the model
             # was compiled some other way: this graph variant writes nothing
             return
-        record_choice(buffers[0][slot], buffers[1][slot], ids.detach(), weights.detach())
+        # graph ops on graph inputs: inductor writes the buffers in place (ids + 1: 0 = unwritten)
+        ids_out, weights_out = buffers[0][slot], buffers[1][slot]
+        k = ids_out.shape[1]
+        if ids.shape[-1] != k or weights.shape[-1] != k:
+            raise RouteScopeError(
+                f"a router gave {tuple(ids.shape)} expert ids, but routescope's compiled buffer holds "
+                f"top-{k} choices; this router layout cannot be recorded compiled"
+            )
+        ids, weights = ids.detach().reshape(-1, k), weights.detach().reshape(-1, k)
+        ids_out[: ids.shape[0]].copy_(ids + 1)
+        weights_out[: weights.shape[0]].copy_(weights)
 
     # -- buffers -------------------------------------------------------------------------
     def _allocate(self, capacity: int, device: torch.device) -> Any:
