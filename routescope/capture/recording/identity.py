@@ -187,11 +187,17 @@ class SequenceTracker:
         if (
             seq_len == 1
             and state is not None
-            and isinstance(mask, torch.Tensor)
-            and mask.dim() == 2
-            and mask.shape[1] == past + 1
-            and mask.device == device
             and state.alive.device == device
+            and state.next_pos.device == device
+            and (
+                (mask is None and _column(inputs.position_ids, batch, device))
+                or (
+                    isinstance(mask, torch.Tensor)
+                    and mask.dim() == 2
+                    and mask.shape[1] == past + 1
+                    and mask.device == device
+                )
+            )
         ):
             return self._decode(inputs, mask, state, past)
         valid = valid_tokens(inputs.attention_mask, batch, seq_len, past, device)
@@ -231,19 +237,33 @@ class SequenceTracker:
             state=state,
         )
 
-    def _decode(self, inputs: ForwardInputs, mask: torch.Tensor, state: _CacheState, past: int) -> Identity:
-        """`identify` of a decode step given its whole 2-D mask (generate's): the same answer in
-        fewer tensor ops, as this runs once per generated token."""
-        seen = mask.sum(1, keepdim=True, dtype=torch.long)  # real tokens so far: the position + 1
-        valid = (mask[:, past:] != 0) & state.alive
+    def _decode(
+        self, inputs: ForwardInputs, mask: torch.Tensor | None, state: _CacheState, past: int
+    ) -> Identity:
+        """`identify` of a decode step, given its whole 2-D mask or none (generate gives none when
+        every token is real): the same answer in fewer tensor ops, as this runs once per token."""
+        pos_ids = inputs.position_ids
+        if mask is None and pos_ids is None:  # every row has a real token: its next position
+            valid, positions = state.alive, state.next_pos
+        elif mask is None:  # generate's position_ids (a copy: the caller may reuse its tensor)
+            valid = state.alive
+            positions = pos_ids.to(dtype=torch.long, copy=True).expand(valid.shape[0], 1)
+            seen = positions + 1
+        else:
+            seen = mask.sum(1, keepdim=True, dtype=torch.long)  # real tokens so far: the position + 1
+            valid, positions = (mask[:, past:] != 0) & state.alive, seen - 1
         if self.eos_ids is not None and inputs.input_ids is not None:
             state.alive = state.alive & ~self._fed_end_of_text(inputs.input_ids, valid)
-        state.next_pos = torch.where(valid, seen, state.next_pos)
+        # the tracker's tensors are replaced, never written in place: the step may keep them
+        if mask is None and pos_ids is None:
+            state.next_pos = positions + valid
+        else:
+            state.next_pos = torch.where(valid, seen, state.next_pos)
         state.slots = past + 1
         return Identity(
             phase=schema.PHASE_DECODE,
             seq_ids=state.seq_ids,
-            positions=seen - 1,
+            positions=positions,
             valid=valid,
             labels=state.labels,
             cache_key=id(inputs.cache) if inputs.cache is not None else None,
@@ -375,6 +395,19 @@ def sampled(seq_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         x = x ^ (x >> np.uint64(31))
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+
+
+def _column(position_ids: Any, batch: int, device: torch.device) -> bool:
+    """No position_ids, or one position per row of a one-token step, on the step's device."""
+    if position_ids is None:
+        return True
+    return (
+        isinstance(position_ids, torch.Tensor)
+        and position_ids.dim() == 2
+        and position_ids.shape[1] == 1
+        and position_ids.shape[0] in (1, batch)
+        and position_ids.device == device
+    )
 
 
 def valid_tokens(mask: Any, batch: int, seq_len: int, past: int, device: torch.device) -> torch.Tensor:
