@@ -25,12 +25,16 @@ from routescope.errors import WriterError
 from routescope.store.layout import TMP_SUFFIX, next_part_index, part_path
 from routescope.store.pair_totals import PairTotals
 from routescope.store.rollups import COMPACTED, TOP1_PAIRS, compact, part_rollups
+from routescope.store.step_rollups import StepCounts, combine
 
 Columns = dict[str, np.ndarray]
 
 
 class StepData(Protocol):
-    """What the recorder submits: turned into table columns on the writer thread."""
+    """What the recorder submits: turned into table columns on the writer thread. An item may
+    also carry `rollup_counts` (a list of store/step_rollups.StepCounts, set by `to_tables`):
+    the writer then sums them into the part's rollup rows instead of computing them from the
+    part's tables (`part_rollups`)."""
 
     def to_tables(self) -> dict[str, Columns]: ...
 
@@ -89,6 +93,8 @@ class PartWriter:
         self._buffered_steps = 0
         self._buffered_tokens = 0
         self._buffers: dict[str, list[pa.Table]] = {}
+        # the buffered steps' rollup counts; None once a buffered step with routing came without
+        self._counts: list[StepCounts] | None = []
         self._buffered_rows = 0
         self._next_index: dict[str, int] = {}
         self._error: BaseException | None = None
@@ -176,6 +182,7 @@ class PartWriter:
                     finally:
                         self._release_bytes(item)
                     self._add(tables)
+                    self._add_counts(item, tables)
                     added = True
                     self._buffered_steps += 1
                     self._buffered_tokens += len(next(iter(tables.get(schema.TOKENS, {"": []}).values())))
@@ -192,6 +199,7 @@ class PartWriter:
                 )
                 self.dropped_tokens += self._buffered_tokens
                 self._buffers.clear()
+                self._counts = []
                 self._buffered_rows = 0
                 self._buffered_steps = self._buffered_tokens = 0
                 if item is _CLOSE:
@@ -220,6 +228,13 @@ class PartWriter:
             if name == schema.ROUTING or name == schema.TOKENS:
                 self._buffered_rows += table.num_rows
 
+    def _add_counts(self, item: Any, tables: dict[str, Columns]) -> None:
+        routing = tables.get(schema.ROUTING)
+        if not routing or len(next(iter(routing.values()))) == 0 or self._counts is None:
+            return
+        counts = getattr(item, "rollup_counts", None) if self.rollups else None
+        self._counts = None if counts is None else self._counts + counts
+
     def _schema(self, name: str, columns: Columns) -> pa.Schema:
         if name == schema.TOKENS:
             labels = tuple(c for c in columns if c not in schema.TOKEN_COLUMNS)
@@ -237,7 +252,8 @@ class PartWriter:
         whole = {name: pa.concat_tables(self._buffers.pop(name), promote_options="default") for name in order}
         # the rollups are computed on a second thread while this one writes the routing part
         # (NumPy and Parquet both release the GIL)
-        rollups = _Rollups(self, whole)
+        rollups = _Rollups(self, whole, self._counts)
+        self._counts = []
         index = None
         for name in order:
             table = whole[name]
@@ -262,12 +278,15 @@ class PartWriter:
         if self.on_flush is not None:
             self.on_flush(self.tokens_written)
 
-    def _rollups(self, tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
+    def _rollups(self, tables: dict[str, pa.Table], counts: list[StepCounts] | None) -> dict[str, pa.Table]:
         if not self.rollups or schema.ROUTING not in tables or schema.TOKENS not in tables:
             return {}
         cells: dict = {}
         try:
-            rows = part_rollups(tables[schema.TOKENS], tables[schema.ROUTING], cells_out=cells)
+            rows = combine(counts, tables[schema.TOKENS].schema, cells_out=cells) if counts else None
+            if rows is None:  # steps without counts (e.g. imported), or not describing the part alone
+                cells = {}
+                rows = part_rollups(tables[schema.TOKENS], tables[schema.ROUTING], cells_out=cells)
         except Exception:
             self.rollup_errors += 1
             return {}
@@ -301,19 +320,20 @@ class PartWriter:
 
 
 class _Rollups:
-    """`part_rollups` of one part's tables, computed on its own thread from construction on."""
+    """The rollup rows of one part (its steps' counts summed, else `part_rollups` of its
+    tables), computed on their own thread from construction on."""
 
-    def __init__(self, writer: PartWriter, tables: dict[str, pa.Table]) -> None:
+    def __init__(self, writer: PartWriter, tables: dict[str, pa.Table], counts: list[StepCounts] | None) -> None:
         self._rows: dict[str, pa.Table] = {}
         self._thread: threading.Thread | None = None
         if writer.rollups and schema.ROUTING in tables and schema.TOKENS in tables:
             self._thread = threading.Thread(
-                target=self._run, args=(writer, tables), name="routescope-rollups", daemon=True
+                target=self._run, args=(writer, tables, counts), name="routescope-rollups", daemon=True
             )
             self._thread.start()
 
-    def _run(self, writer: PartWriter, tables: dict[str, pa.Table]) -> None:
-        self._rows = writer._rollups(tables)
+    def _run(self, writer: PartWriter, tables: dict[str, pa.Table], counts: list[StepCounts] | None) -> None:
+        self._rows = writer._rollups(tables, counts)
 
     def result(self) -> dict[str, pa.Table]:
         if self._thread is not None:
