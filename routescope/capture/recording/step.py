@@ -18,7 +18,7 @@ import torch
 from routescope import schema
 from routescope.capture.recording.modality import MODALITIES, modality_names
 from routescope.errors import RouteScopeError
-from routescope.store.step_rollups import StepCounts, count_step
+from routescope.store.step_rollups import StepCounts, step_counts
 
 
 @dataclass
@@ -410,25 +410,6 @@ def _merged_tables(steps: list[HostStep]) -> tuple[dict[str, dict[str, np.ndarra
     if "modality" in hosts[0]:
         codes += flat("modality")
     return tables, [step_counts(tokens, first.layers, experts, codes)]
-
-
-def step_counts(
-    tokens: dict[str, np.ndarray], layers: list[int], experts: np.ndarray | list, codes: np.ndarray | None
-) -> StepCounts:
-    """The rollup counts of the tokens of `tokens`, whose dimension values are the same for
-    all tokens of equal `codes` (None: for all of them)."""
-    names = tuple(c for c in tokens if c not in schema.ROLLUP_NON_DIMENSIONS)
-    n = len(tokens["seq_id"])
-    if codes is None or n == 0:
-        firsts, token_group = np.zeros(min(n, 1), dtype=np.int64), None
-    else:
-        _, firsts, token_group = np.unique(codes, return_index=True, return_inverse=True)
-    groups = [tuple(_plain(tokens[c][i]) for c in names) for i in firsts]
-    return count_step(layers, experts, names, groups, token_group)
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _concat(parts: list[dict[str, dict[str, np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
