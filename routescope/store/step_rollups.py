@@ -64,18 +64,28 @@ def count_step(
         (int(e.max()) for e in (per_layer if per_layer is not None else [experts]) if e.size), default=0
     )
     cells = n_groups * n_layers * width
-    key_type = np.int32 if cells < 2**31 else np.int64
+    key_type = np.intp  # what np.bincount counts without a converted copy
     group_base = token_group.astype(key_type) * key_type(n_layers * width) if n_groups > 1 else None
-    keys, paths = [], np.empty((n, n_layers), dtype=np.int16)
-    for position, i in enumerate(order):
-        chosen = per_layer[i] if per_layer is not None else experts[i]  # [tokens, k]
-        layer_keys = np.add(chosen, key_type(position * width), dtype=key_type)
-        if group_base is not None:
-            layer_keys += group_base[:, None]
-        keys.append(layer_keys)
-        paths[:, position] = chosen[:, 0]
-    all_keys = np.concatenate([k.reshape(-1) for k in keys]) if keys else np.zeros(0, key_type)
-    first_keys = np.concatenate([k[:, 0] for k in keys]) if keys else all_keys
+    if per_layer is None and n_layers:  # one [layers, tokens, k] array: one pass over it
+        offsets = np.empty(n_layers, dtype=key_type)
+        offsets[order] = np.arange(n_layers, dtype=key_type) * key_type(width)
+        if group_base is None:
+            keys3 = np.add(experts, offsets[:, None, None], dtype=key_type)
+        else:
+            keys3 = np.add(offsets[:, None] , group_base[None, :], dtype=key_type)[:, :, None] + experts
+        all_keys, first_keys = keys3.reshape(-1), keys3[:, :, 0].reshape(-1)
+        paths = np.ascontiguousarray(experts[order, :, 0].T)
+    else:
+        keys, paths = [], np.empty((n, n_layers), dtype=np.int16)
+        for position, i in enumerate(order):
+            chosen = per_layer[i] if per_layer is not None else experts[i]  # [tokens, k]
+            layer_keys = np.add(chosen, key_type(position * width), dtype=key_type)
+            if group_base is not None:
+                layer_keys += group_base[:, None]
+            keys.append(layer_keys)
+            paths[:, position] = chosen[:, 0]
+        all_keys = np.concatenate([k.reshape(-1) for k in keys]) if keys else np.zeros(0, key_type)
+        first_keys = np.concatenate([k[:, 0] for k in keys]) if keys else all_keys
     sparse = cells > 4 * len(all_keys) + 4096  # e.g. a batch of many one-token decode steps
     present, counts = _count(all_keys, 1 << 62 if sparse else cells)
     at, firsts = _count(first_keys, 1 << 62 if sparse else cells)
@@ -97,11 +107,27 @@ def count_step(
     )
 
 
+@dataclass
+class StepInput:
+    """What `count_step` needs of one step, kept until its part is written: the counting
+    then runs on the writer's rollup thread (store/writer.py), beside the routing write."""
+
+    layers: list[int]
+    experts: np.ndarray | list[np.ndarray]
+    names: tuple[str, ...]
+    groups: list[tuple]
+    token_group: np.ndarray | None
+
+    def count(self) -> StepCounts:
+        return count_step(self.layers, self.experts, self.names, self.groups, self.token_group)
+
+
 def step_counts(
     tokens: dict[str, np.ndarray], layers: list[int], experts: np.ndarray | list, codes: np.ndarray | None
-) -> StepCounts:
-    """The rollup counts of the tokens of `tokens`, whose dimension values are the same for
-    all tokens of equal `codes` (None: for all of them)."""
+) -> StepInput:
+    """The rollup input of the tokens of `tokens` (columns as the writer gets them), whose
+    dimension values are the same for all tokens of equal `codes` (None: for all of them), and
+    whose expert ids are `experts` (see `count_step`)."""
     names = tuple(c for c in tokens if c not in schema.ROLLUP_NON_DIMENSIONS)
     n = len(tokens["seq_id"])
     if codes is None or n == 0:
@@ -109,7 +135,7 @@ def step_counts(
     else:
         _, firsts, token_group = np.unique(codes, return_index=True, return_inverse=True)
     groups = [tuple(_plain(tokens[c][i]) for c in names) for i in firsts]
-    return count_step(layers, experts, names, groups, token_group)
+    return StepInput(list(layers), experts, names, groups, token_group)
 
 
 def _plain(value: Any) -> Any:
@@ -141,7 +167,7 @@ def _dims_table(rows: list[tuple], names: list[str], tokens_schema: pa.Schema, i
 
 
 def combine(
-    steps: list[StepCounts], tokens_schema: pa.Schema, cells_out: dict | None = None
+    steps: list[StepInput | StepCounts], tokens_schema: pa.Schema, cells_out: dict | None = None
 ) -> dict[str, pa.Table] | None:
     """The part's `rollup_expert_counts` and `rollup_top1_pairs` from the counts of its steps,
     as `part_rollups(tokens, routing)` gives them; None where the steps do not describe the
@@ -149,6 +175,7 @@ def combine(
     uses `part_rollups`."""
     if not steps:
         return None
+    steps = [s.count() if isinstance(s, StepInput) else s for s in steps]
     dims = dimension_columns(tokens_schema.names)
     first = steps[0]
     if any(s.layers != first.layers or s.names != first.names for s in steps) or set(first.names) != set(dims):
@@ -182,8 +209,8 @@ def combine(
         EXPERT_COUNTS: pa.table(
             {
                 **_dims_table(groups, dims, tokens_schema, g),
-                "layer": pa.array(layers[rest // width], pa.int16()),
-                "expert": pa.array(rest % width, pa.int16()),
+                "layer": pa.array(layers.astype(np.int16)[rest // width]),
+                "expert": pa.array((rest % width).astype(np.int16)),
                 "tokens": pa.array(tokens, pa.int64()),
                 "first": pa.array(firsts, pa.int64()),
             }
@@ -195,21 +222,29 @@ def combine(
     keep = [dims.index(d) for d in pair_dims]
     pair_groups, pair_rank = _ranked([tuple(g[i] for i in keep) for g in groups])
     regroup = np.array([pair_rank[tuple(g[i] for i in keep)] for g in groups], dtype=np.int64)
-    path = np.concatenate([s.paths for s in steps]).astype(np.int64)
-    tg = np.concatenate([regroup[m[s.token_group]] for s, m in zip(steps, maps)])
-    pair = np.arange(n_layers - 1, dtype=np.int64)
-    pair_keys = (((tg[:, None] * (n_layers - 1) + pair[None, :]) * width + path[:, :-1]) * width + path[:, 1:]).ravel()
-    key_pairs, pair_counts = _count(pair_keys, len(pair_groups) * (n_layers - 1) * width * width)
+    pair_cells = len(pair_groups) * (n_layers - 1) * width * width
+    kt = np.int32 if pair_cells < 2**31 else np.int64
+    path = np.concatenate([s.paths for s in steps])
+    tg = np.concatenate([regroup.astype(kt)[m[s.token_group]] for s, m in zip(steps, maps)])
+    pair = np.arange(n_layers - 1, dtype=kt)
+    # key = ((pair group * (layers - 1) + layer pair) * width + expert a) * width + expert b
+    pair_keys = np.add(tg[:, None] * kt(n_layers - 1), pair[None, :], dtype=kt)
+    pair_keys *= kt(width)
+    pair_keys += path[:, :-1]
+    pair_keys *= kt(width)
+    pair_keys += path[:, 1:]
+    key_pairs, pair_counts = _count(pair_keys.reshape(-1), pair_cells)
+    key_pairs = key_pairs.astype(np.int64, copy=False)
     g, rest = np.divmod(key_pairs, (n_layers - 1) * width * width)
     idx, rest = np.divmod(rest, width * width)
     expert_a, expert_b = np.divmod(rest, width)
     out[TOP1_PAIRS] = pa.table(
         {
             **_dims_table(pair_groups, pair_dims, tokens_schema, g),
-            "layer": pa.array(layers[idx], pa.int16()),
-            "next_layer": pa.array(layers[idx + 1], pa.int16()),
-            "expert_a": pa.array(expert_a, pa.int16()),
-            "expert_b": pa.array(expert_b, pa.int16()),
+            "layer": pa.array(layers.astype(np.int16)[idx]),
+            "next_layer": pa.array(layers.astype(np.int16)[idx + 1]),
+            "expert_a": pa.array(expert_a.astype(np.int16)),
+            "expert_b": pa.array(expert_b.astype(np.int16)),
             "count": pa.array(pair_counts, pa.int64()),
         }
     )

@@ -25,14 +25,14 @@ from routescope.errors import WriterError
 from routescope.store.layout import TMP_SUFFIX, next_part_index, part_path
 from routescope.store.pair_totals import PairTotals
 from routescope.store.rollups import COMPACTED, TOP1_PAIRS, compact, part_rollups
-from routescope.store.step_rollups import StepCounts, combine
+from routescope.store.step_rollups import StepInput, combine
 
 Columns = dict[str, np.ndarray]
 
 
 class StepData(Protocol):
     """What the recorder submits: turned into table columns on the writer thread. An item may
-    also carry `rollup_counts` (a list of store/step_rollups.StepCounts, set by `to_tables`):
+    also carry `rollup_counts` (a list of store/step_rollups.StepInput, set by `to_tables`):
     the writer then sums them into the part's rollup rows instead of computing them from the
     part's tables (`part_rollups`)."""
 
@@ -94,7 +94,7 @@ class PartWriter:
         self._buffered_tokens = 0
         self._buffers: dict[str, list[pa.Table]] = {}
         # the buffered steps' rollup counts; None once a buffered step with routing came without
-        self._counts: list[StepCounts] | None = []
+        self._counts: list[StepInput] | None = []
         self._buffered_rows = 0
         self._next_index: dict[str, int] = {}
         self._error: BaseException | None = None
@@ -278,7 +278,7 @@ class PartWriter:
         if self.on_flush is not None:
             self.on_flush(self.tokens_written)
 
-    def _rollups(self, tables: dict[str, pa.Table], counts: list[StepCounts] | None) -> dict[str, pa.Table]:
+    def _rollups(self, tables: dict[str, pa.Table], counts: list[StepInput] | None) -> dict[str, pa.Table]:
         if not self.rollups or schema.ROUTING not in tables or schema.TOKENS not in tables:
             return {}
         cells: dict = {}
@@ -323,7 +323,7 @@ class _Rollups:
     """The rollup rows of one part (its steps' counts summed, else `part_rollups` of its
     tables), computed on their own thread from construction on."""
 
-    def __init__(self, writer: PartWriter, tables: dict[str, pa.Table], counts: list[StepCounts] | None) -> None:
+    def __init__(self, writer: PartWriter, tables: dict[str, pa.Table], counts: list[StepInput] | None) -> None:
         self._rows: dict[str, pa.Table] = {}
         self._thread: threading.Thread | None = None
         if writer.rollups and schema.ROUTING in tables and schema.TOKENS in tables:
@@ -332,7 +332,7 @@ class _Rollups:
             )
             self._thread.start()
 
-    def _run(self, writer: PartWriter, tables: dict[str, pa.Table], counts: list[StepCounts] | None) -> None:
+    def _run(self, writer: PartWriter, tables: dict[str, pa.Table], counts: list[StepInput] | None) -> None:
         self._rows = writer._rollups(tables, counts)
 
     def result(self) -> dict[str, pa.Table]:

@@ -18,7 +18,7 @@ import torch
 from routescope import schema
 from routescope.capture.recording.modality import MODALITIES, modality_names
 from routescope.errors import RouteScopeError
-from routescope.store.step_rollups import StepCounts, step_counts
+from routescope.store.step_rollups import StepInput, step_counts
 
 
 @dataclass
@@ -155,7 +155,7 @@ class HostStep:
     on_error: Callable[[int, BaseException], None] | None = None  # set: a failure loses this step only
     rollups: bool = False  # count the step's rollup cells with its tables (`rollup_counts`)
     # set by to_tables when `rollups`: the writer sums them into the part's rollup rows
-    rollup_counts: list[StepCounts] | None = field(default=None, repr=False)
+    rollup_counts: list[StepInput] | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -306,7 +306,7 @@ class StepBatch:
     one shape are converted in one vectorised pass; a step that fails is lost alone."""
 
     steps: list[HostStep]
-    rollup_counts: list[StepCounts] | None = field(default=None, repr=False)  # as HostStep's
+    rollup_counts: list[StepInput] | None = field(default=None, repr=False)  # as HostStep's
 
     @property
     def nbytes(self) -> int:
@@ -352,7 +352,7 @@ def _mergeable(steps: list[HostStep]) -> bool:
     )
 
 
-def _merged_tables(steps: list[HostStep]) -> tuple[dict[str, dict[str, np.ndarray]], list[StepCounts] | None]:
+def _merged_tables(steps: list[HostStep]) -> tuple[dict[str, dict[str, np.ndarray]], list[StepInput] | None]:
     """HostStep.to_tables of several steps at once (same layers, options and label names), and
     their rollup counts when the steps ask for them."""
     for step in steps:
