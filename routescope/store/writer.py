@@ -74,6 +74,7 @@ class PartWriter:
         # is counted in `rollup_errors` and never loses routing (readers then use `routing`)
         self.rollups = rollups
         self.rollup_errors = 0
+        self.rollup_parts_counted = 0  # parts whose rollups were summed from their steps' counts
         self._pair_totals = PairTotals()  # the pair parts' sums, written as one part at close
         # Called on this thread with each step's tables (e.g. a metrics exporter). The list is
         # kept by reference, so observers added while recording take effect; their errors are
@@ -287,6 +288,8 @@ class PartWriter:
             if rows is None:  # steps without counts (e.g. imported), or not describing the part alone
                 cells = {}
                 rows = part_rollups(tables[schema.TOKENS], tables[schema.ROUTING], cells_out=cells)
+            else:
+                self.rollup_parts_counted += 1
         except Exception:
             self.rollup_errors += 1
             return {}
