@@ -103,10 +103,13 @@ def cases() -> dict[str, list]:
     rng = np.random.default_rng(0)
     return {
         "labels with NULL, modalities, layers not in order": [
-            host_step(rng, i, 3, 20, [3, 1, 5, 7], 2, 9, {"domain": d}) for i, d in enumerate(["a", None, "b", "a"])
+            host_step(rng, i, 3, 20, [3, 1, 5, 7], 2, 9, {"domain": d})
+            for i, d in enumerate(["a", None, "b", "a"])
         ],
         "several k, two labels, text only": [
-            host_step(rng, i, 3, 20, [0, 1, 2], 3, 16, {"domain": "x", "lang": None}, modality=False, uniform=False)
+            host_step(
+                rng, i, 3, 20, [0, 1, 2], 3, 16, {"domain": "x", "lang": None}, modality=False, uniform=False
+            )
             for i in range(3)
         ],
         "training steps, a step number twice, out of order": [
@@ -115,13 +118,18 @@ def cases() -> dict[str, list]:
         ][::-1],
         "a batch of one-token decode steps": [
             StepBatch(
-                [host_step(rng, i, 1, 1, [0, 2, 4], 2, 7, {"d": str(i % 3)}, phase="decode") for i in range(40)]
+                [
+                    host_step(rng, i, 1, 1, [0, 2, 4], 2, 7, {"d": str(i % 3)}, phase="decode")
+                    for i in range(40)
+                ]
             )
         ],
         "a batch and a step": [
             StepBatch(
                 [
-                    host_step(rng, i, 1, 1, [0, 2, 4], 2, 7, {"d": str(i % 3)}, phase="decode", modality=False)
+                    host_step(
+                        rng, i, 1, 1, [0, 2, 4], 2, 7, {"d": str(i % 3)}, phase="decode", modality=False
+                    )
                     for i in range(30)
                 ]
             ),
@@ -206,7 +214,9 @@ def test_a_recording_writes_the_rollups_that_index_builds(tmp_path) -> None:
     with rs.record(model, run, labels={"domain": "code"}, rows_per_part=1) as rec, torch.no_grad():
         model(input_ids=ids)
         rec.set_labels(domain=None)
-        model.generate(input_ids=ids[:2, :6], attention_mask=torch.ones(2, 6, dtype=torch.long), max_new_tokens=6)
+        model.generate(
+            input_ids=ids[:2, :6], attention_mask=torch.ones(2, 6, dtype=torch.long), max_new_tokens=6
+        )
     writer = rec.writer
     assert writer.rollup_errors == 0
     parts = len(list_parts(run, schema.ROUTING))

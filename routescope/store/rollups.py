@@ -1,7 +1,9 @@
 """Rollup rows of one routing part (SPEC 3.3 `rollup_*`), computed with NumPy from host arrays.
 
-The writer calls `part_rollups` on the tokens and routing it is about to write, on a second
-thread while it writes the routing part, and writes each result as
+The writer sums the rows of a part from its recorded steps' own counts (store/step_rollups.py,
+the same rows); it calls `part_rollups` on the tokens and routing it is about to write when the
+steps bring none (or cannot describe the part alone), on a second thread while it writes the
+routing part, and writes each result as
 `rollup_<name>/rank=R/part-NNNNN.parquet` with the routing part's number: rollup part N summarises routing part N, so a reader knows which parts its
 rollups cover by their names alone (analysis/rollups.py), a crash leaves at worst a routing part
 without its rollup (readers then fall back to `routing`; `check` names it), and append and

@@ -72,7 +72,7 @@ def count_step(
         if group_base is None:
             keys3 = np.add(experts, offsets[:, None, None], dtype=key_type)
         else:
-            keys3 = np.add(offsets[:, None] , group_base[None, :], dtype=key_type)[:, :, None] + experts
+            keys3 = np.add(offsets[:, None], group_base[None, :], dtype=key_type)[:, :, None] + experts
         all_keys, first_keys = keys3.reshape(-1), keys3[:, :, 0].reshape(-1)
         paths = np.ascontiguousarray(experts[order, :, 0].T)
     else:
@@ -178,7 +178,9 @@ def combine(
     steps = [s.count() if isinstance(s, StepInput) else s for s in steps]
     dims = dimension_columns(tokens_schema.names)
     first = steps[0]
-    if any(s.layers != first.layers or s.names != first.names for s in steps) or set(first.names) != set(dims):
+    if any(s.layers != first.layers or s.names != first.names for s in steps) or set(first.names) != set(
+        dims
+    ):
         return None
     measures = {c for table in schema.ROLLUP_MEASURES.values() for c in table}
     if measures & set(dims) or any(d.startswith(schema.ROLLUP_PREVIOUS) for d in dims):

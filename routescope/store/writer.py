@@ -326,7 +326,9 @@ class _Rollups:
     """The rollup rows of one part (its steps' counts summed, else `part_rollups` of its
     tables), computed on their own thread from construction on."""
 
-    def __init__(self, writer: PartWriter, tables: dict[str, pa.Table], counts: list[StepInput] | None) -> None:
+    def __init__(
+        self, writer: PartWriter, tables: dict[str, pa.Table], counts: list[StepInput] | None
+    ) -> None:
         self._rows: dict[str, pa.Table] = {}
         self._thread: threading.Thread | None = None
         if writer.rollups and schema.ROUTING in tables and schema.TOKENS in tables:
