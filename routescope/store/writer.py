@@ -96,6 +96,7 @@ class PartWriter:
         self._buffers: dict[str, list[pa.Table]] = {}
         # the buffered steps' rollup counts; None once a buffered step with routing came without
         self._counts: list[StepInput] | None = []
+        self._rollups_in_flight: _Rollups | None = None  # the last part's, until written
         self._buffered_rows = 0
         self._next_index: dict[str, int] = {}
         self._error: BaseException | None = None
@@ -168,9 +169,11 @@ class PartWriter:
             try:
                 if item is _CLOSE:
                     self._write_parts()
+                    self._settle_rollups()
                     return
                 if item is _FLUSH:
                     self._write_parts()
+                    self._settle_rollups()
                     last_flush = time.monotonic()
                     self._flushed.set()
                     continue
@@ -195,6 +198,10 @@ class PartWriter:
                     last_flush = time.monotonic()
             except BaseException as exc:
                 self._error = exc
+                try:
+                    self._settle_rollups()
+                except BaseException:
+                    pass  # the writer has failed already: that error is the one reported
                 self.dropped_steps += self._buffered_steps + (
                     item not in (None, _CLOSE, _FLUSH) and not added
                 )
@@ -248,36 +255,42 @@ class PartWriter:
         a token whose routing rows are still missing."""
         if not self._buffers:
             return
+        self._settle_rollups()  # one part's rollups in flight at most
         tokens_added = 0
         order = sorted(self._buffers, key=lambda n: n == schema.TOKENS)
         whole = {name: pa.concat_tables(self._buffers.pop(name), promote_options="default") for name in order}
-        # the rollups are computed on a second thread while this one writes the routing part
-        # (NumPy and Parquet both release the GIL)
+        # the rollups are made on a second thread while this one writes the routing part
+        # (NumPy and Parquet both release the GIL), and written there once its tokens are
         rollups = _Rollups(self, whole, self._counts)
         self._counts = []
-        index = None
-        for name in order:
-            table = whole[name]
-            self._write_table(name, table)
-            if name == schema.ROUTING:
-                index = self._next_index[schema.ROUTING] - 1
-            if name == schema.TOKENS:
-                tokens_added = table.num_rows
-        # rollup part N summarises routing part N: written after the part's tokens, so a reader
-        # never waits on them (a crash before leaves routing parts without rollups: readers use
-        # routing, `routescope check` notes them, `routescope index` builds them)
-        for rollup, rows in rollups.result().items():
-            if index is None:
-                break
-            self._next_index[rollup] = index
-            self._write_table(rollup, rows)
-            if rollup == TOP1_PAIRS:
-                self._pair_totals.parts.append(index)
+        index = written = None
+        try:
+            for name in order:
+                table = whole[name]
+                self._write_table(name, table)
+                if name == schema.ROUTING:
+                    index = self._next_index[schema.ROUTING] - 1
+                if name == schema.TOKENS:
+                    tokens_added = table.num_rows
+            written = index
+        finally:
+            # rollup part N summarises routing part N: written after the part's tokens, so a
+            # reader never waits on them (a crash before leaves routing parts without rollups:
+            # readers use routing, `routescope check` notes them, `routescope index` builds
+            # them); a part that failed drops its rollups
+            rollups.write(written)
+            self._rollups_in_flight = rollups
         self._buffered_rows = 0
         self._buffered_steps = self._buffered_tokens = 0
         self.tokens_written += tokens_added
         if self.on_flush is not None:
             self.on_flush(self.tokens_written)
+
+    def _settle_rollups(self) -> None:
+        """Wait until the last part's rollups are written; re-raise a failure to write them."""
+        rollups, self._rollups_in_flight = self._rollups_in_flight, None
+        if rollups is not None:
+            rollups.settle()
 
     def _rollups(self, tables: dict[str, pa.Table], counts: list[StepInput] | None) -> dict[str, pa.Table]:
         if not self.rollups or schema.ROUTING not in tables or schema.TOKENS not in tables:
@@ -324,12 +337,15 @@ class PartWriter:
 
 class _Rollups:
     """The rollup rows of one part (its steps' counts summed, else `part_rollups` of its
-    tables), computed on their own thread from construction on."""
+    tables), computed on their own thread from construction on and written there as parts
+    numbered `index` once `write(index)` says the part's tokens are on disk."""
 
     def __init__(
         self, writer: PartWriter, tables: dict[str, pa.Table], counts: list[StepInput] | None
     ) -> None:
-        self._rows: dict[str, pa.Table] = {}
+        self._index: int | None = None
+        self._go = threading.Event()
+        self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         if writer.rollups and schema.ROUTING in tables and schema.TOKENS in tables:
             self._thread = threading.Thread(
@@ -338,9 +354,27 @@ class _Rollups:
             self._thread.start()
 
     def _run(self, writer: PartWriter, tables: dict[str, pa.Table], counts: list[StepInput] | None) -> None:
-        self._rows = writer._rollups(tables, counts)
+        rows = writer._rollups(tables, counts)
+        self._go.wait()
+        index = self._index
+        if index is None:
+            return
+        try:
+            for rollup, table in rows.items():
+                writer._next_index[rollup] = index
+                writer._write_table(rollup, table)
+                if rollup == TOP1_PAIRS:
+                    writer._pair_totals.parts.append(index)
+        except BaseException as exc:  # re-raised on the writer thread by `settle`
+            self._error = exc
 
-    def result(self) -> dict[str, pa.Table]:
+    def write(self, index: int | None) -> None:
+        """The part's tokens are on disk (its routing part is `index`; None: the part failed)."""
+        self._index = index
+        self._go.set()
+
+    def settle(self) -> None:
         if self._thread is not None:
             self._thread.join()
-        return self._rows
+        if self._error is not None:
+            raise self._error
