@@ -18,6 +18,7 @@ medians of the rounds. Peak RSS growth shows that host memory stays bounded.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shutil
 import statistics
@@ -35,6 +36,7 @@ from routescope.store.step_rollups import step_counts
 from routescope.store.writer import PartWriter
 
 LABELS = ("domain",)
+CPU = {"last": 0.0}  # CPU seconds of the process (every thread) in the last timed run
 ROWS_PER_PART = 4_000_000
 
 
@@ -92,7 +94,7 @@ def bare(steps: list[Step], out: Path) -> float:
     """The same tokens and routing rows, batched into parts as the writer does, same encodings."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     buffered: dict[str, list[pa.Table]] = {schema.ROUTING: [], schema.TOKENS: []}
     index, pending = 0, 0
     schemas = {
@@ -117,6 +119,7 @@ def bare(steps: list[Step], out: Path) -> float:
                 )
                 buffered[name] = []
             index, pending = index + 1, 0
+    CPU["last"] = time.process_time() - cpu_start
     return time.perf_counter() - start
 
 
@@ -126,11 +129,12 @@ def writer(steps: list[Step], out: Path, rollups: bool, counted: bool = True) ->
     shutil.rmtree(out, ignore_errors=True)
     for step in steps:
         step.rollups = rollups and counted
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     w = PartWriter(out, labels=LABELS, rows_per_part=ROWS_PER_PART, flush_seconds=1e9, rollups=rollups)
     for step in steps:
         w.submit(step)
     w.close()
+    CPU["last"] = time.process_time() - cpu_start
     return time.perf_counter() - start, w
 
 
@@ -149,14 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = routing_rows + args.steps * args.tokens
     tmp = Path(tempfile.mkdtemp(prefix="rs-writer-"))
     times: dict[str, list[float]] = {"bare": [], "off": [], "on": [], "fallback": []}
+    cpu: dict[str, list[float]] = {k: [] for k in times}
     rss_growth = 0.0
     try:
         for _ in range(args.rounds):  # interleaved: bare, writer without rollups, writer with
             times["bare"].append(bare(steps, tmp / "bare"))
+            cpu["bare"].append(CPU["last"])
             times["off"].append(writer(steps, tmp / "off", False)[0])
+            cpu["off"].append(CPU["last"])
             rss_before = rss_mb()
             took, w = writer(steps, tmp / "on", True)
             times["on"].append(took)
+            cpu["on"].append(CPU["last"])
             rss_growth = max(rss_growth, rss_mb() - rss_before)
             written = sum(
                 pq.read_metadata(p).num_rows
@@ -166,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             assert written == rows and w.rollup_errors == 0, (written, rows, w.rollup_errors)
             took, w = writer(steps, tmp / "fallback", True, counted=False)
             times["fallback"].append(took)
+            cpu["fallback"].append(CPU["last"])
             for table in (schema.ROLLUP_EXPERT_COUNTS, schema.ROLLUP_TOP1_PAIRS):
                 counted, fallback = (pq.read_table(tmp / run / table) for run in ("on", "fallback"))
                 assert counted.equals(fallback), table  # the same rows, types and order
@@ -188,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
             f"routescope PartWriter {what}: {med[key]:.2f} s  ({rows / med[key] / 1e6:.1f} M rows/s)  "
             f"ratio (writer / bare): {med['bare'] / med[key]:.2f}"
         )
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
+    print(
+        "CPU seconds, every thread (what the wall time becomes when no core is free): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in cpu_med.items())
+        + f"; with rollups / bare: {cpu_med['on'] / cpu_med['bare']:.2f}x"
+    )
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(
         f"rollup cost (with / without): {med['on'] / med['off']:.2f}x   peak RSS growth during writer: {rss_growth:.0f} MB"
     )
