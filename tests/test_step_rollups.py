@@ -136,6 +136,11 @@ def cases() -> dict[str, list]:
             host_step(rng, 3, 2, 5, [0, 2, 4], 2, 7, {"d": None}, modality=False),
         ],
         "one MoE layer": [host_step(rng, i, 2, 8, [1], 2, 4, {}) for i in range(2)],
+        "many one-token steps, many experts (sparse counting)": [
+            StepBatch(
+                [host_step(rng, i, 1, 1, [0, 1, 2, 3], 2, 64, {}, phase="decode") for i in range(150)]
+            )
+        ],
     }
 
 
@@ -185,7 +190,14 @@ def test_the_writer_sums_counted_steps_and_falls_back_for_a_part_without(tmp_pat
     steps = [host_step(rng, i, 4, 16, [0, 1, 2], 2, 8, {"domain": "code"}) for i in range(6)]
     plain = Plain(host_step(rng, 6, 4, 16, [0, 1, 2], 2, 8, {"domain": "code"}).to_tables())
     writer = PartWriter(tmp_path / "run", labels=("domain",), rows_per_part=700, flush_seconds=1e9)
-    for item in [*steps, plain]:
+    for item in steps[:3]:
+        writer.submit(item)
+    writer.flush()  # the rollup thread's parts are on disk once flush returns
+    run = tmp_path / "run"
+    assert [p.name for p in list_parts(run, schema.ROLLUP_EXPERT_COUNTS)] == [
+        p.name for p in list_parts(run, schema.ROUTING)
+    ]
+    for item in [*steps[3:], plain]:
         writer.submit(item)
     writer.close()
     assert writer.rollup_errors == 0
