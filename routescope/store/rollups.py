@@ -55,6 +55,15 @@ def _local(index: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(present), rank[index]
 
 
+def _present(values: np.ndarray) -> np.ndarray:
+    """The distinct values of a small-int array, sorted, as int64 (a presence table over
+    min..max: one pass, no sort)."""
+    low, high = int(values.min()), int(values.max())
+    seen = np.zeros(high - low + 1, dtype=bool)
+    seen[values if low == 0 else values.astype(np.int64) - low] = True
+    return np.flatnonzero(seen).astype(np.int64) + low
+
+
 def _count(keys: np.ndarray, cells: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(distinct keys, count per key) of non-negative int64 keys below `cells`, zero counts dropped."""
     if cells <= _DENSE_CELLS:
@@ -154,7 +163,7 @@ def part_rollups(
     expert = routing["expert"].to_numpy()
     slot = routing["slot"].to_numpy()
     width = int(expert.max()) + 1
-    layers = np.sort(pc.unique(routing["layer"]).to_numpy()).astype(np.int64)
+    layers = _present(layer)  # the part's layers, sorted
     n_layers = len(layers)
     key_type = np.int32 if n_groups * n_layers * width < 2**31 else np.int64
     position = np.zeros(int(layers[-1]) + 1, dtype=key_type)
