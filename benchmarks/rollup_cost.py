@@ -4,11 +4,12 @@
    benchmark's 100M-row run by default; `--run RUN`).
 2. Writer: PartWriter writing the same steps (48 MoE layers x 128 experts, top-8, tokens
    with a label) with rollups and without, interleaved in one process; wall time until the
-   parts are on disk (the rollups are computed on the writer thread, so this is the most
-   they can cost; the model thread only waits on the writer when its queue is full).
-3. Recording: `rs.record` of the bundled model on the bundled corpus, rollups on and off
-   (the writer's `part_rollups` replaced by a no-op), interleaved, same process: wall time
-   of the recorded forwards including the final flush.
+   parts are on disk. With rollups each step brings its dense expert ids, as the recorder's
+   steps do, and the writer counts and sums them (store/step_rollups.py): every bit of the
+   rollup work is inside the timed writer run (the model thread only waits on the writer
+   when its queue is full).
+3. Recording: `rs.record` of the bundled model, `rollups=True` and `rollups=False`,
+   interleaved, same process: wall time of the recorded forwards including the final flush.
 
     python benchmarks/rollup_cost.py [--run RUN] [--write-results]
 """
@@ -32,7 +33,6 @@ sys.path.insert(0, str(ROOT.parent))
 from writer_throughput import Step, make_step  # noqa: E402 (benchmarks/: the same synthetic steps)
 
 from routescope import schema  # noqa: E402
-from routescope.store import writer as writer_module  # noqa: E402
 from routescope.store.writer import PartWriter  # noqa: E402
 
 SECTION = "## Rollup cost"
@@ -40,6 +40,8 @@ SECTION = "## Rollup cost"
 
 def write_all(steps: list[Step], rollups: bool, out: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
+    for step in steps:
+        step.rollups = rollups  # the step's counts are made in its to_tables, on the writer thread
     t0 = time.perf_counter()
     w = PartWriter(out, labels=("domain",), rollups=rollups, flush_seconds=1e9)
     for s in steps:
@@ -64,19 +66,18 @@ def record_time(rollups: bool, repeats: int) -> float:
 
     model = AutoModelForCausalLM.from_pretrained(model_path()).eval()
     ids = torch.randint(1, 1000, (8, 256))
-    original = writer_module.part_rollups
     times = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats):
-            writer_module.part_rollups = original if rollups else (lambda tokens, routing, **kw: {})
-            try:
-                t0 = time.perf_counter()
-                with rs.record(model, Path(tmp) / f"r{i}", labels={"domain": "code"}), torch.no_grad():
-                    for _ in range(4):
-                        model(input_ids=ids)
-                times.append(time.perf_counter() - t0)
-            finally:
-                writer_module.part_rollups = original
+            t0 = time.perf_counter()
+            with (
+                rs.record(model, Path(tmp) / f"r{i}", labels={"domain": "code"}, rollups=rollups) as rec,
+                torch.no_grad(),
+            ):
+                for _ in range(4):
+                    model(input_ids=ids)
+            times.append(time.perf_counter() - t0)
+            assert bool(rec.writer.rollup_parts_counted) == rollups  # the recorder's path was taken
     return statistics.median(times)
 
 

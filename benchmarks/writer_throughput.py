@@ -4,7 +4,12 @@ Every step holds routing rows and its tokens (step, phase and a `domain` label).
 baseline writes the same tokens and routing rows with the same batching into parts and the
 same encodings; the writer is timed without rollups and with them (`rollup_expert_counts`,
 `rollup_top1_pairs` per part, the pairs compacted at close), the three interleaved round by
-round in one process. The ratio is rows/s of the writer over rows/s of the bare writes, the
+round in one process. With rollups every step counts its cells from its dense
+[layers, tokens, k] expert ids in `to_tables` (on the writer thread, as the recorder's
+HostStep does: store/step_rollups.py), so the timed writer run holds all the rollup work.
+A fourth writer run, interleaved with the others, takes the writer's fallback
+(`part_rollups` on each part's tables: the path of steps that carry no counts, and the only
+path before the counts); its rollup parts are checked equal to the counted ones. The ratio is rows/s of the writer over rows/s of the bare writes, the
 medians of the rounds. Peak RSS growth shows that host memory stays bounded.
 
     python benchmarks/writer_throughput.py [--steps 60 --tokens 2048 --layers 8 --top-k 8 --experts 64 --rounds 3]
@@ -13,6 +18,7 @@ medians of the rounds. Peak RSS growth shows that host memory stays bounded.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shutil
 import statistics
@@ -26,17 +32,31 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from routescope import schema
+from routescope.store.step_rollups import step_counts
 from routescope.store.writer import PartWriter
 
 LABELS = ("domain",)
+CPU = {"last": 0.0}  # CPU seconds of the process (every thread) in the last timed run
 ROWS_PER_PART = 4_000_000
 
 
 class Step:
-    def __init__(self, tables: dict[str, dict[str, np.ndarray]]) -> None:
+    """One synthetic step: its tables, and (with `rollups`) its rollup counts made in
+    `to_tables` from the dense expert ids, as capture/recording/step.py HostStep makes them."""
+
+    def __init__(self, tables: dict[str, dict[str, np.ndarray]], experts: np.ndarray | None = None) -> None:
         self.tables = tables
+        self.experts = experts  # [layers, tokens, k]
+        self.rollups = False
+        self.rollup_counts: list | None = None
 
     def to_tables(self) -> dict[str, dict[str, np.ndarray]]:
+        self.rollup_counts = None
+        if self.rollups and self.experts is not None:
+            toks = self.tables[schema.TOKENS]
+            codes = toks["seq_id"] % 4  # the `domain` label's value is seq_id % 4
+            layers = list(range(self.experts.shape[0]))
+            self.rollup_counts = [step_counts(toks, layers, self.experts, codes)]
         return self.tables
 
 
@@ -62,7 +82,8 @@ def make_step(rng: np.random.Generator, step: int, tokens: int, layers: int, k: 
         "phase": np.full(tokens, "prefill", dtype=object),
         "domain": domains[seq_ids % 4],
     }
-    return Step({schema.ROUTING: routing, schema.TOKENS: toks})
+    experts = chosen.reshape(tokens, layers, k).transpose(1, 0, 2).astype(np.int16)
+    return Step({schema.ROUTING: routing, schema.TOKENS: toks}, np.ascontiguousarray(experts))
 
 
 def rss_mb() -> float:
@@ -73,7 +94,7 @@ def bare(steps: list[Step], out: Path) -> float:
     """The same tokens and routing rows, batched into parts as the writer does, same encodings."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     buffered: dict[str, list[pa.Table]] = {schema.ROUTING: [], schema.TOKENS: []}
     index, pending = 0, 0
     schemas = {
@@ -98,16 +119,22 @@ def bare(steps: list[Step], out: Path) -> float:
                 )
                 buffered[name] = []
             index, pending = index + 1, 0
+    CPU["last"] = time.process_time() - cpu_start
     return time.perf_counter() - start
 
 
-def writer(steps: list[Step], out: Path, rollups: bool) -> tuple[float, PartWriter]:
+def writer(steps: list[Step], out: Path, rollups: bool, counted: bool = True) -> tuple[float, PartWriter]:
+    """`counted`: the steps bring their rollup counts (the recorder's path); else the writer
+    computes the rollups from each part's tables (`part_rollups`)."""
     shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
+    for step in steps:
+        step.rollups = rollups and counted
+    start, cpu_start = time.perf_counter(), time.process_time()
     w = PartWriter(out, labels=LABELS, rows_per_part=ROWS_PER_PART, flush_seconds=1e9, rollups=rollups)
     for step in steps:
         w.submit(step)
     w.close()
+    CPU["last"] = time.process_time() - cpu_start
     return time.perf_counter() - start, w
 
 
@@ -125,15 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     routing_rows = sum(len(s.tables[schema.ROUTING]["seq_id"]) for s in steps)
     rows = routing_rows + args.steps * args.tokens
     tmp = Path(tempfile.mkdtemp(prefix="rs-writer-"))
-    times: dict[str, list[float]] = {"bare": [], "off": [], "on": []}
+    times: dict[str, list[float]] = {"bare": [], "off": [], "on": [], "fallback": []}
+    cpu: dict[str, list[float]] = {k: [] for k in times}
     rss_growth = 0.0
     try:
         for _ in range(args.rounds):  # interleaved: bare, writer without rollups, writer with
             times["bare"].append(bare(steps, tmp / "bare"))
+            cpu["bare"].append(CPU["last"])
             times["off"].append(writer(steps, tmp / "off", False)[0])
+            cpu["off"].append(CPU["last"])
             rss_before = rss_mb()
             took, w = writer(steps, tmp / "on", True)
             times["on"].append(took)
+            cpu["on"].append(CPU["last"])
             rss_growth = max(rss_growth, rss_mb() - rss_before)
             written = sum(
                 pq.read_metadata(p).num_rows
@@ -141,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
                 if p.parent.parent.name in ("routing", "tokens")
             )
             assert written == rows and w.rollup_errors == 0, (written, rows, w.rollup_errors)
+            took, w = writer(steps, tmp / "fallback", True, counted=False)
+            times["fallback"].append(took)
+            cpu["fallback"].append(CPU["last"])
+            for table in (schema.ROLLUP_EXPERT_COUNTS, schema.ROLLUP_TOP1_PAIRS):
+                counted, fallback = (pq.read_table(tmp / run / table) for run in ("on", "fallback"))
+                assert counted.equals(fallback), table  # the same rows, types and order
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -151,11 +188,22 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"bare pyarrow write_table (tokens + routing): {med['bare']:.2f} s  ({rows / med['bare'] / 1e6:.1f} M rows/s)"
     )
-    for key, what in (("off", "without rollups"), ("on", "with rollups   ")):
+    for key, what in (
+        ("off", "without rollups"),
+        ("on", "with rollups   "),
+        ("fallback", "with rollups from part_rollups (fallback, the path before)"),
+    ):
         print(
             f"routescope PartWriter {what}: {med[key]:.2f} s  ({rows / med[key] / 1e6:.1f} M rows/s)  "
             f"ratio (writer / bare): {med['bare'] / med[key]:.2f}"
         )
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
+    print(
+        "CPU seconds, every thread (what the wall time becomes when no core is free): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in cpu_med.items())
+        + f"; with rollups / bare: {cpu_med['on'] / cpu_med['bare']:.2f}x"
+    )
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(
         f"rollup cost (with / without): {med['on'] / med['off']:.2f}x   peak RSS growth during writer: {rss_growth:.0f} MB"
     )

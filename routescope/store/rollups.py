@@ -1,7 +1,9 @@
 """Rollup rows of one routing part (SPEC 3.3 `rollup_*`), computed with NumPy from host arrays.
 
-The writer calls `part_rollups` on the tokens and routing it is about to write, on a second
-thread while it writes the routing part, and writes each result as
+The writer sums the rows of a part from its recorded steps' own counts (store/step_rollups.py,
+the same rows); it calls `part_rollups` on the tokens and routing it is about to write when the
+steps bring none (or cannot describe the part alone), on a second thread while it writes the
+routing part, and writes each result as
 `rollup_<name>/rank=R/part-NNNNN.parquet` with the routing part's number: rollup part N summarises routing part N, so a reader knows which parts its
 rollups cover by their names alone (analysis/rollups.py), a crash leaves at worst a routing part
 without its rollup (readers then fall back to `routing`; `check` names it), and append and
@@ -51,6 +53,15 @@ def _local(index: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     present[index] = True
     rank = np.cumsum(present) - 1
     return np.flatnonzero(present), rank[index]
+
+
+def _present(values: np.ndarray) -> np.ndarray:
+    """The distinct values of a small-int array, sorted, as int64 (a presence table over
+    min..max: one pass, no sort)."""
+    low, high = int(values.min()), int(values.max())
+    seen = np.zeros(high - low + 1, dtype=bool)
+    seen[values if low == 0 else values.astype(np.int64) - low] = True
+    return np.flatnonzero(seen).astype(np.int64) + low
 
 
 def _count(keys: np.ndarray, cells: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +163,7 @@ def part_rollups(
     expert = routing["expert"].to_numpy()
     slot = routing["slot"].to_numpy()
     width = int(expert.max()) + 1
-    layers = np.sort(pc.unique(routing["layer"]).to_numpy()).astype(np.int64)
+    layers = _present(layer)  # the part's layers, sorted
     n_layers = len(layers)
     key_type = np.int32 if n_groups * n_layers * width < 2**31 else np.int64
     position = np.zeros(int(layers[-1]) + 1, dtype=key_type)

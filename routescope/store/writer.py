@@ -25,12 +25,16 @@ from routescope.errors import WriterError
 from routescope.store.layout import TMP_SUFFIX, next_part_index, part_path
 from routescope.store.pair_totals import PairTotals
 from routescope.store.rollups import COMPACTED, TOP1_PAIRS, compact, part_rollups
+from routescope.store.step_rollups import StepInput, combine
 
 Columns = dict[str, np.ndarray]
 
 
 class StepData(Protocol):
-    """What the recorder submits: turned into table columns on the writer thread."""
+    """What the recorder submits: turned into table columns on the writer thread. An item may
+    also carry `rollup_counts` (a list of store/step_rollups.StepInput, set by `to_tables`):
+    the writer then sums them into the part's rollup rows instead of computing them from the
+    part's tables (`part_rollups`)."""
 
     def to_tables(self) -> dict[str, Columns]: ...
 
@@ -70,6 +74,7 @@ class PartWriter:
         # is counted in `rollup_errors` and never loses routing (readers then use `routing`)
         self.rollups = rollups
         self.rollup_errors = 0
+        self.rollup_parts_counted = 0  # parts whose rollups were summed from their steps' counts
         self._pair_totals = PairTotals()  # the pair parts' sums, written as one part at close
         # Called on this thread with each step's tables (e.g. a metrics exporter). The list is
         # kept by reference, so observers added while recording take effect; their errors are
@@ -89,6 +94,9 @@ class PartWriter:
         self._buffered_steps = 0
         self._buffered_tokens = 0
         self._buffers: dict[str, list[pa.Table]] = {}
+        # the buffered steps' rollup counts; None once a buffered step with routing came without
+        self._counts: list[StepInput] | None = []
+        self._rollups_in_flight: _Rollups | None = None  # the last part's, until written
         self._buffered_rows = 0
         self._next_index: dict[str, int] = {}
         self._error: BaseException | None = None
@@ -161,9 +169,11 @@ class PartWriter:
             try:
                 if item is _CLOSE:
                     self._write_parts()
+                    self._settle_rollups()
                     return
                 if item is _FLUSH:
                     self._write_parts()
+                    self._settle_rollups()
                     last_flush = time.monotonic()
                     self._flushed.set()
                     continue
@@ -176,6 +186,7 @@ class PartWriter:
                     finally:
                         self._release_bytes(item)
                     self._add(tables)
+                    self._add_counts(item, tables)
                     added = True
                     self._buffered_steps += 1
                     self._buffered_tokens += len(next(iter(tables.get(schema.TOKENS, {"": []}).values())))
@@ -187,11 +198,16 @@ class PartWriter:
                     last_flush = time.monotonic()
             except BaseException as exc:
                 self._error = exc
+                try:
+                    self._settle_rollups()
+                except BaseException:
+                    pass  # the writer has failed already: that error is the one reported
                 self.dropped_steps += self._buffered_steps + (
                     item not in (None, _CLOSE, _FLUSH) and not added
                 )
                 self.dropped_tokens += self._buffered_tokens
                 self._buffers.clear()
+                self._counts = []
                 self._buffered_rows = 0
                 self._buffered_steps = self._buffered_tokens = 0
                 if item is _CLOSE:
@@ -220,6 +236,13 @@ class PartWriter:
             if name == schema.ROUTING or name == schema.TOKENS:
                 self._buffered_rows += table.num_rows
 
+    def _add_counts(self, item: Any, tables: dict[str, Columns]) -> None:
+        routing = tables.get(schema.ROUTING)
+        if not routing or len(next(iter(routing.values()))) == 0 or self._counts is None:
+            return
+        counts = getattr(item, "rollup_counts", None) if self.rollups else None
+        self._counts = None if counts is None else self._counts + counts
+
     def _schema(self, name: str, columns: Columns) -> pa.Schema:
         if name == schema.TOKENS:
             labels = tuple(c for c in columns if c not in schema.TOKEN_COLUMNS)
@@ -232,42 +255,54 @@ class PartWriter:
         a token whose routing rows are still missing."""
         if not self._buffers:
             return
+        self._settle_rollups()  # one part's rollups in flight at most
         tokens_added = 0
         order = sorted(self._buffers, key=lambda n: n == schema.TOKENS)
         whole = {name: pa.concat_tables(self._buffers.pop(name), promote_options="default") for name in order}
-        # the rollups are computed on a second thread while this one writes the routing part
-        # (NumPy and Parquet both release the GIL)
-        rollups = _Rollups(self, whole)
-        index = None
-        for name in order:
-            table = whole[name]
-            self._write_table(name, table)
-            if name == schema.ROUTING:
-                index = self._next_index[schema.ROUTING] - 1
-            if name == schema.TOKENS:
-                tokens_added = table.num_rows
-        # rollup part N summarises routing part N: written after the part's tokens, so a reader
-        # never waits on them (a crash before leaves routing parts without rollups: readers use
-        # routing, `routescope check` notes them, `routescope index` builds them)
-        for rollup, rows in rollups.result().items():
-            if index is None:
-                break
-            self._next_index[rollup] = index
-            self._write_table(rollup, rows)
-            if rollup == TOP1_PAIRS:
-                self._pair_totals.parts.append(index)
+        # the rollups are made on a second thread while this one writes the routing part
+        # (NumPy and Parquet both release the GIL), and written there once its tokens are
+        rollups = _Rollups(self, whole, self._counts)
+        self._counts = []
+        index = written = None
+        try:
+            for name in order:
+                table = whole[name]
+                self._write_table(name, table)
+                if name == schema.ROUTING:
+                    index = self._next_index[schema.ROUTING] - 1
+                if name == schema.TOKENS:
+                    tokens_added = table.num_rows
+            written = index
+        finally:
+            # rollup part N summarises routing part N: written after the part's tokens, so a
+            # reader never waits on them (a crash before leaves routing parts without rollups:
+            # readers use routing, `routescope check` notes them, `routescope index` builds
+            # them); a part that failed drops its rollups
+            rollups.write(written)
+            self._rollups_in_flight = rollups
         self._buffered_rows = 0
         self._buffered_steps = self._buffered_tokens = 0
         self.tokens_written += tokens_added
         if self.on_flush is not None:
             self.on_flush(self.tokens_written)
 
-    def _rollups(self, tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
+    def _settle_rollups(self) -> None:
+        """Wait until the last part's rollups are written; re-raise a failure to write them."""
+        rollups, self._rollups_in_flight = self._rollups_in_flight, None
+        if rollups is not None:
+            rollups.settle()
+
+    def _rollups(self, tables: dict[str, pa.Table], counts: list[StepInput] | None) -> dict[str, pa.Table]:
         if not self.rollups or schema.ROUTING not in tables or schema.TOKENS not in tables:
             return {}
         cells: dict = {}
         try:
-            rows = part_rollups(tables[schema.TOKENS], tables[schema.ROUTING], cells_out=cells)
+            rows = combine(counts, tables[schema.TOKENS].schema, cells_out=cells) if counts else None
+            if rows is None:  # steps without counts (e.g. imported), or not describing the part alone
+                cells = {}
+                rows = part_rollups(tables[schema.TOKENS], tables[schema.ROUTING], cells_out=cells)
+            else:
+                self.rollup_parts_counted += 1
         except Exception:
             self.rollup_errors += 1
             return {}
@@ -301,21 +336,45 @@ class PartWriter:
 
 
 class _Rollups:
-    """`part_rollups` of one part's tables, computed on its own thread from construction on."""
+    """The rollup rows of one part (its steps' counts summed, else `part_rollups` of its
+    tables), computed on their own thread from construction on and written there as parts
+    numbered `index` once `write(index)` says the part's tokens are on disk."""
 
-    def __init__(self, writer: PartWriter, tables: dict[str, pa.Table]) -> None:
-        self._rows: dict[str, pa.Table] = {}
+    def __init__(
+        self, writer: PartWriter, tables: dict[str, pa.Table], counts: list[StepInput] | None
+    ) -> None:
+        self._index: int | None = None
+        self._go = threading.Event()
+        self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         if writer.rollups and schema.ROUTING in tables and schema.TOKENS in tables:
             self._thread = threading.Thread(
-                target=self._run, args=(writer, tables), name="routescope-rollups", daemon=True
+                target=self._run, args=(writer, tables, counts), name="routescope-rollups", daemon=True
             )
             self._thread.start()
 
-    def _run(self, writer: PartWriter, tables: dict[str, pa.Table]) -> None:
-        self._rows = writer._rollups(tables)
+    def _run(self, writer: PartWriter, tables: dict[str, pa.Table], counts: list[StepInput] | None) -> None:
+        rows = writer._rollups(tables, counts)
+        self._go.wait()
+        index = self._index
+        if index is None:
+            return
+        try:
+            for rollup, table in rows.items():
+                writer._next_index[rollup] = index
+                writer._write_table(rollup, table)
+                if rollup == TOP1_PAIRS:
+                    writer._pair_totals.parts.append(index)
+        except BaseException as exc:  # re-raised on the writer thread by `settle`
+            self._error = exc
 
-    def result(self) -> dict[str, pa.Table]:
+    def write(self, index: int | None) -> None:
+        """The part's tokens are on disk (its routing part is `index`; None: the part failed)."""
+        self._index = index
+        self._go.set()
+
+    def settle(self) -> None:
         if self._thread is not None:
             self._thread.join()
-        return self._rows
+        if self._error is not None:
+            raise self._error

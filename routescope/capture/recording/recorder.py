@@ -408,7 +408,7 @@ class Recorder:
 
     def _submit(self, step: StepBuffers) -> None:
         try:
-            host = step.finish(self._num_experts, self.with_weights)
+            host = step.finish(self._num_experts, self.with_weights, self.options.rollups)
         except Exception as error:
             self._fail_step(step.step, error)
             return

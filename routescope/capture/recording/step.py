@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from routescope import schema
-from routescope.capture.recording.modality import modality_names
+from routescope.capture.recording.modality import MODALITIES, modality_names
 from routescope.errors import RouteScopeError
+from routescope.store.step_rollups import StepInput, step_counts
 
 
 @dataclass
@@ -53,8 +54,9 @@ class StepBuffers:
             mask = self.valid_by_device[device] = self.valid_flat.to(device, non_blocking=True)
         return mask
 
-    def finish(self, num_experts: dict[int, int], with_weights: bool) -> HostStep:
-        """Start the step's copy to the host: a fixed number of copies whatever the depth."""
+    def finish(self, num_experts: dict[int, int], with_weights: bool, rollups: bool = False) -> HostStep:
+        """Start the step's copy to the host: a fixed number of copies whatever the depth.
+        `rollups`: its tables come with its rollup counts (store/step_rollups.py)."""
         step = self
         ids = step.token_ids
         tensors: dict[str, torch.Tensor] = {
@@ -105,6 +107,7 @@ class StepBuffers:
             with_stats=bool(step.stats),
             stack=step.stack,
             train_step=step.train_step,
+            rollups=rollups,
         )
 
 
@@ -153,6 +156,9 @@ class HostStep:
     stack: str = schema.STACK_DECODER
     train_step: int | None = None
     on_error: Callable[[int, BaseException], None] | None = None  # set: a failure loses this step only
+    rollups: bool = False  # count the step's rollup cells with its tables (`rollup_counts`)
+    # set by to_tables when `rollups`: the writer sums them into the part's rollup rows
+    rollup_counts: list[StepInput] | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -201,6 +207,9 @@ class HostStep:
         tables[schema.ROUTING] = self._routing(per_layer, seq, pos)
         if self.with_stats:
             tables.update(self._stats(h, per_layer, keep, seq, pos))
+        if self.rollups:
+            codes = h["modality"].reshape(-1)[keep] if "modality" in h else None
+            self.rollup_counts = [step_counts(tokens, self.layers, [e for e, _ in per_layer], codes)]
         return tables
 
     def _layer_arrays(self, h: dict[str, np.ndarray], i: int, keep: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -300,6 +309,7 @@ class StepBatch:
     one shape are converted in one vectorised pass; a step that fails is lost alone."""
 
     steps: list[HostStep]
+    rollup_counts: list[StepInput] | None = field(default=None, repr=False)  # as HostStep's
 
     @property
     def nbytes(self) -> int:
@@ -307,12 +317,18 @@ class StepBatch:
 
     def to_tables(self) -> dict[str, dict[str, np.ndarray]]:
         steps = self.steps
+        self.rollup_counts = None
         if len(steps) > 1 and _mergeable(steps):
             try:
-                return _merged_tables(steps)
+                tables, counts = _merged_tables(steps)
+                self.rollup_counts = counts
+                return tables
             except Exception:
                 pass  # one of them fails: convert them one by one, so only that one is lost
-        return _concat([step.to_tables() for step in steps])
+        parts = [step.to_tables() for step in steps]
+        if all(step.rollup_counts is not None for step, part in zip(steps, parts) if part):
+            self.rollup_counts = [c for step, part in zip(steps, parts) if part for c in step.rollup_counts]
+        return _concat(parts)
 
 
 def _mergeable(steps: list[HostStep]) -> bool:
@@ -339,8 +355,9 @@ def _mergeable(steps: list[HostStep]) -> bool:
     )
 
 
-def _merged_tables(steps: list[HostStep]) -> dict[str, dict[str, np.ndarray]]:
-    """HostStep.to_tables of several steps at once (same layers, options and label names)."""
+def _merged_tables(steps: list[HostStep]) -> tuple[dict[str, dict[str, np.ndarray]], list[StepInput] | None]:
+    """HostStep.to_tables of several steps at once (same layers, options and label names), and
+    their rollup counts when the steps ask for them."""
     for step in steps:
         for event in step.events:
             event.synchronize()
@@ -389,7 +406,13 @@ def _merged_tables(steps: list[HostStep]) -> dict[str, dict[str, np.ndarray]]:
         else None
     )
     per_layer = [(experts[i], weights[i] if weights is not None else None) for i in range(len(first.layers))]
-    return {schema.TOKENS: tokens, schema.ROUTING: first._routing(per_layer, seq, pos)}
+    tables = {schema.TOKENS: tokens, schema.ROUTING: first._routing(per_layer, seq, pos)}
+    if not all(step.rollups for step in steps):
+        return tables, None
+    codes = each(list(range(len(steps))), np.int64) * len(MODALITIES)  # one group per step and modality
+    if "modality" in hosts[0]:
+        codes += flat("modality")
+    return tables, [step_counts(tokens, first.layers, experts, codes)]
 
 
 def _concat(parts: list[dict[str, dict[str, np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
