@@ -137,9 +137,7 @@ def cases() -> dict[str, list]:
         ],
         "one MoE layer": [host_step(rng, i, 2, 8, [1], 2, 4, {}) for i in range(2)],
         "many one-token steps, many experts (sparse counting)": [
-            StepBatch(
-                [host_step(rng, i, 1, 1, [0, 1, 2, 3], 2, 64, {}, phase="decode") for i in range(150)]
-            )
+            StepBatch([host_step(rng, i, 1, 1, [0, 1, 2, 3], 2, 64, {}, phase="decode") for i in range(150)])
         ],
     }
 
