@@ -1,0 +1,71 @@
+"""A decode step's token identity: the short path `generate` takes once per token gives the same
+answer as the general path, step after step (positions, which tokens count, the tracker's state)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+from routescope.capture.recording.identity import ForwardInputs, SequenceTracker, Skipped
+
+BATCH, HEADS, DIM, EOS = 3, 2, 4, 7
+ENDS = {1: 1, 4: 2}  # decode step -> the row that feeds the end-of-text id there
+
+
+def grow(cache: DynamicCache, tokens: int) -> None:
+    """The cache holds `tokens` more positions, as a forward of that many tokens leaves it."""
+    kv = torch.zeros(BATCH, HEADS, tokens, DIM)
+    cache.update(kv, kv.clone(), 0)
+
+
+class Lane:
+    """One tracker and its own cache, fed the same forwards as the other lane."""
+
+    def __init__(self, sample: float | None) -> None:
+        ids = iter(range(1000))
+        self.tracker = SequenceTracker(
+            lambda n: np.array([next(ids) for _ in range(n)], dtype=np.int64), Skipped(), sample, seed=3
+        )
+        self.tracker.eos_ids = torch.tensor([EOS])
+        self.cache = DynamicCache()
+
+    def step(self, ids, mask, position_ids, short_path: bool):
+        inputs = ForwardInputs(ids, None, mask, position_ids, self.cache)
+        identity = self.tracker.identify(inputs, {"domain": "x"}, short_path=short_path)
+        grow(self.cache, ids.shape[1])
+        return identity
+
+
+@pytest.mark.parametrize("sample", [None, 0.5])
+def test_the_decode_short_path_equals_the_general_path(sample):
+    short, general = Lane(sample), Lane(sample)
+    prompt = torch.tensor([[0, 0, 5, 6], [0, 4, 5, 6], [3, 4, 5, 6]])
+    mask = (prompt != 0).long()  # left padding, as generate's batches have
+    for lane in (short, general):
+        lane.step(prompt, mask, None, short_path=False)
+    rng = torch.Generator().manual_seed(0)
+    kinds = ["mask", "none", "position_ids", "mask", "position_ids", "none", "mask", "none"]
+    for t, kind in enumerate(kinds):
+        ids = torch.randint(8, 20, (BATCH, 1), generator=rng)
+        if t in ENDS:
+            ids[ENDS[t], 0] = EOS  # that row's text ends: its later tokens are not recorded
+        mask = torch.cat([mask, torch.ones(BATCH, 1, dtype=torch.long)], dim=1)
+        if t == 3:
+            mask[0, -1] = 0  # a padded step of one row
+        past = mask.shape[1] - 1
+        position_ids = mask.sum(1, keepdim=True) - 1 if kind == "position_ids" else None
+        given = mask if kind == "mask" else None
+        got = short.step(ids, given, position_ids, short_path=True)
+        want = general.step(ids, given, position_ids, short_path=False)
+        assert got.phase == want.phase == "decode"
+        assert np.array_equal(got.seq_ids, want.seq_ids)
+        assert torch.equal(got.valid, want.valid), (t, kind)
+        assert torch.equal(got.positions[got.valid], want.positions[want.valid]), (t, kind)
+        assert got.past == want.past == past
+        a, b = got.state, want.state
+        assert torch.equal(a.alive, b.alive) and torch.equal(a.next_pos, b.next_pos), (t, kind)
+    assert not short.tracker.skipped.counts and not general.tracker.skipped.counts
+    if sample is None:  # the rows that fed the end-of-text id are finished; the other goes on
+        assert got.valid[:, 0].tolist() == [True, False, False]
