@@ -168,6 +168,19 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _names_only(where: str, dims: list[str]) -> bool:
+    """True when every column `where` names is one of `dims` (parsed with sqlglot, which the
+    Spark engine has loaded; a predicate it cannot parse is left to the probe)."""
+    try:
+        import sqlglot
+        from sqlglot import exp
+
+        tree = sqlglot.parse_one(f"SELECT 1 WHERE {where}", read="duckdb")
+    except Exception:
+        return True
+    return all(column.name in dims for column in tree.find_all(exp.Column))
+
+
 def selected_rollup(run: Run, table: str, where: str | None) -> str | None:
     """SQL of `table`'s rows that `where` selects, or None when the run cannot answer from it
     (no covering view, or a predicate over columns the rollup does not keep)."""
@@ -176,6 +189,8 @@ def selected_rollup(run: Run, table: str, where: str | None) -> str | None:
     if where is None:
         return f"SELECT * FROM {table}"
     dims = dimensions(run, table)
+    if getattr(run.con, "engine", "duckdb") == "spark" and not _names_only(where, dims):
+        return None  # decided without a probe: Spark logs a failed one at ERROR in the user's session
     probe = f"SELECT * FROM (SELECT {', '.join(map(_quote, dims))} FROM {table} LIMIT 0) WHERE ({where})"
     try:
         if len(duckdb.extract_statements(probe)) != 1:
