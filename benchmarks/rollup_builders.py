@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_spark:
             from routescope.analysis.cluster import spark_session
 
-            session = spark_session(master=args.spark_master, conf={"spark.sql.shuffle.partitions": "8"})
+            session = spark_session(
+                master=args.spark_master,
+                conf={"spark.sql.shuffle.partitions": "8", "spark.driver.memory": "3g"},
+            )
             runs["spark"] = rs.open_run(run_dir, engine="spark", spark=session)
         times: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.rounds):

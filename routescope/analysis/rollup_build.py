@@ -11,8 +11,8 @@ Two builders compute the same rows:
 
 - `numpy` (default): `store.rollups.part_rollups` on each routing part, the writer's own code;
   one part in memory at a time.
-- `sql`: the `rollup_*_rows` blocks of queries/rollups.sql, once per rank over the rank's
-  missing parts, on the run's engine: DuckDB as written, Spark translated by `dialect.to_spark`
+- `sql`: the `rollup_*_rows` blocks of queries/rollups.sql, per rank over groups of up to
+  `SQL_CHUNK` missing parts (one query each, grouped by part), on the run's engine: DuckDB as written, Spark translated by `dialect.to_spark`
   (a fleet run: Spark reads the parts on the cluster; the driver receives the rollup rows,
   small by design, and writes one part per routing part in the run's layout).
 
@@ -48,6 +48,8 @@ ROW_QUERIES = {
     schema.ROLLUP_TOP1_PAIRS: "rollup_top1_pairs_rows",
     schema.ROLLUP_COACTIVATION: "rollup_coactivation_rows",
 }
+# routing parts per query of the SQL builder: its result comes back to this process whole
+SQL_CHUNK = 8
 Progress = Callable[[Iterable[Any], int, str], Iterable[Any]]
 
 
@@ -117,16 +119,20 @@ def build_rollups(
     if builder == "numpy":
         steps: list[tuple[str, Any]] = [("part", name) for name in counts_todo]
     else:
-        steps = [("rank", (t, r)) for t in ROW_QUERIES for r in _ranks(missing[t])]
+        steps = [
+            ("parts", (t, chunk))
+            for t in ROW_QUERIES
+            for r in _ranks(missing[t])
+            for chunk in _chunks([n for n in missing[t] if _rank(n) == r])
+        ]
     steps += [("repetition", r) for r in _ranks(missing[schema.ROLLUP_REPETITION])]
     token_cache: dict[int, pa.Table] = {}
     for kind, item in wrap(steps, len(steps), "rollups"):
         if kind == "part":
             _numpy_part(run, files, item, missing, written, token_cache)
-        elif kind == "rank":
-            table, rank = item
-            names = [n for n in missing[table] if _rank(n) == rank]
-            written[table] += _sql_parts(run, files, table, rank, names, dims)
+        elif kind == "parts":
+            table, names = item
+            written[table] += _sql_parts(run, files, table, _rank(names[0]), names, dims)
         else:
             names = [n for n in missing[schema.ROLLUP_REPETITION] if _rank(n) == item]
             written[schema.ROLLUP_REPETITION] += _build_repetition(run, files, item, names, dims)
@@ -135,6 +141,11 @@ def build_rollups(
             compact(files, table, rank)
     run.refresh()
     return written
+
+
+def _chunks(names: list[str]) -> list[list[str]]:
+    """`names` in groups of SQL_CHUNK: one query's rollup rows (what the driver receives) stay bounded."""
+    return [names[i : i + SQL_CHUNK] for i in range(0, len(names), SQL_CHUNK)]
 
 
 def _rank(name: str) -> int:
