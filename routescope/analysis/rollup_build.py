@@ -99,7 +99,7 @@ def build_rollups(
 ) -> dict[str, int]:
     """Write the rollup parts `run` lacks (all of them with `force`), local or on object storage;
     returns how many parts of each table were written. `builder`: "numpy" (per part) or "sql"
-    (the named SQL per rank on the run's engine, DuckDB or Spark). `progress(iterable, total,
+    (the named SQL per group of parts on the run's engine, DuckDB or Spark). `progress(iterable, total,
     description)` wraps the loop (a tqdm bar on the command line)."""
     if builder not in BUILDERS:
         raise ValueError(f"builder={builder!r} is not allowed; use one of {', '.join(map(repr, BUILDERS))}")
