@@ -50,6 +50,17 @@ def moto_server(timeout: float = 60.0) -> Iterator[str]:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+        _forget_filesystems()
+
+
+def _forget_filesystems() -> None:
+    """fsspec keeps one S3FileSystem per set of arguments; one made from the environment (the
+    CLI's) has no endpoint among them, so the next server's tests would reach this stopped one."""
+    try:
+        import s3fs
+    except ImportError:
+        return
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def storage_options(endpoint: str) -> dict:

@@ -23,7 +23,8 @@ import routescope as rs
 from routescope import schema
 from routescope.analysis import metrics
 from routescope.analysis.querying import rollup_twin
-from routescope.analysis.rollups import missing_parts, without_rollups
+from routescope.analysis.rollup_build import missing_parts
+from routescope.analysis.rollups import without_rollups
 from routescope.cli import main
 from tests.synthetic import write_run
 

@@ -148,6 +148,15 @@ class SparkResult:
         except _errors() as exc:
             raise QueryError(_message(exc)) from None
 
+    def to_arrow_table(self) -> pa.Table:
+        if self.frame is None:
+            return pa.table({})
+        try:
+            with quiet_pyspark():
+                return self.frame.toArrow()
+        except _errors() as exc:
+            raise QueryError(_message(exc)) from None
+
     def fetchone(self) -> tuple[Any, ...] | None:
         rows = self.fetchall() if self.frame is None else [tuple(r) for r in self.frame.take(1)]
         return rows[0] if rows else None
@@ -219,37 +228,69 @@ class SparkConnection:
             frame.unpersist()
         self.session.catalog.dropTempView(name)
 
+    def has_view(self, name: str) -> bool:
+        return bool(self.session.catalog.tableExists(name))
+
     # -- views over a run's parts ---------------------------------------------------------
-    def create_views(self, parts: Mapping[str, tuple[str, list[str]]], labels: list[str]) -> None:
+    def create_views(
+        self,
+        parts: Mapping[str, tuple[str, list[str]]],
+        labels: list[str],
+        rollups: Mapping[str, tuple[str, list[str]]] | None = None,
+    ) -> None:
         """One temp view per table: `parts[table]` = (table folder, part files), every rank as
-        one dataset with the hive column `rank`; a table without parts is an empty typed view."""
+        one dataset with the hive column `rank`; a table without parts is an empty typed view.
+        `rollups`: the rollup tables that cover the run (analysis/rollups.py `covered_parts`),
+        one view each, as DuckDB's; the others get none, so metrics read routing."""
         for table in schema.TABLE_COLUMNS:
             base, files = parts.get(table, ("", []))
             if not files:
                 frame = self.session.sql(to_spark(empty_select(table, labels)))
             else:
-                reader = self.session.read.option("basePath", base).option("mergeSchema", "true")
-                try:
-                    frame = reader.parquet(*files)
-                except Exception as exc:
-                    clear = missing_filesystem(exc, self.session, base)
-                    if clear is None:
-                        raise
-                    raise clear from None
+                frame = self._read(base, files)
                 if table == schema.TOKENS:
                     frame = _with_token_defaults(frame, labels)
             frame.createOrReplaceTempView(table)
+        for table in schema.ROLLUP_TABLES:
+            self.session.catalog.dropTempView(table)
+            base, files = (rollups or {}).get(table, ("", []))
+            if files:
+                prefixes = ("", schema.ROLLUP_PREVIOUS) if table == schema.ROLLUP_REPETITION else ("",)
+                frame = self._read(base, files)
+                for prefix in prefixes:
+                    frame = _with_token_defaults(frame, labels, prefix)
+                frame.createOrReplaceTempView(table)
         self.views_changed()
 
+    def _read(self, base: str, files: list[str]) -> Any:
+        reader = self.session.read.option("basePath", base).option("mergeSchema", "true")
+        try:
+            return reader.parquet(*files)
+        except Exception as exc:
+            clear = missing_filesystem(exc, self.session, base)
+            if clear is None:
+                raise
+            raise clear from None
 
-def _with_token_defaults(frame: Any, labels: list[str]) -> Any:
-    """Parts written before a label or an extra column existed: NULL labels, default extras."""
+    def routing_parts_view(self, name: str, files: list[str], columns: list[str]) -> None:
+        """Temp view `name`: `columns` of the routing parts `files`, with each row's part name
+        ('rank=R/part-N.parquet') as `part` (the rollup builders group by it)."""
+        from pyspark.sql import functions as F
+
+        frame = self.session.read.parquet(*files)
+        part = F.regexp_extract(F.col("_metadata.file_path"), r"[^/]+/[^/]+$", 0).alias("part")
+        frame.select(*columns, part).createOrReplaceTempView(name)
+
+
+def _with_token_defaults(frame: Any, labels: list[str], prefix: str = "") -> Any:
+    """Parts written before a label or an extra column existed: NULL labels, default extras
+    (`prefix`: rollup_repetition's earlier-token columns)."""
     from pyspark.sql import functions as F
 
     for label in labels:
-        if label not in frame.columns:
-            frame = frame.withColumn(label, F.lit(None).cast("string"))
+        if prefix + label not in frame.columns:
+            frame = frame.withColumn(prefix + label, F.lit(None).cast("string"))
     for name, value in schema.TOKEN_EXTRA_DEFAULTS.items():
-        if name not in frame.columns:
-            frame = frame.withColumn(name, F.lit(value))
+        if prefix + name not in frame.columns:
+            frame = frame.withColumn(prefix + name, F.lit(value))
     return frame

@@ -86,14 +86,18 @@ def create_views(
 
 
 def views_over_parts(
-    con: duckdb.DuckDBPyConnection, found: dict[str, tuple[list[Any], list[Any]]], labels: list[str]
+    con: duckdb.DuckDBPyConnection,
+    found: dict[str, tuple[list[Any], list[Any]]],
+    labels: list[str],
+    modified: Any = None,
 ) -> list[Any]:
     """`create_views` on parts already listed and checked: table -> (good parts, skipped parts),
-    each a path or a URL DuckDB can open (a run on object storage). Returns the skipped parts."""
+    each a path or a URL DuckDB can open (a run on object storage; `modified(url)` then tells
+    when a part was written, for the rollups' coverage rule). Returns the skipped parts."""
     rollups = {t: found.pop(t) for t in schema.ROLLUP_TABLES if t in found}
     skipped = [part for _, bad in found.values() for part in bad]
     filtered = any(found[table][1] for table in CONSISTENT)
-    create_rollup_views(con, {**found, **rollups}, labels)
+    create_rollup_views(con, {**found, **rollups}, labels, modified)
     for table, (parts, _) in found.items():
         name = f"raw_{table}" if filtered and table in CONSISTENT else table
         _create_view(con, name, table, parts, labels)

@@ -15,6 +15,7 @@ import duckdb
 
 from routescope import schema
 from routescope.analysis.database import check_parts, create_views
+from routescope.analysis.rollups import covered_parts
 from routescope.store.layout import list_parts
 
 ENGINES = ("duckdb", "spark")
@@ -49,9 +50,13 @@ def build_views(con: Any, run_dir: Path, labels: list[str], skip_corrupt: bool =
         return create_views(con, run_dir, labels, skip_corrupt=skip_corrupt)
     skipped: list[Path] = []
     parts: dict[str, tuple[str, list[str]]] = {}
+    found = {}
     for table in schema.TABLE_COLUMNS:
-        good, bad = check_parts(list_parts(run_dir, table), skip_corrupt)
-        skipped += bad
-        parts[table] = (str(Path(run_dir) / table), [str(p) for p in good])
-    con.create_views(parts, labels)
+        found[table] = check_parts(list_parts(run_dir, table), skip_corrupt)
+        skipped += found[table][1]
+        parts[table] = (str(Path(run_dir) / table), [str(p) for p in found[table][0]])
+    # rollups: a corrupt one is not fatal (metrics read routing), so always skipped
+    found.update({t: check_parts(list_parts(run_dir, t), True) for t in schema.ROLLUP_TABLES})
+    rollups = {t: (str(Path(run_dir) / t), [str(p) for p in ps]) for t, ps in covered_parts(found).items()}
+    con.create_views(parts, labels, rollups)
     return skipped

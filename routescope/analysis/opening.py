@@ -17,6 +17,7 @@ from routescope import schema
 from routescope.analysis.database import check_parts, views_over_parts
 from routescope.analysis.engines import is_spark
 from routescope.analysis.quick_check import warn_if_damaged
+from routescope.analysis.rollups import covered_parts
 from routescope.analysis.run import Run, merge_rank_manifests
 from routescope.analysis.run import open_run as open_local_run
 from routescope.store.remote import ObjectStore, is_remote, local_path, read_remote_manifest
@@ -67,23 +68,31 @@ class RemoteRun(Run):
         for table in schema.TABLE_COLUMNS:
             good, bad = check_parts(self.store.list_parts(table), self.skip_corrupt, self.store.fs)
             found[table] = ([self._url(k) for k in good], [self._url(k) for k in bad])
-        if not is_spark(self.con):  # rollup views (analysis/rollups.py); a corrupt rollup is only skipped
-            for table in schema.ROLLUP_TABLES:
-                good, bad = check_parts(self.store.list_parts(table), True, self.store.fs)
-                found[table] = ([self._url(k) for k in good], [self._url(k) for k in bad])
+        rollups = {}  # rollup tables (analysis/rollups.py): a corrupt part is only skipped
+        for table in schema.ROLLUP_TABLES:
+            good, bad = check_parts(self.store.list_parts(table), True, self.store.fs)
+            rollups[table] = ([self._url(k) for k in good], [self._url(k) for k in bad])
         if is_spark(self.con):
+            covering = covered_parts({**found, **rollups}, self._modified)
             self.con.create_views(
-                {t: (self._url(self.store.key(t)), good) for t, (good, _) in found.items()}, self.labels
+                {t: (self._url(self.store.key(t)), good) for t, (good, _) in found.items()},
+                self.labels,
+                {t: (self._url(self.store.key(t)), good) for t, good in covering.items()},
             )
             self.skipped = [p for _, bad in found.values() for p in bad]
         else:
             if not self._registered:
                 self.con.register_filesystem(self.store.fs)
                 self._registered = True
-            self.skipped = views_over_parts(self.con, found, self.labels)
+            self.skipped = views_over_parts(self.con, {**found, **rollups}, self.labels, self._modified)
         if self.skipped:
             self._mark_skipped()
         return self
+
+    def _modified(self, url: str) -> float:
+        """When the object at `url` was written (the coverage rule: a rollup part older than
+        its routing part does not count; analysis/rollups.py `covered`)."""
+        return self.store.fs.modified(url.split("://", 1)[-1]).timestamp()
 
     def _url(self, key: str) -> str:
         url = self.store.url(key)

@@ -1,4 +1,5 @@
-"""Rollup tables on the reading side: which runs may answer from them, and building them.
+"""Rollup tables on the reading side: which runs may answer from them (DuckDB or Spark, local
+or on object storage).
 
 A rollup part N summarises routing part N of its rank (store/rollups.py). When a run's views
 are built, a rollup table gets its view (`rollup_expert_counts`, ...) only when its parts
@@ -7,12 +8,12 @@ skipped as corrupt; otherwise it has no view and every metric reads `routing` (s
 result). A `where=` is answered from a rollup when it binds over the rollup's dimension
 columns alone (step, phase, labels, rank, ...): then it selects whole rollup rows, and the
 sums over them equal the counts over the selected tokens. `metrics.py` asks `selected_rollup`;
-`build_rollups` (`routescope index`, the dashboard's first open) writes missing parts.
+the Spark engine makes the same views (cluster.py, from `covered_parts`) and runs the same
+twin queries translated. Building missing parts is analysis/rollup_build.py.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -20,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from routescope import schema
 from routescope.analysis.runview import RunView as Run
-from routescope.analysis.sqlfiles import Cte, compose, get_query
-from routescope.store.layout import TMP_SUFFIX, list_parts, part_path
-from routescope.store.rollups import COMPACTED, compact, coverage, part_rollups
+from routescope.errors import RouteScopeError
+from routescope.store.part_files import part_name
+from routescope.store.rollups import coverage
+
+# seconds since the epoch a part (path or URL) was last written; None: a local path's mtime
+Modified = Callable[[Any], float] | None
 
 ROLLUPS = schema.ROLLUP_TABLES
 PREV = schema.ROLLUP_PREVIOUS
@@ -64,15 +66,10 @@ def rollup_ctes(run: Run, where: str | None, tables: Iterable[str]) -> dict[str,
     return out
 
 
-def part_name(part: Any) -> str:
-    """'rank=R/part-NNNNN.parquet' of a part path or URL."""
-    text = str(part).replace("\\", "/")
-    return "/".join(text.rsplit("/", 2)[-2:])
-
-
-def covered(found: dict[str, tuple[list[Any], list[Any]]], table: str) -> bool:
+def covered(found: dict[str, tuple[list[Any], list[Any]]], table: str, modified: Modified = None) -> bool:
     """True when `table`'s parts cover every routing part exactly once (store/rollups.py
-    `coverage`), none covers a part that is gone, and none is older than a part it covers."""
+    `coverage`), none covers a part that is gone, and none is older than a part it covers
+    (`modified` tells the time of a part URL on object storage; local paths use their mtime)."""
     if table not in found or any(found.get(t, ([], []))[1] for t in (table, schema.TOKENS, schema.ROUTING)):
         return False
     routing = {part_name(p): p for p in found[schema.ROUTING][0]}
@@ -83,21 +80,42 @@ def covered(found: dict[str, tuple[list[Any], list[Any]]], table: str) -> bool:
     if stale or any(len(c) != 1 for c in cover.values()):
         return False
     for name, (part,) in cover.items():
-        local = rollup[part]
-        if isinstance(local, Path) and local.stat().st_mtime < routing[name].stat().st_mtime:
+        mine, theirs = rollup[part], routing[name]
+        if modified is not None:
+            if modified(mine) < modified(theirs):
+                return False
+        elif isinstance(mine, Path) and mine.stat().st_mtime < theirs.stat().st_mtime:
             return False
     return True
 
 
+def covered_parts(
+    found: dict[str, tuple[list[Any], list[Any]]], modified: Modified = None
+) -> dict[str, list[Any]]:
+    """Rollup table -> its parts, for the tables that cover the run (`covered`); the Spark
+    engine makes a view of each (cluster.py), DuckDB through `create_rollup_views`."""
+    out = {}
+    for table in ROLLUPS:
+        try:
+            if covered(found, table, modified):
+                out[table] = found[table][0]
+        except FileNotFoundError:
+            continue  # a part compacted away meanwhile: read routing
+    return out
+
+
 def create_rollup_views(
-    con: duckdb.DuckDBPyConnection, found: dict[str, tuple[list[Any], list[Any]]], labels: list[str]
+    con: duckdb.DuckDBPyConnection,
+    found: dict[str, tuple[list[Any], list[Any]]],
+    labels: list[str],
+    modified: Modified = None,
 ) -> None:
     """One view per covered rollup table (labels missing from older parts read NULL, the extra
     token columns their default, as in `tokens`); no view for the others."""
     for table in ROLLUPS:
         con.execute(f"DROP VIEW IF EXISTS {table}")
         try:
-            if not covered(found, table):
+            if not covered(found, table, modified):
                 continue
             _create_rollup_view(con, table, found[table][0], labels)
         except (duckdb.IOException, FileNotFoundError):
@@ -126,7 +144,9 @@ def _create_rollup_view(
 
 def has_view(run: Run, table: str) -> bool:
     con = run.con
-    if getattr(con, "engine", "duckdb") != "duckdb" or not hasattr(con, "execute"):
+    if getattr(con, "engine", "duckdb") == "spark":
+        return bool(con.has_view(table))
+    if not hasattr(con, "execute"):
         return False
     try:
         return bool(
@@ -148,6 +168,19 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _names_only(where: str, dims: list[str]) -> bool:
+    """True when every column `where` names is one of `dims` (parsed with sqlglot, which the
+    Spark engine has loaded; a predicate it cannot parse is left to the probe)."""
+    try:
+        import sqlglot
+        from sqlglot import exp
+
+        tree = sqlglot.parse_one(f"SELECT 1 WHERE {where}", read="duckdb")
+    except Exception:
+        return True
+    return all(column.name in dims for column in tree.find_all(exp.Column))
+
+
 def selected_rollup(run: Run, table: str, where: str | None) -> str | None:
     """SQL of `table`'s rows that `where` selects, or None when the run cannot answer from it
     (no covering view, or a predicate over columns the rollup does not keep)."""
@@ -156,12 +189,14 @@ def selected_rollup(run: Run, table: str, where: str | None) -> str | None:
     if where is None:
         return f"SELECT * FROM {table}"
     dims = dimensions(run, table)
+    if getattr(run.con, "engine", "duckdb") == "spark" and not _names_only(where, dims):
+        return None  # decided without a probe: Spark logs a failed one at ERROR in the user's session
     probe = f"SELECT * FROM (SELECT {', '.join(map(_quote, dims))} FROM {table} LIMIT 0) WHERE ({where})"
     try:
         if len(duckdb.extract_statements(probe)) != 1:
             return None
         run.con.execute(probe).fetchall()
-    except duckdb.Error:
+    except (duckdb.Error, RouteScopeError):  # RouteScopeError: Spark's QueryError
         return None
     selected = f"SELECT * FROM {table} WHERE ({where})"
     if table != schema.ROLLUP_REPETITION:
@@ -170,144 +205,11 @@ def selected_rollup(run: Run, table: str, where: str | None) -> str | None:
     own = [d for d in dims if d != "rank"]
     if any(PREV + d not in [r[0] for r in run.con.execute(f"DESCRIBE {table}").fetchall()] for d in own):
         return None
+    # the earlier token's columns under the later token's names (EXCLUDE, not REPLACE: Spark
+    # has `* EXCEPT` but no `* REPLACE`)
     swap = ", ".join(f"{_quote(PREV + d)} AS {_quote(d)}" for d in own)
-    return f"SELECT * FROM (SELECT * REPLACE ({swap}) FROM ({selected})) WHERE ({where})"
+    drop = ", ".join(map(_quote, own))
+    return f"SELECT * FROM (SELECT * EXCLUDE ({drop}), {swap} FROM ({selected})) WHERE ({where})"
 
 
-# -- building (routescope index) ---------------------------------------------------------
-def _write(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
-
-
-def missing_parts(run_dir: Path) -> dict[str, list[str]]:
-    """Per rollup table: the routing parts (rank=R/part-N) it does not cover exactly once with
-    a part at least as new. Their covering parts are removed by `build_rollups`."""
-    routing = {part_name(p): p for p in list_parts(run_dir, schema.ROUTING)}
-    out = {}
-    for table in ROLLUPS:
-        have = {part_name(p): p for p in list_parts(run_dir, table)}
-        cover, _ = coverage(list(routing), list(have))
-        out[table] = sorted(
-            name
-            for name, parts in cover.items()
-            if len(parts) != 1 or have[parts[0]].stat().st_mtime < routing[name].stat().st_mtime
-        )
-    return out
-
-
-def _clear(run_dir: Path, missing: dict[str, list[str]]) -> None:
-    """Remove the rollup parts that cover nothing or cover a part about to be rebuilt (a range
-    part goes whole: its other parts are rebuilt with it)."""
-    routing = [part_name(p) for p in list_parts(run_dir, schema.ROUTING)]
-    for table in ROLLUPS:
-        have = {part_name(p): p for p in list_parts(run_dir, table)}
-        cover, stale = coverage(routing, list(have))
-        doomed = set(stale) | {p for name in missing[table] for p in cover[name]}
-        for name in doomed:
-            have[name].unlink()
-        if doomed:  # parts a removed range part covered must be rebuilt too
-            cover, _ = coverage(routing, [n for n in have if n not in doomed])
-            missing[table] = sorted(n for n, parts in cover.items() if not parts)
-
-
-def build_rollups(
-    run: Run, force: bool = False, progress: Callable[[Iterable[Any], int, str], Iterable[Any]] | None = None
-) -> dict[str, int]:
-    """Write the rollup parts a local run lacks (all of them with `force`); returns how many
-    parts of each table were written. `progress(iterable, total, description)` wraps the loop
-    over routing parts (a tqdm bar on the command line)."""
-    run_dir = Path(run.path)
-    missing = missing_parts(run_dir)
-    if force:
-        every = sorted(part_name(p) for p in list_parts(run_dir, schema.ROUTING))
-        missing = {t: every for t in ROLLUPS}
-    _clear(run_dir, missing)
-    counts_todo = sorted(set().union(*(missing[t] for t in ROLLUPS if t != schema.ROLLUP_REPETITION)))
-    repetition_todo = missing[schema.ROLLUP_REPETITION]
-    written = {t: 0 for t in ROLLUPS}
-    wrap = progress or (lambda it, total, desc: it)
-    token_cache: dict[int, pa.Table] = {}
-    steps = [("counts", name) for name in counts_todo] + [("repetition", r) for r in _ranks(repetition_todo)]
-    for kind, item in wrap(steps, len(steps), "rollups"):
-        if kind == "counts":
-            rank = int(item.split("/")[0].split("=")[1])
-            if rank not in token_cache:
-                token_cache.clear()
-                token_cache[rank] = _rank_tokens(run, rank)
-            routing = pq.read_table(
-                run_dir / schema.ROUTING / item, columns=["seq_id", "pos", "layer", "slot", "expert"]
-            )
-            rows = part_rollups(
-                token_cache[rank], routing, coactivation=item in missing[schema.ROLLUP_COACTIVATION]
-            )
-            for table, data in rows.items():
-                if item in missing[table]:
-                    _write(data, run_dir / table / item)
-                    written[table] += 1
-        else:
-            names = [n for n in repetition_todo if n.startswith(f"rank={item}/")]
-            written[schema.ROLLUP_REPETITION] += _build_repetition(run, run_dir, item, names)
-    for table in COMPACTED:
-        for rank in _ranks([part_name(p) for p in list_parts(run_dir, table)]):
-            compact(run_dir, table, rank)
-    run.refresh()
-    return written
-
-
-def _ranks(names: list[str]) -> list[int]:
-    return sorted({int(n.split("/")[0].split("=")[1]) for n in names})
-
-
-def _rank_tokens(run: Run, rank: int) -> pa.Table:
-    """The tokens of one rank as the tokens view shows them (defaults and NULL labels filled)."""
-    table = run.con.sql("SELECT * EXCLUDE (rank) FROM tokens WHERE rank = ?", params=[rank]).to_arrow_table()
-    return table if isinstance(table, pa.Table) else table.read_all()
-
-
-def _build_repetition(run: Run, run_dir: Path, rank: int, names: list[str]) -> int:
-    """rollup_repetition parts `names` of `rank`: pairs (previous token, token) of a sequence
-    counted in the part that routes the later token, keyed by both tokens' dimensions."""
-    parts = [str(p) for p in list_parts(run_dir, schema.ROUTING) if part_name(p).startswith(f"rank={rank}/")]
-    tokens_cols = [r[0] for r in run.con.execute("DESCRIBE tokens").fetchall()]
-    dims = [c for c in tokens_cols if c not in schema.ROLLUP_NON_DIMENSIONS]
-    b_cols = ", ".join(_quote(d) for d in dims)
-    a_cols = ", ".join(f"{_quote(d)} AS {_quote(PREV + d)}" for d in dims)
-    con = run.con
-    routing = con.read_parquet(parts, filename=True, hive_partitioning=False)
-    routing = routing.project(
-        "seq_id, pos, layer, slot, expert, regexp_extract(replace(filename, '\\', '/'), '[^/]+/[^/]+$') AS part"
-    )
-    routing.create_view("routescope_index_routing", replace=True)
-    ctes = [
-        Cte("index_routing", "SELECT * FROM routescope_index_routing"),
-        Cte("target_parts", "SELECT unnest($names::VARCHAR[]) AS part"),
-        Cte("b_tokens", f"SELECT seq_id, pos, {b_cols} FROM tokens WHERE rank = $rank"),
-        Cte("a_tokens", f"SELECT seq_id, pos, {a_cols} FROM tokens WHERE rank = $rank"),
-    ]
-    sql = compose(get_query("rollup_repetition_rows").sql, ctes)
-    table = con.sql(sql, params={"names": names, "rank": rank}).to_arrow_table()
-    table = table if isinstance(table, pa.Table) else table.read_all()
-    con.execute("DROP VIEW IF EXISTS routescope_index_routing")
-    by_part = table.group_by("part").aggregate([]) if table.num_rows else None
-    present = set(by_part["part"].to_pylist()) if by_part is not None else set()
-    empty = table.schema.remove(table.schema.get_field_index("part"))
-    for name in names:
-        rows = (
-            table.filter(pa.compute.equal(table["part"], name)).drop(["part"])
-            if name in present
-            else empty.empty_table()
-        )
-        _write(rows, run_dir / schema.ROLLUP_REPETITION / name)
-    return len(names)
-
-
-def rollup_bytes(run_dir: Path) -> dict[str, int]:
-    """Bytes on disk per table (rollups and routing/tokens), for the cost benchmark."""
-    tables = [schema.TOKENS, schema.ROUTING, *ROLLUPS]
-    return {t: sum(p.stat().st_size for p in list_parts(run_dir, t)) for t in tables}
-
-
-__all__ = ["build_rollups", "create_rollup_views", "missing_parts", "part_path", "selected_rollup"]
+__all__ = ["covered", "create_rollup_views", "part_name", "selected_rollup", "without_rollups"]

@@ -18,7 +18,8 @@ from routescope import schema
 from routescope.analysis import metrics
 from routescope.analysis.display import run_html
 from routescope.analysis.engines import build_views, connect
-from routescope.analysis.rollups import build_rollups, has_view
+from routescope.analysis.rollup_build import build_rollups
+from routescope.analysis.rollups import has_view
 from routescope.errors import RunFormatError
 from routescope.store.layout import list_parts, list_tables
 from routescope.store.manifest import read_manifest
@@ -111,9 +112,13 @@ class Run:
         """The rollup tables (SPEC 3.3) that cover every routing part: metrics read them."""
         return [table for table in schema.ROLLUP_TABLES if has_view(self, table)]
 
-    def build_rollups(self, force: bool = False, progress: Any = None) -> dict[str, int]:
-        """Write the rollup parts this run lacks (`routescope index`); returns parts written per table."""
-        return build_rollups(self, force=force, progress=progress)
+    def build_rollups(
+        self, force: bool = False, progress: Any = None, builder: str = "numpy"
+    ) -> dict[str, int]:
+        """Write the rollup parts this run lacks, local or on object storage (`routescope index`;
+        `builder="sql"`: the named SQL on this run's engine, DuckDB or Spark); returns parts
+        written per table (analysis/rollup_build.py)."""
+        return build_rollups(self, force=force, progress=progress, builder=builder)
 
     # -- queries -----------------------------------------------------------------------
     def sql(self, query: str, params: dict[str, Any] | list[Any] | None = None) -> pd.DataFrame:

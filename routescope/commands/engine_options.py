@@ -1,4 +1,4 @@
-"""`--engine`, `--master` and `--conf` of `routescope report`: which engine answers, and for
+"""`--engine`, `--master` and `--conf` of `routescope report` (and `index`): which engine answers, and for
 Spark, which cluster and settings (docs/spark_and_object_storage.md). The session is made by
 `analysis.cluster.spark_session`, so pyspark loads only when Spark is asked for.
 """
@@ -8,15 +8,22 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+QUERY_ENGINE = "query engine: duckdb (in process, default) or spark (the active or a local SparkSession)"
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+
+def add_engine_arguments(
+    parser: argparse.ArgumentParser,
+    choices: tuple[str, ...] = ("duckdb", "spark"),
+    default: str = "duckdb",
+    what: str = QUERY_ENGINE,
+) -> None:
     parser.add_argument(
         "--engine",
-        choices=("duckdb", "spark"),
-        default="duckdb",
-        help="query engine: duckdb (in process, default) or spark (the active or a local SparkSession; "
-        'pip install -e ".[spark]"); RUN may be a URI such as s3://bucket/runs/x (Spark then needs '
-        "hadoop-aws: --conf spark.jars.packages=org.apache.hadoop:hadoop-aws:<its Hadoop version>)",
+        choices=choices,
+        default=default,
+        help=f'{what}; spark needs pip install -e ".[spark]"; RUN may be a URI such as s3://bucket/runs/x '
+        "(Spark then needs hadoop-aws: --conf spark.jars.packages=org.apache.hadoop:hadoop-aws:<its Hadoop "
+        "version>)",
     )
     parser.add_argument(
         "--master",

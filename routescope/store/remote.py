@@ -40,6 +40,7 @@ from routescope import schema
 from routescope.errors import RunFormatError
 from routescope.store.lock import LockHolder, _busy, _deadline, acquire_announced
 from routescope.store.manifest import MANIFEST_NAME, REQUIRED_KEYS
+from routescope.store.part_files import RemoteParts
 from routescope.store.rundir import MODES, RunDirectory
 from routescope.store.writer import PartWriter
 
@@ -336,6 +337,9 @@ class RemotePartWriter(PartWriter):
         self.store.put(key, sink.getvalue().to_pybytes())
         self._next_index[name] += 1
         self.parts_written.append(Path(key))
+
+    def part_files(self) -> RemoteParts:
+        return RemoteParts(self.store)
 
 
 @dataclass(frozen=True)

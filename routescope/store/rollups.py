@@ -17,18 +17,17 @@ pos and token_id (step, phase, modality, stack, train_step when present, the lab
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from routescope import schema
-from routescope.store.layout import TMP_SUFFIX, table_dir
 from routescope.store.pair_totals import PairTotals
+from routescope.store.part_files import LocalParts, PartFiles
 
 EXPERT_COUNTS = schema.ROLLUP_EXPERT_COUNTS
 TOP1_PAIRS = schema.ROLLUP_TOP1_PAIRS
@@ -402,41 +401,40 @@ def coverage(routing: list[str], rollup: list[str]) -> tuple[dict[str, list[str]
     return cover, stale
 
 
-def compact(run_dir: Path, table: str, rank: int, totals: PairTotals | None = None) -> Path | None:
+def compact(files: PartFiles | Path, table: str, rank: int, totals: PairTotals | None = None) -> Any:
     """Merge `table`'s one-part rollups of `rank` into one range part (equal keys summed);
-    written atomically before the one-part files go, so a crash between leaves a double cover
-    that readers refuse (they read routing) and `routescope index` repairs. `totals`: the
-    writer's running sums, used instead of reading the parts back when they cover exactly them."""
-    folder = table_dir(run_dir, table, rank)
-    if not folder.is_dir():
-        return None
-    ranges = [covered_range(p.name) for p in folder.glob("part-*-*.parquet")]
-    singles = []
-    for p in sorted(folder.glob("part-*.parquet")):
-        if len(p.stem.split("-")) != 2:
+    written whole (a rename, or one PUT on object storage) before the one-part parts go, so a
+    crash between leaves a double cover that readers refuse (they read routing) and
+    `routescope index` repairs. `files`: the run's parts (store/part_files.py; a Path is a
+    local run). `totals`: the writer's running sums, used instead of reading the parts back
+    when they cover exactly them."""
+    files = LocalParts(files) if isinstance(files, Path) else files
+    mine = {n: h for n, h in files.parts(table).items() if n.startswith(f"rank={rank}/")}
+    ranges = [covered_range(n) for n in mine if len(n.rsplit("/", 1)[-1].split("-")) == 3]
+    singles, leftovers = [], []
+    for name in sorted(mine):
+        if len(name.rsplit("/", 1)[-1].split("-")) != 2:
             continue
-        index = covered_range(p.name)[0]
+        index = covered_range(name)[0]
         if any(a <= index <= b for a, b in ranges):
-            p.unlink()  # left by a crash after its range part was written: the range part has it
+            leftovers.append(mine[name])  # left by a crash after its range part was written
         else:
-            singles.append(p)
+            singles.append(name)
+    files.remove(leftovers)
     if len(singles) < 2:
         return None
     merged = None
-    if totals is not None and [covered_range(p.name)[0] for p in singles] == sorted(totals.parts):
+    if totals is not None and [covered_range(n)[0] for n in singles] == sorted(totals.parts):
         merged = totals.table()
     if merged is None:
-        tables = [pq.read_table(p) for p in singles]
+        tables = [files.read(mine[n]) for n in singles]
         tables = [t.drop(["rank"]) if "rank" in t.column_names else t for t in tables]
         whole = pa.concat_tables(tables, promote_options="default")
         merged = sum_rows(whole, [m for m in schema.ROLLUP_MEASURES[table] if m not in _KEYS[table]])
-    first, last = covered_range(singles[0].name)[0], covered_range(singles[-1].name)[1]
-    path = folder / f"part-{first:05d}-{last:05d}.parquet"
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    pq.write_table(merged, tmp, compression="zstd", compression_level=9)  # written once: worth it
-    os.replace(tmp, path)
-    for p in singles:
-        p.unlink()
+    first, last = covered_range(singles[0])[0], covered_range(singles[-1])[1]
+    # zstd level 9: written once, worth it
+    path = files.write(table, f"rank={rank}/part-{first:05d}-{last:05d}.parquet", merged, level=9)
+    files.remove([mine[n] for n in singles])
     return path
 
 

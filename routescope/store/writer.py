@@ -24,6 +24,7 @@ from routescope import schema
 from routescope.errors import WriterError
 from routescope.store.layout import TMP_SUFFIX, next_part_index, part_path
 from routescope.store.pair_totals import PairTotals
+from routescope.store.part_files import LocalParts, PartFiles
 from routescope.store.rollups import COMPACTED, TOP1_PAIRS, compact, part_rollups
 from routescope.store.step_rollups import StepInput, combine
 
@@ -143,10 +144,17 @@ class PartWriter:
             for table in COMPACTED:
                 try:
                     compact(
-                        self.run_dir, table, self.rank, self._pair_totals if table == TOP1_PAIRS else None
+                        self.part_files(),
+                        table,
+                        self.rank,
+                        self._pair_totals if table == TOP1_PAIRS else None,
                     )
                 except Exception:
                     self.rollup_errors += 1
+
+    def part_files(self) -> PartFiles:
+        """The run's parts as compaction reads and writes them (store/part_files.py)."""
+        return LocalParts(self.run_dir)
 
     def raise_if_failed(self) -> None:
         if self._error is not None:

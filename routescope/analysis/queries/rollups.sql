@@ -1,6 +1,78 @@
--- Rollup tables (SPEC 3.3 `rollup_*`, docs/run_format.md): building rollup_repetition, and the
--- metrics read from the rollup rows a `where=` selects (`selected_rollup`, `selected_pairs`,
--- `selected_repetition`, composed in querying.py). Each equals its routing-based twin.
+-- Rollup tables (SPEC 3.3 `rollup_*`, docs/run_format.md): building them (the `*_rows` blocks,
+-- run by `routescope index --engine duckdb|spark` on DuckDB or, translated by dialect.to_spark, on
+-- Spark; they equal the NumPy builder of store/rollups.py), and the metrics read from the rollup
+-- rows a `where=` selects (`selected_rollup`, `selected_pairs`, `selected_repetition`, composed in
+-- querying.py). Each metric equals its routing-based twin.
+-- The builders read CTEs composed by analysis/rollup_build.py: `index_routing` (routing rows of
+-- one rank with their part name `part`), `index_tokens` (seq_id, pos and the token dimensions),
+-- `pair_tokens` (seq_id, pos and the dimensions without the step), and for repetition
+-- `target_parts`, `b_tokens`, `a_tokens`.
+
+-- name: rollup_expert_counts_rows
+-- Per routing part: routing rows and slot-0 rows per (token dimensions, layer, expert); routing without its token counts under NULL dimensions.
+SELECT
+    r.part,
+    t.* EXCLUDE (seq_id, pos),
+    r.layer::SMALLINT AS layer,
+    r.expert::SMALLINT AS expert,
+    count(*)::BIGINT AS tokens,
+    (count(*) FILTER (WHERE r.slot = 0))::BIGINT AS first
+FROM index_routing r
+LEFT JOIN index_tokens t ON t.seq_id = r.seq_id AND t.pos = r.pos
+GROUP BY ALL
+
+-- name: rollup_top1_pairs_rows
+-- Per routing part: tokens whose slot-0 experts at consecutive MoE layers of the part were A then B, per dimensions without the step; tokens missing a layer of the part are left out.
+WITH part_layers AS (
+    SELECT
+        part,
+        layer,
+        lead(layer) OVER (PARTITION BY part ORDER BY layer) AS next_layer,
+        count(*) OVER (PARTITION BY part) AS n_layers
+    FROM (SELECT DISTINCT part, layer FROM index_routing)
+),
+firsts AS (
+    SELECT part, seq_id, pos, layer, min(expert) AS expert
+    FROM index_routing
+    WHERE slot = 0
+    GROUP BY part, seq_id, pos, layer
+),
+complete AS (
+    SELECT f.part, f.seq_id, f.pos
+    FROM firsts f
+    JOIN part_layers l ON l.part = f.part AND l.layer = f.layer
+    GROUP BY f.part, f.seq_id, f.pos
+    HAVING count(*) = max(l.n_layers)
+)
+SELECT
+    c.part,
+    t.* EXCLUDE (seq_id, pos),
+    a.layer::SMALLINT AS layer,
+    l.next_layer::SMALLINT AS next_layer,
+    a.expert::SMALLINT AS expert_a,
+    b.expert::SMALLINT AS expert_b,
+    count(*)::BIGINT AS count
+FROM complete c
+JOIN pair_tokens t ON t.seq_id = c.seq_id AND t.pos = c.pos
+JOIN firsts a ON a.part = c.part AND a.seq_id = c.seq_id AND a.pos = c.pos
+JOIN part_layers l ON l.part = a.part AND l.layer = a.layer
+JOIN firsts b ON b.part = c.part AND b.seq_id = c.seq_id AND b.pos = c.pos AND b.layer = l.next_layer
+GROUP BY ALL
+
+-- name: rollup_coactivation_rows
+-- Per routing part: tokens that chose experts A <= B in two slots of one layer, per dimensions without the step (unordered pairs; SPEC 4.3 counts them both ways round).
+SELECT
+    x.part,
+    t.* EXCLUDE (seq_id, pos),
+    x.layer::SMALLINT AS layer,
+    least(x.expert, y.expert)::SMALLINT AS expert_a,
+    greatest(x.expert, y.expert)::SMALLINT AS expert_b,
+    count(*)::BIGINT AS count
+FROM index_routing x
+JOIN index_routing y
+    ON y.part = x.part AND y.seq_id = x.seq_id AND y.pos = x.pos AND y.layer = x.layer AND y.slot > x.slot
+JOIN pair_tokens t ON t.seq_id = x.seq_id AND t.pos = x.pos
+GROUP BY ALL
 
 -- name: rollup_repetition_rows
 -- Per routing part of the later token, both tokens' dimensions and layer: consecutive pairs, equal slot-0 experts, top-2 sets that meet.
