@@ -135,19 +135,32 @@ def coactivation(run: Run, layer: int, where: str | None = None) -> pd.DataFrame
 def permute_pairs(counts: pd.DataFrame, seed: int) -> pd.DataFrame:
     """The pair counts after a seeded random permutation of B across the tokens of each layer pair.
 
-    Tokens are expanded from the counts in their sorted order, so the result depends only on
-    the counts and the seed.
+    Drawn without expanding the tokens: under a uniform random permutation of B the tokens of
+    expert a (in ascending order of a) take a uniformly random subset of size n_a of the B
+    values not yet taken, so row a of the permuted table is one multivariate hypergeometric
+    draw from what is left. Both margins are kept exactly, the table has the permutation's
+    distribution, and the cost is E_a × E_b per layer pair whatever the number of tokens.
+    The draws depend only on the counts and `numpy.random.default_rng([seed, layer, next_layer])`.
     """
     frames = []
     for (layer, next_layer), grp in counts.groupby(["layer", "next_layer"], sort=True):
-        grp = grp.sort_values(["expert_a", "expert_b"])
+        grp = grp[grp["count"] > 0]
+        a = grp["expert_a"].to_numpy(dtype=np.int64)
+        b = grp["expert_b"].to_numpy(dtype=np.int64)
         n = grp["count"].to_numpy(dtype=np.int64)
-        a = np.repeat(grp["expert_a"].to_numpy(dtype=np.int64), n)
-        b = np.repeat(grp["expert_b"].to_numpy(dtype=np.int64), n)
-        rng = np.random.default_rng([int(seed), int(layer), int(next_layer)])
-        b = b[rng.permutation(len(b))]
         width = int(b.max()) + 1 if len(b) else 1
-        joint = np.bincount(a * width + b, minlength=width)
+        rows = int(a.max()) + 1 if len(a) else 1
+        table = np.bincount(a * width + b, weights=n, minlength=rows * width).astype(np.int64)
+        need = table.reshape(rows, width).sum(axis=1)  # n_a
+        left = table.reshape(rows, width).sum(axis=0)  # B values not yet given out
+        rng = np.random.default_rng([int(seed), int(layer), int(next_layer)])
+        joint = np.zeros((rows, width), dtype=np.int64)
+        for row in np.flatnonzero(need):
+            if need[row] == left.sum():  # the last row takes what is left
+                joint[row] = left
+            else:
+                joint[row] = rng.multivariate_hypergeometric(left, int(need[row]), method="marginals")
+            left = left - joint[row]
         keys = np.flatnonzero(joint)
         frames.append(
             pd.DataFrame(
@@ -156,7 +169,7 @@ def permute_pairs(counts: pd.DataFrame, seed: int) -> pd.DataFrame:
                     "next_layer": next_layer,
                     "expert_a": keys // width,
                     "expert_b": keys % width,
-                    "count": joint[keys],
+                    "count": joint.reshape(-1)[keys],
                 }
             )
         )
