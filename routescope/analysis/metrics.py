@@ -142,48 +142,51 @@ def permute_pairs(counts: pd.DataFrame, seed: int) -> pd.DataFrame:
     distribution, and the cost is E_a × E_b per layer pair whatever the number of tokens.
     The draws depend only on the counts and `numpy.random.default_rng([seed, layer, next_layer])`.
     """
-    frames = []
-    for (layer, next_layer), grp in counts.groupby(["layer", "next_layer"], sort=True):
-        grp = grp[grp["count"] > 0]
-        a = grp["expert_a"].to_numpy(dtype=np.int64)
-        b = grp["expert_b"].to_numpy(dtype=np.int64)
-        n = grp["count"].to_numpy(dtype=np.int64)
-        width = int(b.max()) + 1 if len(b) else 1
-        rows = int(a.max()) + 1 if len(a) else 1
-        table = np.bincount(a * width + b, weights=n, minlength=rows * width).astype(np.int64)
-        need = table.reshape(rows, width).sum(axis=1)  # n_a
-        left = table.reshape(rows, width).sum(axis=0)  # B values not yet given out
+    counts = counts[counts["count"] > 0]
+    if counts.empty:
+        return counts.iloc[:0]
+    layer = counts["layer"].to_numpy(dtype=np.int64)
+    keys, pair = np.unique(layer * 65536 + counts["next_layer"].to_numpy(dtype=np.int64), return_inverse=True)
+    pairs = np.stack([keys // 65536, keys % 65536], axis=1)
+    a = counts["expert_a"].to_numpy(dtype=np.int64)
+    b = counts["expert_b"].to_numpy(dtype=np.int64)
+    rows, width = int(a.max()) + 1, int(b.max()) + 1
+    tables = np.zeros((len(pairs), rows, width), dtype=np.int64)
+    np.add.at(tables, (pair.reshape(-1), a, b), counts["count"].to_numpy(dtype=np.int64))
+    joint = np.zeros_like(tables)
+    for i, (layer, next_layer) in enumerate(pairs):
+        need = tables[i].sum(axis=1)  # n_a
+        left = tables[i].sum(axis=0)  # the B values not yet given out
         rng = np.random.default_rng([int(seed), int(layer), int(next_layer)])
-        joint = np.zeros((rows, width), dtype=np.int64)
         for row in np.flatnonzero(need):
             if need[row] == left.sum():  # the last row takes what is left
-                joint[row] = left
+                joint[i, row] = left
             else:
-                joint[row] = rng.multivariate_hypergeometric(left, int(need[row]), method="marginals")
-            left = left - joint[row]
-        keys = np.flatnonzero(joint)
-        frames.append(
-            pd.DataFrame(
-                {
-                    "layer": layer,
-                    "next_layer": next_layer,
-                    "expert_a": keys // width,
-                    "expert_b": keys % width,
-                    "count": joint.reshape(-1)[keys],
-                }
-            )
-        )
-    return pd.concat(frames, ignore_index=True) if frames else counts.iloc[:0]
+                joint[i, row] = rng.multivariate_hypergeometric(left, int(need[row]), method="marginals")
+            left = left - joint[i, row]
+    index, expert_a, expert_b = np.nonzero(joint)
+    return pd.DataFrame(
+        {
+            "layer": pairs[index, 0],
+            "next_layer": pairs[index, 1],
+            "expert_a": expert_a,
+            "expert_b": expert_b,
+            "count": joint[index, expert_a, expert_b],
+        }
+    )
 
 
 def pair_counts_table(observed: pd.DataFrame, permuted: pd.DataFrame) -> pa.Table:
     cols = ["layer", "next_layer", "expert_a", "expert_b", "count"]
-    both = pd.concat(
-        [observed[cols].assign(sample=0), permuted[cols].assign(sample=1)], ignore_index=True
-    ).astype(
-        {"layer": "int64", "next_layer": "int64", "expert_a": "int64", "expert_b": "int64", "count": "int64"}
+    return pa.table(
+        {
+            **{
+                c: np.concatenate([observed[c].to_numpy(np.int64), permuted[c].to_numpy(np.int64)])
+                for c in cols
+            },
+            "sample": np.repeat(np.array([0, 1], dtype=np.int64), [len(observed), len(permuted)]),
+        }
     )
-    return pa.Table.from_pandas(both, preserve_index=False)
 
 
 @checks_selection
