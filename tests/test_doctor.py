@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import routescope as rs
-from routescope.analysis.doctor import exit_code, group_findings, no_zero_weight, verdict
+from routescope.analysis.doctor import exit_code, group_findings, verdict
 from routescope.analysis.doctor_rules import diversity, gini
 from routescope.analysis.querying import query
 from routescope.cli import main
@@ -210,14 +210,23 @@ def test_capacity_drops_are_slots_recorded_with_weight_zero(tmp_path):
         assert list(drops["layer"]) == [1] and drops.iloc[0]["severity"] == "warning"
         assert "100 of 2,000 routing slots (5.00%)" in drops.iloc[0]["evidence"]
         assert len(run.sql(drops.iloc[0]["sql"])) == 100
-        assert not no_zero_weight(run)  # layer 1's footer minimum is 0: routing is read
+        wheres = ["phase = 'prefill'", "pos < 500"]  # a rollup dimension, and not one
+        routing_only = [query(run, "doctor_capacity_drops", where=w, uses=("expert_counts",)) for w in wheres]
+        run.build_rollups()  # slots then come from rollup_expert_counts: the same numbers
+        assert "rollup_expert_counts" in run.rollups
+        again = rows(run.doctor(), "capacity_drops")
+        assert list(again["evidence"]) == list(drops["evidence"])
+        for where, expected in zip(wheres, routing_only, strict=True):
+            got = query(run, "doctor_capacity_drops", where=where, uses=("expert_counts",))
+            pd.testing.assert_frame_equal(got, expected)
+        assert list(routing_only[1]["dropped"]) == [0, 100] and list(routing_only[1]["slots"]) == [1000, 1000]
     positive = write_run(
         tmp_path / "pos", {0: chosen, 1: chosen}, E, weights={0: weights + 0.1, 1: weights + 0.1}
     )
     with rs.open_run(positive) as run:
-        assert no_zero_weight(run)  # every footer minimum is 0.1: no scan, and indeed no drop
         assert rows(run.doctor(), "capacity_drops").empty
-        assert not query(run, "doctor_capacity_drops", where=None)["dropped"].any()  # the scan agrees
+        drops = query(run, "doctor_capacity_drops", where=None, uses=("expert_counts",))
+        assert list(drops["slots"]) == [2 * tokens, 2 * tokens] and not drops["dropped"].any()
     unweighted = write_run(tmp_path / "now", {0: chosen}, E, weights=False)
     with rs.open_run(unweighted) as run:
         note = rows(run.doctor(), "capacity_drops")

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from routescope import schema
 from routescope.analysis import metrics
@@ -30,7 +28,6 @@ from routescope.analysis.quick_check import quick_check
 from routescope.analysis.runview import RunView as Run
 from routescope.analysis.sqlfiles import get_query
 from routescope.analysis.superexperts import classify_super_experts
-from routescope.store.layout import list_parts
 
 COLUMNS = ["severity", "finding", "layer", "expert", "step", "evidence", "sql", "suggestion", "magnitude"]
 # Skipped-work reasons the recorder leaves out by design (capture/recording/recorder.py).
@@ -257,29 +254,6 @@ def _has_weights(run: Run) -> bool:
     return "weight" in run.sql("SELECT * FROM routing LIMIT 0").columns
 
 
-def no_zero_weight(run: Run) -> bool:
-    """True when the Parquet statistics of a local run's routing parts prove that no slot has
-    weight 0 (every row group's minimum weight is above 0), so no slot was dropped whatever
-    the selection; False when a part may hold one or has no statistics (then routing is read)."""
-    parts = list_parts(run.path, schema.ROUTING) if Path(run.path).is_dir() else []
-    if not parts or getattr(run, "skipped", None):
-        return False
-    try:
-        for part in parts:
-            meta = pq.read_metadata(part)
-            index = meta.schema.to_arrow_schema().get_field_index("weight")  # flat: arrow = parquet order
-            if index < 0:
-                return False
-            for group in range(meta.num_row_groups):
-                column = meta.row_group(group).column(index)
-                stats = column.statistics
-                if column.num_values and (stats is None or not stats.has_min_max or not stats.min > 0):
-                    return False
-    except (OSError, ValueError):
-        return False
-    return True
-
-
 def capacity_findings(ctx: Context) -> list[dict[str, Any]]:
     """Slots recorded with weight 0: the expert capacity dropped them (Switch, NLLB-MoE adapters)."""
     run, th = ctx.run, ctx.th
@@ -296,9 +270,7 @@ def capacity_findings(ctx: Context) -> list[dict[str, Any]]:
                 "record with weights to see capacity drops",
             )
         ]
-    if no_zero_weight(run):  # the footers prove it: no scan of every routing row
-        return []
-    df = query(run, "doctor_capacity_drops", where=ctx.where)
+    df = query(run, "doctor_capacity_drops", where=ctx.where, uses=("expert_counts",))
     out = []
     for row in df.itertuples(index=False):
         if not row.dropped:
