@@ -544,3 +544,35 @@ def test_a_counts_only_import_gets_the_load_findings(tmp_path):
     assert list(zip(dead["layer"], dead["expert"], dead["step"])) == [(3, 4, 0)]
     assert "not measured" in rows(df, "near_ties").iloc[0]["evidence"]
     assert "not measured" in rows(df, "capacity_drops").iloc[0]["evidence"]
+
+
+def test_balance_change_split_equals_a_scan_of_every_split():
+    """doctor_drift picks the split of largest |cv after − cv before| over all splits at once;
+    it must be the split (and cv change) a plain scan with `cv` finds, first one on ties."""
+    from routescope.analysis.doctor_drift import _balance_change
+    from routescope.analysis.doctor_rules import DoctorThresholds, cv
+
+    rng = np.random.default_rng(11)
+    th = DoctorThresholds()
+    found = 0
+    for trial in range(30):
+        steps = np.arange(40)
+        change = int(rng.integers(5, 35))
+        matrix = rng.poisson(50, (40, 16)).astype(float)
+        matrix[change:, : int(rng.integers(1, 8))] *= rng.uniform(0.2, 3.0)  # some layers change
+        if trial % 5 == 0:
+            matrix[:, :] = 10.0  # no change at all: every delta is 0
+        cumulative, m = np.cumsum(matrix, axis=0), int(th.drift_min_steps)
+        best, best_delta = None, 0.0
+        for i in range(m, len(steps) - m + 1):
+            delta = cv(cumulative[-1] - cumulative[i - 1]) - cv(cumulative[i - 1])
+            if np.isfinite(delta) and abs(delta) > abs(best_delta):
+                best, best_delta = i, delta
+        got = _balance_change(0, steps, matrix, 2, th, 1, lambda *a, **k: "")
+        if best is None or abs(best_delta) < th.cv_band:
+            assert got == []
+            continue
+        if got:  # a finding also needs the change to pass the chance test
+            found += 1
+            assert got[0]["step"] == best and f"{cv(cumulative[best - 1]):.3f}" in got[0]["evidence"]
+    assert found >= 5
