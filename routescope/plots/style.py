@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import plotly.io as pio
 
 # -- colour scheme -----------------------------------------------------------------------
 MAGNITUDE_SCALE = "Viridis"
@@ -60,7 +61,7 @@ TEMPLATE = "plotly_white"
 
 def base_layout(fig: go.Figure, title: str, height: int | None = None) -> go.Figure:
     fig.update_layout(
-        template=TEMPLATE,
+        template=pio.templates[TEMPLATE],  # the object: half the validation of the name
         title={"text": title, "x": 0.01, "xanchor": "left"},
         margin={"l": 60, "r": 20, "t": 50, "b": 50},
         height=height,
