@@ -22,6 +22,7 @@ from routescope.analysis.querying import (  # noqa: F401 - compare, placement an
     _bind,
     build_counts_query,
     build_query,
+    cached_frame,
     check_label,
     check_layer,
     check_where,
@@ -80,7 +81,8 @@ def step_expert_loads(run: Run, where: str | None = None) -> pd.DataFrame:
         where = check_where(run, where)
         sql, needed = build_counts_query(where, "step_imported_expert_counts")
         return run.con.execute(sql, _bind("step_imported_expert_counts", needed, layer_params(run))).df()
-    return query(run, "step_expert_load", where=where)
+    where = check_where(run, where)
+    return cached_frame(run, "step_expert_load", where, lambda: query(run, "step_expert_load", where=where))
 
 
 def _with_aux_loss(run: Run, df: pd.DataFrame, where: str | None, aux_loss: bool | None) -> pd.DataFrame:
