@@ -1,7 +1,7 @@
 """First view of every dashboard page in a real headless Chromium (Debian's /usr/bin/chromium
 through Playwright), on a run you give: the issue-33 measurement at 100M routing rows.
 
-    python benchmarks/dashboard_browser.py RUN [RUN_B] [--rounds 1]
+    python benchmarks/dashboard_browser.py RUN [RUN_B] [--rounds 1] [--pages /load /entanglement]
 
 Serves the run(s) on a free loopback port (RUN_B defaults to RUN served a second time, so the
 Compare page has two runs), then opens each page in a fresh browser context (no cached
@@ -59,7 +59,9 @@ def main() -> int:
     ap.add_argument("run", type=Path)
     ap.add_argument("run_b", type=Path, nargs="?")
     ap.add_argument("--rounds", type=int, default=1, help="fresh server per round; medians reported")
+    ap.add_argument("--pages", nargs="+", choices=list(PAGES), help="only these pages (default: all)")
     args = ap.parse_args()
+    pages = {path: PAGES[path] for path in args.pages or PAGES}
     from playwright.sync_api import sync_playwright
     from werkzeug.serving import make_server
 
@@ -75,7 +77,7 @@ def main() -> int:
         base = f"http://127.0.0.1:{port}"
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-            for path, count in PAGES.items():
+            for path, count in pages.items():
                 context = browser.new_context(viewport={"width": 1400, "height": 1000})
                 page = context.new_page()
                 start = time.perf_counter()

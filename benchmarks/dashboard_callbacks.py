@@ -10,6 +10,11 @@ the JSON Dash would send for the callback's outputs.
     python benchmarks/dashboard_callbacks.py                      # 10M routing rows
     python benchmarks/dashboard_callbacks.py --rows 1e8           # 100M
     python benchmarks/dashboard_callbacks.py --write-results      # update benchmarks/RESULTS.md
+    python benchmarks/dashboard_callbacks.py --run RUN --json out.jsonl --tag after --no-saturation
+
+`--json` appends one line per run ({tag, load average, callback -> [cold, cached, payload]}),
+so two checkouts can be timed interleaved on a busy machine (before, after, before, after:
+run the other checkout with PYTHONPATH pointing at it) and compared by median.
 """
 
 from __future__ import annotations
@@ -215,13 +220,18 @@ def callbacks(registry: Any) -> list[tuple[str, Callable[[], Any]]]:
     ]
 
 
-def run_benchmark(path: Path) -> list[dict[str, Any]]:
+def run_benchmark(path: Path, saturation: bool = True) -> list[dict[str, Any]]:
     from routescope.dashboard.app import create_app
     from routescope.dashboard.runs import get_registry
 
     create_app([path, path])
     registry = get_registry()
-    return [measure(name, call, registry) for name, call in callbacks(registry)]
+    registry.run("0"), registry.run("1")  # opening the runs is not a callback's time
+    return [
+        measure(name, call, registry)
+        for name, call in callbacks(registry)
+        if saturation or "saturation" not in name
+    ]
 
 
 # -- report ------------------------------------------------------------------------------
@@ -285,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", type=Path, help="use this run instead of generating one")
     ap.add_argument("--regenerate", action="store_true")
     ap.add_argument("--write-results", action="store_true", help=f"write the table under '{SECTION}'")
+    ap.add_argument("--json", type=Path, help="append this run's figures as one JSON line")
+    ap.add_argument("--tag", default="", help="name of this checkout in the JSON line")
+    ap.add_argument("--no-saturation", action="store_true", help="leave out Compare's router saturation")
     args = ap.parse_args(argv)
 
     rows = int(args.rows)
@@ -294,10 +307,18 @@ def main(argv: list[str] | None = None) -> int:
         generate_run(path, rows, args.layers, args.experts, args.top_k, args.seq_len, args.seed)
         print(f"generated {path} in {time.perf_counter() - t0:.1f} s")
     manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-    routing_rows = int(
-        pq.ParquetDataset(sorted((path / "routing").glob("rank=*/*.parquet"))).read(["layer"]).num_rows
+    routing_rows = sum(
+        pq.read_metadata(p).num_rows for p in sorted((path / "routing").glob("rank=*/*.parquet"))
     )
-    results = run_benchmark(path)
+    results = run_benchmark(path, saturation=not args.no_saturation)
+    if args.json:
+        line = {
+            "tag": args.tag,
+            "load": os.getloadavg()[0],
+            "res": {r["callback"]: [r["cold_s"], r["warm_s"], r["payload"], r["problem"]] for r in results},
+        }
+        with args.json.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
     table = format_table(results)
     worst = max(results, key=lambda r: r["payload"])
     shape = (

@@ -19,6 +19,7 @@ from routescope.dashboard.pages import PAGES
 from routescope.dashboard.queries import QUERIES
 from routescope.dashboard.runs import RunRegistry, RunUnavailable, get_registry, set_registry
 from routescope.dashboard.urlstate import sync_run
+from routescope.plots.style import use_template_by_default
 
 REFRESH_MS = 3000  # how often a run that is still being written is re-read
 
@@ -35,6 +36,7 @@ def create_app(
     if not run_paths:
         raise ValueError("create_app needs at least one run directory")
     registry = RunRegistry(run_paths, skip_corrupt=skip_corrupt, build_rollups=build_rollups)
+    use_template_by_default()  # figures get the template when serialized, not validated per figure
     for name, func in QUERIES.items():
         registry.register_query(name, func)
     set_registry(registry)

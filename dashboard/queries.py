@@ -19,6 +19,7 @@ import pandas as pd
 
 import routescope as rs
 from routescope.dashboard.filters import TokenFilter, quote_identifier, step_axis
+from routescope.dashboard.sampled import PATHWAYS_MAX, coactivation_view, pathways  # noqa: F401 - pages read PATHWAYS_MAX here
 
 ALL = TokenFilter()
 MAX_LABEL_VALUES = 200  # per label in a filter dropdown
@@ -26,7 +27,6 @@ MAX_SEQUENCES = 500  # in the Tokens page's sequence list
 MAX_LANE_CELLS = 6144  # tokens × MoE layers drawn by the Tokens page at once
 MAX_LANE_TOKENS = 256
 TOP_TOKENS = 15  # tokens listed in an expert's details
-PATHWAYS_MAX = 30
 MAX_STEP_BINS = 120  # columns of the Time page's expert × step heatmap
 MIN_LIFT_OCCURRENCES = 5  # a token must occur this often before its lift is listed
 SMALL_SAMPLE_PER_EXPERT = 30  # fewer routing slots per expert than this: warn that shares are noisy
@@ -129,11 +129,6 @@ def transition(run: rs.Run, layer: int, next_layer: int, flt: TokenFilter = ALL)
     check_layer(run, layer)
     check_layer(run, next_layer)
     return flt.call_with_where(run, run.transition, layer, next_layer)
-
-
-def pathways(run: rs.Run, top: int, flt: TokenFilter = ALL) -> pd.DataFrame:
-    top = max(1, min(int(top), PATHWAYS_MAX))
-    return flt.call_with_where(run, run.pathways, top=top)
 
 
 def specialization(run: rs.Run, label: str, flt: TokenFilter = ALL) -> pd.DataFrame:
@@ -478,6 +473,7 @@ QUERIES = {
     "entanglement": entanglement,
     "transition": transition,
     "pathways": pathways,
+    "coactivation_view": coactivation_view,
     "specialization": specialization,
     "repetition": repetition,
     "expert_detail": expert_detail,

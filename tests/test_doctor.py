@@ -14,6 +14,7 @@ import torch
 import routescope as rs
 from routescope.analysis.doctor import exit_code, group_findings, verdict
 from routescope.analysis.doctor_rules import diversity, gini
+from routescope.analysis.querying import query
 from routescope.cli import main
 from tests.synthetic import sample_topk, write_run
 from tests.tiny_models import build_tiny_model
@@ -209,6 +210,23 @@ def test_capacity_drops_are_slots_recorded_with_weight_zero(tmp_path):
         assert list(drops["layer"]) == [1] and drops.iloc[0]["severity"] == "warning"
         assert "100 of 2,000 routing slots (5.00%)" in drops.iloc[0]["evidence"]
         assert len(run.sql(drops.iloc[0]["sql"])) == 100
+        wheres = ["phase = 'prefill'", "pos < 500"]  # a rollup dimension, and not one
+        routing_only = [query(run, "doctor_capacity_drops", where=w, uses=("expert_counts",)) for w in wheres]
+        run.build_rollups()  # slots then come from rollup_expert_counts: the same numbers
+        assert "rollup_expert_counts" in run.rollups
+        again = rows(run.doctor(), "capacity_drops")
+        assert list(again["evidence"]) == list(drops["evidence"])
+        for where, expected in zip(wheres, routing_only, strict=True):
+            got = query(run, "doctor_capacity_drops", where=where, uses=("expert_counts",))
+            pd.testing.assert_frame_equal(got, expected)
+        assert list(routing_only[1]["dropped"]) == [0, 100] and list(routing_only[1]["slots"]) == [1000, 1000]
+    positive = write_run(
+        tmp_path / "pos", {0: chosen, 1: chosen}, E, weights={0: weights + 0.1, 1: weights + 0.1}
+    )
+    with rs.open_run(positive) as run:
+        assert rows(run.doctor(), "capacity_drops").empty
+        drops = query(run, "doctor_capacity_drops", where=None, uses=("expert_counts",))
+        assert list(drops["slots"]) == [2 * tokens, 2 * tokens] and not drops["dropped"].any()
     unweighted = write_run(tmp_path / "now", {0: chosen}, E, weights=False)
     with rs.open_run(unweighted) as run:
         note = rows(run.doctor(), "capacity_drops")
@@ -526,3 +544,35 @@ def test_a_counts_only_import_gets_the_load_findings(tmp_path):
     assert list(zip(dead["layer"], dead["expert"], dead["step"])) == [(3, 4, 0)]
     assert "not measured" in rows(df, "near_ties").iloc[0]["evidence"]
     assert "not measured" in rows(df, "capacity_drops").iloc[0]["evidence"]
+
+
+def test_balance_change_split_equals_a_scan_of_every_split():
+    """doctor_drift picks the split of largest |cv after − cv before| over all splits at once;
+    it must be the split (and cv change) a plain scan with `cv` finds, first one on ties."""
+    from routescope.analysis.doctor_drift import _balance_change
+    from routescope.analysis.doctor_rules import DoctorThresholds, cv
+
+    rng = np.random.default_rng(11)
+    th = DoctorThresholds()
+    found = 0
+    for trial in range(30):
+        steps = np.arange(40)
+        change = int(rng.integers(5, 35))
+        matrix = rng.poisson(50, (40, 16)).astype(float)
+        matrix[change:, : int(rng.integers(1, 8))] *= rng.uniform(0.2, 3.0)  # some layers change
+        if trial % 5 == 0:
+            matrix[:, :] = 10.0  # no change at all: every delta is 0
+        cumulative, m = np.cumsum(matrix, axis=0), int(th.drift_min_steps)
+        best, best_delta = None, 0.0
+        for i in range(m, len(steps) - m + 1):
+            delta = cv(cumulative[-1] - cumulative[i - 1]) - cv(cumulative[i - 1])
+            if np.isfinite(delta) and abs(delta) > abs(best_delta):
+                best, best_delta = i, delta
+        got = _balance_change(0, steps, matrix, 2, th, 1, lambda *a, **k: "")
+        if best is None or abs(best_delta) < th.cv_band:
+            assert got == []
+            continue
+        if got:  # a finding also needs the change to pass the chance test
+            found += 1
+            assert got[0]["step"] == best and f"{cv(cumulative[best - 1]):.3f}" in got[0]["evidence"]
+    assert found >= 5

@@ -44,7 +44,8 @@ def layout(**_query: Any) -> html.Div:
                 ),
                 "360px",
             ),
-            # pathways need every token's path (one pass over routing, no rollup can hold them):
+            # pathways need every token's path (no rollup can hold them): a run over
+            # sampled.SAMPLE_ROWS routing rows is read through a sample, said under the title;
             # their own callback, with a spinner, so the figures above never wait for them
             dcc.Loading(graph("entanglement-sankey", "pathway_sankey"), type="dot"),
         ]
@@ -101,7 +102,9 @@ def update_pathways(state: Any, top: Any) -> Any:
     layers = registry.run(key).moe_layers
     if len(layers) < 2:
         return plots.empty_figure(ONE_LAYER)
-    return plots.pathway_sankey(registry.query(key, "pathways", int(top or 10)), layers)
+    found = registry.query(key, "pathways", int(top or 10))
+    note = None if found["sample"] is None else f"counted over {found['sample'].describe()}"
+    return plots.pathway_sankey(found["frame"], layers, note)
 
 
 def update_entanglement(state: Any, pair: Any, top: Any) -> tuple:

@@ -195,15 +195,16 @@ def update_load(
 def update_coactivation(
     state: Any, phase: Any, label: Any, value: Any, steps: Any, layer: Any, rank: Any = None
 ) -> Any:
-    """The co-activation heatmap of one layer (from rollup_coactivation, or routing under a step filter)."""
+    """The co-activation heatmap of one layer (from rollup_coactivation; under a step filter,
+    from routing, sampled past sampled.SAMPLE_ROWS rows as the title says)."""
     registry, key = current(state)
     flt = filter_from(key, phase, label, value, steps, rank)
     layers = registry.query(key, "summary")["moe_layers"]
     layer = int(layer) if layer is not None else layers[0]
     run = registry.run(key)
-    return plots.coactivation_heatmap(
-        registry.query(key, "coactivation", layer, flt), run.num_experts(layer), layer
-    )
+    found = registry.query(key, "coactivation_view", layer, flt)
+    note = None if found["sample"] is None else f"{flt.describe()}: counted over {found['sample'].describe()}"
+    return plots.coactivation_heatmap(found["frame"], run.num_experts(layer), layer, note)
 
 
 @guarded([FIGURE, FIGURE, CHILDREN, MESSAGE, CHILDREN, KEEP])

@@ -10,7 +10,7 @@ from typing import Any
 
 import dash
 import pandas as pd
-from dash import Input, Output, State, dcc, html, no_update
+from dash import Input, Output, State, dash_table, dcc, html, no_update
 
 import routescope as rs
 from routescope import plots
@@ -23,11 +23,11 @@ from routescope.dashboard.components import (
     OPTIONS,
     ROW,
     current,
+    format_cell,
     graph,
     guarded,
     labelled,
     message,
-    table,
 )
 from routescope.dashboard.queries import ALL
 from routescope.dashboard.urlstate import pick, read_fragment, write_fragment
@@ -303,13 +303,9 @@ def alerts(findings: pd.DataFrame, training: list[dict[str, Any]] | None = None)
         )
         more = len(shown) - TOP_ALERTS
         if more > 0:
-            columns = [(c, c) for c in ("severity", "finding", "layer", "expert", "step", "evidence", "sql")]
             parts.append(
                 html.Details(
-                    [
-                        html.Summary(f"… and {more} more: the full table"),
-                        table(shown.astype(object).where(shown.notna(), "–"), columns, max_rows=MAX_TABLE),
-                    ],
+                    [html.Summary(f"… and {more} more: the full table"), findings_table(shown)],
                     id="overview-alert-more",
                 )
             )
@@ -324,6 +320,25 @@ def alerts(findings: pd.DataFrame, training: list[dict[str, Any]] | None = None)
     if not parts:
         return message("No findings: every check of the doctor passed.", "info")
     return html.Div(parts)
+
+
+FINDING_COLUMNS = ("severity", "finding", "layer", "expert", "step", "evidence", "sql")
+
+
+def findings_table(shown: pd.DataFrame) -> dash_table.DataTable:
+    """Every finding (up to MAX_TABLE) in one paged, sortable table: one component, not a
+    component per cell (hundreds of findings as HTML cells kept Chromium busy for a minute)."""
+    rows = shown.head(MAX_TABLE).astype(object).where(shown.head(MAX_TABLE).notna(), "–")
+    return dash_table.DataTable(
+        id="overview-alert-table",
+        columns=[{"name": c, "id": c} for c in FINDING_COLUMNS],
+        data=[{c: format_cell(rec[c]) for c in FINDING_COLUMNS} for rec in rows.to_dict("records")],
+        page_size=25,
+        sort_action="native",
+        filter_action="native",
+        style_table={"overflowX": "auto"},
+        style_cell={"textAlign": "left", "fontSize": "13px", "whiteSpace": "normal", "maxWidth": "520px"},
+    )
 
 
 def register(app: dash.Dash) -> None:

@@ -270,7 +270,7 @@ def capacity_findings(ctx: Context) -> list[dict[str, Any]]:
                 "record with weights to see capacity drops",
             )
         ]
-    df = query(run, "doctor_capacity_drops", where=ctx.where)
+    df = query(run, "doctor_capacity_drops", where=ctx.where, uses=("expert_counts",))
     out = []
     for row in df.itertuples(index=False):
         if not row.dropped:

@@ -42,8 +42,11 @@ def drift_findings(
     **values)` renders the query a finding hands the user."""
     expert_tests = sum(e for e, _ in layers.values())
     out: list[dict[str, Any]] = []
+    by_layer = {
+        int(k): part for k, part in step_loads.groupby("layer", sort=False)
+    }  # one pass, not one per layer
     for layer, (num_experts, top_k) in sorted(layers.items()):
-        steps, matrix = step_matrix(step_loads, layer, num_experts)
+        steps, matrix = step_matrix(by_layer.get(layer, step_loads.iloc[:0]), layer, num_experts)
         if len(steps) < 2:
             continue
         dying = _dying_experts(layer, steps, matrix, top_k, th, expert_tests, sql)
@@ -115,13 +118,15 @@ def _balance_change(
         return []
     cumulative = np.cumsum(matrix, axis=0)
     total = cumulative[-1]
-    best, best_delta = None, 0.0
-    for i in splits:
-        before, after_loads = cumulative[i - 1], total - cumulative[i - 1]
-        delta = cv(after_loads) - cv(before)
-        if np.isfinite(delta) and abs(delta) > abs(best_delta):
-            best, best_delta = i, delta
-    if best is None or abs(best_delta) < th.cv_band:
+    # every split at once: the pooled loads before split i are cumulative[i - 1]
+    before_all = cumulative[splits.start - 1 : splits.stop - 1]
+    deltas = _row_cv(total - before_all) - _row_cv(before_all)
+    size = np.where(np.isfinite(deltas), np.abs(deltas), -1.0)
+    if size.max() <= 0:
+        return []
+    best = splits.start + int(np.argmax(size))  # the first split of largest |delta|, as a scan finds
+    best_delta = float(deltas[best - splits.start])
+    if abs(best_delta) < th.cv_band:
         return []
     before, after_loads = cumulative[best - 1], total - cumulative[best - 1]
     p = change_p_value(before, after_loads)
@@ -146,3 +151,10 @@ def _balance_change(
             magnitude=abs(best_delta),
         )
     ]
+
+
+def _row_cv(loads: np.ndarray) -> np.ndarray:
+    """`cv` of each row (population std over the mean; NaN where the mean is not positive)."""
+    mean = loads.mean(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(mean > 0, loads.std(axis=1) / np.where(mean > 0, mean, 1.0), np.nan)

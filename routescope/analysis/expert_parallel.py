@@ -76,6 +76,8 @@ def ep_balance_step_mean(step_loads: pd.DataFrame, plan: pd.DataFrame) -> pd.Dat
     `compute_utilization_rate` over a window). `step_loads`: step, layer, expert, tokens."""
     ep_size = int(plan["gpu"].max()) + 1
     replicas = plan.groupby(["layer", "expert"]).size().rename("replicas").reset_index()
+    if len(replicas) == len(plan) and len(step_loads):  # one GPU per expert: no merge of every row
+        return _step_mean_unreplicated(step_loads, plan, ep_size)
     slots = plan[["layer", "gpu", "expert"]].merge(replicas, on=["layer", "expert"])
     rows = step_loads[step_loads["tokens"] > 0].astype({"layer": "int64", "expert": "int64"})
     rows = rows.merge(slots.astype({"layer": "int64", "expert": "int64"}), on=["layer", "expert"])
@@ -85,6 +87,42 @@ def ep_balance_step_mean(step_loads: pd.DataFrame, plan: pd.DataFrame) -> pd.Dat
     per_step["balancedness"] = per_step["sum"] / ep_size / per_step["max"]
     out = per_step.groupby(level="layer")["balancedness"].mean().rename("ep_balancedness_step_mean")
     return out.reset_index()
+
+
+def _step_mean_unreplicated(step_loads: pd.DataFrame, plan: pd.DataFrame, ep_size: int) -> pd.DataFrame:
+    """`ep_balance_step_mean` when every expert sits on one GPU: per-GPU loads of each
+    (step, layer) by one bincount over integer codes (the per-step rows are steps x layers x
+    experts: tens of millions at 1B routing rows)."""
+    layers = np.sort(plan["layer"].unique().astype(np.int64))
+    width = int(max(plan["expert"].max(), step_loads["expert"].max())) + 1
+    gpu_of = np.full((len(layers), width), -1, dtype=np.int64)
+    gpu_of[np.searchsorted(layers, plan["layer"].to_numpy(np.int64)), plan["expert"].to_numpy(np.int64)] = (
+        plan["gpu"].to_numpy(np.int64)
+    )
+    rows = step_loads[step_loads["tokens"] > 0]
+    layer = rows["layer"].to_numpy(np.int64)
+    known = np.isin(layer, layers)
+    layer_idx = np.searchsorted(layers, layer[known])
+    gpu = gpu_of[layer_idx, rows["expert"].to_numpy(np.int64)[known]]
+    placed = gpu >= 0  # experts the plan does not place are left out, as the merge leaves them
+    steps, step_idx = np.unique(rows["step"].to_numpy()[known][placed], return_inverse=True)
+    layer_idx, gpu = layer_idx[placed], gpu[placed]
+    cells = (step_idx * len(layers) + layer_idx) * ep_size + gpu
+    loads = np.bincount(
+        cells,
+        weights=rows["tokens"].to_numpy(np.float64)[known][placed],
+        minlength=len(steps) * len(layers) * ep_size,
+    )
+    loads = loads.reshape(len(steps), len(layers), ep_size)
+    seen = np.zeros((len(steps), len(layers)), dtype=bool)
+    seen[step_idx, layer_idx] = True  # a (step, layer) with any placed token, as groupby keeps
+    peak = loads.max(axis=2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        balance = loads.sum(axis=2) / ep_size / peak
+    out = [
+        (int(layers[j]), float(balance[seen[:, j], j].mean())) for j in range(len(layers)) if seen[:, j].any()
+    ]
+    return pd.DataFrame(out, columns=["layer", "ep_balancedness_step_mean"])
 
 
 def model_imbalance(evaluation: pd.DataFrame) -> dict[str, float]:

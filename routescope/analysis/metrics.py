@@ -22,6 +22,7 @@ from routescope.analysis.querying import (  # noqa: F401 - compare, placement an
     _bind,
     build_counts_query,
     build_query,
+    cached_frame,
     check_label,
     check_layer,
     check_where,
@@ -80,7 +81,8 @@ def step_expert_loads(run: Run, where: str | None = None) -> pd.DataFrame:
         where = check_where(run, where)
         sql, needed = build_counts_query(where, "step_imported_expert_counts")
         return run.con.execute(sql, _bind("step_imported_expert_counts", needed, layer_params(run))).df()
-    return query(run, "step_expert_load", where=where)
+    where = check_where(run, where)
+    return cached_frame(run, "step_expert_load", where, lambda: query(run, "step_expert_load", where=where))
 
 
 def _with_aux_loss(run: Run, df: pd.DataFrame, where: str | None, aux_loss: bool | None) -> pd.DataFrame:
@@ -135,42 +137,58 @@ def coactivation(run: Run, layer: int, where: str | None = None) -> pd.DataFrame
 def permute_pairs(counts: pd.DataFrame, seed: int) -> pd.DataFrame:
     """The pair counts after a seeded random permutation of B across the tokens of each layer pair.
 
-    Tokens are expanded from the counts in their sorted order, so the result depends only on
-    the counts and the seed.
+    Drawn without expanding the tokens: under a uniform random permutation of B the tokens of
+    expert a (in ascending order of a) take a uniformly random subset of size n_a of the B
+    values not yet taken, so row a of the permuted table is one multivariate hypergeometric
+    draw from what is left. Both margins are kept exactly, the table has the permutation's
+    distribution, and the cost is E_a × E_b per layer pair whatever the number of tokens.
+    The draws depend only on the counts and `numpy.random.default_rng([seed, layer, next_layer])`.
     """
-    frames = []
-    for (layer, next_layer), grp in counts.groupby(["layer", "next_layer"], sort=True):
-        grp = grp.sort_values(["expert_a", "expert_b"])
-        n = grp["count"].to_numpy(dtype=np.int64)
-        a = np.repeat(grp["expert_a"].to_numpy(dtype=np.int64), n)
-        b = np.repeat(grp["expert_b"].to_numpy(dtype=np.int64), n)
+    counts = counts[counts["count"] > 0]
+    if counts.empty:
+        return counts.iloc[:0]
+    layer = counts["layer"].to_numpy(dtype=np.int64)
+    keys, pair = np.unique(layer * 65536 + counts["next_layer"].to_numpy(dtype=np.int64), return_inverse=True)
+    pairs = np.stack([keys // 65536, keys % 65536], axis=1)
+    a = counts["expert_a"].to_numpy(dtype=np.int64)
+    b = counts["expert_b"].to_numpy(dtype=np.int64)
+    rows, width = int(a.max()) + 1, int(b.max()) + 1
+    tables = np.zeros((len(pairs), rows, width), dtype=np.int64)
+    np.add.at(tables, (pair.reshape(-1), a, b), counts["count"].to_numpy(dtype=np.int64))
+    joint = np.zeros_like(tables)
+    for i, (layer, next_layer) in enumerate(pairs):
+        need = tables[i].sum(axis=1)  # n_a
+        left = tables[i].sum(axis=0)  # the B values not yet given out
         rng = np.random.default_rng([int(seed), int(layer), int(next_layer)])
-        b = b[rng.permutation(len(b))]
-        width = int(b.max()) + 1 if len(b) else 1
-        joint = np.bincount(a * width + b, minlength=width)
-        keys = np.flatnonzero(joint)
-        frames.append(
-            pd.DataFrame(
-                {
-                    "layer": layer,
-                    "next_layer": next_layer,
-                    "expert_a": keys // width,
-                    "expert_b": keys % width,
-                    "count": joint[keys],
-                }
-            )
-        )
-    return pd.concat(frames, ignore_index=True) if frames else counts.iloc[:0]
+        for row in np.flatnonzero(need):
+            if need[row] == left.sum():  # the last row takes what is left
+                joint[i, row] = left
+            else:
+                joint[i, row] = rng.multivariate_hypergeometric(left, int(need[row]), method="marginals")
+            left = left - joint[i, row]
+    index, expert_a, expert_b = np.nonzero(joint)
+    return pd.DataFrame(
+        {
+            "layer": pairs[index, 0],
+            "next_layer": pairs[index, 1],
+            "expert_a": expert_a,
+            "expert_b": expert_b,
+            "count": joint[index, expert_a, expert_b],
+        }
+    )
 
 
 def pair_counts_table(observed: pd.DataFrame, permuted: pd.DataFrame) -> pa.Table:
     cols = ["layer", "next_layer", "expert_a", "expert_b", "count"]
-    both = pd.concat(
-        [observed[cols].assign(sample=0), permuted[cols].assign(sample=1)], ignore_index=True
-    ).astype(
-        {"layer": "int64", "next_layer": "int64", "expert_a": "int64", "expert_b": "int64", "count": "int64"}
+    return pa.table(
+        {
+            **{
+                c: np.concatenate([observed[c].to_numpy(np.int64), permuted[c].to_numpy(np.int64)])
+                for c in cols
+            },
+            "sample": np.repeat(np.array([0, 1], dtype=np.int64), [len(observed), len(permuted)]),
+        }
     )
-    return pa.Table.from_pandas(both, preserve_index=False)
 
 
 @checks_selection

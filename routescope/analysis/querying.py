@@ -23,7 +23,7 @@ import pandas as pd
 
 from routescope import schema
 from routescope.analysis.cluster import QueryError  # the Spark engine's errors (pyspark stays unloaded)
-from routescope.analysis.rollups import rollup_ctes
+from routescope.analysis.rollups import rollup_ctes, rollups_enabled
 from routescope.analysis.runview import RunView as Run  # a Protocol: run.py imports us, not back
 from routescope.analysis.sqlfiles import Cte, compose, get_query
 from routescope.errors import EmptySelectionWarning
@@ -357,15 +357,36 @@ def build_counts_query(where: str | None, name: str = "expert_counts") -> tuple[
     return compose(body.sql, ctes), frozenset(get_query("layer_info").params | body.params)
 
 
-def cached_table(run: Run, name: str, where: str | None, layers: Mapping[str, list[int]]) -> str:
-    """A temp table holding named query `name` over the selection, computed once per snapshot."""
+def _state(run: Run, layers: Mapping[str, list[int]]) -> dict[str, Any]:
+    """The run's cache state for its current snapshot (a new snapshot drops the old tables)."""
     snapshot = _snapshot(run, layers)
     state = _CACHE.get(run)
     if state is None or state["snapshot"] != snapshot:
         for table in (state or {}).get("tables", {}).values():
             run.con.execute(f"DROP TABLE IF EXISTS {table}")
-        state = {"snapshot": snapshot, "tables": {}}
+        state = {"snapshot": snapshot, "tables": {}, "frames": {}}
         _CACHE[run] = state
+    return state
+
+
+FRAME_LIMIT = 4  # cached result frames per Run
+
+
+def cached_frame(run: Run, name: str, where: str | None, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+    """`compute()` (query `name` over the selection) once per snapshot and `where`, as a copy:
+    the per-step loads the doctor and the EP balance both read (steps x layers x experts rows)."""
+    frames = _state(run, layer_params(run))["frames"]
+    key = (name, where, rollups_enabled())
+    if key not in frames:
+        if len(frames) >= FRAME_LIMIT:
+            frames.pop(next(iter(frames)))
+        frames[key] = compute()
+    return frames[key].copy()
+
+
+def cached_table(run: Run, name: str, where: str | None, layers: Mapping[str, list[int]]) -> str:
+    """A temp table holding named query `name` over the selection, computed once per snapshot."""
+    state = _state(run, layers)
     twin = None if name == "imported_expert_counts" else rollup_twin(run, name, where)
     key = (name, where, twin is not None)
     if key not in state["tables"]:

@@ -53,6 +53,11 @@ def without_rollups() -> Iterator[None]:
         _ENABLED.reset(token)
 
 
+def rollups_enabled() -> bool:
+    """False inside `without_rollups()` (part of a cached result's key)."""
+    return _ENABLED.get()
+
+
 def rollup_ctes(run: Run, where: str | None, tables: Iterable[str]) -> dict[str, str] | None:
     """CTE name -> SQL of the selected rows of each of `tables`, or None when any cannot answer."""
     if not _ENABLED.get():

@@ -156,14 +156,14 @@ def _transition_columns(df: pd.DataFrame) -> tuple[str, str]:
     raise ValueError(f"transition table lacks expert columns: {list(df.columns)}")
 
 
-def pathway_sankey(paths: pd.DataFrame, layers: Sequence[int]) -> go.Figure:
+def pathway_sankey(paths: pd.DataFrame, layers: Sequence[int], note: str | None = None) -> go.Figure:
     """Sankey of the most frequent top-1 pathways: one column of nodes per MoE layer.
 
     `paths` has one column per layer holding the expert (named by layer index, or `e{layer}`
     / `expert_{layer}`) and a `count` (tokens following the whole path), or a `path` column
-    holding the list of experts.
+    holding the list of experts. `note` (what the paths were counted over) goes under the title.
     """
-    title = "Most frequent top-1 pathways"
+    title = "Most frequent top-1 pathways" + (f"<br><sup>{note}</sup>" if note else "")
     if paths.empty or len(layers) < 1:
         return empty_figure("no pathways", title)
     steps = _pathway_matrix(paths, layers)
@@ -197,7 +197,8 @@ def pathway_sankey(paths: pd.DataFrame, layers: Sequence[int]) -> go.Figure:
         )
     )
     fig.update_traces(node_y=None)
-    return base_layout(fig, title, height=460)
+    fig = base_layout(fig, title, height=460)
+    return fig.update_layout(margin={"t": 80}) if note else fig
 
 
 def _pathway_matrix(paths: pd.DataFrame, layers: Sequence[int]) -> list[list[int]]:

@@ -202,9 +202,13 @@ def expert_bars(load: pd.DataFrame, layer: int, hot_factor: float = 2.0) -> go.F
     return base_layout(fig, f"Experts of layer {layer}", height=340)
 
 
-def coactivation_heatmap(co: pd.DataFrame, num_experts: int, layer: int | None = None) -> go.Figure:
-    """P(b | a) for pairs of experts chosen for the same token (run.coactivation(layer))."""
+def coactivation_heatmap(
+    co: pd.DataFrame, num_experts: int, layer: int | None = None, note: str | None = None
+) -> go.Figure:
+    """P(b | a) for pairs of experts chosen for the same token (run.coactivation(layer));
+    `note` (what the pairs were counted over) goes under the title."""
     title = "Co-activation" + (f" in layer {layer}" if layer is not None else "")
+    title += f"<br><sup>{note}</sup>" if note else ""
     if co.empty:
         return empty_figure("no token chose two experts here (top-1 routing?)", title)
     experts = list(range(num_experts))
@@ -229,4 +233,5 @@ def coactivation_heatmap(co: pd.DataFrame, num_experts: int, layer: int | None =
     )
     fig.update_xaxes(title="expert b", dtick=1 if num_experts <= 32 else None)
     fig.update_yaxes(title="expert a", autorange="reversed", dtick=1 if num_experts <= 32 else None)
-    return base_layout(fig, title, height=380)
+    fig = base_layout(fig, title, height=380)
+    return fig.update_layout(margin={"t": 80}) if note else fig

@@ -2,14 +2,18 @@
 -- the user in its `sql` column (`show_*`: plain SQL over the run's views, run with run.sql).
 
 -- name: doctor_capacity_drops
--- Per MoE layer: routing slots of the selected tokens and those recorded with weight 0 (a slot the expert capacity dropped).
-SELECT
-    layer,
-    count(*)::BIGINT AS slots,
-    count(*) FILTER (WHERE weight = 0)::BIGINT AS dropped
-FROM selected_routing
-GROUP BY layer
-ORDER BY layer
+-- Per MoE layer: routing slots of the selected tokens (`expert_counts`: the rollups when they answer) and those recorded with weight 0 (a slot the expert capacity dropped). The filter `weight = 0` lets DuckDB skip every Parquet row group whose minimum weight is above 0.
+WITH dropped AS (
+    SELECT layer, count(*)::BIGINT AS dropped FROM selected_routing WHERE weight = 0 GROUP BY layer
+),
+slots AS (
+    SELECT layer, sum(tokens)::BIGINT AS slots FROM expert_counts GROUP BY layer
+)
+SELECT s.layer, s.slots, coalesce(d.dropped, 0)::BIGINT AS dropped
+FROM slots s
+LEFT JOIN dropped d USING (layer)
+WHERE s.slots > 0
+ORDER BY s.layer
 
 -- name: doctor_near_ties
 -- Per MoE layer from router_tokens: tokens, those whose top-1 minus top-2 probability is below $margin, and the median margin.
