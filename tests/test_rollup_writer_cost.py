@@ -11,6 +11,7 @@ import pytest
 
 from routescope import schema
 from routescope.store import pair_totals
+from routescope.store import rollups as store_rollups
 from routescope.store.layout import list_parts
 from routescope.store.rollups import _sum_rows_arrow, part_rollups, sum_rows
 from routescope.store.writer import PartWriter
@@ -139,3 +140,14 @@ def test_pair_sums_beyond_their_cells_fall_back_to_the_files(tmp_path, monkeypat
     writer, got = write_run(tmp_path / "small", steps, True)
     assert writer._pair_totals.failed
     assert got[0].equals(expected[0])
+
+
+def test_compaction_summed_a_few_parts_at_a_time_equals_all_at_once(tmp_path, monkeypatch) -> None:
+    rng = np.random.default_rng(6)
+    steps = [make_step(rng, i) for i in range(6)]
+    _, at_once = write_run(tmp_path / "once", steps, False)
+    monkeypatch.setattr(store_rollups, "COMPACT_CHUNK", 2)  # parts 0-1, then 2-3 with those sums, ...
+    writer, chunked = write_run(tmp_path / "chunked", steps, False)
+    assert len(writer._pair_totals.parts) >= 3  # more parts than one chunk holds
+    assert len(at_once) == len(chunked) == 1
+    assert chunked[0].equals(at_once[0])

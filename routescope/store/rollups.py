@@ -37,6 +37,9 @@ COMPACTED = (TOP1_PAIRS, COACTIVATION)  # tables without the step: compacted at 
 # token and layer pair; without them a compacted part holds at most E² cells per layer pair
 # and label value (a `where=` over the step reads `routing` for entanglement).
 PAIR_FREE = ("step", schema.TRAIN_STEP)
+# compact() reads and sums this many one-part rollups at a time (a 1B-row run's co-activation
+# parts, read all at once, took over 20 GB)
+COMPACT_CHUNK = 16
 # Dense counting (np.bincount) up to this many cells; sparse (np.unique) beyond.
 _DENSE_CELLS = 1 << 24
 
@@ -426,11 +429,15 @@ def compact(files: PartFiles | Path, table: str, rank: int, totals: PairTotals |
     merged = None
     if totals is not None and [covered_range(n)[0] for n in singles] == sorted(totals.parts):
         merged = totals.table()
-    if merged is None:
-        tables = [files.read(mine[n]) for n in singles]
-        tables = [t.drop(["rank"]) if "rank" in t.column_names else t for t in tables]
-        whole = pa.concat_tables(tables, promote_options="default")
-        merged = sum_rows(whole, [m for m in schema.ROLLUP_MEASURES[table] if m not in _KEYS[table]])
+    if merged is None:  # summed a few parts at a time: memory stays that of the sums, not the run's
+        measures = [m for m in schema.ROLLUP_MEASURES[table] if m not in _KEYS[table]]
+        for at in range(0, len(singles), COMPACT_CHUNK):
+            tables = [files.read(mine[n]) for n in singles[at : at + COMPACT_CHUNK]]
+            tables = [t.drop(["rank"]) if "rank" in t.column_names else t for t in tables]
+            whole = pa.concat_tables(
+                tables + ([merged] if merged is not None else []), promote_options="default"
+            )
+            merged = sum_rows(whole, measures)
     first, last = covered_range(singles[0])[0], covered_range(singles[-1])[1]
     # zstd level 9: written once, worth it
     path = files.write(table, f"rank={rank}/part-{first:05d}-{last:05d}.parquet", merged, level=9)
