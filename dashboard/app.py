@@ -16,7 +16,7 @@ from dash import Input, Output, State, ctx, dcc, html, no_update
 
 from routescope.dashboard.components import message
 from routescope.dashboard.pages import PAGES
-from routescope.dashboard.queries import QUERIES
+from routescope.dashboard.queries import APART, QUERIES
 from routescope.dashboard.runs import RunRegistry, RunUnavailable, get_registry, set_registry
 from routescope.dashboard.urlstate import sync_run
 from routescope.plots.style import use_template_by_default
@@ -38,7 +38,7 @@ def create_app(
     registry = RunRegistry(run_paths, skip_corrupt=skip_corrupt, build_rollups=build_rollups)
     use_template_by_default()  # figures get the template when serialized, not validated per figure
     for name, func in QUERIES.items():
-        registry.register_query(name, func)
+        registry.register_query(name, func, apart=name in APART)
     set_registry(registry)
 
     app = dash.Dash(

@@ -357,6 +357,12 @@ def comparison(run_a: rs.Run, run_b: rs.Run, saturation: bool = True) -> Any:
     return rs.compare(run_a, run_b, saturation=saturation)
 
 
+def saturation_comparison(run_a: rs.Run, run_b: rs.Run) -> Any:
+    """`comparison` with router saturation and token agreement: long on big runs, so the registry
+    runs it on connections of its own (`APART`) and the pages' other queries do not wait for it."""
+    return comparison(run_a, run_b, saturation=True)
+
+
 # -- Super Experts -----------------------------------------------------------------------
 def super_experts(run: rs.Run) -> dict[str, Any]:
     """Calibration rows classified by `rs.classify_super_experts` (SPEC 4.6) and its thresholds."""
@@ -461,6 +467,8 @@ def load_tokenizer(model_name: str) -> Any:
         return None
 
 
+# queries the registry runs on connections of their own: long, and nothing else waits for them
+APART = frozenset({"saturation_comparison"})
 QUERIES = {
     "summary": summary,
     "filter_choices": filter_choices,
@@ -485,6 +493,7 @@ QUERIES = {
     "lane_window": lane_window,
     "sequence_length": sequence_length,
     "comparison": comparison,
+    "saturation_comparison": saturation_comparison,
     "super_experts": super_experts,
     "hidden_stats": hidden_stats,
     "placement": placement,

@@ -90,6 +90,7 @@ class RunRegistry:
         self.slots: dict[str, RunSlot] = {str(i): RunSlot(run_location(p)) for i, p in enumerate(paths)}
         self._cached = functools.lru_cache(maxsize=cache_size)(self._compute)
         self._queries: dict[str, Callable[..., Any]] = {}
+        self._apart: set[str] = set()  # queries run on connections of their own (register_query)
 
     # -- what may be opened ------------------------------------------------------------
     @property
@@ -181,9 +182,13 @@ class RunRegistry:
         return self.version(key)
 
     # -- cached queries ----------------------------------------------------------------
-    def register_query(self, name: str, func: Callable[..., Any]) -> None:
-        """Make `func(run, *args)` (or `func(run_a, run_b, *args)`) callable by name, cached."""
+    def register_query(self, name: str, func: Callable[..., Any], apart: bool = False) -> None:
+        """Make `func(run, *args)` (or `func(run_a, run_b, *args)`) callable by name, cached.
+        `apart`: a long query, run on the runs opened afresh (connections of its own) without
+        the runs' locks, so the pages' other queries on those runs do not wait for it."""
         self._queries[name] = func
+        if apart:
+            self._apart.add(name)
 
     def query(self, key: str, name: str, *args: Any) -> Any:
         """`func(run, *args)` for the named query, cached per (run, version, name, args).
@@ -199,6 +204,13 @@ class RunRegistry:
     def _compute(self, key: str | tuple[str, str], version: tuple, name: str, args: tuple) -> Any:
         keys = key if isinstance(key, tuple) else (key,)
         runs = [self.run(k) for k in keys]
+        if name in self._apart:
+            with contextlib.ExitStack() as stack:
+                own = [
+                    stack.enter_context(rs.open_run(self._slot(k).path, skip_corrupt=self.skip_corrupt))
+                    for k in keys
+                ]
+                return self._queries[name](*own, *args)
         with contextlib.ExitStack() as stack:  # one DuckDB connection per run: one query at a time
             for k in sorted(set(keys)):
                 stack.enter_context(self._slot(k).lock)

@@ -369,6 +369,40 @@ def test_compare(app, runs):
 
 
 @pytest.mark.slow
+def test_router_saturation_does_not_hold_the_runs_that_other_pages_query(app, runs):
+    """Saturation of two big runs takes minutes; it runs on connections of its own, so a page's
+    query of either run (which takes that run's lock) does not wait for it, and vice versa."""
+    import threading
+
+    from routescope.dashboard.pages import compare
+    from routescope.dashboard.runs import get_registry
+
+    registry = get_registry()
+    registry.clear_cache()
+    compare.update_compare(state("a"), "0", "1")  # the page's first callback: runs open, summaries in
+    held, release = threading.Event(), threading.Event()
+
+    def hold_both() -> None:  # what a long query on both runs does to their locks
+        with registry._slot("0").lock, registry._slot("1").lock:
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold_both, daemon=True)
+    holder.start()
+    held.wait(10)
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(compare.update_saturation(state("a"), "0", "1")))
+    worker.start()
+    worker.join(60)
+    release.set()
+    holder.join(10)
+    assert done, "saturation waited for the runs' locks"
+    sat, _summary = done[0]
+    expected = rs.compare(runs["a"], runs["b"])
+    assert list(sat.data[0].y) == pytest.approx(expected.saturation["saturation"].tolist())
+
+
+@pytest.mark.slow
 def test_unknown_run_key_is_refused(app):
     from routescope.dashboard.app import update_run_state
     from routescope.dashboard.pages import load, overview

@@ -142,7 +142,7 @@ def update_saturation(state: Any, key_a: Any, key_b: Any) -> tuple:
     registry, key_a, key_b, guidance = _pair(key_a, key_b)
     if guidance:
         return plots.empty_figure("pick two different runs"), None
-    result = registry.query_pair(key_a, key_b, "comparison", True)
+    result = registry.query_pair(key_a, key_b, "saturation_comparison")
     return plots.saturation_figure(result.saturation), saturation_tables(result)
 
 
