@@ -124,7 +124,7 @@ def to_host(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     events = []
     for device, keys in by_device.items():
         if device.type != "cuda":
-            host.update({k: tensors[k].detach() if tensors[k].requires_grad else tensors[k] for k in keys})
+            host.update({k: _on_host(tensors[k]) for k in keys})
             continue
         with torch.cuda.device(device):
             for key in keys:
@@ -136,6 +136,13 @@ def to_host(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
             event.record(torch.cuda.current_stream(device))
             events.append(event)
     return host, events
+
+
+def _on_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor of a device without streams (CPU, MPS, XPU...) on the host: CPU ones as they are."""
+    if tensor.device.type == "cpu":
+        return tensor.detach() if tensor.requires_grad else tensor
+    return tensor.detach().to("cpu")
 
 
 @dataclass
