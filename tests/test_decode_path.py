@@ -4,6 +4,7 @@ forward has a graph break (issue 35)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -15,6 +16,7 @@ from torch._dynamo.utils import counters
 import routescope as rs
 from routescope.capture.discovery import find_routers
 from routescope.capture.recording.options import RecordOptions
+from routescope.capture.recording.sink import RoutingSink
 from routescope.capture.recording.step import StepBuffers
 from tests.test_capture import padded_batch
 from tests.test_generation_paths import assert_same_rows, rows
@@ -84,6 +86,50 @@ def test_rollups_false_leaves_them_to_index(model, tmp_path):
         pd.testing.assert_frame_equal(run.balance(), from_routing)
     with pytest.raises(ValueError, match="rollups"):
         rs.record(model, tmp_path / "bad", rollups="no")
+
+
+def test_sink_keeps_one_buffer_per_device_and_k_and_gives_each_layer_its_rows(model):
+    """Layers of another top-k share a second pair of buffers; a step's rows come out per group,
+    in layer order, whichever order the layers wrote them, and are copies (the next step
+    reuses the buffers)."""
+    sites = find_routers(model)
+    sites = [dataclasses.replace(site, top_k=3 if i % 2 else site.top_k) for i, site in enumerate(sites)]
+    sink = RoutingSink(sites)
+    try:
+        k = sites[0].top_k
+        assert [tuple(t.shape) for t in sink._allocate(64, torch.device("cpu"))[0]] == [
+            (len(sites[0::2]), 64, k),
+            (len(sites[1::2]), 64, 3),
+        ]
+        sink.begin(5, torch.device("cpu"), zero=False)
+        written = {}
+        for slot in reversed(range(len(sites))):  # not in layer order
+            width = sites[slot].top_k
+            ids = torch.arange(5 * width).reshape(5, width) + 100 * slot
+            weights = ids.float() / 1000
+            sink.put(slot, ids, weights)
+            written[slot] = ids
+        groups = sink.end("decoder", compiled=False)
+        assert [layers for layers, _, _ in groups] == [
+            [s.layer for s in sites[0::2]],
+            [s.layer for s in sites[1::2]],
+        ]
+        for (_, ids, weights), slots in zip(groups, (range(0, len(sites), 2), range(1, len(sites), 2))):
+            expected = torch.stack([written[s] for s in slots])
+            assert torch.equal(ids.long(), expected)
+            assert torch.allclose(weights, expected.float() / 1000)
+        first = groups[0][1].clone()
+        sink.begin(5, torch.device("cpu"), zero=True)  # the next step zeroes the same buffers
+        assert torch.equal(groups[0][1], first)
+        # a compiled step: the graph's writes (ids + 1) into the zeroed rows, one layer left out
+        for slot in range(1, len(sites)):
+            width = sites[slot].top_k
+            sink.write(slot, torch.full((5, width), 7), torch.ones(5, width))
+        groups = sink.end("decoder", compiled=True)
+        assert (groups[0][1][0] == -1).all() and (groups[0][1][1:] == 7).all()
+        assert (groups[1][1] == 7).all()
+    finally:
+        sink.close()
 
 
 # -- a failed step ---------------------------------------------------------------------------

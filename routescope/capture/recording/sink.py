@@ -1,20 +1,22 @@
 """The one recording path: each MoE layer writes its choice into the step's preallocated buffers.
 
-Eager and compiled forwards share it. A recording allocates, per recorded MoE layer, an ids
-buffer and a weights buffer on that layer's device ([capacity, k], grown to the largest step
-seen, so a decode loop always writes the same addresses; CUDA graphs need that). A step:
+Eager and compiled forwards share it. A recording allocates, per device and top-k, one ids buffer
+and one weights buffer for all the MoE layers there ([layers, capacity, k], grown to the
+largest step seen, so a decode loop always writes the same addresses; CUDA graphs need that):
+a compiled graph has two buffers to write whatever the depth, and a step's rows of every layer
+are one slice. A step:
 
 - `begin(tokens, zero)` (once per step, eager, outside any graph): for a compiled step, zeroes
-  the step's id rows in one foreach call (0: not written by a graph); an eager step counts
-  its writes instead, so its rows are not touched.
+  the step's id rows, one op per device and top-k (0: not written by a graph); an eager step
+  counts its writes instead, so its rows are not touched.
 - per MoE layer, the router hook writes ids and weights into the layer's rows: eagerly
   with `put` (two `copy_`, plus an int per layer: which layers ran), or, traced into a
   compiled graph, with the same two copies as graph ops (capture/recording/compiled.py).
   No Python list, dict or tensor is kept per layer, and nothing syncs with the host.
-- `end()` (once per step): stacks the step's rows of every layer (one op per device and
-  top-k, whatever the depth) into fresh tensors; a layer the graph did not write (it writes
-  ids + 1 over the zeroed rows, and the end subtracts 1)
-  reads -1 (refused on the writer thread: that step is lost, counted, the run goes on).
+- `end()` (once per step): copies the step's rows of every layer out of the buffers (one op
+  per device and top-k, whatever the depth) into fresh tensors; a layer the graph did not
+  write (it writes ids + 1 over the zeroed rows, and the end subtracts 1) reads -1 (refused
+  on the writer thread: that step is lost, counted, the run goes on).
 
 Eager writes are counted per layer (a Python int), so a layer that did not run in an eager
 forward is left out of the step, and a layer that ran twice fails the step, as before.
@@ -54,8 +56,9 @@ class RoutingSink:
         self.counts: list[int] = [0] * len(sites)  # eager writes per layer, this step
         self.shapes: dict[int, tuple[int, ...]] = {}  # layers that routed another number of tokens
         self._buffers: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-        self._views: dict[int, tuple[list, list, list]] = {}  # rows [:n], by n
-        self._groups: list[list[int]] = []  # slots that stack together (same device and k)
+        self._views: dict[int, tuple[list, list, list, list]] = {}  # rows [:n], by n
+        self._groups: list[list[int]] = []  # slots that share buffers (same device and k)
+        self._where: list[tuple[int, int]] = []  # slot -> (group, row of its buffers)
         self._tokens = 0
         self.graphs_dropped = False  # graphs compiled before record, dropped once (capture.compiled)
         self._open = True
@@ -78,15 +81,17 @@ class RoutingSink:
             self._buffers = self._allocate(self.capacity, device)
             self._views = {}
         views = self._views.get(tokens)
-        if views is None:  # the rows [:tokens] of every buffer, made once per step size
+        if views is None:  # the rows [:tokens] of every layer and of every group, made once per size
             if len(self._views) >= MAX_VIEW_SIZES:  # many prompt lengths: keep the cache small
                 self._views = {}
-            ids_rows = [ids[:tokens] for ids in self._buffers[0]]
-            weight_rows = [weights[:tokens] for weights in self._buffers[1]]
-            by_group = [([ids_rows[s] for s in g], [weight_rows[s] for s in g]) for g in self._groups]
-            views = self._views[tokens] = (ids_rows, weight_rows, by_group)
+            ids_groups = [ids[:, :tokens] for ids in self._buffers[0]]
+            weight_groups = [weights[:, :tokens] for weights in self._buffers[1]]
+            ids_rows = [ids_groups[g][i] for g, i in self._where]
+            weight_rows = [weight_groups[g][i] for g, i in self._where]
+            views = self._views[tokens] = (ids_rows, weight_rows, ids_groups, weight_groups)
         if zero:
-            torch._foreach_zero_(views[0])
+            for ids in views[2]:
+                ids.zero_()
         self._tokens = tokens
         self._step_views = views
         self.counts = [0] * len(self.layers)
@@ -102,7 +107,7 @@ class RoutingSink:
         if self.current is None:
             return []
         self.current = None
-        ids_views, weight_views, _ = self._step_views
+        ids_views, weight_views, ids_groups, weight_groups = self._step_views
         eager = any(self.counts)
         if not eager and not compiled and not self.shapes:
             return []
@@ -121,17 +126,21 @@ class RoutingSink:
         every = self.counts.count(1) == len(self.layers) if eager else self._one_stack
         groups = []
         for g, slots in enumerate(self._groups):
-            if every:  # the usual step: every layer, no Python per layer
-                ids_rows, weight_rows = self._step_views[2][g]
+            if every:  # the usual step: every layer, one copy per group, no Python per layer
                 layers = self._group_layers[g]
+                ids = (
+                    ids_groups[g].clone(memory_format=torch.contiguous_format) if eager else ids_groups[g] - 1
+                )
+                weights = weight_groups[g].clone(memory_format=torch.contiguous_format)
             else:
                 keep = [s for s in slots if (self.counts[s] if eager else self.stacks[s] == stack)]
                 if not keep:
                     continue
-                ids_rows, weight_rows = [ids_views[s] for s in keep], [weight_views[s] for s in keep]
                 layers = [self.layers[s] for s in keep]
-            ids = torch.stack(ids_rows)
-            groups.append((layers, ids if eager else ids - 1, torch.stack(weight_rows)))
+                ids = torch.stack([ids_views[s] for s in keep])
+                ids = ids if eager else ids - 1
+                weights = torch.stack([weight_views[s] for s in keep])
+            groups.append((layers, ids, weights))
         return groups
 
     # -- once per MoE layer --------------------------------------------------------------
@@ -157,8 +166,10 @@ class RoutingSink:
             # no step is being recorded (an input without ids, a skipped forward) or the model
             # was compiled some other way: this graph variant writes nothing
             return
-        # graph ops on graph inputs: inductor writes the buffers in place (ids + 1: 0 = unwritten)
-        ids_out, weights_out = buffers[0][slot], buffers[1][slot]
+        # graph ops on graph inputs (two per device and k, whatever the depth): inductor writes
+        # the layer's rows of the buffers in place (ids + 1: 0 = unwritten)
+        g, i = self._where[slot]
+        ids_out, weights_out = buffers[0][g][i], buffers[1][g][i]
         k = ids_out.shape[1]
         if ids.shape[-1] != k or weights.shape[-1] != k:
             raise RouteScopeError(
@@ -171,18 +182,23 @@ class RoutingSink:
 
     # -- buffers -------------------------------------------------------------------------
     def _allocate(self, capacity: int, device: torch.device) -> Any:
-        devices = [d or device for d in self.devices]
-        ids = [torch.zeros(capacity, k, dtype=self.ids_dtype, device=d) for k, d in zip(self.top_k, devices)]
-        weights = [
-            torch.zeros(capacity, k, dtype=torch.float32, device=d) for k, d in zip(self.top_k, devices)
-        ]
-        for tensor in (*ids, *weights):
-            torch._dynamo.mark_static_address(tensor)  # CUDA graphs write only to static addresses
+        """One ids and one weights buffer [layers, capacity, k] per device and k."""
+        devices = [torch.device(d or device) for d in self.devices]
         by_key: dict[tuple, list[int]] = {}
         for slot, (k, d) in enumerate(zip(self.top_k, devices)):
-            by_key.setdefault((k, torch.device(d)), []).append(slot)
+            by_key.setdefault((k, d), []).append(slot)
         self._groups = list(by_key.values())
         self._group_layers = [[self.layers[s] for s in g] for g in self._groups]
+        self._where = [(0, 0)] * len(self.layers)  # slot -> (group, row of the group's buffers)
+        for g, slots in enumerate(self._groups):
+            for i, slot in enumerate(slots):
+                self._where[slot] = (g, i)
+        ids, weights = [], []
+        for (k, d), slots in by_key.items():
+            ids.append(torch.zeros(len(slots), capacity, k, dtype=self.ids_dtype, device=d))
+            weights.append(torch.zeros(len(slots), capacity, k, dtype=torch.float32, device=d))
+        for tensor in (*ids, *weights):
+            torch._dynamo.mark_static_address(tensor)  # CUDA graphs write only to static addresses
         return ids, weights
 
 
