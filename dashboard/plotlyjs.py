@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import flask
+
+if TYPE_CHECKING:
+    import dash
 
 COMPILE_HINT = b"//# allFunctionsCalledOnLoad\n"
 # where the Dash renderer points dcc.Graph (window._dashPlotlyJSURL) when serving locally
@@ -33,9 +37,9 @@ def hinted_bundle() -> tuple[bytes, str]:
     return body, hashlib.sha1(body).hexdigest()
 
 
-def serve_with_compile_hint(app: object) -> None:
-    """Answer the Dash app's plotly.js URL (under its requests prefix) with `hinted_bundle()`."""
-    path = app.config.requests_pathname_prefix + PLOTLY_PATH
+def serve_with_compile_hint(app: dash.Dash) -> None:
+    """Answer the Dash app's plotly.js URL (under its routes prefix) with `hinted_bundle()`."""
+    path = app.config.routes_pathname_prefix + PLOTLY_PATH
 
     def plotly_js() -> flask.Response | None:
         if flask.request.path != path:
