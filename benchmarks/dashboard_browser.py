@@ -10,6 +10,11 @@ visit is) and times from navigation until the page's figures have drawn traces w
 Compare is timed twice: until its load and balance figures are drawn (the part read from
 the rollup tables) and until router saturation follows. Build a large run first with
 `python benchmarks/dashboard_callbacks.py --rows 1e8` and `routescope index RUN`.
+
+`--warm` adds a second column, labelled as such: one browser context that has already shown
+a page (scripts in its HTTP and code caches) navigates to each page in turn, after the cold
+pass (so the server's query cache is warm too): a returning user's view, not a first view.
+`benchmarks/dashboard_browser_breakdown.py` shows where a first view's time goes.
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ def main() -> int:
     ap.add_argument("run_b", type=Path, nargs="?")
     ap.add_argument("--rounds", type=int, default=1, help="fresh server per round; medians reported")
     ap.add_argument("--pages", nargs="+", choices=list(PAGES), help="only these pages (default: all)")
+    ap.add_argument(
+        "--warm", action="store_true", help="also time each page in one context with scripts cached"
+    )
     args = ap.parse_args()
     pages = {path: PAGES[path] for path in args.pages or PAGES}
     from playwright.sync_api import sync_playwright
@@ -69,6 +77,7 @@ def main() -> int:
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     times: dict[str, list[float]] = {}
+    warm: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         app = create_app([args.run, args.run_b or args.run])
         port = free_port()
@@ -88,13 +97,25 @@ def main() -> int:
                     page.wait_for_function(HAS_DATA, arg=3, timeout=600_000)
                     times.setdefault("/compare (saturation)", []).append(time.perf_counter() - start)
                 context.close()
+            if args.warm:
+                context = browser.new_context(viewport={"width": 1400, "height": 1000})
+                page = context.new_page()
+                page.goto(base + "/super-experts")  # untimed: fills the caches with the scripts
+                page.wait_for_load_state("networkidle")
+                for path, count in pages.items():
+                    start = time.perf_counter()
+                    page.goto(base + path)
+                    page.wait_for_function(HAS_DATA, arg=count, timeout=300_000)
+                    warm.setdefault(path, []).append(time.perf_counter() - start)
+                context.close()
             browser.close()
         httpd.shutdown()
     load = os.getloadavg()[0]
     print(f"run {args.run}; first view in Chromium, median of {args.rounds}; load average {load:.1f}")
-    print(f"{'page':<24}{'seconds':>9}")
+    print(f"{'page':<24}{'cold':>9}" + (f"{'warm':>9}" if warm else ""))
     for path, values in times.items():
-        print(f"{path:<24}{statistics.median(values):>9.2f}")
+        cached = f"{statistics.median(warm[path]):>9.2f}" if path in warm else ""
+        print(f"{path:<24}{statistics.median(values):>9.2f}{cached}")
     return 0
 
 

@@ -14,8 +14,9 @@ from typing import Any
 import dash
 from dash import Input, Output, State, ctx, dcc, html, no_update
 
-from routescope.dashboard.components import message
+from routescope.dashboard.components import TABLE_CSS, message
 from routescope.dashboard.pages import PAGES
+from routescope.dashboard.plotlyjs import serve_with_compile_hint
 from routescope.dashboard.queries import APART, QUERIES
 from routescope.dashboard.runs import RunRegistry, RunUnavailable, get_registry, set_registry
 from routescope.dashboard.urlstate import sync_run
@@ -50,6 +51,8 @@ def create_app(
         update_title=None,
     )
     app.server.config["ROUTESCOPE_REGISTRY"] = registry
+    app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + TABLE_CSS + "</style>")
+    serve_with_compile_hint(app)  # plotly.js compiles off the main thread while it downloads
     for page in PAGES:
         page.register(app)
     app.layout = shell(registry, refresh_ms)

@@ -1,6 +1,7 @@
 """Building blocks the pages share: captioned graphs, message boxes, filter bars, and the
 `guarded` decorator that turns any error in a callback into a page message (never a
-traceback in the browser). All text reaches the browser as text components, never HTML.
+traceback in the browser). All text reaches the browser as text components, never HTML (tables
+as one Markdown component whose every cell is escaped to literal text).
 """
 
 from __future__ import annotations
@@ -286,22 +287,41 @@ def empty_data_figure(text: str) -> go.Figure:
 
 
 def table(df: Any, columns: Sequence[tuple[str, str]], max_rows: int = 50) -> html.Div:
-    """A plain HTML table of DataFrame rows; every cell is text."""
-    head = html.Tr(
-        [html.Th(title, style={"textAlign": "left", "padding": "2px 8px"}) for _, title in columns]
-    )
-    rows = []
-    for _, rec in df.head(max_rows).iterrows():
-        rows.append(
-            html.Tr([html.Td(format_cell(rec[col]), style={"padding": "2px 8px"}) for col, _ in columns])
-        )
+    """A plain table of DataFrame rows; every cell is text.
+
+    Drawn by one `dcc.Markdown` component (a GitHub-style pipe table, every punctuation
+    character escaped, so a cell is always literal text) rather than one Dash component per
+    cell: the browser builds the same <table>, but Dash's renderer pays per component, and a
+    table of a few hundred cells cost over a second on a 2-core machine (issue 33)."""
+    head = "| " + " | ".join(md_cell(title) for _, title in columns) + " |"
+    rule = "|" + "---|" * len(columns)
+    body = [
+        "| " + " | ".join(md_cell(format_cell(rec[col])) for col, _ in columns) + " |"
+        for _, rec in df.head(max_rows).iterrows()
+    ]
     # a wide table scrolls inside its box instead of widening the page
     return html.Div(
-        html.Table(
-            [html.Thead(head), html.Tbody(rows)], style={"borderCollapse": "collapse", "fontSize": "13px"}
-        ),
+        dcc.Markdown("\n".join([head, rule, *body]), className=TABLE_CLASS),
         style={"overflowX": "auto", "maxWidth": "100%"},
     )
+
+
+TABLE_CLASS = "rs-table"
+# the tables' look, served once in the page head (app.index_string)
+TABLE_CSS = (
+    f".{TABLE_CLASS} table{{border-collapse:collapse;font-size:13px}}"
+    f".{TABLE_CLASS} th,.{TABLE_CLASS} td{{text-align:left;padding:2px 8px}}"
+)
+# what the Markdown parser Dash ships (remark-parse, GFM mode) lets a backslash escape; `&`, `<`
+# and `:` (entities, inline HTML, autolinks) are written as character references instead
+_ESCAPED = frozenset("\\`*{}[]()#+-.!_>~|")
+_REFERENCES = {"&": "&amp;", "<": "&lt;", ":": "&#58;"}
+
+
+def md_cell(text: str) -> str:
+    """`text` as a Markdown table cell that renders literally, whatever characters it holds."""
+    out = ("\\" + ch if ch in _ESCAPED else _REFERENCES.get(ch, ch) for ch in text)
+    return "".join(out) or " "
 
 
 def format_cell(value: Any) -> str:

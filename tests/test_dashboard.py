@@ -194,7 +194,28 @@ def texts(component) -> str:
         return str(component)
     if isinstance(component, (list, tuple)):
         return " ".join(texts(c) for c in component)
+    if getattr(component, "className", None) == "rs-table":  # a table: its cells, unescaped
+        return " ".join(" ".join(row) for row in markdown_cells(component))
     return texts(getattr(component, "children", None))
+
+
+def table_rows(component) -> list[list[str]]:
+    """The body cells of a `components.table` (one Markdown pipe table), as the browser shows them."""
+    return markdown_cells(component.children.children)[1:]
+
+
+def markdown_cells(markdown) -> list[list[str]]:
+    """Header and body cells of a `components.table`'s Markdown component (or its text)."""
+    import html as html_lib
+    import re
+
+    text = getattr(markdown, "children", markdown)
+    lines = text.splitlines()
+    rows = []
+    for line in lines[:1] + lines[2:]:  # the second line is the rule under the header
+        cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]
+        rows.append([html_lib.unescape(re.sub(r"\\(.)", r"\1", c.strip())) for c in cells])
+    return rows
 
 
 # -- tests -------------------------------------------------------------------------------
@@ -489,10 +510,15 @@ def test_queries_are_cached_per_filter(app):
 
 @pytest.mark.slow
 def test_no_html_rendering_anywhere():
+    """No HTML from strings; Markdown only in `components.table`, which escapes every cell
+    (test_dashboard_browser checks that the browser shows each cell literally)."""
     for path in (REPO / "dashboard").rglob("*.py"):
         text = path.read_text(encoding="utf-8")
         assert "dangerously_allow_html" not in text, path
-        assert "dcc.Markdown" not in text, path
+        assert text.count("dcc.Markdown(") == (1 if path.name == "components.py" else 0), path
+    from routescope.dashboard.components import md_cell
+
+    assert md_cell("*a* | <b> [x](y) http://z") == r"\*a\* \| &lt;b\> \[x\]\(y\) http&#58;//z"
 
 
 @pytest.mark.slow
@@ -537,3 +563,26 @@ def test_label_values_and_tokens_stay_text_in_figures():
     fig = plots.expert_lanes(lanes, 4)
     assert "<img" not in fig.data[0].text[0][0] and "&lt;img" in fig.data[0].text[0][0]
     assert "<img" not in fig.layout.xaxis.ticktext[0]
+
+
+@pytest.mark.slow
+def test_plotly_js_is_the_package_file_behind_a_compile_hint(app):
+    """dcc.Graph's plotly.js URL answers with the installed plotly package's bundle, byte for
+    byte after one V8 compile-hint comment line, with an ETag that a cached copy revalidates;
+    Dash's other scripts are untouched."""
+    import plotly
+
+    from routescope.dashboard.plotlyjs import COMPILE_HINT, PLOTLY_PATH
+
+    client = app.server.test_client()
+    first = client.get("/" + PLOTLY_PATH)
+    package = (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_bytes()
+    assert first.status_code == 200 and first.mimetype == "text/javascript"
+    assert first.data == COMPILE_HINT + package
+    assert COMPILE_HINT.decode().startswith("//")  # a comment to any other JavaScript engine
+    again = client.get("/" + PLOTLY_PATH, headers={"If-None-Match": first.headers["ETag"]})
+    assert again.status_code == 304 and not again.data
+    index = client.get("/").get_data(as_text=True)
+    renderer = next(s for s in index.split('"') if "dash_renderer" in s and s.endswith(".js"))
+    other = client.get(renderer)
+    assert other.status_code == 200 and not other.data.startswith(COMPILE_HINT)

@@ -285,3 +285,63 @@ def test_placement_page_reads_the_url_and_explains_bad_values(server, page):
     assert "ep=3" in page.evaluate("() => window.location.hash")
     assert "Traceback" not in page.locator("body").inner_text()
     assert page.console_errors == []
+
+
+TRICKY_CELLS = [
+    "a|b",
+    "*not bold*",
+    "_x_ and __y__",
+    "<b>not a tag</b>",
+    "&amp; stays",
+    "http://example.com/x",
+    "[no](link)",
+    "back\\slash\\",
+    "`no code`",
+    "# not a heading",
+    "~~not struck~~",
+    "1.5e+05",
+    "-",
+    "!{}()+>",
+    "‘quotes’ ✓ ☃",
+]
+
+
+def test_a_table_shows_every_cell_literally_and_costs_one_component(browser):
+    """`components.table` is one Markdown component (not one Dash component per cell, which
+    cost over a second per page at 100M rows): whatever a cell holds, the browser shows it as
+    written, in a real <table>."""
+    import dash
+    import pandas as pd
+    from werkzeug.serving import make_server
+
+    from routescope.dashboard.components import TABLE_CSS, table
+
+    df = pd.DataFrame({"text": TRICKY_CELLS, "n": range(len(TRICKY_CELLS))})
+    component = table(df, [("text", "a | title"), ("n", "n_th")], max_rows=len(df))
+    assert len(list(component._traverse())) == 1  # the Div and its one Markdown child
+    app = dash.Dash(__name__)
+    app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + TABLE_CSS + "</style>")
+    app.layout = component
+    port = free_port()
+    httpd = make_server("127.0.0.1", port, app.server, threaded=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_selector(".rs-table table td")
+        head = page.eval_on_selector_all(".rs-table th", "els => els.map(e => e.textContent)")
+        cells = page.eval_on_selector_all(
+            ".rs-table tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))"
+        )
+        links = page.locator(
+            ".rs-table a, .rs-table code, .rs-table em, .rs-table strong, .rs-table h1"
+        ).count()
+    finally:
+        context.close()
+        httpd.shutdown()
+        thread.join(timeout=10)
+    assert head == ["a | title", "n_th"]
+    assert cells == [[text.strip(), str(i)] for i, text in enumerate(TRICKY_CELLS)]
+    assert links == 0

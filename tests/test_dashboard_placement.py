@@ -13,7 +13,7 @@ import pytest
 
 import routescope as rs
 from routescope.analysis.placement import evaluate_placement, gpu_loads
-from tests.test_dashboard import record_demo_run, texts
+from tests.test_dashboard import record_demo_run, table_rows, texts
 
 A = {"run": "0", "version": None}
 
@@ -47,8 +47,7 @@ def card_imbalance(card) -> float:
 
 def plan_rows(plan_div) -> pd.DataFrame:
     """The plan table's rows (gpu, slot, expert, replicas, tokens) read back from its cells."""
-    body = plan_div.children.children[1]
-    rows = [[cell.children for cell in tr.children] for tr in body.children]
+    rows = table_rows(plan_div)
     df = pd.DataFrame(rows, columns=["gpu", "slot", "expert", "replicas", "tokens"])
     return df.astype({"gpu": int, "slot": int, "expert": int, "replicas": int, "tokens": float})
 
