@@ -417,8 +417,8 @@ def cached_frame(run: Run, name: str, where: str | None, compute: Callable[[], p
 def cached_table(run: Run, name: str, where: str | None, layers: Mapping[str, list[int]]) -> str:
     """A temp table holding named query `name` over the selection, computed once per snapshot."""
     state = _state(run, layers)
-    twin = None if name == "imported_expert_counts" else rollup_twin(run, name, where)
-    key = (name, where, twin is not None)
+    rollups = None if name == "imported_expert_counts" else rollup_twin(run, name, where)
+    key = (name, where, rollups is not None)
     if key not in state["tables"]:
         if len(state["tables"]) >= CACHE_LIMIT:  # forget the oldest selection
             oldest = next(iter(state["tables"]))
@@ -428,12 +428,12 @@ def cached_table(run: Run, name: str, where: str | None, layers: Mapping[str, li
         sql, needed = (
             build_counts_query(where)
             if name == "imported_expert_counts"
-            else build_query(name, where, rollups=twin)
+            else build_query(name, where, rollups=rollups)
         )
         try:
             run.con.execute(f"CREATE TEMP TABLE {table} AS {sql}", _bind(name, needed, layers))
         except duckdb.IOException:
-            if twin is None:
+            if rollups is None:
                 raise
             # a rollup part went away under us (a live run's writer compacted it): read routing
             sql, needed = build_query(name, where)
@@ -458,13 +458,14 @@ def query(
     **params: Any,
 ) -> pd.DataFrame:
     """Run named query `name` over the tokens selected by `where`, binding `params` by name.
-    With `rollup` (default) a query with a rollup twin reads the rollups when they can answer."""
+    With `rollup` (default) a query of `ROLLUP_INPUTS` reads its inputs from the rollups when
+    they can answer."""
     where = check_where(run, where)
     layer_values = layer_params(run, layers)
     try:
-        twin = rollup_twin(run, name, where) if rollup else None
-        if twin is not None and name not in CACHED:  # from the rollups: no per-token CTE
-            sql, needed = build_query(name, where, (), {}, twin)
+        rollups = rollup_twin(run, name, where) if rollup else None
+        if rollups is not None and name not in CACHED:  # from the rollups: no per-token CTE
+            sql, needed = build_query(name, where, (), {}, rollups)
             try:
                 return run.con.execute(sql, _bind(name, needed, {**layer_values, **params})).df()
             except duckdb.IOException:
