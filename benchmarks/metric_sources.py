@@ -13,7 +13,7 @@ says, where they differ, how much the baseline differs from itself over 10 more 
 SQL (DuckDB's parallel float sums do not keep one order).
 
     python benchmarks/metric_sources.py --run /tmp/rollbench/run100m [--baseline /tmp/base]
-        [--repeats 5] [--no-routing]
+        [--repeats 5] [--no-routing] [--only routing/transition ...]
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def side_by_side(args: argparse.Namespace) -> int:
     run = rs.open_run(args.run)
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     print(f"{'metric (source)':32s}{'this':>10s}{'baseline':>10s}  this/baseline  results")
-    for key in sqls["this"]:
+    for key in [k for k in sqls["this"] if not args.only or k in args.only]:
         times: dict[str, list[float]] = {t: [] for t in trees}
         frames = {}
         for r in range(args.repeats + 1):
@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-routing", action="store_true", help="the rollup source only")
+    parser.add_argument("--only", nargs="*", help="these '<source>/<metric>' keys only (with --baseline)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     return side_by_side(args) if args.baseline else by_source(args)
