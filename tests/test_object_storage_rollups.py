@@ -21,7 +21,7 @@ from routescope.analysis.rollup_build import missing_parts, part_files
 from routescope.analysis.rollups import without_rollups
 from routescope.cli import main
 from tests.s3_server import aws_env, moto_server, storage_options
-from tests.test_rollups import assert_same, metric_args
+from tests.test_rollups import assert_same, metric_args, open_and_wait_for_rollups
 from tests.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.slow  # an S3 server and several recordings: seconds
@@ -181,12 +181,7 @@ def test_the_dashboard_builds_missing_rollups_of_an_s3_run_on_first_open(s3, mod
         monkeypatch.setenv(key, value)
     assert missing_parts(part_files(rs.open_run(uri)))[schema.ROLLUP_REPETITION]
     registry = RunRegistry([uri], build_rollups=True)
-    run = registry.run("0")
-    assert registry.rollup_state("0") in ("building", "ready")
-    deadline = time.monotonic() + 120
-    while registry.rollup_state("0") == "building" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert registry.rollup_state("0") == "ready"
+    run = open_and_wait_for_rollups(registry)
     assert not any(missing_parts(part_files(rs.open_run(uri))).values())
     with registry._slot("0").lock:
         assert run.rollups == list(schema.ROLLUP_TABLES)  # the served run's views were refreshed
