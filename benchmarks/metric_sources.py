@@ -138,6 +138,7 @@ def side_by_side(args: argparse.Namespace) -> int:
 
 def by_source(args: argparse.Namespace) -> int:
     import routescope as rs
+    from routescope.analysis.metrics import step_expert_loads
     from routescope.analysis.rollups import without_rollups
 
     run = rs.open_run(args.run)
@@ -148,7 +149,7 @@ def by_source(args: argparse.Namespace) -> int:
         "repetition_rate": lambda: run.repetition_rate(),
         "entanglement": lambda: run.entanglement(),
         "specialization": lambda: run.specialization((run.labels or ["phase"])[0]),
-        "step_loads": lambda: run.step_loads() if hasattr(run, "step_loads") else None,
+        "step_expert_loads": lambda: step_expert_loads(run),
     }
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     for name, call in calls.items():
