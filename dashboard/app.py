@@ -33,7 +33,8 @@ def create_app(
 ) -> dash.Dash:
     """A Dash app serving the runs at `run_paths` (opened lazily, problems shown on the page);
     `skip_corrupt` opens them with open_run(..., skip_corrupt=True); `build_rollups` builds the
-    rollup tables of a finished local run that lacks them, in the background, on its first open."""
+    rollup tables of a finished run (local or on object storage) that lacks them, in the
+    background, on its first open."""
     if not run_paths:
         raise ValueError("create_app needs at least one run directory")
     registry = RunRegistry(run_paths, skip_corrupt=skip_corrupt, build_rollups=build_rollups)

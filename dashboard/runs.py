@@ -86,7 +86,7 @@ class RunRegistry:
         build_rollups: bool = False,
     ) -> None:
         self.skip_corrupt = skip_corrupt  # open every run with open_run(..., skip_corrupt=True)
-        self.build_rollups = build_rollups  # build missing rollups of finished local runs on first open
+        self.build_rollups = build_rollups  # build missing rollups of finished runs on first open
         self.slots: dict[str, RunSlot] = {str(i): RunSlot(run_location(p)) for i, p in enumerate(paths)}
         self._cached = functools.lru_cache(maxsize=cache_size)(self._compute)
         self._queries: dict[str, Callable[..., Any]] = {}
@@ -130,11 +130,13 @@ class RunRegistry:
             return slot.run
 
     def _start_rollups(self, slot: RunSlot) -> None:
-        """On the first open of a finished local run whose rollups (SPEC 3.3) are missing, build
-        them on a thread with a connection of its own; the pages read routing meanwhile, and
-        the run's views are refreshed (and caches dropped, through `version`) when they are in."""
+        """On the first open of a finished run whose rollups (SPEC 3.3) are missing, build them
+        on a thread with a connection of its own (a run on object storage too, with the same
+        credentials it was opened with, as `routescope index s3://...`); the pages read routing
+        meanwhile, and the run's views are refreshed (and caches dropped, through `version`) when
+        they are in."""
         run = slot.run
-        if not self.build_rollups or slot.rollups is not None or not isinstance(slot.path, Path):
+        if not self.build_rollups or slot.rollups is not None:
             return
         if (
             not run.complete

@@ -8,6 +8,8 @@ import duckdb
 import pytest
 
 from routescope.analysis import metrics
+from routescope.analysis.querying import ROLLUP_INPUTS, build_query
+from routescope.analysis.rollups import SELECTED
 from routescope.analysis.sqlfiles import QUERY_DIR, Cte, compose, load_queries, parse_queries
 
 
@@ -67,3 +69,33 @@ def test_every_metric_query_binds(where):
         sql, params = metrics.build_query(name, where, uses)
         assert len(duckdb.extract_statements(sql)) == 1
         assert params >= {"layers", "num_experts", "top_k"}
+
+
+@pytest.mark.parametrize("name", sorted(ROLLUP_INPUTS))
+def test_a_metric_is_one_query_whichever_source_fills_its_inputs(name):
+    """A metric the rollups can answer keeps its arithmetic in its one named query: composed
+    over routing or over the rollups, the same body ends the SQL, and only the input CTEs
+    before it differ (routing_<input> or rollup_<input>)."""
+    queries = load_queries()
+    inputs = ROLLUP_INPUTS[name]
+    rollups = {SELECTED[t]: f"SELECT * FROM {t}" for t in inputs.tables}
+    from_routing, _ = build_query(name, None, ("top1_paths",))
+    from_rollups, _ = build_query(name, None, (), {}, rollups)
+    body = queries[name].sql
+    body = body[body.upper().index("WITH ") + 5 :] if body.upper().startswith("WITH ") else body
+    assert from_routing.endswith(body) and from_rollups.endswith(body)
+    for cte in inputs.routing:
+        assert f"{cte} AS (\n{queries['routing_' + cte].sql}\n)" in from_routing
+    for cte in inputs.rollup:
+        assert cte in inputs.routing, f"{cte}: a rollup input with no routing twin"
+        assert f"{cte} AS (\n{queries['rollup_' + cte].sql}\n)" in from_rollups
+        assert f"rollup_{cte}" not in from_routing and queries["rollup_" + cte].sql not in from_routing
+
+
+def test_the_rollup_queries_hold_no_metric_arithmetic():
+    """queries/rollups.sql holds the builders (`*_rows`) and the rollup inputs of the metrics,
+    nothing else: a metric's shares, grids and P(b | a) are written once, in its own query."""
+    inputs = {"layer_expert_counts"} | {cte for i in ROLLUP_INPUTS.values() for cte in i.rollup}
+    for query in load_queries().values():
+        if query.source.name == "rollups.sql" and not query.name.endswith("_rows"):
+            assert query.name.startswith("rollup_") and query.name[len("rollup_") :] in inputs, query.name

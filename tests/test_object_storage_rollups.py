@@ -21,7 +21,7 @@ from routescope.analysis.rollup_build import missing_parts, part_files
 from routescope.analysis.rollups import without_rollups
 from routescope.cli import main
 from tests.s3_server import aws_env, moto_server, storage_options
-from tests.test_rollups import assert_same, metric_args
+from tests.test_rollups import assert_same, metric_args, open_and_wait_for_rollups
 from tests.tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.slow  # an S3 server and several recordings: seconds
@@ -168,3 +168,46 @@ def test_a_rollup_older_than_its_routing_part_is_not_used_on_s3(s3, model):
     assert missing_parts(part_files(run))[schema.ROLLUP_EXPERT_COUNTS] == ["rank=0/part-00001.parquet"]
     run.build_rollups()
     assert schema.ROLLUP_EXPERT_COUNTS in rs.open_run(uri, storage_options=s3["options"]).rollups
+
+
+def test_the_dashboard_builds_missing_rollups_of_an_s3_run_on_first_open(s3, model, monkeypatch):
+    """`routescope dashboard s3://...` builds what `routescope index` would, on the first open,
+    with the environment's credentials; the pages then read the rollups, with the same values."""
+    from routescope.dashboard.runs import RunRegistry
+
+    uri = f"s3://{BUCKET}/dashboard"
+    _record(model, uri, s3["options"])
+    for key, value in aws_env(s3["endpoint"]).items():
+        monkeypatch.setenv(key, value)
+    assert missing_parts(part_files(rs.open_run(uri)))[schema.ROLLUP_REPETITION]
+    registry = RunRegistry([uri], build_rollups=True)
+    run = open_and_wait_for_rollups(registry)
+    assert not any(missing_parts(part_files(rs.open_run(uri))).values())
+    with registry._slot("0").lock:
+        assert run.rollups == list(schema.ROLLUP_TABLES)  # the served run's views were refreshed
+        for name in ("repetition_rate", "coactivation"):
+            fast = getattr(run, name)(*metric_args(run, name))
+            with without_rollups():
+                slow = getattr(run, name)(*metric_args(run, name))
+            assert_same(fast, slow, f"{name} on s3 after the dashboard built the rollups")
+    registry.close()
+
+
+def test_check_compares_the_rollups_of_an_s3_run_with_its_parts(s3, model, monkeypatch, capsys):
+    """`routescope check s3://...` reads each rollup part against its routing part on the object
+    store: a run as recorded passes, a rollup part holding another part's counts fails and the
+    message names the part and the fix."""
+    uri = f"s3://{BUCKET}/checked"
+    _record(model, uri, s3["options"])
+    for key, value in aws_env(s3["endpoint"]).items():
+        monkeypatch.setenv(key, value)
+    assert main(["check", uri]) == 0
+    assert "match their counts" in capsys.readouterr().out
+
+    fs, table = s3["fs"], f"{BUCKET}/checked/{schema.ROLLUP_EXPERT_COUNTS}/rank=0"
+    fs.pipe_file(f"{table}/part-00001.parquet", fs.cat_file(f"{table}/part-00000.parquet"))
+    fs.invalidate_cache()
+    assert main(["check", uri]) == 1
+    out = capsys.readouterr().out
+    assert "disagree with routing (rank=0/part-00001.parquet" in out
+    assert "routescope index --force RUN" in out

@@ -52,6 +52,19 @@ def metric_args(run: rs.Run, name: str) -> tuple:
     return ()
 
 
+def open_and_wait_for_rollups(registry, key: str = "0", timeout: float = 120) -> rs.Run:
+    """Open served run `key` (which starts building its missing rollups) and wait until they are in."""
+    import time
+
+    run = registry.run(key)
+    assert registry.rollup_state(key) in ("building", "ready")
+    deadline = time.monotonic() + timeout
+    while registry.rollup_state(key) == "building" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert registry.rollup_state(key) == "ready"
+    return run
+
+
 def assert_same(a: pd.DataFrame, b: pd.DataFrame, what: str) -> None:
     a, b = a.reset_index(drop=True), b.reset_index(drop=True)
     if "path" in a:
@@ -247,8 +260,6 @@ def test_index_bad_input_exits_2(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_the_dashboard_builds_missing_rollups_on_first_open(tmp_path):
-    import time
-
     from routescope.dashboard.queries import ALL, step_loads
     from routescope.dashboard.runs import RunRegistry
 
@@ -261,12 +272,7 @@ def test_the_dashboard_builds_missing_rollups_on_first_open(tmp_path):
     with rs.open_run(out) as run:
         expected = step_loads(run, ALL)
     registry = RunRegistry([out], build_rollups=True)
-    run = registry.run("0")
-    assert registry.rollup_state("0") in ("building", "ready")
-    deadline = time.monotonic() + 120
-    while registry.rollup_state("0") == "building" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert registry.rollup_state("0") == "ready"
+    run = open_and_wait_for_rollups(registry)
     with registry._slot("0").lock:
         assert sorted(run.rollups) == sorted(schema.ROLLUP_TABLES)
         pd.testing.assert_frame_equal(step_loads(run, ALL), expected, check_dtype=False)

@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import duckdb
@@ -255,26 +256,55 @@ def layer_params(
     }
 
 
-# Queries with a twin over the rollup tables (queries/rollups.sql): name -> (twin, rollups read).
-# `expert_counts` keeps its name: its `layer_expert_counts` CTE then sums rollup rows.
-ROLLUP_TWINS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "expert_counts": ("expert_counts", (schema.ROLLUP_EXPERT_COUNTS,)),
-    "step_expert_load": ("rollup_step_expert_load", (schema.ROLLUP_EXPERT_COUNTS,)),
-    "specialization": ("rollup_specialization", (schema.ROLLUP_EXPERT_COUNTS,)),
-    "top1_pair_counts": ("rollup_top1_pair_counts", (schema.ROLLUP_TOP1_PAIRS,)),
-    "transition": ("rollup_transition", (schema.ROLLUP_TOP1_PAIRS,)),
-    "coactivation": ("rollup_coactivation", (schema.ROLLUP_EXPERT_COUNTS, schema.ROLLUP_COACTIVATION)),
-    "repetition_rate": ("rollup_repetition_rate", (schema.ROLLUP_EXPERT_COUNTS, schema.ROLLUP_REPETITION)),
+@dataclass(frozen=True)
+class Inputs:
+    """What a metric query that can read the rollups takes in: the rollup tables it reads, and
+    its input CTEs per source. Input CTE `x` is filled by named query `routing_x` (next to the
+    metric's query) or `rollup_x` (queries/rollups.sql); the metric's arithmetic is its one query."""
+
+    tables: tuple[str, ...]
+    routing: tuple[str, ...] = ()
+    rollup: tuple[str, ...] = ()
+
+
+# Queries that the rollups can answer: name -> its inputs. Every query reads `layer_expert_counts`
+# (routing_ or rollup_layer_expert_counts), so `expert_counts` has no inputs of its own.
+ROLLUP_INPUTS: dict[str, Inputs] = {
+    "expert_counts": Inputs((schema.ROLLUP_EXPERT_COUNTS,)),
+    "step_expert_load": Inputs((schema.ROLLUP_EXPERT_COUNTS,), ("step_loads",), ("step_loads",)),
+    "specialization": Inputs(
+        (schema.ROLLUP_EXPERT_COUNTS,), ("specialization_counts",), ("specialization_counts",)
+    ),
+    "top1_pair_counts": Inputs((schema.ROLLUP_TOP1_PAIRS,), ("top1_pairs",), ("top1_pairs",)),
+    "transition": Inputs((schema.ROLLUP_TOP1_PAIRS,), ("transition_counts",), ("transition_counts",)),
+    "coactivation": Inputs(
+        (schema.ROLLUP_EXPERT_COUNTS, schema.ROLLUP_COACTIVATION),
+        ("coactivation_chosen", "coactivation_pairs", "coactivation_loads"),
+        ("coactivation_pairs", "coactivation_loads"),
+    ),
+    "repetition_rate": Inputs(
+        (schema.ROLLUP_EXPERT_COUNTS, schema.ROLLUP_REPETITION),
+        ("repetition_pairs", "repetition_firsts"),
+        ("repetition_pairs", "repetition_firsts"),
+    ),
 }
 
 
-def rollup_twin(run: Run, name: str, where: str | None) -> tuple[str, dict[str, str]] | None:
-    """(twin query, its rollup CTEs) when `name` can be answered from the run's rollups."""
-    if name not in ROLLUP_TWINS or counts_only(run):
+def rollup_twin(run: Run, name: str, where: str | None) -> dict[str, str] | None:
+    """The rollup CTEs (CTE name -> SQL of the selected rollup rows) when query `name` can be
+    answered from the run's rollups, else None."""
+    if name not in ROLLUP_INPUTS or counts_only(run):
         return None
-    twin, tables = ROLLUP_TWINS[name]
-    ctes = rollup_ctes(run, where, tables)
-    return None if ctes is None else (twin, ctes)
+    return rollup_ctes(run, where, ROLLUP_INPUTS[name].tables)
+
+
+def input_ctes(name: str, rollup: bool) -> list[tuple[str, str]]:
+    """(CTE, named query) of each input of query `name` from the rollups or from routing."""
+    inputs = ROLLUP_INPUTS.get(name)
+    if inputs is None:
+        return []
+    source = "rollup" if rollup else "routing"
+    return [(cte, f"{source}_{cte}") for cte in (inputs.rollup if rollup else inputs.routing)]
 
 
 def build_query(
@@ -288,10 +318,12 @@ def build_query(
     order), and the parameters it reads. A `uses` entry (cte, query) names query `query`'s CTE
     `cte`, so one body can read either of two inputs. `tables` maps a CTE name to a cached
     table that replaces it. `rollups` (CTE name -> SQL of selected rollup rows, from
-    `rollup_twin`) are put in front, and `layer_expert_counts` then sums rollup rows."""
+    `rollup_twin`) are put in front, and the query's inputs (`ROLLUP_INPUTS`, after `uses`) and
+    `layer_expert_counts` then come from the rollups instead of routing."""
     tables = tables or {}
     rollups = rollups or {}
     aliased = [(u, u) if isinstance(u, str) else (u[0], u[1]) for u in uses]
+    aliased += input_ctes(name, bool(rollups))
     selection = get_query("all_tokens").sql if where is None else WHERE_TEMPLATE.format(where=where)
     routing = get_query("all_routing" if where is None else "filtered_routing")
     named = [get_query(q) for u, q in aliased if u not in tables]
@@ -302,9 +334,7 @@ def build_query(
         *(Cte(cte, sql, materialized=False) for cte, sql in rollups.items()),
         Cte(
             "layer_expert_counts",
-            get_query(
-                "rollup_layer_expert_counts" if "selected_rollup" in rollups else "routing_expert_counts"
-            ).sql,
+            get_query(f"{'rollup' if 'selected_rollup' in rollups else 'routing'}_layer_expert_counts").sql,
         ),
         *(Cte(u, f"SELECT * FROM {tables[u]}" if u in tables else get_query(q).sql) for u, q in aliased),
     ]
@@ -387,8 +417,8 @@ def cached_frame(run: Run, name: str, where: str | None, compute: Callable[[], p
 def cached_table(run: Run, name: str, where: str | None, layers: Mapping[str, list[int]]) -> str:
     """A temp table holding named query `name` over the selection, computed once per snapshot."""
     state = _state(run, layers)
-    twin = None if name == "imported_expert_counts" else rollup_twin(run, name, where)
-    key = (name, where, twin is not None)
+    rollups = None if name == "imported_expert_counts" else rollup_twin(run, name, where)
+    key = (name, where, rollups is not None)
     if key not in state["tables"]:
         if len(state["tables"]) >= CACHE_LIMIT:  # forget the oldest selection
             oldest = next(iter(state["tables"]))
@@ -398,12 +428,12 @@ def cached_table(run: Run, name: str, where: str | None, layers: Mapping[str, li
         sql, needed = (
             build_counts_query(where)
             if name == "imported_expert_counts"
-            else build_query(name, where, rollups=None if twin is None else twin[1])
+            else build_query(name, where, rollups=rollups)
         )
         try:
             run.con.execute(f"CREATE TEMP TABLE {table} AS {sql}", _bind(name, needed, layers))
         except duckdb.IOException:
-            if twin is None:
+            if rollups is None:
                 raise
             # a rollup part went away under us (a live run's writer compacted it): read routing
             sql, needed = build_query(name, where)
@@ -428,15 +458,16 @@ def query(
     **params: Any,
 ) -> pd.DataFrame:
     """Run named query `name` over the tokens selected by `where`, binding `params` by name.
-    With `rollup` (default) a query with a rollup twin reads the rollups when they can answer."""
+    With `rollup` (default) a query of `ROLLUP_INPUTS` reads its inputs from the rollups when
+    they can answer."""
     where = check_where(run, where)
     layer_values = layer_params(run, layers)
     try:
-        twin = rollup_twin(run, name, where) if rollup else None
-        if twin is not None and twin[0] != name:  # a rollup twin reads no per-token CTE
-            sql, needed = build_query(twin[0], where, (), {}, twin[1])
+        rollups = rollup_twin(run, name, where) if rollup else None
+        if rollups is not None and name not in CACHED:  # from the rollups: no per-token CTE
+            sql, needed = build_query(name, where, (), {}, rollups)
             try:
-                return run.con.execute(sql, _bind(twin[0], needed, {**layer_values, **params})).df()
+                return run.con.execute(sql, _bind(name, needed, {**layer_values, **params})).df()
             except duckdb.IOException:
                 pass  # a rollup part went away under us (a live run's writer compacted it): read routing
         tables = {u: cached_table(run, _source(run, u), where, layer_values) for u in uses if u in CACHED}

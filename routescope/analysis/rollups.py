@@ -7,9 +7,11 @@ cover exactly the routing parts present, none is older than its routing part and
 skipped as corrupt; otherwise it has no view and every metric reads `routing` (slower, same
 result). A `where=` is answered from a rollup when it binds over the rollup's dimension
 columns alone (step, phase, labels, rank, ...): then it selects whole rollup rows, and the
-sums over them equal the counts over the selected tokens. `metrics.py` asks `selected_rollup`;
-the Spark engine makes the same views (cluster.py, from `covered_parts`) and runs the same
-twin queries translated. Building missing parts is analysis/rollup_build.py.
+sums over them equal the counts over the selected tokens. `querying.py` asks `selected_rollup`
+and then fills a metric's input counts from its `rollup_*` blocks (queries/rollups.sql) in
+place of the `routing_*` ones; the metric's own query is the same. The Spark engine makes the
+same views (cluster.py, from `covered_parts`) and runs the same queries translated. Building
+missing parts is analysis/rollup_build.py.
 """
 
 from __future__ import annotations

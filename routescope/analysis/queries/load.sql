@@ -1,8 +1,8 @@
 -- Load and balance (SPEC 4.1, 4.2). `expert_counts` is the one pass over routing that
 -- expert_load, balance, dead_experts and hot_experts share.
 
--- name: routing_expert_counts
--- Routing rows per (layer, expert) among the selected tokens: `expert_counts` reads them as `layer_expert_counts`.
+-- name: routing_layer_expert_counts
+-- `layer_expert_counts` from routing: routing rows per (layer, expert) among the selected tokens (`expert_counts` reads them).
 SELECT layer, expert, count(*) AS n
 FROM selected_routing
 GROUP BY layer, expert

@@ -1,43 +1,49 @@
 -- Specialization (SPEC 4.5): by label value, by token id (OLMoE), and the Mixtral repetition rate.
 
--- name: specialization
--- Per value of the label $label, layer and expert: L_e(D), share = L_e(D) / N(D) and lift = share · E.
-WITH labelled AS (
+-- name: routing_specialization_counts
+-- `specialization_counts` from routing: rows per (value of label $label, layer, expert) of the selected tokens; a value with no routing rows stands once with NULL layer and expert.
+WITH spec_labelled AS (
     SELECT seq_id, pos, label_value
     FROM (SELECT seq_id, pos, COLUMNS(lambda c: c = $label) AS label_value FROM selected_tokens)
     WHERE label_value IS NOT NULL
 ),
-label_values AS (
+spec_values AS (
     SELECT label_value, (row_number() OVER (ORDER BY label_value) - 1)::BIGINT AS label_id
-    FROM (SELECT DISTINCT label_value FROM labelled)
+    FROM (SELECT DISTINCT label_value FROM spec_labelled)
 ),
-token_labels AS (
+spec_token_labels AS (
     SELECT t.seq_id, t.pos, v.label_id
-    FROM labelled t
-    JOIN label_values v USING (label_value)
+    FROM spec_labelled t
+    JOIN spec_values v USING (label_value)
 ),
-packed AS (
+spec_packed AS (
     -- One pass over routing joined to a small token -> label-id map; the GROUP BY key packs
     -- (label id, layer, expert) into one BIGINT, which also stops DuckDB from pushing a partial
     -- aggregate per (seq_id, pos, layer, expert) below the join (that costs ~10x at 100M rows).
     SELECT (t.label_id << 32) | (r.layer::BIGINT << 16) | r.expert::BIGINT AS k, count(*) AS n
     FROM routing r
-    JOIN token_labels t USING (seq_id, pos)
+    JOIN spec_token_labels t USING (seq_id, pos)
     GROUP BY k
-),
-counts AS (
-    SELECT k >> 32 AS label_id, ((k >> 16) & 65535)::SMALLINT AS layer, (k & 65535)::SMALLINT AS expert, n
-    FROM packed
+)
+SELECT v.label_value, ((p.k >> 16) & 65535)::SMALLINT AS layer, (p.k & 65535)::SMALLINT AS expert, p.n
+FROM spec_values v
+LEFT JOIN spec_packed p ON p.k >> 32 = v.label_id
+
+-- name: specialization
+-- Per value of the label $label, layer and expert: L_e(D), share = L_e(D) / N(D) and lift = share · E, from `specialization_counts` (routing_ or rollup_specialization_counts).
+WITH label_values AS (
+    SELECT DISTINCT label_value FROM specialization_counts
 ),
 grid AS (
-    SELECT v.label_value, v.label_id, l.layer, l.num_experts, unnest(range(l.num_experts))::SMALLINT AS expert
+    SELECT v.label_value, l.layer, l.num_experts, unnest(range(l.num_experts))::SMALLINT AS expert
     FROM label_values v
     CROSS JOIN layer_info l
 ),
 loads AS (
     SELECT g.label_value, g.layer, g.expert, g.num_experts, coalesce(c.n, 0)::BIGINT AS tokens
     FROM grid g
-    LEFT JOIN counts c ON c.label_id = g.label_id AND c.layer = g.layer AND c.expert = g.expert
+    LEFT JOIN specialization_counts c
+        ON c.label_value = g.label_value AND c.layer = g.layer AND c.expert = g.expert
 ),
 shares AS (
     SELECT *, tokens / nullif(sum(tokens) OVER (PARTITION BY label_value, layer), 0) AS share FROM loads
@@ -96,53 +102,75 @@ JOIN ties t ON t.layer = p.layer AND t.token_id = p.token_id
 WHERE p.occurrences >= $min_occurrences
 ORDER BY p.layer, p.token_id
 
--- name: repetition_rate
--- Per MoE layer: consecutive token pairs sharing their slot-0 expert (rate, 1/E, Σ p_e²) and their top-2 sets sharing an expert (rate, 1 − C(E−2,2)/C(E,2)).
-WITH ordered AS (
-    SELECT layer, num_experts, top_k, row_number() OVER (ORDER BY layer) AS idx FROM layer_info
+-- name: routing_repetition_pairs
+-- `repetition_pairs` from routing: per MoE layer, consecutive selected tokens with complete slot-0 paths (pairs, repeats of the slot-0 expert) and with slot-0/1 rows (pairs_top2, repeats_top2: top-2 sets that meet).
+WITH rep_ordered AS (
+    SELECT layer, row_number() OVER (ORDER BY layer) AS idx FROM layer_info
 ),
-neighbours AS (
+rep_neighbours AS (
     SELECT unnest(range(1, len(a.path) + 1)) AS idx, unnest(a.path) AS expert_a, unnest(b.path) AS expert_b
     FROM top1_paths a
     JOIN top1_paths b ON b.seq_id = a.seq_id AND b.pos = a.pos + 1
 ),
-pairs AS (
+rep_pairs AS (
     SELECT idx, count(*) AS pairs, count(*) FILTER (WHERE expert_a = expert_b) AS repeats
-    FROM neighbours
+    FROM rep_neighbours
     GROUP BY idx
 ),
-top1 AS (
-    SELECT unnest(range(1, len(path) + 1)) AS idx, unnest(path) AS expert FROM top1_paths
-),
-shares AS (
-    SELECT idx, count(*) / sum(count(*)) OVER (PARTITION BY idx) AS p FROM top1 GROUP BY idx, expert
-),
-marginal AS (
-    SELECT idx, sum(p * p) AS baseline FROM shares GROUP BY idx
-),
 -- "first or second choice" (Mixtral Table 5): the tokens' slot 0 and 1 experts, per layer
-top2_rows AS (
+rep_top2_rows AS (
     SELECT seq_id, pos, layer, expert
     FROM selected_routing
     WHERE slot < 2 AND layer IN (SELECT layer FROM layer_info WHERE top_k >= 2)
 ),
-top2_tokens AS (
-    SELECT DISTINCT seq_id, pos, layer FROM top2_rows
+rep_top2_tokens AS (
+    SELECT DISTINCT seq_id, pos, layer FROM rep_top2_rows
 ),
-top2_pairs AS (
+rep_top2_pairs AS (
     SELECT a.layer, count(*) AS pairs
-    FROM top2_tokens a
-    JOIN top2_tokens b ON b.seq_id = a.seq_id AND b.pos = a.pos + 1 AND b.layer = a.layer
+    FROM rep_top2_tokens a
+    JOIN rep_top2_tokens b ON b.seq_id = a.seq_id AND b.pos = a.pos + 1 AND b.layer = a.layer
     GROUP BY a.layer
 ),
-top2_repeats AS (
+rep_top2_repeats AS (
     SELECT layer, count(*) AS repeats
     FROM (
         SELECT DISTINCT a.layer, a.seq_id, a.pos
-        FROM top2_rows a
-        JOIN top2_rows b ON b.seq_id = a.seq_id AND b.pos = a.pos + 1 AND b.layer = a.layer AND b.expert = a.expert
+        FROM rep_top2_rows a
+        JOIN rep_top2_rows b ON b.seq_id = a.seq_id AND b.pos = a.pos + 1 AND b.layer = a.layer AND b.expert = a.expert
     )
     GROUP BY layer
+)
+SELECT o.layer, p.pairs, p.repeats, p2.pairs AS pairs_top2, r2.repeats AS repeats_top2
+FROM rep_ordered o
+LEFT JOIN rep_pairs p USING (idx)
+LEFT JOIN rep_top2_pairs p2 ON p2.layer = o.layer
+LEFT JOIN rep_top2_repeats r2 ON r2.layer = o.layer
+
+-- name: routing_repetition_firsts
+-- `repetition_firsts` from routing: per MoE layer and expert, the selected tokens with complete slot-0 paths whose slot-0 expert it is.
+WITH rep_first_ordered AS (
+    SELECT layer, row_number() OVER (ORDER BY layer) AS idx FROM layer_info
+),
+rep_top1 AS (
+    SELECT unnest(range(1, len(path) + 1)) AS idx, unnest(path) AS expert FROM top1_paths
+)
+SELECT o.layer, t.expert, count(*) AS n
+FROM rep_top1 t
+JOIN rep_first_ordered o USING (idx)
+GROUP BY o.layer, t.expert
+
+-- name: repetition_rate
+-- Per MoE layer: consecutive token pairs sharing their slot-0 expert (rate, 1/E, Σ p_e²) and their top-2 sets sharing an expert (rate, 1 − C(E−2,2)/C(E,2)), from `repetition_pairs` and `repetition_firsts` (routing_ or rollup_).
+WITH totals AS (
+    -- a join, not a window: DuckDB 1.x/2.0 computed sum() OVER before a rank filter of the rollups
+    SELECT layer, sum(n) AS total FROM repetition_firsts GROUP BY layer
+),
+shares AS (
+    SELECT f.layer, f.n / t.total AS p FROM repetition_firsts f JOIN totals t USING (layer)
+),
+marginal AS (
+    SELECT layer, sum(p * p) AS baseline FROM shares GROUP BY layer
 )
 SELECT
     o.layer,
@@ -151,14 +179,12 @@ SELECT
     p.repeats / nullif(p.pairs, 0) AS repetition_rate,
     1.0 / o.num_experts AS baseline,
     m.baseline AS marginal_baseline,
-    coalesce(r2.repeats, 0)::BIGINT AS repeats_top2,
-    CASE WHEN o.top_k >= 2 THEN coalesce(r2.repeats, 0) / nullif(p2.pairs, 0) END AS repetition_rate_top2,
+    (CASE WHEN o.top_k >= 2 THEN coalesce(p.repeats_top2, 0) ELSE 0 END)::BIGINT AS repeats_top2,
+    CASE WHEN o.top_k >= 2 THEN coalesce(p.repeats_top2, 0) / nullif(p.pairs_top2, 0) END AS repetition_rate_top2,
     CASE WHEN o.top_k >= 2 AND o.num_experts >= 2
         THEN 1.0 - ((o.num_experts - 2) * (o.num_experts - 3)) / (o.num_experts * (o.num_experts - 1.0))
     END AS baseline_top2
-FROM ordered o
-LEFT JOIN pairs p USING (idx)
-LEFT JOIN marginal m USING (idx)
-LEFT JOIN top2_pairs p2 ON p2.layer = o.layer
-LEFT JOIN top2_repeats r2 ON r2.layer = o.layer
+FROM layer_info o
+LEFT JOIN repetition_pairs p USING (layer)
+LEFT JOIN marginal m USING (layer)
 ORDER BY o.layer
