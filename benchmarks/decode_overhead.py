@@ -5,13 +5,17 @@ recorded - ms per step plain, at several depths, batch 1 and 8, eager and compil
 `added = a + b x MoE layers` gives the cost per step (a) and per MoE layer (b). Goal on the
 2-core CPU machine: a <= 0.1 ms and b <= 0.01 ms; on a GPU, recorded / plain <= 1.02.
 
-Two copies of each model with the same weights: one recorded inside one long `rs.record`
-block, one never recorded; rounds interleave them (plain, recorded, in a shuffled order), and
-medians are reported. Compiled: transformers' static-cache `generate` with a `compile_config`
+Three copies of each model with the same weights: one recorded inside one long `rs.record`
+block, two never recorded (plain, and an A/A control); each round runs the three in a
+shuffled order. `added` is the median over rounds of each round's paired difference
+(recorded - plain), which cancels the machine's drift between rounds; `added IQR` is the
+interquartile range of those differences and `A/A` the median paired difference of the
+control copy from plain (two unrecorded copies: what the method reads as cost when there is
+none). A fitted cost smaller than the A/A and IQR figures is within the method's noise. Compiled: transformers' static-cache `generate` with a `compile_config`
 (`fullgraph=True`, CUDA graphs on a GPU with transformers' default `reduce-overhead`).
 
     python benchmarks/decode_overhead.py [--device cuda] [--layers 2 16] [--batches 1 8]
-        [--new-tokens 32] [--rounds 7] [--compiled] [--real-shape]
+        [--new-tokens 32] [--rounds 7] [--compiled] [--real-shape] [--count]
 
 Three clocks are read around every call, and each is fitted: `thread`, the model thread's
 CPU time (what a decode step waits for, as the writer thread has a core of its own; the
@@ -101,16 +105,19 @@ def measure(shape: dict, batch: int, compiled: bool, args: argparse.Namespace, t
         return {name: 1000 * (long_s[name] - short_s[name]) / args.new_tokens for name in CLOCKS}
 
     out = tmp / f"run-{shape['layers']}-{batch}-{compiled}"
-    results: dict[str, list[dict[str, float]]] = {"plain": [], "recorded": []}
+    control = deepcopy(plain)  # a second unrecorded copy: the A/A control
+    models = {"plain": plain, "recorded": recorded, "control": control}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in models}
     with torch.no_grad(), rs.record(recorded, out, flush_seconds=1e9) as rec:
         for _ in range(2):  # warm up (and compile)
-            decode_ms(plain), decode_ms(recorded)
-        order = ["plain", "recorded"]
+            for model in models.values():
+                decode_ms(model)
+        order = list(models)
         rng = random.Random(0)
         for _ in range(args.rounds):
             rng.shuffle(order)
             for name in order:
-                results[name].append(decode_ms(plain if name == "plain" else recorded))
+                results[name].append(decode_ms(models[name]))
     steps = rec.steps
     shutil.rmtree(out, ignore_errors=True)
     row = {
@@ -119,16 +126,83 @@ def measure(shape: dict, batch: int, compiled: bool, args: argparse.Namespace, t
         "path": "compiled" if compiled else "eager",
         "steps": steps,
     }
-    for name in CLOCKS:  # medians per clock
+    for name in CLOCKS:  # per clock: medians, and the median of each round's paired difference
         plain_ms = statistics.median(r[name] for r in results["plain"])
         recorded_ms = statistics.median(r[name] for r in results["recorded"])
-        row[name] = {"plain": plain_ms, "recorded": recorded_ms, "added": recorded_ms - plain_ms}
+        added = [r[name] - p[name] for r, p in zip(results["recorded"], results["plain"])]
+        same = [c[name] - p[name] for c, p in zip(results["control"], results["plain"])]
+        quartiles = statistics.quantiles(added, n=4) if len(added) >= 2 else [added[0]] * 3
+        row[name] = {
+            "plain": plain_ms,
+            "recorded": recorded_ms,
+            "added": statistics.median(added),
+            "spread": quartiles[2] - quartiles[0],
+            "control": statistics.median(same),
+        }
     return row
 
 
-def fit(rows: list[dict], clock: str) -> tuple[float, float]:
-    """Least squares added = a + b * layers."""
-    xs, ys = [r["layers"] for r in rows], [r[clock]["added"] for r in rows]
+def count_work(layers: int, batch: int, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
+    """What recording adds to one eager decode step, counted instead of timed (the count does
+    not depend on the machine's load): aten ops dispatched (a TorchDispatchMode over the whole
+    `generate`) and Python calls into routescope code (a profile function), per decode step."""
+    import collections
+    import os
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: collections.Counter = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    package = os.path.dirname(rs.__file__)
+    model = build(
+        layers=layers, hidden=args.hidden, experts=8, top_k=2, moe_width=args.hidden // 2, device="cpu"
+    )
+    prompt = torch.randint(1, 4000, (batch, 16))
+    kwargs = {
+        "input_ids": prompt,
+        "attention_mask": torch.ones_like(prompt),
+        "do_sample": False,
+        "pad_token_id": 0,
+    }
+
+    def counted(new_tokens: int) -> tuple[int, int]:
+        calls = [0]
+
+        def profile(frame, event, arg):
+            if event == "call" and frame.f_code.co_filename.startswith(package):
+                calls[0] += 1
+
+        with Ops() as mode:
+            sys.setprofile(profile)
+            try:
+                model.generate(**kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            finally:
+                sys.setprofile(None)
+        return sum(mode.ops.values()), calls[0]
+
+    def per_step() -> tuple[float, float]:
+        (ops_long, calls_long), (ops_short, calls_short) = counted(args.new_tokens + 1), counted(1)
+        return (ops_long - ops_short) / args.new_tokens, (calls_long - calls_short) / args.new_tokens
+
+    with torch.no_grad():
+        plain_ops, _ = per_step()
+        with rs.record(model, tmp / f"count-{layers}-{batch}", flush_seconds=1e9):
+            per_step()  # warm
+            ops, calls = per_step()
+    return {"layers": layers, "batch": batch, "ops": ops - plain_ops, "calls": calls}
+
+
+def fit(rows: list[dict], clock: str, key: str = "added") -> tuple[float, float]:
+    """Least squares added = a + b * layers (`key="control"`: the A/A control's)."""
+    xs = [r["layers"] for r in rows]
+    ys = [r[clock][key] if clock else r[key] for r in rows]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
@@ -156,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         "(default on a CPU: on a shared machine elapsed time mostly measures waiting for a core), "
         "cpu = the process's CPU time with the writer thread's, wall = elapsed (default on a GPU)",
     )
+    parser.add_argument(
+        "--count",
+        action="store_true",
+        help="only count what recording adds to an eager decode step (aten ops, Python calls "
+        "into routescope), per step and per MoE layer: independent of the machine's load",
+    )
     args = parser.parse_args(argv)
     args.clock = args.clock or ("wall" if args.device == "cuda" else "thread")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -164,12 +244,29 @@ def main(argv: list[str] | None = None) -> int:
     real = {"hidden": 2048, "experts": 128, "top_k": 8, "moe_width": 768}
     real_layers = args.real_layers or (8 if args.device == "cuda" else 2)
     paths = [False, True] if args.compiled else [False]
+    if args.count:
+        print(f"eager decode step, {args.new_tokens} new tokens: what recording adds, counted")
+        print("| batch | MoE layers | aten ops per step | routescope Python calls per step |")
+        print("|---|---|---|---|")
+        for batch in args.batches:
+            counts = [count_work(n, batch, args, tmp) for n in args.layers]
+            for c in counts:
+                print(f"| {batch} | {c['layers']} | {c['ops']:.1f} | {c['calls']:.1f} |")
+            if len(counts) >= 2:
+                for key in ("ops", "calls"):
+                    a, b = fit(counts, "", key)
+                    print(f"  batch {batch} {key}: {a:.1f} per step + {b:.2f} per MoE layer")
+        shutil.rmtree(tmp, ignore_errors=True)
+        return 0
     print(
         f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"{args.new_tokens} new tokens, {args.rounds} rounds, medians, table: {args.clock} clock"
     )
-    print("| path | batch | MoE layers | shape | plain ms/step | recorded ms/step | added ms/step | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| path | batch | MoE layers | shape | plain ms/step | recorded ms/step | added ms/step "
+        "| added IQR | A/A ms/step | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows: list[dict] = []
     try:
         for compiled in paths:
@@ -184,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                     c = row[args.clock]
                     print(
                         f"| {row['path']} | {batch} | {row['layers']} | {name} | {c['plain']:.3f} | "
-                        f"{c['recorded']:.3f} | {c['added']:+.3f} | {c['recorded'] / c['plain']:.3f} |",
+                        f"{c['recorded']:.3f} | {c['added']:+.3f} | {c['spread']:.3f} | {c['control']:+.3f} | "
+                        f"{(c['plain'] + c['added']) / c['plain']:.3f} |",
                         flush=True,
                     )
         print()
@@ -203,9 +301,10 @@ def main(argv: list[str] | None = None) -> int:
                 if len(sweep) >= 2:
                     for clock in CLOCKS:
                         a, b = fit(sweep, clock)
+                        a0, b0 = fit(sweep, clock, "control")
                         print(
                             f"  {sweep[0]['path']:8s} batch {batch} {clock:6s}: a = {a:.3f} ms/step, "
-                            f"b = {b:.4f} ms/MoE layer"
+                            f"b = {b:.4f} ms/MoE layer   (A/A control: a = {a0:+.3f}, b = {b0:+.4f})"
                         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

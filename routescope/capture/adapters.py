@@ -30,8 +30,11 @@ def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, names: tuple
 
 def _from_experts_call(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Decision:
     """transformers 5 fused experts: forward(hidden_states, top_k_index, top_k_weights)."""
-    indices = _arg(args, kwargs, 1, ("top_k_index", "router_indices", "selected_experts"))
-    weights = _arg(args, kwargs, 2, ("top_k_weights", "routing_weights", "router_scores"))
+    if len(args) > 2:  # the usual call, positional (no Python call more per layer and step)
+        indices, weights = args[1], args[2]
+    else:
+        indices = _arg(args, kwargs, 1, ("top_k_index", "router_indices", "selected_experts"))
+        weights = _arg(args, kwargs, 2, ("top_k_weights", "routing_weights", "router_scores"))
     if weights.shape != indices.shape and weights.dim() == 2 and weights.shape[-1] > indices.shape[-1]:
         weights = weights.gather(-1, indices)  # dense [tokens, E] scores: take the chosen ones
     return indices, weights

@@ -207,7 +207,7 @@ def router_hook(sink: RoutingSink, site: Any, slot: int) -> Any:
     (traced into the graph under torch.compile, eager otherwise)."""
     extract = site.adapter.extract
 
-    def write(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def write(module: nn.Module, args: tuple, kwargs: dict, output: Any = None) -> None:
         if torch.compiler.is_compiling():  # a constant while tracing: the graph writes the buffers
             sink.write(slot, *extract(module, args, kwargs, output))
         elif sink.current is not None:
@@ -215,9 +215,7 @@ def router_hook(sink: RoutingSink, site: Any, slot: int) -> Any:
         elif not sink.skipping:
             sink.outside += 1
 
-    if site.adapter.hook == "pre":
-        return lambda module, args, kwargs: write(module, args, kwargs, None)
-    return write
+    return write  # a pre-hook (site.adapter.hook == "pre") is called without `output`
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
