@@ -123,6 +123,9 @@ def to_host(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
         by_device.setdefault(value.device, []).append(key)
     events = []
     for device, keys in by_device.items():
+        if device.type == "cpu":  # the usual CPU step: kept as they are, no call per tensor
+            host.update({k: tensors[k].detach() if tensors[k].requires_grad else tensors[k] for k in keys})
+            continue
         if device.type != "cuda":
             host.update({k: _on_host(tensors[k]) for k in keys})
             continue
