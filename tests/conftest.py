@@ -42,6 +42,28 @@ def _hook_count(module: nn.Module) -> int:
 _LIVE_MODELS: list[nn.Module] = []
 
 
+@pytest.fixture(scope="session")
+def spark():
+    """One local Spark session for every test that asks for it (the Spark tests skip first when
+    pyspark or Java is missing)."""
+    from pyspark.sql import SparkSession
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        session = (
+            SparkSession.builder.master("local[2]")
+            .appName("routescope-tests")
+            .config("spark.ui.enabled", "false")
+            .config("spark.ui.showConsoleProgress", "false")
+            .config("spark.sql.shuffle.partitions", "2")
+            .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+            .getOrCreate()
+        )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
 @pytest.fixture
 def tiny_model(device: torch.device):
     """Factory: tiny_model('mixtral', **overrides) -> eval-mode model on the test device."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,15 +130,18 @@ def _create_view(
         return
     rel = con.read_parquet([str(p) for p in parts], hive_partitioning=True, union_by_name=True)
     if table == schema.TOKENS:
-        # Parts written before a label existed lack its column: add it as NULL.
-        missing = [label for label in labels if label not in rel.columns]
-        added = [f'CAST(NULL AS VARCHAR) AS "{m}"' for m in missing]
-        # Parts written before the extra columns existed: their default (text, decoder).
-        added += [
-            f"'{value}'::VARCHAR AS {column}"
-            for column, value in schema.TOKEN_EXTRA_DEFAULTS.items()
-            if column not in rel.columns
-        ]
-        if added:
-            rel = rel.project(", ".join(["*", *added]))
+        rel = with_token_columns(rel, labels)
     rel.create_view(name, replace=True)
+
+
+def with_token_columns(rel: duckdb.DuckDBPyRelation, labels: Sequence[str]) -> duckdb.DuckDBPyRelation:
+    """Tokens parts read as one relation, with every column a run's tokens table has: parts
+    written before a label existed get it as NULL, parts written before the extra columns
+    existed get their default (text, decoder)."""
+    added = [f'CAST(NULL AS VARCHAR) AS "{label}"' for label in labels if label not in rel.columns]
+    added += [
+        f"'{value}'::VARCHAR AS {column}"
+        for column, value in schema.TOKEN_EXTRA_DEFAULTS.items()
+        if column not in rel.columns
+    ]
+    return rel.project(", ".join(["*", *added])) if added else rel

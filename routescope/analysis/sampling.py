@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from routescope import schema
-from routescope.analysis.database import views_over_parts
+from routescope.analysis.database import views_over_parts, with_token_columns
 from routescope.analysis.querying import rollup_twin
 from routescope.analysis.rollups import part_name
 from routescope.analysis.run import Run, merge_rank_manifests
@@ -77,14 +77,7 @@ def candidate_parts(run: Run, where: str | None, params: list[Any] | None = None
     rel = run.con.read_parquet(
         [str(p) for p in tokens], filename=True, hive_partitioning=True, union_by_name=True
     )
-    added = [f'CAST(NULL AS VARCHAR) AS "{label}"' for label in run.labels if label not in rel.columns]
-    added += [
-        f"'{value}'::VARCHAR AS {column}"
-        for column, value in schema.TOKEN_EXTRA_DEFAULTS.items()
-        if column not in rel.columns
-    ]
-    if added:
-        rel = rel.project(", ".join(["*", *added]))
+    rel = with_token_columns(rel, run.labels)
     view = "routescope_sampling_tokens"
     rel.create_view(view, replace=True)
     try:
