@@ -16,7 +16,7 @@ from dash import Input, Output, State, ctx, dcc, html, no_update
 
 from routescope.dashboard.components import TABLE_CSS, message
 from routescope.dashboard.pages import PAGES
-from routescope.dashboard.plotlyjs import serve_with_compile_hint
+from routescope.dashboard.plotlyjs import serve_plotly_js
 from routescope.dashboard.queries import APART, QUERIES
 from routescope.dashboard.runs import RunRegistry, RunUnavailable, get_registry, set_registry
 from routescope.dashboard.urlstate import sync_run
@@ -53,7 +53,7 @@ def create_app(
     )
     app.server.config["ROUTESCOPE_REGISTRY"] = registry
     app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + TABLE_CSS + "</style>")
-    serve_with_compile_hint(app)  # plotly.js compiles off the main thread while it downloads
+    serve_plotly_js(app)  # a partial plotly.js, compiled off the main thread while it downloads
     for page in PAGES:
         page.register(app)
     app.layout = shell(registry, refresh_ms)

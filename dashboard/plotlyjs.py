@@ -1,20 +1,32 @@
-"""plotly.js as Dash serves it, with a V8 compile hint in front: `serve_with_compile_hint(app)`.
+"""plotly.js as the dashboard serves it: `serve_plotly_js(app)`.
 
-dcc.Graph loads the plotly.js bundle of the installed `plotly` package (4.7 MB) when the first
-graph mounts. In a cold browser its evaluation held the main thread for about a second on a
-2-core machine (benchmarks/RESULTS.md, "Chromium first view"), during which Dash could not
-handle the callback answers that had already come back. The first line `//# allFunctionsCalledOnLoad`
-(V8's explicit compile hints, Chrome 136+) makes the browser compile the whole file on its
-script-streaming thread while it downloads, so the main thread only runs it: the callbacks go
-on meanwhile. Other browsers read the line as a comment. The bytes after it are the package's
-file unchanged (same URL, same version; nothing is vendored), with an ETag as Dash gives it.
+dcc.Graph loads plotly.js from one URL (`PLOTLY_PATH`) when the first graph mounts; by default
+that is the installed `plotly` package's full bundle (4.7 MB, every trace type). In a cold
+browser its evaluation held the main thread for about a second on a 2-core machine
+(benchmarks/RESULTS.md, "Chromium first view"), during which Dash could not handle the
+callback answers that had already come back. Two things cut that, both at this one URL:
+
+- **A partial bundle.** `plotly_bundle.json` names the trace types the dashboard draws
+  (scatter, bar, heatmap, sankey) and the plotly.js version; `static/plotly-routescope.min.js`
+  is plotly.js's core with only those registered (1.4 MB), built the way plotly.js documents
+  a custom bundle by `scripts/build_plotly_bundle.sh` from pinned npm versions. It is served
+  when its plotly.js major version is the one the installed `plotly` package writes figures
+  for (plotly.js keeps figure attributes compatible within a major version); otherwise the
+  package's own full file is, so an older or newer `plotly` never gets a mismatched renderer.
+  tests/test_dashboard_plotlyjs.py checks that every trace type the dashboard's code builds
+  is in the bundle, and the browser test that every drawn trace's type is registered.
+- **A V8 compile hint.** The first line `//# allFunctionsCalledOnLoad` (V8's explicit compile
+  hints, Chrome 136+) makes the browser compile the whole file on its script-streaming thread
+  while it downloads, so the main thread only runs it. Other browsers read it as a comment.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import flask
 
@@ -24,20 +36,41 @@ if TYPE_CHECKING:
 COMPILE_HINT = b"//# allFunctionsCalledOnLoad\n"
 # where the Dash renderer points dcc.Graph (window._dashPlotlyJSURL) when serving locally
 PLOTLY_PATH = "_dash-component-suites/plotly/package_data/plotly.min.js"
+BUNDLE_META = Path(__file__).parent / "plotly_bundle.json"
+
+
+@functools.cache
+def bundle_meta() -> dict[str, Any]:
+    """The partial bundle's description: plotly.js version, trace types, file, sha256."""
+    return json.loads(BUNDLE_META.read_text())
+
+
+def package_bundle() -> tuple[Path, str]:
+    """(the installed plotly package's full plotly.min.js, the plotly.js version it bundles)."""
+    import plotly
+    from plotly.offline import get_plotlyjs_version
+
+    return Path(plotly.__file__).parent / "package_data" / "plotly.min.js", get_plotlyjs_version()
+
+
+def chosen_bundle(package_plotlyjs: str) -> Path | None:
+    """The partial bundle's path when it renders what a `plotly` package bundling plotly.js
+    `package_plotlyjs` writes (same major version); None: serve the package's own file."""
+    meta = bundle_meta()
+    if package_plotlyjs.split(".")[0] != meta["plotly.js"].split(".")[0]:
+        return None
+    return BUNDLE_META.parent / meta["file"]
 
 
 @functools.cache
 def hinted_bundle() -> tuple[bytes, str]:
-    """(the installed plotly package's plotly.min.js with the compile hint first, its ETag)."""
-    import hashlib
-
-    import plotly
-
-    body = COMPILE_HINT + (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_bytes()
+    """(the plotly.js the dashboard serves, with the compile hint first; its ETag)."""
+    package_file, version = package_bundle()
+    body = COMPILE_HINT + (chosen_bundle(version) or package_file).read_bytes()
     return body, hashlib.sha1(body).hexdigest()
 
 
-def serve_with_compile_hint(app: dash.Dash) -> None:
+def serve_plotly_js(app: dash.Dash) -> None:
     """Answer the Dash app's plotly.js URL (under its routes prefix) with `hinted_bundle()`."""
     path = app.config.routes_pathname_prefix + PLOTLY_PATH
 

@@ -563,26 +563,3 @@ def test_label_values_and_tokens_stay_text_in_figures():
     fig = plots.expert_lanes(lanes, 4)
     assert "<img" not in fig.data[0].text[0][0] and "&lt;img" in fig.data[0].text[0][0]
     assert "<img" not in fig.layout.xaxis.ticktext[0]
-
-
-@pytest.mark.slow
-def test_plotly_js_is_the_package_file_behind_a_compile_hint(app):
-    """dcc.Graph's plotly.js URL answers with the installed plotly package's bundle, byte for
-    byte after one V8 compile-hint comment line, with an ETag that a cached copy revalidates;
-    Dash's other scripts are untouched."""
-    import plotly
-
-    from routescope.dashboard.plotlyjs import COMPILE_HINT, PLOTLY_PATH
-
-    client = app.server.test_client()
-    first = client.get("/" + PLOTLY_PATH)
-    package = (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_bytes()
-    assert first.status_code == 200 and first.mimetype == "text/javascript"
-    assert first.data == COMPILE_HINT + package
-    assert COMPILE_HINT.decode().startswith("//")  # a comment to any other JavaScript engine
-    again = client.get("/" + PLOTLY_PATH, headers={"If-None-Match": first.headers["ETag"]})
-    assert again.status_code == 304 and not again.data
-    index = client.get("/").get_data(as_text=True)
-    renderer = next(s for s in index.split('"') if "dash_renderer" in s and s.endswith(".js"))
-    other = client.get(renderer)
-    assert other.status_code == 200 and not other.data.startswith(COMPILE_HINT)

@@ -104,6 +104,14 @@ TRACE_HAS_DATA = """(p, i) => {
 }"""
 
 
+UNREGISTERED_TRACES = """() => {
+    const known = Object.keys(Plotly.PlotSchema.get().traces);
+    return [...document.querySelectorAll('.js-plotly-plot')]
+        .flatMap(p => (p.data || []).map(t => t.type || 'scatter'))
+        .filter(type => !known.includes(type));
+}"""
+
+
 def wait_for_figures(page, count: int) -> None:
     """Until `count` plotly figures have drawn at least one trace with data."""
     page.wait_for_function(
@@ -153,6 +161,8 @@ def test_every_page_renders_figures_with_data(server, page, path):
         assert fig["svg"] >= 1 and fig["traces"] >= 1 and fig["marks"] >= 1, figures
     assert not page.locator(".rs-error").count(), page.locator(".rs-error").all_inner_texts()
     assert fits_width(page), path  # wide tables scroll in their box, the page does not
+    # the served plotly.js (a partial bundle, dashboard/plotlyjs.py) knows every trace type drawn
+    assert page.evaluate(UNREGISTERED_TRACES) == [], path
     shot(page, path.strip("/").replace("-", "_") or "overview")
     assert page.console_errors == []
 
