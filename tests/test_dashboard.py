@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from dash.exceptions import PreventUpdate
 
 import routescope as rs
 from routescope import schema
@@ -307,6 +308,17 @@ def test_entanglement_specialization_tokens(app, runs):
     )
     bad = entanglement.update_entanglement(state("a"), "0-99", 10)
     assert "not consecutive MoE layers" in texts(bad[3])
+    # the Sankey starts once the figures above are answered (also after an error), and again
+    # only for another run, version or path count: a new layer pair leaves it alone
+    *_first_view, ready = entanglement.figures_then_ready(state("a"), pair)
+    assert ready == entanglement.figures_then_ready(state("a"), "0-99")[-1] == "0@None"
+    with pytest.raises(PreventUpdate):
+        entanglement.pathways_when_ready(None, 10, state("a"), None)  # the figures are not in yet
+    sankey_again, drawn_for = entanglement.pathways_when_ready(ready, 10, state("a"), None)
+    assert traces_with_data(sankey_again) == 1 and drawn_for == "0@None|10"
+    with pytest.raises(PreventUpdate):
+        entanglement.pathways_when_ready(ready, 10, state("a"), drawn_for)  # another pair only
+    assert entanglement.pathways_when_ready(ready, 15, state("a"), drawn_for)[1] == "0@None|15"
 
     _label_opts, label, _layer_opts, layer, _lift = specialization.specialization_controls(state("a"))
     heat, msg, _caption = specialization.update_specialization(state("a"), label, layer)

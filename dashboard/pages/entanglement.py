@@ -9,6 +9,7 @@ from typing import Any
 
 import dash
 from dash import Input, Output, State, dcc, html
+from dash.exceptions import PreventUpdate
 
 from routescope import plots
 from routescope.dashboard.components import FIGURE, KEEP, MESSAGE, OPTIONS, current, graph, guarded, labelled
@@ -46,8 +47,12 @@ def layout(**_query: Any) -> html.Div:
             ),
             # pathways need every token's path (no rollup can hold them): a run over
             # sampled.SAMPLE_ROWS routing rows is read through a sample, said under the title;
-            # their own callback, with a spinner, so the figures above never wait for them
+            # their own callback, with a spinner, started once the figures above are answered
+            # (`figures_then_ready`), so the two never share the server's cores and the figures
+            # above never wait for them
             dcc.Loading(graph("entanglement-sankey", "pathway_sankey"), type="dot"),
+            dcc.Store(id="entanglement-ready"),
+            dcc.Store(id="entanglement-sankey-for"),
         ]
     )
 
@@ -107,6 +112,25 @@ def update_pathways(state: Any, top: Any) -> Any:
     return plots.pathway_sankey(found["frame"], layers, note)
 
 
+def ready_token(state: Any) -> str | None:
+    """Which run and version the figures above were answered for."""
+    return f"{state.get('run')}@{state.get('version')}" if isinstance(state, dict) else None
+
+
+def figures_then_ready(state: Any, pair: Any) -> tuple:
+    """`entanglement_figures`, then the token that starts the pathways (also after an error)."""
+    return (*entanglement_figures(state, pair), ready_token(state))
+
+
+def pathways_when_ready(ready: Any, top: Any, state: Any, drawn_for: Any) -> tuple:
+    """The Sankey once the figures above are answered, again only for another run, version or
+    path count (a new layer pair answers the figures above again, with the same token)."""
+    token = f"{ready}|{top}"
+    if ready is None or token == drawn_for:
+        raise PreventUpdate
+    return update_pathways(state, top), token
+
+
 def update_entanglement(state: Any, pair: Any, top: Any) -> tuple:
     """(MI figure, transition heatmap, Sankey, message): both callbacks' outputs at once."""
     mi, trans, msg = entanglement_figures(state, pair)
@@ -142,11 +166,15 @@ def register(app: dash.Dash) -> None:
         Output("entanglement-mi", "figure"),
         Output("entanglement-transition", "figure"),
         Output("entanglement-message", "children"),
+        Output("entanglement-ready", "data"),
         Input("app-version", "data"),
         Input("entanglement-pair", "value"),
-    )(entanglement_figures)
+    )(figures_then_ready)
     app.callback(
         Output("entanglement-sankey", "figure"),
-        Input("app-version", "data"),
+        Output("entanglement-sankey-for", "data"),
+        Input("entanglement-ready", "data"),
         Input("entanglement-top", "value"),
-    )(update_pathways)
+        State("app-version", "data"),
+        State("entanglement-sankey-for", "data"),
+    )(pathways_when_ready)
