@@ -73,13 +73,14 @@ def main() -> int:
     from playwright.sync_api import sync_playwright
     from werkzeug.serving import make_server
 
-    from routescope.dashboard.app import create_app
+    from routescope.dashboard.app import create_app, start_ahead
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     times: dict[str, list[float]] = {}
     warm: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         app = create_app([args.run, args.run_b or args.run])
+        start_ahead()  # as `routescope dashboard` (dashboard.app.serve) does
         port = free_port()
         httpd = make_server("127.0.0.1", port, app.server, threaded=True)
         threading.Thread(target=httpd.serve_forever, daemon=True).start()

@@ -236,6 +236,31 @@ def test_create_app_reads_nothing_until_asked(tmp_path):
 
 
 @pytest.mark.slow
+def test_serve_opens_and_checks_the_first_run_ahead(tmp_path, runs):
+    """`start_ahead` (what `serve` adds to create_app): the first run is opened and its parts'
+    footers checked before a browser asks; a run that cannot open is left for the page."""
+    import sys
+
+    from routescope.dashboard import app as app_module
+    from routescope.dashboard import runs as registry_module
+
+    before = registry_module._CURRENT
+    try:
+        app_module.create_app([runs["a"], tmp_path / "gone"])
+        registry = registry_module.get_registry()
+        app_module.start_ahead().join(timeout=60)
+        assert "scipy.special" in sys.modules
+        assert registry.slots["0"].run is not None and registry.slots["1"].run is None
+        version = tuple(str(v) for v in registry.version("0"))
+        assert app_module._DAMAGE[("0", version)] == []
+        app_module.create_app([tmp_path / "gone"])
+        app_module.start_ahead().join(timeout=60)  # nothing raised on the thread
+        assert registry_module.get_registry().slots["0"].error
+    finally:
+        registry_module._CURRENT = before
+
+
+@pytest.mark.slow
 def test_overview(app, runs):
     from routescope.dashboard.pages import overview
 
