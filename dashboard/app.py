@@ -17,8 +17,8 @@ import dash
 from dash import Input, Output, State, ctx, dcc, html, no_update
 
 from routescope.dashboard.components import TABLE_CSS, message
+from routescope.dashboard.javascript import serve_javascript
 from routescope.dashboard.pages import PAGES
-from routescope.dashboard.plotlyjs import serve_plotly_js
 from routescope.dashboard.queries import APART, QUERIES
 from routescope.dashboard.runs import RunRegistry, RunUnavailable, get_registry, set_registry
 from routescope.dashboard.urlstate import sync_run
@@ -55,7 +55,7 @@ def create_app(
     )
     app.server.config["ROUTESCOPE_REGISTRY"] = registry
     app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + TABLE_CSS + "</style>")
-    serve_plotly_js(app)  # a partial plotly.js, compiled off the main thread while it downloads
+    serve_javascript(app)  # a partial plotly.js; every script compiled off the main thread
     for page in PAGES:
         page.register(app)
     app.layout = shell(registry, refresh_ms)

@@ -4,7 +4,7 @@
 # scripts/plotly_bundle/package-lock.json. Needs node and npm; not part of CI or of installing
 # routescope (the built file is in the repository). After changing the trace list in
 # dashboard/plotly_bundle.json, or the plotly.js version there and in package.json, run this
-# and commit the bundle and the json (its sha256 is checked by tests/test_dashboard_plotlyjs.py).
+# and commit the bundle and the json (its sha256 is checked by tests/test_dashboard_javascript.py).
 set -euo pipefail
 cd "$(dirname "$0")/plotly_bundle"
 npm ci --no-audit --no-fund --ignore-scripts=false

@@ -161,7 +161,7 @@ def test_every_page_renders_figures_with_data(server, page, path):
         assert fig["svg"] >= 1 and fig["traces"] >= 1 and fig["marks"] >= 1, figures
     assert not page.locator(".rs-error").count(), page.locator(".rs-error").all_inner_texts()
     assert fits_width(page), path  # wide tables scroll in their box, the page does not
-    # the served plotly.js (a partial bundle, dashboard/plotlyjs.py) knows every trace type drawn
+    # the served plotly.js (a partial bundle, dashboard/javascript.py) knows every trace type drawn
     assert page.evaluate(UNREGISTERED_TRACES) == [], path
     shot(page, path.strip("/").replace("-", "_") or "overview")
     assert page.console_errors == []
