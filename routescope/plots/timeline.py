@@ -75,14 +75,12 @@ def balance_over_steps_figure(
             series.append((layer_name(layer), df, "", {"color": color, "width": 1.5}))
     else:
         chosen = highlight if highlight in layers else layers[0]
-        others = [
-            pd.concat([df.sort_values("step_lo"), pd.DataFrame({"step_lo": [np.nan]})])  # NaN breaks the line
-            for layer, df in balance.groupby("layer", sort=True)
-            if layer != chosen
-        ]
-        series.append(
-            ("other layers", pd.concat(others, ignore_index=True), "", {"color": "#c8c8c8", "width": 1})
-        )
+        rest = balance[balance["layer"] != chosen].sort_values(["layer", "step_lo"], kind="stable")
+        rest = rest.reset_index(drop=True)
+        last = rest.groupby("layer", sort=False).tail(1).index  # after each layer's rows, a NaN
+        gaps = pd.DataFrame(np.nan, index=last + 0.5, columns=rest.columns)  # row breaks the line
+        others = pd.concat([rest, gaps]).sort_index(kind="stable").reset_index(drop=True)
+        series.append(("other layers", others, "", {"color": "#c8c8c8", "width": 1}))
         df = balance[balance["layer"] == chosen].sort_values("step_lo")
         series.append((layer_name(chosen), df, "", {"color": EXPERT_PALETTE[0], "width": 2.5}))
     fig = balance_panels(balance_subplots(), series, "step_lo")
