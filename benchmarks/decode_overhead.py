@@ -5,17 +5,27 @@ recorded - ms per step plain, at several depths, batch 1 and 8, eager and compil
 `added = a + b x MoE layers` gives the cost per step (a) and per MoE layer (b). Goal on the
 2-core CPU machine: a <= 0.1 ms and b <= 0.01 ms; on a GPU, recorded / plain <= 1.02.
 
-Three copies of each model with the same weights: one recorded inside one long `rs.record`
-block, two never recorded (plain, and an A/A control); each round runs the three in a
-shuffled order. `added` is the median over rounds of each round's paired difference
-(recorded - plain), which cancels the machine's drift between rounds; `added IQR` is the
-interquartile range of those differences and `A/A` the median paired difference of the
-control copy from plain (two unrecorded copies: what the method reads as cost when there is
-none). A fitted cost smaller than the A/A and IQR figures is within the method's noise. Compiled: transformers' static-cache `generate` with a `compile_config`
-(`fullgraph=True`, CUDA graphs on a GPU with transformers' default `reduce-overhead`).
+Each `generate` is timed step by step (a streamer reads the clocks as each new token comes
+out; the prefill is left out) and gives the median of its decode steps. Eager: one model, run
+recorded (a record block around that `generate`) and plain in turn, plus a second plain run,
+the A/A control, in a shuffled order each round. Compiled: three copies with the same weights
+(recording drops a compiled model's graphs when it starts, so the recorded copy stays inside
+one record block). `added` is the median over rounds of each round's paired difference
+(recorded - plain), `added IQR` their interquartile range, `A/A` the control's median paired
+difference from plain: what the method reads as cost when there is none. A fitted cost
+smaller than the A/A and IQR figures is within the method's noise. Compiled: transformers'
+static-cache `generate` with a `compile_config` (`fullgraph=True`, CUDA graphs on a GPU with
+transformers' default `reduce-overhead`).
+
+`--interleave` (eager, CPU): this 2-core machine's speed drifts by tens of percent between
+consecutive half seconds, so whole `generate` calls seconds apart compare unequal moments.
+This mode advances a recorded, a plain and a control decode together, one forward each per
+iteration in a shuffled order (routescope's hooks taken off the model for the plain ones),
+and takes the median of the per-iteration differences: the steadiest figure this machine
+gives. `--count` counts aten ops and routescope Python calls instead of timing.
 
     python benchmarks/decode_overhead.py [--device cuda] [--layers 2 16] [--batches 1 8]
-        [--new-tokens 32] [--rounds 7] [--compiled] [--real-shape] [--count]
+        [--new-tokens 32] [--rounds 7] [--compiled] [--real-shape] [--interleave] [--count]
 
 Three clocks are read around every call, and each is fitted: `thread`, the model thread's
 CPU time (what a decode step waits for, as the writer thread has a core of its own; the
@@ -30,6 +40,8 @@ top-8, expert width 768; 2 MoE layers on a CPU, 8 on a GPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import random
 import shutil
 import statistics
@@ -74,51 +86,86 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+class StepClock:
+    """A `generate` streamer that reads every clock when each new token comes out (on the model
+    thread, between two decode steps): per-step times inside one real `generate`."""
+
+    def __init__(self) -> None:
+        self.marks: list[dict[str, float]] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.marks.append({name: clock() for name, clock in CLOCKS.items()})
+
+    def end(self) -> None:
+        pass
+
+
 def measure(shape: dict, batch: int, compiled: bool, args: argparse.Namespace, tmp: Path) -> dict:
     """Median ms per decode step, plain and recorded, for one model shape, batch and path."""
     from transformers import CompileConfig
 
-    recorded = build(device=args.device, **shape)
-    plain = deepcopy(recorded)
+    model = build(device=args.device, **shape)
     prompt = torch.randint(1, 4000, (batch, 16), device=args.device)
     kwargs = {
         "input_ids": prompt,
         "attention_mask": torch.ones_like(prompt),
         "do_sample": False,
         "pad_token_id": 0,
+        "max_new_tokens": args.new_tokens + 2,
+        "min_new_tokens": args.new_tokens + 2,
     }
     if compiled:
         config = CompileConfig(fullgraph=True, backend=args.backend)
         config._compile_all_devices = True  # transformers compiles on CUDA only by default
         kwargs.update(cache_implementation="static", compile_config=config)
 
-    def per_step(model, new_tokens: int) -> dict[str, float]:
+    def decode_ms(model: torch.nn.Module) -> dict[str, float]:
+        """One generate: the median of its decode steps, per clock (the prefill left out)."""
+        steps = StepClock()
+        model.generate(**kwargs, streamer=steps)
         sync(args.device)
-        start = {name: clock() for name, clock in CLOCKS.items()}
-        model.generate(**kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-        sync(args.device)
-        return {name: clock() - start[name] for name, clock in CLOCKS.items()}
-
-    def decode_ms(model) -> dict[str, float]:
-        # (long - short) / extra steps: the prefill and generate's own setup cancel out
-        long_s, short_s = per_step(model, args.new_tokens + 1), per_step(model, 1)
-        return {name: 1000 * (long_s[name] - short_s[name]) / args.new_tokens for name in CLOCKS}
+        marks = steps.marks[1:]  # put 0 is the prompt, put 1 the prefill's token
+        return {
+            name: 1000 * statistics.median(b[name] - a[name] for a, b in itertools.pairwise(marks))
+            for name in CLOCKS
+        }
 
     out = tmp / f"run-{shape['layers']}-{batch}-{compiled}"
-    control = deepcopy(plain)  # a second unrecorded copy: the A/A control
-    models = {"plain": plain, "recorded": recorded, "control": control}
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in models}
-    with torch.no_grad(), rs.record(recorded, out, flush_seconds=1e9) as rec:
+    if compiled:
+        # a compiled model's graphs are dropped when recording starts (capture.compiled), so the
+        # recorded model stays inside one record block: three copies with the same weights
+        recorded, plain, control = model, deepcopy(model), deepcopy(model)
+        stack = contextlib.ExitStack()
+        rec = stack.enter_context(rs.record(recorded, out, flush_seconds=1e9))
+        run = {"plain": lambda: decode_ms(plain), "recorded": lambda: decode_ms(recorded)}
+        run["control"] = lambda: decode_ms(control)
+    else:
+        # eager: one model, recorded or not in turn (a record block around each recorded
+        # generate), so no difference between copies in memory reads as a cost
+        stack, rec = contextlib.ExitStack(), None
+
+        def recorded_ms() -> dict[str, float]:
+            nonlocal rec
+            with rs.record(model, out, mode="append", flush_seconds=1e9) as rec:
+                return decode_ms(model)
+
+        run = {
+            "plain": lambda: decode_ms(model),
+            "recorded": recorded_ms,
+            "control": lambda: decode_ms(model),
+        }
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in run}
+    with torch.no_grad(), stack:
         for _ in range(2):  # warm up (and compile)
-            for model in models.values():
-                decode_ms(model)
-        order = list(models)
+            for measure_once in run.values():
+                measure_once()
+        order = list(run)
         rng = random.Random(0)
         for _ in range(args.rounds):
             rng.shuffle(order)
             for name in order:
-                results[name].append(decode_ms(models[name]))
-    steps = rec.steps
+                results[name].append(run[name]())
+    steps = rec.steps if rec is not None else 0
     shutil.rmtree(out, ignore_errors=True)
     row = {
         "layers": shape["layers"],
@@ -140,6 +187,72 @@ def measure(shape: dict, batch: int, compiled: bool, args: argparse.Namespace, t
             "control": statistics.median(same),
         }
     return row
+
+
+def interleave(shape: dict, batch: int, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
+    """What recording adds to an eager decode step, timed forward by forward.
+
+    This machine's speed drifts by tens of percent from one half second to the next, so
+    rounds of whole `generate` calls compare a recorded and a plain step run seconds apart.
+    Here three greedy decodes from the same prompt advance together, each with its own KV
+    cache: one recorded (inside one record block), one plain (routescope's hooks taken off the
+    model for that forward and put back after), one plain again (the A/A control). Each
+    iteration runs one step of each in a shuffled order, so each recorded step has a plain one
+    beside it, under the same drift. Returned: medians over the steps of the per-iteration
+    differences (recorded - plain; control - plain), model-thread CPU ms, and the plain median."""
+    from transformers import DynamicCache
+
+    model = build(device="cpu", **shape)
+    prompt = torch.randint(1, 4000, (batch, 16))
+    hooked = [m for m in model.modules() if m._forward_pre_hooks or m._forward_hooks]
+    assert not hooked, "the model has hooks of its own before recording"
+
+    def forward(state: dict, hooks: bool) -> float:
+        saved = []
+        if not hooks:  # take routescope's hooks off for this forward
+            for module in model.modules():
+                for name in ("_forward_pre_hooks", "_forward_hooks"):
+                    table = getattr(module, name)
+                    if table:
+                        saved.append((table, dict(table)))
+                        table.clear()
+        try:
+            start = time.thread_time()
+            out = model(input_ids=state["next"], past_key_values=state["cache"], use_cache=True)
+            spent = time.thread_time() - start
+        finally:
+            for table, hooks_back in saved:
+                table.update(hooks_back)
+        state["next"] = out.logits[:, -1:].argmax(-1)
+        return 1000 * spent
+
+    def start(hooks: bool) -> dict:
+        state = {"cache": DynamicCache(config=model.config), "next": prompt}
+        forward(state, hooks)  # the prefill, not timed
+        return state
+
+    added: list[float] = []
+    same: list[float] = []
+    plain_ms: list[float] = []
+    rng = random.Random(0)
+    with torch.no_grad(), rs.record(model, tmp / f"pairs-{shape['layers']}-{batch}", flush_seconds=1e9):
+        for _ in range(args.rounds):
+            tracks = {"recorded": start(True), "plain": start(False), "control": start(False)}
+            for _ in range(args.new_tokens):
+                order = list(tracks)
+                rng.shuffle(order)
+                ms = {name: forward(tracks[name], name == "recorded") for name in order}
+                added.append(ms["recorded"] - ms["plain"])
+                same.append(ms["control"] - ms["plain"])
+                plain_ms.append(ms["plain"])
+    return {
+        "layers": shape["layers"],
+        "batch": batch,
+        "plain": statistics.median(plain_ms),
+        "added": statistics.median(added),
+        "control": statistics.median(same),
+        "pairs": len(added),
+    }
 
 
 def count_work(layers: int, batch: int, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
@@ -224,11 +337,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--hidden", type=int, default=64, help="hidden size of the depth sweep")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads on a CPU (default 1: the writer thread keeps the other core of a "
+        "2-core machine, and intra-op pools do not add their own noise)",
+    )
+    parser.add_argument(
         "--clock",
         choices=list(CLOCKS),
         help="the clock of the table (all three are fitted): thread = the model thread's CPU time "
         "(default on a CPU: on a shared machine elapsed time mostly measures waiting for a core), "
         "cpu = the process's CPU time with the writer thread's, wall = elapsed (default on a GPU)",
+    )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="only the eager cost timed forward by forward: a recorded, a plain and a control "
+        "decode advancing together, one step each per iteration (robust to the machine's drift)",
     )
     parser.add_argument(
         "--count",
@@ -238,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.clock = args.clock or ("wall" if args.device == "cuda" else "thread")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, args.threads))
     tmp = Path(tempfile.mkdtemp(prefix="rs-decode-"))
     small = {"hidden": args.hidden, "experts": 8, "top_k": 2, "moe_width": args.hidden // 2}
     real = {"hidden": 2048, "experts": 128, "top_k": 8, "moe_width": 768}
@@ -256,6 +383,30 @@ def main(argv: list[str] | None = None) -> int:
                 for key in ("ops", "calls"):
                     a, b = fit(counts, "", key)
                     print(f"  batch {batch} {key}: {a:.1f} per step + {b:.2f} per MoE layer")
+        shutil.rmtree(tmp, ignore_errors=True)
+        return 0
+    if args.interleave:
+        print(
+            f"eager decode, forward by forward: {args.rounds} decodes x {args.new_tokens} steps, "
+            f"threads {torch.get_num_threads()}, model-thread CPU ms, medians of per-step differences"
+        )
+        print("| batch | MoE layers | plain ms/step | added ms/step | A/A ms/step | pairs |")
+        print("|---|---|---|---|---|---|")
+        for batch in args.batches:
+            rows = [interleave({"layers": n, **small}, batch, args, tmp) for n in args.layers]
+            for r in rows:
+                print(
+                    f"| {batch} | {r['layers']} | {r['plain']:.3f} | {r['added']:+.4f} | "
+                    f"{r['control']:+.4f} | {r['pairs']} |",
+                    flush=True,
+                )
+            if len(rows) >= 2:
+                a, b = fit(rows, "", "added")
+                a0, b0 = fit(rows, "", "control")
+                print(
+                    f"  batch {batch}: a = {a:.4f} ms/step, b = {b:.4f} ms/MoE layer "
+                    f"(A/A control: a = {a0:+.4f}, b = {b0:+.4f}; goal a <= 0.1, b <= 0.01)"
+                )
         shutil.rmtree(tmp, ignore_errors=True)
         return 0
     print(
