@@ -1,8 +1,9 @@
 """The Dash app: a shell (run picker, page links, live-run refresh) around one page per file.
 
 `create_app(run_paths)` serves exactly the runs it is given: the browser picks one by its
-index from a dropdown and can open nothing else. `serve` runs it on 127.0.0.1 by default.
-Nothing is read from disk until a page asks for it.
+index from a dropdown and can open nothing else. `create_app` reads nothing from disk until a
+page asks for it; `serve` runs it on 127.0.0.1 by default and opens the run shown first while
+the browser loads (`start_ahead`).
 """
 
 from __future__ import annotations
