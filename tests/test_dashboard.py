@@ -333,10 +333,12 @@ def test_entanglement_specialization_tokens(app, runs):
     )
     bad = entanglement.update_entanglement(state("a"), "0-99", 10)
     assert "not consecutive MoE layers" in texts(bad[3])
-    # the Sankey starts once the figures above are answered (also after an error), and again
-    # only for another run, version or path count: a new layer pair leaves it alone
-    *_first_view, ready = entanglement.figures_then_ready(state("a"), pair)
-    assert ready == entanglement.figures_then_ready(state("a"), "0-99")[-1] == "0@None"
+    # the Sankey starts once the MI figure is answered, and again only for another run,
+    # version or path count; the MI figure needs no pair, the transition heatmap says a bad one
+    mi_again, mi_msg, ready = entanglement.mi_then_ready(state("a"))
+    assert traces_with_data(mi_again) == 3 and mi_msg is None and ready == "0@None"
+    bad_trans, bad_msg = entanglement.transition_figure(state("a"), "0-99")
+    assert "not consecutive MoE layers" in texts(bad_msg) and not traces_with_data(bad_trans)
     with pytest.raises(PreventUpdate):
         entanglement.pathways_when_ready(None, 10, state("a"), None)  # the figures are not in yet
     sankey_again, drawn_for = entanglement.pathways_when_ready(ready, 10, state("a"), None)

@@ -31,6 +31,7 @@ def layout(**_query: Any) -> html.Div:
                 dcc.Dropdown(id="entanglement-pair", options=[], clearable=False),
                 "200px",
             ),
+            html.Div(id="entanglement-pair-message"),
             graph("entanglement-transition", "transition_heatmap"),
             html.H3("Pathways"),
             labelled(
@@ -47,8 +48,8 @@ def layout(**_query: Any) -> html.Div:
             ),
             # pathways need every token's path (no rollup can hold them): a run over
             # sampled.SAMPLE_ROWS routing rows is read through a sample, said under the title;
-            # their own callback, with a spinner, started once the figures above are answered
-            # (`figures_then_ready`), so the two never share the server's cores and the figures
+            # their own callback, with a spinner, started once the MI figure is answered
+            # (`mi_then_ready`), so the two never share the server's cores and the figures
             # above never wait for them
             dcc.Loading(graph("entanglement-sankey", "pathway_sankey"), type="dot"),
             dcc.Store(id="entanglement-ready"),
@@ -81,23 +82,34 @@ def entanglement_controls(state: Any, pair_now: Any = None, fragment: Any = None
 ONE_LAYER = "this model has one MoE layer: no pairs"
 
 
-@guarded([FIGURE, FIGURE, MESSAGE])
-def entanglement_figures(state: Any, pair: Any) -> tuple:
-    """(MI figure, transition heatmap, message): the page's first view, from the pair rollups."""
+@guarded([FIGURE, MESSAGE])
+def mi_figure(state: Any) -> tuple:
+    """(MI figure, message): MI of every consecutive pair against its permutation baseline,
+    from the pair rollups; it needs no layer pair, so it starts as soon as the run is known."""
+    registry, key = current(state)
+    if len(registry.run(key).moe_layers) < 2:
+        return plots.empty_figure(ONE_LAYER), None
+    return plots.entanglement_figure(registry.query(key, "entanglement")), None
+
+
+@guarded([FIGURE, MESSAGE])
+def transition_figure(state: Any, pair: Any) -> tuple:
+    """(transition heatmap of the chosen pair, message)."""
     registry, key = current(state)
     run = registry.run(key)
     layers = run.moe_layers
     if len(layers) < 2:
-        empty = plots.empty_figure(ONE_LAYER)
-        return empty, empty, None
-    ent = registry.query(key, "entanglement")
+        return plots.empty_figure(ONE_LAYER), None
     a, b = parse_pair(pair, layers)
     trans = registry.query(key, "transition", a, b)
-    return (
-        plots.entanglement_figure(ent),
-        plots.transition_heatmap(trans, a, b, run.num_experts(a), run.num_experts(b)),
-        None,
-    )
+    return plots.transition_heatmap(trans, a, b, run.num_experts(a), run.num_experts(b)), None
+
+
+def entanglement_figures(state: Any, pair: Any) -> tuple:
+    """(MI figure, transition heatmap, message): the page's first view, from the pair rollups."""
+    mi, mi_msg = mi_figure(state)
+    trans, trans_msg = transition_figure(state, pair)
+    return mi, trans, mi_msg or trans_msg
 
 
 @guarded([FIGURE])
@@ -117,14 +129,14 @@ def ready_token(state: Any) -> str | None:
     return f"{state.get('run')}@{state.get('version')}" if isinstance(state, dict) else None
 
 
-def figures_then_ready(state: Any, pair: Any) -> tuple:
-    """`entanglement_figures`, then the token that starts the pathways (also after an error)."""
-    return (*entanglement_figures(state, pair), ready_token(state))
+def mi_then_ready(state: Any) -> tuple:
+    """`mi_figure`, then the token that starts the pathways (also after an error)."""
+    return (*mi_figure(state), ready_token(state))
 
 
 def pathways_when_ready(ready: Any, top: Any, state: Any, drawn_for: Any) -> tuple:
-    """The Sankey once the figures above are answered, again only for another run, version or
-    path count (a new layer pair answers the figures above again, with the same token)."""
+    """The Sankey once the MI figure is answered, again only for another run, version or path
+    count."""
     token = f"{ready}|{top}"
     if ready is None or token == drawn_for:
         raise PreventUpdate
@@ -162,14 +174,18 @@ def register(app: dash.Dash) -> None:
         State("app-url", "hash"),
     )(entanglement_controls)
     register_fragment(app, {"pair": "entanglement-pair", "paths": "entanglement-top"}, {"paths": 10})
-    app.callback(
+    app.callback(  # the MI figure needs no pair: it starts with the controls, not after them
         Output("entanglement-mi", "figure"),
-        Output("entanglement-transition", "figure"),
         Output("entanglement-message", "children"),
         Output("entanglement-ready", "data"),
         Input("app-version", "data"),
+    )(mi_then_ready)
+    app.callback(
+        Output("entanglement-transition", "figure"),
+        Output("entanglement-pair-message", "children"),
+        Input("app-version", "data"),
         Input("entanglement-pair", "value"),
-    )(figures_then_ready)
+    )(transition_figure)
     app.callback(
         Output("entanglement-sankey", "figure"),
         Output("entanglement-sankey-for", "data"),
