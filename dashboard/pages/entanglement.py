@@ -125,7 +125,7 @@ def update_pathways(state: Any, top: Any) -> Any:
 
 
 def ready_token(state: Any) -> str | None:
-    """Which run and version the figures above were answered for."""
+    """Which run and version the MI figure was answered for."""
     return f"{state.get('run')}@{state.get('version')}" if isinstance(state, dict) else None
 
 
