@@ -20,9 +20,9 @@ transformers' default `reduce-overhead`).
 `--interleave` (eager, CPU): this 2-core machine's speed drifts by tens of percent between
 consecutive half seconds, so whole `generate` calls seconds apart compare unequal moments.
 This mode advances a recorded, a plain and a control decode together, one forward each per
-iteration in a shuffled order (routescope's hooks taken off the model for the plain ones),
-and takes the median of the per-iteration differences: the steadiest figure this machine
-gives. `--count` counts aten ops and routescope Python calls instead of timing.
+iteration in a shuffled order (routescope's hooks and forward wraps taken off the model for
+the plain ones), and takes the median of the per-iteration differences: the steadiest figure
+this machine gives. `--count` counts aten ops and routescope Python calls instead of timing.
 
     python benchmarks/decode_overhead.py [--device cuda] [--layers 2 16] [--batches 1 8]
         [--new-tokens 32] [--rounds 7] [--compiled] [--real-shape] [--interleave] [--count]
@@ -55,6 +55,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import routescope as rs
+from routescope.capture.recording.sink import is_wrapped
 
 # thread: the model thread's CPU time (what a decode step waits for when the writer has a core
 # of its own); cpu: the process's CPU time, all threads (the writer's work counts); wall: elapsed
@@ -195,10 +196,10 @@ def interleave(shape: dict, batch: int, args: argparse.Namespace, tmp: Path) -> 
     This machine's speed drifts by tens of percent from one half second to the next, so
     rounds of whole `generate` calls compare a recorded and a plain step run seconds apart.
     Here three greedy decodes from the same prompt advance together, each with its own KV
-    cache: one recorded (inside one record block), one plain (routescope's hooks taken off the
-    model for that forward and put back after), one plain again (the A/A control). Each
-    iteration runs one step of each in a shuffled order, so each recorded step has a plain one
-    beside it, under the same drift. Returned: medians over the steps of the per-iteration
+    cache: one recorded (inside one record block), one plain (routescope's hooks and forward
+    wraps taken off the model for that forward, put back after), one plain again (the A/A
+    control). Each iteration runs one step of each in a shuffled order, so each recorded step
+    has a plain one beside it, under the same drift. Returned: medians over the steps of the per-iteration
     differences (recorded - plain; control - plain), model-thread CPU ms, and the plain median."""
     from transformers import DynamicCache
 
@@ -208,14 +209,16 @@ def interleave(shape: dict, batch: int, args: argparse.Namespace, tmp: Path) -> 
     assert not hooked, "the model has hooks of its own before recording"
 
     def forward(state: dict, hooks: bool) -> float:
-        saved = []
-        if not hooks:  # take routescope's hooks off for this forward
+        saved, wraps = [], []
+        if not hooks:  # take routescope's hooks and forward wraps off for this forward
             for module in model.modules():
                 for name in ("_forward_pre_hooks", "_forward_hooks"):
                     table = getattr(module, name)
                     if table:
                         saved.append((table, dict(table)))
                         table.clear()
+                if is_wrapped(module):
+                    wraps.append((module, vars(module).pop("forward")))
         try:
             start = time.thread_time()
             out = model(input_ids=state["next"], past_key_values=state["cache"], use_cache=True)
@@ -223,6 +226,8 @@ def interleave(shape: dict, batch: int, args: argparse.Namespace, tmp: Path) -> 
         finally:
             for table, hooks_back in saved:
                 table.update(hooks_back)
+            for module, wrap in wraps:
+                module.forward = wrap
         state["next"] = out.logits[:, -1:].argmax(-1)
         return 1000 * spent
 

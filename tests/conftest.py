@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from routescope.capture.recording.sink import is_wrapped
 from tests.tiny_models import build_tiny_model
 
 # Tiny models: a second intra-op thread costs more than it gains, and on a shared 2-core
@@ -31,12 +32,13 @@ def _is_routescope(hook: object) -> bool:
 
 
 def _hook_count(module: nn.Module) -> int:
-    """routescope hooks still on any submodule (transformers keeps hooks of its own)."""
+    """routescope hooks and forward wraps still on any submodule (transformers keeps hooks of
+    its own)."""
     return sum(
         _is_routescope(hook)
         for m in module.modules()
         for hook in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
-    )
+    ) + sum(is_wrapped(m) for m in module.modules())
 
 
 _LIVE_MODELS: list[nn.Module] = []

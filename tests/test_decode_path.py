@@ -15,11 +15,12 @@ from torch._dynamo.utils import counters
 
 import routescope as rs
 from routescope.capture.discovery import find_routers
+from routescope.capture.recording import sink as sink_module
 from routescope.capture.recording.options import RecordOptions
-from routescope.capture.recording.sink import RoutingSink
+from routescope.capture.recording.sink import RoutingSink, is_wrapped
 from routescope.capture.recording.step import StepBuffers
 from tests.test_capture import padded_batch
-from tests.test_generation_paths import assert_same_rows, rows
+from tests.test_generation_paths import assert_same_rows, generate, rows
 
 
 @pytest.fixture
@@ -130,6 +131,92 @@ def test_sink_keeps_one_buffer_per_device_and_k_and_gives_each_layer_its_rows(mo
         assert (groups[1][1] == 7).all()
     finally:
         sink.close()
+
+
+@pytest.mark.parametrize("tokens", [5, sink_module.KEEP_TOKENS + 1])
+def test_a_router_with_the_wrong_number_of_ids_is_named_kept_or_copied(model, tokens):
+    """A decode-sized step keeps the routers' tensors and checks them at the end; a larger
+    one copies at once and checks there: either way the layer and its shape are named."""
+    sites = find_routers(model)
+    sink = RoutingSink(sites)
+    try:
+        sink.begin(tokens, torch.device("cpu"), zero=False)
+        for slot, site in enumerate(sites):
+            n = tokens - 1 if slot == 1 else tokens
+            sink.put(slot, torch.zeros(n, site.top_k, dtype=torch.long), torch.ones(n, site.top_k))
+        with pytest.raises(rs.RouteScopeError, match=rf"layer {sites[1].layer} routed expert ids of shape"):
+            sink.end("decoder", compiled=False)
+    finally:
+        sink.close()
+
+
+# -- where the eager write runs, and kept references ------------------------------------------
+def test_eager_routers_write_inside_their_forward_and_are_unwrapped_after(model, tmp_path):
+    """A pre-hook adapter's write runs inside the router's forward (no hook on it while
+    recording), after every forward pre-hook, also one added inside the block: what the experts
+    are called with is what is recorded. Nothing is left on the modules after the block."""
+    sites = find_routers(model)
+    ids, mask = padded_batch(torch.device("cpu"), "left", lengths=(5, 3))
+
+    def force(module, args, kwargs):  # every token to experts 0 and 1, weights 0.5 each
+        chosen = torch.zeros_like(args[1])
+        chosen[..., 1] = 1
+        return (args[0], chosen, torch.full_like(args[2], 0.5), *args[3:]), kwargs
+
+    with rs.record(model, tmp_path / "run"):
+        assert all(is_wrapped(site.module) and not site.module._forward_pre_hooks for site in sites)
+        handle = sites[0].module.register_forward_pre_hook(force, with_kwargs=True)
+        try:
+            forward(model, ids, mask)
+        finally:
+            handle.remove()
+    assert not any(is_wrapped(site.module) or "forward" in vars(site.module) for site in sites)
+    routing = rs.open_run(tmp_path / "run").sql("SELECT layer, slot, expert, weight FROM routing")
+    forced = routing[routing.layer == sites[0].layer]
+    assert len(forced) and (forced.expert == forced.slot).all() and (forced.weight == 0.5).all()
+    other = routing[routing.layer == sites[1].layer]
+    assert not ((other.expert == other.slot).all() and (other.weight == 0.5).all())
+
+
+def test_kept_decode_steps_equal_copied_ones(model, tmp_path, monkeypatch):
+    """Decode steps keep the routers' tensors and stack them once per step; the rows equal a
+    recording that copies every layer's choice at once (KEEP_TOKENS = 0)."""
+    ids, mask = padded_batch(torch.device("cpu"), "left", lengths=(5, 3))
+    with rs.record(model, tmp_path / "kept") as kept:
+        generate(model, ids, mask, max_new_tokens=6, min_new_tokens=6)
+    assert kept._sink.keep_ok is True
+    monkeypatch.setattr(sink_module, "KEEP_TOKENS", 0)
+    with rs.record(model, tmp_path / "copied") as copied:
+        generate(model, ids, mask, max_new_tokens=6, min_new_tokens=6)
+    assert copied._sink.keep_ok is None  # no step was kept
+    got, want = rows(tmp_path / "kept"), rows(tmp_path / "copied")
+    assert (got.phase == "decode").sum() > 0
+    assert_same_rows(got, want)
+
+
+def test_router_tensors_changed_in_place_after_the_write_are_recorded_as_used(model, tmp_path):
+    """A forward hook that scales the experts' weights in place after they were used: kept
+    references would read the changed values. The first kept step is watched (copied too and
+    compared at the end), so the recording switches to copies and records what the experts
+    used, for every step, that one included."""
+    ids, mask = padded_batch(torch.device("cpu"), "left", lengths=(5, 3))
+    with rs.record(model, tmp_path / "want"):
+        generate(model, ids, mask, max_new_tokens=6, min_new_tokens=6)
+
+    def halve(module, args, kwargs, output):
+        args[2].mul_(0.5)
+
+    handles = [site.module.register_forward_hook(halve, with_kwargs=True) for site in find_routers(model)]
+    try:
+        with rs.record(model, tmp_path / "got") as rec:
+            generate(model, ids, mask, max_new_tokens=6, min_new_tokens=6)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert rec._sink.keep_ok is False
+    manifest = rs.open_run(tmp_path / "got").manifest
+    assert manifest["complete"] is True and manifest["skipped"] == {}
+    assert_same_rows(rows(tmp_path / "got"), rows(tmp_path / "want"))
 
 
 # -- a failed step ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import routescope as rs
+from routescope.capture.recording.sink import is_wrapped
 
 DEVICE_MAPS = {
     "auto-cpu-limited": dict(device_map="auto", max_memory={"cpu": "60KB"}),
@@ -44,11 +45,12 @@ def record_inputs(model, out) -> pd.DataFrame:
 
 
 def routescope_hooks(model) -> int:
+    """routescope's hooks and forward wraps on any submodule."""
     return sum(
         getattr(getattr(h, "__func__", h), "__module__", "").startswith("routescope")
         for m in model.modules()
         for h in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
-    )
+    ) + sum(is_wrapped(m) for m in model.modules())
 
 
 @pytest.mark.slow

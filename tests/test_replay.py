@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import routescope as rs
+from routescope.capture.recording.sink import is_wrapped
 from routescope.importers import ImportedRun, write_imported_run
 from routescope.importers.vllm import import_vllm
 from tests.moe_types import installed_moe_types
@@ -69,9 +70,10 @@ def rows(run_dir) -> pd.DataFrame:
 
 
 def hook_count(model: torch.nn.Module) -> int:
-    """routescope's hooks on any submodule (transformers keeps hooks of its own)."""
+    """routescope's hooks and forward wraps on any submodule (transformers keeps hooks of its own)."""
     hooks = [h for m in model.modules() for h in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]]
-    return sum(getattr(getattr(h, "__func__", h), "__module__", "").startswith("routescope") for h in hooks)
+    ours = sum(getattr(getattr(h, "__func__", h), "__module__", "").startswith("routescope") for h in hooks)
+    return ours + sum(is_wrapped(m) for m in model.modules())
 
 
 @pytest.mark.slow

@@ -1,10 +1,12 @@
 """rs.record: hooks on a model's routers that stream every routing decision to a run directory.
 
 The recorder adds a pre-hook and a hook on the model itself (a forward pass starts and ends
-there) and one hook per MoE layer (from `discovery.find_routers`). Layer hooks only write
-the layer's choice into the step's preallocated buffers, eager or compiled alike
-(capture/recording/sink.py); at the end of each forward the step goes to the host in one
-copy and on to the background writer (`store.writer`). A step that fails (on this thread or
+there) and one write per MoE layer (from `discovery.find_routers`): inside the router's
+forward in an eager recording, a hook in a compiled one (capture/recording/sink.py). A
+layer's write only hands its choice to the step (a kept reference in an eager decode step,
+else a copy into the step's preallocated buffers, which a compiled graph writes too); at the
+end of each forward the step goes to the host in one copy and on to the background writer
+(`store.writer`). A step that fails (on this thread or
 the writer's) is lost alone: counted in the manifest's `skipped` as `steps_failed`, its
 message in `step_errors`; the recording goes on. Options: capture/recording/options.py.
 """
@@ -29,7 +31,7 @@ from routescope.capture.recording.generation import GeneratePatch
 from routescope.capture.recording.identity import SequenceTracker, Skipped, bind_inputs
 from routescope.capture.recording.modality import placeholder_ids, token_modality
 from routescope.capture.recording.options import RecordOptions
-from routescope.capture.recording.sink import RoutingSink, router_hook
+from routescope.capture.recording.sink import RouterWrites, RoutingSink
 from routescope.capture.recording.step import StepBatch, StepBuffers, logits_hook
 from routescope.errors import RouteScopeError
 from routescope.schema import check_labels
@@ -76,6 +78,7 @@ class Recorder:
         self._labels = check_labels(labels or {})
         self._label_names: list[str] = list(self._labels)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._routers: RouterWrites | None = None  # forward wraps or hooks on the routers (sink.py)
         self._step: StepBuffers | None = None
         self._depth = 0
         self._skipping = False  # in a forward train_step skipped
@@ -164,13 +167,15 @@ class Recorder:
             self.writer.close()
             self._dir.close()
             raise
-        self._install_sigterm_handler()
+        if self.options.handle_sigterm:  # a job scheduler's stop still leaves a readable run
+            self._previous_sigterm = facts.install_sigterm_exit()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         self._remove_hooks()
         self._restore_generate()
-        self._restore_sigterm_handler()
+        facts.restore_sigterm(self._previous_sigterm)
+        self._previous_sigterm = None
         self._step = None
         writer_error: BaseException | None = None
         try:
@@ -203,15 +208,6 @@ class Recorder:
     def _warn_skipped(self) -> None:
         outside = self._sink.outside if self._sink is not None else 0
         self.skipped.warn(outside, self.step_errors[0] if self.step_errors else None)
-
-    # -- SIGTERM: a job scheduler's stop should still leave a readable run (capture.facts) --
-    def _install_sigterm_handler(self) -> None:
-        if self.options.handle_sigterm:
-            self._previous_sigterm = facts.install_sigterm_exit()
-
-    def _restore_sigterm_handler(self) -> None:
-        facts.restore_sigterm(self._previous_sigterm)
-        self._previous_sigterm = None
 
     # -- directory and manifest (the rules live in store.rundir) -----------------------
     def _prepare_directory(self) -> None:
@@ -290,12 +286,10 @@ class Recorder:
             self._handles.append(stack.module.register_forward_hook(end, always_call=True))
         self._sink = RoutingSink(self.sites)
         self._num_experts = {site.layer: site.num_experts for site in self.sites}
-        for slot, site in enumerate(self.sites):
-            hook = router_hook(self._sink, site, slot)
-            if site.adapter.hook == "pre":
-                self._handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
-            else:
-                self._handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
+        # eager: pre-hook writes run inside the routers' forwards (sink.attach_router); a
+        # compiled recording, now or from its first compiled step on, has hooks
+        self._routers = RouterWrites(self._sink, self.sites)
+        self._routers.attach(wrap=not (self._compiled_given or is_compiled(self.model)))
         if self.router_stats:
             layers = [site.layer for site in self.sites]
             logits_sites = find_logits_sites(self.model, layers)
@@ -310,6 +304,8 @@ class Recorder:
                 self._handles.append(logits_site.module.register_forward_hook(hook))
 
     def _remove_hooks(self) -> None:
+        if self._routers is not None:
+            self._routers.remove()
         while self._handles:
             self._handles.pop().remove()
         if self._sink is not None:
@@ -363,6 +359,8 @@ class Recorder:
         self._identity = identity
         self.steps += 1
         self._compiled_step = self._compiled_given or is_compiled(self.model)
+        if self._compiled_step and self._routers.wrapped:
+            self._routers.attach(wrap=False)  # hooks, before dynamo traces the routers (compiled.py)
         if self._compiled_step and not self._sink.graphs_dropped:
             drop_compiled_graphs(self.model)  # e.g. generate's compile_config: compiled after enter
             self._sink.graphs_dropped = True

@@ -9,14 +9,24 @@ are one slice. A step:
 - `begin(tokens, zero)` (once per step, eager, outside any graph): for a compiled step, zeroes
   the step's id rows, one op per device and top-k (0: not written by a graph); an eager step
   counts its writes instead, so its rows are not touched.
-- per MoE layer, the router hook writes ids and weights into the layer's rows: eagerly
-  with `put` (two `copy_`, plus an int per layer: which layers ran), or, traced into a
-  compiled graph, with the same two copies as graph ops (capture/recording/compiled.py).
-  No Python list, dict or tensor is kept per layer, and nothing syncs with the host.
-- `end()` (once per step): copies the step's rows of every layer out of the buffers (one op
-  per device and top-k, whatever the depth) into fresh tensors; a layer the graph did not
-  write (it writes ids + 1 over the zeroed rows, and the end subtracts 1) reads -1 (refused
-  on the writer thread: that step is lost, counted, the run goes on).
+- per MoE layer, the router's write: traced into a compiled graph, two `copy_` as graph ops
+  into the layer's rows (capture/recording/compiled.py). Eagerly, `put`: a decode-sized step
+  (at most KEEP_TOKENS tokens) only keeps a reference to the layer's ids and weights (two
+  list slots and an int: which layers ran), and `end` stacks them, one op per device and
+  top-k; a larger step (a prefill, where the copies are lost in the compute) copies them into
+  the layer's rows at once, so no router tensor is held across the forward. Nothing syncs
+  with the host per layer.
+- `end()` (once per step): the step's rows of every layer in fresh tensors, one op per device
+  and top-k whatever the depth (copied out of the buffers, or stacked from the kept
+  references); a layer the graph did not write (it writes ids + 1 over the zeroed rows, and
+  the end subtracts 1) reads -1 (refused on the writer thread: that step is lost, counted,
+  the run goes on).
+
+Keeping references is exact only if the model does not change the router's tensors in place
+after the write (a later `mul_` on the weights, say). The first kept step of a recording is
+therefore watched: it is copied too, and the kept tensors must equal the copies at the end
+(one host sync, once). If they differ, the recording copies every step from then on; the
+step itself is recorded from its copies, so nothing is lost.
 
 Eager writes are counted per layer (a Python int), so a layer that did not run in an eager
 forward is left out of the step, and a layer that ran twice fails the step, as before.
@@ -24,6 +34,8 @@ forward is left out of the step, and a layer that ran twice fails the step, as b
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import Any
 
 import torch
@@ -35,6 +47,7 @@ from routescope.errors import RouteScopeError
 # buffers hold at least this many tokens; they grow to the largest step seen (a power of two)
 MIN_TOKENS = 64
 MAX_VIEW_SIZES = 64  # step sizes whose row views are kept (a decode loop uses one)
+KEEP_TOKENS = 1024  # eager steps up to this many tokens keep the routers' tensors, stacked at the end
 
 
 class RoutingSink:
@@ -61,6 +74,12 @@ class RoutingSink:
         self._where: list[tuple[int, int]] = []  # slot -> (group, row of its buffers)
         self._tokens = 0
         self.graphs_dropped = False  # graphs compiled before record, dropped once (capture.compiled)
+        # kept references (see the module docstring): None until the first kept step is
+        # checked, then True (keep) or False (the model changes them in place: copy)
+        self.keep_ok: bool | None = None
+        self._keeping = self._watching = False
+        self._kept_ids: list[Any] = []
+        self._kept_weights: list[Any] = []
         self._open = True
         hold_hook_guards(True)
 
@@ -95,6 +114,10 @@ class RoutingSink:
         self._tokens = tokens
         self._step_views = views
         self.counts = [0] * len(self.layers)
+        self._keeping = not zero and tokens <= KEEP_TOKENS and self.keep_ok is not False
+        self._watching = self._keeping and self.keep_ok is None
+        if self._keeping:
+            self._kept_ids, self._kept_weights = [None] * len(self.layers), [None] * len(self.layers)
         if self.shapes:
             self.shapes = {}
         self.current = self._buffers
@@ -124,6 +147,10 @@ class RoutingSink:
                     f"MoE layers {twice} ran more than once in one forward; cannot record them"
                 )
         every = self.counts.count(1) == len(self.layers) if eager else self._one_stack
+        if eager and self._keeping:
+            kept = self._stack_kept(every)
+            if not self._watching:
+                return kept
         groups = []
         for g, slots in enumerate(self._groups):
             if every:  # the usual step: every layer, one copy per group, no Python per layer
@@ -141,11 +168,58 @@ class RoutingSink:
                 ids = ids if eager else ids - 1
                 weights = torch.stack([weight_views[s] for s in keep])
             groups.append((layers, ids, weights))
+        if eager and self._watching:  # the first kept step: were the kept tensors changed since?
+            self.keep_ok = all(
+                torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(groups, kept)
+            )
         return groups
+
+    def _stack_kept(self, every: bool) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """An eager step's groups from the kept references: one stack per group and tensor."""
+        ids_kept, weights_kept = self._kept_ids, self._kept_weights
+        self._kept_ids, self._kept_weights = [], []  # the step's tensors are not held past it
+        groups = []
+        with torch.no_grad():
+            for g, slots in enumerate(self._groups):
+                if not every:
+                    slots = [s for s in slots if self.counts[s]]
+                    if not slots:
+                        continue
+                k, device = self.top_k[slots[0]], self._buffers[0][g].device
+                ids = self._stacked([ids_kept[s] for s in slots], slots, k, device).to(self.ids_dtype)
+                weights = self._stacked([weights_kept[s] for s in slots], slots, k, device)
+                groups.append(([self.layers[s] for s in slots], ids, weights.to(torch.float32)))
+        return groups
+
+    def _stacked(
+        self, tensors: list[torch.Tensor], slots: list[int], k: int, device: torch.device
+    ) -> torch.Tensor:
+        """[layers, tokens, k] from each layer's [tokens, k] (or another view of as many values)."""
+        tokens = self._tokens
+        try:
+            stacked = torch.stack(tensors)
+        except RuntimeError:  # layers gave other shapes ([batch, seq, k] and [tokens, k]) or devices
+            stacked = None
+        if stacked is not None and stacked.numel() == len(tensors) * tokens * k:
+            return stacked.view(len(tensors), tokens, k)
+        for slot, tensor in zip(slots, tensors):
+            if tensor.numel() != tokens * k:
+                raise RouteScopeError(
+                    f"layer {self.layers[slot]} routed expert ids of shape {tuple(tensor.shape)}, but the "
+                    f"forward had {tokens} tokens (batch x sequence); this router layout is not supported yet"
+                )
+        return torch.stack([tensor.reshape(tokens, k).to(device) for tensor in tensors])
 
     # -- once per MoE layer --------------------------------------------------------------
     def put(self, slot: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        """An eager router hook's write: ids and weights into the layer's rows of this step."""
+        """An eager router's write: a decode-sized step keeps the layer's ids and weights (stacked
+        at the end); a larger one, or the watched first kept step, copies them into its rows."""
+        if self._keeping:
+            self._kept_ids[slot], self._kept_weights[slot] = ids, weights
+            self.counts[slot] += 1
+            if not self._watching:
+                return
+            self.counts[slot] -= 1  # counted once, below
         ids_out = self._step_views[0][slot]
         shape = ids_out.shape
         if ids.shape != shape:  # e.g. [batch, seq, k]: the same ids, another view
@@ -203,7 +277,7 @@ class RoutingSink:
 
 
 def router_hook(sink: RoutingSink, site: Any, slot: int) -> Any:
-    """The hook on one MoE layer's router: its adapter's extractor, then one write into `sink`
+    """The write of one MoE layer's router: its adapter's extractor, then one write into `sink`
     (traced into the graph under torch.compile, eager otherwise)."""
     extract = site.adapter.extract
 
@@ -216,6 +290,76 @@ def router_hook(sink: RoutingSink, site: Any, slot: int) -> Any:
             sink.outside += 1
 
     return write  # a pre-hook (site.adapter.hook == "pre") is called without `output`
+
+
+def attach_router(sink: RoutingSink, site: Any, slot: int, wrap: bool) -> Any:
+    """Put `router_hook` on the site's module; returns a handle with `.remove()`.
+
+    A pre-hook adapter's write can run as part of the module's forward (`wrap`): the module
+    gets an instance `forward` that writes, then calls its class's forward. The forward
+    pre-hooks of other code run before it, as they do before a hook registered after them;
+    and the module's call stays on `nn.Module`'s path without hooks, where a registered hook
+    costs about as much as the rest of a recorded layer in an eager decode step. Not wrapped
+    (hooks instead): post-hook adapters (forward hooks of other code, which may change the
+    output, must run first), a module whose `forward` something else already replaced
+    (accelerate's device hooks), and compiled recordings (dynamo guards on hooks,
+    capture/recording/compiled.py)."""
+    hook = router_hook(sink, site, slot)
+    module = site.module
+    if site.adapter.hook != "pre":
+        return module.register_forward_hook(hook, with_kwargs=True)
+    if not wrap or "forward" in vars(module):
+        return module.register_forward_pre_hook(hook, with_kwargs=True)
+    return ForwardWrap(module, hook)
+
+
+class ForwardWrap:
+    """An instance `forward` on one module that calls `hook(module, args, kwargs)` first."""
+
+    def __init__(self, module: nn.Module, hook: Any) -> None:
+        cls_forward = type(module).forward
+
+        @functools.wraps(cls_forward)
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            hook(self, args, kwargs)
+            return type(self).forward(self, *args, **kwargs)
+
+        forward.routescope_wrap = True  # type: ignore[attr-defined]  # tests and benchmarks find it
+        self.module, self.bound = module, types.MethodType(forward, module)
+        module.forward = self.bound
+
+    def remove(self) -> None:
+        module = self.module
+        if vars(module).get("forward") is self.bound:
+            del module.forward
+        # else something replaced it after us, around our forward: it stays (it writes nowhere
+        # once the recording has ended: its sink is closed)
+
+
+class RouterWrites:
+    """The writes on a recording's routers, as forward wraps or hooks (`attach_router`)."""
+
+    def __init__(self, sink: RoutingSink, sites: list[Any]) -> None:
+        self.sink, self.sites = sink, sites
+        self.handles: list[Any] = []
+        self.wrapped = False
+
+    def attach(self, wrap: bool) -> None:
+        """(Re)attach every router's write; `wrap=False`: hooks only (a compiled recording)."""
+        self.remove()
+        self.handles = [attach_router(self.sink, site, slot, wrap) for slot, site in enumerate(self.sites)]
+        self.wrapped = any(isinstance(handle, ForwardWrap) for handle in self.handles)
+
+    def remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+        self.wrapped = False
+
+
+def is_wrapped(module: nn.Module) -> bool:
+    """Whether routescope's `ForwardWrap` is on `module` now."""
+    forward = vars(module).get("forward")
+    return getattr(getattr(forward, "__func__", None), "routescope_wrap", False)
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
