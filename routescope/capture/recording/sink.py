@@ -89,6 +89,7 @@ class RoutingSink:
             self._open = False
             hold_hook_guards(False)
         self._buffers, self.current, self._views = None, None, {}
+        self._kept_ids, self._kept_weights = [], []
 
     # -- once per step -------------------------------------------------------------------
     def begin(self, tokens: int, device: torch.device, zero: bool = True) -> None:
