@@ -1,4 +1,4 @@
-"""rs.record: hooks on a model's routers that stream every routing decision to a run directory.
+"""rs.record: a write on each of a model's routers that streams every routing decision to a run directory.
 
 The recorder adds a pre-hook and a hook on the model itself (a forward pass starts and ends
 there) and one write per MoE layer (from `discovery.find_routers`): inside the router's
@@ -6,9 +6,9 @@ forward in an eager recording, a hook in a compiled one (capture/recording/sink.
 layer's write only hands its choice to the step (a kept reference in an eager decode step,
 else a copy into the step's preallocated buffers, which a compiled graph writes too); at the
 end of each forward the step goes to the host in one copy and on to the background writer
-(`store.writer`). A step that fails (on this thread or
-the writer's) is lost alone: counted in the manifest's `skipped` as `steps_failed`, its
-message in `step_errors`; the recording goes on. Options: capture/recording/options.py.
+(`store.writer`). A step that fails (on this thread or the writer's) is lost alone: counted
+in the manifest's `skipped` as `steps_failed`, its message in `step_errors`; the recording
+goes on. Options: capture/recording/options.py.
 """
 
 from __future__ import annotations
