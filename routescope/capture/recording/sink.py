@@ -217,10 +217,9 @@ class RoutingSink:
         at the end); a larger one, or the watched first kept step, copies them into its rows."""
         if self._keeping:
             self._kept_ids[slot], self._kept_weights[slot] = ids, weights
-            self.counts[slot] += 1
             if not self._watching:
-                return
-            self.counts[slot] -= 1  # counted once, below
+                self.counts[slot] += 1
+                return  # the watched step copies too, and is counted below
         ids_out = self._step_views[0][slot]
         shape = ids_out.shape
         if ids.shape != shape:  # e.g. [batch, seq, k]: the same ids, another view
