@@ -4,6 +4,7 @@ forward has a graph break (issue 35)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import warnings
@@ -17,7 +18,7 @@ import routescope as rs
 from routescope.capture.discovery import find_routers
 from routescope.capture.recording import sink as sink_module
 from routescope.capture.recording.options import RecordOptions
-from routescope.capture.recording.sink import RoutingSink, is_wrapped
+from routescope.capture.recording.sink import RoutingSink, as_tensor, is_wrapped
 from routescope.capture.recording.step import StepBuffers
 from tests.test_capture import padded_batch
 from tests.test_generation_paths import assert_same_rows, generate, rows
@@ -110,7 +111,9 @@ def test_sink_keeps_one_buffer_per_device_and_k_and_gives_each_layer_its_rows(mo
             weights = ids.float() / 1000
             sink.put(slot, ids, weights)
             written[slot] = ids
-        groups = sink.end("decoder", compiled=False)
+        groups = [
+            (layers, as_tensor(ids), as_tensor(w)) for layers, ids, w in sink.end("decoder", compiled=False)
+        ]
         assert [layers for layers, _, _ in groups] == [
             [s.layer for s in sites[0::2]],
             [s.layer for s in sites[1::2]],
@@ -145,7 +148,8 @@ def test_a_router_with_the_wrong_number_of_ids_is_named_kept_or_copied(model, to
             n = tokens - 1 if slot == 1 else tokens
             sink.put(slot, torch.zeros(n, site.top_k, dtype=torch.long), torch.ones(n, site.top_k))
         with pytest.raises(rs.RouteScopeError, match=rf"layer {sites[1].layer} routed expert ids of shape"):
-            sink.end("decoder", compiled=False)
+            for _, ids, _ in sink.end("decoder", compiled=False):  # kept (CPU): checked where stacked
+                as_tensor(ids)
     finally:
         sink.close()
 
@@ -178,9 +182,12 @@ def test_eager_routers_write_inside_their_forward_and_are_unwrapped_after(model,
     assert not ((other.expert == other.slot).all() and (other.weight == 0.5).all())
 
 
-def test_kept_decode_steps_equal_copied_ones(model, tmp_path, monkeypatch):
-    """Decode steps keep the routers' tensors and stack them once per step; the rows equal a
-    recording that copies every layer's choice at once (KEEP_TOKENS = 0)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_decode_steps_equal_copied_ones(model, tmp_path, monkeypatch, dtype):
+    """Decode steps keep the routers' tensors (in the router's dtypes: int64 ids, bfloat16
+    weights), and the writer thread stacks and casts them; the rows equal a recording that
+    copies every layer's choice into the int16 / float32 buffers at once (KEEP_TOKENS = 0)."""
+    model = copy.deepcopy(model).to(dtype)
     ids, mask = padded_batch(torch.device("cpu"), "left", lengths=(5, 3))
     with rs.record(model, tmp_path / "kept") as kept:
         generate(model, ids, mask, max_new_tokens=6, min_new_tokens=6)
@@ -232,7 +239,7 @@ def test_a_step_failing_on_the_writer_thread_loses_only_itself(model, tmp_path, 
         """Step 1 reads as if its graph had written no layer (ids -1), found on the writer thread."""
         host = real(self, *args)
         if self.step == 1:
-            host.host["experts"].fill_(-1)
+            host.host["experts"] = torch.full_like(as_tensor(host.host["experts"]), -1)
         return host
 
     monkeypatch.setattr(StepBuffers, "finish", planted)

@@ -41,6 +41,7 @@ from routescope.errors import RouteScopeError
 
 # kwargs of packed (varlen) forwards: several sequences share one batch row
 PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k")
+PACKED = frozenset(PACKED_KWARGS)
 
 
 @dataclass
@@ -72,7 +73,8 @@ def bind_inputs(signature: inspect.Signature, args: tuple, kwargs: dict) -> Forw
     else:  # keywords only (generate's calls): the same names, without binding
         get = kwargs.get
 
-    packed = [name for name in PACKED_KWARGS if get(name) is not None]
+    maybe = args or kwargs.keys() & PACKED  # no packed name among the keywords: none bound either
+    packed = [name for name in PACKED_KWARGS if get(name) is not None] if maybe else ()
     if packed:
         raise RouteScopeError(
             f"packed (varlen) inputs ({', '.join(packed)}) put several sequences in one batch row; "

@@ -171,45 +171,33 @@ class RoutingSink:
             groups.append((layers, ids, weights))
         if eager and self._watching:  # the first kept step: were the kept tensors changed since?
             self.keep_ok = all(
-                torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(groups, kept)
+                torch.equal(a[1], as_tensor(b[1]).to(a[1].dtype))
+                and torch.equal(a[2], as_tensor(b[2]).to(a[2].dtype))
+                for a, b in zip(groups, kept)
             )
         return groups
 
-    def _stack_kept(self, every: bool) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
-        """An eager step's groups from the kept references: one stack per group and tensor."""
+    def _stack_kept(self, every: bool) -> list[tuple[list[int], Any, Any]]:
+        """An eager step's groups from the kept references, in the routers' own dtypes (the
+        host side casts them). On a CPU they stay `KeptRows` (the writer thread stacks them,
+        and frees them: nothing per layer at the step's end); on an accelerator, one stack per
+        group and tensor (the host copy needs one tensor)."""
         ids_kept, weights_kept = self._kept_ids, self._kept_weights
         self._kept_ids, self._kept_weights = [], []  # the step's tensors are not held past it
         groups = []
-        with torch.no_grad():
-            for g, slots in enumerate(self._groups):
-                if not every:
-                    slots = [s for s in slots if self.counts[s]]
-                    if not slots:
-                        continue
-                k, device = self.top_k[slots[0]], self._buffers[0][g].device
-                ids = self._stacked([ids_kept[s] for s in slots], slots, k, device).to(self.ids_dtype)
-                weights = self._stacked([weights_kept[s] for s in slots], slots, k, device)
-                groups.append(([self.layers[s] for s in slots], ids, weights.to(torch.float32)))
+        for g, slots in enumerate(self._groups):
+            if not every:
+                slots = [s for s in slots if self.counts[s]]
+                if not slots:
+                    continue
+            k, device = self.top_k[slots[0]], self._buffers[0][g].device
+            layers = self._group_layers[g] if every else [self.layers[s] for s in slots]
+            ids = KeptRows(layers, [ids_kept[s] for s in slots], self._tokens, k, device)
+            weights = KeptRows(layers, [weights_kept[s] for s in slots], self._tokens, k, device)
+            if device.type != "cpu":
+                ids, weights = ids.stack(), weights.stack()
+            groups.append((layers, ids, weights))
         return groups
-
-    def _stacked(
-        self, tensors: list[torch.Tensor], slots: list[int], k: int, device: torch.device
-    ) -> torch.Tensor:
-        """[layers, tokens, k] from each layer's [tokens, k] (or another view of as many values)."""
-        tokens = self._tokens
-        try:
-            stacked = torch.stack(tensors)
-        except RuntimeError:  # layers gave other shapes ([batch, seq, k] and [tokens, k]) or devices
-            stacked = None
-        if stacked is not None and stacked.numel() == len(tensors) * tokens * k:
-            return stacked.view(len(tensors), tokens, k)
-        for slot, tensor in zip(slots, tensors):
-            if tensor.numel() != tokens * k:
-                raise RouteScopeError(
-                    f"layer {self.layers[slot]} routed expert ids of shape {tuple(tensor.shape)}, but the "
-                    f"forward had {tokens} tokens (batch x sequence); this router layout is not supported yet"
-                )
-        return torch.stack([tensor.reshape(tokens, k).to(device) for tensor in tensors])
 
     # -- once per MoE layer --------------------------------------------------------------
     def put(self, slot: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
@@ -274,6 +262,46 @@ class RoutingSink:
         for tensor in (*ids, *weights):
             torch._dynamo.mark_static_address(tensor)  # CUDA graphs write only to static addresses
         return ids, weights
+
+
+class KeptRows:
+    """One group's kept router tensors of a CPU step (each layer's [tokens, k], or another view
+    of as many values), stacked only when its rows are made: on the writer thread, which then
+    frees them too. `stack()` names a layer that routed another number of tokens."""
+
+    def __init__(
+        self, layers: list[int], tensors: list[torch.Tensor], tokens: int, k: int, device: Any
+    ) -> None:
+        self.layers, self.tensors, self.tokens, self.k, self.device = layers, tensors, tokens, k, device
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of its stacked rows (each layer's tensor holds tokens x k values)."""
+        first = self.tensors[0] if self.tensors else None
+        return len(self.tensors) * self.tokens * self.k * first.element_size() if first is not None else 0
+
+    def stack(self) -> torch.Tensor:
+        """[layers, tokens, k], in the routers' dtype (joins no autograd graph)."""
+        tensors, tokens, k = self.tensors, self.tokens, self.k
+        with torch.no_grad():
+            try:
+                stacked = torch.stack(tensors)
+            except RuntimeError:  # layers gave other shapes ([batch, seq, k] and [tokens, k]) or devices
+                stacked = None
+            if stacked is not None and stacked.numel() == len(tensors) * tokens * k:
+                return stacked.view(len(tensors), tokens, k)
+            for layer, tensor in zip(self.layers, tensors):
+                if tensor.numel() != tokens * k:
+                    raise RouteScopeError(
+                        f"layer {layer} routed expert ids of shape {tuple(tensor.shape)}, but the forward "
+                        f"had {tokens} tokens (batch x sequence); this router layout is not supported yet"
+                    )
+            return torch.stack([tensor.reshape(tokens, k).to(self.device) for tensor in tensors])
+
+
+def as_tensor(rows: torch.Tensor | KeptRows) -> torch.Tensor:
+    """A group's ids or weights as one tensor (`KeptRows` stacked)."""
+    return rows.stack() if isinstance(rows, KeptRows) else rows
 
 
 def router_hook(sink: RoutingSink, site: Any, slot: int) -> Any:

@@ -17,6 +17,7 @@ import torch
 
 from routescope import schema
 from routescope.capture.recording.modality import MODALITIES, modality_names
+from routescope.capture.recording.sink import KeptRows, as_tensor
 from routescope.errors import RouteScopeError
 from routescope.store.step_rollups import StepInput, step_counts
 
@@ -69,23 +70,26 @@ class StepBuffers:
         if step.modality is not None:
             tensors["modality"] = step.modality
         uniform = len(step.groups) == 1  # one stacked tensor: every layer on one device, one k
+        kept: dict[str, KeptRows] = {}  # a CPU step's kept router tensors: the writer stacks them
         if uniform:
             layers, experts, weights = step.groups[0]
-            tensors["experts"] = experts.to(torch.int16)
-            if with_weights:
-                tensors["weights"] = weights
+            columns = {"experts": experts, "weights": weights} if with_weights else {"experts": experts}
+            for key, rows in columns.items():  # in the routers' dtypes: the host side casts
+                (kept if isinstance(rows, KeptRows) else tensors)[key] = rows
         else:
             by_layer = sorted(
                 (
                     (layer, experts[i], weights[i])
-                    for layers_, experts, weights in step.groups
+                    for layers_, experts, weights in (
+                        (g[0], as_tensor(g[1]), as_tensor(g[2])) for g in step.groups
+                    )
                     for i, layer in enumerate(layers_)
                 ),
                 key=lambda item: item[0],
             )
             layers = [layer for layer, _, _ in by_layer]
             for i, (_, experts, weights) in enumerate(by_layer):
-                tensors[f"experts{i}"] = experts.to(torch.int16)
+                tensors[f"experts{i}"] = experts
                 if with_weights:
                     tensors[f"weights{i}"] = weights
         for i, layer in enumerate(layers if step.stats else ()):
@@ -93,6 +97,8 @@ class StepBuffers:
                 prob_sum, entropy, margin = step.stats[layer]
                 tensors.update({f"prob_sum{i}": prob_sum, f"entropy{i}": entropy, f"margin{i}": margin})
         host, events = to_host(tensors)
+        if kept:
+            host = {**host, **kept}
         return HostStep(
             step=step.step,
             phase=step.phase,
@@ -117,6 +123,8 @@ def to_host(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     Tensors are grouped by device (a `device_map` spreads layers over several GPUs): each
     CUDA device gets its copies and one event on its own current stream.
     """
+    if all(value.device.type == "cpu" and not value.requires_grad for value in tensors.values()):
+        return tensors, []  # the usual CPU step: the host tensors already (no copy, no event)
     host: dict[str, torch.Tensor] = {}
     by_device: dict[torch.device, list[str]] = {}
     for key, value in tensors.items():
@@ -148,6 +156,17 @@ def _on_host(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu")
 
 
+def _numpy(tensor: torch.Tensor | KeptRows) -> np.ndarray:
+    """A host tensor as numpy, on the writer thread: a step's expert ids and weights come in
+    the router's dtypes (int64, bfloat16...), which numpy has or float32 holds exactly, and
+    a CPU step's kept router tensors are stacked here (sink.KeptRows)."""
+    if isinstance(tensor, KeptRows):
+        tensor = tensor.stack()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.float().numpy()
+    return tensor.numpy()
+
+
 @dataclass
 class HostStep:
     """A finished step on its way to disk. Layers share k and token count (`uniform`) or not."""
@@ -158,7 +177,7 @@ class HostStep:
     labels: dict[str, str | None]
     layers: list[int]
     num_experts: dict[int, int]
-    host: dict[str, torch.Tensor]
+    host: dict[str, torch.Tensor | KeptRows]  # KeptRows: stacked by `_numpy`, on the writer thread
     events: list[torch.cuda.Event]
     uniform: bool
     with_weights: bool
@@ -173,7 +192,9 @@ class HostStep:
     @property
     def nbytes(self) -> int:
         """Host bytes this step holds until the writer has turned it into tables."""
-        return sum(t.numel() * t.element_size() for t in self.host.values())
+        return sum(
+            t.nbytes if isinstance(t, KeptRows) else t.numel() * t.element_size() for t in self.host.values()
+        )
 
     def to_tables(self) -> dict[str, dict[str, np.ndarray]]:
         """The step's rows (on the writer thread). With `on_error`, a step whose rows cannot be
@@ -189,7 +210,7 @@ class HostStep:
     def _tables(self) -> dict[str, dict[str, np.ndarray]]:
         for event in self.events:
             event.synchronize()
-        h = {k: v.numpy() for k, v in self.host.items()}
+        h = {k: _numpy(v) for k, v in self.host.items()}
         seq_len = h["valid"].shape[1]
         keep = np.flatnonzero(h["valid"].reshape(-1))
         n = len(keep)
@@ -371,7 +392,11 @@ def _merged_tables(steps: list[HostStep]) -> tuple[dict[str, dict[str, np.ndarra
     for step in steps:
         for event in step.events:
             event.synchronize()
-    hosts = [{k: v.numpy() for k, v in step.host.items()} for step in steps]
+    kept = {key: _stacked_together(steps, key) for key in ("experts", "weights")}
+    hosts = [
+        {k: kept[k][i] if kept.get(k) is not None else _numpy(v) for k, v in step.host.items()}
+        for i, step in enumerate(steps)
+    ]
     sizes = [h["valid"].size for h in hosts]
     valid = np.concatenate([h["valid"].reshape(-1) for h in hosts])
     keep = np.flatnonzero(valid)
@@ -423,6 +448,27 @@ def _merged_tables(steps: list[HostStep]) -> tuple[dict[str, dict[str, np.ndarra
     if "modality" in hosts[0]:
         codes += flat("modality")
     return tables, [step_counts(tokens, first.layers, experts, codes)]
+
+
+def _stacked_together(steps: list[HostStep], key: str) -> list[np.ndarray] | None:
+    """The kept router tensors (sink.KeptRows) of steps of one shape, stacked in one call, as
+    each step's [layers, tokens, k] array; None where they are not all kept alike (then
+    each step stacks its own, and names a layer of the wrong shape)."""
+    rows = [step.host.get(key) for step in steps]
+    first = rows[0]
+    if not isinstance(first, KeptRows):
+        return None
+    shape = (len(first.tensors), first.tokens, first.k)
+    if not all(isinstance(r, KeptRows) and (len(r.tensors), r.tokens, r.k) == shape for r in rows):
+        return None
+    with torch.no_grad():
+        try:
+            stacked = torch.stack([t for r in rows for t in r.tensors])
+        except RuntimeError:  # shapes or devices differ
+            return None
+    if stacked.numel() != len(rows) * shape[0] * shape[1] * shape[2]:
+        return None
+    return list(_numpy(stacked.view(len(rows), *shape)))
 
 
 def _concat(parts: list[dict[str, dict[str, np.ndarray]]]) -> dict[str, dict[str, np.ndarray]]:
