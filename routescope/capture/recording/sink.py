@@ -12,18 +12,21 @@ are one slice. A step:
 - per MoE layer, the router's write: traced into a compiled graph, two `copy_` as graph ops
   into the layer's rows (capture/recording/compiled.py). Eagerly, `put`: a decode-sized step
   (at most KEEP_TOKENS tokens) only keeps a reference to the layer's ids and weights (two
-  list slots and an int: which layers ran), and `end` stacks them, one op per device and
-  top-k; a larger step (a prefill, where the copies are lost in the compute) copies them into
-  the layer's rows at once, so no router tensor is held across the forward. Nothing syncs
-  with the host per layer.
-- `end()` (once per step): the step's rows of every layer in fresh tensors, one op per device
-  and top-k whatever the depth (copied out of the buffers, or stacked from the kept
-  references); a layer the graph did not write (it writes ids + 1 over the zeroed rows, and
+  list slots and an int: which layers ran); a larger step (a prefill, where the copies are
+  lost in the compute) copies them into the layer's rows at once, so no router tensor is held
+  across the forward. Nothing syncs with the host per layer.
+- `end()` (once per step): the step's rows of every layer, one group per device and top-k
+  whatever the depth: copied out of the buffers into fresh tensors (one op per group), or the
+  kept references, as `KeptRows` on a CPU (the writer thread stacks them, a batch of steps in
+  one call, casts them and frees them: no op at all on the model's thread) and stacked (one op
+  per group and tensor) on an accelerator, whose host copy wants one tensor; a layer the graph did not write (it writes ids + 1 over the zeroed rows, and
   the end subtracts 1) reads -1 (refused on the writer thread: that step is lost, counted,
   the run goes on).
 
 Keeping references is exact only if the model does not change the router's tensors in place
-after the write (a later `mul_` on the weights, say). The first kept step of a recording is
+after the write (a later `mul_` on the weights, say), nor after the step (eager code
+allocates a router's outputs anew each call; a graph that reuses output buffers records
+compiled, through the buffers). The first kept step of a recording is
 therefore watched: it is copied too, and the kept tensors must equal the copies at the end
 (one host sync, once). If they differ, the recording copies every step from then on; the
 step itself is recorded from its copies, so nothing is lost.
