@@ -55,7 +55,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import routescope as rs
-from routescope.capture.recording.sink import is_wrapped
+from routescope.capture.recording.wraps import is_wrapped
 
 # thread: the model thread's CPU time (what a decode step waits for when the writer has a core
 # of its own); cpu: the process's CPU time, all threads (the writer's work counts); wall: elapsed

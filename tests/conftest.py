@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from routescope.capture.recording.sink import is_wrapped
+from routescope.capture.recording.wraps import is_wrapped
 from tests.tiny_models import build_tiny_model
 
 # Tiny models: a second intra-op thread costs more than it gains, and on a shared 2-core

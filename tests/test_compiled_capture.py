@@ -112,6 +112,37 @@ def test_model_compiled_and_warmed_before_record(model, tmp_path, device):
 
 
 @pytest.mark.slow
+def test_model_compiled_inside_the_block_records_and_torch_compile_there_is_counted(model, tmp_path, device):
+    """An eager recording brackets each step with one instance `forward` on the model (no
+    hooks); `model.compile()` inside the block swaps that for hooks first, so the compiled
+    graph (fullgraph) records the eager rows. A `torch.compile(model)` made inside the block
+    and not given to `record` runs unrecorded: counted, never an error in the graph."""
+    from routescope.capture.recording.wraps import is_wrapped
+
+    ids, mask = padded_batch(device, "right", lengths=(4, 6))
+    with rs.record(model, tmp_path / "eager"):
+        forward(model, ids, mask)
+    try:
+        with rs.record(model, tmp_path / "compiled") as rec:
+            assert is_wrapped(model) and not model._forward_pre_hooks
+            model.compile(fullgraph=True)
+            assert not is_wrapped(model) and model._forward_pre_hooks and model._forward_hooks
+            forward(model, ids, mask)
+        assert rec.skipped.counts == {}
+    finally:
+        model._compiled_call_impl = None
+    assert_same_rows(rows(tmp_path / "compiled"), rows(tmp_path / "eager"), atol=WEIGHT_ATOL)
+    torch._dynamo.reset()
+    with pytest.warns(RuntimeWarning, match="compiled_in_block_forwards=2"):
+        with rs.record(model, tmp_path / "outside"):
+            compiled = torch.compile(model, fullgraph=True)
+            forward(compiled, ids, mask)
+            forward(compiled, ids, mask)
+    manifest = rs.open_run(tmp_path / "outside").manifest
+    assert manifest["skipped"] == {"compiled_in_block_forwards": 2} and manifest["steps"] == 0
+
+
+@pytest.mark.slow
 def test_compiled_static_cache_generate_records_its_decode_steps(model, tmp_path, device):
     from transformers import CompileConfig
 

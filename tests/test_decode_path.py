@@ -18,8 +18,9 @@ import routescope as rs
 from routescope.capture.discovery import find_routers
 from routescope.capture.recording import sink as sink_module
 from routescope.capture.recording.options import RecordOptions
-from routescope.capture.recording.sink import RoutingSink, as_tensor, is_wrapped
+from routescope.capture.recording.sink import RoutingSink, as_tensor
 from routescope.capture.recording.step import StepBuffers
+from routescope.capture.recording.wraps import is_wrapped
 from tests.test_capture import padded_batch
 from tests.test_generation_paths import assert_same_rows, generate, rows
 

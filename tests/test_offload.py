@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import routescope as rs
-from routescope.capture.recording.sink import is_wrapped
+from routescope.capture.recording.wraps import is_wrapped
 
 DEVICE_MAPS = {
     "auto-cpu-limited": dict(device_map="auto", max_memory={"cpu": "60KB"}),

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import routescope as rs
-from routescope.capture.recording.sink import is_wrapped
+from routescope.capture.recording.wraps import is_wrapped
 from tests.tiny_models import build_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import routescope as rs
-from routescope.capture.recording.sink import is_wrapped
+from routescope.capture.recording.wraps import is_wrapped
 from routescope.importers import ImportedRun, write_imported_run
 from routescope.importers.vllm import import_vllm
 from tests.moe_types import installed_moe_types

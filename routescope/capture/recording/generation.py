@@ -5,7 +5,8 @@ hooks). The wrapper refuses beam search before the first forward, tells the sequ
 tracker the call's end-of-text ids, and releases held steps when the call returns. A
 `compile_config` call runs compiled, recorded by the graph itself (`capture.compiled`),
 except for encoder-decoder models, whose compiled decode runs eagerly while recording.
-`generate_batch` (continuous batching) is refused.
+`generate_batch` (continuous batching) is refused. `model.compile()` inside the block, and a
+`compile_config` call, first swap the recording's forward wraps for hooks (`before_compile`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,17 @@ from routescope.errors import RouteScopeError
 class GeneratePatch:
     """The wrappers `record` puts on a model's generation entry points."""
 
-    def __init__(self, model: nn.Module, tracker: SequenceTracker, after: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tracker: SequenceTracker,
+        after: Callable[[int], None],
+        before_compile: Callable[[], None] = lambda: None,
+    ) -> None:
         self.model = model
         self.tracker = tracker
         self.after = after  # called with the step count before the call, when it returns
+        self.before_compile = before_compile  # called before the model is compiled in the block
         self.steps: Callable[[], int] = lambda: 0
         self._patched: dict[str, Any] = {}
         self.compile_ok = False  # False: a compile_config call runs eagerly (capture.compiled)
@@ -34,11 +42,14 @@ class GeneratePatch:
     def install(self, steps: Callable[[], int] | None = None) -> None:
         if steps is not None:
             self.steps = steps
-        for name in ("generate", "generate_batch", "init_continuous_batching"):
+        for name in ("generate", "generate_batch", "init_continuous_batching", "compile"):
             original = getattr(self.model, name, None)
             if original is None or name in vars(self.model):
                 continue
-            wrapper = self._wrap_generate(original) if name == "generate" else _refuse(name)
+            if name == "compile":
+                wrapper = self._wrap_compile(original)
+            else:
+                wrapper = self._wrap_generate(original) if name == "generate" else _refuse(name)
             setattr(self.model, name, wrapper)
             self._patched[name] = wrapper
 
@@ -57,6 +68,8 @@ class GeneratePatch:
             compiles = kwargs.get("compile_config") is not None or getattr(config, "compile_config", None)
             if compiles and not patch.compile_ok:
                 kwargs["disable_compile"] = True  # the steps could not be bracketed outside the graph
+            elif compiles:
+                patch.before_compile()
             eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
             previous = patch.tracker.eos_ids
             patch.tracker.eos_ids = _eos_tensor(eos)
@@ -70,6 +83,17 @@ class GeneratePatch:
         generate.__wrapped__ = original  # type: ignore[attr-defined]
         generate.__doc__ = original.__doc__
         return generate
+
+    def _wrap_compile(self, original: Any) -> Any:
+        patch = self
+
+        def compile(*args: Any, **kwargs: Any) -> Any:  # `model.compile()` inside the block
+            patch.before_compile()
+            return original(*args, **kwargs)
+
+        compile.__wrapped__ = original  # type: ignore[attr-defined]
+        compile.__doc__ = original.__doc__
+        return compile
 
 
 def check_generate_kwargs(kwargs: dict[str, Any], config: Any) -> None:

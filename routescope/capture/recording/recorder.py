@@ -1,8 +1,8 @@
 """rs.record: a write on each of a model's routers that streams every routing decision to a run directory.
 
-The recorder adds a pre-hook and a hook on the model itself (a forward pass starts and ends
-there) and one write per MoE layer (from `discovery.find_routers`): inside the router's
-forward in an eager recording, a hook in a compiled one (capture/recording/sink.py). A
+The recorder brackets each forward of the model itself (a step starts and ends there) and
+adds one write per MoE layer (from `discovery.find_routers`): both as instance `forward`s in
+an eager recording, hooks in a compiled one (capture/recording/wraps.py, sink.py). A
 layer's write only hands its choice to the step (a kept reference in an eager decode step,
 else a copy into the step's preallocated buffers, which a compiled graph writes too); at the
 end of each forward the step goes to the host in one copy and on to the background writer
@@ -33,6 +33,7 @@ from routescope.capture.recording.modality import placeholder_ids, token_modalit
 from routescope.capture.recording.options import RecordOptions
 from routescope.capture.recording.sink import RouterWrites, RoutingSink
 from routescope.capture.recording.step import StepBatch, StepBuffers, logits_hook
+from routescope.capture.recording.wraps import StepBrackets
 from routescope.errors import RouteScopeError
 from routescope.schema import check_labels
 from routescope.store.remote import part_writer, run_directory, run_location
@@ -58,10 +59,7 @@ class Recorder:
         options: RecordOptions | None = None,
         **kwargs: Any,
     ) -> None:
-        if options is None:
-            options = RecordOptions.from_kwargs(**kwargs)
-        elif kwargs:
-            options = options.replace(**kwargs)
+        options = RecordOptions.from_kwargs(**kwargs) if options is None else options.replace(**kwargs)
         self.options = options
         self.sample, self.seed = options.sample, options.seed
         self.only_layers = None if options.layers is None else list(options.layers)
@@ -79,6 +77,7 @@ class Recorder:
         self._label_names: list[str] = list(self._labels)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._routers: RouterWrites | None = None  # forward wraps or hooks on the routers (sink.py)
+        self._brackets: StepBrackets | None = None  # the same on the model (and encoder): wraps.py
         self._step: StepBuffers | None = None
         self._depth = 0
         self._skipping = False  # in a forward train_step skipped
@@ -88,9 +87,7 @@ class Recorder:
         self._batch_seconds = min(BATCH_SECONDS, options.flush_seconds / 4)
         # The model thread takes only the labels lock (never held during disk I/O); the
         # manifest lock serialises manifest writes (writer thread and exit).
-        self._labels_lock = threading.Lock()
-        self._manifest_lock = threading.Lock()
-        self._failures_lock = threading.Lock()
+        self._labels_lock, self._manifest_lock, self._failures_lock = (threading.Lock() for _ in range(3))
         self.skipped = Skipped()
         self.step_errors: list[str] = []  # the first messages of failed steps (manifest)
         self._tracker = SequenceTracker(self._allocate_seq_ids, self.skipped, self.sample, self.seed)
@@ -173,7 +170,8 @@ class Recorder:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         self._remove_hooks()
-        self._restore_generate()
+        if self._generate_patch is not None:
+            self._generate_patch.remove()
         facts.restore_sigterm(self._previous_sigterm)
         self._previous_sigterm = None
         self._step = None
@@ -193,6 +191,8 @@ class Recorder:
             self.skipped.add("tokens_lost_on_writer_error", self.writer.dropped_tokens)
         if self._forwards and self._empty_forwards == self._forwards:
             self.skipped.add("forwards_without_routing", self._empty_forwards)
+        if self._brackets is not None and self._brackets.compiled[0]:  # torch.compile(model) in the block
+            self.skipped.add("compiled_in_block_forwards", self._brackets.compiled[0])
         clean = exc_type is None and writer_error is None
         try:
             self._write_manifest(complete=clean)
@@ -279,17 +279,16 @@ class Recorder:
             key: inspect.signature(stack.module.forward) for key, stack in self._stacks.items()
         }
         self._placeholder_ids = placeholder_ids(getattr(self.model, "config", None))
-        for stack in self._stacks.values():
-            # eager even when transformers compiles the call: identity needs Python (capture.compiled)
-            begin, end = torch.compiler.disable(self._begin_step), torch.compiler.disable(self._end_step)
-            self._handles.append(stack.module.register_forward_pre_hook(begin, with_kwargs=True))
-            self._handles.append(stack.module.register_forward_hook(end, always_call=True))
+        # eager: one instance forward per stack and router (wraps.py); compiled, now or from
+        # `model.compile()` or a compile_config `generate` inside the block on: hooks
+        compiled = self._compiled_given or is_compiled(self.model)
+        stacks = [stack.module for stack in self._stacks.values()]
+        self._brackets = StepBrackets(stacks, self._begin_step, self._end_step)
+        self._brackets.attach(wrap=not compiled)
         self._sink = RoutingSink(self.sites)
         self._num_experts = {site.layer: site.num_experts for site in self.sites}
-        # eager: pre-hook writes run inside the routers' forwards (sink.attach_router); a
-        # compiled recording, now or from its first compiled step on, has hooks
         self._routers = RouterWrites(self._sink, self.sites)
-        self._routers.attach(wrap=not (self._compiled_given or is_compiled(self.model)))
+        self._routers.attach(wrap=not compiled)
         if self.router_stats:
             layers = [site.layer for site in self.sites]
             logits_sites = find_logits_sites(self.model, layers)
@@ -303,9 +302,17 @@ class Recorder:
                 hook = logits_hook(logits_site, lambda: self._step, self.skipped)
                 self._handles.append(logits_site.module.register_forward_hook(hook))
 
+    def _use_hooks(self) -> None:
+        """Hooks instead of forward wraps, before dynamo traces the model (compiled.py)."""
+        if self._brackets is not None and self._brackets.wrapped:
+            self._brackets.attach(wrap=False)
+        if self._routers is not None and self._routers.wrapped:
+            self._routers.attach(wrap=False)
+
     def _remove_hooks(self) -> None:
-        if self._routers is not None:
-            self._routers.remove()
+        for writes in (self._brackets, self._routers):
+            if writes is not None:
+                writes.remove()
         while self._handles:
             self._handles.pop().remove()
         if self._sink is not None:
@@ -359,8 +366,8 @@ class Recorder:
         self._identity = identity
         self.steps += 1
         self._compiled_step = self._compiled_given or is_compiled(self.model)
-        if self._compiled_step and self._routers.wrapped:
-            self._routers.attach(wrap=False)  # hooks, before dynamo traces the routers (compiled.py)
+        if self._compiled_step:
+            self._use_hooks()  # compiled some other way: from the next call on (compiled.py)
         if self._compiled_step and not self._sink.graphs_dropped:
             drop_compiled_graphs(self.model)  # e.g. generate's compile_config: compiled after enter
             self._sink.graphs_dropped = True
@@ -450,14 +457,10 @@ class Recorder:
 
     # -- generate: end-of-text ids, refused paths, compile (capture.generation) -------------
     def _patch_generate(self) -> None:
-        self._generate_patch = GeneratePatch(self.model, self._tracker, self._after_generate)
+        self._generate_patch = GeneratePatch(self.model, self._tracker, self._after_generate, self._use_hooks)
         # capture.compiled.check_compilable: otherwise a compile_config call runs eagerly
         self._generate_patch.compile_ok = len(self._stacks) == 1 and not self.router_stats
         self._generate_patch.install(steps=lambda: self.steps)
-
-    def _restore_generate(self) -> None:
-        if self._generate_patch is not None:
-            self._generate_patch.remove()
 
     def _after_generate(self, steps_before: int) -> None:
         self._tracker.release_all(self._submit_held)
@@ -475,24 +478,22 @@ def record(
 ) -> Recorder:
     """Record every routing decision of `model` into the run directory `out_dir`.
 
-    Use as a context manager around plain forwards and `model.generate(...)`, compiled or
-    not (`torch.compile(model)`, `model.compile()`, a `compile_config`: the graph records
-    itself, capture/recording/compiled.py). On exit, also
-    on an exception, every hook is removed, recorded steps are flushed and the manifest is
-    written (`complete` is true only after a clean exit).
+    Use as a context manager around plain forwards and `model.generate(...)`, compiled or not
+    (`record(torch.compile(model))`, `model.compile()` before or inside the block, a `compile_config`: the
+    graph records itself, capture/recording/compiled.py). On exit, also on an exception, every hook is removed, recorded steps are
+    flushed and the manifest is written (`complete` is true only after a clean exit).
 
-    Options: `mode` ('create' refuses an existing run, 'overwrite', 'append'); `weights`
-    (False drops the combine weights, about 3x smaller); `rows_per_part`; `flush_seconds` (a
-    part at least this often, so a live run is readable); `max_pending` (steps queued before the
-    model waits for the disk) and `max_pending_bytes` (host bytes they may hold, default 256 MiB);
-    `rank`, `world_size`; `sample` (record a seeded fraction of sequences, e.g. 0.01, chosen by a
-    hash of (seed, seq_id)) and `seed`; `layers` (record only these MoE layers); `wait` (another writer holds the run's lock,
-    store/lock.py: False raises RunBusyError naming it, True waits, a number waits that many
-    seconds); `storage_options` (fsspec's, for an s3:// or gs:// `out_dir`: docs/spark_and_object_storage.md);
-    `handle_sigterm` (default True: SIGTERM ends the block like an exception, so the
-    recorded steps are flushed and the manifest says `complete: false`); `observers`
-    (callables given each finished step's tables, dict of table -> column arrays, on the
-    writer thread, never on the model's; e.g. `routescope.export.prometheus.RoutingExporter`);
-    `rollups` (default True: the writer adds the rollup_* parts; False: `routescope index` later).
-    `router_stats=True` also records the router_stats and router_tokens tables."""
+    Options: `mode` ('create' refuses an existing run, 'overwrite', 'append'); `weights` (False drops the
+    combine weights, about 3x smaller); `rows_per_part`; `flush_seconds` (a part at least this often, so a
+    live run is readable); `max_pending` (steps queued before the model waits for the disk) and
+    `max_pending_bytes` (host bytes they may hold, default 256 MiB); `rank`, `world_size`; `sample` (record a
+    seeded fraction of sequences, e.g. 0.01, chosen by a hash of (seed, seq_id)) and `seed`; `layers` (record
+    only these MoE layers); `wait` (another writer holds the run's lock, store/lock.py: False raises
+    RunBusyError naming it, True waits, a number waits that many seconds); `storage_options` (fsspec's, for an
+    s3:// or gs:// `out_dir`: docs/spark_and_object_storage.md); `handle_sigterm` (default True: SIGTERM ends
+    the block like an exception, so the recorded steps are flushed and the manifest says `complete: false`);
+    `observers` (callables given each finished step's tables, dict of table -> column arrays, on the writer
+    thread, never on the model's; e.g. `routescope.export.prometheus.RoutingExporter`); `rollups` (default
+    True: the writer adds the rollup_* parts; False: `routescope index` later). `router_stats=True` also
+    records the router_stats and router_tokens tables."""
     return Recorder(model, out_dir, labels=labels, router_stats=router_stats, **options)

@@ -37,14 +37,13 @@ forward is left out of the step, and a layer that ran twice fails the step, as b
 
 from __future__ import annotations
 
-import functools
-import types
 from typing import Any
 
 import torch
 from torch import nn
 
 from routescope.capture.recording.compiled import hold_hook_guards
+from routescope.capture.recording.wraps import ForwardWrap
 from routescope.errors import RouteScopeError
 
 # buffers hold at least this many tokens; they grow to the largest step seen (a power of two)
@@ -344,29 +343,6 @@ def attach_router(sink: RoutingSink, site: Any, slot: int, wrap: bool) -> Any:
     return ForwardWrap(module, hook)
 
 
-class ForwardWrap:
-    """An instance `forward` on one module that calls `hook(module, args, kwargs)` first."""
-
-    def __init__(self, module: nn.Module, hook: Any) -> None:
-        cls_forward = type(module).forward
-
-        @functools.wraps(cls_forward)
-        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            hook(self, args, kwargs)
-            return type(self).forward(self, *args, **kwargs)
-
-        forward.routescope_wrap = True  # type: ignore[attr-defined]  # tests and benchmarks find it
-        self.module, self.bound = module, types.MethodType(forward, module)
-        module.forward = self.bound
-
-    def remove(self) -> None:
-        module = self.module
-        if vars(module).get("forward") is self.bound:
-            del module.forward
-        # else something replaced it after us, around our forward: it stays (it writes nowhere
-        # once the recording has ended: its sink is closed)
-
-
 class RouterWrites:
     """The writes on a recording's routers, as forward wraps or hooks (`attach_router`)."""
 
@@ -385,12 +361,6 @@ class RouterWrites:
         while self.handles:
             self.handles.pop().remove()
         self.wrapped = False
-
-
-def is_wrapped(module: nn.Module) -> bool:
-    """Whether routescope's `ForwardWrap` is on `module` now."""
-    forward = vars(module).get("forward")
-    return getattr(getattr(forward, "__func__", None), "routescope_wrap", False)
 
 
 def _device_of(module: nn.Module) -> torch.device | None:

@@ -1,0 +1,120 @@
+"""Instance `forward`s routescope puts on modules while recording, instead of hooks.
+
+A module with hooks leaves `nn.Module`'s fast call path, and in an eager decode step a
+registered hook costs several microseconds: an instance `forward` that does routescope's
+work and calls the class's `forward` keeps the call on the fast path. `ForwardWrap` runs a
+router's write first (capture/recording/sink.py); `StepWrap` brackets a stack's forward
+(the model, or an encoder) with the recorder's step begin and end. Both are removed by
+`remove()` (only while still the module's `forward`: something that replaced it later, around
+ours, stays) and are found by `is_wrapped`. Used for eager recordings only: a compiled one
+keeps hooks (dynamo guards on them, capture/recording/compiled.py), as does a module whose
+`forward` something else replaced already (accelerate's device hooks).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ForwardWrap:
+    """An instance `forward` on one module that calls `hook(module, args, kwargs)` first."""
+
+    def __init__(self, module: nn.Module, hook: Any) -> None:
+        cls_forward = type(module).forward
+
+        @functools.wraps(cls_forward)
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            hook(self, args, kwargs)
+            return type(self).forward(self, *args, **kwargs)
+
+        forward.routescope_wrap = True  # type: ignore[attr-defined]  # tests and benchmarks find it
+        self.module, self.bound = module, types.MethodType(forward, module)
+        module.forward = self.bound
+
+    def remove(self) -> None:
+        _unwrap(self.module, self.bound)
+
+
+class StepWrap:
+    """An instance `forward` on a stack module: `begin(module, args, kwargs)` before the class's
+    forward and `end(module, args, output)` after it, also when it raises (output None), as a
+    forward pre-hook and an `always_call` forward hook do. Where dynamo traces the call (a
+    `torch.compile(model)` made inside the block and not given to `record`, whose graph the
+    recording cannot bracket), the forward runs unrecorded and is counted in `compiled`."""
+
+    def __init__(
+        self, module: nn.Module, begin: Callable[..., None], end: Callable[..., None], compiled: list[int]
+    ) -> None:
+        cls_forward = type(module).forward
+        is_compiling = torch.compiler.is_compiling
+
+        @functools.wraps(cls_forward)
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if is_compiling():  # traced: the count is a side effect dynamo replays on each call
+                compiled[0] += 1
+                return type(self).forward(self, *args, **kwargs)
+            begin(self, args, kwargs)
+            output = None
+            try:
+                output = type(self).forward(self, *args, **kwargs)
+            finally:
+                end(self, args, output)
+            return output
+
+        forward.routescope_wrap = True  # type: ignore[attr-defined]
+        self.module, self.bound = module, types.MethodType(forward, module)
+        module.forward = self.bound
+
+    def remove(self) -> None:
+        _unwrap(self.module, self.bound)
+
+
+class StepBrackets:
+    """The recorder's step begin and end on each stack module: a `StepWrap` in an eager
+    recording, a forward pre-hook and an `always_call` forward hook (in `torch.compiler.
+    disable`: transformers' compiled calls run them as frames of their own) where the model
+    is or will be compiled, or its `forward` was replaced already."""
+
+    def __init__(
+        self, modules: list[nn.Module], begin: Callable[..., None], end: Callable[..., None]
+    ) -> None:
+        self.modules, self.begin, self.end = modules, begin, end
+        self.handles: list[Any] = []
+        self.wrapped = False
+        self.compiled = [0]  # forwards a graph compiled in the block ran, unrecorded (StepWrap)
+
+    def attach(self, wrap: bool) -> None:
+        """(Re)attach on every stack module; `wrap=False`: hooks only (a compiled recording)."""
+        self.remove()
+        for module in self.modules:
+            if wrap and "forward" not in vars(module):
+                self.handles.append(StepWrap(module, self.begin, self.end, self.compiled))
+                self.wrapped = True
+                continue
+            begin, end = torch.compiler.disable(self.begin), torch.compiler.disable(self.end)
+            self.handles.append(module.register_forward_pre_hook(begin, with_kwargs=True))
+            self.handles.append(module.register_forward_hook(end, always_call=True))
+
+    def remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+        self.wrapped = False
+
+
+def _unwrap(module: nn.Module, bound: Any) -> None:
+    if vars(module).get("forward") is bound:
+        del module.forward
+    # else something replaced it after us, around our forward: it stays (it does nothing once
+    # the recording has ended: its sink is closed, its recorder's writer too)
+
+
+def is_wrapped(module: nn.Module) -> bool:
+    """Whether routescope's `ForwardWrap` is on `module` now."""
+    forward = vars(module).get("forward")
+    return getattr(getattr(forward, "__func__", None), "routescope_wrap", False)
