@@ -79,9 +79,9 @@ class RoutingSink:
         # kept references (see the module docstring): None until the first kept step is
         # checked, then True (keep) or False (the model changes them in place: copy)
         self.keep_ok: bool | None = None
-        self._keeping = self._watching = False
-        self._kept_ids: list[Any] = []
-        self._kept_weights: list[Any] = []
+        self._keeping = self._watching = self.keeping = False
+        self.kept_ids: list[Any] = []
+        self.kept_weights: list[Any] = []
         self._open = True
         hold_hook_guards(True)
 
@@ -91,7 +91,7 @@ class RoutingSink:
             self._open = False
             hold_hook_guards(False)
         self._buffers, self.current, self._views = None, None, {}
-        self._kept_ids, self._kept_weights = [], []
+        self.kept_ids, self.kept_weights = [], []
 
     # -- once per step -------------------------------------------------------------------
     def begin(self, tokens: int, device: torch.device, zero: bool = True) -> None:
@@ -119,8 +119,9 @@ class RoutingSink:
         self.counts = [0] * len(self.layers)
         self._keeping = not zero and tokens <= KEEP_TOKENS and self.keep_ok is not False
         self._watching = self._keeping and self.keep_ok is None
+        self.keeping = self._keeping and not self._watching  # the router writes' short path
         if self._keeping:
-            self._kept_ids, self._kept_weights = [None] * len(self.layers), [None] * len(self.layers)
+            self.kept_ids, self.kept_weights = [None] * len(self.layers), [None] * len(self.layers)
         if self.shapes:
             self.shapes = {}
         self.current = self._buffers
@@ -184,8 +185,8 @@ class RoutingSink:
         host side casts them). On a CPU they stay `KeptRows` (the writer thread stacks them,
         and frees them: nothing per layer at the step's end); on an accelerator, one stack per
         group and tensor (the host copy needs one tensor)."""
-        ids_kept, weights_kept = self._kept_ids, self._kept_weights
-        self._kept_ids, self._kept_weights = [], []  # the step's tensors are not held past it
+        ids_kept, weights_kept = self.kept_ids, self.kept_weights
+        self.kept_ids, self.kept_weights = [], []  # the step's tensors are not held past it
         groups = []
         for g, slots in enumerate(self._groups):
             if not every:
@@ -206,7 +207,7 @@ class RoutingSink:
         """An eager router's write: a decode-sized step keeps the layer's ids and weights (stacked
         at the end); a larger one, or the watched first kept step, copies them into its rows."""
         if self._keeping:
-            self._kept_ids[slot], self._kept_weights[slot] = ids, weights
+            self.kept_ids[slot], self.kept_weights[slot] = ids, weights
             if not self._watching:
                 self.counts[slot] += 1
                 return  # the watched step copies too, and is counted below
@@ -315,7 +316,12 @@ def router_hook(sink: RoutingSink, site: Any, slot: int) -> Any:
         if torch.compiler.is_compiling():  # a constant while tracing: the graph writes the buffers
             sink.write(slot, *extract(module, args, kwargs, output))
         elif sink.current is not None:
-            sink.put(slot, *extract(module, args, kwargs, output))
+            ids, weights = extract(module, args, kwargs, output)
+            if sink.keeping:  # a kept decode step (not the watched one): `put`'s short path, inline
+                sink.kept_ids[slot], sink.kept_weights[slot] = ids, weights
+                sink.counts[slot] += 1
+            else:
+                sink.put(slot, ids, weights)
         elif not sink.skipping:
             sink.outside += 1
 
