@@ -65,7 +65,9 @@ def test_the_decode_short_path_equals_the_general_path(sample):
         assert torch.equal(got.positions[got.valid], want.positions[want.valid]), (t, kind)
         assert got.past == want.past == past
         a, b = got.state, want.state
-        assert torch.equal(a.alive, b.alive) and torch.equal(a.next_pos, b.next_pos), (t, kind)
+        assert torch.equal(a.alive, b.alive), (t, kind)
+        # a finished row's next position is never used again (the short path leaves it stale)
+        assert torch.equal(a.next_positions()[a.alive], b.next_positions()[b.alive]), (t, kind)
     assert not short.tracker.skipped.counts and not general.tracker.skipped.counts
     if sample is None:  # the rows that fed the end-of-text id are finished; the other goes on
         assert got.valid[:, 0].tolist() == [True, False, False]

@@ -111,12 +111,23 @@ class _CacheState:
     """One cache object's sequences: ids, next positions, rows still recorded, labels."""
 
     seq_ids: np.ndarray
-    next_pos: torch.Tensor  # [B, 1] int64, device
+    next_pos: torch.Tensor  # [B, 1] int64, device (read it with `next_positions()`)
     alive: torch.Tensor  # [B, 1] bool, device: not finished and not left out by sample=
     labels: dict[str, str | None]
     slots: int  # cache length after the last recorded forward
     held: Any = None  # a multi-token step on a non-empty cache, waiting for the cache length
     ref: Any = None  # weak reference to the cache object
+    # the positions of the last decode step given position_ids: next_pos is these + 1, made
+    # only when a later step needs it (generate gives position_ids every step: never)
+    pending: torch.Tensor | None = None
+
+    def next_positions(self) -> torch.Tensor:
+        if self.pending is not None:
+            self.next_pos, self.pending = self.pending + 1, None
+        return self.next_pos
+
+    def advance(self, next_pos: torch.Tensor) -> None:
+        self.next_pos, self.pending = next_pos, None
 
 
 @dataclass
@@ -195,7 +206,7 @@ class SequenceTracker:
             and seq_len == 1
             and state is not None
             and state.alive.device == device
-            and state.next_pos.device == device
+            and (state.next_pos if state.pending is None else state.pending).device == device
             and (
                 (mask is None and _column(inputs.position_ids, batch, device))
                 or (
@@ -228,9 +239,14 @@ class SequenceTracker:
         if phase == schema.PHASE_DECODE and self.eos_ids is not None and inputs.input_ids is not None:
             fed = self._fed_end_of_text(inputs.input_ids, valid)
             state.alive = alive & ~(fed if seq_len == 1 else fed.any(1, keepdim=True))
-        next_pos = state.next_pos if state.next_pos.device == device else state.next_pos.to(device)
-        state.next_pos = torch.where(
-            valid.any(1, keepdim=True), positions.masked_fill(~valid, -1).amax(1, keepdim=True) + 1, next_pos
+        next_pos = state.next_positions()
+        next_pos = next_pos if next_pos.device == device else next_pos.to(device)
+        state.advance(
+            torch.where(
+                valid.any(1, keepdim=True),
+                positions.masked_fill(~valid, -1).amax(1, keepdim=True) + 1,
+                next_pos,
+            )
         )
         state.slots = past + seq_len
         return Identity(
@@ -251,21 +267,27 @@ class SequenceTracker:
         every token is real): the same answer in fewer tensor ops, as this runs once per token."""
         pos_ids = inputs.position_ids
         if mask is None and pos_ids is None:  # every row has a real token: its next position
-            valid, positions = state.alive, state.next_pos
+            valid, positions = state.alive, state.next_positions()
         elif mask is None:  # generate's position_ids (a copy: the caller may reuse its tensor)
             valid = state.alive
             positions = pos_ids.to(dtype=torch.long, copy=True).expand(valid.shape[0], 1)
-            seen = positions + 1
         else:
             seen = mask.sum(1, keepdim=True, dtype=torch.long)  # real tokens so far: the position + 1
             valid, positions = (mask[:, past:] != 0) & state.alive, seen - 1
-        if self.eos_ids is not None and inputs.input_ids is not None:
-            state.alive = state.alive & ~self._fed_end_of_text(inputs.input_ids, valid)
+        ids = inputs.input_ids
+        if self.eos_ids is not None and ids is not None:
+            if mask is None:  # valid is alive: a row ends where its fed token is an end-of-text id
+                eos = self.eos_ids if self.eos_ids.device == ids.device else self.eos_ids.to(ids.device)
+                state.alive = state.alive & torch.isin(ids, eos, invert=True)
+            else:
+                state.alive = state.alive & ~self._fed_end_of_text(ids, valid)
         # the tracker's tensors are replaced, never written in place: the step may keep them
         if mask is None and pos_ids is None:
-            state.next_pos = positions + valid
+            state.advance(positions + valid)
+        elif mask is None:  # rows not valid are finished for good: their next position is unused
+            state.pending = positions
         else:
-            state.next_pos = torch.where(valid, seen, state.next_pos)
+            state.advance(torch.where(valid, seen, state.next_positions()))
         state.slots = past + 1
         return Identity(
             phase=schema.PHASE_DECODE,
@@ -321,7 +343,7 @@ class SequenceTracker:
         if kept <= 0:  # the cache does not report a length (or was reset): it kept them all
             kept = step.valid.shape[1]
         if kept < step.valid.shape[1]:  # candidates were rejected: the row goes on after the kept ones
-            state.next_pos = step.positions[:, kept - 1 : kept] + 1
+            state.advance(step.positions[:, kept - 1 : kept] + 1)
         submit(step, kept)
 
     def release_all(self, submit: Callable[[Any, int], None]) -> None:
@@ -456,7 +478,7 @@ def _positions(
         return pos_ids.to(device=device, dtype=torch.long, copy=True).expand(batch, seq_len)
     running = valid.long().cumsum(1) - 1
     if state is not None and past > 0:
-        return state.next_pos.to(device) + running
+        return state.next_positions().to(device) + running
     if past == 0:
         return running
     return torch.arange(past, past + seq_len, device=device).expand(batch, seq_len)
