@@ -25,7 +25,7 @@ the plain ones), and takes the median of the per-iteration differences: the stea
 this machine gives. `--count` counts aten ops and routescope Python calls instead of timing.
 
     python benchmarks/decode_overhead.py [--device cuda] [--layers 2 16] [--batches 1 8]
-        [--new-tokens 32] [--rounds 7] [--compiled] [--real-shape] [--interleave] [--count]
+        [--new-tokens 32] [--rounds 7] [--compiled] [--real-shape] [--interleave [--position-ids]] [--count]
 
 Three clocks are read around every call, and each is fitted: `thread`, the model thread's
 CPU time (what a decode step waits for, as the writer thread has a core of its own; the
@@ -220,8 +220,12 @@ def interleave(shape: dict, batch: int, args: argparse.Namespace, tmp: Path) -> 
                 if is_wrapped(module):
                     wraps.append((module, vars(module).pop("forward")))
         try:
+            extra = {}
+            if getattr(args, "position_ids", False):  # as generate passes them: the new token's position
+                seen = state["cache"].get_seq_length()
+                extra["position_ids"] = torch.arange(seen, seen + state["next"].shape[1]).expand(batch, -1)
             start = time.thread_time()
-            out = model(input_ids=state["next"], past_key_values=state["cache"], use_cache=True)
+            out = model(input_ids=state["next"], past_key_values=state["cache"], use_cache=True, **extra)
             spent = time.thread_time() - start
         finally:
             for table, hooks_back in saved:
@@ -360,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the eager cost timed forward by forward: a recorded, a plain and a control "
         "decode advancing together, one step each per iteration (robust to the machine's drift)",
+    )
+    parser.add_argument(
+        "--position-ids",
+        action="store_true",
+        help="--interleave: pass each forward its position_ids, as generate does (the recorder's "
+        "identity then takes generate's path)",
     )
     parser.add_argument(
         "--count",

@@ -73,6 +73,7 @@ class RoutingSink:
         self._buffers: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._views: dict[int, tuple[list, list, list, list]] = {}  # rows [:n], by n
         self._groups: list[list[int]] = []  # slots that share buffers (same device and k)
+        self._one_group = False  # one group, every slot in order (`_allocate`)
         self._where: list[tuple[int, int]] = []  # slot -> (group, row of its buffers)
         self._tokens = 0
         self.graphs_dropped = False  # graphs compiled before record, dropped once (capture.compiled)
@@ -144,7 +145,7 @@ class RoutingSink:
                 f"layer {layer} routed expert ids of shape {shape}, but the forward had {self._tokens} "
                 "tokens (batch x sequence); this router layout is not supported yet"
             )
-        if eager:
+        if eager and max(self.counts) > 1:
             twice = [self.layers[s] for s, c in enumerate(self.counts) if c > 1]
             if twice:
                 raise RouteScopeError(
@@ -195,8 +196,12 @@ class RoutingSink:
                     continue
             k, device = self.top_k[slots[0]], self._buffers[0][g].device
             layers = self._group_layers[g] if every else [self.layers[s] for s in slots]
-            ids = KeptRows(layers, [ids_kept[s] for s in slots], self._tokens, k, device)
-            weights = KeptRows(layers, [weights_kept[s] for s in slots], self._tokens, k, device)
+            if every and self._one_group:  # the usual step: the kept lists as they are
+                ids = KeptRows(layers, ids_kept, self._tokens, k, device)
+                weights = KeptRows(layers, weights_kept, self._tokens, k, device)
+            else:
+                ids = KeptRows(layers, [ids_kept[s] for s in slots], self._tokens, k, device)
+                weights = KeptRows(layers, [weights_kept[s] for s in slots], self._tokens, k, device)
             if device.type != "cpu":
                 ids, weights = ids.stack(), weights.stack()
             groups.append((layers, ids, weights))
@@ -254,6 +259,7 @@ class RoutingSink:
             by_key.setdefault((k, d), []).append(slot)
         self._groups = list(by_key.values())
         self._group_layers = [[self.layers[s] for s in g] for g in self._groups]
+        self._one_group = self._groups == [list(range(len(self.layers)))]  # slots in order, one group
         self._where = [(0, 0)] * len(self.layers)  # slot -> (group, row of the group's buffers)
         for g, slots in enumerate(self._groups):
             for i, slot in enumerate(slots):
@@ -310,10 +316,10 @@ def as_tensor(rows: torch.Tensor | KeptRows) -> torch.Tensor:
 def router_hook(sink: RoutingSink, site: Any, slot: int) -> Any:
     """The write of one MoE layer's router: its adapter's extractor, then one write into `sink`
     (traced into the graph under torch.compile, eager otherwise)."""
-    extract = site.adapter.extract
+    extract, is_compiling = site.adapter.extract, torch.compiler.is_compiling
 
     def write(module: nn.Module, args: tuple, kwargs: dict, output: Any = None) -> None:
-        if torch.compiler.is_compiling():  # a constant while tracing: the graph writes the buffers
+        if is_compiling():  # a constant while tracing: the graph writes the buffers
             sink.write(slot, *extract(module, args, kwargs, output))
         elif sink.current is not None:
             ids, weights = extract(module, args, kwargs, output)
