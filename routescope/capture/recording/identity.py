@@ -282,8 +282,8 @@ class SequenceTracker:
             else:
                 state.alive = state.alive & ~self._fed_end_of_text(ids, valid)
         # the tracker's tensors are replaced, never written in place: the step may keep them
-        if mask is None and pos_ids is None:
-            state.advance(positions + valid)
+        if mask is None and pos_ids is None:  # (a finished row's next position is never read)
+            state.advance(positions + 1)
         elif mask is None:  # rows not valid are finished for good: their next position is unused
             state.pending = positions
         else:
