@@ -16,10 +16,12 @@ graph itself. This module is that write, and the bookkeeping around it.
   buffers is what CUDA graphs allow (`mode="reduce-overhead"`): the buffers are marked
   static addresses (`torch._dynamo.mark_static_address`), as StaticCache marks its K/V. No
   graph break, also under `fullgraph=True`.
-- **Outside the graph, once per step.** The recorder's hooks on the model itself (token
-  identity, the step's start and end) are wrapped in `torch.compiler.disable`: transformers'
-  compiled calls (`model.compile()`, `generate`'s `get_compiled_call`) run them as frames of
-  their own, eagerly, and `torch.compile(model)` runs them outside dynamo anyway. The
+- **Outside the graph, once per step.** A compiled recording's hooks on the model itself
+  (token identity, the step's start and end) are wrapped in `torch.compiler.disable`:
+  transformers' compiled calls (`model.compile()`, `generate`'s `get_compiled_call`) run them
+  as frames of their own, eagerly, and `torch.compile(model)` runs them outside dynamo
+  anyway. (An eager recording brackets steps with an instance `forward` instead, swapped for
+  these hooks before `model.compile()` or a compile_config generate: capture/recording/wraps.py.) The
   buffers and the step's start and end are the one recording path eager forwards use too
   (capture/recording/sink.py): the graph writes ids + 1 over rows zeroed at the step's
   start, so a layer the graph did not write reads -1 (that step is dropped alone).
