@@ -18,7 +18,7 @@ import routescope as rs
 from routescope.capture.discovery import find_routers
 from routescope.capture.recording import sink as sink_module
 from routescope.capture.recording.options import RecordOptions
-from routescope.capture.recording.sink import RoutingSink, as_tensor
+from routescope.capture.recording.sink import RoutingSink, as_tensor, router_hook
 from routescope.capture.recording.step import StepBuffers
 from routescope.capture.recording.wraps import is_wrapped
 from tests.test_capture import padded_batch
@@ -151,6 +151,27 @@ def test_a_router_with_the_wrong_number_of_ids_is_named_kept_or_copied(model, to
         with pytest.raises(rs.RouteScopeError, match=rf"layer {sites[1].layer} routed expert ids of shape"):
             for _, ids, _ in sink.end("decoder", compiled=False):  # kept (CPU): checked where stacked
                 as_tensor(ids)
+    finally:
+        sink.close()
+
+
+def test_kept_router_weights_hold_no_autograd_graph(model):
+    """A kept decode step in a training forward (grad on): the references the writer thread
+    will hold are detached, on the router write's short path and in `put` alike."""
+    sites = find_routers(model)
+    sink = RoutingSink(sites)
+    try:
+        for keep_ok in (None, True):  # the watched first kept step (`put`), then the short path
+            sink.keep_ok = keep_ok
+            sink.begin(3, torch.device("cpu"), zero=False)
+            for slot, site in enumerate(sites):
+                k = site.top_k
+                weights = torch.ones(3, k, requires_grad=True) * 0.5  # has a grad_fn
+                args = (torch.zeros(3, 8), torch.zeros(3, k, dtype=torch.long), weights)
+                router_hook(sink, site, slot)(site.module, args, {})
+            assert sink.keeping is (keep_ok is True)
+            assert all(not w.requires_grad and w.grad_fn is None for w in sink.kept_weights)
+            sink.end("decoder", compiled=False)
     finally:
         sink.close()
 

@@ -212,7 +212,8 @@ class RoutingSink:
         """An eager router's write: a decode-sized step keeps the layer's ids and weights (stacked
         at the end); a larger one, or the watched first kept step, copies them into its rows."""
         if self._keeping:
-            self.kept_ids[slot], self.kept_weights[slot] = ids, weights
+            self.kept_ids[slot] = ids
+            self.kept_weights[slot] = weights.detach() if weights.requires_grad else weights
             if not self._watching:
                 self.counts[slot] += 1
                 return  # the watched step copies too, and is counted below
@@ -324,6 +325,8 @@ def router_hook(sink: RoutingSink, site: Any, slot: int) -> Any:
         elif sink.current is not None:
             ids, weights = extract(module, args, kwargs, output)
             if sink.keeping:  # a kept decode step (not the watched one): `put`'s short path, inline
+                if weights.requires_grad:  # training: the writer thread holds no autograd graph
+                    weights = weights.detach()
                 sink.kept_ids[slot], sink.kept_weights[slot] = ids, weights
                 sink.counts[slot] += 1
             else:
