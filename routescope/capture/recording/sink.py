@@ -210,13 +210,12 @@ class RoutingSink:
     # -- once per MoE layer --------------------------------------------------------------
     def put(self, slot: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
         """An eager router's write: a decode-sized step keeps the layer's ids and weights (stacked
-        at the end); a larger one, or the watched first kept step, copies them into its rows."""
+        at the end); a larger one copies them into its rows. The kept step's short path is the
+        router write's own (`router_hook`); here a kept step (the watched one) is copied too."""
+        if weights.requires_grad:  # a training forward: neither copy nor reference joins its graph
+            weights = weights.detach()
         if self._keeping:
-            self.kept_ids[slot] = ids
-            self.kept_weights[slot] = weights.detach() if weights.requires_grad else weights
-            if not self._watching:
-                self.counts[slot] += 1
-                return  # the watched step copies too, and is counted below
+            self.kept_ids[slot], self.kept_weights[slot] = ids, weights
         ids_out = self._step_views[0][slot]
         shape = ids_out.shape
         if ids.shape != shape:  # e.g. [batch, seq, k]: the same ids, another view
@@ -227,7 +226,7 @@ class RoutingSink:
         if weights.shape != shape:
             weights = weights.reshape(shape)
         ids_out.copy_(ids)
-        self._step_views[1][slot].copy_(weights.detach() if weights.requires_grad else weights)
+        self._step_views[1][slot].copy_(weights)
         self.counts[slot] += 1
 
     def write(self, slot: int, ids: torch.Tensor, weights: torch.Tensor) -> None:

@@ -22,26 +22,37 @@ import torch
 from torch import nn
 
 
-class ForwardWrap:
-    """An instance `forward` on one module that calls `hook(module, args, kwargs)` first."""
+class _InstanceForward:
+    """An instance `forward` routescope put on a module (`is_wrapped` finds it)."""
 
-    def __init__(self, module: nn.Module, hook: Any) -> None:
-        cls_forward = type(module).forward
+    module: nn.Module
+    bound: Any
 
-        @functools.wraps(cls_forward)
-        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            hook(self, args, kwargs)
-            return type(self).forward(self, *args, **kwargs)
-
+    def _install(self, module: nn.Module, forward: Callable[..., Any]) -> None:
         forward.routescope_wrap = True  # type: ignore[attr-defined]  # tests and benchmarks find it
         self.module, self.bound = module, types.MethodType(forward, module)
         module.forward = self.bound
 
     def remove(self) -> None:
-        _unwrap(self.module, self.bound)
+        if vars(self.module).get("forward") is self.bound:
+            del self.module.forward
+        # else something replaced it after us, around our forward: it stays (it does nothing once
+        # the recording has ended: its sink is closed, its recorder's writer too)
 
 
-class StepWrap:
+class ForwardWrap(_InstanceForward):
+    """An instance `forward` on one module that calls `hook(module, args, kwargs)` first."""
+
+    def __init__(self, module: nn.Module, hook: Any) -> None:
+        @functools.wraps(type(module).forward)
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            hook(self, args, kwargs)
+            return type(self).forward(self, *args, **kwargs)
+
+        self._install(module, forward)
+
+
+class StepWrap(_InstanceForward):
     """An instance `forward` on a stack module: `begin(module, args, kwargs)` before the class's
     forward and `end(module, args, output)` after it, also when it raises (output None), as a
     forward pre-hook and an `always_call` forward hook do. Where dynamo traces the call (a
@@ -51,10 +62,9 @@ class StepWrap:
     def __init__(
         self, module: nn.Module, begin: Callable[..., None], end: Callable[..., None], compiled: list[int]
     ) -> None:
-        cls_forward = type(module).forward
         is_compiling = torch.compiler.is_compiling
 
-        @functools.wraps(cls_forward)
+        @functools.wraps(type(module).forward)
         def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             if is_compiling():  # traced: the count is a side effect dynamo replays on each call
                 compiled[0] += 1
@@ -67,12 +77,7 @@ class StepWrap:
                 end(self, args, output)
             return output
 
-        forward.routescope_wrap = True  # type: ignore[attr-defined]
-        self.module, self.bound = module, types.MethodType(forward, module)
-        module.forward = self.bound
-
-    def remove(self) -> None:
-        _unwrap(self.module, self.bound)
+        self._install(module, forward)
 
 
 class StepBrackets:
@@ -107,14 +112,7 @@ class StepBrackets:
         self.wrapped = False
 
 
-def _unwrap(module: nn.Module, bound: Any) -> None:
-    if vars(module).get("forward") is bound:
-        del module.forward
-    # else something replaced it after us, around our forward: it stays (it does nothing once
-    # the recording has ended: its sink is closed, its recorder's writer too)
-
-
 def is_wrapped(module: nn.Module) -> bool:
-    """Whether routescope's `ForwardWrap` is on `module` now."""
+    """Whether a routescope forward wrap (`ForwardWrap`, `StepWrap`) is on `module` now."""
     forward = vars(module).get("forward")
     return getattr(getattr(forward, "__func__", None), "routescope_wrap", False)
