@@ -280,7 +280,7 @@ class Recorder:
         }
         self._placeholder_ids = placeholder_ids(getattr(self.model, "config", None))
         # eager: one instance forward per stack and router (wraps.py); compiled, now or from
-        # `model.compile()` or a compile_config `generate` inside the block on: hooks
+        # `model.compile()` or a compile_config `generate` inside the block on: step hooks
         compiled = self._compiled_given or is_compiled(self.model)
         stacks = [stack.module for stack in self._stacks.values()]
         self._brackets = StepBrackets(stacks, self._begin_step, self._end_step)
@@ -288,7 +288,7 @@ class Recorder:
         self._sink = RoutingSink(self.sites)
         self._num_experts = {site.layer: site.num_experts for site in self.sites}
         self._routers = RouterWrites(self._sink, self.sites)
-        self._routers.attach(wrap=not compiled)
+        self._routers.attach(compiled)
         if self.router_stats:
             layers = [site.layer for site in self.sites]
             logits_sites = find_logits_sites(self.model, layers)
@@ -303,11 +303,12 @@ class Recorder:
                 self._handles.append(logits_site.module.register_forward_hook(hook))
 
     def _use_hooks(self) -> None:
-        """Hooks instead of forward wraps, before dynamo traces the model (compiled.py)."""
+        """Step hooks instead of forward wraps, and marked routers, before dynamo traces the
+        model (compiled.py)."""
         if self._brackets is not None and self._brackets.wrapped:
             self._brackets.attach(wrap=False)
-        if self._routers is not None and self._routers.wrapped:
-            self._routers.attach(wrap=False)
+        if self._routers is not None and not self._routers.compiled:
+            self._routers.attach(compiled=True)
 
     def _remove_hooks(self) -> None:
         for writes in (self._brackets, self._routers):

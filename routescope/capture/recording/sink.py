@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from routescope.capture.recording.compiled import hold_hook_guards
-from routescope.capture.recording.wraps import ForwardWrap
+from routescope.capture.recording.wraps import ForwardWrap, is_wrapped
 from routescope.errors import RouteScopeError
 
 # buffers hold at least this many tokens; they grow to the largest step seen (a power of two)
@@ -83,13 +83,18 @@ class RoutingSink:
         self._keeping = self._watching = self.keeping = False
         self.kept_ids: list[Any] = []
         self.kept_weights: list[Any] = []
-        self._open = True
-        hold_hook_guards(True)
+        self._guards = False  # holding dynamo's guards on hooks (compiled.py)
+
+    def hold_guards(self) -> None:
+        """Graphs compiled from now on guard on module hooks, until `close` (compiled.py)."""
+        if not self._guards:
+            self._guards = True
+            hold_hook_guards(True)
 
     def close(self) -> None:
         """The recording ended: graphs compiled from now on may skip hook guards again."""
-        if self._open:
-            self._open = False
+        if self._guards:
+            self._guards = False
             hold_hook_guards(False)
         self._buffers, self.current, self._views = None, None, {}
         self.kept_ids, self.kept_weights = [], []
@@ -336,45 +341,65 @@ def router_hook(sink: RoutingSink, site: Any, slot: int) -> Any:
     return write  # a pre-hook (site.adapter.hook == "pre") is called without `output`
 
 
-def attach_router(sink: RoutingSink, site: Any, slot: int, wrap: bool) -> Any:
+def attach_router(sink: RoutingSink, site: Any, slot: int, compiled: bool) -> Any:
     """Put `router_hook` on the site's module; returns a handle with `.remove()`.
 
-    A pre-hook adapter's write can run as part of the module's forward (`wrap`): the module
-    gets an instance `forward` that writes, then calls its class's forward. The forward
-    pre-hooks of other code run before it, as they do before a hook registered after them;
-    and the module's call stays on `nn.Module`'s path without hooks, where a registered hook
-    costs about as much as the rest of a recorded layer in an eager decode step. Not wrapped
-    (hooks instead): post-hook adapters (forward hooks of other code, which may change the
-    output, must run first), a module whose `forward` something else already replaced
-    (accelerate's device hooks), and compiled recordings (dynamo guards on hooks,
-    capture/recording/compiled.py)."""
+    A pre-hook adapter's write runs as part of the module's forward: the module gets an
+    instance `forward` that writes, then calls its class's forward. The forward pre-hooks of
+    other code run before it, as they do before a hook registered after them; and the
+    module's call stays on `nn.Module`'s path without hooks, where a registered hook costs
+    about as much as the rest of a recorded layer in an eager decode step. A post-hook
+    adapter's write is a forward hook (forward hooks of other code, which may change the
+    output, run first); in a `compiled` recording the module also gets a pass-through instance
+    `forward`, the mark dynamo's guards tell a recorded router from a copy's by
+    (capture/recording/compiled.py). A module whose `forward` something else replaced
+    already (accelerate's device hooks) gets hooks only."""
     hook = router_hook(sink, site, slot)
     module = site.module
-    if site.adapter.hook != "pre":
-        return module.register_forward_hook(hook, with_kwargs=True)
-    if not wrap or "forward" in vars(module):
+    replaced = "forward" in vars(module)
+    if site.adapter.hook == "pre" and not replaced:
+        return ForwardWrap(module, hook)
+    if site.adapter.hook == "pre":
         return module.register_forward_pre_hook(hook, with_kwargs=True)
-    return ForwardWrap(module, hook)
+    handle = module.register_forward_hook(hook, with_kwargs=True)
+    return Handles([handle, ForwardWrap(module)]) if compiled and not replaced else handle
+
+
+class Handles:
+    """Several handles removed as one."""
+
+    def __init__(self, handles: list[Any]) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in reversed(self.handles):
+            handle.remove()
 
 
 class RouterWrites:
-    """The writes on a recording's routers, as forward wraps or hooks (`attach_router`)."""
+    """The writes on a recording's routers (`attach_router`)."""
 
     def __init__(self, sink: RoutingSink, sites: list[Any]) -> None:
         self.sink, self.sites = sink, sites
         self.handles: list[Any] = []
-        self.wrapped = False
+        self.compiled = False
 
-    def attach(self, wrap: bool) -> None:
-        """(Re)attach every router's write; `wrap=False`: hooks only (a compiled recording)."""
+    def attach(self, compiled: bool) -> None:
+        """(Re)attach every router's write, `compiled`: marked for dynamo's guards (a compiled
+        recording, or one whose model is compiled inside the block from now on). A router
+        that cannot be marked (its `forward` replaced already) makes the recording hold
+        dynamo's guards on hooks instead (`hold_hook_guards`)."""
         self.remove()
-        self.handles = [attach_router(self.sink, site, slot, wrap) for slot, site in enumerate(self.sites)]
-        self.wrapped = any(isinstance(handle, ForwardWrap) for handle in self.handles)
+        self.handles = [
+            attach_router(self.sink, site, slot, compiled) for slot, site in enumerate(self.sites)
+        ]
+        self.compiled = compiled
+        if compiled and any(not is_wrapped(site.module) for site in self.sites):
+            self.sink.hold_guards()
 
     def remove(self) -> None:
         while self.handles:
             self.handles.pop().remove()
-        self.wrapped = False
 
 
 def _device_of(module: nn.Module) -> torch.device | None:

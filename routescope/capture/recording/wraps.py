@@ -6,9 +6,11 @@ work and calls the class's `forward` keeps the call on the fast path. `ForwardWr
 router's write first (capture/recording/sink.py); `StepWrap` brackets a stack's forward
 (the model, or an encoder) with the recorder's step begin and end. Both are removed by
 `remove()` (only while still the module's `forward`: something that replaced it later, around
-ours, stays) and are found by `is_wrapped`. Used for eager recordings only: a compiled one
-keeps hooks (dynamo guards on them, capture/recording/compiled.py), as does a module whose
-`forward` something else replaced already (accelerate's device hooks).
+ours, stays) and are found by `is_wrapped`. Routers get them in eager and compiled
+recordings (dynamo traces them into the graph, and guards on them: capture/recording/
+compiled.py); `StepWrap` is for eager recordings only (a compiled one brackets steps with
+hooks, run outside the graph). A module whose `forward` something else replaced already
+(accelerate's device hooks) gets hooks.
 """
 
 from __future__ import annotations
@@ -41,13 +43,23 @@ class _InstanceForward:
 
 
 class ForwardWrap(_InstanceForward):
-    """An instance `forward` on one module that calls `hook(module, args, kwargs)` first."""
+    """An instance `forward` on one module that calls `hook(module, args, kwargs)` first; with
+    no hook, only the class's forward: the mark a compiled recording puts on a router whose
+    write is a hook (dynamo guards on an instance `forward`, capture/recording/compiled.py)."""
 
-    def __init__(self, module: nn.Module, hook: Any) -> None:
-        @functools.wraps(type(module).forward)
-        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            hook(self, args, kwargs)
-            return type(self).forward(self, *args, **kwargs)
+    def __init__(self, module: nn.Module, hook: Any = None) -> None:
+        if hook is None:
+
+            @functools.wraps(type(module).forward)
+            def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+                return type(self).forward(self, *args, **kwargs)
+
+        else:
+
+            @functools.wraps(type(module).forward)
+            def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+                hook(self, args, kwargs)
+                return type(self).forward(self, *args, **kwargs)
 
         self._install(module, forward)
 
