@@ -55,9 +55,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import routescope as rs
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_interleave import interleave
+from routescope.capture.recording.wraps import is_wrapped
 
 # thread: the model thread's CPU time (what a decode step waits for when the writer has a core
 # of its own); cpu: the process's CPU time, all threads (the writer's work counts); wall: elapsed
@@ -192,6 +190,80 @@ def measure(shape: dict, batch: int, compiled: bool, args: argparse.Namespace, t
     return row
 
 
+def interleave(shape: dict, batch: int, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
+    """What recording adds to an eager decode step, timed forward by forward.
+
+    This machine's speed drifts by tens of percent from one half second to the next, so
+    rounds of whole `generate` calls compare a recorded and a plain step run seconds apart.
+    Here three greedy decodes from the same prompt advance together, each with its own KV
+    cache: one recorded (inside one record block), one plain (routescope's hooks and forward
+    wraps taken off the model for that forward, put back after), one plain again (the A/A
+    control). Each iteration runs one step of each in a shuffled order, so each recorded step
+    has a plain one beside it, under the same drift. Returned: medians over the steps of the per-iteration
+    differences (recorded - plain; control - plain), model-thread CPU ms, and the plain median."""
+    from transformers import DynamicCache
+
+    model = build(device="cpu", **shape)
+    prompt = torch.randint(1, 4000, (batch, 16))
+    hooked = [m for m in model.modules() if m._forward_pre_hooks or m._forward_hooks]
+    assert not hooked, "the model has hooks of its own before recording"
+
+    def forward(state: dict, hooks: bool) -> float:
+        saved, wraps = [], []
+        if not hooks:  # take routescope's hooks and forward wraps off for this forward
+            for module in model.modules():
+                for name in ("_forward_pre_hooks", "_forward_hooks"):
+                    table = getattr(module, name)
+                    if table:
+                        saved.append((table, dict(table)))
+                        table.clear()
+                if is_wrapped(module):
+                    wraps.append((module, vars(module).pop("forward")))
+        try:
+            extra = {}
+            if getattr(args, "position_ids", False):  # as generate passes them: the new token's position
+                seen = state["cache"].get_seq_length()
+                extra["position_ids"] = torch.arange(seen, seen + state["next"].shape[1]).expand(batch, -1)
+            start = time.thread_time()
+            out = model(input_ids=state["next"], past_key_values=state["cache"], use_cache=True, **extra)
+            spent = time.thread_time() - start
+        finally:
+            for table, hooks_back in saved:
+                table.update(hooks_back)
+            for module, wrap in wraps:
+                module.forward = wrap
+        state["next"] = out.logits[:, -1:].argmax(-1)
+        return 1000 * spent
+
+    def start(hooks: bool) -> dict:
+        state = {"cache": DynamicCache(config=model.config), "next": prompt}
+        forward(state, hooks)  # the prefill, not timed
+        return state
+
+    added: list[float] = []
+    same: list[float] = []
+    plain_ms: list[float] = []
+    rng = random.Random(0)
+    with torch.no_grad(), rs.record(model, tmp / f"pairs-{shape['layers']}-{batch}", flush_seconds=1e9):
+        for _ in range(args.rounds):
+            tracks = {"recorded": start(True), "plain": start(False), "control": start(False)}
+            for _ in range(args.new_tokens):
+                order = list(tracks)
+                rng.shuffle(order)
+                ms = {name: forward(tracks[name], name == "recorded") for name in order}
+                added.append(ms["recorded"] - ms["plain"])
+                same.append(ms["control"] - ms["plain"])
+                plain_ms.append(ms["plain"])
+    return {
+        "layers": shape["layers"],
+        "batch": batch,
+        "plain": statistics.median(plain_ms),
+        "added": statistics.median(added),
+        "control": statistics.median(same),
+        "pairs": len(added),
+    }
+
+
 def count_work(layers: int, batch: int, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     """What recording adds to one eager decode step, counted instead of timed (the count does
     not depend on the machine's load): aten ops dispatched (a TorchDispatchMode over the whole
@@ -290,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--interleave",
         action="store_true",
-        help="only the added cost, timed forward by forward (eager, or compiled with --compiled): a recorded, a plain and a control "
+        help="only the eager cost timed forward by forward: a recorded, a plain and a control "
         "decode advancing together, one step each per iteration (robust to the machine's drift)",
     )
     parser.add_argument(
@@ -329,15 +401,14 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         return 0
     if args.interleave:
-        path = f"compiled ({args.backend})" if args.compiled else "eager"
         print(
-            f"{path} decode, forward by forward: {args.rounds} decodes x {args.new_tokens} steps, "
+            f"eager decode, forward by forward: {args.rounds} decodes x {args.new_tokens} steps, "
             f"threads {torch.get_num_threads()}, model-thread CPU ms, medians of per-step differences"
         )
         print("| batch | MoE layers | plain ms/step | added ms/step | A/A ms/step | pairs |")
         print("|---|---|---|---|---|---|")
         for batch in args.batches:
-            rows = [interleave({"layers": n, **small}, batch, args, tmp, build) for n in args.layers]
+            rows = [interleave({"layers": n, **small}, batch, args, tmp) for n in args.layers]
             for r in rows:
                 print(
                     f"| {batch} | {r['layers']} | {r['plain']:.3f} | {r['added']:+.4f} | "

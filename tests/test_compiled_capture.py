@@ -7,6 +7,7 @@ are marked slow, and each compiles as few graphs as it can."""
 from __future__ import annotations
 
 import cProfile
+import functools
 import pstats
 from pathlib import Path
 
@@ -285,6 +286,24 @@ def test_an_unrecorded_copy_compiled_first_never_runs_for_the_recorded_model(
     assert len(got) == 2 * len(want)
     assert_same_rows(sequences(got, 0, 2), want, atol=WEIGHT_ATOL)
     assert_same_rows(sequences(got, 2, 2), want, atol=WEIGHT_ATOL)
+
+
+def test_a_router_whose_forward_was_replaced_turns_hook_guards_on_while_recording(model, tmp_path):
+    """A router whose `forward` something else replaced already (accelerate's device hooks)
+    cannot be marked: a compiled recording turns dynamo's hook guards on for its block (and
+    only then), and restores them when it ends."""
+    assert torch._dynamo.config.skip_nnmodule_hook_guards
+    with rs.record(torch.compile(model, backend="eager"), tmp_path / "marked"):
+        assert torch._dynamo.config.skip_nnmodule_hook_guards  # every router marked: no hook guard
+    experts = model.model.layers[1].mlp.experts
+    experts.forward = functools.partial(type(experts).forward, experts)
+    try:
+        with rs.record(torch.compile(model, backend="eager"), tmp_path / "replaced"):
+            assert not torch._dynamo.config.skip_nnmodule_hook_guards
+        assert torch._dynamo.config.skip_nnmodule_hook_guards  # restored
+        assert vars(experts)["forward"].func is type(experts).forward  # theirs, left in place
+    finally:
+        del experts.forward
 
 
 def test_compiled_router_stats_are_refused_and_compiled_generate_runs_eagerly(model, tmp_path):

@@ -6,7 +6,8 @@ tracker the call's end-of-text ids, and releases held steps when the call return
 `compile_config` call runs compiled, recorded by the graph itself (`capture.compiled`),
 except for encoder-decoder models, whose compiled decode runs eagerly while recording.
 `generate_batch` (continuous batching) is refused. `model.compile()` inside the block, and a
-`compile_config` call, first swap the recording's forward wraps for hooks (`before_compile`).
+`compile_config` call, first swap the recording's step wraps for hooks and mark its routers
+for dynamo's guards (`before_compile`, capture/recording/compiled.py).
 """
 
 from __future__ import annotations

@@ -37,6 +37,8 @@ forward is left out of the step, and a layer that ran twice fails the step, as b
 
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import Any
 
 import torch
@@ -50,6 +52,12 @@ from routescope.errors import RouteScopeError
 MIN_TOKENS = 64
 MAX_VIEW_SIZES = 64  # step sizes whose row views are kept (a decode loop uses one)
 KEEP_TOKENS = 1024  # eager steps up to this many tokens keep the routers' tensors, stacked at the end
+
+# open sinks by key: a compiled graph reaches its recording's buffers through this one global
+# (dynamo guards it once per graph), not through each router's closure (about fifty guards a
+# layer, checked at every call)
+_OPEN: dict[int, RoutingSink] = {}
+_keys = itertools.count()
 
 
 class RoutingSink:
@@ -84,6 +92,8 @@ class RoutingSink:
         self.kept_ids: list[Any] = []
         self.kept_weights: list[Any] = []
         self._guards = False  # holding dynamo's guards on hooks (compiled.py)
+        self.key = next(_keys)
+        _OPEN[self.key] = self
 
     def hold_guards(self) -> None:
         """Graphs compiled from now on guard on module hooks, until `close` (compiled.py)."""
@@ -96,6 +106,7 @@ class RoutingSink:
         if self._guards:
             self._guards = False
             hold_hook_guards(False)
+        _OPEN.pop(self.key, None)
         self._buffers, self.current, self._views = None, None, {}
         self.kept_ids, self.kept_weights = [], []
 
@@ -321,11 +332,11 @@ def as_tensor(rows: torch.Tensor | KeptRows) -> torch.Tensor:
 def router_hook(sink: RoutingSink, site: Any, slot: int) -> Any:
     """The write of one MoE layer's router: its adapter's extractor, then one write into `sink`
     (traced into the graph under torch.compile, eager otherwise)."""
-    extract, is_compiling = site.adapter.extract, torch.compiler.is_compiling
+    extract, is_compiling, key = site.adapter.extract, torch.compiler.is_compiling, sink.key
 
     def write(module: nn.Module, args: tuple, kwargs: dict, output: Any = None) -> None:
         if is_compiling():  # a constant while tracing: the graph writes the buffers
-            sink.write(slot, *extract(module, args, kwargs, output))
+            _OPEN[key].write(slot, *extract(module, args, kwargs, output))
         elif sink.current is not None:
             ids, weights = extract(module, args, kwargs, output)
             if sink.keeping:  # a kept decode step (not the watched one): `put`'s short path, inline
@@ -341,6 +352,34 @@ def router_hook(sink: RoutingSink, site: Any, slot: int) -> Any:
     return write  # a pre-hook (site.adapter.hook == "pre") is called without `output`
 
 
+def router_forward(sink: RoutingSink, site: Any, slot: int) -> Any:
+    """`router_hook`'s write (a pre-hook adapter's) and the class's forward, as one instance
+    `forward`: one call per layer in an eager step, and, traced, a closure dynamo guards with
+    a few checks per layer (its code, the constants it reads), the class's forward captured
+    (`type(self)` would make dynamo check that every router has the same type)."""
+    extract, is_compiling, key = site.adapter.extract, torch.compiler.is_compiling, sink.key
+    class_forward = type(site.module).forward
+
+    @functools.wraps(class_forward)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if is_compiling():  # a constant while tracing: the graph writes the buffers
+            _OPEN[key].write(slot, *extract(self, args, kwargs, None))
+        elif sink.current is not None:
+            ids, weights = extract(self, args, kwargs, None)
+            if sink.keeping:  # as router_hook's kept short path, inline: the hot path of a decode step
+                if weights.requires_grad:
+                    weights = weights.detach()
+                sink.kept_ids[slot], sink.kept_weights[slot] = ids, weights
+                sink.counts[slot] += 1
+            else:
+                sink.put(slot, ids, weights)
+        elif not sink.skipping:
+            sink.outside += 1
+        return class_forward(self, *args, **kwargs)
+
+    return forward
+
+
 def attach_router(sink: RoutingSink, site: Any, slot: int, compiled: bool) -> Any:
     """Put `router_hook` on the site's module; returns a handle with `.remove()`.
 
@@ -354,11 +393,11 @@ def attach_router(sink: RoutingSink, site: Any, slot: int, compiled: bool) -> An
     `forward`, the mark dynamo's guards tell a recorded router from a copy's by
     (capture/recording/compiled.py). A module whose `forward` something else replaced
     already (accelerate's device hooks) gets hooks only."""
-    hook = router_hook(sink, site, slot)
     module = site.module
     replaced = "forward" in vars(module)
     if site.adapter.hook == "pre" and not replaced:
-        return ForwardWrap(module, hook)
+        return ForwardWrap(module, router_forward(sink, site, slot))
+    hook = router_hook(sink, site, slot)
     if site.adapter.hook == "pre":
         return module.register_forward_pre_hook(hook, with_kwargs=True)
     handle = module.register_forward_hook(hook, with_kwargs=True)

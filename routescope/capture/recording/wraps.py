@@ -43,23 +43,18 @@ class _InstanceForward:
 
 
 class ForwardWrap(_InstanceForward):
-    """An instance `forward` on one module that calls `hook(module, args, kwargs)` first; with
-    no hook, only the class's forward: the mark a compiled recording puts on a router whose
-    write is a hook (dynamo guards on an instance `forward`, capture/recording/compiled.py)."""
+    """An instance `forward` on one module: `forward(module, *args, **kwargs)`, which calls the
+    class's forward itself (a router's write, capture/recording/sink.py); with none, only the
+    class's forward: the mark a compiled recording puts on a router whose write is a hook
+    (dynamo guards on an instance `forward`, capture/recording/compiled.py)."""
 
-    def __init__(self, module: nn.Module, hook: Any = None) -> None:
-        if hook is None:
+    def __init__(self, module: nn.Module, forward: Callable[..., Any] | None = None) -> None:
+        if forward is None:
+            class_forward = type(module).forward
 
-            @functools.wraps(type(module).forward)
+            @functools.wraps(class_forward)
             def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-                return type(self).forward(self, *args, **kwargs)
-
-        else:
-
-            @functools.wraps(type(module).forward)
-            def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-                hook(self, args, kwargs)
-                return type(self).forward(self, *args, **kwargs)
+                return class_forward(self, *args, **kwargs)
 
         self._install(module, forward)
 
