@@ -54,8 +54,8 @@ MAX_VIEW_SIZES = 64  # step sizes whose row views are kept (a decode loop uses o
 KEEP_TOKENS = 1024  # eager steps up to this many tokens keep the routers' tensors, stacked at the end
 
 # open sinks by key: a compiled graph reaches its recording's buffers through this one global
-# (dynamo guards it once per graph), not through each router's closure (about fifty guards a
-# layer, checked at every call)
+# (dynamo guards the path once per graph), not through each router's closure (the same guards
+# again for every layer, checked at every call)
 _OPEN: dict[int, RoutingSink] = {}
 _keys = itertools.count()
 
