@@ -291,16 +291,23 @@ def test_an_unrecorded_copy_compiled_first_never_runs_for_the_recorded_model(
 def test_a_router_whose_forward_was_replaced_turns_hook_guards_on_while_recording(model, tmp_path):
     """A router whose `forward` something else replaced already (accelerate's device hooks)
     cannot be marked: a compiled recording turns dynamo's hook guards on for its block (and
-    only then), and restores them when it ends."""
+    only then), restores them when it ends, and records that router through its hook."""
+    ids, mask = padded_batch(torch.device("cpu"), "left", lengths=(5, 3))
+    with rs.record(model, tmp_path / "eager"):
+        forward(model, ids, mask)
     assert torch._dynamo.config.skip_nnmodule_hook_guards
     with rs.record(torch.compile(model, backend="eager"), tmp_path / "marked"):
         assert torch._dynamo.config.skip_nnmodule_hook_guards  # every router marked: no hook guard
     experts = model.model.layers[1].mlp.experts
     experts.forward = functools.partial(type(experts).forward, experts)
     try:
-        with rs.record(torch.compile(model, backend="eager"), tmp_path / "replaced"):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        with rs.record(compiled, tmp_path / "replaced"):
             assert not torch._dynamo.config.skip_nnmodule_hook_guards
+            forward(compiled, ids, mask)
         assert torch._dynamo.config.skip_nnmodule_hook_guards  # restored
+        assert rs.open_run(tmp_path / "replaced").manifest["skipped"] == {}
+        assert_same_rows(rows(tmp_path / "replaced"), rows(tmp_path / "eager"), atol=WEIGHT_ATOL)
         assert vars(experts)["forward"].func is type(experts).forward  # theirs, left in place
     finally:
         del experts.forward
