@@ -26,6 +26,21 @@ this machine gives. `--count` counts aten ops and routescope Python calls instea
 
     python benchmarks/decode_overhead.py [--device cuda] [--layers 2 16] [--batches 1 8]
         [--new-tokens 32] [--rounds 7] [--compiled] [--real-shape] [--interleave [--position-ids]] [--count]
+        [--depth auto|random|N]
+
+`--depth` (default `auto`): the Python stack depth the timed calls run at. On CPython 3.11 a
+thread's frame stack grows in 16 KB chunks, mapped when a call crosses into one and unmapped
+as soon as that call returns (python/cpython#142183, fixed by caching a chunk in 3.13 and 3.14
+only): a decode loop whose hot calls straddle a chunk boundary maps and unmaps pages on every
+call. One unrecorded compiled 16-layer model read 3.5-4.4 ms per step from some caller depths
+and 4.7-6.4 ms from others (32 to 112 minor page faults per step against 3;
+`benchmarks/caller_depth.py`). Recording adds a frame or two between the caller and the
+model, so at an unlucky depth a comparison measures the chunks, not the recording. `auto`
+runs a few short plain calls at each of 0-23 extra caller frames, counts the thread's minor
+page faults, and times everything from the middle of the longest run of depths without
+chunk churn; `random`: a depth drawn per round (per iteration with `--interleave`), the same
+for its recorded, plain and control calls (what a caller at an unknown depth sees on
+average); a number: that many extra frames.
 
 Three clocks are read around every call, and each is fitted: `thread`, the model thread's
 CPU time (what a decode step waits for, as the writer thread has a core of its own; the
@@ -43,6 +58,7 @@ import argparse
 import contextlib
 import itertools
 import random
+import resource
 import shutil
 import statistics
 import sys
@@ -50,6 +66,7 @@ import tempfile
 import time
 from copy import deepcopy
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -80,6 +97,34 @@ def build(layers: int, hidden: int, experts: int, top_k: int, moe_width: int, de
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     return AutoModelForCausalLM.from_config(config).to(device, dtype).eval()
+
+
+def at_depth(depth: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` called under `depth` extra Python frames (see `--depths`)."""
+    if depth <= 0:
+        return fn(*args, **kwargs)
+    return at_depth(depth - 1, fn, *args, **kwargs)
+
+
+DEPTH_SPAN = 24  # caller depths `--depth auto` and `random` choose from
+
+
+def clean_depth(call: Any, span: int = DEPTH_SPAN) -> int:
+    """A caller depth whose calls map no new frame-stack chunk (see `--depth`): the middle of
+    the longest run of depths where `call(depth)` takes few minor page faults."""
+    faults = []
+    for depth in range(span):
+        call(depth)  # warm (a compiled call may compile here)
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        call(depth)
+        faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+    clean = [n <= 2 * min(faults) + 16 for n in faults]
+    best, run = (0, 0), 0  # (length, end) of the longest clean run
+    for depth, ok in enumerate(clean):
+        run = run + 1 if ok else 0
+        best = max(best, (run, depth))
+    length, end = best
+    return end - length // 2
 
 
 def sync(device: str) -> None:
@@ -120,10 +165,12 @@ def measure(shape: dict, batch: int, compiled: bool, args: argparse.Namespace, t
         config._compile_all_devices = True  # transformers compiles on CUDA only by default
         kwargs.update(cache_implementation="static", compile_config=config)
 
+    depth = [0]  # the round's caller depth (`--depth`)
+
     def decode_ms(model: torch.nn.Module) -> dict[str, float]:
         """One generate: the median of its decode steps, per clock (the prefill left out)."""
         steps = StepClock()
-        model.generate(**kwargs, streamer=steps)
+        at_depth(depth[0], model.generate, **kwargs, streamer=steps)
         sync(args.device)
         marks = steps.marks[1:]  # put 0 is the prompt, put 1 the prefill's token
         return {
@@ -136,6 +183,7 @@ def measure(shape: dict, batch: int, compiled: bool, args: argparse.Namespace, t
         # a compiled model's graphs are dropped when recording starts (capture.compiled), so the
         # recorded model stays inside one record block: three copies with the same weights
         recorded, plain, control = model, deepcopy(model), deepcopy(model)
+        plain_model = plain
         stack = contextlib.ExitStack()
         rec = stack.enter_context(rs.record(recorded, out, flush_seconds=1e9))
         run = {"plain": lambda: decode_ms(plain), "recorded": lambda: decode_ms(recorded)}
@@ -144,6 +192,7 @@ def measure(shape: dict, batch: int, compiled: bool, args: argparse.Namespace, t
         # eager: one model, recorded or not in turn (a record block around each recorded
         # generate), so no difference between copies in memory reads as a cost
         stack, rec = contextlib.ExitStack(), None
+        plain_model = model  # outside a record block between the recorded calls
 
         def recorded_ms() -> dict[str, float]:
             nonlocal rec
@@ -160,10 +209,17 @@ def measure(shape: dict, batch: int, compiled: bool, args: argparse.Namespace, t
         for _ in range(2):  # warm up (and compile)
             for measure_once in run.values():
                 measure_once()
+        if args.depth == "auto":  # short plain generates at each depth (the same call path)
+            short = {**kwargs, "max_new_tokens": 4, "min_new_tokens": 4}
+            depth[0] = clean_depth(lambda d: at_depth(d, plain_model.generate, **short))
+        elif args.depth != "random":
+            depth[0] = int(args.depth)
         order = list(run)
         rng = random.Random(0)
         for _ in range(args.rounds):
             rng.shuffle(order)
+            if args.depth == "random":
+                depth[0] = rng.randrange(DEPTH_SPAN)
             for name in order:
                 results[name].append(run[name]())
     steps = rec.steps if rec is not None else 0
@@ -173,6 +229,7 @@ def measure(shape: dict, batch: int, compiled: bool, args: argparse.Namespace, t
         "batch": batch,
         "path": "compiled" if compiled else "eager",
         "steps": steps,
+        "depth": "random" if args.depth == "random" else depth[0],
     }
     for name in CLOCKS:  # per clock: medians, and the median of each round's paired difference
         plain_ms = statistics.median(r[name] for r in results["plain"])
@@ -208,7 +265,7 @@ def interleave(shape: dict, batch: int, args: argparse.Namespace, tmp: Path) -> 
     hooked = [m for m in model.modules() if m._forward_pre_hooks or m._forward_hooks]
     assert not hooked, "the model has hooks of its own before recording"
 
-    def forward(state: dict, hooks: bool) -> float:
+    def forward(state: dict, hooks: bool, depth: int = 0) -> float:
         saved, wraps = [], []
         if not hooks:  # take routescope's hooks and forward wraps off for this forward
             for module in model.modules():
@@ -225,7 +282,9 @@ def interleave(shape: dict, batch: int, args: argparse.Namespace, tmp: Path) -> 
                 seen = state["cache"].get_seq_length()
                 extra["position_ids"] = torch.arange(seen, seen + state["next"].shape[1]).expand(batch, -1)
             start = time.thread_time()
-            out = model(input_ids=state["next"], past_key_values=state["cache"], use_cache=True, **extra)
+            out = at_depth(
+                depth, model, input_ids=state["next"], past_key_values=state["cache"], use_cache=True, **extra
+            )
             spent = time.thread_time() - start
         finally:
             for table, hooks_back in saved:
@@ -245,12 +304,19 @@ def interleave(shape: dict, batch: int, args: argparse.Namespace, tmp: Path) -> 
     plain_ms: list[float] = []
     rng = random.Random(0)
     with torch.no_grad(), rs.record(model, tmp / f"pairs-{shape['layers']}-{batch}", flush_seconds=1e9):
+        fixed = None if args.depth == "random" else 0
+        if args.depth == "auto":  # plain forwards at each depth, from a track of their own
+            probe = start(False)
+            fixed = clean_depth(lambda d: forward(probe, False, d))
+        elif args.depth != "random":
+            fixed = int(args.depth)
         for _ in range(args.rounds):
             tracks = {"recorded": start(True), "plain": start(False), "control": start(False)}
             for _ in range(args.new_tokens):
                 order = list(tracks)
                 rng.shuffle(order)
-                ms = {name: forward(tracks[name], name == "recorded") for name in order}
+                depth = rng.randrange(DEPTH_SPAN) if fixed is None else fixed
+                ms = {name: forward(tracks[name], name == "recorded", depth) for name in order}
                 added.append(ms["recorded"] - ms["plain"])
                 same.append(ms["control"] - ms["plain"])
                 plain_ms.append(ms["plain"])
@@ -261,6 +327,7 @@ def interleave(shape: dict, batch: int, args: argparse.Namespace, tmp: Path) -> 
         "added": statistics.median(added),
         "control": statistics.median(same),
         "pairs": len(added),
+        "depth": "random" if fixed is None else fixed,
     }
 
 
@@ -346,6 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--hidden", type=int, default=64, help="hidden size of the depth sweep")
     parser.add_argument(
+        "--depth",
+        default="auto",
+        help="extra caller frames of the timed calls: auto (a depth without frame-stack chunk "
+        "churn, CPython 3.11: see the module docstring), random (per round), or a number",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -403,16 +476,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.interleave:
         print(
             f"eager decode, forward by forward: {args.rounds} decodes x {args.new_tokens} steps, "
-            f"threads {torch.get_num_threads()}, model-thread CPU ms, medians of per-step differences"
+            f"threads {torch.get_num_threads()}, caller depth {args.depth}, model-thread CPU ms, "
+            "medians of per-step differences"
         )
-        print("| batch | MoE layers | plain ms/step | added ms/step | A/A ms/step | pairs |")
-        print("|---|---|---|---|---|---|")
+        print("| batch | MoE layers | plain ms/step | added ms/step | A/A ms/step | pairs | depth |")
+        print("|---|---|---|---|---|---|---|")
         for batch in args.batches:
             rows = [interleave({"layers": n, **small}, batch, args, tmp) for n in args.layers]
             for r in rows:
                 print(
                     f"| {batch} | {r['layers']} | {r['plain']:.3f} | {r['added']:+.4f} | "
-                    f"{r['control']:+.4f} | {r['pairs']} |",
+                    f"{r['control']:+.4f} | {r['pairs']} | {r['depth']} |",
                     flush=True,
                 )
             if len(rows) >= 2:
@@ -426,13 +500,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(
         f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"{args.new_tokens} new tokens, {args.rounds} rounds, medians, table: {args.clock} clock"
+        f"{args.new_tokens} new tokens, {args.rounds} rounds, caller depth {args.depth}, medians, "
+        f"table: {args.clock} clock"
     )
     print(
         "| path | batch | MoE layers | shape | plain ms/step | recorded ms/step | added ms/step "
-        "| added IQR | A/A ms/step | ratio |"
+        "| added IQR | A/A ms/step | ratio | depth |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows: list[dict] = []
     try:
         for compiled in paths:
@@ -448,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"| {row['path']} | {batch} | {row['layers']} | {name} | {c['plain']:.3f} | "
                         f"{c['recorded']:.3f} | {c['added']:+.3f} | {c['spread']:.3f} | {c['control']:+.3f} | "
-                        f"{(c['plain'] + c['added']) / c['plain']:.3f} |",
+                        f"{(c['plain'] + c['added']) / c['plain']:.3f} | {row['depth']} |",
                         flush=True,
                     )
         print()
