@@ -100,7 +100,7 @@ def build(layers: int, hidden: int, experts: int, top_k: int, moe_width: int, de
 
 
 def at_depth(depth: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """`fn(*args, **kwargs)` called under `depth` extra Python frames (see `--depths`)."""
+    """`fn(*args, **kwargs)` called under `depth` extra Python frames (see `--depth`)."""
     if depth <= 0:
         return fn(*args, **kwargs)
     return at_depth(depth - 1, fn, *args, **kwargs)
@@ -125,6 +125,13 @@ def clean_depth(call: Any, span: int = DEPTH_SPAN) -> int:
         best = max(best, (run, depth))
     length, end = best
     return end - length // 2
+
+
+def depth_arg(value: str) -> str:
+    """`--depth`: auto, random, or a number of extra caller frames."""
+    if value not in ("auto", "random") and not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected auto, random or a number of frames, got {value!r}")
+    return value
 
 
 def sync(device: str) -> None:
@@ -415,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--depth",
         default="auto",
+        type=depth_arg,
         help="extra caller frames of the timed calls: auto (a depth without frame-stack chunk "
         "churn, CPython 3.11: see the module docstring), random (per round), or a number",
     )
