@@ -5,7 +5,7 @@ crosses into it and unmapped as soon as that call returns. A decode loop whose h
 Python wrappers inside a model's forward, or a compiled graph's custom ops) straddle a chunk
 boundary maps and unmaps pages on every call, and its step costs more. Recording puts a frame
 or two between the caller and the model, so a recorded-against-plain comparison made at one
-fixed depth measures this as well as the recording; `decode_overhead.py --depths` varies the
+fixed depth measures this as well as the recording; `decode_overhead.py --depth` chooses the
 depth for that reason. This script shows the effect without routescope: the step time (model
 thread CPU, median) and the minor page faults per step (`RUSAGE_THREAD`) at each depth.
 
