@@ -18,6 +18,7 @@ import routescope as rs
 from routescope.capture.discovery import find_routers
 from routescope.capture.recording import sink as sink_module
 from routescope.capture.recording.options import RecordOptions
+from routescope.capture.recording.rows import RingRows
 from routescope.capture.recording.sink import RoutingSink, as_tensor, router_hook
 from routescope.capture.recording.step import StepBuffers
 from routescope.capture.recording.wraps import is_wrapped
@@ -130,9 +131,73 @@ def test_sink_keeps_one_buffer_per_device_and_k_and_gives_each_layer_its_rows(mo
         for slot in range(1, len(sites)):
             width = sites[slot].top_k
             sink.write(slot, torch.full((5, width), 7), torch.ones(5, width))
-        groups = sink.end("decoder", compiled=True)
+        groups = [(layers, as_tensor(ids), w) for layers, ids, w in sink.end("decoder", compiled=True)]
         assert (groups[0][1][0] == -1).all() and (groups[0][1][1:] == 7).all()
         assert (groups[1][1] == 7).all()
+    finally:
+        sink.close()
+
+
+def write_compiled_step(sink, sites, value, skip=()):
+    """A compiled CPU step of 5 tokens: the graph's writes (`sink.write`), `skip` slots left out."""
+    sink.begin(5, torch.device("cpu"), zero=True)
+    for slot, site in enumerate(sites):
+        if slot not in skip:
+            sink.write(slot, torch.full((5, site.top_k), value), torch.full((5, site.top_k), value / 10))
+    return sink.end("decoder", compiled=True)
+
+
+def test_compiled_cpu_steps_write_a_ring_of_buffer_sets_that_the_writer_gives_back(model):
+    """A compiled CPU step writes into a set of its own: its rows are taken out later (on the
+    writer thread) and are not those of the steps after it; taking them out zeroes the set and
+    gives it back, so a later step that leaves a layer unwritten reads -1 there. With `limit`
+    sets out, a step copies out of the sink's own buffers instead; a step larger than
+    RING_TOKENS does too."""
+    sites = find_routers(model)
+    sink = RoutingSink(sites)
+    try:
+        sink.begin(1, torch.device("cpu"), zero=True)  # the buffers and the ring are made at the first step
+        sink.end("decoder", compiled=True)
+        sink._ring.limit = 2
+        first = write_compiled_step(sink, sites, 7)
+        second = write_compiled_step(sink, sites, 9, skip={0})  # while the first step's set is out
+        assert [type(rows) for _, rows, _ in first] == [RingRows]
+        ring = sink._ring
+        assert ring.made == 2 and first[0][1].step.rows is not second[0][1].step.rows
+        ids = as_tensor(second[0][1])
+        assert (ids[0] == -1).all() and (ids[1:] == 9).all()
+        assert (as_tensor(first[0][1]) == 7).all() and torch.allclose(
+            as_tensor(first[0][2]), torch.tensor(0.7)
+        )
+        assert ring.made == 2 and len(ring._free) == 2  # both given back
+        third = write_compiled_step(sink, sites, 5, skip={1})  # a given-back set: zeroed
+        ids = as_tensor(third[0][1])
+        assert (ids[1] == -1).all() and (ids[0] == 5).all() and (ids[2:] == 5).all()
+        assert ring.made == 2
+        # a step's weights read after its ids gave the set back, and a later step wrote that set
+        step = write_compiled_step(sink, sites, 6)
+        rows = step[0][1].step.rows
+        as_tensor(step[0][1])
+        ring._free.remove(rows)
+        ring._free.appendleft(rows)  # the next step gets that set
+        later = write_compiled_step(sink, sites, 8)
+        assert later[0][1].step.rows is rows
+        assert torch.allclose(as_tensor(step[0][2]), torch.tensor(0.6))
+        assert (as_tensor(later[0][1]) == 8).all()
+
+        held = [write_compiled_step(sink, sites, 3), write_compiled_step(sink, sites, 3)]  # both sets out
+        copied = write_compiled_step(sink, sites, 4, skip={0})  # none free, `limit` made: a copy
+        assert isinstance(copied[0][1], torch.Tensor)
+        assert (copied[0][1][0] == -1).all() and (copied[0][1][1:] == 4).all()
+        assert all((as_tensor(step[0][1]) == 3).all() for step in held)
+
+        sink.begin(sink_module.RING_TOKENS + 1, torch.device("cpu"), zero=True)
+        assert sink.current is sink._buffers
+        sink.end("decoder", compiled=True)
+        dropped = write_compiled_step(sink, sites, 1)  # e.g. the forward raised: never taken out
+        assert ring.made == 2 and len(ring._free) == 1
+        del first, second, third, step, later, held, dropped
+        assert ring.made == 1  # a set dropped with its step (never taken out) is not counted
     finally:
         sink.close()
 

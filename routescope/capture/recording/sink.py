@@ -8,7 +8,9 @@ are one slice. A step:
 
 - `begin(tokens, zero)` (once per step, eager, outside any graph): for a compiled step, zeroes
   the step's id rows, one op per device and top-k (0: not written by a graph); an eager step
-  counts its writes instead, so its rows are not touched.
+  counts its writes instead, so its rows are not touched. A compiled step on a CPU of at most
+  RING_TOKENS tokens takes a set of a ring of buffer sets instead (capture/recording/rows.py),
+  zeroed already: no op.
 - per MoE layer, the router's write: traced into a compiled graph, two `copy_` as graph ops
   into the layer's rows (capture/recording/compiled.py). Eagerly, `put`: a decode-sized step
   (at most KEEP_TOKENS tokens) only keeps a reference to the layer's ids and weights (two
@@ -16,12 +18,14 @@ are one slice. A step:
   lost in the compute) copies them into the layer's rows at once, so no router tensor is held
   across the forward. Nothing syncs with the host per layer.
 - `end()` (once per step): the step's rows of every layer, one group per device and top-k
-  whatever the depth: copied out of the buffers into fresh tensors (one op per group), or the
-  kept references, as `KeptRows` on a CPU (the writer thread stacks them, a batch of steps in
-  one call, casts them and frees them: no op at all on the model's thread) and stacked (one op
-  per group and tensor) on an accelerator, whose host copy wants one tensor; a layer the graph did not write (it writes ids + 1 over the zeroed rows, and
-  the end subtracts 1) reads -1 (refused on the writer thread: that step is lost, counted,
-  the run goes on).
+  whatever the depth: copied out of the buffers into fresh tensors (one op per group), or, on
+  a CPU, handed to the writer thread without an op on the model's thread: an eager step's
+  kept references as `KeptRows` (the writer stacks them, a batch of steps in one call, casts
+  them and frees them), a compiled step's ring set as `RingRows` (the writer copies the rows
+  out, zeroes the set and gives it back). On an accelerator the kept references are stacked
+  (one op per group and tensor), as the host copy wants one tensor. A layer the graph did not
+  write (it writes ids + 1 over the zeroed rows, and the rows are read minus 1) reads -1
+  (refused on the writer thread: that step is lost, counted, the run goes on).
 
 Keeping references is exact only if the model does not change the router's tensors in place
 after the write (a later `mul_` on the weights, say), nor after the step (eager code
@@ -45,6 +49,7 @@ import torch
 from torch import nn
 
 from routescope.capture.recording.compiled import hold_hook_guards
+from routescope.capture.recording.rows import KeptRows, Ring, RingRows, RingSet, RingStep, as_tensor
 from routescope.capture.recording.wraps import ForwardWrap, is_wrapped
 from routescope.errors import RouteScopeError
 
@@ -52,6 +57,10 @@ from routescope.errors import RouteScopeError
 MIN_TOKENS = 64
 MAX_VIEW_SIZES = 64  # step sizes whose row views are kept (a decode loop uses one)
 KEEP_TOKENS = 1024  # eager steps up to this many tokens keep the routers' tensors, stacked at the end
+# compiled CPU steps up to this many tokens write into a ring of buffer sets (capture/recording/
+# rows.py) of this capacity; the sets out at once hold at most RING_BYTES (then steps copy)
+RING_TOKENS = MIN_TOKENS
+RING_BYTES = 64 << 20
 
 # open sinks by key: a compiled graph reaches its recording's buffers through this one global
 # (dynamo guards the path once per graph), not through each router's closure (the same guards
@@ -92,6 +101,8 @@ class RoutingSink:
         self.kept_ids: list[Any] = []
         self.kept_weights: list[Any] = []
         self._guards = False  # holding dynamo's guards on hooks (compiled.py)
+        self._ring: Ring | None = None  # buffer sets of compiled CPU steps (rows.py), once allocated
+        self._set: RingSet | None = None  # the step's set, if it has one
         self.key = next(_keys)
         _OPEN[self.key] = self
 
@@ -108,6 +119,7 @@ class RoutingSink:
             hold_hook_guards(False)
         _OPEN.pop(self.key, None)
         self._buffers, self.current, self._views = None, None, {}
+        self._ring = self._set = None
         self.kept_ids, self.kept_weights = [], []
 
     # -- once per step -------------------------------------------------------------------
@@ -119,18 +131,20 @@ class RoutingSink:
             self.capacity = max(MIN_TOKENS, 1 << (tokens - 1).bit_length())
             self._buffers = self._allocate(self.capacity, device)
             self._views = {}
-        views = self._views.get(tokens)
-        if views is None:  # the rows [:tokens] of every layer and of every group, made once per size
-            if len(self._views) >= MAX_VIEW_SIZES:  # many prompt lengths: keep the cache small
-                self._views = {}
-            ids_groups = [ids[:, :tokens] for ids in self._buffers[0]]
-            weight_groups = [weights[:, :tokens] for weights in self._buffers[1]]
-            ids_rows = [ids_groups[g][i] for g, i in self._where]
-            weight_rows = [weight_groups[g][i] for g, i in self._where]
-            views = self._views[tokens] = (ids_rows, weight_rows, ids_groups, weight_groups)
-        if zero:
-            for ids in views[2]:
-                ids.zero_()
+        rows = self._ring.get() if zero and self._ring is not None and tokens <= RING_TOKENS else None
+        if rows is not None:  # a compiled CPU step: a set of the ring, zeroed already (rows.py)
+            buffers, views = rows.buffers, rows.views.get(tokens) or _views(rows.buffers, tokens, self._where)
+            rows.views[tokens] = views
+        else:
+            buffers, views = self._buffers, self._views.get(tokens)
+            if views is None:  # the rows [:tokens] of every layer and of every group, made once per size
+                if len(self._views) >= MAX_VIEW_SIZES:  # many prompt lengths: keep the cache small
+                    self._views = {}
+                views = self._views[tokens] = _views(self._buffers, tokens, self._where)
+            if zero:
+                for ids in views[2]:
+                    ids.zero_()
+        self._set = rows
         self._tokens = tokens
         self._step_views = views
         self.counts = [0] * len(self.layers)
@@ -141,7 +155,7 @@ class RoutingSink:
             self.kept_ids, self.kept_weights = [None] * len(self.layers), [None] * len(self.layers)
         if self.shapes:
             self.shapes = {}
-        self.current = self._buffers
+        self.current = buffers
 
     def end(self, stack: str, compiled: bool) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
         """The step's decisions: (layers, ids [L, tokens, k] (-1: not written), weights), one
@@ -151,6 +165,30 @@ class RoutingSink:
         if self.current is None:
             return []
         self.current = None
+        rows, self._set = self._set, None
+        if rows is None:
+            return self._end(stack, compiled)
+        if compiled and not any(self.counts) and not self.shapes:
+            # the usual compiled CPU step: its set goes to the writer thread, which takes the
+            # rows out and gives it back to the ring; no op on the model's thread (rows.py)
+            step, groups = RingStep(rows, self._tokens), []
+            for g, layers in enumerate(self._group_layers):
+                ids = rows.buffers[0][g]
+                size = len(layers) * self._tokens * ids.shape[2]
+                groups.append(
+                    (
+                        layers,
+                        RingRows(layers, step, g, 0, size * ids.element_size()),
+                        RingRows(layers, step, g, 1, size * 4),
+                    )
+                )
+            return groups
+        try:  # eager writes in a compiled step: copied out of the set, as from the sink's buffers
+            return self._end(stack, compiled)
+        finally:
+            rows.give_back()
+
+    def _end(self, stack: str, compiled: bool) -> list[tuple[list[int], Any, Any]]:
         ids_views, weight_views, ids_groups, weight_groups = self._step_views
         eager = any(self.counts)
         if not eager and not compiled and not self.shapes:
@@ -280,53 +318,34 @@ class RoutingSink:
         for g, slots in enumerate(self._groups):
             for i, slot in enumerate(slots):
                 self._where[slot] = (g, i)
-        ids, weights = [], []
-        for (k, d), slots in by_key.items():
-            ids.append(torch.zeros(len(slots), capacity, k, dtype=self.ids_dtype, device=d))
-            weights.append(torch.zeros(len(slots), capacity, k, dtype=torch.float32, device=d))
+        keys = list(by_key)
+        if self._ring is None and all(d.type == "cpu" for _, d in keys) and self._one_stack:
+            set_bytes = sum(
+                len(s) * RING_TOKENS * k * (self.ids_dtype.itemsize + 4) for (k, _), s in by_key.items()
+            )
+            self._ring = Ring(lambda: self._zeros(keys, RING_TOKENS), max(2, RING_BYTES // set_bytes))
+        ids, weights = self._zeros(keys, capacity)
         for tensor in (*ids, *weights):
             torch._dynamo.mark_static_address(tensor)  # CUDA graphs write only to static addresses
         return ids, weights
 
-
-class KeptRows:
-    """One group's kept router tensors of a CPU step (each layer's [tokens, k], or another view
-    of as many values), stacked only when its rows are made: on the writer thread, which then
-    frees them too. `stack()` names a layer that routed another number of tokens."""
-
-    def __init__(
-        self, layers: list[int], tensors: list[torch.Tensor], tokens: int, k: int, device: Any
-    ) -> None:
-        self.layers, self.tensors, self.tokens, self.k, self.device = layers, tensors, tokens, k, device
-
-    @property
-    def nbytes(self) -> int:
-        """The bytes of its stacked rows (each layer's tensor holds tokens x k values)."""
-        first = self.tensors[0] if self.tensors else None
-        return len(self.tensors) * self.tokens * self.k * first.element_size() if first is not None else 0
-
-    def stack(self) -> torch.Tensor:
-        """[layers, tokens, k], in the routers' dtype (joins no autograd graph)."""
-        tensors, tokens, k = self.tensors, self.tokens, self.k
-        with torch.no_grad():
-            try:
-                stacked = torch.stack(tensors)
-            except RuntimeError:  # layers gave other shapes ([batch, seq, k] and [tokens, k]) or devices
-                stacked = None
-            if stacked is not None and stacked.numel() == len(tensors) * tokens * k:
-                return stacked.view(len(tensors), tokens, k)
-            for layer, tensor in zip(self.layers, tensors):
-                if tensor.numel() != tokens * k:
-                    raise RouteScopeError(
-                        f"layer {layer} routed expert ids of shape {tuple(tensor.shape)}, but the forward "
-                        f"had {tokens} tokens (batch x sequence); this router layout is not supported yet"
-                    )
-            return torch.stack([tensor.reshape(tokens, k).to(self.device) for tensor in tensors])
+    def _zeros(self, keys: list[tuple[int, torch.device]], capacity: int) -> Any:
+        """Zeroed ids and weights buffers [layers, capacity, k], one pair per (k, device)."""
+        sizes = [len(slots) for slots in self._groups]
+        ids = [torch.zeros(n, capacity, k, dtype=self.ids_dtype, device=d) for n, (k, d) in zip(sizes, keys)]
+        weights = [
+            torch.zeros(n, capacity, k, dtype=torch.float32, device=d) for n, (k, d) in zip(sizes, keys)
+        ]
+        return ids, weights
 
 
-def as_tensor(rows: torch.Tensor | KeptRows) -> torch.Tensor:
-    """A group's ids or weights as one tensor (`KeptRows` stacked)."""
-    return rows.stack() if isinstance(rows, KeptRows) else rows
+def _views(buffers: Any, tokens: int, where: list[tuple[int, int]]) -> tuple[list, list, list, list]:
+    """The rows [:tokens] of every layer (by slot) and of every group, of ids and weights."""
+    ids_groups = [ids[:, :tokens] for ids in buffers[0]]
+    weight_groups = [weights[:, :tokens] for weights in buffers[1]]
+    ids_rows = [ids_groups[g][i] for g, i in where]
+    weight_rows = [weight_groups[g][i] for g, i in where]
+    return ids_rows, weight_rows, ids_groups, weight_groups
 
 
 def router_hook(sink: RoutingSink, site: Any, slot: int) -> Any:

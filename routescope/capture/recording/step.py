@@ -17,7 +17,7 @@ import torch
 
 from routescope import schema
 from routescope.capture.recording.modality import MODALITIES, modality_names
-from routescope.capture.recording.sink import KeptRows, as_tensor
+from routescope.capture.recording.rows import DeferredRows, KeptRows, as_tensor
 from routescope.errors import RouteScopeError
 from routescope.store.step_rollups import StepInput, step_counts
 
@@ -70,12 +70,12 @@ class StepBuffers:
         if step.modality is not None:
             tensors["modality"] = step.modality
         uniform = len(step.groups) == 1  # one stacked tensor: every layer on one device, one k
-        kept: dict[str, KeptRows] = {}  # a CPU step's kept router tensors: the writer stacks them
+        kept: dict[str, DeferredRows] = {}  # a CPU step's rows the writer makes (capture/recording/rows.py)
         if uniform:
             layers, experts, weights = step.groups[0]
             columns = {"experts": experts, "weights": weights} if with_weights else {"experts": experts}
             for key, rows in columns.items():  # in the routers' dtypes: the host side casts
-                (kept if isinstance(rows, KeptRows) else tensors)[key] = rows
+                (kept if isinstance(rows, DeferredRows) else tensors)[key] = rows
         else:
             by_layer = sorted(
                 (
@@ -156,11 +156,11 @@ def _on_host(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu")
 
 
-def _numpy(tensor: torch.Tensor | KeptRows) -> np.ndarray:
+def _numpy(tensor: torch.Tensor | DeferredRows) -> np.ndarray:
     """A host tensor as numpy, on the writer thread: a step's expert ids and weights come in
     the router's dtypes (int64, bfloat16...), which numpy has or float32 holds exactly, and
-    a CPU step's kept router tensors are stacked here (sink.KeptRows)."""
-    if isinstance(tensor, KeptRows):
+    a CPU step's rows that the writer makes are made here (capture/recording/rows.py)."""
+    if isinstance(tensor, DeferredRows):
         tensor = tensor.stack()
     if tensor.dtype == torch.bfloat16:
         return tensor.float().numpy()
@@ -177,7 +177,7 @@ class HostStep:
     labels: dict[str, str | None]
     layers: list[int]
     num_experts: dict[int, int]
-    host: dict[str, torch.Tensor | KeptRows]  # KeptRows: stacked by `_numpy`, on the writer thread
+    host: dict[str, torch.Tensor | DeferredRows]  # DeferredRows: made by `_numpy`, on the writer thread
     events: list[torch.cuda.Event]
     uniform: bool
     with_weights: bool
@@ -193,7 +193,8 @@ class HostStep:
     def nbytes(self) -> int:
         """Host bytes this step holds until the writer has turned it into tables."""
         return sum(
-            t.nbytes if isinstance(t, KeptRows) else t.numel() * t.element_size() for t in self.host.values()
+            t.nbytes if isinstance(t, DeferredRows) else t.numel() * t.element_size()
+            for t in self.host.values()
         )
 
     def to_tables(self) -> dict[str, dict[str, np.ndarray]]:
@@ -451,7 +452,7 @@ def _merged_tables(steps: list[HostStep]) -> tuple[dict[str, dict[str, np.ndarra
 
 
 def _stacked_together(steps: list[HostStep], key: str) -> list[np.ndarray] | None:
-    """The kept router tensors (sink.KeptRows) of steps of one shape, stacked in one call, as
+    """The kept router tensors (rows.KeptRows) of steps of one shape, stacked in one call, as
     each step's [layers, tokens, k] array; None where they are not all kept alike (then
     each step stacks its own, and names a layer of the wrong shape)."""
     rows = [step.host.get(key) for step in steps]
