@@ -152,17 +152,15 @@ def test_compiled_cpu_steps_write_a_ring_of_buffer_sets_that_the_writer_gives_ba
     writer thread) and are not those of the steps after it; taking them out zeroes the set and
     gives it back, so a later step that leaves a layer unwritten reads -1 there. With `limit`
     sets out, a step copies out of the sink's own buffers instead; a step larger than
-    RING_TOKENS does too."""
+    RING_TOKENS does too. A set holds the step's token count rounded up to a power of two."""
     sites = find_routers(model)
     sink = RoutingSink(sites)
     try:
-        sink.begin(1, torch.device("cpu"), zero=True)  # the buffers and the ring are made at the first step
-        sink.end("decoder", compiled=True)
-        sink._ring.limit = 2
         first = write_compiled_step(sink, sites, 7)
+        ring = sink._rings[8]  # 5 tokens: sets of 8 rows
+        ring.limit = 2
         second = write_compiled_step(sink, sites, 9, skip={0})  # while the first step's set is out
         assert [type(rows) for _, rows, _ in first] == [RingRows]
-        ring = sink._ring
         assert ring.made == 2 and first[0][1].step.rows is not second[0][1].step.rows
         ids = as_tensor(second[0][1])
         assert (ids[0] == -1).all() and (ids[1:] == 9).all()
@@ -191,6 +189,9 @@ def test_compiled_cpu_steps_write_a_ring_of_buffer_sets_that_the_writer_gives_ba
         assert (copied[0][1][0] == -1).all() and (copied[0][1][1:] == 4).all()
         assert all((as_tensor(step[0][1]) == 3).all() for step in held)
 
+        sink.begin(1, torch.device("cpu"), zero=True)  # a decode step of one token: sets of one row
+        assert [ids.shape[1] for ids in sink.current[0]] == [1]
+        sink.end("decoder", compiled=True)
         sink.begin(sink_module.RING_TOKENS + 1, torch.device("cpu"), zero=True)
         assert sink.current is sink._buffers
         sink.end("decoder", compiled=True)

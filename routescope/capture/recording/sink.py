@@ -58,9 +58,10 @@ MIN_TOKENS = 64
 MAX_VIEW_SIZES = 64  # step sizes whose row views are kept (a decode loop uses one)
 KEEP_TOKENS = 1024  # eager steps up to this many tokens keep the routers' tensors, stacked at the end
 # compiled CPU steps up to this many tokens write into a ring of buffer sets (capture/recording/
-# rows.py) of this capacity; the sets out at once hold at most RING_BYTES (then steps copy)
+# rows.py), one ring per capacity (a power of two); the sets out at once of one ring hold at
+# most RING_BYTES (past that, steps copy out of the sink's own buffers)
 RING_TOKENS = MIN_TOKENS
-RING_BYTES = 64 << 20
+RING_BYTES = 16 << 20
 
 # open sinks by key: a compiled graph reaches its recording's buffers through this one global
 # (dynamo guards the path once per graph), not through each router's closure (the same guards
@@ -101,7 +102,8 @@ class RoutingSink:
         self.kept_ids: list[Any] = []
         self.kept_weights: list[Any] = []
         self._guards = False  # holding dynamo's guards on hooks (compiled.py)
-        self._ring: Ring | None = None  # buffer sets of compiled CPU steps (rows.py), once allocated
+        # rings of buffer sets for compiled CPU steps (rows.py), by capacity; None: not on a CPU
+        self._rings: dict[int, Ring] | None = None
         self._set: RingSet | None = None  # the step's set, if it has one
         self.key = next(_keys)
         _OPEN[self.key] = self
@@ -119,7 +121,7 @@ class RoutingSink:
             hold_hook_guards(False)
         _OPEN.pop(self.key, None)
         self._buffers, self.current, self._views = None, None, {}
-        self._ring = self._set = None
+        self._rings = self._set = None
         self.kept_ids, self.kept_weights = [], []
 
     # -- once per step -------------------------------------------------------------------
@@ -131,7 +133,9 @@ class RoutingSink:
             self.capacity = max(MIN_TOKENS, 1 << (tokens - 1).bit_length())
             self._buffers = self._allocate(self.capacity, device)
             self._views = {}
-        rows = self._ring.get() if zero and self._ring is not None and tokens <= RING_TOKENS else None
+        rows = None
+        if zero and self._rings is not None and tokens <= RING_TOKENS:  # a compiled CPU step (rows.py)
+            rows = (self._rings.get(1 << (tokens - 1).bit_length()) or self._ring(tokens)).get()
         if rows is not None:  # a compiled CPU step: a set of the ring, zeroed already (rows.py)
             buffers, views = rows.buffers, rows.views.get(tokens) or _views(rows.buffers, tokens, self._where)
             rows.views[tokens] = views
@@ -319,15 +323,33 @@ class RoutingSink:
             for i, slot in enumerate(slots):
                 self._where[slot] = (g, i)
         keys = list(by_key)
-        if self._ring is None and all(d.type == "cpu" for _, d in keys) and self._one_stack:
-            set_bytes = sum(
-                len(s) * RING_TOKENS * k * (self.ids_dtype.itemsize + 4) for (k, _), s in by_key.items()
-            )
-            self._ring = Ring(lambda: self._zeros(keys, RING_TOKENS), max(2, RING_BYTES // set_bytes))
+        if self._rings is None and all(d.type == "cpu" for _, d in keys) and self._one_stack:
+            self._rings, self._ring_keys = {}, keys
         ids, weights = self._zeros(keys, capacity)
         for tensor in (*ids, *weights):
             torch._dynamo.mark_static_address(tensor)  # CUDA graphs write only to static addresses
         return ids, weights
+
+    def _ring(self, tokens: int) -> Ring:
+        """A new ring of sets for steps of `tokens` tokens, of capacity the next power of two:
+        inductor turns the graph's write of one layer's rows into a rewrite of the group's
+        whole buffer (every layer, every row), so a decode step's sets hold no row more than
+        it needs. The capacity is marked dynamic (`maybe_mark_dynamic`): a compiled forward of
+        a new length (another capacity) reuses the dynamic graph, as it does unrecorded."""
+        capacity = 1 << (tokens - 1).bit_length()
+        keys = self._ring_keys
+        size = sum(
+            len(s) * capacity * k * (self.ids_dtype.itemsize + 4) for s, (k, _) in zip(self._groups, keys)
+        )
+
+        def make() -> Any:
+            buffers = self._zeros(keys, capacity)
+            for tensor in (*buffers[0], *buffers[1]):
+                torch._dynamo.maybe_mark_dynamic(tensor, 1)
+            return buffers
+
+        ring = self._rings[capacity] = Ring(make, max(2, RING_BYTES // size))
+        return ring
 
     def _zeros(self, keys: list[tuple[int, torch.device]], capacity: int) -> Any:
         """Zeroed ids and weights buffers [layers, capacity, k], one pair per (k, device)."""
