@@ -182,6 +182,40 @@ def test_compiled_static_cache_generate_records_its_decode_steps(model, tmp_path
     assert_same_rows(sequences(got, 2, 2), want, atol=WEIGHT_ATOL)
 
 
+def test_compiled_decode_steps_reuse_ring_sets_and_record_the_eager_rows(model, tmp_path, monkeypatch):
+    """A long compiled decode on a CPU: each step's graph writes a set of a ring that the writer
+    thread empties and gives back while the decode goes on (capture/recording/rows.py). With
+    at most two sets out and every step sent to the writer at once, the steps reuse given-back
+    sets or, while both are out, copy out of the sink's buffers: either way the rows are the
+    eager ones. aot_eager: dynamo's graph without inductor's 30 s compile."""
+    from transformers import CompileConfig
+
+    from routescope.capture.recording import recorder, sink
+
+    monkeypatch.setattr(sink, "RING_BYTES", 1)  # at least two sets: `max(2, ...)`
+    monkeypatch.setattr(recorder, "BATCH_STEPS", 1)
+    ids, mask = padded_batch(torch.device("cpu"), "left", lengths=(6, 3))
+    config = CompileConfig(fullgraph=True, backend="aot_eager")
+    config._compile_all_devices = True  # transformers compiles on CUDA only by default
+    with rs.record(model, tmp_path / "eager"):
+        want_out = generate(model, ids, mask, min_new_tokens=24, max_new_tokens=24)
+    with rs.record(model, tmp_path / "compiled") as rec:
+        out = generate(
+            model,
+            ids,
+            mask,
+            min_new_tokens=24,
+            max_new_tokens=24,
+            cache_implementation="static",
+            compile_config=config,
+        )
+        rings = dict(rec._sink._rings)
+    del model._compiled_call
+    assert not counters["graph_break"] and torch.equal(out, want_out)
+    assert rings[2].made <= 2 and rec.steps >= 24  # 23 two-token decode steps through two sets
+    assert_same_rows(rows(tmp_path / "compiled"), rows(tmp_path / "eager"), atol=WEIGHT_ATOL)
+
+
 @pytest.mark.parametrize("model_type", ["flint", "jetmoe"])
 def test_post_hook_routers_record_compiled(tiny_model, tmp_path, model_type):
     """Routers read from a hook on their output (not the experts' call): the extractor is traced
