@@ -137,8 +137,9 @@ class RoutingSink:
         if zero and self._rings is not None and tokens <= RING_TOKENS:  # a compiled CPU step (rows.py)
             rows = (self._rings.get(1 << (tokens - 1).bit_length()) or self._ring(tokens)).get()
         if rows is not None:  # a compiled CPU step: a set of the ring, zeroed already (rows.py)
-            buffers, views = rows.buffers, rows.views.get(tokens) or _views(rows.buffers, tokens, self._where)
-            rows.views[tokens] = views
+            buffers, views = rows.buffers, rows.views.get(tokens)
+            if views is None:  # made once per set and size
+                views = rows.views[tokens] = _views(rows.buffers, tokens, self._where)
         else:
             buffers, views = self._buffers, self._views.get(tokens)
             if views is None:  # the rows [:tokens] of every layer and of every group, made once per size
