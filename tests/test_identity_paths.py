@@ -8,10 +8,23 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from routescope.capture.recording.identity import ForwardInputs, SequenceTracker, Skipped
+from routescope.capture.recording import identity
+from routescope.capture.recording.identity import ForwardInputs, SequenceTracker
+from routescope.capture.recording.skipped import Skipped
 
-BATCH, HEADS, DIM, EOS = 3, 2, 4, 7
-ENDS = {1: 1, 4: 2}  # decode step -> the row that feeds the end-of-text id there
+BATCH, HEADS, DIM, EOS = 4, 2, 4, 7
+# decode step -> the row that feeds the end-of-text id there (no mask, a 2-D one, a 4-D one)
+ENDS = {1: 1, 6: 2, 10: 3}
+PADDED = (3, 8)  # decode steps where row 0 feeds a padding token (a 2-D mask, then a 4-D one)
+MAX_LENGTH = 32  # a static cache's length
+
+
+def static_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The [B, 1, 1, MAX_LENGTH] bool mask a static cache's decode step gets, from the 2-D one:
+    the query may attend to the real tokens so far, itself included."""
+    allowed = torch.zeros(mask.shape[0], MAX_LENGTH, dtype=torch.bool)
+    allowed[:, : mask.shape[1]] = mask != 0
+    return allowed[:, None, None, :]
 
 
 def grow(cache: DynamicCache, tokens: int) -> None:
@@ -39,24 +52,30 @@ class Lane:
 
 
 @pytest.mark.parametrize("sample", [None, 0.5])
-def test_the_decode_short_path_equals_the_general_path(sample):
+@pytest.mark.parametrize("max_updates", [64, 1])  # next positions made when read, or at once
+def test_the_decode_short_path_equals_the_general_path(sample, max_updates, monkeypatch):
+    monkeypatch.setattr(identity, "MAX_UPDATES", max_updates)
     short, general = Lane(sample), Lane(sample)
-    prompt = torch.tensor([[0, 0, 5, 6], [0, 4, 5, 6], [3, 4, 5, 6]])
+    prompt = torch.tensor([[0, 0, 5, 6], [0, 4, 5, 6], [3, 4, 5, 6], [0, 0, 0, 6]])
     mask = (prompt != 0).long()  # left padding, as generate's batches have
     for lane in (short, general):
         lane.step(prompt, mask, None, short_path=False)
     rng = torch.Generator().manual_seed(0)
-    kinds = ["mask", "none", "position_ids", "mask", "position_ids", "none", "mask", "none"]
+    # mask4d: a static cache's [B, 1, 1, max length] bool mask and position_ids (compiled generate)
+    kinds = ["mask", "none", "position_ids", "mask", "position_ids", "mask4d"]
+    kinds += ["mask", "none", "mask4d", "none", "mask4d", "position_ids", "mask4d"]
     for t, kind in enumerate(kinds):
         ids = torch.randint(8, 20, (BATCH, 1), generator=rng)
         if t in ENDS:
             ids[ENDS[t], 0] = EOS  # that row's text ends: its later tokens are not recorded
         mask = torch.cat([mask, torch.ones(BATCH, 1, dtype=torch.long)], dim=1)
-        if t == 3:
+        if t in PADDED:
             mask[0, -1] = 0  # a padded step of one row
         past = mask.shape[1] - 1
-        position_ids = mask.sum(1, keepdim=True) - 1 if kind == "position_ids" else None
-        given = mask if kind == "mask" else None
+        position_ids = mask.sum(1, keepdim=True) - 1 if kind in ("position_ids", "mask4d") else None
+        if kind == "mask4d" and t in PADDED:
+            position_ids[0, 0] = 0  # a padding token's position is anything: not the row's next one
+        given = {"mask": mask, "mask4d": static_mask(mask)}.get(kind)
         got = short.step(ids, given, position_ids, short_path=True)
         want = general.step(ids, given, position_ids, short_path=False)
         assert got.phase == want.phase == "decode"
@@ -70,4 +89,4 @@ def test_the_decode_short_path_equals_the_general_path(sample):
         assert torch.equal(a.next_positions()[a.alive], b.next_positions()[b.alive]), (t, kind)
     assert not short.tracker.skipped.counts and not general.tracker.skipped.counts
     if sample is None:  # the rows that fed the end-of-text id are finished; the other goes on
-        assert got.valid[:, 0].tolist() == [True, False, False]
+        assert got.valid[:, 0].tolist() == [True, False, False, False]

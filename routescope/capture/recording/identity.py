@@ -37,11 +37,13 @@ import numpy as np
 import torch
 
 from routescope import schema
+from routescope.capture.recording.skipped import Skipped
 from routescope.errors import RouteScopeError
 
 # kwargs of packed (varlen) forwards: several sequences share one batch row
 PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k")
 PACKED = frozenset(PACKED_KWARGS)
+MAX_UPDATES = 64  # decode steps whose next positions wait to be made (_CacheState.update)
 
 
 @dataclass
@@ -120,46 +122,29 @@ class _CacheState:
     # the positions of the last decode step given position_ids: next_pos is these + 1, made
     # only when a later step needs it (generate gives position_ids every step: never)
     pending: torch.Tensor | None = None
+    # then (positions, valid) of decode steps given a 4-D mask, in order: a row's next position
+    # is its position + 1 where its token was valid, made as `pending` is
+    updates: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def next_positions(self) -> torch.Tensor:
         if self.pending is not None:
             self.next_pos, self.pending = self.pending + 1, None
+        if self.updates:
+            for positions, valid in self.updates:
+                self.next_pos = torch.where(valid, positions + 1, self.next_pos)
+            self.updates = []
         return self.next_pos
 
     def advance(self, next_pos: torch.Tensor) -> None:
         self.next_pos, self.pending = next_pos, None
+        if self.updates:
+            self.updates = []
 
-
-@dataclass
-class Skipped:
-    """What the recorder could not record, by reason; goes into the manifest."""
-
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def add(self, reason: str, n: int = 1) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + int(n)
-
-    def warn(self, outside: int = 0, first_error: str | None = None) -> None:
-        """At the end of a recording: what was not recorded, as warnings (stack: the caller's caller)."""
-        import warnings
-
-        if outside:
-            warnings.warn(
-                f"routescope: {outside} router calls ran outside a forward of the recorded "
-                "model and were not recorded (call the model you passed to record())",
-                stacklevel=4,
-            )
-        quiet = {"rows_finished", "rejected_candidates"}  # by design, documented
-        loud = {k: v for k, v in self.counts.items() if k not in quiet}
-        if loud:
-            what = ", ".join(f"{k}={v}" for k, v in sorted(loud.items()))
-            first = f"; the first failed step: {first_error}" if first_error else ""
-            warnings.warn(
-                f"routescope: some model work was not recorded ({what}){first}; the manifest's 'skipped' "
-                "says the same (docs/capture.md explains each reason)",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+    def update(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """A decode step's next positions (`positions` + 1 where `valid`), made when read."""
+        self.updates.append((positions, valid))
+        if len(self.updates) >= MAX_UPDATES:  # a long decode never read: keep a bounded list
+            self.next_positions()
 
 
 class SequenceTracker:
@@ -206,7 +191,8 @@ class SequenceTracker:
             and seq_len == 1
             and state is not None
             and state.alive.device == device
-            and (state.next_pos if state.pending is None else state.pending).device == device
+            and state.next_pos.device == device
+            and (state.pending is None or state.pending.device == device)
             and (
                 (mask is None and _column(inputs.position_ids, batch, device))
                 or (
@@ -214,6 +200,15 @@ class SequenceTracker:
                     and mask.dim() == 2
                     and mask.shape[1] == past + 1
                     and mask.device == device
+                )
+                or (  # a static cache's 4-D mask (compiled generate), with its position_ids
+                    isinstance(mask, torch.Tensor)
+                    and mask.dim() == 4
+                    and mask.shape[-1] >= past + 1
+                    and mask.shape[0] in (1, batch)
+                    and mask.device == device
+                    and inputs.position_ids is not None
+                    and _column(inputs.position_ids, batch, device)
                 )
             )
         ):
@@ -263,13 +258,18 @@ class SequenceTracker:
     def _decode(
         self, inputs: ForwardInputs, mask: torch.Tensor | None, state: _CacheState, past: int
     ) -> Identity:
-        """`identify` of a decode step, given its whole 2-D mask or none (generate gives none when
-        every token is real): the same answer in fewer tensor ops, as this runs once per token."""
+        """`identify` of a decode step, given its whole 2-D mask, or none (generate gives none when
+        every token is real), or a static cache's 4-D mask with position_ids (a compiled
+        generate's): the same answer in fewer tensor ops, as this runs once per token."""
         pos_ids = inputs.position_ids
         if mask is None and pos_ids is None:  # every row has a real token: its next position
             valid, positions = state.alive, state.next_positions()
         elif mask is None:  # generate's position_ids (a copy: the caller may reuse its tensor)
             valid = state.alive
+            positions = pos_ids.to(dtype=torch.long, copy=True).expand(valid.shape[0], 1)
+        elif mask.dim() == 4:  # a query is a real token exactly when it may attend to its own slot
+            own = mask[:, 0, -1:, past]  # [B or 1, 1]
+            valid = (own if own.dtype == torch.bool else own == 0) & state.alive
             positions = pos_ids.to(dtype=torch.long, copy=True).expand(valid.shape[0], 1)
         else:
             seen = mask.sum(1, keepdim=True, dtype=torch.long)  # real tokens so far: the position + 1
@@ -280,12 +280,16 @@ class SequenceTracker:
                 eos = self.eos_ids if self.eos_ids.device == ids.device else self.eos_ids.to(ids.device)
                 state.alive = state.alive & torch.isin(ids, eos, invert=True)
             else:
-                state.alive = state.alive & ~self._fed_end_of_text(ids, valid)
+                state.alive = state.alive > self._fed_end_of_text(ids, valid)  # alive & ~fed, one op
         # the tracker's tensors are replaced, never written in place: the step may keep them
         if mask is None and pos_ids is None:  # (a finished row's next position is never read)
             state.advance(positions + 1)
         elif mask is None:  # rows not valid are finished for good: their next position is unused
             state.pending = positions
+            if state.updates:
+                state.updates = []
+        elif mask.dim() == 4:  # a row whose own slot is masked keeps its next position: made when read
+            state.update(positions, valid)
         else:
             state.advance(torch.where(valid, seen, state.next_positions()))
         state.slots = past + 1

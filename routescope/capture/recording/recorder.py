@@ -28,14 +28,15 @@ from routescope.capture import facts
 from routescope.capture.discovery import RouterSite, find_logits_sites, find_routers, find_stacks
 from routescope.capture.recording.compiled import check_compilable, drop_compiled_graphs, is_compiled, unwrap
 from routescope.capture.recording.generation import GeneratePatch
-from routescope.capture.recording.identity import SequenceTracker, Skipped, bind_inputs
+from routescope.capture.recording.identity import SequenceTracker, bind_inputs
+from routescope.capture.recording.labels import StepLabels
 from routescope.capture.recording.modality import placeholder_ids, token_modality
 from routescope.capture.recording.options import RecordOptions
 from routescope.capture.recording.sink import RouterWrites, RoutingSink
+from routescope.capture.recording.skipped import Skipped
 from routescope.capture.recording.step import StepBatch, StepBuffers, logits_hook
 from routescope.capture.recording.wraps import StepBrackets
 from routescope.errors import RouteScopeError
-from routescope.schema import check_labels
 from routescope.store.remote import part_writer, run_directory, run_location
 from routescope.store.rundir import RunExistsError as RunExistsError  # re-exported: rs.RunExistsError
 from routescope.store.writer import PartWriter
@@ -73,8 +74,7 @@ class Recorder:
         self.rank, self.world_size = facts.rank_and_world(options.rank, options.world_size)
         self.observers: list[Any] = list(options.observers)  # by reference: RoutingExporter(recorder) adds
         self._previous_sigterm: Any = None
-        self._labels = check_labels(labels or {})
-        self._label_names: list[str] = list(self._labels)
+        self._labels = StepLabels(labels)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._routers: RouterWrites | None = None  # forward wraps or hooks on the routers (sink.py)
         self._brackets: StepBrackets | None = None  # the same on the model (and encoder): wraps.py
@@ -85,9 +85,9 @@ class Recorder:
         self._pending: list[Any] = []  # finished steps not yet handed to the writer (a batch)
         self._pending_tokens, self._pending_since = 0, 0.0
         self._batch_seconds = min(BATCH_SECONDS, options.flush_seconds / 4)
-        # The model thread takes only the labels lock (never held during disk I/O); the
-        # manifest lock serialises manifest writes (writer thread and exit).
-        self._labels_lock, self._manifest_lock, self._failures_lock = (threading.Lock() for _ in range(3))
+        # The model thread takes only the labels' lock (never held during disk I/O, and only
+        # after a change); the manifest lock serialises manifest writes (writer thread and exit).
+        self._manifest_lock, self._failures_lock = threading.Lock(), threading.Lock()
         self.skipped = Skipped()
         self.step_errors: list[str] = []  # the first messages of failed steps (manifest)
         self._tracker = SequenceTracker(self._allocate_seq_ids, self.skipped, self.sample, self.seed)
@@ -104,16 +104,11 @@ class Recorder:
     # -- public ------------------------------------------------------------------------
     def set_labels(self, **labels: Any) -> None:
         """Labels for the forwards that follow (earlier forwards keep theirs)."""
-        checked = check_labels(labels)
-        with self._labels_lock:
-            self._labels.update(checked)
-            for name in checked:
-                if name not in self._label_names:
-                    self._label_names.append(name)
+        self._labels.set(**labels)
 
     @property
     def labels(self) -> dict[str, str | None]:
-        return dict(self._labels)
+        return self._labels.values
 
     @property
     def tokens(self) -> int:
@@ -220,9 +215,7 @@ class Recorder:
         )
         self._tokens_before, self._step_offset = start.tokens, start.steps
         self._next_seq_id = start.next_seq_id
-        for name in start.labels:
-            if name not in self._label_names:
-                self._label_names.append(name)
+        self._labels.add_names(start.labels)
         self._created_at = start.created_at
         try:
             self.manifest = self._base_manifest()
@@ -249,8 +242,7 @@ class Recorder:
         self._write_manifest(complete=False)
 
     def _write_manifest(self, complete: bool) -> None:
-        with self._labels_lock:
-            label_names = list(self._label_names)
+        label_names = self._labels.names
         with self._manifest_lock:
             tokens = self._tokens_before + (self.writer.tokens_written if self.writer else 0)
             self.manifest.update(
@@ -341,8 +333,7 @@ class Recorder:
             self._skipping = self._sink.skipping = True
             return
         self._tracker.release(inputs.cache, self._submit_held)
-        with self._labels_lock:
-            labels = {name: self._labels.get(name) for name in self._label_names}
+        labels = self._labels.now()
         identity = self._tracker.identify(inputs, labels)
         if identity is None:
             self._step = None
@@ -355,7 +346,7 @@ class Recorder:
             step=self._step_offset + self.steps,
             phase=identity.phase,
             seq_ids=identity.seq_ids,
-            labels={name: identity.labels.get(name, labels.get(name)) for name in labels},
+            labels=self._labels.of_step(identity.labels, labels),
             token_ids=token_ids.detach() if token_ids.requires_grad else token_ids,
             positions=identity.positions,
             valid=identity.valid,

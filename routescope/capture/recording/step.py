@@ -123,7 +123,10 @@ def to_host(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     Tensors are grouped by device (a `device_map` spreads layers over several GPUs): each
     CUDA device gets its copies and one event on its own current stream.
     """
-    if all(value.device.type == "cpu" and not value.requires_grad for value in tensors.values()):
+    for value in tensors.values():  # a loop, not all(...): this runs once per decode step
+        if value.device.type != "cpu" or value.requires_grad:
+            break
+    else:
         return tensors, []  # the usual CPU step: the host tensors already (no copy, no event)
     host: dict[str, torch.Tensor] = {}
     by_device: dict[torch.device, list[str]] = {}
@@ -192,10 +195,10 @@ class HostStep:
     @property
     def nbytes(self) -> int:
         """Host bytes this step holds until the writer has turned it into tables."""
-        return sum(
-            t.nbytes if isinstance(t, DeferredRows) else t.numel() * t.element_size()
-            for t in self.host.values()
-        )
+        size = 0
+        for t in self.host.values():  # a loop, not sum(...): this runs once per decode step
+            size += t.nbytes if isinstance(t, DeferredRows) else t.numel() * t.element_size()
+        return size
 
     def to_tables(self) -> dict[str, dict[str, np.ndarray]]:
         """The step's rows (on the writer thread). With `on_error`, a step whose rows cannot be
