@@ -313,57 +313,64 @@ class Recorder:
 
     # -- step bookkeeping --------------------------------------------------------------
     def _begin_step(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A stack's forward starts (its step wrap or pre-hook): one call, timed (the manifest's overhead)."""
         started = time.perf_counter()
         try:
-            self._begin(module, args, kwargs)
+            if self._depth > 0:
+                self._depth += 1
+                return  # the model called itself: the outer call is the step
+            self.writer.raise_if_failed()
+            inputs = bind_inputs(self._signatures[id(module)], args, kwargs)  # raises on packed inputs
+            self._depth = 1
+            self._forwards += 1
+            train_step = self.train_step() if self.train_step is not None else None
+            if self.train_step is not None and train_step is None:
+                self._step = None  # e.g. an evaluation forward inside a training run
+                self._skipping = self._sink.skipping = True
+                return
+            self._tracker.release(inputs.cache, self._submit_held)
+            labels = self._labels.now()
+            identity = self._tracker.identify(inputs, labels)
+            if identity is None:
+                self._step = None
+                return
+            batch, seq_len = identity.valid.shape
+            device = identity.valid.device
+            ids = inputs.input_ids
+            token_ids = ids if ids is not None else torch.full((batch, seq_len), -1, device=device)
+            if token_ids.device.type != "cuda":  # CUDA: the host copy is the copy
+                # copied now, as the caller may reuse its tensor: at the start (after the graph
+                # ran, the first op of a step costs three times as much)
+                token_ids = token_ids.to(torch.int32, copy=True)
+            self._step = StepBuffers(
+                step=self._step_offset + self.steps,
+                phase=identity.phase,
+                seq_ids=identity.seq_ids,
+                labels=self._labels.of_step(identity.labels, labels),
+                token_ids=token_ids.detach() if token_ids.requires_grad else token_ids,
+                positions=identity.positions,
+                valid=identity.valid,
+                valid_flat=identity.valid.reshape(-1).float() if self.router_stats else None,
+                stack=self._stacks[id(module)].name,
+                modality=(
+                    token_modality(ids, kwargs, ids_by_modality=self._placeholder_ids)
+                    if self._placeholder_ids or "mm_token_type_ids" in kwargs
+                    else None  # a text model's forward: every token is text
+                ),
+                train_step=train_step,
+            )
+            self._identity = identity
+            self.steps += 1
+            self._compiled_step = self._compiled_given or is_compiled(self.model)
+            if self._compiled_step:
+                self._use_hooks()  # compiled some other way: from the next call on (compiled.py)
+            if self._compiled_step and not self._sink.graphs_dropped:
+                drop_compiled_graphs(self.model)  # e.g. generate's compile_config: compiled after enter
+                self._sink.graphs_dropped = True
+            # the router writes (eager) or the graph (compiled) write the step's buffers there
+            self._sink.begin(batch * seq_len, device, zero=self._compiled_step)
         finally:
             self._overhead += time.perf_counter() - started
-
-    def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._depth > 0:
-            self._depth += 1
-            return  # the model called itself: the outer call is the step
-        self.writer.raise_if_failed()
-        inputs = bind_inputs(self._signatures[id(module)], args, kwargs)  # raises on packed inputs
-        self._depth = 1
-        self._forwards += 1
-        train_step = self.train_step() if self.train_step is not None else None
-        if self.train_step is not None and train_step is None:
-            self._step = None  # e.g. an evaluation forward inside a training run
-            self._skipping = self._sink.skipping = True
-            return
-        self._tracker.release(inputs.cache, self._submit_held)
-        labels = self._labels.now()
-        identity = self._tracker.identify(inputs, labels)
-        if identity is None:
-            self._step = None
-            return
-        batch, seq_len = identity.valid.shape
-        device = identity.valid.device
-        ids = inputs.input_ids
-        token_ids = ids if ids is not None else torch.full((batch, seq_len), -1, device=device)
-        self._step = StepBuffers(
-            step=self._step_offset + self.steps,
-            phase=identity.phase,
-            seq_ids=identity.seq_ids,
-            labels=self._labels.of_step(identity.labels, labels),
-            token_ids=token_ids.detach() if token_ids.requires_grad else token_ids,
-            positions=identity.positions,
-            valid=identity.valid,
-            valid_flat=identity.valid.reshape(-1).float() if self.router_stats else None,
-            stack=self._stacks[id(module)].name,
-            modality=token_modality(ids, kwargs, ids_by_modality=self._placeholder_ids),
-            train_step=train_step,
-        )
-        self._identity = identity
-        self.steps += 1
-        self._compiled_step = self._compiled_given or is_compiled(self.model)
-        if self._compiled_step:
-            self._use_hooks()  # compiled some other way: from the next call on (compiled.py)
-        if self._compiled_step and not self._sink.graphs_dropped:
-            drop_compiled_graphs(self.model)  # e.g. generate's compile_config: compiled after enter
-            self._sink.graphs_dropped = True
-        self._sink.begin(batch * seq_len, device, zero=self._compiled_step)  # hooks or the graph write there
 
     def _allocate_seq_ids(self, batch: int) -> np.ndarray:
         ids = np.arange(self._next_seq_id, self._next_seq_id + batch, dtype=np.int64)
@@ -371,37 +378,35 @@ class Recorder:
         return ids
 
     def _end_step(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """A stack's forward ended (also when it raised: `output` None): one call, timed."""
         started = time.perf_counter()
         try:
-            self._end(output)
+            if self._depth == 0:
+                return
+            self._depth -= 1
+            if self._depth > 0:
+                return
+            self._skipping = self._sink.skipping = False
+            step, self._step = self._step, None
+            if step is None:
+                return
+            try:
+                step.groups = self._sink.end(step.stack, self._compiled_step)
+            except Exception as error:  # e.g. a layer ran twice: this step is lost, the run goes on
+                self._fail_step(step.step, error)
+                return
+            if output is not None and self._identity.cache_key is None:  # a forward given no cache
+                self._tracker.adopt(self._identity, output)
+            if output is None or not step.groups:
+                self._empty_forwards += 1
+                if not step.groups:
+                    self.steps -= 1  # no MoE layer ran (or the forward raised): no step
+                return
+            if step.valid.shape[1] > 1 and self._tracker.hold(self._identity, step):  # (one token: never)
+                return  # candidates on a cache: wait until the cache shows what was kept
+            self._submit(step)
         finally:
             self._overhead += time.perf_counter() - started
-
-    def _end(self, output: Any) -> None:
-        if self._depth == 0:
-            return
-        self._depth -= 1
-        if self._depth > 0:
-            return
-        self._skipping = self._sink.skipping = False
-        step, self._step = self._step, None
-        if step is None:
-            return
-        try:
-            step.groups = self._sink.end(step.stack, self._compiled_step)
-        except Exception as error:  # e.g. a layer ran twice: this step is lost, the run goes on
-            self._fail_step(step.step, error)
-            return
-        if output is not None:
-            self._tracker.adopt(self._identity, output)
-        if output is None or not step.groups:
-            self._empty_forwards += 1
-            if not step.groups:
-                self.steps -= 1  # no MoE layer ran (or the forward raised): no step
-            return
-        if self._tracker.hold(self._identity, step):
-            return  # candidates on a cache: wait until the cache shows what was kept
-        self._submit(step)
 
     def _submit(self, step: StepBuffers) -> None:
         try:

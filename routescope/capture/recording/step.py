@@ -30,7 +30,7 @@ class StepBuffers:
     phase: str
     seq_ids: np.ndarray  # [B] int64, host
     labels: dict[str, str | None]
-    token_ids: torch.Tensor  # [B, S]
+    token_ids: torch.Tensor  # [B, S]: the caller's on CUDA (the host copy copies them), else an int32 copy
     positions: torch.Tensor  # [B, S]
     valid: torch.Tensor  # [B, S] bool
     valid_flat: torch.Tensor | None  # [B*S] float32, for masked sums in the stats hooks (router_stats)
@@ -61,9 +61,9 @@ class StepBuffers:
         step = self
         ids = step.token_ids
         tensors: dict[str, torch.Tensor] = {
-            # the caller's ids: copied now (on a GPU the host copy is the copy; on a CPU, to int32),
-            # as the caller may reuse that tensor; positions and valid are the recorder's own
-            "token_ids": ids if ids.device.type == "cuda" else ids.to(torch.int32),
+            # the caller's ids: on a GPU the host copy is the copy; elsewhere an int32 copy made at
+            # the step's start (the caller may reuse its tensor); positions and valid are the recorder's own
+            "token_ids": ids,
             "positions": step.positions,
             "valid": step.valid,
         }
