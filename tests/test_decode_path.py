@@ -421,3 +421,22 @@ def test_a_copy_compiled_first_with_a_graph_break_leaves_no_stale_graph(tiny_mod
     finally:
         plain._compiled_call_impl = recorded._compiled_call_impl = None
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_a_caller_that_reuses_its_ids_buffer_records_the_ids_it_fed(model, tmp_path, dtype):
+    """A serving loop writes each next token into one ids tensor (as a CUDA-graph loop must); the
+    recording copies a step's ids at its start, also ids given as int32 (no cast to copy them)."""
+    from transformers import DynamicCache
+
+    fed = [[3, 5, 7, 9], [11], [13], [17]]
+    buffer = torch.zeros(1, 1, dtype=dtype)
+    cache = DynamicCache()
+    with torch.no_grad(), rs.record(model, tmp_path / "run"):
+        model(input_ids=torch.tensor([fed[0]], dtype=dtype), past_key_values=cache)
+        for (token,) in fed[1:]:
+            buffer[0, 0] = token  # the step before was given this same tensor
+            model(input_ids=buffer, past_key_values=cache)
+    tokens = rs.open_run(tmp_path / "run").sql("SELECT pos, token_id FROM tokens ORDER BY pos")
+    assert tokens.token_id.tolist() == [t for step in fed for t in step]
+    assert tokens.pos.tolist() == list(range(7))
