@@ -52,7 +52,7 @@ class Lane:
 
 
 @pytest.mark.parametrize("sample", [None, 0.5])
-@pytest.mark.parametrize("max_updates", [64, 1])  # next positions made when read, or at once
+@pytest.mark.parametrize("max_updates", [64, 2, 1])  # next positions made when read, or sooner
 def test_the_decode_short_path_equals_the_general_path(sample, max_updates, monkeypatch):
     monkeypatch.setattr(identity, "MAX_UPDATES", max_updates)
     short, general = Lane(sample), Lane(sample)

@@ -122,16 +122,20 @@ class _CacheState:
     # the positions of the last decode step given position_ids: next_pos is these + 1, made
     # only when a later step needs it (generate gives position_ids every step: never)
     pending: torch.Tensor | None = None
-    # then (positions, valid) of decode steps given a 4-D mask, in order: a row's next position
-    # is its position + 1 where its token was valid, made as `pending` is
+    # then (positions [B, 1], valid [B, 1]) of later decode steps given a mask, in order: a row's
+    # next position is its position + 1 at the last step its token was valid, made as `pending` is
     updates: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def next_positions(self) -> torch.Tensor:
         if self.pending is not None:
             self.next_pos, self.pending = self.pending + 1, None
-        if self.updates:
-            for positions, valid in self.updates:
-                self.next_pos = torch.where(valid, positions + 1, self.next_pos)
+        if self.updates:  # every waiting step at once: a fixed number of ops
+            positions = torch.cat([p for p, _ in self.updates], dim=1)  # [B, steps]
+            valid = torch.cat([v for _, v in self.updates], dim=1)
+            steps = torch.arange(1, valid.shape[1] + 1, device=valid.device)
+            last = (valid * steps).amax(1, keepdim=True)  # each row's last valid step, 1-based; 0: none
+            latest = positions.gather(1, (last - 1).clamp_min(0)) + 1
+            self.next_pos = torch.where(last > 0, latest, self.next_pos)
             self.updates = []
         return self.next_pos
 
@@ -290,8 +294,8 @@ class SequenceTracker:
                 state.updates = []
         elif mask.dim() == 4:  # a row whose own slot is masked keeps its next position: made when read
             state.update(positions, valid)
-        else:
-            state.advance(torch.where(valid, seen, state.next_positions()))
+        else:  # seen is positions + 1
+            state.update(positions, valid)
         state.slots = past + 1
         return Identity(
             phase=schema.PHASE_DECODE,
