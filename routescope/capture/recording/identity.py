@@ -276,8 +276,8 @@ class SequenceTracker:
             valid = (own if own.dtype == torch.bool else own == 0) & state.alive
             positions = pos_ids.to(dtype=torch.long, copy=True).expand(valid.shape[0], 1)
         else:
-            seen = mask.sum(1, keepdim=True, dtype=torch.long)  # real tokens so far: the position + 1
-            valid, positions = (mask[:, past:] != 0) & state.alive, seen - 1
+            positions = mask.sum(1, keepdim=True, dtype=torch.long) - 1  # real tokens so far, less one
+            valid = (mask[:, past:] != 0) & state.alive
         ids = inputs.input_ids
         if self.eos_ids is not None and ids is not None:
             if mask is None:  # valid is alive: a row ends where its fed token is an end-of-text id
@@ -292,9 +292,7 @@ class SequenceTracker:
             state.pending = positions
             if state.updates:
                 state.updates = []
-        elif mask.dim() == 4:  # a row whose own slot is masked keeps its next position: made when read
-            state.update(positions, valid)
-        else:  # seen is positions + 1
+        else:  # a row whose token is padding keeps its next position: made when a step reads it
             state.update(positions, valid)
         state.slots = past + 1
         return Identity(

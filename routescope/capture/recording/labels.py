@@ -44,10 +44,12 @@ class StepLabels:
 
     @property
     def values(self) -> dict[str, str | None]:
+        """The labels set so far (a copy)."""
         return dict(self._values)
 
     @property
     def names(self) -> list[str]:
+        """Every label name, in the order first given (a copy)."""
         with self._lock:
             return list(self._names)
 
