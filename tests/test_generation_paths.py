@@ -164,14 +164,16 @@ def test_prompt_lookup_never_records_rejected_candidates(model, tmp_path, device
     assert run.manifest["skipped"].get("rejected_candidates", 0) >= 0
 
 
-def test_finished_rows_are_not_recorded_after_end_of_text(model, tmp_path, device):
+@pytest.mark.parametrize("cache", [None, "static"])  # static: decode steps given a 4-D mask
+def test_finished_rows_are_not_recorded_after_end_of_text(model, tmp_path, device, cache):
     ids, mask = padded_batch(device, "left", lengths=(6, 3))
-    free = generate(model, ids, mask, max_new_tokens=6)
+    given = {"cache_implementation": cache} if cache else {}
+    free = generate(model, ids, mask, max_new_tokens=6, **given)
     eos = int(free[0, ids.shape[1] + 1])  # row 0's second new token ends it
     if (free[1, ids.shape[1] :] == eos).any():
         pytest.skip("row 1 emits the same token; pick another seed")
     with rs.record(model, tmp_path / "run"):
-        out = generate(model, ids, mask, max_new_tokens=6, eos_token_id=eos)
+        out = generate(model, ids, mask, max_new_tokens=6, eos_token_id=eos, **given)
     run = rs.open_run(tmp_path / "run")
     row0 = run.sql("SELECT token_id FROM tokens WHERE seq_id = 0 ORDER BY pos").token_id.tolist()
     kept = out[0][mask[0].bool().tolist() + [True] * (out.shape[1] - ids.shape[1])]
