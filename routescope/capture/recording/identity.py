@@ -144,6 +144,12 @@ class _CacheState:
         if self.updates:
             self.updates = []
 
+    def pend(self, positions: torch.Tensor) -> None:
+        """A decode step's next positions (`positions` + 1, every row), made when read."""
+        self.pending = positions
+        if self.updates:
+            self.updates = []
+
     def update(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
         """A decode step's next positions (`positions` + 1 where `valid`), made when read."""
         self.updates.append((positions, valid))
@@ -289,9 +295,7 @@ class SequenceTracker:
         if mask is None and pos_ids is None:  # (a finished row's next position is never read)
             state.advance(positions + 1)
         elif mask is None:  # rows not valid are finished for good: their next position is unused
-            state.pending = positions
-            if state.updates:
-                state.updates = []
+            state.pend(positions)
         else:  # a row whose token is padding keeps its next position: made when a step reads it
             state.update(positions, valid)
         state.slots = past + 1

@@ -347,7 +347,7 @@ class Recorder:
                 phase=identity.phase,
                 seq_ids=identity.seq_ids,
                 labels=self._labels.of_step(identity.labels, labels),
-                token_ids=token_ids.detach() if token_ids.requires_grad else token_ids,
+                token_ids=token_ids,  # integer ids never carry a gradient
                 positions=identity.positions,
                 valid=identity.valid,
                 valid_flat=identity.valid.reshape(-1).float() if self.router_stats else None,
