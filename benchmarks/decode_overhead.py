@@ -164,6 +164,7 @@ def measure(shape: dict, batch: int, compiled: bool, args: argparse.Namespace, t
         "attention_mask": torch.ones_like(prompt),
         "do_sample": False,
         "pad_token_id": 0,
+        "eos_token_id": 2,  # as a real model's generation config has: the end-of-text check runs
         "max_new_tokens": args.new_tokens + 2,
         "min_new_tokens": args.new_tokens + 2,
     }
@@ -366,6 +367,7 @@ def count_work(layers: int, batch: int, args: argparse.Namespace, tmp: Path) -> 
         "attention_mask": torch.ones_like(prompt),
         "do_sample": False,
         "pad_token_id": 0,
+        "eos_token_id": 2,  # min_new_tokens keeps it from ending any row early
     }
 
     def counted(new_tokens: int) -> tuple[int, int]:

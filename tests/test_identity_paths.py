@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from routescope.capture.recording import identity
+from routescope.capture.recording import decoded
 from routescope.capture.recording.identity import ForwardInputs, SequenceTracker
+from routescope.capture.recording.rows import as_tensor
 from routescope.capture.recording.skipped import Skipped
 
 BATCH, HEADS, DIM, EOS = 4, 2, 4, 7
@@ -47,14 +48,18 @@ class Lane:
     def step(self, ids, mask, position_ids, short_path: bool):
         inputs = ForwardInputs(ids, None, mask, position_ids, self.cache)
         identity = self.tracker.identify(inputs, {"domain": "x"}, short_path=short_path)
+        identity.token_ids_fed = ids.clone()
         grow(self.cache, ids.shape[1])
         return identity
 
 
 @pytest.mark.parametrize("sample", [None, 0.5])
-@pytest.mark.parametrize("max_updates", [64, 2, 1])  # next positions made when read, or sooner
-def test_the_decode_short_path_equals_the_general_path(sample, max_updates, monkeypatch):
-    monkeypatch.setattr(identity, "MAX_UPDATES", max_updates)
+@pytest.mark.parametrize("max_run", [64, 2, 1])  # steps' validity made when read, or sooner
+@pytest.mark.parametrize("read_every", [1, 5])  # read each step's identity at once, or five at a time
+@pytest.mark.parametrize("at_once", [False, True])  # a CPU's deferred masks, or an accelerator's
+def test_the_decode_short_path_equals_the_general_path(sample, max_run, read_every, at_once, monkeypatch):
+    monkeypatch.setattr(decoded, "MAX_RUN", max_run)
+    monkeypatch.setattr(decoded, "made_at_once", lambda device: at_once)
     short, general = Lane(sample), Lane(sample)
     prompt = torch.tensor([[0, 0, 5, 6], [0, 4, 5, 6], [3, 4, 5, 6], [0, 0, 0, 6]])
     mask = (prompt != 0).long()  # left padding, as generate's batches have
@@ -64,6 +69,7 @@ def test_the_decode_short_path_equals_the_general_path(sample, max_updates, monk
     # mask4d: a static cache's [B, 1, 1, max length] bool mask and position_ids (compiled generate)
     kinds = ["mask", "none", "position_ids", "mask", "position_ids", "mask4d"]
     kinds += ["mask", "none", "mask4d", "none", "mask4d", "position_ids", "mask4d"]
+    unread = []
     for t, kind in enumerate(kinds):
         ids = torch.randint(8, 20, (BATCH, 1), generator=rng)
         if t in ENDS:
@@ -78,15 +84,28 @@ def test_the_decode_short_path_equals_the_general_path(sample, max_updates, monk
         given = {"mask": mask, "mask4d": static_mask(mask)}.get(kind)
         got = short.step(ids, given, position_ids, short_path=True)
         want = general.step(ids, given, position_ids, short_path=False)
+        # the caller may reuse its tensors: what the step copied must not change
+        ids.fill_(-5)
+        if position_ids is not None:
+            position_ids.fill_(-5)
         assert got.phase == want.phase == "decode"
         assert np.array_equal(got.seq_ids, want.seq_ids)
-        assert torch.equal(got.valid, want.valid), (t, kind)
-        assert torch.equal(got.positions[got.valid], want.positions[want.valid]), (t, kind)
         assert got.past == want.past == past
+        unread.append((t, kind, got, want))
+        if len(unread) < read_every and t < len(kinds) - 1:
+            continue  # steps not read yet: their validity is made later, several at once
+        for t_, kind_, got_, want_ in unread:  # in order, as the writer thread reads them
+            valid = as_tensor(got_.valid)
+            assert torch.equal(valid, want_.valid), (t_, kind_)
+            positions = got_.positions if got_.snap is None else got_.snap[:, 1:2]
+            assert torch.equal(positions[valid], want_.positions[want_.valid]), (t_, kind_)
+            if got_.snap is not None:  # the ids fed, copied
+                assert torch.equal(got_.snap[:, :1][valid], want_.token_ids_fed[want_.valid]), (t_, kind_)
+        unread = []
         a, b = got.state, want.state
-        assert torch.equal(a.alive, b.alive), (t, kind)
+        assert torch.equal(a.live(), b.live()), (t, kind)
         # a finished row's next position is never used again (the short path leaves it stale)
         assert torch.equal(a.next_positions()[a.alive], b.next_positions()[b.alive]), (t, kind)
     assert not short.tracker.skipped.counts and not general.tracker.skipped.counts
     if sample is None:  # the rows that fed the end-of-text id are finished; the other goes on
-        assert got.valid[:, 0].tolist() == [True, False, False, False]
+        assert as_tensor(got.valid)[:, 0].tolist() == [True, False, False, False]

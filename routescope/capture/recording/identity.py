@@ -23,6 +23,10 @@ reads the cache length, and tokens past it (rejected candidates) are dropped and
 
 Inside `generate` the tracker also knows the end-of-text ids: a row that has been fed one
 is finished, and the pad tokens that `generate` keeps feeding it are not recorded.
+
+A one-token decode step (`_decode`, once per generated token) copies its token ids,
+positions and own-slot column in one op; which of its tokens count is made from them later
+on a CPU, many steps at once (capture/recording/decoded.py, which also holds a cache's state).
 """
 
 from __future__ import annotations
@@ -30,20 +34,20 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from routescope import schema
+from routescope.capture.recording.decoded import CacheState, StepValid
 from routescope.capture.recording.skipped import Skipped
 from routescope.errors import RouteScopeError
 
 # kwargs of packed (varlen) forwards: several sequences share one batch row
 PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k")
 PACKED = frozenset(PACKED_KWARGS)
-MAX_UPDATES = 64  # decode steps whose next positions wait to be made (_CacheState.update)
 
 
 @dataclass
@@ -55,10 +59,6 @@ class ForwardInputs:
     attention_mask: Any
     position_ids: torch.Tensor | None
     cache: Any
-
-    @property
-    def reference(self) -> torch.Tensor | None:
-        return self.input_ids if self.input_ids is not None else self.inputs_embeds
 
 
 def bind_inputs(signature: inspect.Signature, args: tuple, kwargs: dict) -> ForwardInputs:
@@ -100,61 +100,15 @@ class Identity:
 
     phase: str
     seq_ids: np.ndarray  # [B] int64
-    positions: torch.Tensor  # [B, S] int64
-    valid: torch.Tensor  # [B, S] bool
+    positions: torch.Tensor | None  # [B, S] int64; None in a one-token decode step: `snap` holds them
+    valid: torch.Tensor | StepValid  # [B, S] bool; a CPU decode step's is made when read (decoded.py)
     labels: dict[str, str | None]
     cache_key: int | None = None  # the tracker state the forward extends
     past: int = 0  # cache length before the forward
     state: Any = None  # the tracker's state of these sequences
-
-
-@dataclass
-class _CacheState:
-    """One cache object's sequences: ids, next positions, rows still recorded, labels."""
-
-    seq_ids: np.ndarray
-    next_pos: torch.Tensor  # [B, 1] int64, device (read it with `next_positions()`)
-    alive: torch.Tensor  # [B, 1] bool, device: not finished and not left out by sample=
-    labels: dict[str, str | None]
-    slots: int  # cache length after the last recorded forward
-    held: Any = None  # a multi-token step on a non-empty cache, waiting for the cache length
-    ref: Any = None  # weak reference to the cache object
-    # the positions of the last decode step given position_ids: next_pos is these + 1, made
-    # only when a later step needs it (generate gives position_ids every step: never)
-    pending: torch.Tensor | None = None
-    # then (positions [B, 1], valid [B, 1]) of later decode steps given a mask, in order: a row's
-    # next position is its position + 1 at the last step its token was valid, made as `pending` is
-    updates: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-
-    def next_positions(self) -> torch.Tensor:
-        if self.pending is not None:
-            self.next_pos, self.pending = self.pending + 1, None
-        if self.updates:  # every waiting step at once: a fixed number of ops
-            positions = torch.cat([p for p, _ in self.updates], dim=1)  # [B, steps]
-            valid = torch.cat([v for _, v in self.updates], dim=1)
-            steps = torch.arange(1, valid.shape[1] + 1, device=valid.device)
-            last = (valid * steps).amax(1, keepdim=True)  # each row's last valid step, 1-based; 0: none
-            latest = positions.gather(1, (last - 1).clamp_min(0)) + 1
-            self.next_pos = torch.where(last > 0, latest, self.next_pos)
-            self.updates = []
-        return self.next_pos
-
-    def advance(self, next_pos: torch.Tensor) -> None:
-        self.next_pos, self.pending = next_pos, None
-        if self.updates:
-            self.updates = []
-
-    def pend(self, positions: torch.Tensor) -> None:
-        """A decode step's next positions (`positions` + 1, every row), made when read."""
-        self.pending = positions
-        if self.updates:
-            self.updates = []
-
-    def update(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """A decode step's next positions (`positions` + 1 where `valid`), made when read."""
-        self.updates.append((positions, valid))
-        if len(self.updates) >= MAX_UPDATES:  # a long decode never read: keep a bounded list
-            self.next_positions()
+    snap: torch.Tensor | None = (
+        None  # a one-token decode step's [B, 3] token ids, positions, real (decoded.py)
+    )
 
 
 class SequenceTracker:
@@ -171,8 +125,10 @@ class SequenceTracker:
         self.skipped = skipped
         self.sample = sample
         self.seed = seed
-        self._states: dict[int, _CacheState] = {}
+        self._states: dict[int, CacheState] = {}
+        self.holding = 0  # steps held (`hold`) and not released yet: 0, none to look for
         self.eos_ids: torch.Tensor | None = None  # set while inside generate
+        self._eos_moved: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- per forward -------------------------------------------------------------------
     def identify(
@@ -180,7 +136,7 @@ class SequenceTracker:
     ) -> Identity | None:
         """The identity of a forward's tokens; `short_path=False` takes the general path for a
         decode step too (the tests check that both give the same answer)."""
-        reference = inputs.reference
+        reference = inputs.input_ids if inputs.input_ids is not None else inputs.inputs_embeds
         if reference is None:
             return None
         batch, seq_len = int(reference.shape[0]), int(reference.shape[1])
@@ -202,7 +158,6 @@ class SequenceTracker:
             and state is not None
             and state.alive.device == device
             and state.next_pos.device == device
-            and (state.pending is None or state.pending.device == device)
             and (
                 (mask is None and _column(inputs.position_ids, batch, device))
                 or (
@@ -215,6 +170,7 @@ class SequenceTracker:
                     isinstance(mask, torch.Tensor)
                     and mask.dim() == 4
                     and mask.shape[-1] >= past + 1
+                    and mask.shape[-2] == 1
                     and mask.shape[0] in (1, batch)
                     and mask.device == device
                     and inputs.position_ids is not None
@@ -228,7 +184,7 @@ class SequenceTracker:
         if past == 0 or state is None:
             phase = schema.PHASE_PREFILL if past == 0 else schema.PHASE_DECODE
             seq_ids = self._new_ids(batch)
-            state = _CacheState(
+            state = CacheState(
                 seq_ids=seq_ids,
                 next_pos=torch.zeros(batch, 1, dtype=torch.long, device=device),
                 alive=self._sampled(seq_ids, device),
@@ -239,7 +195,8 @@ class SequenceTracker:
                 self._remember(inputs.cache, state)
         else:
             phase = schema.PHASE_DECODE
-        alive = state.alive if state.alive.device == device else state.alive.to(device)
+        alive = state.live()
+        alive = alive if alive.device == device else alive.to(device)
         valid = valid & alive  # not finished, not left out by sample=
         if phase == schema.PHASE_DECODE and self.eos_ids is not None and inputs.input_ids is not None:
             fed = self._fed_end_of_text(inputs.input_ids, valid)
@@ -266,38 +223,41 @@ class SequenceTracker:
         )
 
     def _decode(
-        self, inputs: ForwardInputs, mask: torch.Tensor | None, state: _CacheState, past: int
+        self, inputs: ForwardInputs, mask: torch.Tensor | None, state: CacheState, past: int
     ) -> Identity:
-        """`identify` of a decode step, given its whole 2-D mask, or none (generate gives none when
-        every token is real), or a static cache's 4-D mask with position_ids (a compiled
-        generate's): the same answer in fewer tensor ops, as this runs once per token."""
-        pos_ids = inputs.position_ids
+        """`identify` of a one-token decode step, given its whole 2-D mask, or none (generate gives
+        none when every token is real), or a static cache's 4-D mask with position_ids (a compiled
+        generate's): the same answer in fewer tensor ops, as this runs once per token. The step's
+        token ids, positions and own-slot column are copied in one op (the caller may reuse its
+        tensors); which tokens count is made from them later on a CPU (decoded.py)."""
+        pos_ids, ids = inputs.position_ids, inputs.input_ids
+        eos = self.eos_ids
+        if eos is not None and eos.device != state.alive.device:
+            eos = self._eos_on(state.alive.device)
         if mask is None and pos_ids is None:  # every row has a real token: its next position
-            valid, positions = state.alive, state.next_positions()
-        elif mask is None:  # generate's position_ids (a copy: the caller may reuse its tensor)
-            valid = state.alive
-            positions = pos_ids.to(dtype=torch.long, copy=True).expand(valid.shape[0], 1)
-        elif mask.dim() == 4:  # a query is a real token exactly when it may attend to its own slot
-            own = mask[:, 0, -1:, past]  # [B or 1, 1]
-            valid = (own if own.dtype == torch.bool else own == 0) & state.alive
-            positions = pos_ids.to(dtype=torch.long, copy=True).expand(valid.shape[0], 1)
+            valid, positions = state.live(), state.next_positions()
+            if eos is not None and ids is not None:  # a row ends where it feeds an end-of-text id
+                state.alive = valid & torch.isin(ids, eos, invert=True)
+            state.advance(positions + 1)  # (a finished row's next position is never read)
+            snap = None
         else:
-            positions = mask.sum(1, keepdim=True, dtype=torch.long) - 1  # real tokens so far, less one
-            valid = (mask[:, past:] != 0) & state.alive
-        ids = inputs.input_ids
-        if self.eos_ids is not None and ids is not None:
-            if mask is None:  # valid is alive: a row ends where its fed token is an end-of-text id
-                eos = self.eos_ids if self.eos_ids.device == ids.device else self.eos_ids.to(ids.device)
-                state.alive = state.alive & torch.isin(ids, eos, invert=True)
+            if mask is None:  # generate's position_ids: every row has a real token
+                own = state.ones()
+            elif mask.dim() == 4:  # a query is a real token exactly when it may attend to its own slot
+                own = mask[:, 0, :, past]  # [B or 1, 1] (one query)
+                own = own if own.dtype == torch.bool else own == 0
             else:
-                state.alive = state.alive > self._fed_end_of_text(ids, valid)  # alive & ~fed, one op
-        # the tracker's tensors are replaced, never written in place: the step may keep them
-        if mask is None and pos_ids is None:  # (a finished row's next position is never read)
-            state.advance(positions + 1)
-        elif mask is None:  # rows not valid are finished for good: their next position is unused
-            state.pend(positions)
-        else:  # a row whose token is padding keeps its next position: made when a step reads it
-            state.update(positions, valid)
+                own = mask[:, past:]
+                own = own != 0 if own.dtype.is_floating_point else own
+                pos_ids = mask.sum(1, keepdim=True, dtype=torch.long) - 1  # real tokens so far, less one
+            batch = state.alive.shape[0]
+            columns = (
+                ids if ids is not None else torch.full_like(state.ones(), -1),
+                pos_ids if pos_ids.shape[0] == batch else pos_ids.expand(batch, 1),
+                own if own.shape[0] == batch else own.expand(batch, 1),
+            )
+            snap = torch.cat(columns, dim=1)  # [B, 3] int64: token id, position, real token
+            valid, positions = state.add(snap, eos), None
         state.slots = past + 1
         return Identity(
             phase=schema.PHASE_DECODE,
@@ -308,7 +268,18 @@ class SequenceTracker:
             cache_key=id(inputs.cache) if inputs.cache is not None else None,
             past=past,
             state=state,
+            snap=snap,
         )
+
+    def _eos_on(self, device: torch.device) -> torch.Tensor:
+        """The end-of-text ids on `device` (moved once per generate call)."""
+        eos = self.eos_ids
+        if eos.device == device:
+            return eos
+        moved = self._eos_moved
+        if moved is None or moved[0] is not eos or moved[1].device != device:
+            moved = self._eos_moved = (eos, eos.to(device))
+        return moved[1]
 
     def _fed_end_of_text(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """[B, S] bool: the real tokens fed to the model that end their row's text."""
@@ -339,6 +310,8 @@ class SequenceTracker:
         state = self._states.get(identity.cache_key) if identity.cache_key is not None else None
         if state is None or identity.valid.shape[1] < 2:
             return False
+        if state.held is None:
+            self.holding += 1
         state.held = (identity.past, step)
         return True
 
@@ -349,6 +322,7 @@ class SequenceTracker:
             return
         past, step = state.held
         state.held = None
+        self.holding -= 1
         kept = self._cache_length(cache) - past
         if kept <= 0:  # the cache does not report a length (or was reset): it kept them all
             kept = step.valid.shape[1]
@@ -363,6 +337,7 @@ class SequenceTracker:
             cache = state.ref() if state.ref is not None else None
             past, step = state.held
             state.held = None
+            self.holding -= 1
             kept = self._cache_length(cache) - past if cache is not None else 0
             kept = kept if kept > 0 else step.valid.shape[1]
             submit(step, kept)
@@ -370,7 +345,7 @@ class SequenceTracker:
                 self._states.pop(key, None)
 
     # -- state by cache object -----------------------------------------------------------
-    def _state(self, cache: Any) -> _CacheState | None:
+    def _state(self, cache: Any) -> CacheState | None:
         if cache is None:
             return None
         state = self._states.get(id(cache))
@@ -381,7 +356,7 @@ class SequenceTracker:
             return None
         return state
 
-    def _remember(self, cache: Any, state: _CacheState) -> None:
+    def _remember(self, cache: Any, state: CacheState) -> None:
         key = id(cache)
         try:
             state.ref = weakref.ref(cache, lambda _, key=key: self._forget(key))
@@ -466,7 +441,7 @@ def valid_tokens(mask: Any, batch: int, seq_len: int, past: int, device: torch.d
 
 def _positions(
     inputs: ForwardInputs,
-    state: _CacheState | None,
+    state: CacheState | None,
     valid: torch.Tensor,
     batch: int,
     seq_len: int,

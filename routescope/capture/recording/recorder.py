@@ -32,9 +32,11 @@ from routescope.capture.recording.identity import SequenceTracker, bind_inputs
 from routescope.capture.recording.labels import StepLabels
 from routescope.capture.recording.modality import placeholder_ids, token_modality
 from routescope.capture.recording.options import RecordOptions
+from routescope.capture.recording.router_stats import logits_hook
+from routescope.capture.recording.rows import DeferredRows
 from routescope.capture.recording.sink import RouterWrites, RoutingSink
 from routescope.capture.recording.skipped import Skipped
-from routescope.capture.recording.step import StepBatch, StepBuffers, logits_hook
+from routescope.capture.recording.step import StepBatch, StepBuffers, copy_ids
 from routescope.capture.recording.wraps import StepBrackets
 from routescope.errors import RouteScopeError
 from routescope.store.remote import part_writer, run_directory, run_location
@@ -328,29 +330,27 @@ class Recorder:
                 self._step = None  # e.g. an evaluation forward inside a training run
                 self._skipping = self._sink.skipping = True
                 return
-            self._tracker.release(inputs.cache, self._submit_held)
+            if self._tracker.holding:  # a step waits for its cache's length (identity.py)
+                self._tracker.release(inputs.cache, self._submit_held)
             labels = self._labels.now()
             identity = self._tracker.identify(inputs, labels)
             if identity is None:
                 self._step = None
                 return
             batch, seq_len = identity.valid.shape
-            device = identity.valid.device
-            ids = inputs.input_ids
-            token_ids = ids if ids is not None else torch.full((batch, seq_len), -1, device=device)
-            if token_ids.device.type != "cuda":  # CUDA: the host copy is the copy
-                # copied now, as the caller may reuse its tensor: at the start (after the graph
-                # ran, the first op of a step costs three times as much)
-                token_ids = token_ids.to(torch.int32, copy=True)
+            device, ids, valid = identity.valid.device, inputs.input_ids, identity.valid
+            if self.router_stats and isinstance(valid, DeferredRows):
+                valid = valid.stack()  # the statistics hooks mask with it in the forward
             self._step = StepBuffers(
                 step=self._step_offset + self.steps,
                 phase=identity.phase,
                 seq_ids=identity.seq_ids,
                 labels=self._labels.of_step(identity.labels, labels),
-                token_ids=token_ids,  # integer ids never carry a gradient
+                # a one-token decode step's snap holds a copy of its ids already
+                token_ids=copy_ids(ids, valid.shape, device) if identity.snap is None else None,
                 positions=identity.positions,
-                valid=identity.valid,
-                valid_flat=identity.valid.reshape(-1).float() if self.router_stats else None,
+                valid=valid,
+                valid_flat=valid.reshape(-1).float() if self.router_stats else None,
                 stack=self._stacks[id(module)].name,
                 modality=(
                     token_modality(ids, kwargs, ids_by_modality=self._placeholder_ids)
@@ -358,11 +358,12 @@ class Recorder:
                     else None  # a text model's forward: every token is text
                 ),
                 train_step=train_step,
+                snap=identity.snap,
             )
             self._identity = identity
             self.steps += 1
             self._compiled_step = self._compiled_given or is_compiled(self.model)
-            if self._compiled_step:
+            if self._compiled_step and (self._brackets.wrapped or not self._routers.compiled):
                 self._use_hooks()  # compiled some other way: from the next call on (compiled.py)
             if self._compiled_step and not self._sink.graphs_dropped:
                 drop_compiled_graphs(self.model)  # e.g. generate's compile_config: compiled after enter
@@ -419,7 +420,8 @@ class Recorder:
         if not pending:
             self._pending_since = time.monotonic()
         pending.append(host)
-        self._pending_tokens += host.host["valid"].numel()
+        shape = step.valid.shape
+        self._pending_tokens += shape[0] * shape[1]
         if (
             host.phase != "decode"  # only decode steps wait for company: a forward's step goes now
             or len(pending) >= BATCH_STEPS

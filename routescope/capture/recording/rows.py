@@ -27,10 +27,7 @@ class DeferredRows:
     """[layers, tokens, k] rows made on the writer thread (`stack`); `nbytes`: their size."""
 
     layers: list[int]
-
-    @property
-    def nbytes(self) -> int:
-        raise NotImplementedError
+    nbytes: int
 
     def stack(self) -> torch.Tensor:
         raise NotImplementedError
@@ -152,11 +149,7 @@ class RingRows(DeferredRows):
     """One group's ids (`column` 0) or weights (1) of a compiled CPU step (`RingStep`)."""
 
     def __init__(self, layers: list[int], step: RingStep, group: int, column: int, nbytes: int) -> None:
-        self.layers, self.step, self.group, self.column, self._nbytes = layers, step, group, column, nbytes
-
-    @property
-    def nbytes(self) -> int:
-        return self._nbytes
+        self.layers, self.step, self.group, self.column, self.nbytes = layers, step, group, column, nbytes
 
     def stack(self) -> torch.Tensor:
         return self.step.take()[self.group][self.column]

@@ -7,7 +7,6 @@ the end (non-blocking into pinned memory on CUDA), and submits a HostStep to the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +29,11 @@ class StepBuffers:
     phase: str
     seq_ids: np.ndarray  # [B] int64, host
     labels: dict[str, str | None]
-    token_ids: torch.Tensor  # [B, S]: the caller's on CUDA (the host copy copies them), else an int32 copy
-    positions: torch.Tensor  # [B, S]
-    valid: torch.Tensor  # [B, S] bool
+    token_ids: (
+        torch.Tensor | None
+    )  # [B, S]: the caller's on CUDA (the host copy copies them), else an int32 copy
+    positions: torch.Tensor | None  # [B, S]; both None in a one-token decode step: `snap` holds them
+    valid: torch.Tensor | DeferredRows  # [B, S] bool; a CPU decode step's made on the writer thread
     valid_flat: torch.Tensor | None  # [B*S] float32, for masked sums in the stats hooks (router_stats)
     # (layers, expert ids [L, tokens, k], weights [L, tokens, k]) per device and k (capture/recording/sink.py)
     groups: list[tuple[list[int], torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -41,6 +42,9 @@ class StepBuffers:
     stack: str = schema.STACK_DECODER  # encoder or decoder
     modality: torch.Tensor | None = None  # [B, S] int8 codes (capture/recording/modality.py); None: all text
     train_step: int | None = None  # optimizer step (rs.watch); None: not a training run
+    snap: torch.Tensor | None = (
+        None  # a one-token decode step's [B, 3] token ids, positions, real (decoded.py)
+    )
 
     @property
     def batch_tokens(self) -> int:
@@ -59,18 +63,19 @@ class StepBuffers:
         """Start the step's copy to the host: a fixed number of copies whatever the depth.
         `rollups`: its tables come with its rollup counts (store/step_rollups.py)."""
         step = self
-        ids = step.token_ids
-        tensors: dict[str, torch.Tensor] = {
-            # the caller's ids: on a GPU the host copy is the copy; elsewhere an int32 copy made at
-            # the step's start (the caller may reuse its tensor); positions and valid are the recorder's own
-            "token_ids": ids,
-            "positions": step.positions,
-            "valid": step.valid,
-        }
+        tensors: dict[str, torch.Tensor] = (
+            {"snap": step.snap}  # a one-token decode step's ids and positions, one copy already
+            if step.snap is not None
+            # the caller's ids: on a GPU the host copy is the copy; elsewhere a copy made at the
+            # step's start (the caller may reuse its tensor); positions and valid are the recorder's own
+            else {"token_ids": step.token_ids, "positions": step.positions}
+        )
+        # a CPU step's rows and valid mask that the writer makes (capture/recording/rows.py, decoded.py)
+        kept: dict[str, DeferredRows] = {}
+        (kept if isinstance(step.valid, DeferredRows) else tensors)["valid"] = step.valid
         if step.modality is not None:
             tensors["modality"] = step.modality
         uniform = len(step.groups) == 1  # one stacked tensor: every layer on one device, one k
-        kept: dict[str, DeferredRows] = {}  # a CPU step's rows the writer makes (capture/recording/rows.py)
         if uniform:
             layers, experts, weights = step.groups[0]
             columns = {"experts": experts, "weights": weights} if with_weights else {"experts": experts}
@@ -115,6 +120,16 @@ class StepBuffers:
             train_step=step.train_step,
             rollups=rollups,
         )
+
+
+def copy_ids(ids: torch.Tensor | None, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """A step's token ids (-1 for an embeddings input), copied now: the caller may reuse its
+    tensor. Not on CUDA, where the host copy is the copy; on a CPU to int32, at the step's
+    start (after the graph ran, the first op of a step costs three times as much)."""
+    token_ids = ids if ids is not None else torch.full(shape, -1, device=device)
+    if token_ids.device.type == "cuda":
+        return token_ids
+    return token_ids.to(torch.int32, copy=True)  # integer ids never carry a gradient
 
 
 def to_host(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[torch.cuda.Event]]:
@@ -170,6 +185,16 @@ def _numpy(tensor: torch.Tensor | DeferredRows) -> np.ndarray:
     return tensor.numpy()
 
 
+def _arrays(host: dict[str, Any], made: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """A step's host tensors as numpy (`made`: those made already), a decode step's `snap`
+    split into its token ids and positions."""
+    h = {k: made[k] if made and k in made else _numpy(v) for k, v in host.items()}
+    snap = h.pop("snap", None)
+    if snap is not None:
+        h["token_ids"], h["positions"] = snap[:, :1], snap[:, 1:2]
+    return h
+
+
 @dataclass
 class HostStep:
     """A finished step on its way to disk. Layers share k and token count (`uniform`) or not."""
@@ -214,7 +239,7 @@ class HostStep:
     def _tables(self) -> dict[str, dict[str, np.ndarray]]:
         for event in self.events:
             event.synchronize()
-        h = {k: _numpy(v) for k, v in self.host.items()}
+        h = _arrays(self.host)
         seq_len = h["valid"].shape[1]
         keep = np.flatnonzero(h["valid"].reshape(-1))
         n = len(keep)
@@ -305,38 +330,6 @@ class HostStep:
         }
 
 
-def logits_hook(site: Any, current: Callable[[], StepBuffers | None], skipped: Any) -> Callable[..., None]:
-    """The hook on a router's logits (`router_stats=True`): statistics of the step in flight."""
-    layer, index = site.layer, site.index
-
-    def hook(module: Any, args: tuple, output: Any) -> None:
-        if torch.compiler.is_compiling():
-            return  # statistics are eager only (capture.compiled.check_compilable)
-        step = current()
-        if step is None:
-            return
-        logits = output[index] if isinstance(output, (tuple, list)) else output
-        logits = logits.detach().reshape(-1, logits.shape[-1]).float()
-        if logits.shape[0] != step.valid_flat.shape[0]:
-            skipped.add("router_stats_shape_mismatch")
-            return
-        step.stats[layer] = router_statistics(logits, step.valid_on(logits.device))
-
-    return hook
-
-
-def router_statistics(logits: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """router_stats / router_tokens of one layer from its [tokens, E] float logits, on the
-    logits' device: (sum of softmax over valid tokens, float64; normalised entropy and
-    top-1 minus top-2 margin per token)."""
-    probs = logits.softmax(-1)
-    prob_sum = (probs * valid[:, None]).sum(0, dtype=torch.float64)
-    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / math.log(probs.shape[-1])
-    top2 = probs.topk(min(2, probs.shape[-1]), dim=-1).values
-    margin = top2[:, 0] - top2[:, -1] if top2.shape[-1] > 1 else top2[:, 0]
-    return prob_sum, entropy, margin
-
-
 @dataclass
 class StepBatch:
     """Finished steps handed to the writer together: decode steps are small, and turning each
@@ -348,7 +341,10 @@ class StepBatch:
 
     @property
     def nbytes(self) -> int:
-        return sum(step.nbytes for step in self.steps)
+        size = 0
+        for step in self.steps:  # a loop, not sum(...): once per decode step
+            size += step.nbytes
+        return size
 
     def to_tables(self) -> dict[str, dict[str, np.ndarray]]:
         steps = self.steps
@@ -398,7 +394,7 @@ def _merged_tables(steps: list[HostStep]) -> tuple[dict[str, dict[str, np.ndarra
             event.synchronize()
     kept = {key: _stacked_together(steps, key) for key in ("experts", "weights")}
     hosts = [
-        {k: kept[k][i] if kept.get(k) is not None else _numpy(v) for k, v in step.host.items()}
+        _arrays(step.host, {k: v[i] for k, v in kept.items() if v is not None})
         for i, step in enumerate(steps)
     ]
     sizes = [h["valid"].size for h in hosts]

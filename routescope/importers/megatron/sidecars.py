@@ -72,7 +72,7 @@ def rank_by_logits(top: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, int
 
 
 def logit_statistics(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """As the recorder computes them from router logits (capture/recording/step.py,
+    """As the recorder computes them from router logits (capture/recording/router_stats.py,
     `router_statistics`): per-expert sum of the softmax (accumulated in float64), and per
     token the entropy normalised by log E and the top-1 minus top-2 probability margin."""
     num_experts = logits.shape[1]
