@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import routescope as rs
+from routescope.capture.recording import decoded
 from routescope.errors import RouteScopeError
 from tests.test_capture import padded_batch
 
@@ -165,7 +166,11 @@ def test_prompt_lookup_never_records_rejected_candidates(model, tmp_path, device
 
 
 @pytest.mark.parametrize("cache", [None, "static"])  # static: decode steps given a 4-D mask
-def test_finished_rows_are_not_recorded_after_end_of_text(model, tmp_path, device, cache):
+@pytest.mark.parametrize("max_run", [64, 2])  # 2: the decode steps' masks made in chained runs
+def test_finished_rows_are_not_recorded_after_end_of_text(
+    model, tmp_path, device, cache, max_run, monkeypatch
+):
+    monkeypatch.setattr(decoded, "MAX_RUN", max_run)
     ids, mask = padded_batch(device, "left", lengths=(6, 3))
     given = {"cache_implementation": cache} if cache else {}
     free = generate(model, ids, mask, max_new_tokens=6, **given)
