@@ -18,7 +18,8 @@ import torch
 
 import routescope as rs
 from routescope import schema
-from routescope.capture.recording.step import HostStep, StepBatch
+from routescope.capture.recording.batch import StepBatch
+from routescope.capture.recording.step import HostStep
 from routescope.cli import main
 from routescope.store.layout import list_parts
 from routescope.store.rollups import part_rollups

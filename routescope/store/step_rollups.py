@@ -5,7 +5,7 @@ Every token of one recorded step shares its step, phase, stack, train_step and l
 over (token group, layer, expert) of the [layers, tokens, k] expert ids the step already holds,
 and its `rollup_top1_pairs` need only each token's first choice per layer: no join of routing
 rows back to tokens, no pandas groupby. `count_step` runs where the step's tables are made (the
-writer thread: capture/recording/step.py `HostStep`, `StepBatch`); `combine` turns the counts of
+writer thread: capture/recording/step.py `HostStep`, batch.py `StepBatch`); `combine` turns the counts of
 the steps of one routing part into the part's rollup rows, the same rows, types and order that
 `part_rollups` (store/rollups.py) gives on the part's tokens and routing, which stays the path
 for `routescope index`, imported runs and any part `combine` declines (it returns None).

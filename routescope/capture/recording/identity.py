@@ -75,7 +75,7 @@ def bind_inputs(signature: inspect.Signature, args: tuple, kwargs: dict) -> Forw
     else:  # keywords only (generate's calls): the same names, without binding
         get = kwargs.get
 
-    maybe = args or kwargs.keys() & PACKED  # no packed name among the keywords: none bound either
+    maybe = args or not PACKED.isdisjoint(kwargs)  # no packed name among the keywords: none bound either
     packed = [name for name in PACKED_KWARGS if get(name) is not None] if maybe else ()
     if packed:
         raise RouteScopeError(
@@ -143,7 +143,8 @@ class SequenceTracker:
         device = reference.device
         past = self._cache_length(inputs.cache)
         mask = inputs.attention_mask
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        dims = mask.dim() if isinstance(mask, torch.Tensor) else 0
+        if dims == 2:
             # some caches (linear-attention hybrids) report no length: the 2-D mask still does
             past = max(past, int(mask.shape[1]) - seq_len)
         state = self._state(inputs.cache)
@@ -158,27 +159,26 @@ class SequenceTracker:
             and state is not None
             and state.alive.device == device
             and state.next_pos.device == device
-            and (
-                (mask is None and _column(inputs.position_ids, batch, device))
-                or (
-                    isinstance(mask, torch.Tensor)
-                    and mask.dim() == 2
-                    and mask.shape[1] == past + 1
+        ):  # a one-token decode step: the short path, where its inputs have a layout it knows
+            pos_ids = inputs.position_ids
+            if mask is None:
+                short = _column(pos_ids, batch, device)
+            elif dims == 2:  # its whole 2-D mask
+                short = mask.shape[1] == past + 1 and mask.device == device
+            elif dims == 4:  # a static cache's 4-D mask (compiled generate), with its position_ids
+                shape = mask.shape
+                short = (
+                    shape[-1] > past
+                    and shape[-2] == 1
+                    and shape[0] in (1, batch)
                     and mask.device == device
+                    and pos_ids is not None
+                    and _column(pos_ids, batch, device)
                 )
-                or (  # a static cache's 4-D mask (compiled generate), with its position_ids
-                    isinstance(mask, torch.Tensor)
-                    and mask.dim() == 4
-                    and mask.shape[-1] >= past + 1
-                    and mask.shape[-2] == 1
-                    and mask.shape[0] in (1, batch)
-                    and mask.device == device
-                    and inputs.position_ids is not None
-                    and _column(inputs.position_ids, batch, device)
-                )
-            )
-        ):
-            return self._decode(inputs, mask, state, past)
+            else:
+                short = False
+            if short:
+                return self._decode(inputs, mask, state, past)
         valid = valid_tokens(inputs.attention_mask, batch, seq_len, past, device)
         positions = _positions(inputs, state, valid, batch, seq_len, past, device)
         if past == 0 or state is None:

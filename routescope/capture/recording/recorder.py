@@ -26,6 +26,7 @@ from torch import nn
 
 from routescope.capture import facts
 from routescope.capture.discovery import RouterSite, find_logits_sites, find_routers, find_stacks
+from routescope.capture.recording.batch import StepBatch
 from routescope.capture.recording.compiled import check_compilable, drop_compiled_graphs, is_compiled, unwrap
 from routescope.capture.recording.generation import GeneratePatch
 from routescope.capture.recording.identity import SequenceTracker, bind_inputs
@@ -36,7 +37,7 @@ from routescope.capture.recording.router_stats import logits_hook
 from routescope.capture.recording.rows import DeferredRows
 from routescope.capture.recording.sink import RouterWrites, RoutingSink
 from routescope.capture.recording.skipped import Skipped
-from routescope.capture.recording.step import StepBatch, StepBuffers, copy_ids
+from routescope.capture.recording.step import StepBuffers, copy_ids
 from routescope.capture.recording.wraps import StepBrackets
 from routescope.errors import RouteScopeError
 from routescope.store.remote import part_writer, run_directory, run_location
@@ -433,7 +434,7 @@ class Recorder:
             self._send()
 
     def _send(self) -> None:
-        """Hand the finished steps to the writer, as one batch (capture/recording/step.StepBatch)."""
+        """Hand the finished steps to the writer, as one batch (capture/recording/batch.StepBatch)."""
         if self._pending:
             batch, self._pending, self._pending_tokens = StepBatch(self._pending), [], 0
             self.writer.submit(batch)
