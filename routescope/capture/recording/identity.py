@@ -106,9 +106,8 @@ class Identity:
     cache_key: int | None = None  # the tracker state the forward extends
     past: int = 0  # cache length before the forward
     state: Any = None  # the tracker's state of these sequences
-    snap: torch.Tensor | None = (
-        None  # a one-token decode step's [B, 3] token ids, positions, real (decoded.py)
-    )
+    # a one-token decode step's [B, 3] token ids, positions, real token (decoded.py)
+    snap: torch.Tensor | None = None
 
 
 class SequenceTracker:

@@ -24,7 +24,8 @@ from routescope.errors import RouteScopeError
 
 
 class DeferredRows:
-    """[layers, tokens, k] rows made on the writer thread (`stack`); `nbytes`: their size."""
+    """Host data made on the writer thread (`stack`): a step's [layers, tokens, k] router rows,
+    or a CPU decode step's valid mask (capture/recording/decoded.py); `nbytes`: their size."""
 
     layers: list[int]
     nbytes: int

@@ -42,9 +42,8 @@ class StepBuffers:
     stack: str = schema.STACK_DECODER  # encoder or decoder
     modality: torch.Tensor | None = None  # [B, S] int8 codes (capture/recording/modality.py); None: all text
     train_step: int | None = None  # optimizer step (rs.watch); None: not a training run
-    snap: torch.Tensor | None = (
-        None  # a one-token decode step's [B, 3] token ids, positions, real (decoded.py)
-    )
+    # a one-token decode step's [B, 3] token ids, positions, real token (decoded.py)
+    snap: torch.Tensor | None = None
 
     @property
     def batch_tokens(self) -> int:
