@@ -29,9 +29,8 @@ class StepBuffers:
     phase: str
     seq_ids: np.ndarray  # [B] int64, host
     labels: dict[str, str | None]
-    token_ids: (
-        torch.Tensor | None
-    )  # [B, S]: the caller's on CUDA (the host copy copies them), else an int32 copy
+    # [B, S]: the caller's on CUDA (the host copy copies them), else an int32 copy
+    token_ids: torch.Tensor | None
     positions: torch.Tensor | None  # [B, S]; both None in a one-token decode step: `snap` holds them
     valid: torch.Tensor | DeferredRows  # [B, S] bool; a CPU decode step's made on the writer thread
     valid_flat: torch.Tensor | None  # [B*S] float32, for masked sums in the stats hooks (router_stats)
