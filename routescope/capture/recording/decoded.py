@@ -50,14 +50,6 @@ class DecodeRun:
         self.valid: list[torch.Tensor] = []  # [B, 1] bool, the steps made so far
         self._lock = lock  # one per cache: the writer thread and the model's may both make steps
 
-    def add(self, snap: torch.Tensor) -> StepValid | torch.Tensor:
-        """Add a step; returns its valid mask, or a `StepValid` that makes it when read."""
-        self.snaps.append(snap)
-        if self.at_once:
-            self.make()
-            return self.valid[-1]
-        return StepValid(self, len(self.snaps) - 1, snap)
-
     def make(self) -> None:
         """Make every step added so far, of this run and the runs before it, oldest first."""
         with self._lock, torch.no_grad():
@@ -166,7 +158,8 @@ class CacheState:
             run = self.run = DecodeRun(self, eos, self._lock)
         elif len(run.snaps) >= MAX_RUN:  # the next run starts where this one ends
             run = self.run = DecodeRun(run, eos, self._lock)
+        run.snaps.append(snap)
         if run.at_once:
-            return run.add(snap)
-        run.snaps.append(snap)  # `run.add`, inline: once per decode step
+            run.make()
+            return run.valid[-1]
         return StepValid(run, len(run.snaps) - 1, snap)

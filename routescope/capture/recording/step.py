@@ -60,6 +60,27 @@ class StepBuffers:
     def finish(self, num_experts: dict[int, int], with_weights: bool, rollups: bool = False) -> HostStep:
         """Start the step's copy to the host: a fixed number of copies whatever the depth.
         `rollups`: its tables come with its rollup counts (store/step_rollups.py)."""
+        layers, host, events, uniform = self._host_parts(with_weights)
+        return HostStep(
+            step=self.step,
+            phase=self.phase,
+            seq_ids=self.seq_ids,
+            labels=self.labels,
+            layers=layers,
+            num_experts=num_experts,
+            host=host,
+            events=events,
+            uniform=uniform,
+            with_weights=with_weights,
+            with_stats=bool(self.stats),
+            stack=self.stack,
+            train_step=self.train_step,
+            rollups=rollups,
+        )
+
+    def _host_parts(self, with_weights: bool) -> tuple[list[int], dict[str, Any], list, bool]:
+        """The step's layers, its host tensors (or rows the writer makes), the copies' events,
+        and whether its layers are one stacked group."""
         step = self
         if (
             step.snap is not None
@@ -74,22 +95,7 @@ class StepBuffers:
                 host["weights"] = weights
             if step.modality is not None:
                 host["modality"] = step.modality
-            return HostStep(
-                step=step.step,
-                phase=step.phase,
-                seq_ids=step.seq_ids,
-                labels=step.labels,
-                layers=layers,
-                num_experts=num_experts,
-                host=host,
-                events=[],
-                uniform=True,
-                with_weights=with_weights,
-                with_stats=False,
-                stack=step.stack,
-                train_step=step.train_step,
-                rollups=rollups,
-            )
+            return layers, host, [], True
         tensors: dict[str, torch.Tensor] = (
             {"snap": step.snap}  # a one-token decode step's ids and positions, one copy already
             if step.snap is not None
@@ -131,22 +137,7 @@ class StepBuffers:
         host, events = to_host(tensors)
         if kept:
             host = {**host, **kept}
-        return HostStep(
-            step=step.step,
-            phase=step.phase,
-            seq_ids=step.seq_ids,
-            labels=step.labels,
-            layers=layers,
-            num_experts=num_experts,
-            host=host,
-            events=events,
-            uniform=uniform,
-            with_weights=with_weights,
-            with_stats=bool(step.stats),
-            stack=step.stack,
-            train_step=step.train_step,
-            rollups=rollups,
-        )
+        return layers, host, events, uniform
 
 
 def copy_ids(ids: torch.Tensor | None, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
