@@ -64,6 +64,44 @@ def test_sigterm_mid_recording_leaves_a_readable_incomplete_run(tmp_path):
     assert run.sql("SELECT count(*) AS n FROM routing").n[0] == tokens * 2 * 2
 
 
+def test_a_sigterm_whose_exit_a_weakref_callback_dropped_still_ends_the_recording(tmp_path):
+    # The handler runs at the main thread's next bytecode: here inside a weakref callback, where
+    # Python drops the SystemExit it raises ("Exception ignored in"). The next step raises it again.
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys, weakref, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        import routescope as rs
+        from tests.tiny_models import build_tiny_model
+        model = build_tiny_model("mixtral")
+        ids = torch.randint(1, 100, (2, 8))
+
+        class Token:
+            pass
+
+        def callback(ref):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # bytecodes: the handler runs here
+                pass
+
+        with rs.record(model, {str(tmp_path / "run")!r}) as rec:
+            model(input_ids=ids)
+            token = Token()
+            ref = weakref.ref(token, callback)
+            del token  # the callback runs now; its SystemExit is dropped
+            for i in range(3):
+                model(input_ids=ids)
+            print("not stopped", flush=True)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "Exception ignored" in proc.stderr  # the first SystemExit was dropped, as in the wild
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "not stopped" not in proc.stdout
+    run = rs.open_run(tmp_path / "run")
+    assert run.complete is False and run.manifest["tokens"] == 16  # the step before the signal
+
+
 def test_writer_failure_reaches_the_caller_and_hooks_go(tmp_path):
     model = build_tiny_model("mixtral")
     ids, mask = batch([5, 3])

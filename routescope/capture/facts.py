@@ -64,6 +64,17 @@ def model_manifest(model: nn.Module, sites: list[RouterSite], **extra: Any) -> d
     )
 
 
+# the SIGTERMs `install_sigterm_exit`'s handler raised SystemExit for: raised inside a weakref
+# callback or a `__del__`, the exception is dropped ("Exception ignored in"); the recorder's
+# next step raises it again (`raise_pending_sigterm`)
+PENDING_SIGTERM: list[int] = []
+
+
+def raise_pending_sigterm() -> None:
+    if PENDING_SIGTERM:
+        raise SystemExit(128 + PENDING_SIGTERM[0])
+
+
 def install_sigterm_exit() -> Any:
     """Turn SIGTERM into SystemExit (unwinding through `record`'s exit: flush, manifest) unless
     the program handles SIGTERM itself; returns the handler to restore, or None."""
@@ -74,6 +85,7 @@ def install_sigterm_exit() -> Any:
         return None  # the program handles SIGTERM itself; leave it be
 
     def on_sigterm(signum: int, frame: Any) -> None:
+        PENDING_SIGTERM.append(signum)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -81,6 +93,7 @@ def install_sigterm_exit() -> Any:
 
 
 def restore_sigterm(previous: Any) -> None:
+    PENDING_SIGTERM.clear()
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
 

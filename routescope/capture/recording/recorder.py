@@ -267,8 +267,7 @@ class Recorder:
 
     # -- hooks -------------------------------------------------------------------------
     def _add_hooks(self) -> None:
-        # A step is one forward of a stack: the model, or an encoder-decoder's encoder and
-        # decoder apart (generate runs the encoder once, outside the model's forward).
+        # A step is one forward of a stack: the model, or an encoder-decoder's encoder and decoder apart.
         self._stacks = {id(stack.module): stack for stack in find_stacks(self.model)}
         self._signatures = {
             key: inspect.signature(stack.module.forward) for key, stack in self._stacks.items()
@@ -323,6 +322,8 @@ class Recorder:
                 self._depth += 1
                 return  # the model called itself: the outer call is the step
             self.writer.raise_if_failed()
+            if facts.PENDING_SIGTERM:  # a SIGTERM whose SystemExit was dropped (facts.py)
+                facts.raise_pending_sigterm()
             inputs = bind_inputs(self._signatures[id(module)], args, kwargs)  # raises on packed inputs
             self._depth = 1
             self._forwards += 1
