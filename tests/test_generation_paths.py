@@ -322,3 +322,23 @@ def test_sampled_load_shares_are_within_binomial_error_of_the_full_run(model, tm
     slots = merged.groupby("layer").tokens_sampled.transform("sum")
     sigma = np.sqrt(merged.share_full * (1 - merged.share_full) / slots)
     assert ((merged.share_sampled - merged.share_full).abs() <= 5 * sigma + 1e-9).all()
+
+
+def test_generate_marks_its_forwards_as_its_own_and_unmarks_them_after(model, tmp_path, device):
+    """Inside generate a decode step's own mask slot is allowed by construction (generate extends
+    the mask by a 1 per new token), so the tracker does not read it there (identity.py); the mark
+    holds for generate's forwards only, also when generate raises."""
+    ids, mask = padded_batch(device, "left", lengths=(6, 3))
+    seen = []
+    with rs.record(model, tmp_path / "run") as rec:
+        handle = model.register_forward_pre_hook(lambda *_: seen.append(rec._tracker.generating))
+        try:
+            generate(model, ids, mask)
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+            with pytest.raises(ValueError):
+                generate(model, ids, mask, max_new_tokens=-1)
+        finally:
+            handle.remove()
+        assert rec._tracker.generating is False
+    assert seen == [True] * 4 + [False]

@@ -72,13 +72,13 @@ class GeneratePatch:
             elif compiles:
                 patch.before_compile()
             eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
-            previous = patch.tracker.eos_ids
-            patch.tracker.eos_ids = _eos_tensor(eos)
+            previous = patch.tracker.eos_ids, patch.tracker.generating
+            patch.tracker.eos_ids, patch.tracker.generating = _eos_tensor(eos), True
             steps_before = patch.steps()
             try:
                 return original(*args, **kwargs)
             finally:
-                patch.tracker.eos_ids = previous
+                patch.tracker.eos_ids, patch.tracker.generating = previous
                 patch.after(steps_before)
 
         generate.__wrapped__ = original  # type: ignore[attr-defined]

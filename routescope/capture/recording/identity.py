@@ -127,6 +127,8 @@ class SequenceTracker:
         self._states: dict[int, CacheState] = {}
         self.holding = 0  # steps held (`hold`) and not released yet: 0, none to look for
         self.eos_ids: torch.Tensor | None = None  # set while inside generate
+        # inside generate, whose mask gives each new token a real slot (capture/recording/generation.py)
+        self.generating = False
         self._eos_moved: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- per forward -------------------------------------------------------------------
@@ -242,6 +244,8 @@ class SequenceTracker:
         else:
             if mask is None:  # generate's position_ids: every row has a real token
                 own = state.ones()
+            elif self.generating and mask.dim() == 4:  # generate extends its mask by a 1 per new token
+                own = state.ones()  # so its own slot is allowed: not read (the slice and a cast cost more)
             elif mask.dim() == 4:  # a query is a real token exactly when it may attend to its own slot
                 own = mask[:, 0, :, past]  # [B or 1, 1] (one query)
                 own = own if own.dtype == torch.bool else own == 0
