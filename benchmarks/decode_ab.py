@@ -99,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # the writer threads keep the other core
     tmp = Path(tempfile.mkdtemp(prefix="rs-decode-ab-"))
     try:
-        extract(args.against, tmp)
+        try:
+            extract(args.against, tmp)
+        except subprocess.CalledProcessError as error:
+            parser.error(f"--against {args.against}: {error.stderr.decode(errors='replace').strip()}")
         sys.path.insert(0, str(tmp))
         base = importlib.import_module(BASE)
         base_recorder = importlib.import_module(f"{BASE}.capture.recording.recorder")
