@@ -44,7 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import routescope as rs
-from benchmarks.decode_overhead import DEPTH_SPAN, at_depth, build
+from benchmarks.decode_bookkeeping import setup
+from benchmarks.decode_overhead import DEPTH_SPAN, at_depth
 from routescope.capture.recording import recorder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,26 +62,6 @@ def extract(rev: str, into: Path) -> None:
     (into / "routescope").rename(into / BASE)
     for path in (into / BASE).rglob("*.py"):
         path.write_text(re.sub(r"\broutescope\b", BASE, path.read_text()))
-
-
-def generate_kwargs(path: str, batch: int, new_tokens: int) -> dict:
-    from transformers import CompileConfig
-
-    prompt = torch.randint(3, 4000, (batch, 16))
-    kwargs = {
-        "input_ids": prompt,
-        "attention_mask": torch.ones_like(prompt),
-        "do_sample": False,
-        "pad_token_id": 0,
-        "eos_token_id": 2,
-        "max_new_tokens": new_tokens,
-        "min_new_tokens": new_tokens + 2,
-    }
-    if path == "c":
-        config = CompileConfig(fullgraph=True, backend="inductor")
-        config._compile_all_devices = True  # transformers compiles on CUDA only by default
-        kwargs.update(cache_implementation="static", compile_config=config)
-    return kwargs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = {}
         with torch.no_grad(), contextlib.ExitStack() as stack:
             for path, layers, batch in configs:
-                model = build(layers=layers, hidden=256, experts=8, top_k=2, moe_width=128, device="cpu")
-                kwargs = generate_kwargs(path, batch, args.new_tokens)
+                model, kwargs = setup(layers, batch, compiled=path == "c")  # the bookkeeping benchmark's
+                kwargs.update(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens + 2)
                 for name, package in (("this", rs), ("base", base)):
                     copied = copy.deepcopy(model)
                     rec = stack.enter_context(
